@@ -1,0 +1,35 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv when missing.
+#
+# torch: a CPU-only machine gets CPU torch==2.13.0 installed first, so pip never pulls the
+# multi-GB CUDA build. To use your own torch (CUDA, ROCm, another version), install it into
+# .venv first (or set TORCH_SPEC / TORCH_INDEX): `make` keeps any torch it finds there.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: demo test test-all bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/cherry demo --headless
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/cherry bench dpo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,55 @@
+"""Turn tokenised examples into padded tensors.
+
+Every batch carries `completion_mask`: 1 on the positions of tokens that are scored (the
+completion, including its final EOS), 0 on prompt and padding. Log-prob code shifts by one:
+the token at position t is predicted from the hidden state at t-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def collate_completions(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded `prompt + completion` rows with attention and completion masks."""
+    sequences = [p + c for p, c in zip(prompts, completions)]
+    input_ids = pad_right(sequences, pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row, (p, c) in enumerate(zip(prompts, completions)):
+        attention_mask[row, : len(p) + len(c)] = 1
+        completion_mask[row, len(p) : len(p) + len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, padded together so one forward pass scores both."""
+    prompts = [ex["prompt_ids"] for ex in examples]
+    batch = collate_completions(
+        prompts + prompts,
+        [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples],
+        pad_id,
+    )
+    batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+    return batch
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts for generation, with their attention mask."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, width - len(seq) :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad path, a misnamed column, an impossible value) is raised as a
+`CherryError` whose message names the field and the fix. Front ends print the message and exit
+non-zero; they never show a traceback for these.
+"""
+
+
+class CherryError(Exception):
+    """An error caused by the user's input, with a message that says how to fix it."""
+
+
+class SpecError(CherryError):
+    """A run spec or preset field is unknown, mistyped or impossible."""
+
+
+class DataError(CherryError):
+    """A dataset cannot be loaded or does not match the format the algorithm needs."""
+
+
+class ModelError(CherryError):
+    """A model or tokenizer cannot be loaded."""

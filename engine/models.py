@@ -1,0 +1,130 @@
+"""Load the policy, the reference and the tokenizer; choose device and dtype; wrap LoRA.
+
+Dropout is switched off everywhere: with dropout on, the policy and the reference score the
+same text differently and the DPO log-ratio starts non-zero (ALGORITHMS.md section 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelError
+from engine.spec import RunSpec
+
+log = logging.getLogger("cherry.engine")
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device '{requested}' was asked for but no CUDA GPU is visible; use --set device=cpu (or auto)")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("device 'mps' was asked for but MPS is not available; use --set device=cpu (or auto)")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ModelError("dtype bf16 is not supported on this GPU; use --set dtype=fp16 or fp32")
+    return DTYPE_NAMES[requested]
+
+
+def _quiet_transformers() -> None:
+    # Weight-loading progress bars would flood worker logs.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - logging is cosmetic
+        pass
+
+
+def _load_error(what: str, source: str, err: Exception) -> ModelError:
+    local = Path(source).expanduser().exists()
+    if local:
+        return ModelError(f"could not load {what} from '{source}': {err}")
+    return ModelError(
+        f"could not load {what} '{source}': it is not a local directory and the hub did not provide it ({err.__class__.__name__}). "
+        "Give a local directory saved with save_pretrained, or check the hub id and your network"
+    )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_error("a tokenizer", source, err) from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer of '{source}' has no EOS token; completions need one to end")
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out, so reusing EOS as the pad token is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_causal_lm(source: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise _load_error("a causal LM", source, err) from None
+    disable_dropout(model)
+    return model.to(device)
+
+
+def wrap_lora(model, spec: RunSpec):
+    """Add trainable LoRA adapters; the frozen base with adapters disabled is the reference."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelError(f"lora.target_modules={spec.lora.target_modules!r} does not fit this model: {err}") from None
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,120 @@
+"""The frozen reference policy, in whichever form is cheapest.
+
+- a separate frozen model (`ref_model`, or a second copy of the starting weights);
+- the policy itself with its LoRA adapters disabled (no second copy in memory);
+- a table of log-probs precomputed once per dataset and cached on disk, keyed by the
+  reference's weights, the tokenised data and the settings that change the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from engine.logprobs import completion_logps
+
+log = logging.getLogger("cherry.engine")
+
+
+class Reference:
+    def __init__(self, *, model: torch.nn.Module | None = None, adapter_policy: torch.nn.Module | None = None):
+        if (model is None) == (adapter_policy is None):
+            raise ValueError("give exactly one of model or adapter_policy")
+        self._model = model
+        self._adapter_policy = adapter_policy
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[torch.nn.Module]:
+        """The reference as a module (for generation or scoring), e.g. the adapter-disabled policy."""
+        if self._model is not None:
+            yield self._model
+        else:
+            with self._adapter_policy.disable_adapter():
+                yield self._adapter_policy
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        with self.model() as ref:
+            return completion_logps(
+                ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature
+            ).sums
+
+
+def fingerprint_model(source: str, dtype: torch.dtype) -> str:
+    """Identity of a model's weights: file contents for a local dir, the id for a hub model."""
+    digest = hashlib.sha256(f"{dtype}".encode())
+    path = Path(source)
+    if path.is_dir():
+        for file in sorted(path.iterdir()):
+            if file.suffix not in (".safetensors", ".bin", ".json") or not file.is_file():
+                continue
+            digest.update(file.name.encode())
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with open(file, "rb") as f:
+                if size <= 256 * 2**20:
+                    digest.update(f.read())
+                else:  # huge shards: their size plus both ends is identity enough for a cache key
+                    digest.update(f.read(2**20))
+                    f.seek(-(2**20), 2)
+                    digest.update(f.read())
+    else:
+        digest.update(source.encode())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_examples(examples: list[dict], keys: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for ex in examples:
+        for key in keys:
+            digest.update(json.dumps(ex[key]).encode())
+    return digest.hexdigest()[:16]
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by example index instead of recomputed every step."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables  # split -> [n_examples, rows_per_example]
+
+    def lookup(self, split: str, index: torch.Tensor) -> torch.Tensor:
+        # Batches put all first rows (e.g. chosen), then all second rows (rejected).
+        return self.tables[split][index].T.reshape(-1)
+
+    @classmethod
+    def build(
+        cls,
+        splits: dict[str, list[dict]],
+        collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+        reference: Reference,
+        *,
+        rows_per_example: int,
+        batch_size: int,
+        device: torch.device,
+        cache_file: Path | None,
+    ) -> "PrecomputedReference":
+        if cache_file is not None and cache_file.exists():
+            log.info("reference log-probs: loaded from cache %s", cache_file)
+            return cls(torch.load(cache_file))
+        tables = {}
+        for split, examples in splits.items():
+            rows = []
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                sums = reference.logps(batch).float().cpu()
+                rows.append(sums.reshape(rows_per_example, len(chunk)).T)
+            tables[split] = torch.cat(rows) if rows else torch.zeros(0, rows_per_example)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            torch.save(tables, tmp)
+            tmp.replace(cache_file)
+            log.info("reference log-probs: computed and cached in %s", cache_file)
+        return cls(tables)

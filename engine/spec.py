@@ -1,0 +1,388 @@
+"""Run specs: a preset (YAML) plus overrides, validated before anything heavy is loaded.
+
+This module imports no torch, so front ends can validate a spec instantly. Every problem a user
+can cause becomes a `SpecError` that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from engine.errors import SpecError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def presets_dir() -> Path:
+    """Where presets and the embedded demo live (`$CHERRY_PRESETS` overrides the checkout's)."""
+    return Path(os.environ.get("CHERRY_PRESETS", REPO_ROOT / "presets"))
+
+
+ALGORITHMS = ("dpo",)
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant")
+OVERLONG = ("truncate", "drop")
+DPO_LOSS_TYPES = ("sigmoid",)
+
+
+@dataclass
+class LoraSpec:
+    r: int = 0  # adapter rank; 0 = full fine-tuning
+    alpha: int = 16  # scaling numerator (effective scale alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: str | list[str] = "all-linear"  # "all-linear" or module names, e.g. [q_proj, v_proj]
+
+
+@dataclass
+class RunSpec:
+    algorithm: str = "dpo"
+    name: str | None = None  # a label for the run; defaults to algorithm-model-dataset
+    # --- models
+    model: str | None = None  # local dir or hub id; "demo" = the embedded demo model
+    ref_model: str | None = None  # frozen reference; default = the policy's starting weights
+    trust_remote_code: bool = False
+    dtype: str = "auto"  # auto = bf16 on a GPU that supports it, else fp32
+    device: str = "auto"  # auto = cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
+    gradient_checkpointing: bool = False
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    # --- data
+    dataset: str | None = None  # local file (jsonl/json/parquet/csv), saved datasets dir, or hub id
+    eval_dataset: str | None = None  # default: eval_split of `dataset`
+    eval_split: float = 0.05
+    eval_prompts: str | None = None  # prompt + answer rows scored by the exact-match verifier
+    max_length: int = 512
+    max_prompt_length: int = 256
+    overlong: str = "truncate"  # truncate (keep the prompt's end, cut the completion) | drop
+    max_rows: int | None = None  # use only the first N rows (quick trials)
+    # --- optimisation
+    lr: float = 1e-6
+    batch_size: int = 8  # examples (pairs for DPO) per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs`
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # --- algorithm (DPO family)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    precompute_ref_logps: bool = False
+    # --- logging, eval, checkpoints
+    logging_steps: int = 1
+    eval_steps: int = 50  # 0 = only at the start and the end
+    eval_max_examples: int = 200
+    sample_steps: int = 50
+    num_samples: int = 4
+    kl_samples: int = 16  # policy samples used for the kl/mean estimate
+    max_new_tokens: int = 64
+    save_steps: int = 100
+    save_total_limit: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        parts = [self.algorithm, _short(self.model), _short(self.dataset)]
+        return "-".join(p for p in parts if p)
+
+
+def _short(path: str | None) -> str:
+    if not path:
+        return ""
+    return Path(path.rstrip("/")).stem if "/" in path or os.sep in path else path
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def spec_fields(cls: type = RunSpec) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def closest(name: str, candidates: list[str]) -> str | None:
+    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def _unknown_key(key: str, candidates: list[str], where: str) -> SpecError:
+    guess = closest(key.split(".")[-1], candidates)
+    hint = f"did you mean '{guess}'?" if guess else f"valid keys: {', '.join(sorted(candidates))}"
+    return SpecError(f"unknown {where}key '{key}': {hint}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a YAML or `--set` value into the field's type, or say what was expected."""
+    args = get_args(hint)
+    if any(get_origin(a) is list for a in args):  # "str | list[str]": a name, a list, or "a,b"
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        if isinstance(value, str) and "," in value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):
+            return value
+        raise SpecError(f"{key} must be a name or a list of names, got {value!r}")
+    if value is None:
+        if type(None) in args:
+            return None
+        raise SpecError(f"{key} cannot be empty: give a value of type {_type_name(hint)}")
+    target = next((a for a in args if a is not type(None)), hint) if args else hint
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise SpecError(f"{key} must be true or false, got {value!r}")
+    if target is int:
+        if isinstance(value, bool):
+            raise SpecError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise SpecError(f"{key} must be an integer, got {value!r}")
+    if target is float:
+        if isinstance(value, bool):
+            raise SpecError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SpecError(f"{key} must be a number, got {value!r}") from None
+    if target is str:
+        if isinstance(value, (dict, list)):
+            raise SpecError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return " or ".join(getattr(a, "__name__", str(a)) for a in args) if args else getattr(hint, "__name__", str(hint))
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise SpecError(f"--set expects key=value, got '{item}' (for example --set beta=0.2)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_spec(values: dict[str, Any]) -> RunSpec:
+    """A RunSpec from a flat-or-nested dict; unknown keys and wrong types are refused."""
+    top = spec_fields(RunSpec)
+    lora_fields = spec_fields(LoraSpec)
+    kwargs: dict[str, Any] = {}
+    lora_kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key.startswith("lora."):
+            sub = key[len("lora.") :]
+            if sub not in lora_fields:
+                raise _unknown_key(key, list(lora_fields), "lora ")
+            lora_kwargs[sub] = _coerce(key, value, lora_fields[sub])
+        elif key == "lora":
+            if isinstance(value, LoraSpec):
+                value = dataclasses.asdict(value)
+            if not isinstance(value, dict):
+                raise SpecError("lora must be a mapping, e.g. lora: {r: 16, alpha: 32}")
+            for sub, sub_value in value.items():
+                if sub not in lora_fields:
+                    raise _unknown_key(f"lora.{sub}", list(lora_fields), "lora ")
+                lora_kwargs.setdefault(sub, _coerce(f"lora.{sub}", sub_value, lora_fields[sub]))
+        elif key in top:
+            kwargs[key] = _coerce(key, value, top[key])
+        else:
+            raise _unknown_key(key, list(top) + [f"lora.{k}" for k in lora_fields], "")
+    spec = RunSpec(**kwargs, lora=LoraSpec(**lora_kwargs))
+    check_values(spec)
+    return spec
+
+
+def check_values(spec: RunSpec) -> None:
+    """Refuse impossible values, naming the field."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SpecError(message)
+
+    need(spec.algorithm in ALGORITHMS, f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHMS)}")
+    need(spec.lr > 0, f"lr must be > 0 (got {spec.lr}); typical DPO values are 1e-6 to 1e-5 (1e-5 to 1e-4 with LoRA)")
+    need(spec.beta > 0, f"beta must be > 0 (got {spec.beta}); 0.1 is the DPO paper's default")
+    need(spec.batch_size >= 1, f"batch_size must be >= 1 (got {spec.batch_size})")
+    need(spec.grad_accum >= 1, f"grad_accum must be >= 1 (got {spec.grad_accum})")
+    need(spec.epochs > 0, f"epochs must be > 0 (got {spec.epochs})")
+    need(spec.max_steps >= 0, f"max_steps must be >= 0 (got {spec.max_steps}); 0 means 'run epochs'")
+    need(0 <= spec.eval_split < 1, f"eval_split must be in [0, 1) (got {spec.eval_split})")
+    need(0 <= spec.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {spec.warmup_ratio})")
+    need(0 <= spec.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {spec.label_smoothing})")
+    need(spec.max_length >= 2, f"max_length must be >= 2 (got {spec.max_length})")
+    need(
+        0 < spec.max_prompt_length < spec.max_length,
+        f"max_prompt_length must be > 0 and < max_length ({spec.max_prompt_length} vs {spec.max_length})",
+    )
+    need(spec.weight_decay >= 0, f"weight_decay must be >= 0 (got {spec.weight_decay})")
+    need(0 <= spec.adam_beta1 < 1 and 0 <= spec.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
+    need(spec.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {spec.max_grad_norm}); 0 disables clipping")
+    need(spec.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got '{spec.dtype}')")
+    need(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec.device) is not None,
+        f"device must be auto, cpu, mps, cuda or cuda:N (got '{spec.device}')",
+    )
+    need(spec.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')")
+    need(spec.overlong in OVERLONG, f"overlong must be one of {', '.join(OVERLONG)} (got '{spec.overlong}')")
+    need(spec.loss_type in DPO_LOSS_TYPES, f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (got '{spec.loss_type}')")
+    for name in ("logging_steps", "save_total_limit", "max_new_tokens"):
+        need(getattr(spec, name) >= 1, f"{name} must be >= 1 (got {getattr(spec, name)})")
+    for name in ("eval_steps", "sample_steps", "save_steps", "num_samples", "kl_samples", "num_threads", "eval_max_examples"):
+        need(getattr(spec, name) >= 0, f"{name} must be >= 0 (got {getattr(spec, name)})")
+    need(spec.max_rows is None or spec.max_rows >= 1, f"max_rows must be >= 1 (got {spec.max_rows})")
+    need(spec.lora.r >= 0, f"lora.r must be >= 0 (got {spec.lora.r}); 0 = full fine-tuning")
+    need(spec.lora.alpha > 0, f"lora.alpha must be > 0 (got {spec.lora.alpha})")
+    need(0 <= spec.lora.dropout < 1, f"lora.dropout must be in [0, 1) (got {spec.lora.dropout})")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, description) of every preset YAML in the presets dir."""
+    out = []
+    for path in sorted(presets_dir().glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        out.append((path.stem, str(data.get("description", ""))))
+    return out
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = presets_dir() / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    names = [n for n, _ in list_presets()]
+    guess = closest(name, names)
+    hint = f"did you mean '{guess}'? " if guess else ""
+    raise SpecError(f"unknown preset '{name}': {hint}available presets: {', '.join(names)} (or a path to a .yaml file)")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = preset_path(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"preset {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"preset {path} must be a mapping of key: value")
+    data.pop("description", None)
+    return data
+
+
+def resolve_spec(
+    preset: str | None,
+    overrides: list[str] | None = None,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    check_paths: bool = True,
+) -> RunSpec:
+    """preset + `--set key=value` overrides (+ model/dataset flags) -> a validated RunSpec."""
+    values = load_preset(preset) if preset else {}
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        values[key] = value
+    if model is not None:
+        values["model"] = model
+    if dataset is not None:
+        values["dataset"] = dataset
+    spec = build_spec(values)
+    if check_paths:
+        resolve_paths(spec)
+    return spec
+
+
+# ----------------------------------------------------------------------------- paths
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
+
+
+def demo_dir() -> Path:
+    return presets_dir() / "demo"
+
+
+def _looks_local(value: str) -> bool:
+    return (
+        value.startswith((".", "/", "~"))
+        or Path(value).suffix in _DATA_SUFFIXES
+        or value.endswith("/")
+        or not _HUB_ID.match(value)
+    )
+
+
+def resolve_path(value: str, field_name: str, *, kind: str) -> str:
+    """A local path made absolute, or a hub id left as is; a missing local path is an error.
+
+    Relative paths are tried against the current directory, then the presets dir, so
+    `demo/pairs.jsonl` finds the embedded demo data from anywhere. `demo` as a model is the demo model.
+    """
+    if kind == "model" and value == "demo":
+        return str(demo_dir() / "model")
+    expanded = Path(value).expanduser()
+    for candidate in (expanded, presets_dir() / expanded):
+        if candidate.exists():
+            return str(candidate.resolve())
+    if _looks_local(value):
+        what = "a local directory saved with save_pretrained (or a hub id)" if kind == "model" else (
+            "a .jsonl/.json/.parquet/.csv file, a saved datasets directory, or a hub id"
+        )
+        raise SpecError(f"{field_name}: '{value}' does not exist; give {what}")
+    return value
+
+
+def resolve_paths(spec: RunSpec) -> RunSpec:
+    """Check model and dataset fields up front and make local paths absolute (workers may run elsewhere)."""
+    if not spec.model:
+        raise SpecError("model is not set: pass --model PATH_OR_HUB_ID (or --model demo)")
+    if not spec.dataset:
+        raise SpecError("dataset is not set: pass --dataset PATH_OR_HUB_ID (e.g. --dataset demo/pairs.jsonl)")
+    spec.model = resolve_path(spec.model, "model", kind="model")
+    if spec.ref_model:
+        spec.ref_model = resolve_path(spec.ref_model, "ref_model", kind="model")
+    spec.dataset = resolve_path(spec.dataset, "dataset", kind="data")
+    if spec.eval_dataset:
+        spec.eval_dataset = resolve_path(spec.eval_dataset, "eval_dataset", kind="data")
+    if spec.eval_prompts:
+        spec.eval_prompts = resolve_path(spec.eval_prompts, "eval_prompts", kind="data")
+    return spec
+
+
+def load_spec_file(path: Path) -> RunSpec:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return build_spec(data)

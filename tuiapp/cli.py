@@ -1,0 +1,268 @@
+"""The `cherry` command line.
+
+Only typer and the torch-free spec module are imported at start-up, so `cherry --help` answers
+at once; the training stack is imported inside the commands that need it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from jobs import CherryError
+
+app = typer.Typer(
+    help="Cherry: preference training of language models from the terminal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+demo_app = typer.Typer(help="The embedded demo: a tiny model learning verifiable tasks, offline.")
+bench_app = typer.Typer(help="Benchmarks of the engine against naive baselines, measured in one run.")
+app.add_typer(demo_app, name="demo")
+app.add_typer(bench_app, name="bench")
+
+
+def friendly(fn):
+    """User errors become one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CherryError as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+class ConsoleReporter:
+    """A live progress line: step, bar, key metrics, speed and ETA."""
+
+    KEYS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match")
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.total = 0
+        self.first_step: int | None = None
+        self.started = 0.0
+        self.latest: dict[str, float] = {}
+
+    def log_event(self, kind: str, message: str, **data: Any) -> None:
+        import time
+
+        if kind == "start":
+            self.total = data.get("total_steps", 0)
+            self.first_step = data.get("step", 0)
+            self.started = time.time()
+        self._line_break()
+        print(f"[{kind}] {message}", file=self.stream, flush=True)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        self.latest.update(metrics)
+        if not self.total:
+            return
+        done = step - (self.first_step or 0)
+        elapsed = time.time() - self.started
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        width = 20
+        filled = int(width * step / self.total)
+        parts = [f"{k.split('/')[-1] if k != 'train/loss' else 'loss'} {self.latest[k]:.3f}" for k in self.KEYS if k in self.latest]
+        line = f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] " + "  ".join(parts) + f"  ETA {eta:4.0f}s"
+        if self.tty:
+            print("\r" + line[:160].ljust(160), end="", file=self.stream, flush=True)
+        elif step == self.total or step % max(1, self.total // 20) == 0 or any(k.startswith("eval/") for k in metrics):
+            print(line, file=self.stream, flush=True)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
+    def _line_break(self) -> None:
+        if self.tty and self.latest:
+            print(file=self.stream)
+
+
+def _print_samples(samples: list[dict[str, Any]], limit: int) -> None:
+    def mark(score):
+        return "" if score is None else (" ✓" if score >= 1 else " ✗")
+
+    for row in samples[:limit]:
+        prompt = row["prompt"].replace("\n", " ")
+        typer.echo(f"  prompt    {prompt}")
+        typer.echo(f"  reference {row['reference']!r}{mark(row.get('reference_score'))}")
+        typer.echo(f"  policy    {row['policy']!r}{mark(row.get('policy_score'))}   (answer {row.get('answer')!r})")
+        typer.echo("")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@app.command()
+@friendly
+def train(
+    preset: str = typer.Option("dpo", "--preset", "-p", help="Preset name (see `cherry presets`) or a YAML file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model dir or hub id; `demo` for the demo model."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Local jsonl/json/parquet/csv, a saved datasets dir, or a hub id."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a preset value: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+) -> None:
+    """Train in this process with a live progress line. Outputs land in runs/<run-id>/."""
+    from engine.spec import load_spec_file, resolve_paths, resolve_spec
+    from jobs.local import run_in_process
+
+    if resume is not None:
+        if not (resume / "spec.yaml").exists():
+            raise CherryError(f"--resume {resume}: no spec.yaml there; give the directory of an earlier run")
+        spec = resolve_paths(load_spec_file(resume / "spec.yaml"))
+        out = resume
+    else:
+        spec = resolve_spec(preset, set_, model=model, dataset=dataset)
+    _configure_logging()
+    try:
+        run_dir, summary = run_in_process(spec, out, ConsoleReporter(), resume=resume is not None)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: a checkpoint was saved; continue with `cherry train --resume <run dir>`", err=True)
+        raise typer.Exit(130) from None
+    typer.echo("")
+    _print_summary(run_dir, summary)
+
+
+def _configure_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+
+def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    typer.echo(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps in {summary['wall_seconds']:.0f}s "
+               f"({summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB)")
+    for name in sorted(summary["before"]):
+        if name in summary["final"]:
+            typer.echo(f"  {name}: {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
+    typer.echo(f"run directory: {run_dir}")
+    if summary.get("final_dir"):
+        typer.echo(f"final weights: {summary['final_dir']}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@app.command()
+@friendly
+def presets(name: Optional[str] = typer.Argument(None, help="Show this preset's YAML.")) -> None:
+    """List the algorithm presets, or show one with its commented defaults."""
+    from engine.spec import list_presets, preset_path
+
+    if name:
+        typer.echo(preset_path(name).read_text())
+        return
+    for preset_name, description in list_presets():
+        typer.echo(f"{preset_name:12s} {description}")
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@demo_app.callback(invoke_without_command=True)
+@friendly
+def demo(
+    ctx: typer.Context,
+    headless: bool = typer.Option(False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a demo setting: key=value."),
+) -> None:
+    """DPO on the embedded demo: held-out exact-match accuracy before and after, and samples."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from engine.spec import demo_dir, resolve_spec
+    from jobs.local import run_in_process
+
+    if not (demo_dir() / "model").exists():
+        raise CherryError(f"the demo model is missing under {demo_dir()}; build it with `cherry demo build`")
+    spec = resolve_spec(str(demo_dir() / "run.yaml"), set_)
+    _configure_logging()
+    typer.echo(f"demo: DPO on {Path(spec.dataset).name} from the demo model ({'headless' if headless else 'in this terminal'})")
+    run_dir, summary = run_in_process(spec, out, ConsoleReporter())
+    before = summary["before"].get("eval/exact_match")
+    after = summary["final"].get("eval/exact_match")
+    typer.echo("")
+    typer.echo(f"held-out exact match: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
+               f"in {summary['wall_seconds']:.0f}s")
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    final_step = max(s["step"] for s in samples)
+    typer.echo("\nside by side (reference = demo model before DPO, policy = after):")
+    _print_samples([s for s in samples if s["step"] == final_step], limit=6)
+    typer.echo(f"run directory: {run_dir}")
+
+
+@demo_app.command("build")
+@friendly
+def demo_build(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the demo (default: presets/demo)."),
+    seed: int = typer.Option(0, help="Seed: the same seed rebuilds the same demo."),
+) -> None:
+    """Rebuild the demo model and datasets from scratch (seeded, a few CPU minutes)."""
+    from engine.demo.build import build_demo
+    from engine.spec import demo_dir
+
+    info = build_demo(out or demo_dir(), seed=seed, log=typer.echo)
+    typer.echo(json.dumps(info, indent=2))
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@bench_app.command("dpo")
+@friendly
+def bench_dpo(
+    seq_len: int = typer.Option(256, help="Tokens per sequence (prompt + completion)."),
+    prompt_len: int = typer.Option(192, help="Prompt tokens per sequence."),
+    pairs: int = typer.Option(8, help="Preference pairs per step."),
+    vocab: int = typer.Option(32000, help="Vocabulary size of the tiny model."),
+    hidden: int = typer.Option(256, help="Hidden size of the tiny model."),
+    layers: int = typer.Option(2, help="Transformer layers."),
+    steps: int = typer.Option(5, help="Timed steps per path (median reported)."),
+    threads: int = typer.Option(0, help="CPU threads (0 = torch default)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """Time DPO steps: Cherry's completion-only log-probs vs the naive full-logits path."""
+    from engine.bench import BenchConfig, compare
+
+    if not 0 < prompt_len < seq_len:
+        raise CherryError(f"--prompt-len must be between 1 and --seq-len - 1 (got {prompt_len} with seq-len {seq_len})")
+    cfg = BenchConfig(seq_len=seq_len, prompt_len=prompt_len, pairs=pairs, vocab=vocab, hidden=hidden, layers=layers,
+                      steps=steps, threads=threads, device=device)
+    result = compare(cfg)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    c, n = result["cherry"], result["naive"]
+    typer.echo(f"DPO step, {pairs} pairs x {seq_len} tokens (prompt {prompt_len}), vocab {vocab}, "
+               f"hidden {hidden} x {layers} layers, {c['device']}; median of {steps} steps")
+    typer.echo(f"{'path':8s} {'tokens/s':>10s} {'step s':>8s} {'peak GB':>8s}")
+    for row in (c, n):
+        typer.echo(f"{row['path']:8s} {row['tokens_per_s']:10.0f} {row['step_seconds']:8.3f} {row['peak_mem_gb']:8.3f}")
+    typer.echo(f"speed-up {result['speedup']:.2f}x, memory {result['memory_ratio']:.2f}x less ({c['memory']}); "
+               f"|loss difference| {result['loss_abs_diff']:.2e}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
