@@ -7,6 +7,9 @@ tokenise prompts and completions separately, in batches -> truncate / drop -> sp
 
 Examples are plain dicts (see `prepare`); every completion ends with the tokenizer's EOS unless it
 was truncated. `engine.batching` turns them into padded tensors.
+
+Errors a user can cause are `DataError`s (bad parameter values: `SpecError`) with one-line messages;
+row numbers in them count from 0, like `dataset[i]`; file line numbers count from 1, like an editor.
 """
 
 from __future__ import annotations
@@ -858,8 +861,16 @@ def prepare(
 ) -> PreparedData:
     """Load, detect, normalise and tokenise a dataset for an algorithm that needs `kind` data.
 
+    Every example has `index` (its position in train or eval), `prompt_ids`, `prompt` (rendered
+    text) and `messages` (the prompt as a message list, None for plain text), plus per kind:
+    preference: `chosen_ids`, `rejected_ids`, `chosen`, `rejected`; unpaired: `completion_ids`,
+    `completion`, `label`; sft: `completion_ids`, `completion`; prompt: `answer` (str or None).
+    Texts are the rendered, untruncated strings without the appended EOS.
+
     The train/eval split is drawn over source rows (seeded) before filtering, so the eval set does
     not depend on the length limits, and both halves of a split preference pair stay together.
+    `source_split` / `eval_source_split` pick the split of a hub id or saved DatasetDict.
+    `max_prompt_length=None` means no separate prompt limit (only `max_length`).
     """
     _check_args(kind, max_length, max_prompt_length, eval_split, overlong, max_rows)
     rows = _rows_of(source, source_split, max_rows, "dataset")

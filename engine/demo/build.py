@@ -1,20 +1,27 @@
 """Build the embedded demo: a tiny Llama that is partially skilled at two verifiable tasks,
-and the datasets for every algorithm family, deterministically from a seed.
+and datasets for every algorithm family, deterministically from a seed.
 
     python -m engine.demo.build presets/demo [--seed 0]
 
-Steps: byte-level tokenizer -> random-init ~0.9M-parameter Llama -> SFT on `sft.jsonl`
-(answer-only loss) until the greedy exact-match accuracy on the held-out `eval.jsonl` first
-reaches a partial target -> preference / unpaired data sampled from that model -> save.
-The model is left only partly skilled on purpose, so that preference training has room to show
-a gain on the held-out set.
+Steps: byte-level tokenizer -> random-init ~0.9M-parameter Llama -> SFT (answer-only loss) until
+the greedy exact-match accuracy on the held-out `eval.jsonl` first reaches a partial target ->
+preference / unpaired data sampled from that model -> save.
+
+How the skill is kept partial. Each task is learned in a sudden jump (a few dozen steps from ~0%
+to ~100% once it starts), and the two jumps happen hundreds of steps apart, so stopping on a mixed
+accuracy target would leave one task solved and the other untouched; dropping a task from the mix
+once it reaches the target makes the model forget it within ten steps. Instead the model's SFT
+pool covers reversal of 3-4 letter words only (the task family, the held-out set and every written
+dataset use 3-6 letters). Reversal then plateaus near the share of short words (~50%, it does not
+generalise to longer words), and addition is caught part-way through its jump. Preference data
+covers the whole family, so preference training can lift both tasks.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +30,7 @@ from typing import Callable
 import torch
 
 from engine.batching import collate_completions
-from engine.demo.tasks import TASKS, make_tasks
+from engine.demo.tasks import TASKS, make_tasks, task_of
 from engine.demo.tokenizer import build_tokenizer
 from engine.evaluate import exact_match_accuracy
 from engine.generation import decode_completions, generate
@@ -34,7 +41,9 @@ from engine.rewards import exact_match
 @dataclass
 class DemoConfig:
     n_eval: int = 200
-    n_sft: int = 2000
+    n_sft_pool: int = 8000  # what the demo model is trained on (reversal limited to sft_reverse_lengths)
+    sft_reverse_lengths: tuple[int, int] = (3, 4)
+    n_sft: int = 2000  # sft.jsonl (whole task family)
     n_pairs: int = 2000
     n_unpaired: int = 2000
     n_prompts: int = 2000
@@ -47,9 +56,10 @@ class DemoConfig:
     warmup_steps: int = 20
     batch_size: int = 64
     eval_every: int = 10
-    target_accuracy: float = 0.35
+    target_accuracy: float = 0.35  # stop at the first evaluation reaching this overall ...
+    min_task_accuracy: float = 0.15  # ... with every task at least this good
     max_steps: int = 3000
-    max_new_tokens: int = 12
+    max_new_tokens: int = 16
     sample_tries: int = 4
 
 
@@ -66,16 +76,25 @@ def chat_completion(text: str) -> list[dict]:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of the chat-rendered user turn plus the generation prompt."""
     rendered = tokenizer.apply_chat_template(chat_prompt(text), add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
-def encode_completion(tokenizer, prompt_ids: list[int], text: str, prompt: str) -> list[int]:
+def encode_completion(tokenizer, prompt_ids: list[int], prompt: str, text: str) -> list[int]:
+    """Token ids of the assistant turn (`text<|end|>`), cut from the full rendered conversation."""
     rendered = tokenizer.apply_chat_template(chat_prompt(prompt) + chat_completion(text), tokenize=False)
     full = tokenizer.encode(rendered, add_special_tokens=False)
     if full[: len(prompt_ids)] != prompt_ids:
         raise AssertionError("chat template: the generation prompt is not a prefix of the full conversation")
     return full[len(prompt_ids) :]
+
+
+def _encode(tokenizer, items: list[dict]) -> list[dict]:
+    for item in items:
+        item["prompt_ids"] = encode_prompt(tokenizer, item["prompt"])
+        item["completion_ids"] = encode_completion(tokenizer, item["prompt_ids"], item["prompt"], item["answer"])
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,17 +133,19 @@ def n_params(model) -> int:
 # SFT
 
 
-def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int) -> dict:
+def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int = 16) -> dict:
+    """Greedy exact-match accuracy overall and per task (examples carry prompt_ids, answer, task)."""
     result = exact_match_accuracy(model, tokenizer, examples, max_new_tokens=max_new_tokens)
     per_task = {}
     for kind in TASKS:
         flags = [ok for ok, ex in zip(result["correct"], examples) if ex["task"] == kind]
-        per_task[kind] = sum(flags) / len(flags) if flags else 0.0
-    return {"accuracy": result["accuracy"], "per_task": per_task}
+        per_task[kind] = round(sum(flags) / len(flags), 4) if flags else 0.0
+    return {"accuracy": round(result["accuracy"], 4), "per_task": per_task}
 
 
 def sft_until_target(model, tokenizer, train: list[dict], held_out: list[dict], cfg: DemoConfig, seed: int, log) -> dict:
-    """Answer-only SFT; stops at the first evaluation whose held-out accuracy reaches the target."""
+    """Answer-only SFT, evaluated every `eval_every` steps; stops at the first evaluation whose
+    held-out accuracy reaches `target_accuracy` with every task at `min_task_accuracy` or more."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = random.Random(seed)
     order: list[int] = []
@@ -133,17 +154,21 @@ def sft_until_target(model, tokenizer, train: list[dict], held_out: list[dict], 
     t0 = time.time()
     model.train()
     while True:
-        if step % cfg.eval_every == 0 and step > 0:
+        if step > 0 and step % cfg.eval_every == 0:
             ev = evaluate_tasks(model, tokenizer, held_out, cfg.max_new_tokens)
             history.append({"step": step, **ev})
-            log(
-                f"sft step {step}: held-out accuracy {ev['accuracy']:.3f} "
-                + " ".join(f"{k}={v:.3f}" for k, v in ev["per_task"].items())
-                + f" ({time.time() - t0:.0f}s)"
-            )
-            if ev["accuracy"] >= cfg.target_accuracy or step >= cfg.max_steps:
+            reached = ev["accuracy"] >= cfg.target_accuracy and min(ev["per_task"].values()) >= cfg.min_task_accuracy
+            if reached or step % (5 * cfg.eval_every) == 0 or step >= cfg.max_steps:
+                log(
+                    f"sft step {step}: loss {loss.item():.3f}, held-out accuracy {ev['accuracy']:.3f} ("
+                    + ", ".join(f"{k} {v:.3f}" for k, v in ev["per_task"].items())
+                    + f") [{time.time() - t0:.0f}s]"
+                )
+            if reached or step >= cfg.max_steps:
+                if not reached:
+                    log(f"warning: SFT stopped at max_steps={cfg.max_steps} before reaching the target")
                 model.eval()
-                return {"steps": step, "history": history, **ev}
+                return {"steps": step, "target_reached": reached, "history": history, **ev}
             model.train()
         if len(order) < cfg.batch_size:
             epoch = list(range(len(train)))
@@ -153,15 +178,209 @@ def sft_until_target(model, tokenizer, train: list[dict], held_out: list[dict], 
         batch = collate_completions(
             [train[i]["prompt_ids"] for i in idx], [train[i]["completion_ids"] for i in idx], tokenizer.pad_token_id
         )
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
         out = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        loss = -out.token_logps.mean()
+        loss = -out.token_logps.mean()  # mean NLL over completion tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 50 == 0:
-            log(f"sft step {step}: loss {loss.item():.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampled datasets
+
+
+def perturb(answer: str, rng: random.Random) -> str:
+    """A wrong answer close to the right one: one character changed (a digit or a letter)."""
+    alphabet = "0123456789" if answer.isdigit() else "abcdefghijklmnopqrstuvwxyz"
+    pos = rng.randrange(len(answer))
+    choices = [c for c in alphabet if c != answer[pos] and not (pos == 0 and c == "0" and len(answer) > 1)]
+    return answer[:pos] + rng.choice(choices) + answer[pos + 1 :]
+
+
+def sample_texts(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[str]:
+    ids = generate(model, tokenizer, [it["prompt_ids"] for it in items], max_new_tokens=max_new_tokens, temperature=1.0)
+    return decode_completions(tokenizer, ids)
+
+
+def make_pairs(model, tokenizer, items: list[dict], cfg: DemoConfig, seed: int) -> tuple[list[dict], int]:
+    """chosen = gold answer; rejected = a wrong non-empty sample of the model (temperature 1), up to
+    `sample_tries` draws per prompt; prompts the model always got right fall back to a perturbed
+    sample. Returns the rows and the fallback count."""
+    torch.manual_seed(seed)
+    rejected: list[str | None] = [None] * len(items)
+    last: list[str] = [it["answer"] for it in items]
+    for _ in range(cfg.sample_tries):
+        todo = [i for i, r in enumerate(rejected) if r is None]
+        if not todo:
+            break
+        texts = sample_texts(model, tokenizer, [items[i] for i in todo], cfg.max_new_tokens)
+        for i, text in zip(todo, texts):
+            last[i] = text
+            if text.strip() and exact_match(text, items[i]["answer"]) == 0.0:
+                rejected[i] = text
+    rng = random.Random(seed)
+    fallbacks = 0
+    for i, r in enumerate(rejected):
+        if r is None:
+            fallbacks += 1
+            base = last[i].strip() if last[i].strip() else items[i]["answer"]
+            candidate = perturb(base, rng)
+            while exact_match(candidate, items[i]["answer"]) == 1.0:
+                candidate = perturb(base, rng)
+            rejected[i] = candidate
+    rows = [
+        {
+            "prompt": chat_prompt(it["prompt"]),
+            "chosen": chat_completion(it["answer"]),
+            "rejected": chat_completion(rej),
+        }
+        for it, rej in zip(items, rejected)
+    ]
+    return rows, fallbacks
+
+
+def make_unpaired(model, tokenizer, items: list[dict], cfg: DemoConfig, seed: int) -> list[dict]:
+    """One model sample per prompt (temperature 1), labelled by exact match."""
+    torch.manual_seed(seed)
+    texts = sample_texts(model, tokenizer, items, cfg.max_new_tokens)
+    return [
+        {
+            "prompt": chat_prompt(it["prompt"]),
+            "completion": chat_completion(text),
+            "label": exact_match(text, it["answer"]) == 1.0,
+        }
+        for it, text in zip(items, texts)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def eval_examples(tokenizer, rows: list[dict]) -> list[dict]:
+    """`eval.jsonl` / `prompts.jsonl` rows -> examples for `exact_match_accuracy` (with `task`)."""
+    out = []
+    for row in rows:
+        text = row["prompt"][-1]["content"]
+        out.append({"prompt_ids": encode_prompt(tokenizer, text), "answer": row["answer"], "task": task_of(text)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def build_demo(out_dir: Path, seed: int = 0, log: Callable[[str], None] = print, cfg: DemoConfig | None = None) -> dict:
+    """Build the demo model, tokenizer and datasets into `out_dir`; return the info dict."""
+    import transformers
+
+    cfg = cfg or DemoConfig()
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(seed)
+
+    tokenizer = build_tokenizer()
+    held_out = _encode(tokenizer, make_tasks(cfg.n_eval, seed + 1000))
+    held_out_prompts = {it["prompt"] for it in held_out}
+    sft_pool = _encode(
+        tokenizer,
+        make_tasks(cfg.n_sft_pool, seed + 1, exclude=held_out_prompts, reverse_lengths=cfg.sft_reverse_lengths),
+    )
+    n_data = cfg.n_sft + cfg.n_pairs + cfg.n_unpaired + cfg.n_prompts
+    data_items = _encode(tokenizer, make_tasks(n_data, seed + 2, exclude=held_out_prompts))
+    cuts = [0, cfg.n_sft, cfg.n_sft + cfg.n_pairs, cfg.n_sft + cfg.n_pairs + cfg.n_unpaired, n_data]
+    sft_items, pair_items, unpaired_items, prompt_items = (data_items[a:b] for a, b in zip(cuts, cuts[1:]))
+    longest = max(len(it["prompt_ids"]) + len(it["completion_ids"]) for it in held_out + sft_pool + data_items)
+    log(f"tasks: {len(held_out)} held-out, {len(sft_pool)} SFT pool, {n_data} for datasets; longest {longest} tokens")
+
+    model = build_model(tokenizer, cfg, seed)
+    params = n_params(model)
+    log(f"model: Llama {cfg.num_layers}x{cfg.hidden_size}, {params:,} parameters")
+
+    sft = sft_until_target(model, tokenizer, sft_pool, held_out, cfg, seed, log)
+    log(f"SFT stopped after {sft['steps']} steps: held-out accuracy {sft['accuracy']:.3f} {sft['per_task']}")
+
+    write_jsonl(out_dir / "sft.jsonl", [
+        {"prompt": chat_prompt(it["prompt"]), "completion": chat_completion(it["answer"])} for it in sft_items
+    ])
+    pairs, fallbacks = make_pairs(model, tokenizer, pair_items, cfg, seed + 3)
+    write_jsonl(out_dir / "pairs.jsonl", pairs)
+    log(f"pairs: {len(pairs)} ({fallbacks} rejected answers by perturbation)")
+    unpaired = make_unpaired(model, tokenizer, unpaired_items, cfg, seed + 4)
+    write_jsonl(out_dir / "unpaired.jsonl", unpaired)
+    n_true = sum(r["label"] for r in unpaired)
+    log(f"unpaired: {len(unpaired)} ({n_true} labelled True)")
+    write_jsonl(out_dir / "prompts.jsonl", [{"prompt": chat_prompt(it["prompt"]), "answer": it["answer"]} for it in prompt_items])
+    write_jsonl(out_dir / "eval.jsonl", [{"prompt": chat_prompt(it["prompt"]), "answer": it["answer"]} for it in held_out])
+
+    model_dir = out_dir / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+
+    info = {
+        "seed": seed,
+        "parameters": params,
+        "architecture": {
+            "type": "llama",
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "layers": cfg.num_layers,
+            "heads": cfg.num_heads,
+            "vocab_size": len(tokenizer),
+            "tied_embeddings": True,
+        },
+        "sft": {
+            "steps": sft["steps"],
+            "target_reached": sft["target_reached"],
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "pool_size": len(sft_pool),
+            "pool_reverse_lengths": list(cfg.sft_reverse_lengths),
+            "target_accuracy": cfg.target_accuracy,
+            "min_task_accuracy": cfg.min_task_accuracy,
+            "eval_every": cfg.eval_every,
+        },
+        "held_out_accuracy": sft["accuracy"],
+        "held_out_accuracy_per_task": sft["per_task"],
+        "datasets": {
+            "sft.jsonl": cfg.n_sft,
+            "pairs.jsonl": len(pairs),
+            "unpaired.jsonl": len(unpaired),
+            "prompts.jsonl": len(prompt_items),
+            "eval.jsonl": len(held_out),
+        },
+        "pairs_rejected_fallbacks": fallbacks,
+        "unpaired_true": n_true,
+        "build_seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"demo built in {info['build_seconds']}s -> {out_dir}")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the embedded demo model and datasets.")
+    parser.add_argument("out_dir", type=Path, nargs="?", default=Path("presets/demo"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    build_demo(args.out_dir, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,8 @@ import random
 import string
 
 TASKS = ("addition", "reverse")
+REVERSE_PREFIX = "reverse: "
+REVERSE_LENGTHS = (3, 6)
 
 
 def addition(rng: random.Random) -> dict:
@@ -18,25 +20,31 @@ def addition(rng: random.Random) -> dict:
     return {"prompt": f"{a}+{b}=", "answer": str(a + b), "task": "addition"}
 
 
-def reverse(rng: random.Random) -> dict:
-    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
-    return {"prompt": f"reverse: {word}", "answer": word[::-1], "task": "reverse"}
+def reverse(rng: random.Random, lengths: tuple[int, int] = REVERSE_LENGTHS) -> dict:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*lengths)))
+    return {"prompt": f"{REVERSE_PREFIX}{word}", "answer": word[::-1], "task": "reverse"}
 
 
-GENERATORS = {"addition": addition, "reverse": reverse}
+def task_of(prompt: str) -> str:
+    """The task kind of a prompt text."""
+    return "reverse" if prompt.startswith(REVERSE_PREFIX) else "addition"
 
 
 def make_tasks(
     n: int,
     seed: int,
     exclude: set[str] | frozenset[str] = frozenset(),
-    kinds: tuple[str, ...] = TASKS,
+    *,
+    weights: tuple[float, float] | None = None,
+    reverse_lengths: tuple[int, int] = REVERSE_LENGTHS,
 ) -> list[dict]:
-    """`n` distinct tasks (dicts with prompt, answer, task), the kind drawn uniformly per item.
+    """`n` distinct tasks (dicts with prompt, answer, task), the kind drawn per item (uniformly,
+    or by `weights` over `TASKS`).
 
     Deterministic for a given seed. No prompt in `exclude` is returned, which is how held-out
     sets stay disjoint from training sets: build the held-out set first, then pass its prompts
-    (and those of any other set) as `exclude`.
+    (and those of any other set) as `exclude`. `reverse_lengths` narrows the word lengths of the
+    reversal task (inclusive range inside 3-6).
     """
     rng = random.Random(seed)
     seen = set(exclude)
@@ -46,7 +54,8 @@ def make_tasks(
         attempts += 1
         if attempts > 100 * n + 10_000:
             raise ValueError(f"could not draw {n} distinct tasks outside the {len(exclude)} excluded prompts")
-        item = GENERATORS[rng.choice(kinds)](rng)
+        kind = rng.choice(TASKS) if weights is None else rng.choices(TASKS, weights=weights)[0]
+        item = addition(rng) if kind == "addition" else reverse(rng, reverse_lengths)
         if item["prompt"] in seen:
             continue
         seen.add(item["prompt"])

@@ -1,0 +1,109 @@
+"""Spec validation and the CLI's user-facing errors: one clear line, the field named, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.errors import SpecError
+from engine.spec import build_spec, load_preset, resolve_spec, spec_fields
+from tuiapp.cli import app
+
+runner = CliRunner()
+
+
+def test_dpo_preset_holds_every_field_and_is_valid():
+    values = load_preset("dpo")
+    assert set(spec_fields()) - {"name"} <= set(values)
+    spec = build_spec(values)
+    assert (spec.beta, spec.lr, spec.loss_type) == (0.1, 1e-6, "sigmoid")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("betta=0.2", "unknown key 'betta': did you mean 'beta'?"),
+        ("lora.rank=8", "unknown lora key 'lora.rank': valid keys: alpha, dropout, r, target_modules"),
+        ("beta=0", "beta must be > 0"),
+        ("beta=-1", "beta must be > 0"),
+        ("lr=0", "lr must be > 0"),
+        ("batch_size=0", "batch_size must be >= 1"),
+        ("batch_size=two", "batch_size must be an integer, got 'two'"),
+        ("lr=fast", "lr must be a number"),
+        ("precompute_ref_logps=maybe", "precompute_ref_logps must be true or false"),
+        ("dtype=fp64", "dtype must be one of auto, fp32, bf16, fp16"),
+        ("max_prompt_length=2000", "max_prompt_length must be > 0 and < max_length"),
+        ("beta", "--set expects key=value"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(override, message):
+    with pytest.raises(SpecError) as err:
+        resolve_spec("dpo", [override], check_paths=False)
+    assert message in str(err.value)
+
+
+def test_overrides_are_typed():
+    spec = resolve_spec("dpo", ["lr=1e-5", "beta=0.25", "lora.r=16", "lora.target_modules=q_proj,v_proj", "max_rows=10"],
+                        check_paths=False)
+    assert spec.lr == 1e-5 and spec.beta == 0.25 and spec.lora.r == 16
+    assert spec.lora.target_modules == ["q_proj", "v_proj"] and spec.max_rows == 10
+
+
+def test_paths_are_checked_and_made_absolute(tmp_path, tiny_model_dir, tiny_pairs):
+    with pytest.raises(SpecError, match="dataset: './nope.jsonl' does not exist"):
+        resolve_spec("dpo", model=str(tiny_model_dir), dataset="./nope.jsonl")
+    with pytest.raises(SpecError, match="model: '/no/such/dir' does not exist"):
+        resolve_spec("dpo", model="/no/such/dir", dataset=str(tiny_pairs))
+    with pytest.raises(SpecError, match="model is not set"):
+        resolve_spec("dpo", dataset=str(tiny_pairs))
+    hub = resolve_spec("dpo", model="Qwen/Qwen2.5-0.5B-Instruct", dataset="trl-lib/ultrafeedback_binarized")
+    assert hub.model == "Qwen/Qwen2.5-0.5B-Instruct"  # hub ids pass through to the hub code path
+    with pytest.raises(SpecError, match="unknown preset 'dop': did you mean 'dpo'"):
+        resolve_spec("dop")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--model", "demo", "--dataset", "missing.jsonl"], "dataset: 'missing.jsonl' does not exist"),
+        (["train", "--set", "lr=-1"], "lr must be > 0"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'"),
+        (["presets", "dop"], "did you mean 'dpo'"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_reports_model_and_data_errors_cleanly(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "chosen": "2", "rejected": "3"}\n')
+    result = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--dataset", str(bad), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "question" in result.output and "prompt" in result.output
+    empty_dir = tmp_path / "not-a-model"
+    empty_dir.mkdir()
+    result = runner.invoke(app, ["train", "--model", str(empty_dir), "--dataset", str(bad), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "could not load a tokenizer" in result.output
+
+
+def test_presets_lists_dpo():
+    result = runner.invoke(app, ["presets"])
+    assert result.exit_code == 0 and result.output.startswith("dpo")
+    shown = runner.invoke(app, ["presets", "dpo"])
+    assert "beta: 0.1" in shown.output
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, tuiapp.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tuiapp.cli", "--help"], check=True, capture_output=True)
+    assert time.perf_counter() - started < 3.0  # generous: ~0.2 s when the machine is quiet
