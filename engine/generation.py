@@ -50,6 +50,8 @@ def generate(
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: every prompt needs at least one token")
     eos = _eos_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("generate: neither the tokenizer nor the model's generation config names an EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     sample = temperature > 0
     config = GenerationConfig(

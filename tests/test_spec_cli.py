@@ -107,3 +107,18 @@ def test_help_is_fast_and_imports_no_torch():
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tuiapp.cli", "--help"], check=True, capture_output=True)
     assert time.perf_counter() - started < 3.0  # generous: ~0.2 s when the machine is quiet
+
+
+def test_cli_trains_a_local_model_on_a_local_jsonl(tmp_path, tiny_model_dir, tiny_pairs):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "dpo", "--model", str(tiny_model_dir), "--dataset", str(tiny_pairs), "--out", str(out),
+            "--set", "max_steps=4", "--set", "lr=1e-3", "--set", "batch_size=4", "--set", "grad_accum=1",
+            "--set", "max_new_tokens=4", "--set", "num_threads=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "completed: 4/4 steps" in result.output and f"run directory: {out}" in result.output
+    assert (out / "final" / "config.json").exists()
+    resumed = runner.invoke(app, ["train", "--resume", str(out)])
+    assert resumed.exit_code == 0 and "completed: 4/4 steps" in resumed.output
+    missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no spec.yaml there" in missing.output

@@ -45,7 +45,8 @@ def friendly(fn):
 class ConsoleReporter:
     """A live progress line: step, bar, key metrics, speed and ETA."""
 
-    KEYS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match")
+    KEYS = {"train/loss": "loss", "rewards/margin": "margin", "rewards/accuracy": "acc", "kl/mean": "kl",
+            "eval/exact_match": "exact"}
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
@@ -76,7 +77,7 @@ class ConsoleReporter:
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0
         width = 20
         filled = int(width * step / self.total)
-        parts = [f"{k.split('/')[-1] if k != 'train/loss' else 'loss'} {self.latest[k]:.3f}" for k in self.KEYS if k in self.latest]
+        parts = [f"{label} {self.latest[key]:.3f}" for key, label in self.KEYS.items() if key in self.latest]
         line = f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] " + "  ".join(parts) + f"  ETA {eta:4.0f}s"
         if self.tty:
             print("\r" + line[:160].ljust(160), end="", file=self.stream, flush=True)
@@ -201,10 +202,15 @@ def demo(
     typer.echo("")
     typer.echo(f"held-out exact match: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
                f"in {summary['wall_seconds']:.0f}s")
-    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    final_step = max(s["step"] for s in samples)
-    typer.echo("\nside by side (reference = demo model before DPO, policy = after):")
-    _print_samples([s for s in samples if s["step"] == final_step], limit=6)
+    samples_file = run_dir / "samples.jsonl"
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.exists() else []
+    if samples:
+        final_step = max(s["step"] for s in samples)
+        final = [s for s in samples if s["step"] == final_step]
+        # Where the policy now differs from the reference is what DPO changed: show those first.
+        final.sort(key=lambda s: (s["policy"] == s["reference"], -(s.get("policy_score") or 0)))
+        typer.echo(f"\nside by side at step {final_step} (reference = demo model before DPO, policy = after; changed first):")
+        _print_samples(final, limit=6)
     typer.echo(f"run directory: {run_dir}")
 
 

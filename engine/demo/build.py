@@ -7,14 +7,12 @@ Steps: byte-level tokenizer -> random-init ~0.9M-parameter Llama -> SFT (answer-
 the greedy exact-match accuracy on the held-out `eval.jsonl` first reaches a partial target ->
 preference / unpaired data sampled from that model -> save.
 
-How the skill is kept partial. Each task is learned in a sudden jump (a few dozen steps from ~0%
-to ~100% once it starts), and the two jumps happen hundreds of steps apart, so stopping on a mixed
-accuracy target would leave one task solved and the other untouched; dropping a task from the mix
-once it reaches the target makes the model forget it within ten steps. Instead the model's SFT
-pool covers reversal of 3-4 letter words only (the task family, the held-out set and every written
-dataset use 3-6 letters). Reversal then plateaus near the share of short words (~50%, it does not
-generalise to longer words), and addition is caught part-way through its jump. Preference data
-covers the whole family, so preference training can lift both tasks.
+The model is stopped part-way on purpose, so that preference training has room to show a gain.
+Each task is learned in a sudden jump (from ~0% to ~90% within ~100 steps once it starts), so
+the stopping point is checked every `eval_every` steps and needs every task above
+`min_task_accuracy`. With seed 0 both jumps overlap and the build stops with both tasks part-way;
+with other seeds one task may be well ahead of the other (see the per-task accuracies in
+`info.json`).
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,9 +39,8 @@ from engine.rewards import exact_match
 @dataclass
 class DemoConfig:
     n_eval: int = 200
-    n_sft_pool: int = 8000  # what the demo model is trained on (reversal limited to sft_reverse_lengths)
-    sft_reverse_lengths: tuple[int, int] = (3, 4)
-    n_sft: int = 2000  # sft.jsonl (whole task family)
+    n_sft_pool: int = 8000  # the examples the demo model is trained on
+    n_sft: int = 2000  # sft.jsonl (other training prompts)
     n_pairs: int = 2000
     n_unpaired: int = 2000
     n_prompts: int = 2000
@@ -52,6 +49,7 @@ class DemoConfig:
     num_layers: int = 4
     num_heads: int = 4
     max_position_embeddings: int = 64
+    tie_embeddings: bool = False  # untied: +33k parameters
     lr: float = 2e-3
     warmup_steps: int = 20
     batch_size: int = 64
@@ -112,7 +110,7 @@ def build_model(tokenizer, cfg: DemoConfig, seed: int):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=cfg.tie_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
@@ -296,7 +294,7 @@ def build_demo(out_dir: Path, seed: int = 0, log: Callable[[str], None] = print,
     held_out_prompts = {it["prompt"] for it in held_out}
     sft_pool = _encode(
         tokenizer,
-        make_tasks(cfg.n_sft_pool, seed + 1, exclude=held_out_prompts, reverse_lengths=cfg.sft_reverse_lengths),
+        make_tasks(cfg.n_sft_pool, seed + 1, exclude=held_out_prompts),
     )
     n_data = cfg.n_sft + cfg.n_pairs + cfg.n_unpaired + cfg.n_prompts
     data_items = _encode(tokenizer, make_tasks(n_data, seed + 2, exclude=held_out_prompts))
@@ -339,7 +337,7 @@ def build_demo(out_dir: Path, seed: int = 0, log: Callable[[str], None] = print,
             "layers": cfg.num_layers,
             "heads": cfg.num_heads,
             "vocab_size": len(tokenizer),
-            "tied_embeddings": True,
+            "tied_embeddings": cfg.tie_embeddings,
         },
         "sft": {
             "steps": sft["steps"],
@@ -347,7 +345,6 @@ def build_demo(out_dir: Path, seed: int = 0, log: Callable[[str], None] = print,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
             "pool_size": len(sft_pool),
-            "pool_reverse_lengths": list(cfg.sft_reverse_lengths),
             "target_accuracy": cfg.target_accuracy,
             "min_task_accuracy": cfg.min_task_accuracy,
             "eval_every": cfg.eval_every,

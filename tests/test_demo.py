@@ -1,0 +1,40 @@
+"""`cherry demo --headless`: DPO from the demo model must raise held-out exact match by >= 10 points."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tuiapp.cli import app
+
+DEMO = Path(__file__).resolve().parents[1] / "presets" / "demo"
+
+
+def test_headless_demo_raises_held_out_accuracy_by_ten_points(tmp_path):
+    out = tmp_path / "demo-run"
+    result = CliRunner().invoke(app, ["demo", "--headless", "--out", str(out), "--set", "num_threads=1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
+    assert after - before >= 0.10, (before, after)
+    # The issue's budget is 5 CPU-minutes; the demo uses a small fraction of it. This bound only
+    # catches a demo preset that grew by an order of magnitude, it is not a speed target.
+    assert summary["train_seconds"] < 300
+    assert "held-out exact match: 47.5% before ->" in result.output
+    assert result.output.count("reference ") >= 6 and "✓" in result.output  # side-by-side samples with marks
+    assert summary["final"]["rewards/accuracy"] > 0 and "kl/mean" in summary["final"]
+
+
+@pytest.mark.slow
+def test_demo_build_is_reproducible(tmp_path):
+    """Rebuilding from the seed gives the committed data and the same held-out accuracy (~90 s)."""
+    from engine.demo.build import build_demo
+
+    info = build_demo(tmp_path / "demo", seed=0, log=lambda line: None)
+    committed = json.loads((DEMO / "info.json").read_text())
+    assert info["held_out_accuracy"] == committed["held_out_accuracy"]
+    for name in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl", "prompts.jsonl", "eval.jsonl"):
+        assert (tmp_path / "demo" / name).read_text() == (DEMO / name).read_text(), name
