@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test test-all bench clean-venv
+.PHONY: demo test bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/cherry demo --headless
 
+# The whole suite, slow tests included (plain `pytest` skips those for a quick loop).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
-
-test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(VENV)/.installed
