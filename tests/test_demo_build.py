@@ -201,14 +201,14 @@ def info():
 def test_demo_model_reproduces_recorded_accuracy(info):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.demo.build import encode_prompt, read_jsonl
+    from engine.demo.build import eval_examples, read_jsonl
     from engine.evaluate import exact_match_accuracy
 
     tok = AutoTokenizer.from_pretrained(DEMO / "model")
     model = AutoModelForCausalLM.from_pretrained(DEMO / "model")
     assert sum(p.numel() for p in model.parameters()) == info["parameters"]
     rows = read_jsonl(DEMO / "eval.jsonl")
-    examples = [{"prompt_ids": encode_prompt(tok, r["prompt"][0]["content"]), "answer": r["answer"]} for r in rows]
+    examples = eval_examples(tok, rows)
     result = exact_match_accuracy(model, tok, examples)
     assert result["accuracy"] == pytest.approx(info["held_out_accuracy"], abs=0.02)
     assert 0.2 <= result["accuracy"] <= 0.7

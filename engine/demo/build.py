@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from engine.batching import collate_completions
+from engine.data import prepare
 from engine.demo.tasks import TASKS, make_tasks, task_of
 from engine.demo.tokenizer import build_tokenizer
 from engine.evaluate import exact_match_accuracy
@@ -64,6 +65,9 @@ class DemoConfig:
 # ---------------------------------------------------------------------------------------------
 # encoding
 
+# Demo rows are far shorter than this (<= 25 tokens); the limit only guards the position table.
+MAX_TOKENS = 64
+
 
 def chat_prompt(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
@@ -73,25 +77,12 @@ def chat_completion(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of the chat-rendered user turn plus the generation prompt."""
-    rendered = tokenizer.apply_chat_template(chat_prompt(text), add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(rendered, add_special_tokens=False)
-
-
-def encode_completion(tokenizer, prompt_ids: list[int], prompt: str, text: str) -> list[int]:
-    """Token ids of the assistant turn (`text<|end|>`), cut from the full rendered conversation."""
-    rendered = tokenizer.apply_chat_template(chat_prompt(prompt) + chat_completion(text), tokenize=False)
-    full = tokenizer.encode(rendered, add_special_tokens=False)
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise AssertionError("chat template: the generation prompt is not a prefix of the full conversation")
-    return full[len(prompt_ids) :]
-
-
 def _encode(tokenizer, items: list[dict]) -> list[dict]:
-    for item in items:
-        item["prompt_ids"] = encode_prompt(tokenizer, item["prompt"])
-        item["completion_ids"] = encode_completion(tokenizer, item["prompt_ids"], item["prompt"], item["answer"])
+    """Add prompt_ids / completion_ids to task items, tokenised the engine's one way (engine.data)."""
+    rows = [{"prompt": chat_prompt(it["prompt"]), "completion": chat_completion(it["answer"])} for it in items]
+    examples = prepare(rows, tokenizer, kind="sft", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0).train
+    for item, example in zip(items, examples, strict=True):
+        item["prompt_ids"], item["completion_ids"] = example["prompt_ids"], example["completion_ids"]
     return items
 
 
@@ -268,11 +259,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def eval_examples(tokenizer, rows: list[dict]) -> list[dict]:
     """`eval.jsonl` / `prompts.jsonl` rows -> examples for `exact_match_accuracy` (with `task`)."""
-    out = []
-    for row in rows:
-        text = row["prompt"][-1]["content"]
-        out.append({"prompt_ids": encode_prompt(tokenizer, text), "answer": row["answer"], "task": task_of(text)})
-    return out
+    examples = prepare(rows, tokenizer, kind="prompt", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0).train
+    return [{**ex, "task": task_of(row["prompt"][-1]["content"])} for ex, row in zip(examples, rows, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
