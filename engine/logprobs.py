@@ -22,6 +22,7 @@ class CompletionLogps:
     counts: torch.Tensor  # [B] number of completion tokens (incl. EOS)
     token_logps: torch.Tensor  # [N] flat per-token log-probs of all completion tokens
     token_rows: torch.Tensor  # [N] row index of each flat token
+    token_correct: torch.Tensor  # [N] bool: the model's argmax is the token (SFT token accuracy)
 
     @property
     def means(self) -> torch.Tensor:
@@ -48,10 +49,10 @@ def _gather_completion(
     return target_mask, targets, rows
 
 
-def _reduce(token_logps: torch.Tensor, rows: torch.Tensor, batch_size: int) -> CompletionLogps:
+def _reduce(token_logps: torch.Tensor, rows: torch.Tensor, batch_size: int, correct: torch.Tensor) -> CompletionLogps:
     sums = torch.zeros(batch_size, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(batch_size, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
-    return CompletionLogps(sums=sums, counts=counts, token_logps=token_logps, token_rows=rows)
+    return CompletionLogps(sums=sums, counts=counts, token_logps=token_logps, token_rows=rows, token_correct=correct)
 
 
 def completion_logps(
@@ -69,7 +70,7 @@ def completion_logps(
     if temperature != 1.0:
         logits = logits / temperature
     token_logps = -F.cross_entropy(logits, targets, reduction="none")
-    return _reduce(token_logps, rows, input_ids.shape[0])
+    return _reduce(token_logps, rows, input_ids.shape[0], logits.detach().argmax(-1) == targets)
 
 
 def full_logits_logps(
@@ -82,5 +83,6 @@ def full_logits_logps(
     """The naive path: logits and log-softmax over every position, then mask. Benchmark baseline."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     all_logps = (logits / temperature).log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    target_mask, _, rows = _gather_completion(input_ids, completion_mask)
-    return _reduce(all_logps[target_mask], rows, input_ids.shape[0])
+    target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
+    correct = logits.detach().argmax(-1)[target_mask] == targets
+    return _reduce(all_logps[target_mask], rows, input_ids.shape[0], correct)

@@ -26,11 +26,11 @@ def presets_dir() -> Path:
     return Path(os.environ.get("CHERRY_PRESETS", REPO_ROOT / "presets"))
 
 
-ALGORITHMS = ("dpo",)
+ALGORITHMS = ("sft", "dpo", "simpo", "orpo", "kto")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 OVERLONG = ("truncate", "drop")
-DPO_LOSS_TYPES = ("sigmoid",)
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")  # engine.losses.dpo.DPO_LOSS_TYPES
 
 
 @dataclass
@@ -76,10 +76,14 @@ class RunSpec:
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
-    # --- algorithm (DPO family)
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    # --- algorithm (DPO family, KTO, ORPO)
+    beta: float = 0.1  # DPO/KTO KL strength; IPO tau; SimPO reward scale; ORPO lambda
+    loss_type: str = "sigmoid"  # DPO: sigmoid | robust | hinge | ipo
+    label_smoothing: float = 0.0  # cDPO / robust DPO label-flip rate
+    rpo_alpha: float = 0.0  # RPO: weight of the NLL on chosen (0 = off)
+    gamma_beta_ratio: float = 0.5  # SimPO target margin gamma / beta
+    desirable_weight: float = 1.0  # KTO lambda_D
+    undesirable_weight: float = 1.0  # KTO lambda_U
     precompute_ref_logps: bool = False
     # --- logging, eval, checkpoints
     logging_steps: int = 1
@@ -256,7 +260,26 @@ def check_values(spec: RunSpec) -> None:
     )
     need(spec.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')")
     need(spec.overlong in OVERLONG, f"overlong must be one of {', '.join(OVERLONG)} (got '{spec.overlong}')")
-    need(spec.loss_type in DPO_LOSS_TYPES, f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)} (got '{spec.loss_type}')")
+    loss_types = DPO_LOSS_TYPES if spec.algorithm == "dpo" else ("sigmoid",)
+    need(
+        spec.loss_type in loss_types,
+        f"loss_type must be one of {', '.join(loss_types)} for {spec.algorithm} (got '{spec.loss_type}')",
+    )
+    need(spec.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (got {spec.rpo_alpha}); 1.0 is the RPO paper's value")
+    need(
+        not (spec.rpo_alpha > 0 and spec.loss_type == "ipo"),
+        "rpo_alpha > 0 combines the NLL with summed DPO log-ratios; it does not apply to loss_type=ipo (set rpo_alpha=0)",
+    )
+    need(spec.gamma_beta_ratio >= 0, f"gamma_beta_ratio must be >= 0 (got {spec.gamma_beta_ratio})")
+    need(
+        spec.desirable_weight > 0 and spec.undesirable_weight > 0,
+        "desirable_weight and undesirable_weight must be > 0",
+    )
+    need(
+        spec.algorithm != "kto" or spec.batch_size >= 2,
+        "kto needs batch_size >= 2: its reference point z0 comes from the other rows of the batch "
+        "(with batch_size 1 it collapses to the example's own reward); use --set batch_size=4 or more",
+    )
     for name in ("logging_steps", "save_total_limit", "max_new_tokens"):
         need(getattr(spec, name) >= 1, f"{name} must be >= 1 (got {getattr(spec, name)})")
     for name in ("eval_steps", "sample_steps", "save_steps", "num_samples", "kl_samples", "num_threads", "eval_max_examples"):
@@ -274,6 +297,8 @@ def list_presets() -> list[tuple[str, str]]:
     """(name, description) of every preset YAML in the presets dir."""
     out = []
     for path in sorted(presets_dir().glob("*.yaml")):
+        if path.name.startswith("_"):  # shared bases, not presets of their own
+            continue
         data = yaml.safe_load(path.read_text()) or {}
         out.append((path.stem, str(data.get("description", ""))))
     return out
@@ -292,7 +317,8 @@ def preset_path(name: str) -> Path:
     raise SpecError(f"unknown preset '{name}': {hint}available presets: {', '.join(names)} (or a path to a .yaml file)")
 
 
-def load_preset(name: str) -> dict[str, Any]:
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's values, merged over its `base` preset's (a variant lists only what it changes)."""
     path = preset_path(name)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -301,7 +327,29 @@ def load_preset(name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"preset {path} must be a mapping of key: value")
     data.pop("description", None)
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base in _seen:
+        raise SpecError(f"preset {path}: base presets form a loop ({' -> '.join(_seen + (base,))})")
+    base_path = path.parent / f"{base}.yaml"
+    merged = load_preset(str(base_path) if base_path.exists() else base, _seen + (str(name),))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_chain(name: str) -> list[Path]:
+    """The preset file followed by the files it builds on (for `cherry presets NAME`)."""
+    chain = [preset_path(name)]
+    while True:
+        base = (yaml.safe_load(chain[-1].read_text()) or {}).get("base")
+        if not base or len(chain) > 8:
+            return chain
+        chain.append(preset_path(str(chain[-1].parent / f"{base}.yaml")))
 
 
 def resolve_spec(

@@ -94,6 +94,27 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     return max(0.0, 1.0 - progress)
 
 
+class MetricSums:
+    """Accumulates an algorithm's metric sums over micro-batches and eval batches.
+
+    A metric is either a plain sum (averaged over the step's units: pairs, examples or tokens) or
+    a `(sum, count)` pair with its own denominator (e.g. KTO's reward of desirable rows only).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict[str, float | tuple[float, float]], units: int) -> None:
+        for name, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, units)
+            self.sums[name] += total
+            self.counts[name] += count
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items() if self.counts[name] > 0}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -280,6 +301,11 @@ def train(
     reporter.log_event("data", data.summary(), **data.stats)
     log.info("data: %s", data.summary())
     eval_split = data.eval[: spec.eval_max_examples]
+    algo.prepare_examples(data.train)
+    algo.prepare_examples(eval_split)
+    for warning in algo.warnings(data.train):
+        reporter.log_event("warning", warning)
+        log.warning("warning: %s", warning)
     if spec.eval_prompts:
         prompt_set = prepare(
             spec.eval_prompts, tokenizer, kind="prompt", max_length=spec.max_length,
@@ -359,17 +385,16 @@ def train(
         policy.eval()
         metrics: dict[str, float] = {}
         if eval_split:
-            sums: dict[str, float] = defaultdict(float)
-            units = 0
+            sums = MetricSums()
             for start in range(0, len(eval_split), spec.batch_size):
                 batch = to_device(collate(eval_split[start : start + spec.batch_size]))
                 ref_logps = reference_logps(batch, "eval") if algo.needs_reference else None
                 loss_sum, metric_sums = algo.loss(policy, batch, ref_logps)
-                sums["loss"] += loss_sum.item()
-                for name, value in metric_sums.items():
-                    sums[name] += value
-                units += algo.units(batch)
-            metrics.update({f"eval/{name}": value / units for name, value in sums.items()})
+                units = algo.units(batch)
+                sums.add({"loss": loss_sum.item(), **metric_sums}, units)
+            means = sums.means()
+            means.update(algo.derived_metrics(means))
+            metrics.update({f"eval/{name}": value for name, value in means.items()})
         if scored_prompts:
             result = exact_match_accuracy(policy, tokenizer, scored_prompts, max_new_tokens=spec.max_new_tokens)
             metrics["eval/exact_match"] = result["accuracy"]
@@ -403,16 +428,14 @@ def train(
             step_started = time.time()
             micro_batches = [to_device(collate([data.train[i] for i in idx])) for idx in schedule.micro_batches(state.step)]
             total_units = sum(algo.units(b) for b in micro_batches)
-            sums = defaultdict(float)
+            sums = MetricSums()
             step_tokens = 0
             for batch in micro_batches:
                 ref_logps = reference_logps(batch, "train") if algo.needs_reference else None
                 loss_sum, metric_sums = algo.loss(policy, batch, ref_logps)
                 # Each micro-batch adds its share, so accumulation equals one big batch.
                 (loss_sum / total_units).backward()
-                sums["loss"] += loss_sum.item()
-                for name, value in metric_sums.items():
-                    sums[name] += value
+                sums.add({"loss": loss_sum.item(), **metric_sums}, algo.units(batch))
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
@@ -425,7 +448,9 @@ def train(
             state.train_seconds += step_seconds
 
             if due(spec.logging_steps) or state.step == schedule.total_steps:
-                metrics = {f"train/{name}" if name == "loss" else name: value / total_units for name, value in sums.items()}
+                means = sums.means()
+                means.update(algo.derived_metrics(means))
+                metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
                 metrics.update(
                     {
                         "train/grad_norm": float(grad_norm),

@@ -165,10 +165,14 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 @friendly
 def presets(name: Optional[str] = typer.Argument(None, help="Show this preset's YAML.")) -> None:
     """List the algorithm presets, or show one with its commented defaults."""
-    from engine.spec import list_presets, preset_path
+    from engine.spec import list_presets, preset_chain
 
     if name:
-        typer.echo(preset_path(name).read_text())
+        chain = preset_chain(name)
+        for i, path in enumerate(chain):
+            if i:
+                typer.echo(f"\n# ---- inherited from {path.stem} (values above take precedence) ----")
+            typer.echo(path.read_text().rstrip())
         return
     for preset_name, description in list_presets():
         typer.echo(f"{preset_name:12s} {description}")
@@ -184,8 +188,9 @@ def demo(
     headless: bool = typer.Option(False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a demo setting: key=value."),
+    method: str = typer.Option("dpo", "--method", help="Which demo run: dpo, ipo, rpo, simpo, orpo, kto, sft."),
 ) -> None:
-    """DPO on the embedded demo: held-out exact-match accuracy before and after, and samples."""
+    """DPO (or --method) on the embedded demo: held-out exact-match accuracy before and after, and samples."""
     if ctx.invoked_subcommand is not None:
         return
     from engine.spec import demo_dir, resolve_spec
@@ -193,9 +198,12 @@ def demo(
 
     if not (demo_dir() / "model").exists():
         raise CherryError(f"the demo model is missing under {demo_dir()}; build it with `cherry demo build`")
-    spec = resolve_spec(str(demo_dir() / "run.yaml"), set_)
+    methods = sorted(p.stem for p in demo_dir().glob("*.yaml"))
+    if method not in methods:
+        raise CherryError(f"--method {method!r} has no demo run; choose one of: {', '.join(methods)}")
+    spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), set_)
     _configure_logging()
-    typer.echo(f"demo: DPO on {Path(spec.dataset).name} from the demo model ({'headless' if headless else 'in this terminal'})")
+    typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model ({'headless' if headless else 'in this terminal'})")
     run_dir, summary = run_in_process(spec, out, ConsoleReporter())
     before = summary["before"].get("eval/exact_match")
     after = summary["final"].get("eval/exact_match")
@@ -209,9 +217,35 @@ def demo(
         final = [s for s in samples if s["step"] == final_step]
         # Where the policy now differs from the reference is what DPO changed: show those first.
         final.sort(key=lambda s: (s["policy"] == s["reference"], -(s.get("policy_score") or 0)))
-        typer.echo(f"\nside by side at step {final_step} (reference = demo model before DPO, policy = after; changed first):")
+        typer.echo(f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):")
         _print_samples(final, limit=6)
     typer.echo(f"run directory: {run_dir}")
+
+
+@demo_app.command("table")
+@friendly
+def demo_table(
+    methods: list[str] = typer.Argument(None, help="Demo runs to include (default: all of presets/demo/*.yaml)."),
+    threads: int = typer.Option(0, help="CPU threads per run (0 = each demo run's own setting)."),
+) -> None:
+    """Run every demo method and print a Markdown table: held-out exact match before/after, wall time."""
+    from engine.spec import demo_dir, resolve_spec
+    from jobs.local import run_in_process
+
+    _configure_logging()
+    methods = methods or sorted(p.stem for p in demo_dir().glob("*.yaml"))
+    rows = []
+    for method in methods:
+        overrides = ["num_samples=0"] + ([f"num_threads={threads}"] if threads else [])
+        spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), overrides)
+        typer.echo(f"running {method} ...", err=True)
+        _, summary = run_in_process(spec)
+        before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
+        rows.append(f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {before:.1%} | {after:.1%} | "
+                    f"{(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |")
+    typer.echo("| demo run | algorithm | data | exact match before | after | gain (points) | wall time |")
+    typer.echo("|---|---|---|---|---|---|---|")
+    typer.echo("\n".join(rows))
 
 
 @demo_app.command("build")

@@ -7,6 +7,10 @@ from engine.spec import RunSpec
 
 def build_algorithm(spec: RunSpec):
     from engine.algorithms.dpo import DPO
+    from engine.algorithms.kto import KTO
+    from engine.algorithms.orpo import ORPO
+    from engine.algorithms.sft import SFT
+    from engine.algorithms.simpo import SimPO
 
-    registry = {"dpo": DPO}
+    registry = {"dpo": DPO, "simpo": SimPO, "orpo": ORPO, "kto": KTO, "sft": SFT}
     return registry[spec.algorithm](spec)

@@ -1,44 +1,55 @@
-"""DPO as the offline loop sees it: which data it needs, how to batch it, and its loss.
+"""DPO and its reference-based variants, as the offline loop sees them.
 
-Hyper-parameters (presets/dpo.yaml): beta (0.1; KL strength, 0.5 on TL;DR in the paper),
-label_smoothing (0 = DPO; > 0 = cDPO for noisy labels), lr (1e-6 full fine-tune in the paper).
+Hyper-parameters (presets/dpo.yaml, ipo.yaml, robust_dpo.yaml, hinge.yaml, rpo.yaml):
+- beta: KL strength (DPO paper 0.1; 0.5 on TL;DR); for IPO it is tau, for hinge the RSO beta (0.05).
+- loss_type: sigmoid (DPO; with label_smoothing > 0 = cDPO), robust, hinge, ipo.
+- label_smoothing: assumed label-flip rate for cDPO / robust DPO (0.1 typical).
+- rpo_alpha: weight of the NLL on chosen (RPO, Pang et al. 2024: alpha = 1); 0 = plain DPO.
+IPO compares per-token-mean log-ratios (its target margin 1/(2 tau) is in per-token nats);
+the others compare sums over the completion.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.algorithms.base import Algorithm
 from engine.batching import collate_preference
 from engine.logprobs import completion_logps
-from engine.losses.dpo import dpo_loss
-from engine.spec import RunSpec
+from engine.losses.dpo import dpo_loss, rpo_loss
 
 
-class DPO:
-    kind = "preference"  # the data kind it trains on (see engine.data.KIND_OF_FORMAT)
+def _metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: value.sum().item() for name, value in metrics.items()}
+
+
+class DPO(Algorithm):
+    kind = "preference"
     needs_reference = True
     rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
-
-    def __init__(self, spec: RunSpec):
-        self.beta = spec.beta
-        self.label_smoothing = spec.label_smoothing
 
     def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         return collate_preference(examples, pad_id)
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        """What the loss is averaged over: pairs."""
-        return int(batch["index"].numel())
-
-    def loss(
-        self, policy: torch.nn.Module, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """(sum of per-pair losses, sums of per-pair metrics) for one micro-batch."""
+    def loss(self, policy, batch, ref_logps):
         out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         pairs = self.units(batch)
-        losses, metrics = dpo_loss(
-            out.sums[:pairs], out.sums[pairs:], ref_logps[:pairs], ref_logps[pairs:], self.beta, self.label_smoothing
-        )
-        return losses.sum(), {name: value.sum().item() for name, value in metrics.items()}
-
-
+        spec = self.spec
+        if spec.loss_type == "ipo":
+            # IPO works on per-token means: divide the reference sums by the same token counts.
+            policy_scores, ref_scores = out.means, ref_logps / out.counts.clamp(min=1)
+        else:
+            policy_scores, ref_scores = out.sums, ref_logps
+        chosen, rejected = policy_scores[:pairs], policy_scores[pairs:]
+        ref_chosen, ref_rejected = ref_scores[:pairs], ref_scores[pairs:]
+        if spec.rpo_alpha > 0:
+            losses, metrics = rpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, out.counts[:pairs], spec.beta, spec.rpo_alpha,
+                loss_type=spec.loss_type, label_smoothing=spec.label_smoothing,
+            )
+        else:
+            losses, metrics = dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, spec.beta,
+                label_smoothing=spec.label_smoothing, loss_type=spec.loss_type,
+            )
+        return losses.sum(), _metric_sums(metrics)

@@ -1,0 +1,73 @@
+"""KTO (Ethayarajh et al. 2024) on unpaired prompt/completion/label data.
+
+r = log pi(y|x) - log ref(y|x); the reference point z0 = max(0, mean of the same log-ratio on
+MISMATCHED prompt/completion pairs), detached; desirable rows gain lambda_D sigma(beta (r - z0)),
+undesirable rows lambda_U sigma(beta (z0 - r)). Paired data arrives split into two rows.
+
+Hyper-parameters (presets/kto.yaml): beta 0.1; desirable_weight / undesirable_weight 1.0, chosen
+so that lambda_D n_D / (lambda_U n_U) sits in [1, 4/3] (a warning says when it does not);
+lr 5e-6 (paper) to 5e-7; per-device batch >= 2 (z0 needs other rows), >= 4 recommended.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.algorithms.base import Algorithm
+from engine.batching import collate_completions
+from engine.logprobs import completion_logps
+from engine.losses.kto import kto_loss, kto_weight_ratio_warning
+
+
+class KTO(Algorithm):
+    kind = "unpaired"
+    needs_reference = True
+    rows_per_example = 2  # the example, then its mismatched pair for z0
+
+    def prepare_examples(self, examples: list[dict]) -> None:
+        # Each example's mismatched partner is fixed (a seeded cycle through the data) rather
+        # than whatever sits next to it in a batch, so precomputed reference log-probs stay valid.
+        if not examples:
+            return
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.spec.seed)).tolist()
+        for position, i in enumerate(order):
+            partner = order[(position + 1) % len(order)]
+            examples[i]["kl_completion_ids"] = examples[partner]["completion_ids"]
+
+    def warnings(self, examples: list[dict]) -> list[str]:
+        desirable = sum(1 for ex in examples if ex["label"])
+        message = kto_weight_ratio_warning(
+            desirable, len(examples) - desirable, self.spec.desirable_weight, self.spec.undesirable_weight
+        )
+        return [message] if message else []
+
+    def collate(self, examples, pad_id):
+        prompts = [ex["prompt_ids"] for ex in examples]
+        batch = collate_completions(
+            prompts + prompts, [ex["completion_ids"] for ex in examples] + [ex["kl_completion_ids"] for ex in examples], pad_id
+        )
+        batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+        batch["desirable"] = torch.tensor([bool(ex["label"]) for ex in examples])
+        return batch
+
+    def loss(self, policy, batch, ref_logps):
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        n = self.units(batch)
+        losses, metrics = kto_loss(
+            out.sums[:n], ref_logps[:n], out.sums[n:].detach(), ref_logps[n:], batch["desirable"],
+            self.spec.beta, self.spec.desirable_weight, self.spec.undesirable_weight,
+        )
+        desirable = metrics["count/desirable"].sum().item()
+        undesirable = n - desirable
+        return losses.sum(), {
+            "kl": metrics["kl"].sum().item(),
+            "rewards/chosen": (metrics["rewards/desirable_sum"].sum().item(), desirable),
+            "rewards/rejected": (metrics["rewards/undesirable_sum"].sum().item(), undesirable),
+            "kto/desirable_fraction": desirable,
+            "logps/policy": metrics["logps/policy"].sum().item(),
+        }
+
+    def derived_metrics(self, means):
+        if "rewards/chosen" in means and "rewards/rejected" in means:
+            return {"rewards/margin": means["rewards/chosen"] - means["rewards/rejected"]}
+        return {}

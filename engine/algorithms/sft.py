@@ -1,0 +1,38 @@
+"""Supervised fine-tuning: next-token NLL on completion tokens only.
+
+The loss is a token mean over the whole optimizer step: `units` counts completion tokens, so
+gradient accumulation gives the same update as one large batch (ALGORITHMS.md section 1).
+Defaults (presets/sft.yaml): lr 2e-5 (TRL, Llama 2), 1-2 epochs; prompt tokens carry no loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.algorithms.base import Algorithm
+from engine.batching import collate_completions
+from engine.logprobs import completion_logps
+from engine.losses.sft import sft_loss
+
+
+class SFT(Algorithm):
+    kind = "sft"
+    needs_reference = False
+
+    def collate(self, examples, pad_id):
+        batch = collate_completions([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id)
+        batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+        return batch
+
+    def units(self, batch):
+        # Scored positions: completion tokens that have a token before them to predict from.
+        return int(batch["completion_mask"][:, 1:].sum())
+
+    def loss(self, policy, batch, ref_logps):
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return sft_loss(out.token_logps), {"token_accuracy": out.token_correct.sum().item()}
+
+    def derived_metrics(self, means):
+        return {"perplexity": math.exp(min(means["loss"], 50.0))} if "loss" in means else {}

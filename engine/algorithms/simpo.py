@@ -1,0 +1,32 @@
+"""SimPO (Meng et al. 2024): reference-free, length-normalised, with a target margin.
+
+loss = -log sigmoid(beta * mean logp(y_w) - beta * mean logp(y_l) - gamma), gamma = gamma_beta_ratio * beta.
+Defaults (presets/simpo.yaml): beta 2.0-2.5, gamma_beta_ratio 0.5 (grid 0-1), lr 3e-7 to 1e-6.
+No reference model is loaded.
+"""
+
+from __future__ import annotations
+
+from engine.algorithms.base import Algorithm
+from engine.algorithms.dpo import _metric_sums
+from engine.batching import collate_preference
+from engine.logprobs import completion_logps
+from engine.losses.dpo import simpo_loss
+
+
+class SimPO(Algorithm):
+    kind = "preference"
+    needs_reference = False
+    rows_per_example = 2
+
+    def collate(self, examples, pad_id):
+        return collate_preference(examples, pad_id)
+
+    def loss(self, policy, batch, ref_logps):
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        pairs = self.units(batch)
+        means = out.means
+        losses, metrics = simpo_loss(
+            means[:pairs], means[pairs:], self.spec.beta, self.spec.gamma_beta_ratio, label_smoothing=self.spec.label_smoothing
+        )
+        return losses.sum(), _metric_sums(metrics)

@@ -1,0 +1,73 @@
+"""Every offline method trains the demo model end to end and raises held-out exact match."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import DataError, SpecError
+from engine.reporting import MemoryReporter
+from engine.spec import demo_dir, resolve_spec
+from engine.train import train
+
+KEY_METRICS = {
+    "ipo": ["rewards/margin", "eval/rewards/accuracy", "kl/mean"],
+    "rpo": ["nll_loss", "rewards/margin"],
+    "simpo": ["rewards/margin", "logps/chosen"],
+    "orpo": ["nll_loss", "log_odds_ratio", "rewards/accuracy"],
+    "kto": ["kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "kto/desirable_fraction"],
+    "sft": ["token_accuracy", "eval/perplexity", "eval/token_accuracy"],
+}
+
+
+def demo_spec(method: str, *overrides: str):
+    return resolve_spec(str(demo_dir() / f"{method}.yaml"), ["num_threads=1", "num_samples=2", "kl_samples=8", *overrides])
+
+
+@pytest.mark.parametrize("method", sorted(KEY_METRICS))
+def test_demo_method_raises_held_out_exact_match(method, tmp_path, monkeypatch):
+    import engine.train as engine_train
+
+    loaded = []
+    original = engine_train.load_causal_lm
+    monkeypatch.setattr(engine_train, "load_causal_lm", lambda *a, **k: loaded.append(a[0]) or original(*a, **k))
+    reporter = MemoryReporter()
+    summary = train(demo_spec(method), tmp_path / method, reporter)
+    before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
+    assert after >= before + 0.05, (method, before, after)
+    for name in KEY_METRICS[method]:
+        assert reporter.series(name), f"{method} logged no {name}"
+    reference_free = method in ("simpo", "orpo", "sft")
+    assert len(loaded) == (1 if reference_free else 2)  # reference-free methods load no reference
+    assert ("kl/mean" in summary["final"]) == (not reference_free)
+
+
+def test_sft_lowers_held_out_perplexity(tmp_path):
+    reporter = MemoryReporter()
+    train(demo_spec("sft", "max_steps=20", "eval_steps=10"), tmp_path / "sft", reporter)
+    perplexity = reporter.series("eval/perplexity")
+    assert perplexity[-1] < perplexity[0]
+
+
+def test_kto_refuses_a_batch_of_one():
+    with pytest.raises(SpecError, match="kto needs batch_size >= 2"):
+        demo_spec("kto", "batch_size=1")
+
+
+def test_kto_data_given_to_dpo_names_the_kto_preset(tmp_path):
+    spec = demo_spec("dpo", f"dataset={demo_dir() / 'unpaired.jsonl'}")
+    with pytest.raises(DataError, match="kto"):
+        train(spec, tmp_path / "wrong", MemoryReporter())
+
+
+def test_kto_accepts_paired_data_by_splitting_it(tmp_path):
+    reporter = MemoryReporter()
+    train(demo_spec("kto", f"dataset={demo_dir() / 'pairs.jsonl'}", "max_steps=2", "eval_steps=0", "max_rows=40"),
+          tmp_path / "kto-pairs", reporter)
+    data_event = next(e for e in reporter.events if e["kind"] == "data")
+    assert data_event["rows"] == 80  # 40 pairs -> 40 desirable + 40 undesirable rows
+    assert reporter.series("kto/desirable_fraction")
+
+
+def test_rpo_with_ipo_is_refused():
+    with pytest.raises(SpecError, match="does not apply to loss_type=ipo"):
+        demo_spec("ipo", "rpo_alpha=1")
