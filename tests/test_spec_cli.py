@@ -94,11 +94,18 @@ def test_cli_reports_model_and_data_errors_cleanly(tmp_path, tiny_model_dir):
     assert result.exit_code == 2 and "could not load a tokenizer" in result.output
 
 
-def test_presets_lists_dpo():
+def test_presets_lists_every_method_and_shows_inherited_values():
     result = runner.invoke(app, ["presets"])
-    assert result.exit_code == 0 and result.output.startswith("dpo")
-    shown = runner.invoke(app, ["presets", "dpo"])
-    assert "beta: 0.1" in shown.output
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert result.exit_code == 0
+    assert names == ["cdpo", "dpo", "hinge", "ipo", "kto", "orpo", "robust_dpo", "rpo", "sft", "simpo"]
+    shown = runner.invoke(app, ["presets", "ipo"])
+    assert "loss_type: ipo" in shown.output and "inherited from dpo" in shown.output and "inherited from _base" in shown.output
+    ipo = load_preset("ipo")
+    assert ipo["loss_type"] == "ipo" and ipo["algorithm"] == "dpo" and ipo["lora"]["r"] == 0  # merged through dpo and _base
+    for name in names:
+        assert set(spec_fields()) - {"name"} <= set(load_preset(name)), name
+        build_spec(load_preset(name))  # every preset is valid as shipped
 
 
 def test_help_is_fast_and_imports_no_torch():

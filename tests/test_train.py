@@ -134,3 +134,36 @@ def test_precomputed_reference_logps_are_cached_and_give_the_same_losses(tiny_mo
     train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, max_rows=30, **common), tmp_path / "pre3",
           MemoryReporter(), cache_dir=cache)
     assert len(list((cache / "ref_logps").glob("*.pt"))) == 2
+
+
+def test_export_merges_a_lora_adapter_into_full_weights(tiny_model_dir, tiny_pairs, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from tuiapp.cli import app
+
+    spec = dpo_spec(tiny_model_dir, tiny_pairs, lr=2e-2, max_steps=4, eval_steps=0, sample_steps=0,
+                    **{"lora.r": 4, "lora.target_modules": "q_proj,v_proj"})
+    train(spec, tmp_path / "run", MemoryReporter())
+    runner = CliRunner()
+    refused = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "pass --merge" in refused.output
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--merge"])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-5)  # the adapter really changed it
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "simpo", "orpo", "kto"])
+def test_every_method_trains_with_lora(algorithm, tiny_model_dir, tiny_pairs, tmp_path):
+    spec = dpo_spec(tiny_model_dir, tiny_pairs, algorithm=algorithm, lr=1e-2, max_steps=3, eval_steps=0, sample_steps=0,
+                    **{"lora.r": 4})
+    reporter = MemoryReporter()
+    summary = train(spec, tmp_path / algorithm, reporter)
+    assert summary["status"] == "completed" and len(reporter.series("train/loss")) == 3
+    assert (tmp_path / algorithm / "final" / "adapter_config.json").exists()

@@ -158,6 +158,19 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
         typer.echo(f"final weights: {summary['final_dir']}")
 
 
+@app.command()
+@friendly
+def export(
+    run_dir: Path = typer.Argument(..., help="A completed run directory (runs/<run-id>)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the exported model."),
+    merge: bool = typer.Option(False, "--merge", help="Merge a LoRA adapter into its base: full weights."),
+) -> None:
+    """Write a run's final weights as a model loadable with AutoModelForCausalLM.from_pretrained."""
+    from engine.export import export_run
+
+    typer.echo(f"exported to {export_run(run_dir, out, merge=merge)}")
+
+
 # ----------------------------------------------------------------------------- presets
 
 
