@@ -516,6 +516,7 @@ class _Item:
     comps: list  # completions: same type as prompt
     label: bool | None = None
     answer: str | None = None
+    margin: float | None = None  # optional per-pair reward margin (Llama 2 rating margins)
     drop: str | None = None  # "identical" | "empty"
     texts: tuple = ()  # filled when rendering: (prompt_text, [completion texts])
     refs: tuple = ()  # token refs: (prompt_ref, [completion refs])
@@ -562,6 +563,14 @@ def _implicit(chosen: str | list, rejected: str | list, i: int, where: str) -> t
     raise DataError(f"{where} {i}: one of chosen/rejected is plain text and the other a list of messages")
 
 
+def _margin(value: Any, i: int, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where} {i}: 'margin' must be a number (a reward margin for the pair), got {_describe(value)}")
+    return float(value)
+
+
 def _normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[_Item]:
     def get(col: str) -> str | list:
         return _check_text_value(row.get(col), col, i, where)
@@ -597,7 +606,7 @@ def _normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[_I
     elif kind == "sft":
         items = [_Item(i, prompt, comps[:1])]
     else:
-        items = [_Item(i, prompt, comps)]
+        items = [_Item(i, prompt, comps, margin=_margin(row.get("margin"), i, where))]
 
     for item in items:
         if identical:
@@ -744,7 +753,7 @@ def _build(item: _Item, queue: _TokenQueue, opts: _Options, stats: dict[str, int
 
     ex: dict[str, Any] = {"index": -1, "prompt_ids": prompt_ids, "prompt": prompt_text}
     if opts.kind == "preference":
-        ex.update(chosen_ids=comps[0], rejected_ids=comps[1], chosen=comp_texts[0], rejected=comp_texts[1])
+        ex.update(chosen_ids=comps[0], rejected_ids=comps[1], chosen=comp_texts[0], rejected=comp_texts[1], margin=item.margin)
     elif opts.kind == "unpaired":
         ex.update(completion_ids=comps[0], completion=comp_texts[0], label=item.label)
     elif opts.kind == "sft":

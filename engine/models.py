@@ -100,8 +100,11 @@ def load_causal_lm(source: str, *, dtype: torch.dtype, device: torch.device, tru
     return model.to(device)
 
 
-def wrap_lora(model, spec: RunSpec):
-    """Add trainable LoRA adapters; the frozen base with adapters disabled is the reference."""
+def wrap_lora(model, spec: RunSpec, *, reward_head: bool = False):
+    """Add trainable LoRA adapters; the frozen base with adapters disabled is the reference.
+
+    A reward model's fresh `score` head trains and is saved with the adapter (PERL pitfall).
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -109,7 +112,8 @@ def wrap_lora(model, spec: RunSpec):
         lora_alpha=spec.lora.alpha,
         lora_dropout=spec.lora.dropout,
         target_modules=spec.lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
+        modules_to_save=["score"] if reward_head else None,
     )
     try:
         return get_peft_model(model, config)
@@ -128,3 +132,34 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def load_reward_model(source: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+    """A scalar-head sequence classifier; a causal LM checkpoint gets a fresh `score` head."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except Exception as err:
+        raise _load_error("a reward model", source, err) from None
+    disable_dropout(model)
+    return model.to(device)
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per right-padded row, read at the LAST ATTENDED token (the EOS).
+
+    Decoder models get their head applied to that one hidden state (never relying on pad-token
+    ids, which break when pad == eos); encoder classifiers pool as they were trained to.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper: its LoRA layers stay live
+    head = getattr(inner, "score", None)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    body = getattr(inner, inner.base_model_prefix)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(-1) - 1
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()

@@ -26,7 +26,7 @@ def presets_dir() -> Path:
     return Path(os.environ.get("CHERRY_PRESETS", REPO_ROOT / "presets"))
 
 
-ALGORITHMS = ("sft", "dpo", "simpo", "orpo", "kto")
+ALGORITHMS = ("sft", "rm", "dpo", "simpo", "orpo", "kto")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 OVERLONG = ("truncate", "drop")
@@ -84,6 +84,7 @@ class RunSpec:
     gamma_beta_ratio: float = 0.5  # SimPO target margin gamma / beta
     desirable_weight: float = 1.0  # KTO lambda_D
     undesirable_weight: float = 1.0  # KTO lambda_U
+    center_rewards_coef: float = 0.0  # reward model: eta in eta (r_w + r_l)^2 (TRL 0.01)
     precompute_ref_logps: bool = False
     # --- logging, eval, checkpoints
     logging_steps: int = 1
@@ -270,6 +271,7 @@ def check_values(spec: RunSpec) -> None:
         not (spec.rpo_alpha > 0 and spec.loss_type == "ipo"),
         "rpo_alpha > 0 combines the NLL with summed DPO log-ratios; it does not apply to loss_type=ipo (set rpo_alpha=0)",
     )
+    need(spec.center_rewards_coef >= 0, f"center_rewards_coef must be >= 0 (got {spec.center_rewards_coef})")
     need(spec.gamma_beta_ratio >= 0, f"gamma_beta_ratio must be >= 0 (got {spec.gamma_beta_ratio})")
     need(
         spec.desirable_weight > 0 and spec.undesirable_weight > 0,

@@ -36,6 +36,7 @@ from engine.models import (
     count_parameters,
     freeze,
     load_causal_lm,
+    load_reward_model,
     load_tokenizer,
     pick_device,
     pick_dtype,
@@ -165,27 +166,29 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
 # ----------------------------------------------------------------------------- models
 
 
-def build_models(spec: RunSpec, device: torch.device, dtype: torch.dtype, checkpoint: Path | None, needs_reference: bool):
+def build_models(spec: RunSpec, device: torch.device, dtype: torch.dtype, checkpoint: Path | None, algo):
     """(policy, reference or None). A checkpoint replaces the starting weights of the policy."""
     use_lora = spec.lora.r > 0
+    reward = algo.model_kind == "reward"
+    load = load_reward_model if reward else load_causal_lm
     if use_lora:
-        policy = load_causal_lm(spec.model, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
+        policy = load(spec.model, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
         if checkpoint is not None:
             from peft import PeftModel
 
             policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True)
         else:
-            policy = wrap_lora(policy, spec)
+            policy = wrap_lora(policy, spec, reward_head=reward)
     else:
         source = str(checkpoint / "model") if checkpoint is not None else spec.model
-        policy = load_causal_lm(source, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
+        policy = load(source, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
     if spec.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         if use_lora:
             policy.enable_input_require_grads()
     policy.train()
 
-    if not needs_reference:
+    if not algo.needs_reference:
         return policy, None
     if use_lora and not spec.ref_model:
         return policy, Reference(adapter_policy=policy)
@@ -291,7 +294,9 @@ def train(
 
     # --- models and data
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
-    policy, reference = build_models(spec, device, dtype, checkpoint, algo.needs_reference)
+    policy, reference = build_models(spec, device, dtype, checkpoint, algo)
+    if algo.model_kind == "reward":
+        policy.config.pad_token_id = tokenizer.pad_token_id  # so a saved RM pools right in other tools
     total_params, trainable_params = count_parameters(policy)
     data = prepare(
         spec.dataset, tokenizer, kind=algo.kind, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length,
@@ -306,7 +311,9 @@ def train(
     for warning in algo.warnings(data.train):
         reporter.log_event("warning", warning)
         log.warning("warning: %s", warning)
-    if spec.eval_prompts:
+    if not algo.generates:
+        prompt_set = []
+    elif spec.eval_prompts:
         prompt_set = prepare(
             spec.eval_prompts, tokenizer, kind="prompt", max_length=spec.max_length,
             max_prompt_length=spec.max_prompt_length, eval_split=0.0, seed=spec.seed,

@@ -447,6 +447,7 @@ def test_plain_preference_ids(tok, enc, BOS, EOS):
         "prompt": "Q: hi",
         "chosen": " yes",
         "rejected": " no",
+        "margin": None,
         "messages": None,
     }
     # tokenised separately: ids are the concatenation, not the joint tokenisation
@@ -932,3 +933,11 @@ def test_tokenisation_is_batched(tok):
     assert len(out.train) + len(out.eval) == 50
     # one probe for the tokenizer's special tokens, then one batched call per add_special_tokens flag
     assert counting.calls == [(1, True), (50, True), (100, False)]
+
+
+def test_preference_margin_column_passes_through_and_is_checked(tok):
+    rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "margin": 2}, {"prompt": "Q", "chosen": " c", "rejected": " d", "margin": 0.5}]
+    out = prepare(rows, tok, kind="preference", eval_split=0)
+    assert [ex["margin"] for ex in out.train] == [2.0, 0.5]
+    with pytest.raises(DataError, match="row 0: 'margin' must be a number"):
+        prepare([{**rows[0], "margin": "big"}], tok, kind="preference", eval_split=0)

@@ -160,6 +160,31 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 @app.command()
 @friendly
+def score(
+    reward_model: str = typer.Option(..., "--reward-model", "-r", help="An earlier `rm` run directory, or a reward model dir / hub id."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Preference pairs (gives pairwise accuracy) or prompt/completion rows."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every row with its score(s) as JSONL."),
+    batch_size: int = typer.Option(16, help="Rows per forward pass."),
+    max_length: int = typer.Option(1024, help="Truncate prompt + completion to this many tokens."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Score text with a reward model: pairwise accuracy on pairs, score statistics on completions."""
+    from engine.data import detect_format, load_rows, prepare, KIND_OF_FORMAT
+    from engine.scoring import load_reward_source, score_dataset
+    from engine.spec import resolve_path
+
+    model, tokenizer = load_reward_source(reward_model, device)
+    rows = load_rows(resolve_path(dataset, "dataset", kind="data"))
+    kind = "preference" if KIND_OF_FORMAT[detect_format(rows)[0]] == "preference" else "sft"
+    data = prepare(rows, tokenizer, kind=kind, max_length=max_length, max_prompt_length=max_length // 2, eval_split=0.0)
+    scored, summary = score_dataset(model, tokenizer, data, batch_size)
+    if out is not None:
+        out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+@friendly
 def export(
     run_dir: Path = typer.Argument(..., help="A completed run directory (runs/<run-id>)."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the exported model."),
@@ -218,10 +243,9 @@ def demo(
     _configure_logging()
     typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model ({'headless' if headless else 'in this terminal'})")
     run_dir, summary = run_in_process(spec, out, ConsoleReporter())
-    before = summary["before"].get("eval/exact_match")
-    after = summary["final"].get("eval/exact_match")
+    name, before, after = _headline(summary)
     typer.echo("")
-    typer.echo(f"held-out exact match: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
+    typer.echo(f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
                f"in {summary['wall_seconds']:.0f}s")
     samples_file = run_dir / "samples.jsonl"
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.exists() else []
@@ -233,6 +257,13 @@ def demo(
         typer.echo(f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):")
         _print_samples(final, limit=6)
     typer.echo(f"run directory: {run_dir}")
+
+
+def _headline(summary: dict[str, Any]) -> tuple[str, float, float]:
+    """The metric a demo run is judged by: exact match for generators, pairwise accuracy for an RM."""
+    key = "eval/exact_match" if "eval/exact_match" in summary["before"] else "eval/rewards/accuracy"
+    label = "held-out exact match" if key == "eval/exact_match" else "held-out pairwise accuracy"
+    return label, summary["before"][key], summary["final"][key]
 
 
 @demo_app.command("table")
@@ -253,11 +284,11 @@ def demo_table(
         spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), overrides)
         typer.echo(f"running {method} ...", err=True)
         _, summary = run_in_process(spec)
-        before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
-        rows.append(f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {before:.1%} | {after:.1%} | "
-                    f"{(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |")
-    typer.echo("| demo run | algorithm | data | exact match before | after | gain (points) | wall time |")
-    typer.echo("|---|---|---|---|---|---|---|")
+        name, before, after = _headline(summary)
+        rows.append(f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {name.replace('held-out ', '')} | "
+                    f"{before:.1%} | {after:.1%} | {(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |")
+    typer.echo("| demo run | algorithm | data | held-out metric | before | after | gain (points) | wall time |")
+    typer.echo("|---|---|---|---|---|---|---|---|")
     typer.echo("\n".join(rows))
 
 

@@ -9,8 +9,9 @@ def build_algorithm(spec: RunSpec):
     from engine.algorithms.dpo import DPO
     from engine.algorithms.kto import KTO
     from engine.algorithms.orpo import ORPO
+    from engine.algorithms.reward_model import RewardModel
     from engine.algorithms.sft import SFT
     from engine.algorithms.simpo import SimPO
 
-    registry = {"dpo": DPO, "simpo": SimPO, "orpo": ORPO, "kto": KTO, "sft": SFT}
+    registry = {"dpo": DPO, "simpo": SimPO, "orpo": ORPO, "kto": KTO, "sft": SFT, "rm": RewardModel}
     return registry[spec.algorithm](spec)

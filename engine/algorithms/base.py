@@ -17,6 +17,7 @@ class Algorithm:
     needs_reference: bool = True
     rows_per_example: int = 1  # batch rows per example (2 for chosen + rejected)
     generates: bool = True  # a causal LM whose samples can be compared and verified
+    model_kind: str = "causal_lm"  # or "reward": a scalar-head sequence classifier
 
     def __init__(self, spec: RunSpec):
         self.spec = spec

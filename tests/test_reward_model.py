@@ -1,0 +1,82 @@
+"""Reward models: the score is read at the last attended token, and training separates pairs."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models import sequence_rewards
+
+
+def test_reward_is_read_at_the_last_attended_token_even_when_pad_equals_eos(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    eos = 257
+    short = [5, 6, eos]
+    long = [5, 6, 7, 8, eos]
+    # pad with the EOS id on purpose: a pad-id based lookup would stop at the first EOS
+    input_ids = torch.tensor([short + [eos, eos], long])
+    attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    rewards = sequence_rewards(model, input_ids, attention_mask)
+    alone = [sequence_rewards(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)) for seq in (short, long)]
+    assert torch.allclose(rewards, torch.cat(alone), atol=1e-5)
+
+
+def _rm_spec(model_dir, data, **overrides):
+    from engine.spec import build_spec
+
+    values = dict(algorithm="rm", model=str(model_dir), dataset=str(data), lr=3e-3, batch_size=8, max_steps=30,
+                  eval_split=0.25, eval_steps=0, warmup_ratio=0.0, max_length=64, max_prompt_length=32, num_threads=1)
+    values.update(overrides)
+    return build_spec(values)
+
+
+def test_reward_model_learns_the_pairs_and_scores_them_from_the_cli(tiny_model_dir, tiny_pairs, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+    from tuiapp.cli import app
+
+    reporter = MemoryReporter()
+    summary = train(_rm_spec(tiny_model_dir, tiny_pairs), tmp_path / "rm", reporter)
+    assert summary["before"]["eval/rewards/accuracy"] < 0.9
+    assert summary["final"]["eval/rewards/accuracy"] >= 0.9
+    assert not reporter.samples and "eval/exact_match" not in summary["final"]  # a scorer does not generate
+
+    result = CliRunner().invoke(app, ["score", "--reward-model", str(tmp_path / "rm"), "--dataset", str(tiny_pairs),
+                                      "--out", str(tmp_path / "scores.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["accuracy"] >= 0.9
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 48 and {"chosen_score", "rejected_score"} <= set(rows[0])
+
+
+def test_lora_reward_model_trains_and_saves_its_head(tiny_model_dir, tiny_pairs, tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+    from tuiapp.cli import app
+
+    summary = train(_rm_spec(tiny_model_dir, tiny_pairs, lr=1e-2, **{"lora.r": 8}), tmp_path / "rm-lora", MemoryReporter())
+    assert summary["final"]["eval/rewards/accuracy"] >= 0.9
+    assert "score" in (tmp_path / "rm-lora" / "final" / "adapter_config.json").read_text()  # modules_to_save
+    result = CliRunner().invoke(app, ["score", "-r", str(tmp_path / "rm-lora"), "-d", str(tiny_pairs)])
+    assert result.exit_code == 0, result.output
+    assert '"accuracy": 1.0' in result.output or float(result.output.split('"accuracy": ')[1].split(",")[0]) >= 0.9
+
+
+def test_rm_on_data_without_pairs_is_refused(tiny_model_dir, tmp_path):
+    import pytest
+
+    from engine.errors import DataError
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
+    with pytest.raises(DataError, match="rm"):
+        train(_rm_spec(tiny_model_dir, data), tmp_path / "rm", MemoryReporter())
