@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.batching import collate_preference
+from engine.logprobs import CompletionLogps, completion_logps
 from engine.spec import RunSpec
 
 
@@ -43,3 +45,23 @@ class Algorithm:
     def derived_metrics(self, means: dict[str, float]) -> dict[str, float]:
         """Metrics computed from averaged ones (e.g. perplexity from the token-mean NLL)."""
         return {}
+
+
+class PreferenceAlgorithm(Algorithm):
+    """Methods on chosen/rejected pairs: both completions share one padded batch (one forward pass)."""
+
+    kind = "preference"
+    rows_per_example = 2
+
+    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_preference(examples, pad_id)
+
+    def policy_logps(self, policy, batch: dict[str, torch.Tensor]) -> tuple[CompletionLogps, int]:
+        """Completion log-probs of all rows (chosen first, then rejected) and the number of pairs."""
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return out, self.units(batch)
+
+
+def metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-example metric tensors -> sums for the loop to average."""
+    return {name: value.sum().item() for name, value in metrics.items()}

@@ -11,29 +11,15 @@ the others compare sums over the completion.
 
 from __future__ import annotations
 
-import torch
-
-from engine.algorithms.base import Algorithm
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.base import PreferenceAlgorithm, metric_sums
 from engine.losses.dpo import dpo_loss, rpo_loss
 
 
-def _metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: value.sum().item() for name, value in metrics.items()}
-
-
-class DPO(Algorithm):
-    kind = "preference"
+class DPO(PreferenceAlgorithm):
     needs_reference = True
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
-
-    def collate(self, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_preference(examples, pad_id)
 
     def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        pairs = self.units(batch)
+        out, pairs = self.policy_logps(policy, batch)
         spec = self.spec
         if spec.loss_type == "ipo":
             # IPO works on per-token means: divide the reference sums by the same token counts.
@@ -52,4 +38,4 @@ class DPO(Algorithm):
                 chosen, rejected, ref_chosen, ref_rejected, spec.beta,
                 label_smoothing=spec.label_smoothing, loss_type=spec.loss_type,
             )
-        return losses.sum(), _metric_sums(metrics)
+        return losses.sum(), metric_sums(metrics)

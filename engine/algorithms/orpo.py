@@ -7,24 +7,15 @@ as in TRL. Trained from a base model: no separate SFT stage, no reference model 
 
 from __future__ import annotations
 
-from engine.algorithms.base import Algorithm
-from engine.algorithms.dpo import _metric_sums
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.base import PreferenceAlgorithm, metric_sums
 from engine.losses.orpo import orpo_loss
 
 
-class ORPO(Algorithm):
-    kind = "preference"
+class ORPO(PreferenceAlgorithm):
     needs_reference = False
-    rows_per_example = 2
-
-    def collate(self, examples, pad_id):
-        return collate_preference(examples, pad_id)
 
     def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        pairs = self.units(batch)
+        out, pairs = self.policy_logps(policy, batch)
         means = out.means
         losses, metrics = orpo_loss(means[:pairs], means[pairs:], self.spec.beta)
-        return losses.sum(), _metric_sums(metrics)
+        return losses.sum(), metric_sums(metrics)

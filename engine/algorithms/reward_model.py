@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.base import Algorithm
-from engine.batching import collate_preference
+from engine.algorithms.base import PreferenceAlgorithm, metric_sums
 from engine.losses.reward import reward_model_loss
 from engine.models import sequence_rewards
 
 
-class RewardModel(Algorithm):
-    kind = "preference"
+class RewardModel(PreferenceAlgorithm):
     needs_reference = False
-    rows_per_example = 2
     generates = False  # a scorer, not a generator: no samples, no exact match
     model_kind = "reward"
 
     def collate(self, examples, pad_id):
-        batch = collate_preference(examples, pad_id)
+        batch = super().collate(examples, pad_id)
         margins = [ex.get("margin") for ex in examples]
         batch["margin"] = torch.tensor([0.0 if m is None else m for m in margins])
         return batch
@@ -36,4 +33,4 @@ class RewardModel(Algorithm):
         losses, metrics = reward_model_loss(
             rewards[:pairs], rewards[pairs:], margin=batch["margin"], center_coef=self.spec.center_rewards_coef
         )
-        return losses.sum(), {name: value.sum().item() for name, value in metrics.items()}
+        return losses.sum(), metric_sums(metrics)

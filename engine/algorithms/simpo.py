@@ -7,26 +7,17 @@ No reference model is loaded.
 
 from __future__ import annotations
 
-from engine.algorithms.base import Algorithm
-from engine.algorithms.dpo import _metric_sums
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.base import PreferenceAlgorithm, metric_sums
 from engine.losses.dpo import simpo_loss
 
 
-class SimPO(Algorithm):
-    kind = "preference"
+class SimPO(PreferenceAlgorithm):
     needs_reference = False
-    rows_per_example = 2
-
-    def collate(self, examples, pad_id):
-        return collate_preference(examples, pad_id)
 
     def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        pairs = self.units(batch)
+        out, pairs = self.policy_logps(policy, batch)
         means = out.means
         losses, metrics = simpo_loss(
             means[:pairs], means[pairs:], self.spec.beta, self.spec.gamma_beta_ratio, label_smoothing=self.spec.label_smoothing
         )
-        return losses.sum(), _metric_sums(metrics)
+        return losses.sum(), metric_sums(metrics)
