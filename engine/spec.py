@@ -26,7 +26,7 @@ def presets_dir() -> Path:
     return Path(os.environ.get("CHERRY_PRESETS", REPO_ROOT / "presets"))
 
 
-ALGORITHMS = ("sft", "rm", "dpo", "simpo", "orpo", "kto")
+ALGORITHMS = ("sft", "rm", "dpo", "simpo", "orpo", "kto", "coh")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 OVERLONG = ("truncate", "drop")
@@ -85,6 +85,8 @@ class RunSpec:
     desirable_weight: float = 1.0  # KTO lambda_D
     undesirable_weight: float = 1.0  # KTO lambda_U
     center_rewards_coef: float = 0.0  # reward model: eta in eta (r_w + r_l)^2 (TRL 0.01)
+    coh_positive: str = " A good answer: "  # Chain of Hindsight feedback phrases
+    coh_negative: str = " A bad answer: "
     precompute_ref_logps: bool = False
     # --- logging, eval, checkpoints
     logging_steps: int = 1
@@ -271,6 +273,8 @@ def check_values(spec: RunSpec) -> None:
         not (spec.rpo_alpha > 0 and spec.loss_type == "ipo"),
         "rpo_alpha > 0 combines the NLL with summed DPO log-ratios; it does not apply to loss_type=ipo (set rpo_alpha=0)",
     )
+    need(bool(spec.coh_positive.strip()) and bool(spec.coh_negative.strip()) and spec.coh_positive != spec.coh_negative,
+         "coh_positive and coh_negative must be two different, non-empty phrases")
     need(spec.center_rewards_coef >= 0, f"center_rewards_coef must be >= 0 (got {spec.center_rewards_coef})")
     need(spec.gamma_beta_ratio >= 0, f"gamma_beta_ratio must be >= 0 (got {spec.gamma_beta_ratio})")
     need(

@@ -306,8 +306,8 @@ def train(
     reporter.log_event("data", data.summary(), **data.stats)
     log.info("data: %s", data.summary())
     eval_split = data.eval[: spec.eval_max_examples]
-    algo.prepare_examples(data.train)
-    algo.prepare_examples(eval_split)
+    algo.prepare_examples(data.train, tokenizer)
+    algo.prepare_examples(eval_split, tokenizer)
     for warning in algo.warnings(data.train):
         reporter.log_event("warning", warning)
         log.warning("warning: %s", warning)
@@ -320,6 +320,7 @@ def train(
         ).train[: spec.eval_max_examples]
     else:
         prompt_set = [{"prompt_ids": ex["prompt_ids"], "prompt": ex["prompt"]} for ex in eval_split]
+    prompt_set = [{**p, "prompt_ids": algo.generation_prompt(p["prompt_ids"])} for p in prompt_set]
     scored_prompts = [p for p in prompt_set if p.get("answer") is not None]
     sample_prompts = prompt_set[: spec.num_samples]
     kl_prompts = prompt_set[: spec.kl_samples]

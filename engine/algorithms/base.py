@@ -24,8 +24,12 @@ class Algorithm:
     def __init__(self, spec: RunSpec):
         self.spec = spec
 
-    def prepare_examples(self, examples: list[dict]) -> None:
+    def prepare_examples(self, examples: list[dict], tokenizer) -> None:
         """Add fields to tokenised examples once, before training (e.g. KTO's mismatched pairs)."""
+
+    def generation_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt the policy is sampled from in evals (Chain of Hindsight appends its positive phrase)."""
+        return prompt_ids
 
     def warnings(self, examples: list[dict]) -> list[str]:
         """Advice about the data or settings, shown when the run starts."""

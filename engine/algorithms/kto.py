@@ -24,7 +24,7 @@ class KTO(Algorithm):
     needs_reference = True
     rows_per_example = 2  # the example, then its mismatched pair for z0
 
-    def prepare_examples(self, examples: list[dict]) -> None:
+    def prepare_examples(self, examples: list[dict], tokenizer) -> None:
         # Each example's mismatched partner is fixed (a seeded cycle through the data) rather
         # than whatever sits next to it in a batch, so precomputed reference log-probs stay valid.
         if not examples:
