@@ -499,13 +499,13 @@ def _is_empty(value: str | list) -> bool:
     return True
 
 
-def _label(value: Any, i: int, where: str) -> bool:
+def _label(value: Any, i: int, where: str, column: str = "label") -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise DataError(
-        f"{where} {i}: 'label' must be a boolean (true/false, or 0/1), got {_describe(value)}"
+        f"{where} {i}: '{column}' must be a boolean (true/false, or 0/1), got {_describe(value)}"
     )
 
 
@@ -517,6 +517,7 @@ class _Item:
     label: bool | None = None
     answer: str | None = None
     margin: float | None = None  # optional per-pair reward margin (Llama 2 rating margins)
+    safety: bool | None = None  # optional safety tag of the prompt (Llama 2 helpfulness + safety gating)
     drop: str | None = None  # "identical" | "empty"
     texts: tuple = ()  # filled when rendering: (prompt_text, [completion texts])
     refs: tuple = ()  # token refs: (prompt_ref, [completion refs])
@@ -608,7 +609,11 @@ def _normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[_I
     else:
         items = [_Item(i, prompt, comps, margin=_margin(row.get("margin"), i, where))]
 
+    safety = row.get("safety")
+    if safety is not None:
+        safety = _label(safety, i, where, column="safety")
     for item in items:
+        item.safety = safety
         if identical:
             item.drop = "identical"
         elif (fmt != "text" and _is_empty(item.prompt)) or any(_is_empty(c) for c in item.comps):
@@ -761,6 +766,8 @@ def _build(item: _Item, queue: _TokenQueue, opts: _Options, stats: dict[str, int
     else:
         ex["answer"] = item.answer
     ex["messages"] = item.prompt if conversational else None
+    if item.safety is not None:  # only data that carries the tag has the field
+        ex["safety"] = item.safety
     return ex
 
 

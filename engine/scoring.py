@@ -55,20 +55,50 @@ def score_completions(model, tokenizer, prompts: list[list[int]], completions: l
     return scores
 
 
-def score_dataset(model, tokenizer, data, batch_size: int = 16) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def helpful_safety_scores(
+    helpful: list[float], safety: list[float], is_safety_prompt: list[bool], threshold: float = 0.15
+) -> list[float]:
+    """Llama 2's combined reward over a set of scored rows: the safety RM's score where the prompt is
+    safety-tagged or that score is below `threshold`, else the helpfulness score (both as sigmoid
+    probabilities), then whitened logits (engine.losses.reward)."""
+    from engine.losses.reward import combine_helpful_safety, logit_whiten
+
+    combined = combine_helpful_safety(
+        torch.sigmoid(torch.tensor(helpful, dtype=torch.float64)), torch.sigmoid(torch.tensor(safety, dtype=torch.float64)),
+        torch.tensor(is_safety_prompt), threshold,
+    )
+    return logit_whiten(combined).tolist()
+
+
+def reward_scorer(model, tokenizer, batch_size: int = 16, safety_model=None, safety_threshold: float = 0.15):
+    """A function (prompts, completions, safety tags) -> scores: one RM, or the helpful + safety pair."""
+
+    def score(prompts: list[list[int]], completions: list[list[int]], tags: list[bool]) -> list[float]:
+        helpful = score_completions(model, tokenizer, prompts, completions, batch_size)
+        if safety_model is None:
+            return helpful
+        safety = score_completions(safety_model, tokenizer, prompts, completions, batch_size)
+        return helpful_safety_scores(helpful, safety, tags, safety_threshold)
+
+    return score
+
+
+def score_dataset(data, score) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per-row scores and a summary. Preference rows give pairwise accuracy and margin."""
     rows = data.train + data.eval
     prompts = [ex["prompt_ids"] for ex in rows]
+    tags = [bool(ex.get("safety")) for ex in rows]
     if data.kind == "preference":
-        chosen = score_completions(model, tokenizer, prompts, [ex["chosen_ids"] for ex in rows], batch_size)
-        rejected = score_completions(model, tokenizer, prompts, [ex["rejected_ids"] for ex in rows], batch_size)
+        # Chosen and rejected are scored as one set: the combined reward whitens over all of them.
+        both = score(prompts + prompts, [ex["chosen_ids"] for ex in rows] + [ex["rejected_ids"] for ex in rows], tags + tags)
+        chosen, rejected = both[: len(rows)], both[len(rows) :]
         scored = [{"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"], "chosen_score": c,
                    "rejected_score": r} for ex, c, r in zip(rows, chosen, rejected)]
         margins = [c - r for c, r in zip(chosen, rejected)]
         summary = {"pairs": len(rows), "accuracy": sum(m > 0 for m in margins) / len(margins),
                    "margin_mean": sum(margins) / len(margins), **_stats(chosen + rejected)}
         return scored, summary
-    scores = score_completions(model, tokenizer, prompts, [ex["completion_ids"] for ex in rows], batch_size)
+    scores = score(prompts, [ex["completion_ids"] for ex in rows], tags)
     scored = [{"prompt": ex["prompt"], "completion": ex["completion"], "score": s} for ex, s in zip(rows, scores)]
     return scored, {"rows": len(rows), **_stats(scores)}
 

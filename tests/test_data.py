@@ -941,3 +941,13 @@ def test_preference_margin_column_passes_through_and_is_checked(tok):
     assert [ex["margin"] for ex in out.train] == [2.0, 0.5]
     with pytest.raises(DataError, match="row 0: 'margin' must be a number"):
         prepare([{**rows[0], "margin": "big"}], tok, kind="preference", eval_split=0)
+
+
+def test_safety_tag_passes_through_and_is_checked(tok):
+    rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "safety": True}, {"prompt": "R", "chosen": " c", "rejected": " d", "safety": 0}]
+    out = prepare(rows, tok, kind="preference", eval_split=0)
+    assert [ex["safety"] for ex in out.train] == [True, False]
+    untagged = prepare([{"prompt": "Q", "chosen": " a", "rejected": " b"}], tok, kind="preference", eval_split=0)
+    assert "safety" not in untagged.train[0]
+    with pytest.raises(DataError, match="row 0: 'safety' must be a boolean"):
+        prepare([{**rows[0], "safety": "yes"}], tok, kind="preference", eval_split=0)

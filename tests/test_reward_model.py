@@ -80,3 +80,41 @@ def test_rm_on_data_without_pairs_is_refused(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 4)
     with pytest.raises(DataError, match="rm"):
         train(_rm_spec(tiny_model_dir, data), tmp_path / "rm", MemoryReporter())
+
+
+def test_helpful_safety_gating_uses_safety_where_tagged_or_low():
+    import math
+
+    from engine.scoring import helpful_safety_scores
+
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+    helpful = [logit(0.9), logit(0.8), logit(0.7)]
+    safety = [logit(0.5), logit(0.1), logit(0.6)]
+    scores = helpful_safety_scores(helpful, safety, [True, False, False], threshold=0.15)
+    # row 0 tagged -> safety 0.5; row 1 safety 0.1 < 0.15 -> safety; row 2 -> helpful 0.7
+    picked = [logit(0.5), logit(0.1), logit(0.7)]
+    mean = sum(picked) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in picked) / 3)
+    assert all(abs(s - (x - mean) / std) < 1e-4 for s, x in zip(scores, picked))
+
+
+def test_cli_scores_with_a_helpful_and_a_safety_model(tiny_model_dir, tiny_pairs, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+    from tests.conftest import write_jsonl
+    from tuiapp.cli import app
+
+    train(_rm_spec(tiny_model_dir, tiny_pairs, max_steps=5), tmp_path / "helpful", MemoryReporter())
+    train(_rm_spec(tiny_model_dir, tiny_pairs, max_steps=5, seed=1), tmp_path / "safety", MemoryReporter())
+    rows = [json.loads(line) for line in tiny_pairs.read_text().splitlines()]
+    tagged = write_jsonl(tmp_path / "tagged.jsonl", [{**row, "safety": i % 2 == 0} for i, row in enumerate(rows)])
+    result = CliRunner().invoke(app, ["score", "-r", str(tmp_path / "helpful"), "--safety-model", str(tmp_path / "safety"),
+                                      "-d", str(tagged), "--out", str(tmp_path / "s.jsonl")])
+    assert result.exit_code == 0, result.output
+    scores = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    pooled = [s["chosen_score"] for s in scores] + [s["rejected_score"] for s in scores]
+    assert abs(sum(pooled) / len(pooled)) < 1e-6  # whitened over the scored set

@@ -162,6 +162,8 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 @friendly
 def score(
     reward_model: str = typer.Option(..., "--reward-model", "-r", help="An earlier `rm` run directory, or a reward model dir / hub id."),
+    safety_model: Optional[str] = typer.Option(None, "--safety-model", help="A safety RM: combine with --reward-model as helpfulness (Llama 2 gating; rows may carry a boolean `safety` tag)."),
+    safety_threshold: float = typer.Option(0.15, help="Use the safety score when its sigmoid falls below this."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Preference pairs (gives pairwise accuracy) or prompt/completion rows."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every row with its score(s) as JSONL."),
     batch_size: int = typer.Option(16, help="Rows per forward pass."),
@@ -170,14 +172,19 @@ def score(
 ) -> None:
     """Score text with a reward model: pairwise accuracy on pairs, score statistics on completions."""
     from engine.data import detect_format, load_rows, prepare, KIND_OF_FORMAT
-    from engine.scoring import load_reward_source, score_dataset
+    from engine.scoring import load_reward_source, reward_scorer, score_dataset
     from engine.spec import resolve_path
 
     model, tokenizer = load_reward_source(reward_model, device)
+    safety = None
+    if safety_model is not None:
+        safety, safety_tokenizer = load_reward_source(safety_model, device)
+        if safety_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise CherryError("--safety-model must share the --reward-model's tokenizer (Llama 2's two RMs do)")
     rows = load_rows(resolve_path(dataset, "dataset", kind="data"))
     kind = "preference" if KIND_OF_FORMAT[detect_format(rows)[0]] == "preference" else "sft"
     data = prepare(rows, tokenizer, kind=kind, max_length=max_length, max_prompt_length=max_length // 2, eval_split=0.0)
-    scored, summary = score_dataset(model, tokenizer, data, batch_size)
+    scored, summary = score_dataset(data, reward_scorer(model, tokenizer, batch_size, safety, safety_threshold))
     if out is not None:
         out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
     typer.echo(json.dumps(summary, indent=2))
