@@ -21,7 +21,7 @@ import os
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -518,6 +518,8 @@ class _Item:
     answer: str | None = None
     margin: float | None = None  # optional per-pair reward margin (Llama 2 rating margins)
     safety: bool | None = None  # optional safety tag of the prompt (Llama 2 helpfulness + safety gating)
+    multi_turn: bool = False  # SFT on a conversation: loss on every assistant turn, not only the last
+    segments: list = field(default_factory=list)  # (token ref, is_assistant) pieces of a multi-turn completion
     drop: str | None = None  # "identical" | "empty"
     texts: tuple = ()  # filled when rendering: (prompt_text, [completion texts])
     refs: tuple = ()  # token refs: (prompt_ref, [completion refs])
@@ -588,6 +590,11 @@ def _normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[_I
             prompt, comps = _implicit(chosen, rejected, i, where)
     elif fmt in ("unpaired", "sft"):
         prompt, comps = _with_prompt(get("prompt"), [get("completion")], i, where)
+    elif fmt == "messages" and kind == "sft":
+        # Everything from the first assistant turn on is the completion; only assistant turns carry loss.
+        messages = _check_text_value(row.get("messages"), "messages", i, where, messages_only=True)
+        first = next((j for j, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+        prompt, comps = messages[:first], [messages[first:]]
     elif fmt == "messages":
         messages = _check_text_value(row.get("messages"), "messages", i, where, messages_only=True)
         prompt, last = _split_last_assistant(messages)
@@ -605,7 +612,7 @@ def _normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[_I
     elif kind == "unpaired":
         items = [_Item(i, prompt, comps, label=_label(row.get("label"), i, where))]
     elif kind == "sft":
-        items = [_Item(i, prompt, comps[:1])]
+        items = [_Item(i, prompt, comps[:1], multi_turn=fmt == "messages")]
     else:
         items = [_Item(i, prompt, comps, margin=_margin(row.get("margin"), i, where))]
 
@@ -667,6 +674,30 @@ def _render_chat(tokenizer: Any, messages: list, generation_prompt: bool, i: int
     return text
 
 
+def _assistant_pieces(tokenizer: Any, prompt: list, rest: list, prompt_text: str, i: int, where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation after the prompt, cut into (text, is_assistant_turn) pieces.
+
+    Each assistant turn is what rendering it adds after the history plus the generation prompt;
+    the text in between (user turns, the generation prompt) carries no loss. Turns after the last
+    assistant turn are left out: there is nothing to learn from them.
+    """
+    pieces: list[tuple[str, bool]] = []
+    done, history = prompt_text, list(prompt)
+    for message in rest:
+        if message.get("role") == "assistant":
+            before = _render_chat(tokenizer, history, True, i, where)
+            after = _render_chat(tokenizer, history + [message], False, i, where)
+            if not (before.startswith(done) and after.startswith(before)):
+                raise DataError(
+                    f"the tokenizer's chat template is not prefix-consistent ({where} {i}): a conversation rendered "
+                    "turn by turn does not extend its earlier rendering, so assistant turns cannot be masked"
+                )
+            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
+            done = after
+        history.append(message)
+    return [(text, is_assistant) for text, is_assistant in pieces if text]
+
+
 def _render(items: list[_Item], tokenizer: Any, queue: _TokenQueue, where: str) -> None:
     checked_template = False
     for item in items:
@@ -694,6 +725,10 @@ def _render(items: list[_Item], tokenizer: Any, queue: _TokenQueue, where: str) 
                     )
                 comp_texts.append(full[len(prompt_text) :])
             prompt_ref = queue.add(prompt_text, False)
+            if item.multi_turn:
+                pieces = _assistant_pieces(tokenizer, item.prompt, item.comps[0], prompt_text, item.src, where)
+                item.segments = [(queue.add(text, False), is_assistant) for text, is_assistant in pieces]
+                comp_texts = ["".join(text for text, _ in pieces)]
         else:
             prompt_text, comp_texts = item.prompt, list(item.comps)
             prompt_ref = queue.add(prompt_text, True)
@@ -732,6 +767,17 @@ def _build(item: _Item, queue: _TokenQueue, opts: _Options, stats: dict[str, int
         if not ids or ids[-1] != opts.eos_id:
             ids.append(opts.eos_id)
         comps.append(ids)
+    loss_mask = None
+    if item.segments:  # multi-turn SFT: the pieces, tokenised separately, replace the whole completion
+        ids, loss_mask = [], []
+        for ref, is_assistant in item.segments:
+            piece = queue.get(ref)
+            ids += piece
+            loss_mask += [int(is_assistant)] * len(piece)
+        if not ids or ids[-1] != opts.eos_id:
+            ids.append(opts.eos_id)
+            loss_mask.append(1)
+        comps = [ids]
 
     truncated = False
     prompt_cap = opts.max_prompt_length
@@ -753,6 +799,7 @@ def _build(item: _Item, queue: _TokenQueue, opts: _Options, stats: dict[str, int
                 stats["dropped_overlong"] += 1
                 return None
             comps = [c[:room] for c in comps]
+            loss_mask = loss_mask[:room] if loss_mask is not None else None
             truncated = True
     stats["truncated"] += truncated
 
@@ -763,6 +810,8 @@ def _build(item: _Item, queue: _TokenQueue, opts: _Options, stats: dict[str, int
         ex.update(completion_ids=comps[0], completion=comp_texts[0], label=item.label)
     elif opts.kind == "sft":
         ex.update(completion_ids=comps[0], completion=comp_texts[0])
+        if loss_mask is not None:
+            ex["loss_mask"] = loss_mask  # 1 on assistant tokens of a multi-turn completion
     else:
         ex["answer"] = item.answer
     ex["messages"] = item.prompt if conversational else None

@@ -315,8 +315,10 @@ PLAIN_CASES = {
         [{"messages": [user("hi"), assistant("yo")]},
          {"messages": [{"role": "system", "content": "be nice"}, user("a"), assistant("b"), user("c"), assistant("d")]}],
         [{"prompt": "<|user|>hi<|end|><|assistant|>", "completion": "yo<|end|>"},
-         {"prompt": "<|system|>be nice<|end|><|user|>a<|end|><|assistant|>b<|end|><|user|>c<|end|><|assistant|>",
-          "completion": "d<|end|>"}],
+         # SFT on a conversation: the completion runs from the first assistant turn (only its
+         # assistant turns carry loss: see test_multi_turn_sft_masks_every_assistant_turn)
+         {"prompt": "<|system|>be nice<|end|><|user|>a<|end|><|assistant|>",
+          "completion": "b<|end|><|user|>c<|end|><|assistant|>d<|end|>"}],
     ),
     "text": (
         [{"text": "hello world"}, {"text": "second"}],
@@ -951,3 +953,16 @@ def test_safety_tag_passes_through_and_is_checked(tok):
     assert "safety" not in untagged.train[0]
     with pytest.raises(DataError, match="row 0: 'safety' must be a boolean"):
         prepare([{**rows[0], "safety": "yes"}], tok, kind="preference", eval_split=0)
+
+
+def test_multi_turn_sft_masks_every_assistant_turn(tok):
+    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bb"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    ex = prepare([row], tok, kind="sft", eval_split=0).train[0]
+    pieces = [tok.decode([t]) for t in ex["completion_ids"]]
+    taught = "".join(p for p, m in zip(pieces, ex["loss_mask"]) if m)
+    eos = tok.eos_token  # appended after the last turn, and taught
+    assert "".join(pieces) == "bb<|end|><|user|>c<|end|><|assistant|>d<|end|>" + eos
+    assert taught == "bb<|end|>d<|end|>" + eos  # both assistant turns with their end tokens; not the user turn
+    cut = prepare([row], tok, kind="sft", eval_split=0, max_length=len(ex["prompt_ids"]) + 4).train[0]
+    assert len(cut["loss_mask"]) == len(cut["completion_ids"]) == 4

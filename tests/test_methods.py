@@ -88,3 +88,25 @@ def test_sft_from_random_init_learns_the_demo_tasks(tmp_path):
     assert summary["before"]["eval/exact_match"] == 0.0
     assert summary["final"]["eval/exact_match"] >= 0.10
     assert summary["final"]["eval/perplexity"] < summary["before"]["eval/perplexity"] / 10
+
+
+def test_multi_turn_sft_teaches_assistant_turns_only(tiny_model_dir, tmp_path):
+    from engine.algorithms.sft import SFT
+    from engine.data import prepare
+    from engine.models import load_tokenizer
+    from engine.spec import build_spec
+    from tests.conftest import write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]} for i in range(8)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = prepare(str(data), tokenizer, kind="sft", eval_split=0).train
+    spec = build_spec({"algorithm": "sft", "model": str(tiny_model_dir), "dataset": str(data)})
+    batch = SFT(spec).collate(examples[:2], tokenizer.pad_token_id)
+    assert SFT(spec).units(batch) == 2 * len("yes<|end|>no<|end|>".replace("<|end|>", "#"))  # bytes + 2 end tokens each
+    summary = train(build_spec({"algorithm": "sft", "model": str(tiny_model_dir), "dataset": str(data), "lr": 1e-2,
+                                "max_steps": 10, "batch_size": 4, "eval_split": 0.25, "eval_steps": 0, "warmup_ratio": 0,
+                                "max_length": 64, "max_prompt_length": 32, "num_threads": 1, "num_samples": 1,
+                                "max_new_tokens": 4}), tmp_path / "run", MemoryReporter())
+    assert summary["final"]["eval/loss"] < summary["before"]["eval/loss"]

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: next-token NLL on completion tokens only.
+"""Supervised fine-tuning: next-token NLL on completion tokens only (every assistant turn of a conversation).
 
 The loss is a token mean over the whole optimizer step: `units` counts completion tokens, so
 gradient accumulation gives the same update as one large batch (ALGORITHMS.md section 1).
@@ -23,6 +23,10 @@ class SFT(Algorithm):
 
     def collate(self, examples, pad_id):
         batch = collate_completions([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id)
+        for row, ex in enumerate(examples):
+            if "loss_mask" in ex:  # a multi-turn conversation: only its assistant turns are taught
+                start = len(ex["prompt_ids"])
+                batch["completion_mask"][row, start : start + len(ex["loss_mask"])] = torch.tensor(ex["loss_mask"])
         batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
         return batch
 
