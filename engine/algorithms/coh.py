@@ -11,20 +11,18 @@ implemented.
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
 
-from engine.algorithms.base import Algorithm
+from engine.algorithms.sft import SFT
 from engine.batching import pad_right
-from engine.logprobs import completion_logps
-from engine.losses.sft import sft_loss
 
 
-class ChainOfHindsight(Algorithm):
+class ChainOfHindsight(SFT):
+    """SFT's token-mean NLL, units and metrics, on chains built from preference pairs."""
+
     kind = "preference"
-    needs_reference = False
 
     def prepare_examples(self, examples: list[dict], tokenizer) -> None:
         self.positive_ids = tokenizer(self.spec.coh_positive, add_special_tokens=False)["input_ids"]
@@ -49,13 +47,3 @@ class ChainOfHindsight(Algorithm):
         attention_mask = pad_right([[1] * len(ex["coh_ids"]) for ex in examples], 0)
         index = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "index": index}
-
-    def units(self, batch):
-        return int(batch["completion_mask"][:, 1:].sum())
-
-    def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        return sft_loss(out.token_logps), {"token_accuracy": out.token_correct.sum().item()}
-
-    def derived_metrics(self, means):
-        return {"perplexity": math.exp(min(means["loss"], 50.0))} if "loss" in means else {}
