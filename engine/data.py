@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import DataError, ModelError, SpecError
+from engine.spec import looks_local
 
 # ----------------------------------------------------------------------------------------------
 # Formats and kinds
@@ -151,7 +152,7 @@ def load_rows(source: str, split: str = "train", *, max_rows: int | None = None)
         rows = _load_file(path)
     elif path.is_dir():
         rows = _load_dir(path, split, max_rows)
-    elif _looks_local(text):
+    elif looks_local(text):
         raise DataError(f"dataset file {text} does not exist; check the path (looked for {path.absolute()})")
     else:
         rows = _load_hub(text, split, max_rows)
@@ -160,14 +161,6 @@ def load_rows(source: str, split: str = "train", *, max_rows: int | None = None)
     if not rows:
         raise DataError(f"dataset {text} is empty (no rows); give a dataset with at least one row")
     return rows
-
-
-def _looks_local(text: str) -> bool:
-    if os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text:
-        return True
-    if text.lower().endswith(DATA_FILE_SUFFIXES + (".arrow", ".txt", ".tsv", ".gz")):
-        return True
-    return text.count("/") > 1  # hub ids are "name" or "owner/name"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -383,19 +383,21 @@ def resolve_spec(
 
 # ----------------------------------------------------------------------------- paths
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
+_LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".tsv", ".gz"}
 
 
 def demo_dir() -> Path:
     return presets_dir() / "demo"
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
+    """True when `value` can only be a local path (so a missing one is an error, not a hub id)."""
     return (
         value.startswith((".", "/", "~"))
-        or Path(value).suffix in _DATA_SUFFIXES
+        or "\\" in value
         or value.endswith("/")
+        or Path(value).suffix.lower() in _LOCAL_SUFFIXES
         or not _HUB_ID.match(value)
     )
 
@@ -412,7 +414,7 @@ def resolve_path(value: str, field_name: str, *, kind: str) -> str:
     for candidate in (expanded, presets_dir() / expanded):
         if candidate.exists():
             return str(candidate.resolve())
-    if _looks_local(value):
+    if looks_local(value):
         what = "a local directory saved with save_pretrained (or a hub id)" if kind == "model" else (
             "a .jsonl/.json/.parquet/.csv file, a saved datasets directory, or a hub id"
         )

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -206,8 +207,6 @@ def _sys_metrics(device: torch.device) -> dict[str, float]:
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
-        import os
-
         return {"sys/rss_gb": pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
     except OSError:  # not Linux
         return {}
