@@ -163,6 +163,21 @@ def load_rows(source: str, split: str = "train", *, max_rows: int | None = None)
     return rows
 
 
+def check_dataset(source: str, kind: str, what: str = "dataset", *, sample_rows: int = 100) -> str | None:
+    """Check a local dataset's format against the data `kind` an algorithm needs, from its first rows.
+
+    Cheap (no tokenizer, no torch): front ends call it before a run is queued, so a wrong file is
+    refused at submit time. Hub ids are not fetched here (the run checks them); returns the format.
+    """
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        return None
+    rows = load_rows(str(path), max_rows=sample_rows)
+    fmt, _ = detect_format(rows)
+    _check_kind(fmt, kind, list(rows[0]), what)
+    return fmt
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     msg = lines[0] if lines else ""

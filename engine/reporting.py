@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 
 class Reporter(Protocol):
@@ -100,3 +100,56 @@ class MultiReporter:
     def rewind(self, step: int) -> None:
         for r in self.reporters:
             r.rewind(step)
+
+
+class ProgressReporter:
+    """A live progress line (step, bar, key metrics, ETA) on a terminal; every ~5% as lines in a log."""
+
+    KEYS = {"train/loss": "loss", "rewards/margin": "margin", "rewards/accuracy": "acc", "kl/mean": "kl",
+            "eval/exact_match": "exact"}
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.total = 0
+        self.first_step: int | None = None
+        self.started = 0.0
+        self.latest: dict[str, float] = {}
+
+    def log_event(self, kind: str, message: str, **data: Any) -> None:
+        if kind == "start":
+            self.total = data.get("total_steps", 0)
+            self.first_step = data.get("step", 0)
+            self.started = time.time()
+        self._line_break()
+        print(f"[{kind}] {message}", file=self.stream, flush=True)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.latest.update(metrics)
+        if not self.total:
+            return
+        done = step - (self.first_step or 0)
+        elapsed = time.time() - self.started
+        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
+        width = 20
+        filled = int(width * step / self.total)
+        parts = [f"{label} {self.latest[key]:.3f}" for key, label in self.KEYS.items() if key in self.latest]
+        line = f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] " + "  ".join(parts) + f"  ETA {eta:4.0f}s"
+        evals = {name: value for name, value in metrics.items() if name.startswith("eval/")}
+        if self.tty:
+            print("\r" + line[:160].ljust(160), end="", file=self.stream, flush=True)
+        elif evals:  # a log file gets eval results on their own line, once
+            shown = "  ".join(f"{name[5:]} {value:.4f}" for name, value in sorted(evals.items())[:8])
+            print(f"step {step}/{self.total} eval: {shown}", file=self.stream, flush=True)
+        elif step == self.total or step % max(1, self.total // 20) == 0:
+            print(line, file=self.stream, flush=True)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
+    def _line_break(self) -> None:
+        if self.tty and self.latest:
+            print(file=self.stream)

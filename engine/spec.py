@@ -26,7 +26,11 @@ def presets_dir() -> Path:
     return Path(os.environ.get("CHERRY_PRESETS", REPO_ROOT / "presets"))
 
 
-ALGORITHMS = ("sft", "rm", "dpo", "simpo", "orpo", "kto", "coh")
+# Each algorithm with the kind of data it trains on (engine.data kinds); kept here, torch-free,
+# so front ends can check a dataset before a run is queued. A test ties it to the algorithms.
+DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "simpo": "preference", "orpo": "preference",
+             "kto": "unpaired", "coh": "preference"}
+ALGORITHMS = tuple(DATA_KIND)
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant")
 OVERLONG = ("truncate", "drop")
@@ -422,13 +426,18 @@ def resolve_path(value: str, field_name: str, *, kind: str) -> str:
     return value
 
 
-def resolve_paths(spec: RunSpec) -> RunSpec:
-    """Check model and dataset fields up front and make local paths absolute (workers may run elsewhere)."""
-    if not spec.model:
+def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
+    """Check model and dataset fields up front and make local paths absolute (workers may run elsewhere).
+
+    `check_model=False` leaves the model alone: a chained run's model is an earlier run's output,
+    which does not exist yet.
+    """
+    if check_model and not spec.model:
         raise SpecError("model is not set: pass --model PATH_OR_HUB_ID (or --model demo)")
     if not spec.dataset:
         raise SpecError("dataset is not set: pass --dataset PATH_OR_HUB_ID (e.g. --dataset demo/pairs.jsonl)")
-    spec.model = resolve_path(spec.model, "model", kind="model")
+    if check_model:
+        spec.model = resolve_path(spec.model, "model", kind="model")
     if spec.ref_model:
         spec.ref_model = resolve_path(spec.ref_model, "ref_model", kind="model")
     spec.dataset = resolve_path(spec.dataset, "dataset", kind="data")

@@ -267,14 +267,15 @@ def train(
     out_dir: str | Path,
     reporter: Reporter | None = None,
     *,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[], bool | str | None] | None = None,
     cache_dir: str | Path | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train `spec` into `out_dir`; returns the summary (also written to summary.json).
 
     `should_stop` is polled once per step (cooperative cancel): the run then saves a checkpoint
-    and ends with status "cancelled". `resume=True` continues from the newest checkpoint.
+    and ends with status "cancelled" (or the status string it returned, e.g. "interrupted").
+    `resume=True` continues from the newest checkpoint, or starts over when there is none.
     """
     started = time.time()
     out_dir = Path(out_dir)
@@ -362,6 +363,9 @@ def train(
         state = load_training_state(checkpoint, optimizer, scheduler)
         reporter.rewind(state.step)
         reporter.log_event("resume", f"resumed from {checkpoint.name}", step=state.step)
+    elif resume:
+        reporter.rewind(-1)  # stopped before its first checkpoint: start over without duplicate rows
+        reporter.log_event("resume", "no checkpoint yet: starting from step 0")
     reporter.log_event(
         "start", f"{spec.algorithm}: {schedule.total_steps} steps on {len(data.train)} examples ({device}, {dtype})",
         total_steps=schedule.total_steps, step=state.step, params=total_params, trainable_params=trainable_params,
@@ -429,8 +433,10 @@ def train(
     status = "completed"
     try:
         while state.step < schedule.total_steps:
-            if should_stop is not None and should_stop():
-                status = "cancelled"
+            stop = should_stop() if should_stop is not None else None
+            if stop:
+                # A string names the ending ("interrupted" when a worker shuts down); True means cancelled.
+                status = stop if isinstance(stop, str) else "cancelled"
                 break
             step_started = time.time()
             micro_batches = [to_device(collate([data.train[i] for i in idx])) for idx in schedule.micro_batches(state.step)]

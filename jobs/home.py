@@ -17,15 +17,28 @@ def cherry_home() -> Path:
     return home.resolve()
 
 
-def new_run_id(label: str) -> str:
-    """A sortable, readable, unique id such as `20261121-194501-dpo-demo`."""
+def new_run_id(label: str, home: Path | None = None) -> str:
+    """A sortable, readable, unique id such as `20261121-194501-dpo-demo`; its run directory is created.
+
+    Creating the directory is what reserves the id, so processes submitting at the same second
+    never get the same one.
+    """
+    home = home or cherry_home()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")[:40] or "run"
     base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
     run_id, n = base, 1
-    while (cherry_home() / run_id).exists():
-        n += 1
-        run_id = f"{base}-{n}"
-    return run_id
+    while True:
+        try:
+            (home / run_id).mkdir(parents=True)
+            return run_id
+        except FileExistsError:
+            n += 1
+            run_id = f"{base}-{n}"
+
+
+def store_path(home: Path | None = None) -> Path:
+    """The run store: runs, metrics, samples and events of every run in this home."""
+    return (home or cherry_home()) / "cherry.db"
 
 
 def cache_dir() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Runs, the store and the queue of a test session live in a throwaway home, never in ./runs.
+os.environ["CHERRY_HOME"] = tempfile.mkdtemp(prefix="cherry-home-")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,7 +6,6 @@ at once; the training stack is imported inside the commands that need it.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Optional
 import typer
 
 from jobs import CherryError
+from tuiapp.common import friendly
+from tuiapp.runs_cli import register as register_run_commands
 
 app = typer.Typer(
     help="Cherry: preference training of language models from the terminal.",
@@ -26,73 +27,13 @@ demo_app = typer.Typer(help="The embedded demo: a tiny model learning verifiable
 bench_app = typer.Typer(help="Benchmarks of the engine against naive baselines, measured in one run.")
 app.add_typer(demo_app, name="demo")
 app.add_typer(bench_app, name="bench")
+register_run_commands(app)
 
 
-def friendly(fn):
-    """User errors become one line on stderr and exit code 2, never a traceback."""
+def _progress():
+    from engine.reporting import ProgressReporter
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CherryError as err:
-            typer.secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-class ConsoleReporter:
-    """A live progress line: step, bar, key metrics, speed and ETA."""
-
-    KEYS = {"train/loss": "loss", "rewards/margin": "margin", "rewards/accuracy": "acc", "kl/mean": "kl",
-            "eval/exact_match": "exact"}
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.total = 0
-        self.first_step: int | None = None
-        self.started = 0.0
-        self.latest: dict[str, float] = {}
-
-    def log_event(self, kind: str, message: str, **data: Any) -> None:
-        import time
-
-        if kind == "start":
-            self.total = data.get("total_steps", 0)
-            self.first_step = data.get("step", 0)
-            self.started = time.time()
-        self._line_break()
-        print(f"[{kind}] {message}", file=self.stream, flush=True)
-
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        import time
-
-        self.latest.update(metrics)
-        if not self.total:
-            return
-        done = step - (self.first_step or 0)
-        elapsed = time.time() - self.started
-        eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-        width = 20
-        filled = int(width * step / self.total)
-        parts = [f"{label} {self.latest[key]:.3f}" for key, label in self.KEYS.items() if key in self.latest]
-        line = f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] " + "  ".join(parts) + f"  ETA {eta:4.0f}s"
-        if self.tty:
-            print("\r" + line[:160].ljust(160), end="", file=self.stream, flush=True)
-        elif step == self.total or step % max(1, self.total // 20) == 0 or any(k.startswith("eval/") for k in metrics):
-            print(line, file=self.stream, flush=True)
-
-    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        pass
-
-    def rewind(self, step: int) -> None:
-        pass
-
-    def _line_break(self) -> None:
-        if self.tty and self.latest:
-            print(file=self.stream)
+    return ProgressReporter(sys.stderr)
 
 
 def _print_samples(samples: list[dict[str, Any]], limit: int) -> None:
@@ -133,7 +74,7 @@ def train(
         spec = resolve_spec(preset, set_, model=model, dataset=dataset)
     _configure_logging()
     try:
-        run_dir, summary = run_in_process(spec, out, ConsoleReporter(), resume=resume is not None)
+        run_dir, summary = run_in_process(spec, out, _progress(), resume=resume is not None)
     except KeyboardInterrupt:
         typer.echo("\ninterrupted: a checkpoint was saved; continue with `cherry train --resume <run dir>`", err=True)
         raise typer.Exit(130) from None
@@ -249,7 +190,7 @@ def demo(
     spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), set_)
     _configure_logging()
     typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model ({'headless' if headless else 'in this terminal'})")
-    run_dir, summary = run_in_process(spec, out, ConsoleReporter())
+    run_dir, summary = run_in_process(spec, out, _progress())
     name, before, after = _headline(summary)
     typer.echo("")
     typer.echo(f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "

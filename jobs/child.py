@@ -1,0 +1,124 @@
+"""`python -m jobs.child RUN_ID`: one run, in its own process, started by a worker.
+
+A fresh process per run gives each run a clean CUDA context and lets the worker stop it by
+process group without touching its own state; torch is imported here, never in the worker.
+
+The child owns its run's rows while it lives: metrics, samples and events through the store
+reporter, and its final status. It stops cooperatively at the next step when
+- the run's `cancel_requested` flag is set (`cherry cancel`)        -> status cancelled
+- it receives SIGTERM/SIGINT (the worker is shutting down)          -> status interrupted
+- its worker dies (parent-death signal, or its parent pid changes)  -> status interrupted
+Either way it saves a checkpoint first, so `cherry resume` continues with identical losses.
+
+Exit codes: 0 completed, 2 a user error (message in the store), 3 out of memory, 1 a crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+from engine.errors import CherryError
+from engine.reporting import MultiReporter, ProgressReporter
+from engine.spec import build_spec
+from jobs.home import cache_dir, cherry_home, store_path
+from jobs.store import Store, StoreReporter
+
+POLL_SECONDS = 0.5  # how often the stop check reads the store (it runs once per step)
+OOM_ADVICE = (
+    "out of memory: lower batch_size (raise grad_accum to keep the effective batch), set max_length lower, "
+    "turn on LoRA (--set lora.r=16) or gradient_checkpointing=true, then `cherry resume`"
+)
+
+
+class StopCheck:
+    """The engine's `should_stop`: None to go on, else the status to end with."""
+
+    def __init__(self, store: Store, run_id: str, parent_pid: int) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.parent_pid = parent_pid
+        self.signalled = False
+        self._checked_at = 0.0
+        self._cancelled = False
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.signalled = True
+
+    def __call__(self) -> str | None:
+        if self.signalled or os.getppid() != self.parent_pid:
+            return "interrupted"
+        now = time.monotonic()
+        if now - self._checked_at >= POLL_SECONDS:
+            self._checked_at = now
+            run = self.store.get_run(self.run_id)
+            self._cancelled = run is None or bool(run.cancel_requested)
+        return "cancelled" if self._cancelled else None
+
+
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` when the worker dies (a SIGKILLed worker cannot forward anything)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the parent-pid check in StopCheck covers it
+
+
+def run_child(run_id: str, parent_pid: int) -> int:
+    store = Store(store_path(cherry_home()))
+    run = store.get_run(run_id)
+    if run is None:
+        print(f"error: run {run_id} is not in the store {store.path}", file=sys.stderr)
+        return 2
+    stop = StopCheck(store, run_id, parent_pid)
+    signal.signal(signal.SIGTERM, stop.on_signal)
+    signal.signal(signal.SIGINT, stop.on_signal)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout))
+    try:
+        from engine.train import train  # the heavy imports happen here, in the run's own process
+
+        spec = build_spec(run.spec)
+        summary = train(spec, run.out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
+    except CherryError as err:
+        print(f"error: {err}", flush=True)
+        _fail(store, run_id, str(err))
+        return 2
+    except Exception as err:  # a crash: the traceback goes to the run's log, the gist to the store
+        traceback.print_exc()
+        sys.stdout.flush()
+        if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
+            _fail(store, run_id, OOM_ADVICE)
+            return 3
+        _fail(store, run_id, f"{type(err).__name__}: {err}")
+        return 1
+    status = summary["status"]
+    store.set_status(run_id, status, only_if=["running"])
+    print(f"[{status}] step {summary['step']}/{summary['total_steps']} in {summary['wall_seconds']:.0f}s", flush=True)
+    return 0
+
+
+def _fail(store: Store, run_id: str, error: str) -> None:
+    store.add_event(run_id, "error", error)
+    store.set_status(run_id, "failed", only_if=["running"], error=error)
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        print("usage: python -m jobs.child RUN_ID PARENT_PID", file=sys.stderr)
+        sys.exit(2)
+    run_id, parent_pid = sys.argv[1], int(sys.argv[2])
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the worker died before the death signal was armed
+        sys.exit(1)
+    sys.exit(run_child(run_id, parent_pid))
+
+
+if __name__ == "__main__":
+    main()

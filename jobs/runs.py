@@ -1,0 +1,153 @@
+"""The run lifecycle as front ends see it: submit, cancel, resume, remove, find.
+
+    queued -> running -> completed | failed | cancelled | interrupted
+                    (resume: failed | cancelled | interrupted -> queued, from the last checkpoint)
+
+A submission is validated completely before anything is written (spec, paths, dataset format),
+so a bad spec never reaches the queue. The run row is written first, then the task carrying its
+id is queued. A run chained with `after` waits in the store (status queued, no task yet) until
+the run it follows completes; the worker then queues it with that run's output as its model.
+
+Torch-free: the TUI and the CLI import this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.data import check_dataset
+from engine.errors import CherryError
+from engine.spec import DATA_KIND, RunSpec, build_spec, resolve_paths
+from jobs.home import cherry_home, new_run_id, store_path
+from jobs.queue import JobQueue
+from jobs.store import ENDED, Run, Store
+
+RESUMABLE = ("failed", "cancelled", "interrupted")
+
+
+class JobError(CherryError):
+    """A request the run's current state does not allow (e.g. resuming a completed run)."""
+
+
+@dataclass
+class Jobs:
+    """The store and the queue of one Cherry home."""
+
+    home: Path = field(default_factory=cherry_home)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home)
+        self.store = Store(store_path(self.home))
+        self._queue: JobQueue | None = None
+
+    @property
+    def queue(self) -> JobQueue:
+        if self._queue is None:
+            self._queue = JobQueue(self.home)
+        return self._queue
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, spec: RunSpec, *, priority: int = 0, after: str | None = None, retries: int = 0) -> Run:
+        """Validate `spec`, store it as a queued run and queue it (or park it after `after`)."""
+        parent = self.resolve(after) if after else None
+        if parent is not None:
+            if parent.status in ("failed", "cancelled", "interrupted"):
+                raise JobError(f"--after {parent.id}: that run ended {parent.status}; resume it first (`cherry resume {parent.id}`)")
+            if parent.algorithm == "rm":
+                raise JobError(f"--after {parent.id}: that run trains a reward model, which cannot be the policy of the next run")
+            spec = dataclasses.replace(spec, model=str(Path(parent.out_dir) / "final"))
+        resolve_paths(spec, check_model=parent is None)
+        check_dataset(spec.dataset, DATA_KIND[spec.algorithm])
+        if spec.eval_dataset:
+            check_dataset(spec.eval_dataset, DATA_KIND[spec.algorithm], "eval dataset")
+        build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
+
+        run_id = new_run_id(spec.display_name, self.home)
+        run = self.store.create_run(
+            run_id, spec.to_dict(), name=spec.display_name, out_dir=str(self.home / run_id),
+            parent=parent.id if parent else None, priority=priority, retries=retries,
+        )
+        if parent is not None and parent.status != "completed":
+            self.store.add_event(run_id, "queued", f"waiting for {parent.id} to complete; its output is this run's model")
+            return run
+        self._enqueue(run)
+        return self.store.get_run(run_id)
+
+    def _enqueue(self, run: Run) -> None:
+        task_id = self.queue.enqueue(run.id, priority=run.priority or 0)
+        self.store.update_run(run.id, task_id=task_id)
+        self.store.add_event(run.id, "queued", f"queued (priority {run.priority or 0})")
+
+    def release_dependents(self, run_id: str) -> list[str]:
+        """Queue the runs chained after `run_id` (which just completed)."""
+        released = []
+        for child in self.store.dependents(run_id):
+            self._enqueue(child)
+            released.append(child.id)
+        return released
+
+    # ------------------------------------------------------------------ find
+
+    def resolve(self, text: str) -> Run:
+        """A run by id, or by a part of its id or name that matches exactly one run."""
+        matches = self.store.find_runs(text)
+        if not matches:
+            raise JobError(f"no run matches '{text}'; `cherry ls` lists the runs in {self.home}")
+        if len(matches) > 1:
+            shown = ", ".join(r.id for r in matches[:5]) + (" ..." if len(matches) > 5 else "")
+            raise JobError(f"'{text}' matches {len(matches)} runs ({shown}); give more of the id")
+        return matches[0]
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self, text: str) -> str:
+        """Cancel a queued run (it never starts) or ask a running one to stop at its next step."""
+        run = self.resolve(text)
+        if run.status == "queued":
+            if self.store.set_status(run.id, "cancelled", only_if=["queued"], error="cancelled before it started"):
+                if run.task_id:
+                    self.queue.revoke(run.task_id)
+                self.store.add_event(run.id, "cancelled", "cancelled while queued")
+                return f"{run.id}: cancelled (it was queued and will not start)"
+            run = self.store.get_run(run.id)  # a worker took it meanwhile: cancel the running run
+        if run.status == "running":
+            self.store.update_run(run.id, cancel_requested=1)
+            self.store.add_event(run.id, "cancel", "cancel requested: the run stops at its next step and keeps its checkpoint")
+            return f"{run.id}: stopping at its next step (status becomes cancelled; metrics and checkpoint are kept)"
+        raise JobError(f"{run.id} already ended ({run.status}); nothing to cancel")
+
+    def resume(self, text: str) -> Run:
+        """Queue a failed, cancelled or interrupted run again; it continues from its last checkpoint."""
+        run = self.resolve(text)
+        if run.status not in RESUMABLE:
+            hint = "it is still going" if run.status in ("queued", "running") else "it completed"
+            raise JobError(f"{run.id} is {run.status}: only a failed, cancelled or interrupted run can be resumed ({hint})")
+        self.store.update_run(run.id, status="queued", resume=1, cancel_requested=0, error=None, finished_at=None, task_id=None)
+        self.store.add_event(run.id, "resume", "re-queued; it continues from its last checkpoint")
+        run = self.store.get_run(run.id)
+        self._enqueue(run)
+        return self.store.get_run(run.id)
+
+    def remove(self, text: str) -> Run:
+        """Delete a run that is not running: its store rows and its run directory."""
+        run = self.resolve(text)
+        if run.status == "running":
+            raise JobError(f"{run.id} is running; cancel it first (`cherry cancel {run.id}`), then remove it")
+        if run.status == "queued" and run.task_id:
+            self.queue.revoke(run.task_id)
+        self.store.delete_run(run.id)
+        out_dir = Path(run.out_dir or "")
+        if run.out_dir and out_dir.is_dir() and out_dir.resolve().parent == self.home.resolve():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return run
+
+
+def is_ended(run: Run) -> bool:
+    return run.status in ENDED

@@ -1,0 +1,328 @@
+"""The run store: one SQLite file (WAL mode) holding runs, their metrics, samples and events.
+
+WAL lets many readers (the TUI, `cherry metrics --follow`) read while one process per run writes,
+and readers never block that writer. Every connection waits up to `BUSY_TIMEOUT_S` for a lock
+rather than failing, because several workers, the CLI and the app share the file.
+
+A `Store` wraps one connection: open one per thread or process (sqlite3 connections are not
+shared across threads). The schema carries a version; `MIGRATIONS[i]` takes version i to i + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import sqlite_utils
+
+BUSY_TIMEOUT_S = 30.0
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
+ENDED = ("completed", "failed", "cancelled", "interrupted")
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["runs"].create(
+        {
+            "id": str, "name": str, "status": str, "algorithm": str, "model": str, "dataset": str,
+            "spec": str,               # the full, validated RunSpec as JSON
+            "parent": str,             # the run this one was chained after (`--after`), if any
+            "priority": int,           # higher runs first; FIFO within a priority
+            "created_at": float, "started_at": float, "finished_at": float, "heartbeat_at": float,
+            "worker_host": str, "worker_pid": int, "pid": int,  # the worker and the run's own process
+            "task_id": str,            # the Huey task carrying this run (to revoke a queued run)
+            "cancel_requested": int, "resume": int, "attempts": int, "retries": int,
+            "step": int, "total_steps": int,
+            "error": str, "log_tail": str, "out_dir": str,
+        },
+        pk="id",
+    )
+    db["runs"].create_index(["status"])
+    db["metrics"].create({"run_id": str, "step": int, "name": str, "value": float, "time": float})
+    db["metrics"].create_index(["run_id", "step"])  # "since step N" reads while a run writes
+    db["samples"].create(
+        {"run_id": str, "step": int, "prompt": str, "reference": str, "policy": str, "scores": str}
+    )
+    db["samples"].create_index(["run_id", "step"])
+    db["events"].create({"run_id": str, "time": float, "kind": str, "message": str, "data": str})
+    db["events"].create_index(["run_id", "time"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Run:
+    """One row of `runs`, with the spec decoded."""
+
+    id: str
+    status: str
+    spec: dict[str, Any]
+    row: dict[str, Any] = field(repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["row"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        self.db = sqlite_utils.Database(conn)
+        if self.db.journal_mode != "wal":
+            self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous = NORMAL")  # safe under WAL; a crash loses at most the last commit
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # ------------------------------------------------------------------ schema
+
+    def _migrate(self) -> None:
+        with self._write():
+            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the run store {self.path} has schema version {version}, newer than this Cherry "
+                    f"({SCHEMA_VERSION}); upgrade Cherry"
+                )
+            for migrate in MIGRATIONS[version:]:
+                migrate(self.db)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    def _write(self):
+        """One write transaction, taken up front so concurrent writers queue instead of deadlocking."""
+        return _Transaction(self.db.conn)
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(
+        self, run_id: str, spec: dict[str, Any], *, name: str, out_dir: str, parent: str | None = None,
+        priority: int = 0, retries: int = 0,
+    ) -> Run:
+        row = {
+            "id": run_id, "name": name, "status": "queued", "algorithm": spec.get("algorithm"),
+            "model": spec.get("model"), "dataset": spec.get("dataset"), "spec": json.dumps(spec),
+            "parent": parent, "priority": priority, "created_at": time.time(), "out_dir": out_dir,
+            "cancel_requested": 0, "resume": 0, "attempts": 0, "retries": retries, "step": 0, "total_steps": 0,
+        }
+        with self._write():
+            self.db["runs"].insert(row)
+        return self.get_run(run_id)
+
+    def get_run(self, run_id: str) -> Run | None:
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        return _run(rows[0]) if rows else None
+
+    def find_runs(self, text: str) -> list[Run]:
+        """Runs whose id equals `text`, else those whose id or name contains it."""
+        exact = self.get_run(text)
+        if exact is not None:
+            return [exact]
+        pattern = f"%{text}%"
+        rows = self.db.query("SELECT * FROM runs WHERE id LIKE ? OR name LIKE ? ORDER BY created_at", [pattern, pattern])
+        return [_run(row) for row in rows]
+
+    def list_runs(self, statuses: Iterable[str] | None = None) -> list[Run]:
+        statuses = list(statuses or [])
+        where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
+        rows = self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", statuses)
+        return [_run(row) for row in rows]
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        if "spec" in fields and not isinstance(fields["spec"], str):
+            fields["spec"] = json.dumps(fields["spec"])
+        with self._write():
+            self.db["runs"].update(run_id, fields)
+
+    def set_status(self, run_id: str, status: str, *, only_if: Iterable[str] | None = None, **fields: Any) -> bool:
+        """Move a run to `status` (only from one of `only_if` when given); True when it moved."""
+        assert status in STATUSES, status
+        fields["status"] = status
+        if status in ENDED:
+            fields.setdefault("finished_at", time.time())
+        if status == "running":
+            fields.setdefault("started_at", time.time())
+        names = list(fields)
+        sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
+        params = [fields[n] for n in names] + [run_id]
+        if only_if is not None:
+            allowed = list(only_if)
+            sql += f" AND status IN ({', '.join('?' * len(allowed))})"
+            params += allowed
+        with self._write():
+            moved = self.db.execute(sql, params).rowcount
+        return moved > 0
+
+    def heartbeat(self, run_id: str) -> None:
+        with self._write():
+            self.db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [time.time(), run_id])
+
+    def delete_run(self, run_id: str) -> None:
+        with self._write():
+            for table in ("metrics", "samples", "events"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            self.db.execute("DELETE FROM runs WHERE id = ?", [run_id])
+
+    def dependents(self, run_id: str) -> list[Run]:
+        """Runs chained after `run_id` that still wait for it (queued, not yet on the queue)."""
+        rows = self.db.query(
+            "SELECT * FROM runs WHERE parent = ? AND status = 'queued' AND task_id IS NULL ORDER BY created_at, rowid",
+            [run_id],
+        )
+        return [_run(row) for row in rows]
+
+    # ------------------------------------------------------------------ metrics, samples, events
+
+    def add_metrics(self, run_id: str, step: int, metrics: dict[str, float], wall_time: float | None = None) -> None:
+        now = time.time() if wall_time is None else wall_time
+        rows = [
+            {"run_id": run_id, "step": step, "name": name, "value": float(value), "time": now}
+            for name, value in metrics.items()
+            if isinstance(value, (int, float))
+        ]
+        with self._write():
+            self.db["metrics"].insert_all(rows)
+            self.db.execute("UPDATE runs SET step = MAX(COALESCE(step, 0), ?) WHERE id = ?", [step, run_id])
+
+    def metrics(
+        self, run_id: str, *, since_step: int = -1, after_id: int = 0, names: Iterable[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows {id, step, name, value, time} with step > since_step and id > after_id, in logging order.
+
+        `id` only grows, so a follower passes the last id it saw to read just what is new.
+        """
+        sql = "SELECT rowid AS id, step, name, value, time FROM metrics WHERE run_id = ? AND step > ? AND rowid > ?"
+        params: list[Any] = [run_id, since_step, after_id]
+        names = list(names or [])
+        if names:
+            sql += f" AND name IN ({', '.join('?' * len(names))})"
+            params += names
+        return list(self.db.query(sql + " ORDER BY rowid", params))
+
+    def metric_names(self, run_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", [run_id])]
+
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        """Each metric's most recent value."""
+        rows = self.db.execute(
+            "SELECT name, value FROM metrics WHERE rowid IN (SELECT MAX(rowid) FROM metrics WHERE run_id = ? GROUP BY name)",
+            [run_id],
+        )
+        return {name: value for name, value in rows}
+
+    def add_samples(self, run_id: str, step: int, samples: list[dict[str, Any]]) -> None:
+        rows = []
+        for sample in samples:
+            scores = {k: v for k, v in sample.items() if k not in ("prompt", "reference", "policy")}
+            rows.append({
+                "run_id": run_id, "step": step, "prompt": sample.get("prompt"), "reference": sample.get("reference"),
+                "policy": sample.get("policy"), "scores": json.dumps(scores, ensure_ascii=False),
+            })
+        with self._write():
+            self.db["samples"].insert_all(rows)
+
+    def samples(self, run_id: str, step: int | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT step, prompt, reference, policy, scores FROM samples WHERE run_id = ?", [run_id]
+        if step is not None:
+            sql, params = sql + " AND step = ?", params + [step]
+        out = []
+        for row in self.db.query(sql + " ORDER BY rowid", params):
+            extra = json.loads(row.pop("scores") or "{}")
+            out.append({**row, **extra})
+        return out
+
+    def sample_steps(self, run_id: str) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])]
+
+    def add_event(self, run_id: str, kind: str, message: str, **data: Any) -> None:
+        row = {"run_id": run_id, "time": time.time(), "kind": kind, "message": message,
+               "data": json.dumps(data, ensure_ascii=False, default=str)}
+        with self._write():
+            self.db["events"].insert(row)
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT time, kind, message, data FROM events WHERE run_id = ? ORDER BY rowid", [run_id])
+        return [{**row, "data": json.loads(row["data"] or "{}")} for row in rows]
+
+    def rewind(self, run_id: str, step: int) -> None:
+        """Forget metrics and samples after `step` (a resumed run replays from its checkpoint)."""
+        with self._write():
+            self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step])
+            self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
+            self.db.execute("UPDATE runs SET step = ? WHERE id = ?", [max(step, 0), run_id])
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self):
+        if self.conn.in_transaction:  # nested use: the outer transaction commits
+            self.nested = True
+            return self
+        self.nested = False
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.nested:
+            return
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _run(row: dict[str, Any]) -> Run:
+    return Run(id=row["id"], status=row["status"], spec=json.loads(row["spec"] or "{}"), row=dict(row))
+
+
+class StoreReporter:
+    """The engine's reporter for a run executed by a worker: everything goes to the store.
+
+    (The engine writes the run directory's JSONL files itself, so a run dir stays self-contained.)
+    """
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.store.add_metrics(self.run_id, step, metrics)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        self.store.add_samples(self.run_id, step, samples)
+
+    def log_event(self, kind: str, message: str, **data: Any) -> None:
+        self.store.add_event(self.run_id, kind, message, **data)
+        if kind == "start" and data.get("total_steps"):
+            self.store.update_run(self.run_id, total_steps=int(data["total_steps"]))
+
+    def rewind(self, step: int) -> None:
+        self.store.rewind(self.run_id, step)
+
+
+def this_host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,291 @@
+"""`cherry worker`: a Huey consumer that executes queued runs, each in its own child process.
+
+One consumer thread per GPU slot (`--gpus 0,1` gives two, each child sees only its GPU through
+CUDA_VISIBLE_DEVICES; without GPUs, `--concurrency` slots share the machine). For each run the
+thread:
+1. moves it queued -> running (a run cancelled meanwhile is skipped),
+2. starts `python -m jobs.child RUN_ID` in a new process group, its output in `runs/<id>/log.txt`,
+3. heartbeats the run row while the child lives, and enforces stops: a cancel request or a
+   worker shutdown gives the child `grace` seconds to stop at its next step (it checkpoints),
+   then the whole process group is killed,
+4. records how it ended when the child could not (killed, crashed), with the log's last lines,
+   queues the runs chained after a completed one, and retries crashes that are not the user's
+   fault when the run asked for retries.
+
+The worker process itself never imports torch: forking or threading after torch has started
+its OpenMP pool can hang, and a clean child per run gives a clean CUDA context.
+
+On start (and every minute) the worker marks runs orphaned by a dead worker as interrupted:
+same host and neither the worker nor the run's process is alive, or (other hosts sharing a
+Redis queue) no heartbeat for `STALE_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as stdlib_queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from huey.consumer import Consumer
+
+from jobs.home import store_path
+from jobs.queue import JobQueue
+from jobs.runs import Jobs
+from jobs.store import Store, this_host
+
+HEARTBEAT_SECONDS = 2.0
+STALE_SECONDS = 60.0
+SWEEP_SECONDS = 60.0
+LOG_TAIL_LINES = 40
+USER_ERROR_EXIT = 2  # the child's exit code for a user error: retrying cannot help
+OOM_EXIT = 3
+
+log = logging.getLogger("cherry.worker")
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when process `pid` exists and is not a zombie (an unreaped dead process)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # where /proc exists, a zombie is dead: in a container nobody may ever reap it
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class Worker:
+    def __init__(
+        self, home: Path, *, gpus: list[str] | None = None, concurrency: int | None = None, grace: float = 30.0,
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.grace = grace
+        if gpus and concurrency and concurrency != len(gpus):
+            raise ValueError("--concurrency must equal the number of --gpus (a GPU runs one job at a time)")
+        slots: list[str | None] = list(gpus) if gpus else [None] * (concurrency or 1)
+        self.slots: stdlib_queue.Queue[str | None] = stdlib_queue.Queue()
+        for slot in slots:
+            self.slots.put(slot)
+        self.concurrency = len(slots)
+        self.host = this_host()
+        self.pid = os.getpid()
+        self.shutting_down = threading.Event()
+        self.children: dict[str, subprocess.Popen] = {}
+        self.children_lock = threading.Lock()
+        self.queue = JobQueue(self.home, handler=self.execute)
+
+    # ------------------------------------------------------------------ orphans
+
+    def sweep_orphans(self) -> list[str]:
+        """Mark runs left `running` by a dead worker as interrupted; returns their ids."""
+        store = Store(store_path(self.home))
+        marked = []
+        try:
+            for run in store.list_runs(["running"]):
+                if run.worker_host == self.host and run.worker_pid == self.pid:
+                    continue  # ours
+                if run.worker_host == self.host:
+                    orphaned = not pid_alive(run.worker_pid) and not pid_alive(run.pid)
+                else:
+                    orphaned = time.time() - (run.heartbeat_at or run.started_at or 0) > STALE_SECONDS
+                if orphaned and store.set_status(
+                    run.id, "interrupted", only_if=["running"],
+                    error="its worker stopped while it ran (killed or the machine restarted); "
+                          f"continue it with `cherry resume {run.id}`",
+                    log_tail=log_tail(Path(run.out_dir) / "log.txt"),
+                ):
+                    store.add_event(run.id, "interrupted", "marked interrupted: its worker is gone")
+                    marked.append(run.id)
+                    log.warning("run %s was orphaned by a dead worker: marked interrupted", run.id)
+        finally:
+            store.close()
+        return marked
+
+    # ------------------------------------------------------------------ one run
+
+    def execute(self, run_id: str) -> None:
+        """The Huey task: run `run_id` to its end. Runs in a consumer thread."""
+        store = Store(store_path(self.home))
+        try:
+            self._execute(store, run_id)
+        except Exception as err:  # a bug here must not leave the run "running" forever
+            log.exception("worker error on run %s", run_id)
+            store.set_status(run_id, "failed", only_if=["queued", "running"], error=f"worker error: {err}")
+        finally:
+            store.close()
+
+    def _execute(self, store: Store, run_id: str) -> None:
+        run = store.get_run(run_id)
+        if run is None or run.status != "queued" or self.shutting_down.is_set():
+            return  # removed, cancelled while queued, or a duplicate task
+        slot = self.slots.get()
+        try:
+            if not store.set_status(
+                run_id, "running", only_if=["queued"], worker_host=self.host, worker_pid=self.pid, pid=None,
+                heartbeat_at=time.time(), attempts=(run.attempts or 0) + 1, cancel_requested=0, error=None, log_tail=None,
+                started_at=time.time(), finished_at=None,
+            ):
+                return
+            out_dir = Path(run.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "CHERRY_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            where = f"GPU {slot}" if slot is not None else "CPU"
+            store.add_event(run_id, "worker", f"started on {self.host} ({where}), attempt {(run.attempts or 0) + 1}")
+            log.info("run %s started (%s)", run_id, where)
+            with open(out_dir / "log.txt", "ab") as log_file:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "jobs.child", run_id, str(os.getpid())],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                )
+            store.update_run(run_id, pid=proc.pid)
+            with self.children_lock:
+                self.children[run_id] = proc
+            try:
+                self._watch(store, run_id, proc)
+            finally:
+                with self.children_lock:
+                    self.children.pop(run_id, None)
+        finally:
+            self.slots.put(slot)
+        self._record_end(store, run_id, proc.returncode)
+
+    def _watch(self, store: Store, run_id: str, proc: subprocess.Popen) -> None:
+        kill_at = None
+        beat_at = 0.0
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now - beat_at >= HEARTBEAT_SECONDS:
+                beat_at = now
+                store.heartbeat(run_id)
+                run = store.get_run(run_id)
+                stop_asked = run is None or bool(run.cancel_requested)
+                if kill_at is None and (stop_asked or self.shutting_down.is_set()):
+                    kill_at = now + self.grace
+            if kill_at is not None and now >= kill_at:
+                store.add_event(run_id, "killed", f"did not stop within {self.grace:.0f}s: process group killed")
+                _kill_group(proc, signal.SIGKILL)
+                proc.wait()
+                break
+            time.sleep(0.2)
+
+    def _record_end(self, store: Store, run_id: str, returncode: int | None) -> None:
+        run = store.get_run(run_id)
+        if run is None:
+            return
+        tail = log_tail(Path(run.out_dir) / "log.txt")
+        if run.status == "running":  # the child could not record its ending: killed or crashed hard
+            if run.cancel_requested:
+                status, error = "cancelled", None
+            elif self.shutting_down.is_set():
+                status, error = "interrupted", f"the worker shut down; continue with `cherry resume {run_id}`"
+            else:
+                status, error = "failed", f"the run's process died ({describe_exit(returncode)}); see `cherry logs {run_id}`"
+            store.set_status(run_id, status, only_if=["running"], error=error, log_tail=tail)
+            store.add_event(run_id, status, error or "stopped")
+        elif run.status == "failed":
+            store.update_run(run_id, log_tail=tail)
+        run = store.get_run(run_id)
+        log.info("run %s ended %s (%s)", run_id, run.status, describe_exit(returncode))
+        jobs = Jobs(self.home)
+        try:
+            if run.status == "completed":
+                for child in jobs.release_dependents(run_id):
+                    log.info("run %s queued: it was chained after %s", child, run_id)
+            elif (
+                run.status == "failed" and returncode not in (USER_ERROR_EXIT, OOM_EXIT)
+                and (run.attempts or 0) <= (run.retries or 0) and not self.shutting_down.is_set()
+            ):
+                store.add_event(run_id, "retry", f"retrying after a crash ({describe_exit(returncode)}), "
+                                                 f"attempt {(run.attempts or 0) + 1} of {(run.retries or 0) + 1}")
+                jobs.resume(run_id)
+        finally:
+            jobs.close()
+
+    # ------------------------------------------------------------------ the consumer
+
+    def begin_shutdown(self, signum: int) -> None:
+        """First SIGTERM/SIGINT: children stop at their next step (checkpoint, interrupted)."""
+        if self.shutting_down.is_set():
+            return
+        self.shutting_down.set()
+        with self.children_lock:
+            children = list(self.children.values())
+        log.warning("%s: stopping %d run(s) at their next step (at most %.0fs), then exiting",
+                    signal.Signals(signum).name, len(children), self.grace)
+        for proc in children:
+            _kill_group(proc, signal.SIGTERM)
+
+    def run(self) -> None:
+        self.sweep_orphans()
+        consumer = _Consumer(
+            self, self.queue.huey, workers=self.concurrency, worker_type="thread", periodic=False,
+            initial_delay=0.1, max_delay=1.0, backoff=1.15, check_worker_health=True,
+            shutdown_timeout=self.grace + 15,
+        )
+        sweeper = threading.Thread(target=self._sweep_loop, daemon=True, name="orphan-sweep")
+        sweeper.start()
+        consumer.run()
+
+    def _sweep_loop(self) -> None:
+        while not self.shutting_down.wait(SWEEP_SECONDS):
+            try:
+                self.sweep_orphans()
+            except Exception:
+                log.exception("orphan sweep failed")
+
+
+class _Consumer(Consumer):
+    """Huey's consumer, with SIGTERM and SIGINT both a bounded graceful stop of the runs."""
+
+    def __init__(self, worker: Worker, *args, **kwargs) -> None:
+        self.cherry_worker = worker
+        super().__init__(*args, **kwargs)
+
+    def _handle_signal(self, signum, frame) -> None:
+        self.cherry_worker.begin_shutdown(signum)
+        self._signum = signum
+        self._restart = False
+        self._graceful = True
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,314 @@
+"""CLI commands for queued runs: submit, ls, show, metrics, samples, logs, cancel, resume, rm, worker.
+
+Every listing takes `--json` for scripts. Runs are named by id or by any part of the id or name
+that matches one run. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from tuiapp.common import friendly
+
+KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
+FOLLOW_COLUMNS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "train/lr", "eval/exact_match")
+
+
+def _jobs():
+    from jobs.runs import Jobs
+
+    return Jobs()
+
+
+def _emit_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def _age(seconds: float | None) -> str:
+    if not seconds:
+        return "-"
+    seconds = max(0.0, time.time() - seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _key_metric(latest: dict[str, float]) -> str:
+    for name in KEY_METRICS:
+        if name in latest:
+            return f"{name.split('/')[-1]} {latest[name]:.3f}"
+    return "-"
+
+
+def _run_json(run, latest: dict[str, float] | None = None) -> dict[str, Any]:
+    row = {k: v for k, v in run.row.items() if k not in ("spec", "log_tail")}
+    row["spec"] = run.spec
+    if latest is not None:
+        row["latest_metrics"] = latest
+    return row
+
+
+def register(app: typer.Typer) -> None:
+    """Add the run-management commands to the `cherry` app."""
+
+    @app.command()
+    @friendly
+    def submit(
+        preset: str = typer.Option("dpo", "--preset", "-p", help="Preset name (see `cherry presets`) or a YAML file."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model dir or hub id; `demo` for the demo model."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Local jsonl/json/parquet/csv, a saved datasets dir, or a hub id."),
+        set_: list[str] = typer.Option([], "--set", "-s", help="Override a preset value: key=value (repeatable)."),
+        after: Optional[str] = typer.Option(None, "--after", help="Start when this run completes, with its output as the model (e.g. SFT -> DPO)."),
+        priority: int = typer.Option(0, "--priority", help="Higher runs first; equal priorities run in submission order."),
+        retries: int = typer.Option(0, "--retries", help="Re-run from the last checkpoint after a crash that is not a user error."),
+        as_json: bool = typer.Option(False, "--json", help="Print the stored run as JSON."),
+    ) -> None:
+        """Queue a run for `cherry worker` (same flags as `train`); prints the run id."""
+        from engine.spec import resolve_spec
+
+        spec = resolve_spec(preset, set_, model=model, dataset=dataset, check_paths=False)
+        jobs = _jobs()
+        run = jobs.submit(spec, priority=priority, after=after, retries=retries)
+        if as_json:
+            _emit_json(_run_json(run))
+            return
+        typer.echo(run.id)
+        waiting = f" after {run.parent}" if run.parent and not run.task_id else ""
+        typer.echo(f"queued{waiting} in {jobs.home}; start a worker with `cherry worker` if none is running", err=True)
+
+    @app.command("ls")
+    @friendly
+    def list_runs(
+        status: list[str] = typer.Option([], "--status", help="Only runs with this status (repeatable): queued, running, completed, failed, cancelled, interrupted."),
+        text: Optional[str] = typer.Argument(None, help="Only runs whose id or name contains this."),
+        as_json: bool = typer.Option(False, "--json", help="One JSON array of runs."),
+    ) -> None:
+        """List runs, oldest first: status, algorithm, progress, key metric, age."""
+        from jobs.store import STATUSES
+
+        wanted = [s for item in status for s in item.split(",") if s]
+        unknown = [s for s in wanted if s not in STATUSES]
+        if unknown:
+            raise typer.BadParameter(f"unknown status {unknown[0]!r}; choose from {', '.join(STATUSES)}", param_hint="--status")
+        jobs = _jobs()
+        runs = jobs.store.find_runs(text) if text else jobs.store.list_runs()
+        runs = [r for r in runs if not wanted or r.status in wanted]
+        latest = {r.id: jobs.store.latest_metrics(r.id) for r in runs}
+        if as_json:
+            _emit_json([_run_json(r, latest[r.id]) for r in runs])
+            return
+        if not runs:
+            typer.echo(f"no runs in {jobs.home}" + (" with that filter" if wanted or text else "; queue one with `cherry submit`"))
+            return
+        typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}")
+        for r in runs:
+            progress = f"{r.step or 0}/{r.total_steps or '?'}"
+            status_text = r.status + ("*" if r.parent and r.status == "queued" and not r.task_id else "")
+            typer.echo(f"{r.id[:44]:44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
+                       f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}")
+        if any(r.parent and r.status == "queued" and not r.task_id for r in runs):
+            typer.echo("* waiting for the run it was chained after (--after)")
+
+    @app.command()
+    @friendly
+    def show(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        as_json: bool = typer.Option(False, "--json", help="The run, its latest metrics and its summary as JSON."),
+    ) -> None:
+        """A run's status, timing, spec, latest metrics, summary and error."""
+        jobs = _jobs()
+        r = jobs.resolve(run)
+        latest = jobs.store.latest_metrics(r.id)
+        summary_file = Path(r.out_dir or "") / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        if as_json:
+            _emit_json({**_run_json(r, latest), "summary": summary, "log_tail": r.log_tail})
+            return
+        typer.echo(f"run       {r.id}")
+        typer.echo(f"status    {r.status}" + (" (cancel requested)" if r.cancel_requested and r.status == "running" else ""))
+        typer.echo(f"algorithm {r.algorithm}    model {r.model}")
+        typer.echo(f"dataset   {r.dataset}")
+        if r.parent:
+            typer.echo(f"after     {r.parent}")
+        typer.echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
+        started = r.started_at and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
+        typer.echo(f"created   {_age(r.created_at)} ago    started {started or '-'}    "
+                   f"worker {r.worker_host or '-'} pid {r.pid or '-'}")
+        typer.echo(f"directory {r.out_dir}")
+        if r.error:
+            typer.secho(f"error     {r.error}", fg="red")
+        if latest:
+            typer.echo("latest metrics:")
+            for name in sorted(latest):
+                typer.echo(f"  {name:32s} {latest[name]:.6g}")
+        if summary and summary.get("before"):
+            typer.echo("before -> final:")
+            for name in sorted(summary["before"]):
+                if name in summary.get("final", {}):
+                    typer.echo(f"  {name:32s} {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
+        changed = {k: v for k, v in r.spec.items() if k not in ("model", "dataset", "algorithm")}
+        typer.echo("spec: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()) if v not in (None, "", [], {})))
+
+    @app.command()
+    @friendly
+    def metrics(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new metrics until the run ends."),
+        names: Optional[str] = typer.Option(None, "--names", help="Comma-separated metric names (default: the main ones logged)."),
+        as_json: bool = typer.Option(False, "--json", help="JSON lines: one object per logged step."),
+        interval: float = typer.Option(1.0, help="Seconds between reads with --follow."),
+    ) -> None:
+        """A run's metrics per step (from the store), optionally following a live run."""
+        from jobs.store import ENDED
+
+        jobs = _jobs()
+        r = jobs.resolve(run)
+        wanted = [n.strip() for n in names.split(",")] if names else None
+        columns: list[str] | None = wanted
+        last_id = 0
+        header_done = False
+        while True:
+            rows = jobs.store.metrics(r.id, after_id=last_id, names=wanted)
+            if rows:
+                last_id = rows[-1]["id"]
+                by_step: dict[int, dict[str, float]] = {}
+                for row in rows:
+                    by_step.setdefault(row["step"], {})[row["name"]] = row["value"]
+                if columns is None:
+                    logged = {name for values in by_step.values() for name in values}
+                    columns = [c for c in FOLLOW_COLUMNS if c in logged] or sorted(logged)[:6]
+                for step, values in by_step.items():
+                    if as_json:
+                        typer.echo(json.dumps({"step": step, **values}))
+                        continue
+                    if not header_done:
+                        typer.echo(f"{'step':>6s}  " + "  ".join(f"{c[-16:]:>16s}" for c in columns))
+                        header_done = True
+                    cells = [f"{values[c]:16.6g}" if c in values else f"{'':16s}" for c in columns]
+                    typer.echo(f"{step:6d}  " + "  ".join(cells))
+                sys.stdout.flush()
+            if not follow:
+                break
+            status = jobs.store.get_run(r.id).status
+            if status in ENDED and not rows:
+                typer.echo(f"run {status}", err=True)
+                break
+            time.sleep(interval)
+        if not last_id and not follow:
+            typer.echo(f"no metrics logged yet for {r.id} ({r.status})", err=True)
+
+    @app.command()
+    @friendly
+    def samples(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        step: Optional[int] = typer.Option(None, "--step", help="Which logged step (default: the latest)."),
+        limit: int = typer.Option(8, help="How many prompts to show."),
+        as_json: bool = typer.Option(False, "--json", help="The samples as a JSON array."),
+    ) -> None:
+        """Reference vs policy completions on the fixed eval prompts, at one logged step."""
+        jobs = _jobs()
+        r = jobs.resolve(run)
+        steps = jobs.store.sample_steps(r.id)
+        if not steps:
+            raise typer.BadParameter(f"{r.id} has logged no samples yet", param_hint="RUN")
+        chosen = steps[-1] if step is None else step
+        if chosen not in steps:
+            raise typer.BadParameter(f"no samples at step {chosen}; logged steps: {', '.join(map(str, steps))}", param_hint="--step")
+        rows = jobs.store.samples(r.id, chosen)
+        if as_json:
+            _emit_json(rows)
+            return
+        typer.echo(f"{r.id} samples at step {chosen} (logged steps: {', '.join(map(str, steps))})\n")
+        for row in rows[:limit]:
+            typer.echo(f"  prompt    {row['prompt']!r}")
+            typer.echo(f"  reference {row['reference']!r}{_mark(row.get('reference_score'))}")
+            typer.echo(f"  policy    {row['policy']!r}{_mark(row.get('policy_score'))}"
+                       + (f"   (answer {row['answer']!r})" if row.get("answer") is not None else ""))
+            typer.echo("")
+
+    @app.command()
+    @friendly
+    def logs(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        lines: int = typer.Option(60, "--lines", "-n", help="How many of the last lines."),
+        events: bool = typer.Option(False, "--events", help="Show the run's events (start, eval, cancel, errors) instead."),
+    ) -> None:
+        """The run's log (its process output) or its events; failures show the error first."""
+        from jobs.worker import log_tail
+
+        jobs = _jobs()
+        r = jobs.resolve(run)
+        if r.error:
+            typer.secho(f"{r.status}: {r.error}", fg="red")
+        if events:
+            for event in jobs.store.events(r.id):
+                stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+                typer.echo(f"{stamp} [{event['kind']}] {event['message']}")
+            return
+        text = log_tail(Path(r.out_dir or "") / "log.txt", lines) or r.log_tail
+        typer.echo(text or f"(no log yet: {r.id} is {r.status})")
+
+    @app.command()
+    @friendly
+    def cancel(run: str = typer.Argument(..., help="Run id (or a unique part of it).")) -> None:
+        """Cancel a queued run, or stop a running one at its next step (it keeps metrics and checkpoint)."""
+        typer.echo(_jobs().cancel(run))
+
+    @app.command()
+    @friendly
+    def resume(run: str = typer.Argument(..., help="Run id (or a unique part of it).")) -> None:
+        """Queue a failed, cancelled or interrupted run again; it continues from its last checkpoint."""
+        r = _jobs().resume(run)
+        typer.echo(f"{r.id}: queued to resume from its last checkpoint")
+
+    @app.command("rm")
+    @friendly
+    def remove(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask (scripts)."),
+    ) -> None:
+        """Delete a run: its store rows and its run directory (checkpoints, weights, logs)."""
+        jobs = _jobs()
+        r = jobs.resolve(run)
+        if not yes and not typer.confirm(f"delete {r.id} ({r.status}) and {r.out_dir}?", default=False):
+            raise typer.Exit(1)
+        jobs.remove(r.id)
+        typer.echo(f"removed {r.id}")
+
+    @app.command()
+    @friendly
+    def worker(
+        gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs to use, e.g. 0,1: one run per GPU at a time."),
+        concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Runs at once (default: one per GPU, or 1)."),
+        grace: float = typer.Option(30.0, help="Seconds a stopping run gets to checkpoint before it is killed."),
+    ) -> None:
+        """Execute queued runs (Ctrl+C / SIGTERM stops them at their next step, then exits)."""
+        import logging
+
+        from jobs.home import cherry_home
+        from jobs.queue import queue_backend
+        from jobs.worker import Worker
+
+        gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+        if gpu_list and concurrency and concurrency != len(gpu_list):
+            raise typer.BadParameter("must equal the number of --gpus (a GPU runs one job at a time)", param_hint="--concurrency")
+        if concurrency is not None and concurrency < 1:
+            raise typer.BadParameter("must be at least 1", param_hint="--concurrency")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+        logging.getLogger("huey").setLevel(logging.WARNING)
+        home = cherry_home()
+        w = Worker(home, gpus=gpu_list, concurrency=concurrency, grace=grace)
+        typer.echo(f"cherry worker: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
+                   + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""), err=True)
+        w.run()
+
+
+def _mark(score) -> str:
+    return "" if score is None else (" ✓" if score >= 1 else " ✗")
