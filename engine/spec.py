@@ -315,12 +315,13 @@ def list_presets() -> list[tuple[str, str]]:
 
 
 def preset_path(name: str) -> Path:
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    candidate = presets_dir() / f"{name}.yaml"
-    if candidate.exists():
-        return candidate
+    # `dpo`, `demo/dpo` and `demo/dpo.yaml` all name files under the presets dir, from anywhere.
+    for candidate in (presets_dir() / f"{name}.yaml", presets_dir() / name):
+        if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+            return candidate
     names = [n for n, _ in list_presets()]
     guess = closest(name, names)
     hint = f"did you mean '{guess}'? " if guess else ""

@@ -17,7 +17,8 @@ import typer
 from tuiapp.common import friendly
 
 KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
-FOLLOW_COLUMNS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "train/lr", "eval/exact_match")
+FOLLOW_COLUMNS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match",
+                  "eval/rewards/accuracy")
 
 
 def _jobs():
@@ -171,9 +172,9 @@ def register(app: typer.Typer) -> None:
         jobs = _jobs()
         r = jobs.resolve(run)
         wanted = [n.strip() for n in names.split(",")] if names else None
-        columns: list[str] | None = wanted
+        logged: set[str] = set()
+        columns: list[str] = []
         last_id = 0
-        header_done = False
         while True:
             rows = jobs.store.metrics(r.id, after_id=last_id, names=wanted)
             if rows:
@@ -181,17 +182,17 @@ def register(app: typer.Typer) -> None:
                 by_step: dict[int, dict[str, float]] = {}
                 for row in rows:
                     by_step.setdefault(row["step"], {})[row["name"]] = row["value"]
-                if columns is None:
-                    logged = {name for values in by_step.values() for name in values}
-                    columns = [c for c in FOLLOW_COLUMNS if c in logged] or sorted(logged)[:6]
+                    logged.add(row["name"])
                 for step, values in by_step.items():
                     if as_json:
                         typer.echo(json.dumps({"step": step, **values}))
                         continue
-                    if not header_done:
-                        typer.echo(f"{'step':>6s}  " + "  ".join(f"{c[-16:]:>16s}" for c in columns))
-                        header_done = True
-                    cells = [f"{values[c]:16.6g}" if c in values else f"{'':16s}" for c in columns]
+                    # The main metrics logged so far; the header is printed again when one appears.
+                    now = wanted or [c for c in FOLLOW_COLUMNS if c in logged] or sorted(logged)[:6]
+                    if now != columns:
+                        columns = now
+                        typer.echo(f"{'step':>6s}  " + "  ".join(f"{c:>{max(12, len(c))}s}" for c in columns))
+                    cells = [f"{values[c]:{max(12, len(c))}.6g}" if c in values else " " * max(12, len(c)) for c in columns]
                     typer.echo(f"{step:6d}  " + "  ".join(cells))
                 sys.stdout.flush()
             if not follow:
