@@ -93,6 +93,10 @@ class Jobs:
             released.append(child.id)
         return released
 
+    def live_workers(self) -> list[dict]:
+        """Workers consuming this home's queue right now (they heartbeat into the store)."""
+        return self.store.live_workers()
+
     # ------------------------------------------------------------------ find
 
     def resolve(self, text: str) -> Run:

@@ -52,7 +52,16 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["events"].create_index(["run_id", "time"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Workers announce themselves, so front ends can tell whether anyone consumes the queue."""
+    db["workers"].create(
+        {"id": str, "host": str, "pid": int, "slots": int, "busy": int, "queue": str,
+         "started_at": float, "heartbeat_at": float},
+        pk="id",
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -193,6 +202,27 @@ class Store:
             [run_id],
         )
         return [_run(row) for row in rows]
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_beat(self, worker_id: str, *, host: str, pid: int, slots: int, busy: int, queue: str) -> None:
+        now = time.time()
+        with self._write():
+            self.db.execute(
+                "INSERT INTO workers (id, host, pid, slots, busy, queue, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET busy = excluded.busy, "
+                "heartbeat_at = excluded.heartbeat_at",
+                [worker_id, host, pid, slots, busy, queue, now, now],
+            )
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._write():
+            self.db.execute("DELETE FROM workers WHERE id = ?", [worker_id])
+
+    def live_workers(self, stale_after: float = 30.0) -> list[dict[str, Any]]:
+        """Workers that beat within `stale_after` seconds (a killed worker simply stops beating)."""
+        cutoff = time.time() - stale_after
+        return list(self.db.query("SELECT * FROM workers WHERE heartbeat_at >= ? ORDER BY started_at", [cutoff]))
 
     # ------------------------------------------------------------------ metrics, samples, events
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from huey.consumer import Consumer
 
 from jobs.home import store_path
-from jobs.queue import JobQueue
+from jobs.queue import JobQueue, queue_backend
 from jobs.runs import Jobs
 from jobs.store import Store, this_host
 
@@ -251,8 +251,38 @@ class Worker:
         for proc in children:
             _kill_group(proc, signal.SIGTERM)
 
+    @property
+    def worker_id(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+    def _beat_loop(self) -> None:
+        """Announce this worker in the store (slots, busy) until it stops."""
+        store = Store(store_path(self.home))
+        try:
+            while True:
+                with self.children_lock:
+                    busy = len(self.children)
+                store.worker_beat(self.worker_id, host=self.host, pid=self.pid, slots=self.concurrency, busy=busy,
+                                  queue=queue_backend())
+                if self.shutting_down.wait(HEARTBEAT_SECONDS):
+                    break
+        except Exception:
+            log.exception("worker heartbeat failed")
+        finally:
+            store.close()
+
     def run(self) -> None:
         self.sweep_orphans()
+        threading.Thread(target=self._beat_loop, daemon=True, name="worker-heartbeat").start()
+        try:
+            self._consume()
+        finally:
+            self.shutting_down.set()
+            store = Store(store_path(self.home))
+            store.remove_worker(self.worker_id)
+            store.close()
+
+    def _consume(self) -> None:
         consumer = _Consumer(
             self, self.queue.huey, workers=self.concurrency, worker_type="thread", periodic=False,
             initial_delay=0.1, max_delay=1.0, backoff=1.15, check_worker_health=True,

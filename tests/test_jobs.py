@@ -167,8 +167,11 @@ def test_sigterm_stops_the_worker_gracefully_and_the_run_resumes(home, start_wor
     run = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, max_steps=100_000, save_steps=1000))
     worker = start_worker()
     wait_for(lambda: (jobs.store.get_run(run.id).step or 0) >= 10, 120, "10 steps")
+    (announced,) = jobs.store.live_workers()
+    assert announced["pid"] == worker.proc.pid and announced["busy"] == 1 and announced["slots"] == 1
     asked = time.monotonic()
     assert worker.stop(timeout=30) == 0
+    assert jobs.store.live_workers() == []  # it signed off
     assert time.monotonic() - asked < 20  # bounded: the run stops at its next step
     stopped = jobs.store.get_run(run.id)
     assert stopped.status == "interrupted"

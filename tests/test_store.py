@@ -53,3 +53,22 @@ def test_runs_are_found_by_any_unique_part_of_their_id_or_name(store):
     assert [r.id for r in store.find_runs("kto")] == ["20261121-2-kto-demo"]
     assert len(store.find_runs("demo")) == 2
     assert store.find_runs("20261121-1-dpo-demo")[0].name == "dpo-demo"
+
+
+def test_an_older_store_is_migrated_in_place(tmp_path):
+    import sqlite_utils
+
+    from jobs.store import MIGRATIONS
+
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    MIGRATIONS[0](db)  # a store written by the first schema, with a run in it
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db["runs"].insert({"id": "old", "status": "completed", "spec": "{}"})
+    db.conn.commit()
+    db.conn.close()
+    store = Store(tmp_path / "old.db")
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.get_run("old").status == "completed"
+    store.worker_beat("h:1", host="h", pid=1, slots=1, busy=0, queue="sqlite")
+    assert [w["id"] for w in store.live_workers()] == ["h:1"]

@@ -108,6 +108,13 @@ def register(app: typer.Typer) -> None:
         if not runs:
             typer.echo(f"no runs in {jobs.home}" + (" with that filter" if wanted or text else "; queue one with `cherry submit`"))
             return
+        workers = jobs.live_workers()
+        if workers:
+            busy, slots = sum(w["busy"] for w in workers), sum(w["slots"] for w in workers)
+            typer.echo(f"home {jobs.home}  ·  {len(workers)} worker(s), {busy}/{slots} slots busy")
+        else:
+            waiting = any(r.status == "queued" and r.task_id for r in runs)
+            typer.echo(f"home {jobs.home}  ·  no worker running" + ("; start one with `cherry worker`" if waiting else ""))
         typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}")
         for r in runs:
             progress = f"{r.step or 0}/{r.total_steps or '?'}"
