@@ -11,6 +11,7 @@ shared across threads). The schema carries a version; `MIGRATIONS[i]` takes vers
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import time
@@ -220,9 +221,12 @@ class Store:
             self.db.execute("DELETE FROM workers WHERE id = ?", [worker_id])
 
     def live_workers(self, stale_after: float = 30.0) -> list[dict[str, Any]]:
-        """Workers that beat within `stale_after` seconds (a killed worker simply stops beating)."""
+        """Workers that beat within `stale_after` seconds (a killed worker stops beating); on this
+        host, only those whose process is still there."""
         cutoff = time.time() - stale_after
-        return list(self.db.query("SELECT * FROM workers WHERE heartbeat_at >= ? ORDER BY started_at", [cutoff]))
+        rows = self.db.query("SELECT * FROM workers WHERE heartbeat_at >= ? ORDER BY started_at", [cutoff])
+        host = this_host()
+        return [w for w in rows if w["host"] != host or pid_alive(w["pid"])]
 
     # ------------------------------------------------------------------ metrics, samples, events
 
@@ -356,3 +360,20 @@ class StoreReporter:
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when process `pid` exists and is not a zombie (an unreaped dead process)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # where /proc exists, a zombie is dead: in a container nobody may ever reap it
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True

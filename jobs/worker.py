@@ -37,7 +37,7 @@ from huey.consumer import Consumer
 from jobs.home import store_path
 from jobs.queue import JobQueue, queue_backend
 from jobs.runs import Jobs
-from jobs.store import Store, this_host
+from jobs.store import Store, pid_alive, this_host
 
 HEARTBEAT_SECONDS = 2.0
 STALE_SECONDS = 60.0
@@ -47,23 +47,6 @@ USER_ERROR_EXIT = 2  # the child's exit code for a user error: retrying cannot h
 OOM_EXIT = 3
 
 log = logging.getLogger("cherry.worker")
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True when process `pid` exists and is not a zombie (an unreaped dead process)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # where /proc exists, a zombie is dead: in a container nobody may ever reap it
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] != "Z"
-    except (OSError, ValueError, IndexError):
-        return True
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
