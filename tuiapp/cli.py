@@ -19,7 +19,7 @@ from tuiapp.runs_cli import register as register_run_commands
 
 app = typer.Typer(
     help="Cherry: preference training of language models from the terminal.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -28,6 +28,15 @@ bench_app = typer.Typer(help="Benchmarks of the engine against naive baselines, 
 app.add_typer(demo_app, name="demo")
 app.add_typer(bench_app, name="bench")
 register_run_commands(app)
+
+
+@app.callback()
+def _open_app(ctx: typer.Context) -> None:
+    """With no command, open the Textual app."""
+    if ctx.invoked_subcommand is None:
+        from tuiapp.app import run_app
+
+        run_app()
 
 
 def _progress():

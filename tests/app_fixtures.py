@@ -1,0 +1,58 @@
+"""A run store written directly (no worker, no torch) for the app's display tests."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from jobs.home import store_path
+from jobs.store import Store, StoreReporter
+
+DEMO_SPEC = {"algorithm": "dpo", "model": "demo", "dataset": "demo/pairs.jsonl", "beta": 0.1, "lr": 3e-5}
+
+
+def screen_text(app) -> str:
+    """The app's screen as plain text, as a terminal would show it."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+def populate(home: Path) -> dict[str, str]:
+    """Four runs: a completed DPO run with metrics and samples, a running one, a queued one, a failed one."""
+    store = Store(store_path(home))
+    now = time.time()
+    ids = {}
+    for key, name, algo, status in (
+        ("done", "dpo-beta01", "dpo", "completed"), ("running", "dpo-beta05", "dpo", "running"),
+        ("failed", "kto-try", "kto", "failed"), ("queued", "orpo-next", "orpo", "queued"),
+    ):
+        run_id = f"20260101-00000{len(ids)}-{name}"
+        (home / run_id).mkdir(parents=True, exist_ok=True)
+        store.create_run(run_id, {**DEMO_SPEC, "algorithm": algo, "name": name}, name=name, out_dir=str(home / run_id))
+        ids[key] = run_id
+    rep = StoreReporter(store, ids["done"])
+    rep.log_event("start", "dpo: 40 steps", total_steps=40)
+    for step in range(1, 41):
+        rep.log_metrics(step, {"train/loss": 0.69 * math.exp(-step / 20), "rewards/margin": step / 10,
+                               "rewards/accuracy": min(1.0, 0.5 + step / 60)})
+        if step % 10 == 0:
+            rep.log_metrics(step, {"eval/exact_match": 0.475 + step / 400, "kl/mean": step / 50})
+    for step in (20, 40):
+        rep.log_samples(step, [
+            {"prompt": "47+38=", "reference": "75", "policy": "85" if step == 40 else "75", "answer": "85",
+             "reference_score": 0.0, "policy_score": 1.0 if step == 40 else 0.0},
+            {"prompt": "reverse: garden", "reference": "nedrag", "policy": "nedrag", "answer": "nedrag",
+             "reference_score": 1.0, "policy_score": 1.0},
+        ])
+    store.set_status(ids["done"], "completed")
+    (home / ids["done"] / "log.txt").write_text("loading the demo model\nstep 40/40 loss 0.09\ndone: final weights saved\n")
+
+    rep = StoreReporter(store, ids["running"])
+    store.set_status(ids["running"], "running")
+    rep.log_event("start", "dpo: 100 steps", total_steps=100)
+    for step in range(1, 31):
+        rep.log_metrics(step, {"train/loss": 0.69 - step / 100, "rewards/margin": step / 20, "kl/mean": step / 40})
+    rep.log_metrics(30, {"eval/exact_match": 0.55, "kl/mean": 0.7})
+    store.set_status(ids["failed"], "failed", error="dataset: no known dataset format matches the columns found: foo")
+    store.close()
+    return ids

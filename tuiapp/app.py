@@ -1,0 +1,195 @@
+"""The Cherry app: launch runs, watch live curves and samples, compare runs — in one terminal.
+
+Never imports torch: it reads the run store (in a background thread that owns its own SQLite
+connection) and talks to the queue through `jobs.runs.Jobs`. Runs keep going when it closes.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import get_current_worker
+
+from jobs.home import cherry_home
+from tuiapp.data import Snapshot, StoreReader, Want
+
+POLL_LIVE_S = 0.5  # while a run is queued or running
+POLL_IDLE_S = 2.0
+
+
+class CherryApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "Cherry"
+    BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help", show=False, key_display="?")]
+
+    def __init__(self, home: Path | str | None = None, *, poll_live: float = POLL_LIVE_S, poll_idle: float = POLL_IDLE_S) -> None:
+        super().__init__()
+        self.home = Path(home) if home is not None else cherry_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.poll_live = poll_live
+        self.poll_idle = poll_idle
+        self.want = Want()
+        self.snapshot: Snapshot | None = None
+        self.reads = 0  # snapshots applied (tests wait on this)
+        self._wake = threading.Event()
+
+    def get_default_screen(self) -> Screen:
+        from tuiapp.screens.main import MainScreen
+
+        return MainScreen()
+
+    def on_mount(self) -> None:
+        self.read_store()
+
+    # ------------------------------------------------------------------ store reading
+
+    @work(thread=True, exclusive=True, group="reader", name="store reader")
+    def read_store(self) -> None:
+        """Read a snapshot, hand it to the UI, sleep; every POLL_LIVE_S while runs are live."""
+        worker = get_current_worker()
+        reader = StoreReader(self.home)
+        try:
+            while not worker.is_cancelled:
+                self._wake.clear()
+                try:
+                    snap = reader.read(Want(self.want.focus, self.want.sample_step, tuple(self.want.compare)))
+                except Exception as err:  # a locked or damaged store: say so, keep trying
+                    self.call_from_thread(self.notify, f"reading the run store failed: {err}", severity="error")
+                    self._wake.wait(self.poll_idle)
+                    continue
+                if worker.is_cancelled:
+                    break
+                try:
+                    self.call_from_thread(self._apply_snapshot, snap)
+                except RuntimeError:  # the app is shutting down
+                    break
+                self._wake.wait(self.poll_live if snap.live else self.poll_idle)
+        finally:
+            reader.close()
+
+    def _apply_snapshot(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.reads += 1
+        for screen in self.screen_stack:
+            apply = getattr(screen, "apply_snapshot", None)
+            if apply is not None:
+                apply(snap)
+
+    def wake_reader(self) -> None:
+        self._wake.set()
+
+    def focus_run(self, run_id: str | None) -> None:
+        if run_id != self.want.focus:
+            self.want.focus = run_id
+            self.want.sample_step = None
+            self.wake_reader()
+
+    # ------------------------------------------------------------------ run lifecycle
+
+    @work(thread=True, group="jobs")
+    def run_job_action(self, action: str, run_id: str) -> None:
+        """cancel / resume / remove a run, as `cherry cancel|resume|rm` do; errors become toasts."""
+        from jobs.runs import Jobs
+        from engine.errors import CherryError
+
+        jobs = Jobs(self.home)
+        try:
+            if action == "cancel":
+                message = jobs.cancel(run_id)
+            elif action == "resume":
+                message = f"{jobs.resume(run_id).id}: queued to resume from its last checkpoint"
+            elif action == "remove":
+                message = f"removed {jobs.remove(run_id).id}"
+            else:
+                raise ValueError(action)
+            self.call_from_thread(self.notify, message, title=action)
+        except CherryError as err:
+            self.call_from_thread(self.notify, str(err), title=f"{action} refused", severity="error")
+        finally:
+            jobs.close()
+            self.wake_reader()
+
+    # ------------------------------------------------------------------ actions and palette
+
+    def action_new_run(self) -> None:
+        from tuiapp.screens.new_run import NewRunScreen
+
+        def done(run_id: str | None) -> None:
+            if run_id:
+                self.wake_reader()
+
+        self.push_screen(NewRunScreen(self.home, self.snapshot.runs if self.snapshot else []), done)
+
+    def action_help(self) -> None:
+        self.notify(
+            "n new run · enter open/close · / filter · f status filter · space select · v compare · "
+            "c cancel · r resume · d delete · m metrics · s smoothing · y log-y · x step/time · "
+            "[ ] sample steps · 1-4 tabs · ctrl+p all commands · q quit",
+            title="keys", timeout=10,
+        )
+
+    def _main_action(self, name: str):
+        def call() -> None:
+            from tuiapp.screens.main import MainScreen
+
+            screen = self.screen
+            if not isinstance(screen, MainScreen):
+                main = next((s for s in self.screen_stack if isinstance(s, MainScreen)), None)
+                if main is None:
+                    return
+                while self.screen is not main:
+                    self.pop_screen()
+                screen = main
+            getattr(screen, f"action_{name}")()
+
+        return call
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for title, help_text, action in (
+            ("New run", "Pick model, dataset and preset, edit hyper-parameters, submit (n)", "new_run"),
+            ("Cancel run", "Cancel the highlighted run (c)", "cancel_run"),
+            ("Resume run", "Queue a failed / cancelled / interrupted run again from its checkpoint (r)", "resume_run"),
+            ("Delete run", "Delete the highlighted run and its directory, after asking (d)", "delete_run"),
+            ("Filter runs", "Filter the runs list by text (/)", "filter"),
+            ("Filter by status", "Cycle the status filter: live, queued, running, completed, ... (f)", "status_filter"),
+            ("Select run", "Add / remove the highlighted run to the comparison (space)", "toggle_select"),
+            ("Compare runs", "Overlay the selected runs' curves; frontier view (v)", "compare"),
+            ("Pick metrics", "Choose the charts of the run view (m)", "pick_metrics"),
+            ("Smoothing", "Cycle the EMA smoothing of the curves (s)", "smoothing"),
+            ("Log-Y", "Toggle a logarithmic y axis (y)", "log_y"),
+            ("X axis: step / time", "Plot against the step or wall time (x)", "x_axis"),
+            ("Show curves", "The run view's charts (1)", "tab('tab-curves')"),
+            ("Show samples", "Reference vs policy at a logged step (2)", "tab('tab-samples')"),
+            ("Show log", "The run's log tail (3 / l)", "tab('tab-log')"),
+            ("Show spec and events", "The run's full spec and its events (4)", "tab('tab-spec')"),
+        ):
+            if "(" in action:
+                name, arg = action.rstrip(")").split("(")
+                yield SystemCommand(title, help_text, self._tab_command(arg.strip("'")))
+            else:
+                yield SystemCommand(title, help_text, self._main_action(action))
+
+    def _tab_command(self, tab: str):
+        def call() -> None:
+            from tuiapp.screens.main import MainScreen
+
+            main = next((s for s in self.screen_stack if isinstance(s, MainScreen)), None)
+            if main is not None:
+                main.action_tab(tab)
+
+        return call
+
+
+def run_app(home: Path | str | None = None) -> None:
+    CherryApp(home).run()
+
+
+if __name__ == "__main__":
+    run_app()

@@ -1,0 +1,281 @@
+"""What the app shows, read from the run store off the UI thread.
+
+`StoreReader` owns one `Store` (sqlite connections stay in the thread that opened them) and keeps
+each run's metric series in memory, reading only rows newer than the last id it saw, so a run
+that logs thousands of rows costs one small query per refresh. `read()` returns a `Snapshot` of
+plain data the UI renders without touching SQLite.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.home import store_path
+from jobs.queue import queue_backend
+from jobs.store import ENDED, Run, Store
+from tuiapp.runs_cli import KEY_METRICS
+
+LIVE = ("queued", "running")
+GLYPHS = {
+    "queued": ("○", "yellow"), "running": ("●", "green"), "completed": ("✓", "cyan"),
+    "failed": ("✗", "red"), "cancelled": ("⊘", "magenta"), "interrupted": ("◌", "orange1"),
+}
+# Default charts: what a user of each algorithm family watches first.
+DEFAULT_METRICS = {
+    "preference": ["train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match"],
+    "sft": ["train/loss", "token_accuracy", "eval/exact_match", "eval/perplexity"],
+    "rm": ["train/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin"],
+}
+FRONTIER_Y = ("eval/exact_match", "eval/rewards/accuracy")
+FRONTIER_X = "kl/mean"
+
+
+@dataclass
+class SeriesData:
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+    def copy(self) -> "SeriesData":
+        return SeriesData(list(self.steps), list(self.values), list(self.times))
+
+
+@dataclass
+class RunInfo:
+    """A run row as the UI needs it."""
+
+    id: str
+    name: str
+    status: str
+    algorithm: str
+    model: str
+    dataset: str
+    step: int
+    total_steps: int
+    created_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    parent: str | None
+    waiting: bool  # chained after another run that has not completed yet
+    cancel_requested: bool
+    error: str | None
+    out_dir: str
+    spec: dict[str, Any]
+    key_metric: tuple[str, float] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def progress(self) -> float | None:
+        return min(1.0, self.step / self.total_steps) if self.total_steps else None
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        """Remaining time at the average pace since the run started (None until it can tell)."""
+        if self.status != "running" or not self.started_at or not self.total_steps or self.step <= 0:
+            return None
+        elapsed = (now or time.time()) - self.started_at
+        return max(0.0, elapsed / self.step * (self.total_steps - self.step))
+
+    @classmethod
+    def from_run(cls, run: Run) -> "RunInfo":
+        r = run.row
+        return cls(
+            id=run.id, name=r.get("name") or run.id, status=run.status, algorithm=r.get("algorithm") or "-",
+            model=r.get("model") or "-", dataset=r.get("dataset") or "-", step=r.get("step") or 0,
+            total_steps=r.get("total_steps") or 0, created_at=r.get("created_at"), started_at=r.get("started_at"),
+            finished_at=r.get("finished_at"), parent=r.get("parent"),
+            waiting=bool(r.get("parent") and run.status == "queued" and not r.get("task_id")),
+            cancel_requested=bool(r.get("cancel_requested")), error=r.get("error"), out_dir=r.get("out_dir") or "",
+            spec=run.spec,
+        )
+
+
+@dataclass
+class RunDetail:
+    run: RunInfo
+    series: dict[str, SeriesData]
+    sample_steps: list[int]
+    sample_step: int | None
+    samples: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    log: str
+
+
+@dataclass
+class Want:
+    """What the UI wants read next (set from the UI thread, read by the reader thread)."""
+
+    focus: str | None = None
+    sample_step: int | None = None  # None = the newest logged step
+    compare: tuple[str, ...] = ()
+
+
+@dataclass
+class Snapshot:
+    home: Path
+    backend: str
+    runs: list[RunInfo]
+    pending: int  # runs queued and waiting for a worker
+    running: int
+    live_workers: int  # distinct worker processes (on this host) running runs now
+    detail: RunDetail | None
+    compare: dict[str, dict[str, SeriesData]]
+    read_at: float
+
+    @property
+    def live(self) -> bool:
+        return any(r.status in LIVE for r in self.runs)
+
+
+def metric_family(algorithm: str) -> str:
+    return {"sft": "sft", "coh": "sft", "rm": "rm"}.get(algorithm, "preference")
+
+
+def default_metrics(algorithm: str, available: list[str]) -> list[str]:
+    wanted = [m for m in DEFAULT_METRICS[metric_family(algorithm)] if m in available]
+    return wanted or available[:4]
+
+
+def key_metric(latest: dict[str, float]) -> tuple[str, float] | None:
+    for name in KEY_METRICS:
+        if name in latest:
+            return name, latest[name]
+    return None
+
+
+def log_tail(path: Path, max_bytes: int = 16_000, lines: int = 200) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreReader:
+    """Reads snapshots of one Cherry home; use it from one thread only."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.store = Store(store_path(self.home))
+        self._series: dict[str, dict[str, SeriesData]] = {}
+        self._last_id: dict[str, int] = {}
+        self._latest: dict[str, tuple[tuple[Any, ...], tuple[str, float] | None]] = {}
+
+    def close(self) -> None:
+        self.store.close()
+
+    def series(self, run_id: str, step: int) -> dict[str, SeriesData]:
+        """All metric series of a run, updated incrementally (a rewound run is read again)."""
+        cached = self._series.get(run_id)
+        if cached and any(s.steps and s.steps[-1] > step for s in cached.values()):
+            cached = None  # resumed from an earlier checkpoint: the store forgot later steps
+        if cached is None:
+            cached, self._last_id[run_id] = {}, 0
+            self._series[run_id] = cached
+        rows = self.store.metrics(run_id, after_id=self._last_id.get(run_id, 0))
+        for row in rows:
+            s = cached.setdefault(row["name"], SeriesData())
+            s.steps.append(row["step"])
+            s.values.append(row["value"])
+            s.times.append(row["time"])
+        if rows:
+            self._last_id[run_id] = rows[-1]["id"]
+        return cached
+
+    def _key_metric(self, run: RunInfo) -> tuple[str, float] | None:
+        stamp = (run.step, run.status)
+        hit = self._latest.get(run.id)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, key_metric(self.store.latest_metrics(run.id)))
+            self._latest[run.id] = hit
+        return hit[1]
+
+    def read(self, want: Want) -> Snapshot:
+        runs = [RunInfo.from_run(r) for r in self.store.list_runs()]
+        workers = set()
+        for run in runs:
+            run.key_metric = self._key_metric(run)
+        for r in self.store.list_runs(["running"]):
+            if r.row.get("worker_pid") and _pid_alive(r.row.get("worker_pid")):
+                workers.add((r.row.get("worker_host"), r.row.get("worker_pid")))
+        by_id = {r.id: r for r in runs}
+        detail = None
+        if want.focus in by_id:
+            run = by_id[want.focus]
+            series = {k: v.copy() for k, v in self.series(run.id, run.step).items()}
+            steps = self.store.sample_steps(run.id)
+            step = want.sample_step if want.sample_step in steps else (steps[-1] if steps else None)
+            detail = RunDetail(
+                run=run, series=series, sample_steps=steps, sample_step=step,
+                samples=self.store.samples(run.id, step) if step is not None else [],
+                events=self.store.events(run.id)[-200:],
+                log=log_tail(Path(run.out_dir) / "log.txt") if run.out_dir else "",
+            )
+        compare = {
+            rid: {k: v.copy() for k, v in self.series(rid, by_id[rid].step).items()}
+            for rid in want.compare if rid in by_id
+        }
+        return Snapshot(
+            home=self.home, backend=queue_backend(), runs=runs,
+            pending=sum(1 for r in runs if r.status == "queued" and not r.waiting),
+            running=sum(1 for r in runs if r.status == "running"), live_workers=len(workers),
+            detail=detail, compare=compare, read_at=time.time(),
+        )
+
+
+def age(seconds: float | None, now: float | None = None) -> str:
+    if not seconds:
+        return "-"
+    seconds = max(0.0, (now or time.time()) - seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def frontier_points(series: dict[str, SeriesData]) -> tuple[str, list[float], list[float]] | None:
+    """(y metric, kl values, y values) at each eval step where both were logged."""
+    kl = series.get(FRONTIER_X)
+    if kl is None:
+        return None
+    kl_at = dict(zip(kl.steps, kl.values))
+    for name in FRONTIER_Y:
+        ys = series.get(name)
+        if ys is None:
+            continue
+        pts = [(kl_at[s], v) for s, v in zip(ys.steps, ys.values) if s in kl_at]
+        if pts:
+            return name, [p[0] for p in pts], [p[1] for p in pts]
+    return None

@@ -1,0 +1,455 @@
+"""The main screen: runs on the left, the focused run's curves, samples, log and spec on the right."""
+
+from __future__ import annotations
+
+import time
+
+import yaml
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Container, Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
+
+from jobs.store import STATUSES
+from tuiapp.data import GLYPHS, RunDetail, RunInfo, Snapshot, default_metrics, duration
+from tuiapp.widgets.chart import Chart
+from tuiapp.widgets.plot import fmt_num, sparkline
+from tuiapp.widgets.runs_table import RunsTable
+from tuiapp.widgets.samples import SamplesView
+
+SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
+STATUS_FILTERS = (None, "live") + STATUSES
+SUMMARY_METRICS = ("rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match", "train/tokens_per_s",
+                   "sys/gpu_mem_gb", "sys/rss_gb")
+
+
+def matches(run: RunInfo, text: str, status: str | None) -> bool:
+    if status == "live" and run.status not in ("queued", "running"):
+        return False
+    if status not in (None, "live") and run.status != status:
+        return False
+    if not text:
+        return True
+    hay = " ".join((run.id, run.name, run.algorithm, run.model, run.dataset, run.status)).lower()
+    return all(word in hay for word in text.lower().split())
+
+
+def progress_bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(fraction * width))
+    return "━" * filled + "─" * (width - filled)
+
+
+def short_path(value: str) -> str:
+    return value.rstrip("/").rsplit("/", 1)[-1] if value else "-"
+
+
+def run_title(run: RunInfo) -> Text:
+    glyph, colour = GLYPHS.get(run.status, ("?", "white"))
+    text = Text()
+    text.append(f"{glyph} {run.name}", style=f"bold {colour}")
+    text.append(f"  {run.algorithm} · {short_path(run.model)} · {short_path(run.dataset)}", style="dim")
+    text.append(f"  {run.status}", style=colour)
+    if run.cancel_requested and run.status == "running":
+        text.append(" (stopping)", style="magenta")
+    if run.waiting:
+        text.append(f" (waiting for {run.parent})", style="yellow")
+    if run.total_steps:
+        frac = run.progress or 0.0
+        text.append(f"  {progress_bar(frac, 16)} ", style=colour)
+        text.append(f"{run.step}/{run.total_steps}")
+    eta = run.eta_seconds()
+    if eta is not None:
+        text.append(f"  ETA {duration(eta)}")
+    elif run.ended and run.started_at and run.finished_at:
+        text.append(f"  took {duration(run.finished_at - run.started_at)}", style="dim")
+    if run.error:
+        text.append(f"\n{run.error}", style="red")
+    return text
+
+
+def spec_text(run: RunInfo, events: list[dict]) -> Text:
+    text = Text()
+    text.append(f"id        {run.id}\ndirectory {run.out_dir}\n", style="dim")
+    if run.parent:
+        text.append(f"after     {run.parent}\n", style="dim")
+    text.append("\nspec\n", style="bold")
+    text.append(yaml.safe_dump(run.spec, sort_keys=False, default_flow_style=None, width=100))
+    text.append("\nevents\n", style="bold")
+    for event in events[-60:]:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+        style = "red" if event["kind"] in ("failed", "error") else ""
+        text.append(f"{stamp} ", style="dim")
+        text.append(f"[{event['kind']}] ", style="cyan")
+        text.append(f"{event['message']}\n", style=style)
+    return text
+
+
+class MainScreen(Screen):
+    BINDINGS = [
+        Binding("n", "new_run", "new run"),
+        Binding("c", "cancel_run", "cancel"),
+        Binding("r", "resume_run", "resume"),
+        Binding("d", "delete_run", "delete"),
+        Binding("space", "toggle_select", "select", show=True),
+        Binding("v", "compare", "compare"),
+        Binding("m", "pick_metrics", "metrics"),
+        Binding("slash", "filter", "filter", key_display="/"),
+        Binding("f", "status_filter", "status"),
+        Binding("s", "smoothing", "smooth", show=False),
+        Binding("y", "log_y", "log-y", show=False),
+        Binding("x", "x_axis", "x axis", show=False),
+        Binding("left_square_bracket", "sample_step(-1)", "older samples", show=False, key_display="["),
+        Binding("right_square_bracket", "sample_step(1)", "newer samples", show=False, key_display="]"),
+        Binding("1", "tab('tab-curves')", "curves", show=False),
+        Binding("2", "tab('tab-samples')", "samples", show=False),
+        Binding("3", "tab('tab-log')", "log", show=False),
+        Binding("l", "tab('tab-log')", "log", show=False),
+        Binding("4", "tab('tab-spec')", "spec", show=False),
+        Binding("escape", "back", "back", show=False),
+    ]
+
+    filter_text: reactive[str] = reactive("")
+    status_filter: reactive[str | None] = reactive(None)
+    smoothing: reactive[float] = reactive(0.0)
+    log_y: reactive[bool] = reactive(False)
+    x_by_time: reactive[bool] = reactive(False)
+    full: reactive[bool] = reactive(False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: list[str] = []  # in selection order: a run's colour in the compare view
+        self.chosen_metrics: list[str] | None = None  # None = the algorithm's default set
+        self._snapshot: Snapshot | None = None
+        self._shown_runs: list[RunInfo] = []
+        self._n_charts = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="topbar")
+        with Horizontal(id="body"):
+            with Vertical(id="runs-pane"):
+                yield RunsTable(id="runs")
+                yield Input(placeholder="filter runs (text; esc clears)", id="filter")
+                yield Static(id="filter-status")
+            with Vertical(id="detail"):
+                yield Static("no run selected", id="run-title")
+                with TabbedContent(id="tabs", initial="tab-curves"):
+                    with TabPane("Curves", id="tab-curves"):
+                        yield Static(id="chart-controls")
+                        yield Container(id="charts")
+                        yield Static(id="latest")
+                    with TabPane("Samples", id="tab-samples"):
+                        yield SamplesView(id="samples")
+                    with TabPane("Log", id="tab-log"):
+                        with VerticalScroll(id="log-scroll"):
+                            yield Static(id="log")
+                    with TabPane("Spec", id="tab-spec"):
+                        with VerticalScroll(id="spec-scroll"):
+                            yield Static(id="spec")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#filter").display = False
+        self.query_one(RunsTable).focus()
+        self._update_controls()
+        if self.app.snapshot is not None:
+            self.apply_snapshot(self.app.snapshot)
+
+    # ------------------------------------------------------------------ data in
+
+    def apply_snapshot(self, snap: Snapshot) -> None:
+        self._snapshot = snap
+        self._render_topbar(snap)
+        self._render_runs()
+        detail = snap.detail
+        if detail is not None and detail.run.id == self.app.want.focus:
+            self._render_detail(detail)
+        elif not self._shown_runs:
+            self.query_one("#run-title", Static).update(Text("no runs yet: press n to start one", style="dim"))
+
+    def _render_topbar(self, snap: Snapshot) -> None:
+        text = Text()
+        text.append(" Cherry ", style="bold reverse red")
+        text.append(f"  home: {snap.home}", style="")
+        text.append(f"  queue: {snap.backend}", style="dim")
+        workers = f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} busy" if snap.live_workers else "no worker busy"
+        text.append(f"  {workers} · {snap.running} running · {snap.pending} queued", style="green" if snap.running else "yellow" if snap.pending else "dim")
+        if snap.pending and not snap.running:
+            text.append("  (start one: cherry worker)", style="yellow")
+        self.query_one("#topbar", Static).update(text)
+
+    def _render_runs(self) -> None:
+        if self._snapshot is None:
+            return
+        runs = [r for r in reversed(self._snapshot.runs) if matches(r, self.filter_text, self.status_filter)]
+        self._shown_runs = runs
+        table = self.query_one(RunsTable)
+        table.show(runs, set(self.selected))
+        parts = []
+        if self.filter_text:
+            parts.append(f"filter: /{self.filter_text}")
+        if self.status_filter:
+            parts.append(f"status: {self.status_filter}")
+        parts.append(f"{len(runs)} of {len(self._snapshot.runs)} runs")
+        if self.selected:
+            parts.append(f"{len(self.selected)} selected (v compare)")
+        self.query_one("#filter-status", Static).update(Text("  ".join(parts), style="dim"))
+        focus = table.current_run_id
+        if focus != self.app.want.focus:
+            self.app.focus_run(focus)
+
+    def _render_detail(self, detail: RunDetail) -> None:
+        run = detail.run
+        self.query_one("#run-title", Static).update(run_title(run))
+        self._render_charts(detail)
+        self.query_one(SamplesView).show(detail.sample_steps, detail.sample_step, detail.samples)
+        log_widget = self.query_one("#log", Static)
+        log_text = detail.log or (run.error or f"(no log yet: the run is {run.status})")
+        log_widget.update(Text(log_text))
+        scroll = self.query_one("#log-scroll", VerticalScroll)
+        if scroll.is_vertical_scroll_end or scroll.max_scroll_y == 0:
+            scroll.call_after_refresh(scroll.scroll_end, animate=False)
+        self.query_one("#spec", Static).update(spec_text(run, detail.events))
+
+    def _render_charts(self, detail: RunDetail) -> None:
+        available = sorted(detail.series)
+        names = [m for m in (self.chosen_metrics or []) if m in detail.series] or default_metrics(detail.run.algorithm, available)
+        box = self.query_one("#charts", Container)
+        if box.size.height:  # as many charts as fit at >= 6 rows each; the rest via m
+            cols = 2 if box.size.width >= 90 else 1
+            fit = max(1, box.size.height // 6) * cols
+            hidden = names[fit:]
+            names = names[:fit]
+        else:
+            hidden = []
+        charts = {c.name: c for c in box.query(Chart)}
+        if list(charts) != [f"m-{i}" for i in range(len(names))]:
+            box.remove_children()
+            box.mount_all([Chart(name=f"m-{i}", classes="chart") for i in range(len(names))])
+            self._n_charts = len(names)
+            self._layout_charts()
+            self.call_after_refresh(self._render_charts_again)
+            return
+        for i, name in enumerate(names):
+            chart = charts[f"m-{i}"]
+            s = detail.series[name]
+            start = detail.run.started_at or (s.times[0] if s.times else 0)
+            xs = [t - start for t in s.times] if self.x_by_time else list(s.steps)
+            chart.title = name
+            chart.smoothing = self.smoothing
+            chart.log_y = self.log_y
+            chart.x_label = "seconds" if self.x_by_time else "step"
+            chart.curves = [(name, xs, list(s.values), "dodger_blue1")]
+        latest = Text()
+        if hidden:
+            latest.append(f"+{len(hidden)} more charts (m picks, or enlarge the terminal)  ", style="dim")
+        for name in SUMMARY_METRICS:
+            if name in detail.series and detail.series[name].values and name not in names:
+                values = detail.series[name].values
+                latest.append(f"{name.replace('rewards/', '').replace('train/', '').replace('sys/', '')} ", style="dim")
+                latest.append(f"{fmt_num(values[-1])} ")
+                latest.append(sparkline(values, 8) + "  ", style="cyan")
+        if not available:
+            latest = Text("no metrics logged yet" + (" (the run waits for a worker)" if detail.run.status == "queued" else ""), style="dim")
+        self.query_one("#latest", Static).update(latest)
+
+    def _layout_charts(self) -> None:
+        """Charts in a grid: two columns when the pane is wide enough, rows sharing the height."""
+        box = self.query_one("#charts", Container)
+        n = self._n_charts or 1
+        cols = 2 if box.size.width >= 90 or (box.size.width >= 60 and n > 2 and box.size.height < 20) else 1
+        if n == 1:
+            cols = 1
+        box.styles.grid_size_columns = cols
+        box.styles.grid_size_rows = -(-n // cols)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._layout_charts)
+
+    def _render_charts_again(self) -> None:
+        snap = self._snapshot
+        if snap is not None and snap.detail is not None and snap.detail.run.id == self.app.want.focus:
+            self._render_charts(snap.detail)
+
+    def _update_controls(self) -> None:
+        text = Text()
+        text.append("smooth ", style="dim")
+        text.append(f"{self.smoothing:g}")
+        text.append(" [s]   log-y ", style="dim")
+        text.append("on" if self.log_y else "off")
+        text.append(" [y]   x: ", style="dim")
+        text.append("time" if self.x_by_time else "step")
+        text.append(" [x]   metrics [m]", style="dim")
+        self.query_one("#chart-controls", Static).update(text)
+        self._render_charts_again()
+
+    def watch_smoothing(self) -> None:
+        self._update_controls()
+
+    def watch_log_y(self) -> None:
+        self._update_controls()
+
+    def watch_x_by_time(self) -> None:
+        self._update_controls()
+
+    def watch_full(self, full: bool) -> None:
+        self.query_one("#runs-pane").display = not full
+
+    # ------------------------------------------------------------------ events
+
+    @on(DataTable.RowHighlighted, "#runs")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        run_id = event.row_key.value if event.row_key is not None else None
+        if run_id != self.app.want.focus:
+            self.app.focus_run(run_id)
+            self.query_one(SamplesView).show([], None, [])
+
+    @on(DataTable.RowSelected, "#runs")
+    def _selected(self, event: DataTable.RowSelected) -> None:
+        self.full = True
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value.strip()
+        self._render_runs()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        self.query_one(RunsTable).focus()
+        self.query_one("#filter").display = bool(self.filter_text)
+
+    @on(SamplesView.StepRequested)
+    def _sample_step(self, event: SamplesView.StepRequested) -> None:
+        self.action_sample_step(event.delta)
+
+    # ------------------------------------------------------------------ actions
+
+    def current_run(self) -> RunInfo | None:
+        run_id = self.query_one(RunsTable).current_run_id
+        return next((r for r in self._shown_runs if r.id == run_id), None)
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_back(self) -> None:
+        box = self.query_one("#filter", Input)
+        if box.has_focus:
+            box.value = ""
+            box.display = False
+            self.query_one(RunsTable).focus()
+        elif self.full:
+            self.full = False
+        elif self.filter_text or self.status_filter:
+            box.value = ""
+            box.display = False
+            self.filter_text = ""
+            self.status_filter = None
+            self._render_runs()
+        elif not self.query_one(RunsTable).has_focus:
+            self.query_one(RunsTable).focus()
+
+    def action_status_filter(self) -> None:
+        i = STATUS_FILTERS.index(self.status_filter)
+        self.status_filter = STATUS_FILTERS[(i + 1) % len(STATUS_FILTERS)]
+        self._render_runs()
+
+    def action_new_run(self) -> None:
+        self.app.action_new_run()
+
+    def action_cancel_run(self) -> None:
+        run = self.current_run()
+        if run is None:
+            self.notify("no run selected", severity="warning")
+            return
+        self.app.run_job_action("cancel", run.id)
+
+    def action_resume_run(self) -> None:
+        run = self.current_run()
+        if run is None:
+            self.notify("no run selected", severity="warning")
+            return
+        self.app.run_job_action("resume", run.id)
+
+    def action_delete_run(self) -> None:
+        run = self.current_run()
+        if run is None:
+            self.notify("no run selected", severity="warning")
+            return
+        from tuiapp.screens.confirm import ConfirmScreen
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.app.run_job_action("remove", run.id)
+
+        self.app.push_screen(ConfirmScreen(f"Delete {run.id} ({run.status})?",
+                                           f"Its metrics, samples and its directory {run.out_dir} are removed."), done)
+
+    def action_toggle_select(self) -> None:
+        run = self.current_run()
+        if run is None:
+            return
+        if run.id in self.selected:
+            self.selected.remove(run.id)
+        else:
+            self.selected.append(run.id)
+        self._render_runs()
+
+    def action_compare(self) -> None:
+        ids = [r for r in self.selected if self._snapshot and any(x.id == r for x in self._snapshot.runs)]
+        if not ids:
+            run = self.current_run()
+            if run is None:
+                self.notify("select runs with space, then press v", severity="warning")
+                return
+            ids = [run.id]
+        from tuiapp.screens.compare import CompareScreen
+
+        self.app.push_screen(CompareScreen(ids))
+
+    def action_pick_metrics(self) -> None:
+        snap = self._snapshot
+        if snap is None or snap.detail is None or not snap.detail.series:
+            self.notify("the focused run has logged no metrics yet", severity="warning")
+            return
+        from tuiapp.screens.pickers import MetricPicker
+
+        available = sorted(snap.detail.series)
+        current = [m for m in (self.chosen_metrics or []) if m in available] or default_metrics(snap.detail.run.algorithm, available)
+
+        def done(chosen: list[str] | None) -> None:
+            if chosen is not None:
+                self.chosen_metrics = chosen or None
+                self._render_charts_again()
+
+        self.app.push_screen(MetricPicker(available, current, multiple=True), done)
+
+    def action_smoothing(self) -> None:
+        i = SMOOTHING_STEPS.index(self.smoothing) if self.smoothing in SMOOTHING_STEPS else 0
+        self.smoothing = SMOOTHING_STEPS[(i + 1) % len(SMOOTHING_STEPS)]
+
+    def action_log_y(self) -> None:
+        self.log_y = not self.log_y
+
+    def action_x_axis(self) -> None:
+        self.x_by_time = not self.x_by_time
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_sample_step(self, delta: int) -> None:
+        snap = self._snapshot
+        if snap is None or snap.detail is None or not snap.detail.sample_steps:
+            return
+        steps = snap.detail.sample_steps
+        current = snap.detail.sample_step if snap.detail.sample_step in steps else steps[-1]
+        i = max(0, min(len(steps) - 1, steps.index(current) + delta))
+        self.app.want.sample_step = None if i == len(steps) - 1 else steps[i]
+        snap.detail.sample_step = steps[i]
+        snap.detail.samples = []
+        self.query_one(TabbedContent).active = "tab-samples"
+        self.app.wake_reader()

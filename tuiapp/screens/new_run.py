@@ -1,0 +1,449 @@
+"""New run: model, dataset (with a preview), preset, hyper-parameters with the preset's defaults.
+
+Every change is validated at once (torch-free: engine.spec); an error shows next to the field it
+names. Submit goes through `Jobs.submit`, exactly like `cherry submit`, whose equivalent command
+line the form shows.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Footer, Input, Label, Select, Static
+
+from engine.errors import CherryError
+from engine.spec import DATA_KIND, demo_dir, list_presets, load_preset, preset_chain, resolve_path, resolve_spec
+from tuiapp.data import RunInfo
+
+# The hyper-parameters the form shows; anything else goes in "more settings" as key=value.
+FORM_FIELDS = (
+    "name", "lr", "beta", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_ratio", "lr_scheduler",
+    "loss_type", "label_smoothing", "lora.r", "max_length", "max_prompt_length", "eval_steps", "sample_steps",
+    "save_steps", "num_threads",
+)
+EXTRA = "extra"
+_KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    """(label, preset name) of the presets, then the demo runs (`demo/dpo` etc.)."""
+    out = [(f"{name}  {desc[:60]}", name) for name, desc in list_presets()]
+    for path in sorted(demo_dir().glob("*.yaml")):
+        out.append((f"demo/{path.stem}  the demo's {path.stem} run", f"demo/{path.stem}"))
+    return out
+
+
+def preset_help(name: str) -> dict[str, str]:
+    """Each setting's comment in the preset's YAML (the preset's own, else its base's)."""
+    found: dict[str, str] = {}
+    try:
+        chain = preset_chain(name)
+    except CherryError:
+        return found
+    for path in chain:
+        parent = None
+        for line in path.read_text().splitlines():
+            m = _KEY_LINE.match(line)
+            if not m:
+                continue
+            indent, key, value, comment = m.groups()
+            if not indent:
+                parent = key if not value else None
+            elif parent:
+                key = f"{parent}.{key}"
+            if comment and key not in found:
+                found[key] = comment.strip()
+    return found
+
+
+def flat_values(values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                out[f"{key}.{sub}"] = sub_value
+        else:
+            out[key] = value
+    return out
+
+
+def defaults_for(preset: str) -> dict[str, Any]:
+    from engine.spec import RunSpec
+
+    base = flat_values(RunSpec().to_dict())
+    base.update(flat_values(load_preset(preset)))
+    return base
+
+
+def show_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def error_field(message: str, keys: list[str]) -> str | None:
+    """The form field an engine error names (its message starts with the key, by convention)."""
+    text = message.strip()
+    m = re.match(r"unknown (?:lora )?key '([^']+)'", text)
+    if m:
+        return m.group(1) if m.group(1) in keys else EXTRA
+    for key in sorted(keys, key=len, reverse=True):
+        if re.match(rf"(--)?{re.escape(key)}\b(?![.])", text):
+            return key
+    for key, words in (("model", ("model ",)), ("dataset", ("dataset", "no known dataset format"))):
+        if text.startswith(words):
+            return key
+    if "adam_beta" in text:
+        return EXTRA
+    return None
+
+
+def submit_command(preset: str, model: str, dataset: str, overrides: list[str], after: str | None) -> str:
+    parts = ["cherry", "submit", "--preset", preset]
+    if model:
+        parts += ["--model", model]
+    if dataset:
+        parts += ["--dataset", dataset]
+    for item in overrides:
+        parts += ["--set", item]
+    if after:
+        parts += ["--after", after]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+class NewRunScreen(Screen[str | None]):
+    """Dismisses with the new run's id (or None when cancelled)."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "cancel"),
+        Binding("ctrl+s", "submit", "submit"),
+        Binding("ctrl+o", "show_command", "show command"),
+    ]
+
+    def __init__(self, home: Path, runs: list[RunInfo]) -> None:
+        super().__init__()
+        self.home = Path(home)
+        self.runs = runs
+        self.presets = preset_choices()
+        self.preset = "dpo" if any(v == "dpo" for _, v in self.presets) else self.presets[0][1]
+        self.defaults: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+        self.submitting = False
+
+    # ------------------------------------------------------------------ layout
+
+    def _model_choices(self) -> list[tuple[str, str]]:
+        out = [("demo (the embedded ~1M demo model)", "demo")]
+        for run in reversed(self.runs):
+            final = Path(run.out_dir) / "final"
+            if run.status == "completed" and run.algorithm != "rm" and final.is_dir():
+                out.append((f"{run.name} (final weights)", str(final)))
+        return out
+
+    def _dataset_choices(self) -> list[tuple[str, str]]:
+        return [(f"demo/{p.name}", f"demo/{p.name}") for p in sorted(demo_dir().glob("*.jsonl"))]
+
+    def _after_choices(self) -> list[tuple[str, str]]:
+        return [(f"{r.name} ({r.status})", r.id) for r in reversed(self.runs)
+                if r.status in ("queued", "running", "completed") and r.algorithm != "rm"]
+
+    def _row(self, key: str, label: str, widget, help_text: str = "") -> Horizontal:
+        return Horizontal(
+            Label(label, classes="field-label"), widget,
+            Static(help_text, id=f"msg-{key.replace('.', '_')}", classes="field-msg"),
+            classes="field", id=f"row-{key.replace('.', '_')}",
+        )
+
+    def compose(self) -> ComposeResult:
+        models = self._model_choices()
+        datasets = self._dataset_choices()
+        with VerticalScroll(id="new-run"):
+            yield Static(Text("New run", style="bold") + Text(f"   home: {self.home}", style="dim"), id="new-run-title")
+            yield self._row("preset", "Preset", Select(
+                [(label, value) for label, value in self.presets], value=self.preset, allow_blank=False, id="f-preset"))
+            yield self._row("model", "Model", Input(
+                placeholder="demo, a local dir, or a hub id", id="f-model",
+                suggester=SuggestFromList([v for _, v in models], case_sensitive=False)))
+            yield Horizontal(Label("", classes="field-label"), Select(models, prompt="pick a model…", id="pick-model"),
+                             classes="field picker-row")
+            yield self._row("dataset", "Dataset", Input(
+                placeholder="demo/pairs.jsonl, a local file, or a hub id", id="f-dataset",
+                suggester=SuggestFromList([v for _, v in datasets], case_sensitive=False)))
+            yield Horizontal(Label("", classes="field-label"), Select(datasets, prompt="pick a demo dataset…", id="pick-dataset"),
+                             classes="field picker-row")
+            yield Static(id="dataset-preview")
+            yield Static(Text("Hyper-parameters (preset defaults; edit any)", style="bold"), classes="section")
+            for key in FORM_FIELDS:
+                yield self._row(key, key, Input(id=f"f-{key.replace('.', '_')}", classes="hp"))
+            yield self._row(EXTRA, "more settings", Input(placeholder="key=value key=value (any spec key)", id=f"f-{EXTRA}"))
+            yield self._row("after", "After run", Select(self._after_choices(), prompt="none (start when a worker is free)", id="f-after"))
+            yield Static(id="form-error")
+            yield Static(id="command")
+            with Horizontal(id="form-buttons"):
+                yield Button("Show command", id="show-command")
+                yield Button("Cancel", id="cancel")
+                yield Button("Submit", id="submit", variant="primary")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._load_preset(self.preset)
+        self.query_one("#f-model", Input).focus()
+
+    # ------------------------------------------------------------------ values
+
+    def _input(self, key: str) -> Input:
+        return self.query_one(f"#f-{key.replace('.', '_')}", Input)
+
+    def _load_preset(self, preset: str) -> None:
+        self.preset = preset
+        try:
+            self.defaults = defaults_for(preset)
+        except CherryError as err:
+            self._set_errors({"preset": str(err)})
+            return
+        helps = preset_help(preset)
+        for key in FORM_FIELDS:
+            box = self._input(key)
+            box.value = show_value(self.defaults.get(key))
+            box.tooltip = helps.get(key)
+            self.query_one(f"#msg-{key.replace('.', '_')}", Static).update(Text(helps.get(key, ""), style="dim"))
+        for key in ("model", "dataset"):
+            if self.defaults.get(key):
+                self._input(key).value = show_value(self.defaults[key])
+        desc = dict((v, label) for label, v in self.presets).get(preset, "")
+        self.query_one("#msg-preset", Static).update(Text(desc.split("  ", 1)[-1], style="dim"))
+        self.validate()
+
+    def overrides(self) -> list[str]:
+        """`key=value` for each field that differs from the preset (what `--set` would carry)."""
+        items = []
+        for key in FORM_FIELDS:
+            value = self._input(key).value.strip()
+            if value == "" or value == show_value(self.defaults.get(key)):
+                continue
+            items.append(f"{key}={value}")
+        items += shlex.split(self._input(EXTRA).value) if self._input(EXTRA).value.strip() else []
+        return items
+
+    def after(self) -> str | None:
+        value = self.query_one("#f-after", Select).value
+        return None if value is Select.BLANK else str(value)
+
+    def build(self):
+        """The RunSpec of the form, or raise CherryError (paths are checked at submit)."""
+        model = self._input("model").value.strip() or None
+        dataset = self._input("dataset").value.strip() or None
+        return resolve_spec(self.preset, self.overrides(), model=model, dataset=dataset, check_paths=False)
+
+    def validate(self) -> bool:
+        """Check the form now; show each error next to its field. True when it would submit."""
+        errors: dict[str, str] = {}
+        try:
+            spec = self.build()
+        except ValueError as err:  # shlex on a half-typed quote
+            errors[EXTRA] = str(err)
+            spec = None
+        except CherryError as err:
+            key = error_field(str(err), list(FORM_FIELDS) + ["model", "dataset"])
+            errors[key or "form"] = str(err)
+            spec = None
+        for key in ("model", "dataset"):
+            value = self._input(key).value.strip()
+            if key in errors:
+                continue
+            if not value and not (key == "model" and self.after()):
+                errors[key] = f"{key} is not set"
+                continue
+            if value and not (key == "model" and self.after()):
+                try:
+                    resolve_path(value, key, kind="model" if key == "model" else "data")
+                except CherryError as err:
+                    errors[key] = str(err)
+        self._set_errors(errors)
+        self._update_command()
+        return not errors and spec is not None
+
+    def _set_errors(self, errors: dict[str, str]) -> None:
+        helps = preset_help(self.preset) if self.errors.keys() - errors.keys() else {}
+        for key in set(self.errors) | set(errors):
+            if key == "form":
+                continue
+            try:
+                msg = self.query_one(f"#msg-{key.replace('.', '_')}", Static)
+                row = self.query_one(f"#row-{key.replace('.', '_')}")
+            except Exception:
+                continue
+            if key in errors:
+                msg.update(Text("✗ " + errors[key], style="red"))
+                row.add_class("-invalid")
+            else:
+                msg.update(Text(helps.get(key, ""), style="dim"))
+                row.remove_class("-invalid")
+        self.errors = errors
+        self.query_one("#form-error", Static).update(Text("✗ " + errors["form"], style="red") if "form" in errors else "")
+
+    def _update_command(self) -> None:
+        try:
+            overrides = self.overrides()
+        except ValueError:
+            overrides = []
+        line = submit_command(self.preset, self._input("model").value.strip(), self._input("dataset").value.strip(),
+                              overrides, self.after())
+        self.query_one("#command", Static).update(Text("$ " + line, style="cyan"))
+
+    # ------------------------------------------------------------------ events
+
+    @on(Select.Changed, "#f-preset")
+    def _preset_changed(self, event: Select.Changed) -> None:
+        if event.value is not Select.BLANK and event.value != self.preset:
+            self._load_preset(str(event.value))
+            self._preview()
+
+    @on(Select.Changed, "#pick-model")
+    def _model_picked(self, event: Select.Changed) -> None:
+        if event.value is not Select.BLANK:
+            self._input("model").value = str(event.value)
+
+    @on(Select.Changed, "#pick-dataset")
+    def _dataset_picked(self, event: Select.Changed) -> None:
+        if event.value is not Select.BLANK:
+            self._input("dataset").value = str(event.value)
+
+    @on(Select.Changed, "#f-after")
+    def _after_changed(self, event: Select.Changed) -> None:
+        self.validate()
+
+    @on(Input.Changed)
+    def _changed(self, event: Input.Changed) -> None:
+        self.validate()
+        if event.input.id == "f-dataset":
+            self._preview()
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        self.focus_next()
+
+    @on(Button.Pressed, "#submit")
+    def _submit_pressed(self) -> None:
+        self.action_submit()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()
+
+    @on(Button.Pressed, "#show-command")
+    def _show_pressed(self) -> None:
+        self.action_show_command()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_show_command(self) -> None:
+        self._update_command()
+        command = self.query_one("#command", Static)
+        self.query_one("#new-run", VerticalScroll).scroll_to_widget(command)
+        try:
+            line = submit_command(self.preset, self._input("model").value.strip(), self._input("dataset").value.strip(),
+                                  self.overrides(), self.after())
+            self.app.copy_to_clipboard(line)
+            self.notify(line, title="command (copied to the clipboard where the terminal allows)")
+        except ValueError as err:
+            self.notify(str(err), severity="error")
+
+    def action_submit(self) -> None:
+        if self.submitting:
+            return
+        if not self.validate():
+            first = next(iter(self.errors))
+            self.notify(self.errors[first], title="not submitted", severity="error")
+            return
+        self.submitting = True
+        self.query_one("#submit", Button).disabled = True
+        self._submit(self.build(), self.after())
+
+    @work(thread=True, exclusive=True, group="submit")
+    def _submit(self, spec, after: str | None) -> None:
+        from jobs.runs import Jobs
+
+        jobs = Jobs(self.home)
+        try:
+            run = jobs.submit(spec, after=after)
+        except CherryError as err:
+            self.app.call_from_thread(self._submit_failed, str(err))
+            return
+        finally:
+            jobs.close()
+        self.app.call_from_thread(self._submitted_ok, run.id, bool(run.parent and not run.task_id))
+
+    def _submit_failed(self, message: str) -> None:
+        self.submitting = False
+        self.query_one("#submit", Button).disabled = False
+        key = error_field(message, list(FORM_FIELDS) + ["model", "dataset"])
+        if message.startswith("--after"):
+            key = "after"
+        self._set_errors({key or "form": message})
+        self.notify(message, title="not submitted", severity="error")
+
+    def _submitted_ok(self, run_id: str, waiting: bool) -> None:
+        self.notify(f"{run_id} queued" + (" (waits for the run it follows)" if waiting else ""), title="submitted")
+        self.dismiss(run_id)
+
+    # ------------------------------------------------------------------ dataset preview
+
+    def _preview(self) -> None:
+        value = self._input("dataset").value.strip()
+        algorithm = self.defaults.get("algorithm", "dpo")
+        self._read_preview(value, algorithm)
+
+    @work(thread=True, exclusive=True, group="preview")
+    def _read_preview(self, value: str, algorithm: str) -> None:
+        text = dataset_preview(value, algorithm)
+        self.app.call_from_thread(self.query_one("#dataset-preview", Static).update, text)
+
+
+def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
+    """Detected format, row count, problems for this algorithm, and the first rows."""
+    from engine.data import DataError, check_dataset, detect_format, load_rows
+
+    out = Text()
+    if not value:
+        return out
+    try:
+        path = resolve_path(value, "dataset", kind="data")
+    except CherryError as err:
+        return Text(str(err), style="red")
+    if not Path(path).exists():
+        return Text(f"hub dataset {value}: checked when the run starts", style="dim")
+    try:
+        rows = load_rows(path)
+        fmt, conversational = detect_format(rows)
+    except (CherryError, DataError) as err:
+        return Text(str(err), style="red")
+    out.append(f"format: {fmt}{' (conversational)' if conversational else ''} · {len(rows):,} rows", style="green")
+    try:
+        check_dataset(path, DATA_KIND.get(algorithm, "preference"))
+    except CherryError as err:
+        out.append(f"\n✗ {err}", style="red")
+    for row in rows[:rows_shown]:
+        out.append("\n")
+        for col, cell in list(row.items())[:4]:
+            if isinstance(cell, list):
+                cell = " | ".join(str(m.get("content", m)) if isinstance(m, dict) else str(m) for m in cell)
+            cell = str(cell).replace("\n", "⏎ ")
+            out.append(f"{col}: ", style="dim")
+            out.append(f"{cell[:40]}{'…' if len(cell) > 40 else ''}   ")
+    return out

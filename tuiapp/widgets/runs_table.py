@@ -1,0 +1,80 @@
+"""The runs list: status glyph and colour, id, algorithm, progress, key metric, age."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from tuiapp.data import GLYPHS, RunInfo, age, duration
+from tuiapp.widgets.plot import fmt_num
+
+COLUMNS = (("run", "run"), ("status", "status"), ("step", "step"), ("algo", "algo"),
+           ("metric", "key metric"), ("eta", "ETA"), ("age", "age"))
+SHORT_METRIC = {"eval/exact_match": "EM", "eval/rewards/accuracy": "acc", "rewards/accuracy": "acc", "train/loss": "loss"}
+
+
+def status_text(run: RunInfo) -> Text:
+    glyph, colour = GLYPHS.get(run.status, ("?", "white"))
+    label = run.status
+    if run.waiting:
+        label = "waiting"
+    elif run.status == "running" and run.cancel_requested:
+        label = "stopping"
+    return Text(label, style=colour)
+
+
+def cells(run: RunInfo, selected: bool, now: float) -> tuple:
+    progress = f"{run.step}/{run.total_steps}" if run.total_steps else (f"{run.step}/?" if run.step else "")
+    metric = ""
+    if run.key_metric:
+        name, value = run.key_metric
+        metric = f"{SHORT_METRIC.get(name, name.split('/')[-1][:6])} {fmt_num(value)}"
+    eta = duration(run.eta_seconds(now)) if run.status == "running" else ""
+    glyph, colour = GLYPHS.get(run.status, ("?", "white"))
+    return (
+        (Text("◆", style="bold yellow") if selected else Text(" ")) + Text(f"{glyph} ", style=colour) + Text(run.name if len(run.name) <= 24 else run.name[:23] + "…"),
+        status_text(run),
+        Text(progress, justify="right"),
+        run.algorithm,
+        metric,
+        eta,
+        age(run.created_at, now),
+    )
+
+
+class RunsTable(DataTable):
+    """Rows keyed by run id; `show()` updates cells in place so the cursor stays on its run."""
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = False
+        self.cell_padding = 1
+        for key, label in COLUMNS:
+            self.add_column(label, key=key)
+
+    @property
+    def current_run_id(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:
+            return None
+
+    def show(self, runs: list[RunInfo], selected: set[str]) -> None:
+        now = time.time()
+        current = self.current_run_id
+        keys = [r.id for r in runs]
+        existing = [k.value for k in self.rows]
+        if keys == existing:
+            for run in runs:
+                for (col, _), value in zip(COLUMNS, cells(run, run.id in selected, now)):
+                    self.update_cell(run.id, col, value)
+            return
+        self.clear()
+        for run in runs:
+            self.add_row(*cells(run, run.id in selected, now), key=run.id)
+        if current in keys:
+            self.move_cursor(row=keys.index(current), animate=False)
