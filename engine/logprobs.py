@@ -6,6 +6,12 @@ log-softmax to those rows only. A full `[batch, seq, vocab]` logits tensor is ne
 prompt and padding positions, which on long prompts and large vocabularies is most of the
 work and most of the memory of a naive implementation (`full_logits_logps`, kept for the
 benchmark and for tests that check both paths agree).
+
+With `stats=True` both paths also return, per completion token and detached, the entropy of the
+policy's next-token distribution and the mean logit over the vocabulary (the `policy/entropy`
+and `logits/chosen` / `logits/rejected` metrics). Both come from the completion-position logits
+the log-probs already need; the entropy is computed in row chunks under no_grad, so it adds
+at most a bounded temporary (`ENTROPY_CHUNK_ELEMENTS`) and nothing to the backward graph.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -23,11 +28,35 @@ class CompletionLogps:
     token_logps: torch.Tensor  # [N] flat per-token log-probs of all completion tokens
     token_rows: torch.Tensor  # [N] row index of each flat token
     token_correct: torch.Tensor  # [N] bool: the model's argmax is the token (SFT token accuracy)
+    token_entropy: torch.Tensor | None = None  # [N] entropy of pi(. | x, y_<t), detached (stats=True only)
+    token_logit_mean: torch.Tensor | None = None  # [N] mean logit over the vocabulary, detached (stats=True only)
 
     @property
     def means(self) -> torch.Tensor:
         """Per-token mean log-prob (IPO, SimPO, ORPO use this instead of the sum)."""
         return self.sums / self.counts.clamp(min=1)
+
+    def row_sums(self, token_values: torch.Tensor) -> torch.Tensor:
+        """[N] per-token values -> [B] sums over each row's completion tokens."""
+        out = torch.zeros(self.sums.shape[0], dtype=token_values.dtype, device=token_values.device)
+        return out.index_add(0, self.token_rows, token_values)
+
+
+# Rows x vocabulary elements the entropy works on at once (64 MiB fp32 temporaries).
+ENTROPY_CHUNK_ELEMENTS = 2**24
+
+
+@torch.no_grad()
+def token_entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """[N, V] normalised log-probs -> [N] entropies -sum_v p_v log p_v (nats), in row chunks of bounded size."""
+    log_probs = log_probs.detach()
+    out = torch.empty(log_probs.shape[0], dtype=torch.float32, device=log_probs.device)
+    step = max(1, ENTROPY_CHUNK_ELEMENTS // max(1, log_probs.shape[-1]))
+    for start in range(0, log_probs.shape[0], step):
+        chunk = log_probs[start : start + step].float()
+        # p log p -> 0 where p = 0 (a -inf log-prob, e.g. a masked vocabulary entry), not 0 * -inf = NaN.
+        out[start : start + step] = -(chunk.exp() * chunk.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
+    return out
 
 
 def _head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -49,10 +78,18 @@ def _gather_completion(
     return target_mask, targets, rows
 
 
-def _reduce(token_logps: torch.Tensor, rows: torch.Tensor, batch_size: int, correct: torch.Tensor) -> CompletionLogps:
+def _reduce(
+    token_logps: torch.Tensor, rows: torch.Tensor, batch_size: int, correct: torch.Tensor,
+    all_logps: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+) -> CompletionLogps:
+    """Per-row sums and counts; given the [N, V] log-softmax and logits of the completion positions, the token stats too."""
     sums = torch.zeros(batch_size, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(batch_size, dtype=torch.long, device=rows.device).index_add(0, rows, torch.ones_like(rows))
-    return CompletionLogps(sums=sums, counts=counts, token_logps=token_logps, token_rows=rows, token_correct=correct)
+    out = CompletionLogps(sums=sums, counts=counts, token_logps=token_logps, token_rows=rows, token_correct=correct)
+    if all_logps is not None and logits is not None:
+        out.token_entropy = token_entropy(all_logps)
+        out.token_logit_mean = logits.detach().float().mean(-1)
+    return out
 
 
 def completion_logps(
@@ -61,16 +98,25 @@ def completion_logps(
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
+    stats: bool = False,
 ) -> CompletionLogps:
-    """Log-probs of the completion tokens only (fp32), without full-vocabulary logits elsewhere."""
+    """Log-probs of the completion tokens only (fp32), without full-vocabulary logits elsewhere.
+
+    stats=True adds per-token entropy and mean logit (of logits / temperature), detached.
+    """
     body = model.get_decoder()
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
     logits = _head_logits(model, hidden[:, :-1][target_mask])
     if temperature != 1.0:
         logits = logits / temperature
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")
-    return _reduce(token_logps, rows, input_ids.shape[0], logits.detach().argmax(-1) == targets)
+    # log_softmax + gather is bitwise what cross_entropy computes, and leaves the log-probs for the entropy.
+    all_logps = logits.log_softmax(-1)
+    token_logps = all_logps.gather(-1, targets[:, None]).squeeze(-1)
+    correct = logits.detach().argmax(-1) == targets
+    if not stats:
+        return _reduce(token_logps, rows, input_ids.shape[0], correct)
+    return _reduce(token_logps, rows, input_ids.shape[0], correct, all_logps, logits)
 
 
 def full_logits_logps(
@@ -79,10 +125,16 @@ def full_logits_logps(
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
+    stats: bool = False,
 ) -> CompletionLogps:
     """The naive path: logits and log-softmax over every position, then mask. Benchmark baseline."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    all_logps = (logits / temperature).log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    all_logps = (logits / temperature).log_softmax(-1)
+    token_logps = all_logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
     correct = logits.detach().argmax(-1)[target_mask] == targets
-    return _reduce(all_logps[target_mask], rows, input_ids.shape[0], correct)
+    if not stats:
+        return _reduce(token_logps[target_mask], rows, input_ids.shape[0], correct)
+    return _reduce(
+        token_logps[target_mask], rows, input_ids.shape[0], correct, all_logps[target_mask], logits[target_mask] / temperature
+    )

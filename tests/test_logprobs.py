@@ -75,3 +75,38 @@ def test_preference_collation_puts_chosen_then_rejected():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
     ids, mask = left_pad([[1, 2], [3]], pad_id=0)
     assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_token_entropy_matches_hand_values_in_any_chunking(monkeypatch):
+    import math
+
+    import engine.logprobs as logprobs
+
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.7, 0.1, 0.1, 0.1]])
+    expected = [math.log(4), math.log(2), 0.0, -(0.7 * math.log(0.7) + 3 * 0.1 * math.log(0.1))]
+    log_probs = probs.log()  # zeros become -inf: p log p must count as 0, not NaN
+    assert logprobs.token_entropy(log_probs).tolist() == pytest.approx(expected, abs=1e-6)
+    monkeypatch.setattr(logprobs, "ENTROPY_CHUNK_ELEMENTS", 5)  # one row at a time
+    assert logprobs.token_entropy(log_probs).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_stats_match_the_full_logits_path_and_change_nothing_else(model):
+    b = batch()
+    fast = completion_logps(model, **b, stats=True)
+    naive = full_logits_logps(model, **b, stats=True)
+    plain = completion_logps(model, **b)
+    assert plain.token_entropy is None and plain.token_logit_mean is None
+    assert torch.equal(fast.sums, plain.sums) and torch.equal(fast.token_correct, plain.token_correct)
+    assert torch.allclose(fast.token_entropy, naive.token_entropy, atol=1e-5)
+    assert torch.allclose(fast.token_logit_mean, naive.token_logit_mean, atol=1e-5)
+    assert not fast.token_entropy.requires_grad and not fast.token_logit_mean.requires_grad
+    # by hand for the first completion token of row 0 (prompt [5, 6, 7, 8] -> predicted at position 3)
+    logits = model(torch.tensor([[5, 6, 7, 8, 12, 13]])).logits[0, 3].float()
+    assert fast.token_logit_mean[0].item() == pytest.approx(logits.mean().item(), abs=1e-5)
+    p = logits.softmax(-1)
+    assert fast.token_entropy[0].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)
+    # stats follow the temperature
+    hot = completion_logps(model, **b, temperature=0.5, stats=True)
+    assert torch.allclose(hot.token_logit_mean, fast.token_logit_mean / 0.5, atol=1e-5)
+    assert torch.allclose(hot.token_entropy, full_logits_logps(model, **b, temperature=0.5, stats=True).token_entropy, atol=1e-5)
+    assert fast.row_sums(torch.ones_like(fast.token_logps)).tolist() == [2.0, 5.0, 1.0]

@@ -167,3 +167,41 @@ def test_every_method_trains_with_lora(algorithm, tiny_model_dir, tiny_pairs, tm
     summary = train(spec, tmp_path / algorithm, reporter)
     assert summary["status"] == "completed" and len(reporter.series("train/loss")) == 3
     assert (tmp_path / algorithm / "final" / "adapter_config.json").exists()
+
+
+PAIR_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected",
+                "logits/chosen", "logits/rejected", "policy/entropy", "lengths/chosen", "lengths/rejected"]
+SPEC_METRICS = {  # ALGORITHMS.md sections 6 (DPO family), 7 (KTO) and 8 (ORPO), "Log"
+    "dpo": ({}, PAIR_METRICS),
+    "ipo": ({"loss_type": "ipo"}, PAIR_METRICS),
+    "rpo": ({"rpo_alpha": 1.0}, PAIR_METRICS + ["nll_loss"]),
+    "simpo": ({"algorithm": "simpo"}, PAIR_METRICS),
+    "orpo": ({"algorithm": "orpo"}, PAIR_METRICS + ["nll_loss", "or_loss", "log_odds_ratio", "log_odds_chosen"]),
+    "kto": ({"algorithm": "kto"}, PAIR_METRICS[:2] + ["rewards/margin", "logps/chosen", "logps/rejected", "kl",
+                                                     "count/desirable", "count/undesirable", "kto/desirable_fraction",
+                                                     "logits/chosen", "logits/rejected", "policy/entropy",
+                                                     "lengths/chosen", "lengths/rejected"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SPEC_METRICS))
+def test_each_method_logs_the_metrics_its_paper_section_lists(method, tiny_model_dir, tiny_pairs, tmp_path):
+    import math
+
+    from engine.models import load_tokenizer
+
+    overrides, names = SPEC_METRICS[method]
+    reporter = MemoryReporter()
+    train(dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0, save_steps=100, **overrides),
+          tmp_path / method, reporter)
+    for name in names:
+        assert len(reporter.series(name)) == 2, f"{method}: train {name}"
+        assert len(reporter.series(f"eval/{name}")) == 2, f"{method}: eval/{name} (start and end)"
+    first = reporter.metrics[[row["step"] for row in reporter.metrics].index(1)]
+    # every completion is " xxx" + EOS: 4 bytes and 1 end token
+    assert first["lengths/chosen"] == first["lengths/rejected"] == 5.0
+    vocab = len(load_tokenizer(str(tiny_model_dir)))
+    assert 0.9 * math.log(vocab) < first["policy/entropy"] <= math.log(vocab) + 1e-4  # a random init is nearly uniform
+    assert all(math.isfinite(first[name]) for name in names)
+    if method == "kto":  # 8 rows per micro-batch, split between the classes
+        assert first["count/desirable"] + first["count/undesirable"] == 8

@@ -62,8 +62,48 @@ class PreferenceAlgorithm(Algorithm):
 
     def policy_logps(self, policy, batch: dict[str, torch.Tensor]) -> tuple[CompletionLogps, int]:
         """Completion log-probs of all rows (chosen first, then rejected) and the number of pairs."""
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
         return out, self.units(batch)
+
+    def completion_metrics(self, out: CompletionLogps, pairs: int) -> dict[str, tuple[float, float]]:
+        """Lengths, mean logits and entropy of the chosen rows (the first `pairs`) and the rejected rows."""
+        chosen = torch.arange(out.sums.shape[0], device=out.sums.device) < pairs
+        return completion_metrics(out, chosen, ~chosen)
+
+
+def completion_metrics(
+    out: CompletionLogps, chosen: torch.Tensor, rejected: torch.Tensor
+) -> dict[str, tuple[float, float]]:
+    """What the policy's completions look like, as `(sum, count)` pairs for the loop to average.
+
+    chosen, rejected: [B] bool masks over the rows of `out` (rows in neither, such as KTO's
+    mismatched pairs, are left out). `out` must come from `completion_logps(..., stats=True)`.
+
+    - lengths/chosen, lengths/rejected: completion tokens (incl. EOS) per row;
+    - logits/chosen, logits/rejected: the logit averaged over the vocabulary, then over the completion tokens of those rows;
+    - policy/entropy: the next-token entropy (nats) averaged over the completion tokens of both.
+    A class with no rows in a batch has count 0 there and adds nothing to the average.
+    """
+    if out.token_entropy is None or out.token_logit_mean is None:
+        raise ValueError("completion_metrics needs completion_logps(..., stats=True)")
+    counts = out.counts.to(out.token_logit_mean.dtype)
+    logit_sums = out.row_sums(out.token_logit_mean)
+    entropy_sums = out.row_sums(out.token_entropy)
+    both = chosen | rejected
+    values = torch.stack(
+        [
+            counts[chosen].sum(), chosen.sum().to(counts.dtype), counts[rejected].sum(), rejected.sum().to(counts.dtype),
+            logit_sums[chosen].sum(), logit_sums[rejected].sum(), entropy_sums[both].sum(), counts[both].sum(),
+        ]
+    ).tolist()  # one device sync
+    chosen_len, n_chosen, rejected_len, n_rejected, chosen_logits, rejected_logits, entropy, tokens = values
+    return {
+        "lengths/chosen": (chosen_len, n_chosen),
+        "lengths/rejected": (rejected_len, n_rejected),
+        "logits/chosen": (chosen_logits, chosen_len),
+        "logits/rejected": (rejected_logits, rejected_len),
+        "policy/entropy": (entropy, tokens),
+    }
 
 
 def metric_sums(metrics: dict[str, torch.Tensor]) -> dict[str, float]:

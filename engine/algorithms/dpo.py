@@ -7,6 +7,11 @@ Hyper-parameters (presets/dpo.yaml, ipo.yaml, robust_dpo.yaml, hinge.yaml, rpo.y
 - rpo_alpha: weight of the NLL on chosen (RPO, Pang et al. 2024: alpha = 1); 0 = plain DPO.
 IPO compares per-token-mean log-ratios (its target margin 1/(2 tau) is in per-token nats);
 the others compare sums over the completion.
+
+Logged (ALGORITHMS.md section 6): rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
+logps/chosen, logps/rejected (per-token means for IPO, as its loss uses), nll_loss (RPO), and for
+every preference method lengths/chosen, lengths/rejected (completion tokens), logits/chosen,
+logits/rejected (mean logit over vocabulary and completion tokens) and policy/entropy.
 """
 
 from __future__ import annotations
@@ -38,4 +43,4 @@ class DPO(PreferenceAlgorithm):
                 chosen, rejected, ref_chosen, ref_rejected, spec.beta,
                 label_smoothing=spec.label_smoothing, loss_type=spec.loss_type,
             )
-        return losses.sum(), metric_sums(metrics)
+        return losses.sum(), {**metric_sums(metrics), **self.completion_metrics(out, pairs)}

@@ -7,13 +7,18 @@ undesirable rows lambda_U sigma(beta (z0 - r)). Paired data arrives split into t
 Hyper-parameters (presets/kto.yaml): beta 0.1; desirable_weight / undesirable_weight 1.0, chosen
 so that lambda_D n_D / (lambda_U n_U) sits in [1, 4/3] (a warning says when it does not);
 lr 5e-6 (paper) to 5e-7; per-device batch >= 2 (z0 needs other rows), >= 4 recommended.
+
+Logged (ALGORITHMS.md section 7): kl (z0), rewards/chosen and rewards/rejected (beta r of desirable
+and undesirable rows), rewards/margin, logps/chosen and logps/rejected (sums), count/desirable and
+count/undesirable (rows per micro-batch), kto/desirable_fraction, and the completion stats of
+every preference method: lengths/*, logits/*, policy/entropy (engine.algorithms.base.completion_metrics).
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.algorithms.base import Algorithm
+from engine.algorithms.base import Algorithm, completion_metrics
 from engine.batching import collate_completions
 from engine.logprobs import completion_logps
 from engine.losses.kto import kto_loss, kto_weight_ratio_warning
@@ -51,7 +56,7 @@ class KTO(Algorithm):
         return batch
 
     def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
         n = self.units(batch)
         losses, metrics = kto_loss(
             out.sums[:n], ref_logps[:n], out.sums[n:].detach(), ref_logps[n:], batch["desirable"],
@@ -59,12 +64,21 @@ class KTO(Algorithm):
         )
         desirable = metrics["count/desirable"].sum().item()
         undesirable = n - desirable
+        # completion stats of the examples' own rows, not of the mismatched rows behind them
+        rows = batch["desirable"].bool().to(out.sums.device)
+        mismatched = torch.zeros(out.sums.shape[0] - n, dtype=torch.bool, device=rows.device)
         return losses.sum(), {
             "kl": metrics["kl"].sum().item(),
             "rewards/chosen": (metrics["rewards/desirable_sum"].sum().item(), desirable),
             "rewards/rejected": (metrics["rewards/undesirable_sum"].sum().item(), undesirable),
+            "logps/chosen": (metrics["logps/desirable_sum"].sum().item(), desirable),
+            "logps/rejected": (metrics["logps/undesirable_sum"].sum().item(), undesirable),
             "kto/desirable_fraction": desirable,
+            # rows of each class per micro-batch (averaged over the step's micro-batches)
+            "count/desirable": (desirable, 1),
+            "count/undesirable": (undesirable, 1),
             "logps/policy": metrics["logps/policy"].sum().item(),
+            **completion_metrics(out, torch.cat([rows, mismatched]), torch.cat([~rows, mismatched])),
         }
 
     def derived_metrics(self, means):

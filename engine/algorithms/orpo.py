@@ -18,4 +18,4 @@ class ORPO(PreferenceAlgorithm):
         out, pairs = self.policy_logps(policy, batch)
         means = out.means
         losses, metrics = orpo_loss(means[:pairs], means[pairs:], self.spec.beta)
-        return losses.sum(), metric_sums(metrics)
+        return losses.sum(), {**metric_sums(metrics), **self.completion_metrics(out, pairs)}

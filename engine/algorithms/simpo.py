@@ -20,4 +20,4 @@ class SimPO(PreferenceAlgorithm):
         losses, metrics = simpo_loss(
             means[:pairs], means[pairs:], self.spec.beta, self.spec.gamma_beta_ratio, label_smoothing=self.spec.label_smoothing
         )
-        return losses.sum(), metric_sums(metrics)
+        return losses.sum(), {**metric_sums(metrics), **self.completion_metrics(out, pairs)}
