@@ -32,7 +32,7 @@ DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "simpo": "pr
              "kto": "unpaired", "coh": "preference"}
 ALGORITHMS = tuple(DATA_KIND)
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-SCHEDULERS = ("linear", "cosine", "constant")
+SCHEDULERS = ("linear", "cosine", "constant", "inverse_sqrt")  # engine.train.lr_factor
 OVERLONG = ("truncate", "drop")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")  # engine.losses.dpo.DPO_LOSS_TYPES
 

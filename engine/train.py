@@ -85,11 +85,19 @@ class Schedule:
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Linear warmup, then linear or cosine decay to 0, or constant."""
+    """The lr multiplier of optimizer step `step` (0-based): linear warmup, then by `kind`
+
+    - linear / cosine: decay to 0 at `total_steps`; constant: 1;
+    - inverse_sqrt (the ORPO paper's schedule): sqrt(warmup / s) at the 1-based step s, so 1 at the
+      end of the warmup and half of it at 4x the warmup, whatever `total_steps` is. Without warmup it
+      decays as if the warmup were one step: 1, 1/sqrt(2), 1/sqrt(3), ...
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if kind == "constant":
         return 1.0
+    if kind == "inverse_sqrt":
+        return math.sqrt(max(1, warmup_steps) / (step + 1))
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -205,3 +205,30 @@ def test_each_method_logs_the_metrics_its_paper_section_lists(method, tiny_model
     assert all(math.isfinite(first[name]) for name in names)
     if method == "kto":  # 8 rows per micro-batch, split between the classes
         assert first["count/desirable"] + first["count/undesirable"] == 8
+
+
+def test_inverse_sqrt_schedule_by_hand():
+    from engine.train import lr_factor
+
+    # warmup 4: 1/4, 2/4, 3/4, 1, then sqrt(4 / s) at the 1-based step s; total_steps does not matter
+    expected = [0.25, 0.5, 0.75, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5, (4 / 7) ** 0.5, 0.5 ** 0.5]
+    for total in (8, 1000):
+        assert [lr_factor(step, total, 4, "inverse_sqrt") for step in range(8)] == pytest.approx(expected)
+    assert lr_factor(15, 20, 4, "inverse_sqrt") == pytest.approx(0.5)  # half at 4x the warmup
+    assert [lr_factor(step, 10, 0, "inverse_sqrt") for step in range(4)] == pytest.approx([1, 0.5 ** 0.5, 3 ** -0.5, 0.5])
+    # the other kinds are unchanged
+    assert [lr_factor(step, 6, 2, "linear") for step in range(6)] == pytest.approx([0.5, 1, 1, 0.75, 0.5, 0.25])
+    assert lr_factor(5, 6, 2, "constant") == 1.0
+
+
+def test_inverse_sqrt_is_a_valid_setting_and_drives_the_logged_lr(tiny_model_dir, tiny_pairs, tmp_path):
+    from engine.errors import SpecError
+
+    with pytest.raises(SpecError, match="lr_scheduler must be one of linear, cosine, constant, inverse_sqrt"):
+        dpo_spec(tiny_model_dir, tiny_pairs, lr_scheduler="rsqrt")
+    reporter = MemoryReporter()
+    spec = dpo_spec(tiny_model_dir, tiny_pairs, algorithm="orpo", lr_scheduler="inverse_sqrt", lr=1e-3, warmup_ratio=0.25,
+                    max_steps=8, eval_steps=0, sample_steps=0, save_steps=100, eval_split=0.0)
+    train(spec, tmp_path / "run", reporter)
+    expected = [0.5, 1.0] + [(2 / s) ** 0.5 for s in range(3, 9)]  # warmup int(0.25 * 8) = 2 steps
+    assert reporter.series("train/lr") == pytest.approx([1e-3 * f for f in expected])
