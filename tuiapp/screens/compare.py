@@ -60,7 +60,7 @@ class CompareScreen(Screen):
     def on_mount(self) -> None:
         self.app.want.compare = tuple(self.run_ids)
         self.app.wake_reader()
-        self._render()
+        self._redraw()
 
     def on_unmount(self) -> None:
         self.app.want.compare = ()
@@ -69,13 +69,13 @@ class CompareScreen(Screen):
         self._snapshot = snap
         if self.metric is None:
             self.metric = common_metric(snap.compare)
-        self._render()
+        self._redraw()
 
     def _names(self) -> dict[str, str]:
         runs = {r.id: r for r in self._snapshot.runs} if self._snapshot else {}
         return {rid: (runs[rid].name if rid in runs else rid) for rid in self.run_ids}
 
-    def _render(self) -> None:
+    def _redraw(self) -> None:
         chart = self.query_one(Chart)
         snap = self._snapshot
         title = Text("Compare ", style="bold")
@@ -126,19 +126,19 @@ class CompareScreen(Screen):
         self.query_one("#compare-table", Static).update(table)
 
     def watch_metric(self) -> None:
-        self._render()
+        self._redraw()
 
     def watch_frontier(self) -> None:
-        self._render()
+        self._redraw()
 
     def watch_smoothing(self) -> None:
-        self._render()
+        self._redraw()
 
     def watch_log_y(self) -> None:
-        self._render()
+        self._redraw()
 
     def watch_x_by_time(self) -> None:
-        self._render()
+        self._redraw()
 
     def action_pick_metric(self) -> None:
         from tuiapp.screens.pickers import MetricPicker

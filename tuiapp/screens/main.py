@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import yaml
 from rich.text import Text
@@ -47,6 +48,14 @@ def short_path(value: str) -> str:
     return value.rstrip("/").rsplit("/", 1)[-1] if value else "-"
 
 
+def short_home(path, limit: int = 40) -> str:
+    text = str(path)
+    home = str(Path.home())
+    if text.startswith(home + "/"):
+        text = "~" + text[len(home):]
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
 def run_title(run: RunInfo) -> Text:
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     text = Text()
@@ -77,7 +86,7 @@ def spec_text(run: RunInfo, events: list[dict]) -> Text:
     if run.parent:
         text.append(f"after     {run.parent}\n", style="dim")
     text.append("\nspec\n", style="bold")
-    text.append(yaml.safe_dump(run.spec, sort_keys=False, default_flow_style=None, width=100))
+    text.append(yaml.safe_dump(run.spec, sort_keys=False, default_flow_style=False, width=100))
     text.append("\nevents\n", style="bold")
     for event in events[-60:]:
         stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
@@ -173,12 +182,13 @@ class MainScreen(Screen):
     def _render_topbar(self, snap: Snapshot) -> None:
         text = Text()
         text.append(" Cherry ", style="bold reverse red")
-        text.append(f"  home: {snap.home}", style="")
-        text.append(f"  queue: {snap.backend}", style="dim")
         workers = f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} busy" if snap.live_workers else "no worker busy"
-        text.append(f"  {workers} · {snap.running} running · {snap.pending} queued", style="green" if snap.running else "yellow" if snap.pending else "dim")
+        text.append(f"  {snap.running} running · {snap.pending} queued · {workers}",
+                    style="green" if snap.running else "yellow" if snap.pending else "dim")
         if snap.pending and not snap.running:
-            text.append("  (start one: cherry worker)", style="yellow")
+            text.append(" (start one: cherry worker)", style="yellow")
+        text.append(f"  queue: {snap.backend}", style="dim")
+        text.append(f"  home: {short_home(snap.home)}")
         self.query_one("#topbar", Static).update(text)
 
     def _render_runs(self) -> None:

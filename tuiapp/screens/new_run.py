@@ -37,7 +37,7 @@ _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
 def preset_choices() -> list[tuple[str, str]]:
     """(label, preset name) of the presets, then the demo runs (`demo/dpo` etc.)."""
-    out = [(f"{name}  {desc[:60]}", name) for name, desc in list_presets()]
+    out = [(f"{name}  {desc.split(':')[0][:30]}", name) for name, desc in list_presets()]
     for path in sorted(demo_dir().glob("*.yaml")):
         out.append((f"demo/{path.stem}  the demo's {path.stem} run", f"demo/{path.stem}"))
     return out
@@ -48,6 +48,9 @@ def preset_help(name: str) -> dict[str, str]:
     found: dict[str, str] = {}
     try:
         chain = preset_chain(name)
+        algorithm = load_preset(name).get("algorithm")
+        if algorithm and algorithm != name:  # a demo run: fall back on its algorithm's preset
+            chain += [p for p in preset_chain(algorithm) if p not in chain]
     except CherryError:
         return found
     for path in chain:
@@ -139,7 +142,8 @@ class NewRunScreen(Screen[str | None]):
         self.home = Path(home)
         self.runs = runs
         self.presets = preset_choices()
-        self.preset = "dpo" if any(v == "dpo" for _, v in self.presets) else self.presets[0][1]
+        values = [v for _, v in self.presets]
+        self.preset = next((p for p in ("demo/dpo", "dpo") if p in values), values[0])
         self.defaults: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self.submitting = False
@@ -224,8 +228,9 @@ class NewRunScreen(Screen[str | None]):
         for key in ("model", "dataset"):
             if self.defaults.get(key):
                 self._input(key).value = show_value(self.defaults[key])
-        desc = dict((v, label) for label, v in self.presets).get(preset, "")
-        self.query_one("#msg-preset", Static).update(Text(desc.split("  ", 1)[-1], style="dim"))
+        descriptions = dict(list_presets())
+        desc = descriptions.get(preset) or f"the demo's {preset.split('/')[-1]} run: demo model and data, tuned for a CPU"
+        self.query_one("#msg-preset", Static).update(Text(desc, style="dim"))
         self.validate()
 
     def overrides(self) -> list[str]:
@@ -241,7 +246,7 @@ class NewRunScreen(Screen[str | None]):
 
     def after(self) -> str | None:
         value = self.query_one("#f-after", Select).value
-        return None if value is Select.BLANK else str(value)
+        return value if isinstance(value, str) else None  # the blank choice is a sentinel object
 
     def build(self):
         """The RunSpec of the form, or raise CherryError (paths are checked at submit)."""
@@ -309,18 +314,18 @@ class NewRunScreen(Screen[str | None]):
 
     @on(Select.Changed, "#f-preset")
     def _preset_changed(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK and event.value != self.preset:
+        if isinstance(event.value, str) and event.value != self.preset:
             self._load_preset(str(event.value))
             self._preview()
 
     @on(Select.Changed, "#pick-model")
     def _model_picked(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if isinstance(event.value, str):
             self._input("model").value = str(event.value)
 
     @on(Select.Changed, "#pick-dataset")
     def _dataset_picked(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if isinstance(event.value, str):
             self._input("dataset").value = str(event.value)
 
     @on(Select.Changed, "#f-after")

@@ -10,7 +10,7 @@ from textual.widgets import DataTable
 from tuiapp.data import GLYPHS, RunInfo, age, duration
 from tuiapp.widgets.plot import fmt_num
 
-COLUMNS = (("run", "run"), ("status", "status"), ("step", "step"), ("algo", "algo"),
+COLUMNS = (("run", "run"), ("step", "step"), ("status", "status"), ("algo", "algo"),
            ("metric", "key metric"), ("eta", "ETA"), ("age", "age"))
 SHORT_METRIC = {"eval/exact_match": "EM", "eval/rewards/accuracy": "acc", "rewards/accuracy": "acc", "train/loss": "loss"}
 
@@ -35,8 +35,8 @@ def cells(run: RunInfo, selected: bool, now: float) -> tuple:
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     return (
         (Text("◆", style="bold yellow") if selected else Text(" ")) + Text(f"{glyph} ", style=colour) + Text(run.name if len(run.name) <= 24 else run.name[:23] + "…"),
-        status_text(run),
         Text(progress, justify="right"),
+        status_text(run),
         run.algorithm,
         metric,
         eta,
@@ -51,8 +51,12 @@ class RunsTable(DataTable):
         self.cursor_type = "row"
         self.zebra_stripes = False
         self.cell_padding = 1
-        for key, label in COLUMNS:
-            self.add_column(label, key=key)
+        self._ensure_columns()
+
+    def _ensure_columns(self) -> None:
+        if not self.columns:  # a snapshot can arrive before this widget's Mount
+            for key, label in COLUMNS:
+                self.add_column(label, key=key)
 
     @property
     def current_run_id(self) -> str | None:
@@ -64,6 +68,7 @@ class RunsTable(DataTable):
             return None
 
     def show(self, runs: list[RunInfo], selected: set[str]) -> None:
+        self._ensure_columns()
         now = time.time()
         current = self.current_run_id
         keys = [r.id for r in runs]
