@@ -13,6 +13,7 @@ from typing import Iterable
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.worker import get_current_worker
 
@@ -78,8 +79,12 @@ class CherryApp(App):
         self.reads += 1
         for screen in self.screen_stack:
             apply = getattr(screen, "apply_snapshot", None)
-            if apply is not None:
-                apply(snap)
+            # A screen not mounted yet takes app.snapshot in its own on_mount.
+            if apply is not None and screen.is_mounted:
+                try:
+                    apply(snap)
+                except NoMatches:  # mid-compose or mid-teardown: the next snapshot will do
+                    pass
 
     def wake_reader(self) -> None:
         self._wake.set()

@@ -16,7 +16,7 @@ from typing import Any
 
 from jobs.home import store_path
 from jobs.queue import queue_backend
-from jobs.store import ENDED, Run, Store
+from jobs.store import ENDED, Run, Store, this_host
 from tuiapp.runs_cli import KEY_METRICS
 
 LIVE = ("queued", "running")
@@ -216,8 +216,12 @@ class StoreReader:
         workers = set()
         for run in runs:
             run.key_metric = self._key_metric(run)
+        host = this_host()
         for r in self.store.list_runs(["running"]):
-            if r.row.get("worker_pid") and _pid_alive(r.row.get("worker_pid")):
+            if r.row.get("worker_host") != host:  # another machine: trust its recent heartbeat
+                if r.row.get("heartbeat_at") and time.time() - r.row["heartbeat_at"] < 30:
+                    workers.add((r.row.get("worker_host"), r.row.get("worker_pid")))
+            elif r.row.get("worker_pid") and _pid_alive(r.row.get("worker_pid")):
                 workers.add((r.row.get("worker_host"), r.row.get("worker_pid")))
         by_id = {r.id: r for r in runs}
         detail = None

@@ -60,7 +60,8 @@ class CompareScreen(Screen):
     def on_mount(self) -> None:
         self.app.want.compare = tuple(self.run_ids)
         self.app.wake_reader()
-        self._redraw()
+        if self.app.snapshot is not None:
+            self.apply_snapshot(self.app.snapshot)
 
     def on_unmount(self) -> None:
         self.app.want.compare = ()
