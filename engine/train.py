@@ -413,6 +413,7 @@ def train(
                 sums.add({"loss": loss_sum.item(), **metric_sums}, units)
             means = sums.means()
             means.update(algo.derived_metrics(means))
+            means.update(algo.eval_metrics(policy, eval_split, collate))
             metrics.update({f"eval/{name}": value for name, value in means.items()})
         if scored_prompts:
             result = exact_match_accuracy(policy, tokenizer, scored_prompts, max_new_tokens=spec.max_new_tokens)

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from engine.losses.reward import combine_helpful_safety, logit_whiten, reward_model_loss
+from engine.losses.reward import combine_helpful_safety, logit_whiten, reward_eval_metrics, reward_model_loss
 from engine.losses.sft import sft_loss, token_correct_sum
 
 
@@ -91,3 +91,45 @@ def test_sft_loss_is_the_token_sum_of_nll():
     loss.backward()
     assert token_logps.grad.tolist() == [-1.0, -1.0, -1.0]  # every token's probability pushed up
     assert token_correct_sum(torch.tensor([True, False, True])).item() == 2.0
+
+
+def test_reward_eval_metrics_match_hand_values():
+    # scores: chosen (2, 1, 0), rejected (1, 1, 1); pair 1 is a tie, which counts as wrong
+    m = reward_eval_metrics(_t(2.0, 1.0, 0.0), _t(1.0, 1.0, 1.0), torch.tensor([3, 2, 1]), torch.tensor([2, 2, 2]))
+    assert m["rewards/accuracy"] == pytest.approx(1 / 3)
+    assert m["rewards/margin"] == pytest.approx(0.0)  # (1 + 0 - 1) / 3
+    # all six scores (2, 1, 0, 1, 1, 1): mean 1, population variance 2/6
+    assert m["rewards/mean"] == pytest.approx(1.0)
+    assert m["rewards/std"] == pytest.approx(math.sqrt(1 / 3))
+    assert (m["rewards/min"], m["rewards/max"]) == (0.0, 2.0)
+    # lengths (3, 2, 1, 2, 2, 2) minus their mean 2 equal the scores minus theirs: correlation 1
+    assert m["rewards/length_corr"] == pytest.approx(1.0)
+    assert not any(name.startswith("rewards/accuracy_margin") for name in m)
+
+
+def test_reward_eval_metrics_length_correlation_sign_and_constant_lengths():
+    longer_is_worse = reward_eval_metrics(_t(1.0, 2.0), _t(0.0, 3.0), torch.tensor([4, 2]), torch.tensor([5, 1]))
+    # scores (1, 2, 0, 3) vs lengths (4, 2, 5, 1): centred (-0.5, 0.5, -1.5, 1.5) . (1, -1, 2, -2) = -7;
+    # norms sqrt(5) and sqrt(10) -> -7 / sqrt(50)
+    assert longer_is_worse["rewards/length_corr"] == pytest.approx(-7 / math.sqrt(50))
+    same_length = reward_eval_metrics(_t(1.0, 2.0), _t(0.0, 3.0), torch.tensor([2, 2]), torch.tensor([2, 2]))
+    assert same_length["rewards/length_corr"] == 0.0
+    assert reward_eval_metrics(_t(), _t(), torch.tensor([]), torch.tensor([])) == {}
+
+
+def test_reward_eval_metrics_accuracy_per_margin_bucket():
+    chosen, rejected = _t(1.0, 1.0, 0.0, 1.0), _t(0.0, 0.0, 1.0, 2.0)  # right, right, wrong, wrong
+    lengths = torch.tensor([1, 1, 1, 1])
+    m = reward_eval_metrics(chosen, rejected, lengths, lengths, margins=_t(0.0, 2 / 3, 2 / 3, 1.0))
+    assert m["rewards/accuracy_margin_0"] == 1.0
+    assert m["rewards/accuracy_margin_0.667"] == 0.5
+    assert m["rewards/accuracy_margin_1"] == 0.0
+    # more than MAX_MARGIN_BUCKETS distinct margins: quartiles by rank (9 pairs -> 3, 2, 2, 2)
+    n = 9
+    right = _t(*[1.0] * 5 + [0.0] * 4)  # the 5 smallest margins are right, the 4 largest wrong
+    m = reward_eval_metrics(right, _t(*[0.5] * n), torch.ones(n), torch.ones(n), margins=_t(*[0.1 * i for i in range(n)]))
+    assert m["rewards/accuracy_margin_q1"] == 1.0
+    assert m["rewards/accuracy_margin_q2"] == 1.0
+    assert m["rewards/accuracy_margin_q3"] == 0.0
+    assert m["rewards/accuracy_margin_q4"] == 0.0
+    assert m["rewards/accuracy"] == pytest.approx(5 / 9)

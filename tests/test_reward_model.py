@@ -118,3 +118,24 @@ def test_cli_scores_with_a_helpful_and_a_safety_model(tiny_model_dir, tiny_pairs
     scores = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     pooled = [s["chosen_score"] for s in scores] + [s["rejected_score"] for s in scores]
     assert abs(sum(pooled) / len(pooled)) < 1e-6  # whitened over the scored set
+
+
+def test_rm_eval_logs_score_spread_length_correlation_and_margin_buckets(tiny_model_dir, tiny_pairs, tmp_path):
+    import json
+
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+    from tests.conftest import write_jsonl
+
+    rows = [json.loads(line) for line in tiny_pairs.read_text().splitlines()]
+    data = write_jsonl(tmp_path / "rated.jsonl", [{**row, "margin": [0.0, 1.0, 2 / 3][i % 3]} for i, row in enumerate(rows)])
+    summary = train(_rm_spec(tiny_model_dir, data, max_steps=3), tmp_path / "rm", MemoryReporter())
+    final = summary["final"]
+    for name in ("mean", "std", "min", "max", "length_corr", "accuracy", "margin"):
+        assert f"eval/rewards/{name}" in final, name
+    assert final["eval/rewards/min"] <= final["eval/rewards/mean"] <= final["eval/rewards/max"]
+    assert final["eval/rewards/std"] > 0
+    assert -1 <= final["eval/rewards/length_corr"] <= 1
+    buckets = {name for name in final if name.startswith("eval/rewards/accuracy_margin_")}
+    assert buckets == {"eval/rewards/accuracy_margin_0", "eval/rewards/accuracy_margin_0.667", "eval/rewards/accuracy_margin_1"}
+    assert "eval/rewards/length_corr" in summary["before"]  # every eval logs them, the one before training too

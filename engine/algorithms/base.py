@@ -50,6 +50,11 @@ class Algorithm:
         """Metrics computed from averaged ones (e.g. perplexity from the token-mean NLL)."""
         return {}
 
+    def eval_metrics(self, model, examples: list[dict], collate) -> dict[str, float]:
+        """Whole-eval-split metrics that are not means of per-unit values (a reward model's score
+        spread, Chain of Hindsight's NLL gap). Called after the eval loss pass, model in eval mode."""
+        return {}
+
 
 class PreferenceAlgorithm(Algorithm):
     """Methods on chosen/rejected pairs: both completions share one padded batch (one forward pass)."""

@@ -5,6 +5,11 @@ loss = -log sigmoid(r(x, y_w) - r(x, y_l) - m) + eta (r_w + r_l)^2, with m an op
 Defaults (presets/rm.yaml): 1 epoch (more overfits), lr 1e-5 (Llama 2) / 9e-6 (InstructGPT),
 cosine decay, ties dropped by the data loader. The saved model loads with
 AutoModelForSequenceClassification and scores text through `cherry score`.
+
+Eval logs, besides the per-pair means (eval/rewards/{chosen,rejected,margin,accuracy}), the
+whole-split statistics of `reward_eval_metrics`: eval/rewards/{mean,std,min,max}, the
+correlation of score with completion length (eval/rewards/length_corr) and, with a `margin`
+column, the accuracy per margin bucket (eval/rewards/accuracy_margin_<m>).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from engine.algorithms.base import PreferenceAlgorithm, metric_sums
-from engine.losses.reward import reward_model_loss
+from engine.losses.reward import reward_eval_metrics, reward_model_loss
 from engine.models import sequence_rewards
 
 
@@ -34,3 +39,22 @@ class RewardModel(PreferenceAlgorithm):
             rewards[:pairs], rewards[pairs:], margin=batch["margin"], center_coef=self.spec.center_rewards_coef
         )
         return losses.sum(), metric_sums(metrics)
+
+    @torch.no_grad()
+    def eval_metrics(self, model, examples, collate):
+        if not examples:
+            return {}
+        device = next(model.parameters()).device
+        rewards, lengths, margins = [], [], []
+        for start in range(0, len(examples), self.spec.batch_size):
+            batch = collate(examples[start : start + self.spec.batch_size])
+            rewards.append(sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+            lengths.append(batch["completion_mask"].sum(-1))
+            margins.append(batch["margin"])
+        pairs = [len(r) // 2 for r in rewards]  # each batch holds its chosen rows, then its rejected rows
+        chosen = torch.cat([r[:n] for r, n in zip(rewards, pairs)])
+        rejected = torch.cat([r[n:] for r, n in zip(rewards, pairs)])
+        chosen_len = torch.cat([length[:n] for length, n in zip(lengths, pairs)])
+        rejected_len = torch.cat([length[n:] for length, n in zip(lengths, pairs)])
+        has_margin = any(ex.get("margin") is not None for ex in examples)
+        return reward_eval_metrics(chosen, rejected, chosen_len, rejected_len, torch.cat(margins) if has_margin else None)

@@ -50,6 +50,63 @@ def reward_model_loss(
     return losses, metrics
 
 
+MAX_MARGIN_BUCKETS = 8  # more distinct margins than this are grouped into quartiles
+
+
+def reward_eval_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    margins: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Whole-split statistics of a reward model on held-out pairs (ALGORITHMS.md section 2).
+
+    All inputs are [B] (one entry per pair; lengths in completion tokens incl. EOS). Returns:
+    - rewards/accuracy: fraction of pairs with r_c > r_r (a tie counts as wrong);
+    - rewards/margin: mean of r_c - r_r;
+    - rewards/mean, rewards/std (population), rewards/min, rewards/max: over all 2B scores;
+    - rewards/length_corr: Pearson correlation of score and completion length over the 2B scored
+      completions (a length bias shows up here; 0 when scores or lengths are constant);
+    - rewards/accuracy_margin_<m>: accuracy among the pairs whose target margin is m, to 3 significant
+      digits (Llama 2's rating buckets), when `margins` is given; with more than MAX_MARGIN_BUCKETS distinct
+      margins, the pairs are grouped by margin quartile instead (`rewards/accuracy_margin_q1`..`q4`,
+      q1 the smallest margins).
+    """
+    chosen, rejected = chosen_rewards.detach().double().cpu(), rejected_rewards.detach().double().cpu()
+    if chosen.numel() == 0:
+        return {}
+    correct = (chosen > rejected).double()
+    scores = torch.cat([chosen, rejected])
+    lengths = torch.cat([chosen_lengths, rejected_lengths]).double().cpu()
+    centred_scores, centred_lengths = scores - scores.mean(), lengths - lengths.mean()
+    denominator = (centred_scores.pow(2).sum() * centred_lengths.pow(2).sum()).sqrt()
+    corr = (centred_scores * centred_lengths).sum() / denominator if denominator > 0 else torch.tensor(0.0)
+    metrics = {
+        "rewards/accuracy": correct.mean().item(),
+        "rewards/margin": (chosen - rejected).mean().item(),
+        "rewards/mean": scores.mean().item(),
+        "rewards/std": scores.std(unbiased=False).item(),
+        "rewards/min": scores.min().item(),
+        "rewards/max": scores.max().item(),
+        "rewards/length_corr": corr.item(),
+    }
+    if margins is not None:
+        margins = margins.detach().double().cpu()
+        labels = [f"{m:.3g}" for m in margins.tolist()]  # 2/3 -> "0.667"
+        if len(set(labels)) <= MAX_MARGIN_BUCKETS:
+            for label in sorted(set(labels), key=float):
+                in_bucket = torch.tensor([other == label for other in labels])
+                metrics[f"rewards/accuracy_margin_{label}"] = correct[in_bucket].mean().item()
+        else:
+            ranks = margins.argsort(stable=True).argsort(stable=True)  # quartile by rank: equal-sized groups
+            quartile = ranks * 4 // margins.numel()
+            for q in range(4):
+                if (quartile == q).any():
+                    metrics[f"rewards/accuracy_margin_q{q + 1}"] = correct[quartile == q].mean().item()
+    return metrics
+
+
 def combine_helpful_safety(
     helpful: torch.Tensor,
     safety: torch.Tensor,
