@@ -91,6 +91,9 @@ class RunSpec:
     center_rewards_coef: float = 0.0  # reward model: eta in eta (r_w + r_l)^2 (TRL 0.01)
     coh_positive: str = " A good answer: "  # Chain of Hindsight feedback phrases
     coh_negative: str = " A bad answer: "
+    coh_mask_ratio: float = 0.05  # CoH: hide up to this fraction of earlier tokens from attention (paper 0-5%)
+    coh_pretrain_dataset: str | None = None  # CoH: data for a pretraining NLL regulariser (None = off)
+    coh_pretrain_coef: float = 1.0  # CoH: weight of that NLL
     precompute_ref_logps: bool = False
     # --- logging, eval, checkpoints
     logging_steps: int = 1
@@ -279,6 +282,8 @@ def check_values(spec: RunSpec) -> None:
     )
     need(bool(spec.coh_positive.strip()) and bool(spec.coh_negative.strip()) and spec.coh_positive != spec.coh_negative,
          "coh_positive and coh_negative must be two different, non-empty phrases")
+    need(0 <= spec.coh_mask_ratio < 1, f"coh_mask_ratio must be in [0, 1) (got {spec.coh_mask_ratio}); the paper masks 0-5%")
+    need(spec.coh_pretrain_coef >= 0, f"coh_pretrain_coef must be >= 0 (got {spec.coh_pretrain_coef})")
     need(spec.center_rewards_coef >= 0, f"center_rewards_coef must be >= 0 (got {spec.center_rewards_coef})")
     need(spec.gamma_beta_ratio >= 0, f"gamma_beta_ratio must be >= 0 (got {spec.gamma_beta_ratio})")
     need(
@@ -446,6 +451,8 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
         spec.eval_dataset = resolve_path(spec.eval_dataset, "eval_dataset", kind="data")
     if spec.eval_prompts:
         spec.eval_prompts = resolve_path(spec.eval_prompts, "eval_prompts", kind="data")
+    if spec.coh_pretrain_dataset:
+        spec.coh_pretrain_dataset = resolve_path(spec.coh_pretrain_dataset, "coh_pretrain_dataset", kind="data")
     return spec
 
 
