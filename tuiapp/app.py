@@ -7,8 +7,9 @@ connection) and talks to the queue through `jobs.runs.Jobs`. Runs keep going whe
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -29,13 +30,21 @@ class CherryApp(App):
     TITLE = "Cherry"
     BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help", show=False, key_display="?")]
 
-    def __init__(self, home: Path | str | None = None, *, poll_live: float = POLL_LIVE_S, poll_idle: float = POLL_IDLE_S) -> None:
+    def __init__(
+        self, home: Path | str | None = None, *, poll_live: float = POLL_LIVE_S, poll_idle: float = POLL_IDLE_S,
+        focus: str | None = None, now: Callable[[], float] | None = None, home_label: str | None = None,
+    ) -> None:
+        """`focus`: a run to highlight once it appears (`cherry demo` opens on its run).
+        `now` and `home_label` fix the clock (ages, ETAs) and the shown home, for reproducible screens."""
         super().__init__()
         self.home = Path(home) if home is not None else cherry_home()
         self.home.mkdir(parents=True, exist_ok=True)
         self.poll_live = poll_live
         self.poll_idle = poll_idle
-        self.want = Want()
+        self.now: Callable[[], float] = now or time.time
+        self.home_label = home_label
+        self.initial_focus = focus
+        self.want = Want(focus=focus)
         self.snapshot: Snapshot | None = None
         self.reads = 0  # snapshots applied (tests wait on this)
         self._wake = threading.Event()
@@ -192,8 +201,8 @@ class CherryApp(App):
         return call
 
 
-def run_app(home: Path | str | None = None) -> None:
-    CherryApp(home).run()
+def run_app(home: Path | str | None = None, focus: str | None = None) -> None:
+    CherryApp(home, focus=focus).run()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ class RunInfo:
     out_dir: str
     spec: dict[str, Any]
     key_metric: tuple[str, float] | None = None
+    pid: int | None = None  # the run's own process (while it runs)
+    worker_host: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -92,7 +94,7 @@ class RunInfo:
             finished_at=r.get("finished_at"), parent=r.get("parent"),
             waiting=bool(r.get("parent") and run.status == "queued" and not r.get("task_id")),
             cancel_requested=bool(r.get("cancel_requested")), error=r.get("error"), out_dir=r.get("out_dir") or "",
-            spec=run.spec,
+            spec=run.spec, pid=r.get("pid"), worker_host=r.get("worker_host"),
         )
 
 
@@ -105,6 +107,7 @@ class RunDetail:
     samples: list[dict[str, Any]]
     events: list[dict[str, Any]]
     log: str
+    proc: ProcFigures | None = None  # the run's process when it runs on this machine
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Snapshot:
     runs: list[RunInfo]
     pending: int  # runs queued and waiting for a worker
     running: int
-    live_workers: int  # distinct worker processes (on this host) running runs now
+    workers: list[dict[str, Any]]  # live workers of this home (Store.live_workers)
     detail: RunDetail | None
     compare: dict[str, dict[str, SeriesData]]
     read_at: float
@@ -131,6 +134,15 @@ class Snapshot:
     @property
     def live(self) -> bool:
         return any(r.status in LIVE for r in self.runs)
+
+    @property
+    def live_workers(self) -> int:
+        return len(self.workers)
+
+    @property
+    def busy_slots(self) -> tuple[int, int]:
+        """(busy, total) run slots over the live workers."""
+        return sum(w.get("busy") or 0 for w in self.workers), sum(w.get("slots") or 0 for w in self.workers)
 
 
 def metric_family(algorithm: str) -> str:
@@ -160,16 +172,38 @@ def log_tail(path: Path, max_bytes: int = 16_000, lines: int = 200) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+@dataclass
+class ProcFigures:
+    """A local run process's resources, read from /proc (None where the OS does not tell)."""
+
+    pid: int
+    rss_gb: float | None
+    cpu_pct: float | None  # since the previous read; 100 = one core busy
+    threads: int | None
+
+
+def read_proc(pid: int) -> tuple[float, float, int] | None:
+    """(rss bytes, cpu seconds used, threads) of a live process, from /proc/<pid>/stat; None if unreadable."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        fields = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd on (the name may hold spaces)
+        if fields[0] in ("Z", "X"):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        threads = int(fields[17])
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, IndexError, OSError):
+        return None
+    return rss, cpu, threads
+
+
+def sys_metrics(series: dict[str, "SeriesData"]) -> dict[str, float]:
+    """The newest value of each sys/* metric a run logged (GPU memory, RSS)."""
+    return {name: s.values[-1] for name, s in sorted(series.items()) if name.startswith("sys/") and s.values}
 
 
 class StoreReader:
@@ -181,6 +215,7 @@ class StoreReader:
         self._series: dict[str, dict[str, SeriesData]] = {}
         self._last_id: dict[str, int] = {}
         self._latest: dict[str, tuple[tuple[Any, ...], tuple[str, float] | None]] = {}
+        self._cpu: dict[int, tuple[float, float]] = {}  # pid -> (monotonic time, cpu seconds) at the last read
 
     def close(self) -> None:
         self.store.close()
@@ -211,18 +246,27 @@ class StoreReader:
             self._latest[run.id] = hit
         return hit[1]
 
+    def proc_figures(self, run: RunInfo) -> ProcFigures | None:
+        """RSS, CPU and threads of a running run's process, when it runs on this machine."""
+        if run.status != "running" or not run.pid or run.worker_host != this_host():
+            return None
+        figures = read_proc(run.pid)
+        if figures is None:
+            return None
+        rss, cpu, threads = figures
+        now = time.monotonic()
+        before = self._cpu.get(run.pid)
+        self._cpu[run.pid] = (now, cpu)
+        pct = None
+        if before is not None and now - before[0] > 0.05:
+            pct = max(0.0, (cpu - before[1]) / (now - before[0]) * 100)
+        return ProcFigures(run.pid, rss / 2**30, pct, threads)
+
     def read(self, want: Want) -> Snapshot:
         runs = [RunInfo.from_run(r) for r in self.store.list_runs()]
-        workers = set()
         for run in runs:
             run.key_metric = self._key_metric(run)
-        host = this_host()
-        for r in self.store.list_runs(["running"]):
-            if r.row.get("worker_host") != host:  # another machine: trust its recent heartbeat
-                if r.row.get("heartbeat_at") and time.time() - r.row["heartbeat_at"] < 30:
-                    workers.add((r.row.get("worker_host"), r.row.get("worker_pid")))
-            elif r.row.get("worker_pid") and _pid_alive(r.row.get("worker_pid")):
-                workers.add((r.row.get("worker_host"), r.row.get("worker_pid")))
+        workers = self.store.live_workers()
         by_id = {r.id: r for r in runs}
         detail = None
         if want.focus in by_id:
@@ -235,6 +279,7 @@ class StoreReader:
                 samples=self.store.samples(run.id, step) if step is not None else [],
                 events=self.store.events(run.id)[-200:],
                 log=log_tail(Path(run.out_dir) / "log.txt") if run.out_dir else "",
+                proc=self.proc_figures(run),
             )
         compare = {
             rid: {k: v.copy() for k, v in self.series(rid, by_id[rid].step).items()}
@@ -243,7 +288,7 @@ class StoreReader:
         return Snapshot(
             home=self.home, backend=queue_backend(), runs=runs,
             pending=sum(1 for r in runs if r.status == "queued" and not r.waiting),
-            running=sum(1 for r in runs if r.status == "running"), live_workers=len(workers),
+            running=sum(1 for r in runs if r.status == "running"), workers=workers,
             detail=detail, compare=compare, read_at=time.time(),
         )
 

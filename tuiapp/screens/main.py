@@ -16,16 +16,16 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from jobs.store import STATUSES
-from tuiapp.data import GLYPHS, RunDetail, RunInfo, Snapshot, default_metrics, duration
+from tuiapp.data import GLYPHS, RunDetail, RunInfo, Snapshot, default_metrics, duration, sys_metrics
 from tuiapp.widgets.chart import Chart
 from tuiapp.widgets.plot import fmt_num, sparkline
-from tuiapp.widgets.runs_table import RunsTable
+from tuiapp.widgets.runs_table import SORTS, RunsTable, sort_runs
 from tuiapp.widgets.samples import SamplesView
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUS_FILTERS = (None, "live") + STATUSES
-SUMMARY_METRICS = ("rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match", "train/tokens_per_s",
-                   "sys/gpu_mem_gb", "sys/rss_gb")
+SUMMARY_METRICS = ("rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match", "train/tokens_per_s")
+SORT_OF_COLUMN = {"age": "created", "run": "created", "status": "status", "algo": "algorithm", "metric": "metric"}
 
 
 def matches(run: RunInfo, text: str, status: str | None) -> bool:
@@ -56,7 +56,7 @@ def short_home(path, limit: int = 40) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
-def run_title(run: RunInfo) -> Text:
+def run_title(run: RunInfo, now: float | None = None) -> Text:
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     text = Text()
     text.append(f"{glyph} {run.name}", style=f"bold {colour}")
@@ -70,13 +70,44 @@ def run_title(run: RunInfo) -> Text:
         frac = run.progress or 0.0
         text.append(f"  {progress_bar(frac, 16)} ", style=colour)
         text.append(f"{run.step}/{run.total_steps}")
-    eta = run.eta_seconds()
+    eta = run.eta_seconds(now)
     if eta is not None:
         text.append(f"  ETA {duration(eta)}")
     elif run.ended and run.started_at and run.finished_at:
         text.append(f"  took {duration(run.finished_at - run.started_at)}", style="dim")
     if run.error:
         text.append(f"\n{run.error}", style="red")
+    return text
+
+
+def sys_text(detail: RunDetail) -> Text:
+    """System figures of a run: its process (RSS, CPU) when it runs here, and its latest sys/* metrics."""
+    text = Text()
+    logged = sys_metrics(detail.series)
+    proc = detail.proc
+    if proc is None and not logged:
+        return text
+    text.append("system ", style="bold")
+    parts: list[tuple[str, str]] = []
+    if proc is not None:
+        if proc.rss_gb is not None:
+            parts.append(("rss", f"{proc.rss_gb:.2f} GB"))
+        parts.append(("cpu", "…" if proc.cpu_pct is None else f"{proc.cpu_pct:.0f}%"))
+        if proc.threads:
+            parts.append(("threads", str(proc.threads)))
+    for name, value in logged.items():
+        label = name.removeprefix("sys/").replace("_gb", "").replace("_", " ")
+        if proc is not None and label == "rss":
+            continue  # the live figure above is newer
+        unit = " GB" if name.endswith("_gb") else "%" if name.endswith(("_util", "_pct")) else ""
+        parts.append((label, f"{fmt_num(value)}{unit}"))
+    for i, (label, value) in enumerate(parts):
+        if i:
+            text.append(" · ", style="dim")
+        text.append(f"{label} ", style="dim")
+        text.append(value)
+    source = f"pid {proc.pid}" if proc is not None else "last logged"
+    text.append(f"  ({source})", style="dim")
     return text
 
 
@@ -108,6 +139,7 @@ class MainScreen(Screen):
         Binding("m", "pick_metrics", "metrics"),
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("f", "status_filter", "status"),
+        Binding("o", "sort", "sort"),
         Binding("s", "smoothing", "smooth", show=False),
         Binding("y", "log_y", "log-y", show=False),
         Binding("x", "x_axis", "x axis", show=False),
@@ -127,6 +159,7 @@ class MainScreen(Screen):
     log_y: reactive[bool] = reactive(False)
     x_by_time: reactive[bool] = reactive(False)
     full: reactive[bool] = reactive(False)
+    sort_by: reactive[str] = reactive("created")
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,6 +183,7 @@ class MainScreen(Screen):
                         yield Static(id="chart-controls")
                         yield Container(id="charts")
                         yield Static(id="latest")
+                        yield Static(id="sys")
                     with TabPane("Samples", id="tab-samples"):
                         yield SamplesView(id="samples")
                     with TabPane("Log", id="tab-log"):
@@ -182,27 +216,41 @@ class MainScreen(Screen):
     def _render_topbar(self, snap: Snapshot) -> None:
         text = Text()
         text.append(" Cherry ", style="bold reverse red")
-        workers = f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} busy" if snap.live_workers else "no worker busy"
+        busy, slots = snap.busy_slots
+        workers = (f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} ({busy}/{slots} busy)"
+                   if snap.live_workers else "no worker")
         text.append(f"  {snap.running} running · {snap.pending} queued · {workers}",
                     style="green" if snap.running else "yellow" if snap.pending else "dim")
-        if snap.pending and not snap.running:
-            text.append(" (start one: cherry worker)", style="yellow")
-        text.append(f"  queue: {snap.backend}", style="dim")
-        text.append(f"  home: {short_home(snap.home)}")
+        # Then what fits, most useful first: the cure for a stuck queue, the queue, the home.
+        width = self.size.width or self.app.size.width
+        home = self.app.home_label or short_home(snap.home, max(12, width - 60))
+        for part, style in (
+            (" (run cherry worker)" if snap.pending and not snap.live_workers else "", "yellow"),
+            (f"  queue: {snap.backend}", "dim"),
+            (f"  home: {home}", ""),
+        ):
+            if part and text.cell_len + len(part) <= width:
+                text.append(part, style=style)
         self.query_one("#topbar", Static).update(text)
 
     def _render_runs(self) -> None:
         if self._snapshot is None:
             return
-        runs = [r for r in reversed(self._snapshot.runs) if matches(r, self.filter_text, self.status_filter)]
+        runs = sort_runs([r for r in self._snapshot.runs if matches(r, self.filter_text, self.status_filter)], self.sort_by)
         self._shown_runs = runs
         table = self.query_one(RunsTable)
-        table.show(runs, set(self.selected))
+        table.show(runs, set(self.selected), self.app.now())
+        wanted = self.app.initial_focus
+        if wanted is not None and wanted in (r.id for r in runs):
+            self.app.initial_focus = None  # once: afterwards the cursor is the user's
+            table.move_cursor(row=[r.id for r in runs].index(wanted), animate=False)
         parts = []
         if self.filter_text:
             parts.append(f"filter: /{self.filter_text}")
         if self.status_filter:
             parts.append(f"status: {self.status_filter}")
+        if self.sort_by != "created":
+            parts.append(f"sort: {self.sort_by}")
         parts.append(f"{len(runs)} of {len(self._snapshot.runs)} runs")
         if self.selected:
             parts.append(f"{len(self.selected)} selected (v compare)")
@@ -213,7 +261,7 @@ class MainScreen(Screen):
 
     def _render_detail(self, detail: RunDetail) -> None:
         run = detail.run
-        self.query_one("#run-title", Static).update(run_title(run))
+        self.query_one("#run-title", Static).update(run_title(run, self.app.now()))
         self._render_charts(detail)
         self.query_one(SamplesView).show(detail.sample_steps, detail.sample_step, detail.samples)
         log_widget = self.query_one("#log", Static)
@@ -265,6 +313,10 @@ class MainScreen(Screen):
         if not available:
             latest = Text("no metrics logged yet" + (" (the run waits for a worker)" if detail.run.status == "queued" else ""), style="dim")
         self.query_one("#latest", Static).update(latest)
+        figures = sys_text(detail)
+        sys_line = self.query_one("#sys", Static)
+        sys_line.update(figures)
+        sys_line.display = bool(figures)
 
     def _layout_charts(self) -> None:
         """Charts in a grid: two columns when the pane is wide enough, rows sharing the height."""
@@ -278,6 +330,8 @@ class MainScreen(Screen):
 
     def on_resize(self) -> None:
         self.call_after_refresh(self._layout_charts)
+        if self._snapshot is not None:
+            self._render_topbar(self._snapshot)
 
     def _render_charts_again(self) -> None:
         snap = self._snapshot
@@ -316,6 +370,13 @@ class MainScreen(Screen):
         if run_id != self.app.want.focus:
             self.app.focus_run(run_id)
             self.query_one(SamplesView).show([], None, [])
+
+    @on(DataTable.HeaderSelected, "#runs")
+    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
+        key = SORT_OF_COLUMN.get(str(event.column_key.value))
+        if key is not None:
+            self.sort_by = key
+            self._render_runs()
 
     @on(DataTable.RowSelected, "#runs")
     def _selected(self, event: DataTable.RowSelected) -> None:
@@ -366,6 +427,10 @@ class MainScreen(Screen):
     def action_status_filter(self) -> None:
         i = STATUS_FILTERS.index(self.status_filter)
         self.status_filter = STATUS_FILTERS[(i + 1) % len(STATUS_FILTERS)]
+        self._render_runs()
+
+    def action_sort(self) -> None:
+        self.sort_by = SORTS[(SORTS.index(self.sort_by) + 1) % len(SORTS)]
         self._render_runs()
 
     def action_new_run(self) -> None:

@@ -1,4 +1,4 @@
-"""The runs list: status glyph and colour, id, algorithm, progress, key metric, age."""
+"""The runs list: status glyph and colour, id, algorithm, progress, key metric, age; sortable."""
 
 from __future__ import annotations
 
@@ -8,11 +8,36 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from tuiapp.data import GLYPHS, RunInfo, age, duration
+from tuiapp.runs_cli import KEY_METRICS
 from tuiapp.widgets.plot import fmt_num
 
 COLUMNS = (("run", "run"), ("step", "step"), ("status", "status"), ("algo", "algo"),
            ("metric", "key metric"), ("eta", "ETA"), ("age", "age"))
 SHORT_METRIC = {"eval/exact_match": "EM", "eval/rewards/accuracy": "acc", "rewards/accuracy": "acc", "train/loss": "loss"}
+SORTS = ("created", "status", "algorithm", "metric")  # `o` cycles through these
+# Live runs first, then the ones that need a look, then the finished ones.
+STATUS_ORDER = {"running": 0, "queued": 1, "interrupted": 2, "failed": 3, "cancelled": 4, "completed": 5}
+LOWER_IS_BETTER = ("train/loss",)
+
+
+def sort_runs(runs: list[RunInfo], by: str) -> list[RunInfo]:
+    """Runs in display order. created: newest first; status: live first; algorithm: A-Z;
+    metric: best key metric first (runs compared within the same metric; none last). Ties: newest first."""
+    order = sorted(enumerate(runs), key=lambda item: (item[1].created_at or 0.0, item[0]), reverse=True)
+    newest = [run for _, run in order]  # sorted() is stable, so the sorts below keep newest first on ties
+    if by == "status":
+        return sorted(newest, key=lambda r: STATUS_ORDER.get(r.status, 9))
+    if by == "algorithm":
+        return sorted(newest, key=lambda r: r.algorithm)
+    if by == "metric":
+        def metric_key(r: RunInfo):
+            if not r.key_metric:
+                return (len(KEY_METRICS), 0.0)
+            name, value = r.key_metric
+            rank = KEY_METRICS.index(name) if name in KEY_METRICS else len(KEY_METRICS) - 1
+            return (rank, value if name in LOWER_IS_BETTER else -value)
+        return sorted(newest, key=metric_key)
+    return newest
 
 
 def status_text(run: RunInfo) -> Text:
@@ -67,9 +92,9 @@ class RunsTable(DataTable):
         except Exception:
             return None
 
-    def show(self, runs: list[RunInfo], selected: set[str]) -> None:
+    def show(self, runs: list[RunInfo], selected: set[str], now: float | None = None) -> None:
         self._ensure_columns()
-        now = time.time()
+        now = time.time() if now is None else now
         current = self.current_run_id
         keys = [r.id for r in runs]
         existing = [k.value for k in self.rows]

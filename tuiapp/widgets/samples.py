@@ -1,7 +1,9 @@
-"""Reference vs policy completions side by side at one logged step, with verifier marks."""
+"""Reference vs policy completions side by side at one logged step, with verifier marks and a
+character-level diff: what the policy says differently is highlighted on both sides."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from rich.table import Table
@@ -24,17 +26,39 @@ def one_line(value: Any, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+REMOVED = "bold red underline"  # in the reference: characters the policy dropped or replaced
+ADDED = "bold black on yellow"  # in the policy: characters it added or replaced
+
+
+def char_diff(reference: str, policy: str) -> tuple[Text, Text]:
+    """Both texts with their differing characters styled (difflib's opcodes, no junk heuristic)."""
+    ref, pol = Text(), Text()
+    matcher = difflib.SequenceMatcher(None, reference, policy, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            ref.append(reference[i1:i2])
+            pol.append(policy[j1:j2])
+        else:
+            ref.append(reference[i1:i2], style=REMOVED)
+            pol.append(policy[j1:j2], style=ADDED)
+    return ref, pol
+
+
 def samples_table(samples: list[dict[str, Any]]) -> Table:
-    """Prompt | reference | policy; a policy that differs from the reference is highlighted."""
+    """Prompt | reference | policy; where the policy differs from the reference, the changed
+    characters are highlighted (added: yellow background; replaced in the reference: red)."""
     table = Table(expand=True, box=None, show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("prompt", ratio=2, overflow="fold")
     table.add_column("reference", ratio=3, overflow="fold")
     table.add_column("policy", ratio=3, overflow="fold")
     for row in samples:
-        ref, pol = row.get("reference"), row.get("policy")
-        changed = ref != pol
-        ref_text = Text(one_line(ref)) + mark(row.get("reference_score"))
-        pol_text = Text(one_line(pol), style="bold yellow" if changed else "") + mark(row.get("policy_score"))
+        ref, pol = one_line(row.get("reference")), one_line(row.get("policy"))
+        if ref != pol:
+            ref_text, pol_text = char_diff(ref, pol)
+        else:
+            ref_text, pol_text = Text(ref), Text(pol)
+        ref_text += mark(row.get("reference_score"))
+        pol_text += mark(row.get("policy_score"))
         prompt = Text(one_line(row.get("prompt")), style="dim")
         if row.get("answer") is not None:
             prompt.append(f"  → {one_line(row['answer'], 60)}", style="dim italic")
