@@ -181,24 +181,26 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show this preset's 
 def demo(
     ctx: typer.Context,
     headless: bool = typer.Option(False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory with --headless (default: $CHERRY_HOME/<run-id>)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a demo setting: key=value."),
     method: str = typer.Option("dpo", "--method", help="Which demo run: dpo, ipo, rpo, simpo, orpo, kto, sft."),
 ) -> None:
-    """DPO (or --method) on the embedded demo: held-out exact-match accuracy before and after, and samples."""
+    """DPO (or --method) on the embedded demo. Opens the app with the run queued and a worker started
+    in the background if none is running; --headless trains here and prints before/after accuracy and samples."""
     if ctx.invoked_subcommand is not None:
         return
-    from engine.spec import demo_dir, resolve_spec
+    if not headless and not _interactive():
+        typer.echo("demo: no terminal to show the app in; running headless (pass --headless to say so)", err=True)
+        headless = True
+    if not headless:
+        _demo_in_app(method, set_, out)
+        return
+    from tuiapp.launch import demo_spec
     from jobs.local import run_in_process
 
-    if not (demo_dir() / "model").exists():
-        raise CherryError(f"the demo model is missing under {demo_dir()}; build it with `cherry demo build`")
-    methods = sorted(p.stem for p in demo_dir().glob("*.yaml"))
-    if method not in methods:
-        raise CherryError(f"--method {method!r} has no demo run; choose one of: {', '.join(methods)}")
-    spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), set_)
+    spec = demo_spec(method, set_)
     _configure_logging()
-    typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model ({'headless' if headless else 'in this terminal'})")
+    typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model (headless)")
     run_dir, summary = run_in_process(spec, out, _progress())
     name, before, after = _headline(summary)
     typer.echo("")
@@ -214,6 +216,29 @@ def demo(
         typer.echo(f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):")
         _print_samples(final, limit=6)
     typer.echo(f"run directory: {run_dir}")
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _demo_in_app(method: str, overrides: list[str], out: Optional[Path]) -> None:
+    """Queue the demo run, start a worker if none is live, open the app on that run."""
+    from jobs.home import cherry_home
+    from tuiapp.launch import WORKER_LOG, launch_demo
+
+    if out is not None:
+        raise CherryError("--out goes with --headless; runs queued from the app live in $CHERRY_HOME/<run-id>")
+    home = cherry_home()
+    run, worker_pid = launch_demo(home, method, overrides)
+    if worker_pid is not None:
+        typer.echo(f"demo: queued {run.id}; started a worker in the background (pid {worker_pid}, log {home / WORKER_LOG})", err=True)
+    else:
+        typer.echo(f"demo: queued {run.id} for the running worker", err=True)
+    from tuiapp.app import run_app
+
+    run_app(home, focus=run.id)
+    typer.echo(f"the app closed; {run.id} keeps going in the worker (`cherry ls`, `cherry` to look again)", err=True)
 
 
 def _headline(summary: dict[str, Any]) -> tuple[str, float, float]:
