@@ -25,7 +25,7 @@ from tuiapp.widgets.samples import SamplesView
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUS_FILTERS = (None, "live") + STATUSES
 SUMMARY_METRICS = ("rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match", "train/tokens_per_s")
-SORT_OF_COLUMN = {"age": "created", "run": "created", "status": "status", "algo": "algorithm", "metric": "metric"}
+SORT_OF_COLUMN = {"age": "created", "run": "created", "status": "status", "algo": "algorithm", "metric": "metric"}  # header clicks
 
 
 def matches(run: RunInfo, text: str, status: str | None) -> bool:
@@ -56,19 +56,20 @@ def short_home(path, limit: int = 40) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
-def run_title(run: RunInfo, now: float | None = None) -> Text:
+def run_title(run: RunInfo, now: float | None = None, width: int = 80) -> Text:
+    """Two lines: who the run is, then where it stands (status, progress, ETA); a third for an error."""
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     text = Text()
     text.append(f"{glyph} {run.name}", style=f"bold {colour}")
     text.append(f"  {run.algorithm} · {short_path(run.model)} · {short_path(run.dataset)}", style="dim")
-    text.append(f"  {run.status}", style=colour)
+    text.append(f"\n{run.status}", style=colour)
     if run.cancel_requested and run.status == "running":
         text.append(" (stopping)", style="magenta")
     if run.waiting:
         text.append(f" (waiting for {run.parent})", style="yellow")
     if run.total_steps:
         frac = run.progress or 0.0
-        text.append(f"  {progress_bar(frac, 16)} ", style=colour)
+        text.append(f"  {progress_bar(frac, 16 if width >= 60 else 8)} ", style=colour)
         text.append(f"{run.step}/{run.total_steps}")
     eta = run.eta_seconds(now)
     if eta is not None:
@@ -261,7 +262,8 @@ class MainScreen(Screen):
 
     def _render_detail(self, detail: RunDetail) -> None:
         run = detail.run
-        self.query_one("#run-title", Static).update(run_title(run, self.app.now()))
+        title = self.query_one("#run-title", Static)
+        title.update(run_title(run, self.app.now(), title.size.width or 80))
         self._render_charts(detail)
         self.query_one(SamplesView).show(detail.sample_steps, detail.sample_step, detail.samples)
         log_widget = self.query_one("#log", Static)

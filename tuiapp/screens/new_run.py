@@ -2,7 +2,8 @@
 
 Every change is validated at once (torch-free: engine.spec); an error shows next to the field it
 names. Submit goes through `Jobs.submit`, exactly like `cherry submit`, whose equivalent command
-line the form shows.
+line the form shows. The settings can be saved as a preset of your own (YAML under
+$CHERRY_HOME/presets/, or any path) and loaded back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from textual.widgets import Button, Footer, Input, Label, Select, Static
 from engine.errors import CherryError
 from engine.spec import DATA_KIND, demo_dir, list_presets, load_preset, preset_chain, resolve_path, resolve_spec
 from tuiapp.data import RunInfo
+from tuiapp.user_presets import list_user_presets, save_preset
 
 # The hyper-parameters the form shows; anything else goes in "more settings" as key=value.
 FORM_FIELDS = (
@@ -35,12 +37,30 @@ EXTRA = "extra"
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
 
-def preset_choices() -> list[tuple[str, str]]:
-    """(label, preset name) of the presets, then the demo runs (`demo/dpo` etc.)."""
+def preset_choices(home: Path | None = None) -> list[tuple[str, str]]:
+    """(label, preset) of the presets, the demo runs (`demo/dpo` etc.), then your saved ones (by path)."""
     out = [(f"{name}  {desc.split(':')[0][:30]}", name) for name, desc in list_presets()]
     for path in sorted(demo_dir().glob("*.yaml")):
         out.append((f"demo/{path.stem}  the demo's {path.stem} run", f"demo/{path.stem}"))
+    if home is not None:
+        for desc, path in list_user_presets(home):
+            out.append((f"{path.stem}  (yours)", str(path)))
     return out
+
+
+def preset_description(preset: str) -> str:
+    descriptions = dict(list_presets())
+    if preset in descriptions:
+        return descriptions[preset]
+    if preset.startswith("demo/"):
+        return f"the demo's {preset.split('/')[-1]} run: demo model and data, tuned for a CPU"
+    try:
+        import yaml
+
+        data = yaml.safe_load(Path(preset).expanduser().read_text()) or {}
+        return f"{Path(preset).name}: {data.get('description') or 'a preset file'}"
+    except (OSError, ValueError, AttributeError):
+        return preset
 
 
 def preset_help(name: str) -> dict[str, str]:
@@ -135,13 +155,15 @@ class NewRunScreen(Screen[str | None]):
         Binding("escape", "cancel", "cancel"),
         Binding("ctrl+s", "submit", "submit"),
         Binding("ctrl+o", "show_command", "show command"),
+        Binding("f2", "save_preset", "save preset"),
+        Binding("f3", "load_preset", "load preset"),
     ]
 
     def __init__(self, home: Path, runs: list[RunInfo]) -> None:
         super().__init__()
         self.home = Path(home)
         self.runs = runs
-        self.presets = preset_choices()
+        self.presets = preset_choices(self.home)
         values = [v for _, v in self.presets]
         self.preset = next((p for p in ("demo/dpo", "dpo") if p in values), values[0])
         self.defaults: dict[str, Any] = {}
@@ -176,7 +198,8 @@ class NewRunScreen(Screen[str | None]):
         models = self._model_choices()
         datasets = self._dataset_choices()
         with VerticalScroll(id="new-run"):
-            yield Static(Text("New run", style="bold") + Text(f"   home: {self.home}", style="dim"), id="new-run-title")
+            home = getattr(self.app, "home_label", None) or str(self.home)
+            yield Static(Text("New run", style="bold") + Text(f"   home: {home}", style="dim"), id="new-run-title")
             yield self._row("preset", "Preset", Select(
                 [(label, value) for label, value in self.presets], value=self.preset, allow_blank=False, id="f-preset"))
             yield self._row("model", "Model", Input(
@@ -198,6 +221,8 @@ class NewRunScreen(Screen[str | None]):
             yield Static(id="form-error")
             yield Static(id="command")
             with Horizontal(id="form-buttons"):
+                yield Button("Save preset", id="save-preset")
+                yield Button("Load preset", id="load-preset")
                 yield Button("Show command", id="show-command")
                 yield Button("Cancel", id="cancel")
                 yield Button("Submit", id="submit", variant="primary")
@@ -212,13 +237,14 @@ class NewRunScreen(Screen[str | None]):
     def _input(self, key: str) -> Input:
         return self.query_one(f"#f-{key.replace('.', '_')}", Input)
 
-    def _load_preset(self, preset: str) -> None:
-        self.preset = preset
+    def _load_preset(self, preset: str) -> bool:
+        """Fill the form from `preset`; on an error keep the form as it was and say why."""
         try:
             self.defaults = defaults_for(preset)
         except CherryError as err:
-            self._set_errors({"preset": str(err)})
-            return
+            self._set_errors({**self.errors, "preset": str(err)})
+            return False
+        self.preset = preset
         helps = preset_help(preset)
         for key in FORM_FIELDS:
             box = self._input(key)
@@ -228,10 +254,11 @@ class NewRunScreen(Screen[str | None]):
         for key in ("model", "dataset"):
             if self.defaults.get(key):
                 self._input(key).value = show_value(self.defaults[key])
-        descriptions = dict(list_presets())
-        desc = descriptions.get(preset) or f"the demo's {preset.split('/')[-1]} run: demo model and data, tuned for a CPU"
-        self.query_one("#msg-preset", Static).update(Text(desc, style="dim"))
+        self.query_one("#msg-preset", Static).update(Text(preset_description(preset), style="dim"))
+        self.errors.pop("preset", None)
+        self.query_one("#row-preset").remove_class("-invalid")
         self.validate()
+        return True
 
     def overrides(self) -> list[str]:
         """`key=value` for each field that differs from the preset (what `--set` would carry)."""
@@ -315,8 +342,11 @@ class NewRunScreen(Screen[str | None]):
     @on(Select.Changed, "#f-preset")
     def _preset_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str) and event.value != self.preset:
-            self._load_preset(str(event.value))
-            self._preview()
+            if self._load_preset(str(event.value)):
+                self._preview()
+            else:
+                with self.prevent(Select.Changed):
+                    event.select.value = self.preset
 
     @on(Select.Changed, "#pick-model")
     def _model_picked(self, event: Select.Changed) -> None:
@@ -353,6 +383,70 @@ class NewRunScreen(Screen[str | None]):
     @on(Button.Pressed, "#show-command")
     def _show_pressed(self) -> None:
         self.action_show_command()
+
+    @on(Button.Pressed, "#save-preset")
+    def _save_pressed(self) -> None:
+        self.action_save_preset()
+
+    @on(Button.Pressed, "#load-preset")
+    def _load_pressed(self) -> None:
+        self.action_load_preset()
+
+    # ------------------------------------------------------------------ presets of your own
+
+    def action_save_preset(self) -> None:
+        from tuiapp.screens.preset_dialog import SavePresetDialog
+
+        try:
+            spec = self.build()
+        except (CherryError, ValueError) as err:
+            self.notify(f"fix the form first: {err}", title="not saved", severity="error")
+            return
+        based_on = self.preset
+        name = self._input("name").value.strip() or Path(based_on).stem.replace("/", "-")
+
+        def done(target: str | None) -> None:
+            if not target:
+                return
+            try:
+                path = save_preset(spec, Path(target), based_on)
+            except OSError as err:
+                self.notify(str(err), title="not saved", severity="error")
+                return
+            self._refresh_presets(str(path))
+            self.notify(f"saved {path}; load it here (f3) or `cherry submit --preset {path}`", title="preset saved")
+
+        self.app.push_screen(SavePresetDialog(self.home, f"{name}-mine" if not name.endswith("-mine") else name), done)
+
+    def action_load_preset(self) -> None:
+        from tuiapp.screens.preset_dialog import LoadPresetDialog
+
+        def done(preset: str | None) -> None:
+            if preset:
+                self.load_preset(preset)
+
+        self.app.push_screen(LoadPresetDialog(self.home), done)
+
+    def load_preset(self, preset: str) -> bool:
+        """Fill the form from a preset name or YAML file (it joins the preset list)."""
+        if not self._load_preset(preset):
+            self.notify(self.errors.get("preset", preset), title="not loaded", severity="error")
+            return False
+        self._refresh_presets(preset)
+        self._preview()
+        return True
+
+    def _refresh_presets(self, also: str | None = None) -> None:
+        """The preset list again (a preset saved or loaded just now joins it); keeps the current one."""
+        choices = preset_choices(self.home)
+        for value in (also, self.preset):
+            if value and value not in [v for _, v in choices]:
+                choices.append((f"{Path(value).stem}  ({value})", value))
+        self.presets = choices
+        select = self.query_one("#f-preset", Select)
+        with self.prevent(Select.Changed):
+            select.set_options(choices)
+            select.value = self.preset
 
     def action_cancel(self) -> None:
         self.dismiss(None)

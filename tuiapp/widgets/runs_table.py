@@ -11,8 +11,9 @@ from tuiapp.data import GLYPHS, RunInfo, age, duration
 from tuiapp.runs_cli import KEY_METRICS
 from tuiapp.widgets.plot import fmt_num
 
-COLUMNS = (("run", "run"), ("step", "step"), ("status", "status"), ("algo", "algo"),
-           ("metric", "key metric"), ("eta", "ETA"), ("age", "age"))
+# Most telling first: what the pane cannot show scrolls off to the right (ETA is in the run's title too).
+COLUMNS = (("run", "run"), ("status", "status"), ("step", "step"), ("metric", "metric"), ("age", "age"),
+           ("algo", "algo"), ("eta", "ETA"))
 SHORT_METRIC = {"eval/exact_match": "EM", "eval/rewards/accuracy": "acc", "rewards/accuracy": "acc", "train/loss": "loss"}
 SORTS = ("created", "status", "algorithm", "metric")  # `o` cycles through these
 # Live runs first, then the ones that need a look, then the finished ones.
@@ -60,12 +61,12 @@ def cells(run: RunInfo, selected: bool, now: float) -> tuple:
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     return (
         (Text("◆", style="bold yellow") if selected else Text(" ")) + Text(f"{glyph} ", style=colour) + Text(run.name if len(run.name) <= 24 else run.name[:23] + "…"),
-        Text(progress, justify="right"),
         status_text(run),
-        run.algorithm,
+        Text(progress, justify="right"),
         metric,
+        Text(age(run.created_at, now), justify="right"),
+        run.algorithm,
         eta,
-        age(run.created_at, now),
     )
 
 
