@@ -1,14 +1,18 @@
-"""A run store written directly (no worker, no torch) for the app's display tests."""
+"""A run store written directly (no worker, no torch) for the app's display tests.
+
+Every timestamp is fixed relative to `NOW`, so an app given `now=lambda: NOW` shows the same ages,
+ETAs and durations on every run (the snapshot tests rely on it).
+"""
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 from jobs.home import store_path
 from jobs.store import Store, StoreReporter
 
+NOW = 1_795_000_000.0  # 2026-11-18 (UTC): "now" for the fixture store and the app under test
 DEMO_SPEC = {"algorithm": "dpo", "model": "demo", "dataset": "demo/pairs.jsonl", "beta": 0.1, "lr": 3e-5}
 
 
@@ -17,10 +21,9 @@ def screen_text(app) -> str:
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
 
 
-def populate(home: Path) -> dict[str, str]:
+def populate(home: Path, now: float = NOW) -> dict[str, str]:
     """Four runs: a completed DPO run with metrics and samples, a running one, a queued one, a failed one."""
     store = Store(store_path(home))
-    now = time.time()
     ids = {}
     for key, name, algo, status in (
         ("done", "dpo-beta01", "dpo", "completed"), ("running", "dpo-beta05", "dpo", "running"),
@@ -34,7 +37,7 @@ def populate(home: Path) -> dict[str, str]:
     rep.log_event("start", "dpo: 40 steps", total_steps=40)
     for step in range(1, 41):
         rep.log_metrics(step, {"train/loss": 0.69 * math.exp(-step / 20), "rewards/margin": step / 10,
-                               "rewards/accuracy": min(1.0, 0.5 + step / 60)})
+                               "rewards/accuracy": min(1.0, 0.5 + step / 60), "sys/rss_gb": 0.4 + step / 1000})
         if step % 10 == 0:
             rep.log_metrics(step, {"eval/exact_match": 0.475 + step / 400, "kl/mean": step / 50})
     for step in (20, 40):
@@ -54,5 +57,19 @@ def populate(home: Path) -> dict[str, str]:
         rep.log_metrics(step, {"train/loss": 0.69 - step / 100, "rewards/margin": step / 20, "kl/mean": step / 40})
     rep.log_metrics(30, {"eval/exact_match": 0.55, "kl/mean": 0.7})
     store.set_status(ids["failed"], "failed", error="dataset: no known dataset format matches the columns found: foo")
+
+    # Fixed times: created (oldest first, as the ids), started, finished, each metric row and event.
+    times = {  # key: (created, started, finished, seconds per step)
+        "done": (now - 3 * 3600, now - 3 * 3600 + 60, now - 3 * 3600 + 260, 5.0),
+        "running": (now - 3600, now - 600, None, 20.0),
+        "failed": (now - 2400, None, now - 2390, 1.0),
+        "queued": (now - 300, None, None, 1.0),
+    }
+    for key, (created, started, finished, per_step) in times.items():
+        run_id = ids[key]
+        store.update_run(run_id, created_at=created, started_at=started, finished_at=finished)
+        origin = started or created
+        store.db.execute("UPDATE metrics SET time = ? + step * ? WHERE run_id = ?", [origin, per_step, run_id])
+        store.db.execute("UPDATE events SET time = ? WHERE run_id = ?", [origin, run_id])
     store.close()
     return ids

@@ -16,7 +16,7 @@ import pytest
 
 from jobs.home import store_path
 from jobs.store import Store
-from tests.app_fixtures import populate, screen_text
+from tests.app_fixtures import NOW, populate, screen_text
 from tuiapp.widgets.plot import BRAILLE_BASE, Series, ema, plot, sparkline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +65,81 @@ def test_importing_the_app_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_char_diff_marks_only_the_changed_characters():
+    from tuiapp.widgets.samples import ADDED, REMOVED, char_diff
+
+    ref, pol = char_diff("75", "85")
+    assert ref.plain == "75" and pol.plain == "85"
+    assert [(s.start, s.end, s.style) for s in ref.spans] == [(0, 1, REMOVED)]
+    assert [(s.start, s.end, s.style) for s in pol.spans] == [(0, 1, ADDED)]
+    ref, pol = char_diff("nedrag", "nedrag!")
+    assert not ref.spans and [(s.start, s.end) for s in pol.spans] == [(6, 7)]
+
+
+def test_sort_runs_by_each_key():
+    from tuiapp.data import RunInfo
+    from tuiapp.widgets.runs_table import SORTS, sort_runs
+
+    def run(name, status, algo, created, metric=None):
+        return RunInfo(id=name, name=name, status=status, algorithm=algo, model="m", dataset="d", step=0, total_steps=0,
+                       created_at=created, started_at=None, finished_at=None, parent=None, waiting=False,
+                       cancel_requested=False, error=None, out_dir="", spec={}, key_metric=metric)
+
+    runs = [run("a", "completed", "sft", 1, ("eval/exact_match", 0.6)), run("b", "running", "dpo", 2, ("eval/exact_match", 0.7)),
+            run("c", "failed", "kto", 3, ("train/loss", 0.2)), run("d", "queued", "dpo", 4),
+            run("e", "completed", "orpo", 5, ("train/loss", 0.1))]
+    order = {key: [r.id for r in sort_runs(runs, key)] for key in SORTS}
+    assert order["created"] == ["e", "d", "c", "b", "a"]
+    assert order["status"] == ["b", "d", "c", "e", "a"]
+    assert order["algorithm"] == ["d", "b", "c", "e", "a"]
+    assert order["metric"] == ["b", "a", "e", "c", "d"]  # exact match high first, then loss low first, none last
+
+
+def test_proc_figures_of_a_local_running_run(home):
+    """RSS and threads from /proc; CPU once there are two reads to compare."""
+    import os
+
+    from jobs.store import this_host
+    from tuiapp.data import StoreReader, Want, read_proc
+
+    if read_proc(os.getpid()) is None:
+        pytest.skip("no /proc here")
+    store = Store(store_path(home))
+    store.create_run("r1", {"algorithm": "dpo"}, name="r1", out_dir=str(home / "r1"))
+    store.set_status("r1", "running", pid=os.getpid(), worker_host=this_host())
+    store.close()
+    reader = StoreReader(home)
+    try:
+        first = reader.read(Want(focus="r1")).detail.proc
+        assert first.pid == os.getpid() and first.rss_gb > 0.001 and first.threads >= 1 and first.cpu_pct is None
+        sum(i * i for i in range(300_000))  # burn a little CPU between the reads
+        time.sleep(0.1)
+        second = reader.read(Want(focus="r1")).detail.proc
+        assert second.cpu_pct is not None and second.cpu_pct >= 0
+    finally:
+        reader.close()
+
+
+def test_user_preset_round_trip(tmp_path):
+    """A saved preset loads back (engine.spec.load_preset takes the path) to the same spec, minus the name."""
+    import yaml
+
+    from engine.spec import resolve_spec
+    from tuiapp.user_presets import list_user_presets, save_preset, target_path
+
+    spec = resolve_spec("demo/dpo", ["lr=2e-5", "lora.r=8", "name=mine"], check_paths=False)
+    path = save_preset(spec, target_path("my-dpo", tmp_path), "demo/dpo")
+    assert path == tmp_path / "presets" / "my-dpo.yaml"
+    values = yaml.safe_load(path.read_text())
+    assert values["lr"] == 2e-5 and values["lora"] == {"r": 8} and "name" not in values
+    again = resolve_spec(str(path), check_paths=False)
+    assert again.to_dict() == {**spec.to_dict(), "name": None}
+    assert [p for _, p in list_user_presets(tmp_path)] == [path]
+    assert target_path("~/x/p.yaml", tmp_path).name == "p.yaml"
+    with pytest.raises(Exception, match="letters, digits"):
+        target_path("bad name!", tmp_path)
+
+
 # ----------------------------------------------------------------------------- Pilot helpers
 
 
@@ -94,7 +169,7 @@ async def wait_until(pilot, predicate, timeout: float = 10.0, what: str = "condi
 def make_app(home: Path):
     from tuiapp.app import CherryApp
 
-    return CherryApp(home, poll_live=0.1, poll_idle=0.2)
+    return CherryApp(home, poll_live=0.1, poll_idle=0.2, now=lambda: NOW)
 
 
 async def focus_run(pilot, run_id: str) -> None:
@@ -137,6 +212,31 @@ async def test_table_lists_runs_with_status_and_header(home, runs, size):
 
 
 @pytest.mark.asyncio
+async def test_sort_key_cycles_the_order_and_header_click_sorts(home, runs):
+    from textual.widgets import DataTable
+
+    from tuiapp.widgets.runs_table import RunsTable
+
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.screen.query_one(RunsTable)
+        await wait_until(pilot, lambda: table.row_count == 4, what="4 rows")
+        order = lambda: [k.value for k in table.rows]  # noqa: E731
+        assert order() == [runs["queued"], runs["failed"], runs["running"], runs["done"]]  # newest first
+        await pilot.press("o")  # status: live first, finished last
+        await wait_until(pilot, lambda: order() == [runs["running"], runs["queued"], runs["failed"], runs["done"]], what="by status")
+        assert "sort: status" in screen_text(app)
+        await pilot.press("o")  # algorithm
+        await wait_until(pilot, lambda: order() == [runs["running"], runs["done"], runs["failed"], runs["queued"]], what="by algorithm")
+        await pilot.press("o")  # key metric: exact match, best first; runs without one last
+        await wait_until(pilot, lambda: order()[:2] == [runs["done"], runs["running"]], what="by metric")
+        await pilot.press("o")
+        await wait_until(pilot, lambda: order()[0] == runs["queued"] and "sort:" not in screen_text(app), what="back to created")
+        table.post_message(DataTable.HeaderSelected(table, table.columns["status"].key, 1, table.columns["status"].label))
+        await wait_until(pilot, lambda: app.screen.sort_by == "status", what="header click")
+
+
+@pytest.mark.asyncio
 async def test_text_and_status_filters(home, runs):
     from tuiapp.widgets.runs_table import RunsTable
 
@@ -172,6 +272,25 @@ async def test_run_view_shows_curves_and_latest_values(home, runs, size):
         assert "beta: 0.1" in screen_text(app)
         await pilot.press("3")  # log tail
         await wait_until(pilot, lambda: "final weights saved" in screen_text(app), what="log tail")
+
+
+@pytest.mark.asyncio
+async def test_run_view_shows_system_figures_and_opens_on_a_given_run(home, runs):
+    from tuiapp.app import CherryApp
+    from tuiapp.widgets.runs_table import RunsTable
+
+    app = CherryApp(home, poll_live=0.1, poll_idle=0.2, now=lambda: NOW, focus=runs["done"], home_label="~/runs")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.snapshot and app.snapshot.detail and app.snapshot.detail.run.id == runs["done"],
+                         what="the given run focused")
+        assert app.screen.query_one(RunsTable).current_run_id == runs["done"]
+        await wait_until(pilot, lambda: "rss 0.44 GB" in screen_text(app), what="system figures")
+        assert "(last logged)" in screen_text(app) and "took 3m20s" in screen_text(app)
+        await pilot.press("up")  # the focus was a start, not a lock
+        await wait_until(pilot, lambda: app.want.focus == runs["running"], what="cursor moves on")
+        await wait_until(pilot, lambda: "ETA 23m20s" in screen_text(app), what="ETA by the injected clock")
+        assert "home: ~/runs" not in screen_text(app)  # 80 columns: the home gives way to the worker hint and queue
+        assert "(run cherry worker)" in screen_text(app) and "queue: sqlite" in screen_text(app)
 
 
 @pytest.mark.asyncio
@@ -337,6 +456,61 @@ async def test_new_run_shows_errors_next_to_fields_and_submits(home, size):
 
 
 @pytest.mark.asyncio
+async def test_new_run_saves_and_loads_a_preset_of_your_own(home):
+    import yaml
+    from textual.widgets import Input, Select
+
+    from tuiapp.screens.preset_dialog import LoadPresetDialog, SavePresetDialog
+
+    app = make_app(home)
+    async with app.run_test(size=(80, 24)) as pilot:
+        form = await open_form(pilot)
+        form.query_one("#f-beta", Input).value = "0.3"
+        form.query_one("#f-max_steps", Input).value = "7"
+        await pilot.pause(0.1)
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="save dialog")
+        app.screen.query_one("#preset-target", Input).value = "beta03"
+        await pilot.press("enter")
+        saved = home / "presets" / "beta03.yaml"
+        await wait_until(pilot, lambda: saved.exists() and app.screen is form, what="preset saved")
+        values = yaml.safe_load(saved.read_text())
+        assert values["beta"] == 0.3 and values["max_steps"] == 7 and values["model"] == "demo"
+        assert str(saved) in [v for _, v in form.presets]
+
+        # saving again under the same name asks once before replacing
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="save dialog")
+        app.screen.query_one("#preset-target", Input).value = "beta03"
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, SavePresetDialog) and "exists" in screen_text(app)
+        await pilot.press("escape")
+
+        form.query_one("#f-preset", Select).value = "dpo"  # elsewhere, then load it back
+        await wait_until(pilot, lambda: form.preset == "dpo" and form.query_one("#f-beta", Input).value == "0.1", what="dpo preset")
+        await pilot.press("f3")
+        await wait_until(pilot, lambda: isinstance(app.screen, LoadPresetDialog), what="load dialog")
+        assert "beta03" in screen_text(app)
+        await pilot.press("enter")  # the highlighted (only) saved preset
+        await wait_until(pilot, lambda: form.preset == str(saved), what="preset loaded")
+        assert form.query_one("#f-beta", Input).value == "0.3" and form.query_one("#f-max_steps", Input).value == "7"
+        assert form.query_one("#f-preset", Select).value == str(saved)
+        assert f"--preset {saved}" in str(form.query_one("#command").render())
+
+        await pilot.press("f3")  # a path that is no preset: refused, the form keeps its values
+        await wait_until(pilot, lambda: isinstance(app.screen, LoadPresetDialog), what="load dialog")
+        app.screen.query_one("#preset-source", Input).value = str(home / "missing.yaml")
+        await pilot.press("tab")
+        app.screen.query_one("#preset-source", Input).focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen is form, what="dialog closed")
+        await pilot.pause(0.1)
+        assert form.preset == str(saved) and form.query_one("#f-beta", Input).value == "0.3"
+        assert "unknown preset" in str(form.query_one("#msg-preset").render())
+
+
+@pytest.mark.asyncio
 async def test_new_run_bad_dataset_and_unknown_key(home, tmp_path):
     from textual.widgets import Input, Static
 
@@ -399,3 +573,71 @@ async def test_submit_from_the_form_and_watch_a_real_worker_complete_it(home, ti
             assert "3/3" in screen_text(app)
     finally:
         worker.stop()
+
+
+def test_cli_demo_opens_the_app_on_the_queued_run(home, monkeypatch):
+    """`cherry demo --method sft` (a terminal, no --headless): the run is queued, a worker started, the app opened on it."""
+    from typer.testing import CliRunner
+
+    import tuiapp.app
+    import tuiapp.cli
+    import tuiapp.launch
+    from tuiapp.cli import app as cli
+
+    opened, started = [], []
+    monkeypatch.setattr(tuiapp.cli, "_interactive", lambda: True)
+    monkeypatch.setattr(tuiapp.app, "run_app", lambda home=None, focus=None: opened.append((home, focus)))
+    monkeypatch.setattr(tuiapp.launch, "start_worker", lambda h: started.append(h) or 4242)
+    result = CliRunner().invoke(cli, ["demo", "--method", "sft", "--set", "max_steps=3"])
+    assert result.exit_code == 0, result.output
+    store = Store(store_path(home))
+    (run,) = store.list_runs()
+    store.close()
+    assert run.status == "queued" and run.algorithm == "sft" and run.spec["max_steps"] == 3 and run.task_id
+    assert opened == [(home, run.id)] and started == [home]
+    assert "pid 4242" in result.output and "keeps going" in result.output
+
+    result = CliRunner().invoke(cli, ["demo", "--out", str(home / "x")])
+    assert result.exit_code == 2 and "--out goes with --headless" in result.output
+    result = CliRunner().invoke(cli, ["demo", "--method", "nope"])
+    assert result.exit_code == 2 and "no demo run" in result.output
+
+
+@pytest.mark.asyncio
+async def test_demo_launch_starts_a_detached_worker_that_outlives_the_app(home):
+    """What `cherry demo` does: queue the demo run, start a worker (none is live), open the app on the run.
+    The run completes; after the app quits the worker is still there, and a second launch reuses it."""
+    import os
+    import signal
+
+    from jobs.store import pid_alive
+    from tuiapp.app import CherryApp
+    from tuiapp.launch import WORKER_LOG, ensure_worker, launch_demo
+    from tuiapp.widgets.runs_table import RunsTable
+
+    quick = ["max_steps=2", "eval_max_examples=8", "num_samples=2", "kl_samples=2", "num_threads=1"]
+    run, pid = launch_demo(home, "dpo", quick)
+    assert pid is not None
+    try:
+        app = CherryApp(home, poll_live=0.1, poll_idle=0.2, focus=run.id)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.screen.query_one(RunsTable).current_run_id == run.id, what="the demo run focused")
+            await wait_until(pilot, lambda: app.snapshot.live_workers == 1, timeout=20, what="the worker in the header")
+            await wait_until(pilot, lambda: run_status(home, run.id) == "completed", timeout=120, what="the demo run to complete")
+            await wait_until(pilot, lambda: "completed" in screen_text(app) and "2/2" in screen_text(app), what="completed on screen")
+        assert pid_alive(pid), "the worker must keep running after the app quits"
+        assert ensure_worker(home) is None  # a live worker: none started
+        again, second = launch_demo(home, "dpo", quick)
+        assert second is None
+        await asyncio.to_thread(lambda: wait_for_status(home, again.id, "completed", 120))
+        assert "cherry worker: home" in (home / WORKER_LOG).read_text()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)  # our child: reap it
+
+
+def wait_for_status(home: Path, run_id: str, status: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while run_status(home, run_id) != status:
+        assert time.monotonic() < deadline, f"{run_id} did not reach {status}: {run_status(home, run_id)}"
+        time.sleep(0.2)

@@ -1,0 +1,134 @@
+"""Snapshot tests of the app's main screens at 120x40 and 80x24 (pytest-textual-snapshot).
+
+The store is the fixture store of tests/app_fixtures.py, whose timestamps are fixed; the app gets
+the same fixed clock and a fixed home label, so ages, ETAs and paths are the same on every run.
+Update the SVGs under tests/__snapshots__/ with `pytest tests/test_app_snapshots.py --snapshot-update`
+after a deliberate change to the screens, and look at them before committing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.app_fixtures import NOW, populate, screen_text
+
+SIZES = [pytest.param((120, 40), id="120x40"), pytest.param((80, 24), id="80x24")]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("CHERRY_HOME", str(path))
+    monkeypatch.delenv("CHERRY_REDIS_URL", raising=False)  # the header names the queue backend
+    return path
+
+
+@pytest.fixture
+def runs(home) -> dict[str, str]:
+    return populate(home)
+
+
+def make_app(home: Path, focus: str | None = None):
+    from tuiapp.app import CherryApp
+
+    return CherryApp(home, poll_live=0.1, poll_idle=0.2, focus=focus, now=lambda: NOW, home_label="~/runs")
+
+
+async def settle(pilot, predicate, what: str, timeout: float = 10.0) -> None:
+    """Wait for `predicate`, then for two more store reads and a refresh, so the screen is final."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{screen_text(pilot.app)}")
+        await pilot.pause(0.05)
+    reads = pilot.app.reads
+    while pilot.app.reads < reads + 2 and time.monotonic() < deadline:
+        await pilot.pause(0.05)
+    await pilot.pause(0.2)
+    for box in pilot.app.screen.query("Input"):
+        box.cursor_blink = False  # a blinking cursor would make the picture depend on timing
+    await pilot.pause()
+
+
+def detail_of(app, run_id: str) -> bool:
+    from tuiapp.widgets.chart import Chart
+
+    snap = app.snapshot
+    return bool(snap and snap.detail and snap.detail.run.id == run_id
+                and all(c.curves for c in app.screen.query(Chart)) and app.screen.query(Chart))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_main_screen(snap_compare, home, runs, size):
+    """Runs table (newest first) with the running run focused: its live curves and ETA."""
+    app = make_app(home, focus=runs["running"])
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: detail_of(pilot.app, runs["running"]), "the running run's curves")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_run_view(snap_compare, home, runs, size):
+    """A completed run opened full screen (enter): curves, latest values, system figures."""
+    app = make_app(home, focus=runs["done"])
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: detail_of(pilot.app, runs["done"]), "the completed run's curves")
+        await pilot.press("enter")
+        await settle(pilot, lambda: not pilot.app.screen.query_one("#runs-pane").display and detail_of(pilot.app, runs["done"]),
+                     "the full-screen run view")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_samples_pane(snap_compare, home, runs):
+    """Reference vs policy at the last logged step, the changed characters highlighted."""
+    app = make_app(home, focus=runs["done"])
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: detail_of(pilot.app, runs["done"]), "the completed run")
+        await pilot.press("2")
+        await settle(pilot, lambda: "47+38=" in screen_text(pilot.app), "samples")
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_new_run_form(snap_compare, home, runs, size):
+    """The form with the demo DPO preset's defaults, the dataset preview and the command line."""
+    app = make_app(home, focus=runs["done"])
+
+    async def run_before(pilot):
+        from tuiapp.screens.new_run import NewRunScreen
+
+        await settle(pilot, lambda: pilot.app.reads >= 1, "the first read")
+        await pilot.press("n")
+        await settle(pilot, lambda: isinstance(pilot.app.screen, NewRunScreen)
+                     and "2,000 rows" in str(pilot.app.screen.query_one("#dataset-preview").render()), "the form")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_screen(snap_compare, home, runs, size):
+    """Two runs selected (space) and compared (v): train/loss overlaid in their own colours."""
+    app = make_app(home, focus=runs["done"])
+
+    async def run_before(pilot):
+        from tuiapp.screens.compare import CompareScreen
+        from tuiapp.widgets.chart import Chart
+
+        await settle(pilot, lambda: detail_of(pilot.app, runs["done"]), "the completed run")
+        await pilot.press("space", "up")  # done is the oldest (last row); the running run is above it
+        await settle(pilot, lambda: detail_of(pilot.app, runs["running"]), "the running run")
+        await pilot.press("space", "v")
+        await settle(pilot, lambda: isinstance(pilot.app.screen, CompareScreen)
+                     and len(pilot.app.screen.query_one(Chart).curves) == 2, "two curves")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
