@@ -142,9 +142,10 @@ class CherryApp(App):
 
     def action_help(self) -> None:
         self.notify(
-            "n new run · enter open/close · / filter · f status filter · space select · v compare · "
+            "n new run · enter open/close · / filter · f status filter · o sort · space select · v compare · "
             "c cancel · r resume · d delete · m metrics · s smoothing · y log-y · x step/time · "
-            "[ ] sample steps · 1-4 tabs · ctrl+p all commands · q quit",
+            "[ ] sample steps · 1-4 tabs · ctrl+p all commands · q quit.  "
+            "In the new-run form: ctrl+s submit · ctrl+o command · f2 save preset · f3 load preset",
             title="keys", timeout=10,
         )
 
@@ -166,6 +167,9 @@ class CherryApp(App):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        if hasattr(screen, "action_save_preset"):  # the new-run form
+            yield SystemCommand("Save preset", "Save the form's settings as a YAML preset of your own (f2)", screen.action_save_preset)
+            yield SystemCommand("Load preset", "Fill the form from a preset of your own or a YAML file (f3)", screen.action_load_preset)
         for title, help_text, action in (
             ("New run", "Pick model, dataset and preset, edit hyper-parameters, submit (n)", "new_run"),
             ("Cancel run", "Cancel the highlighted run (c)", "cancel_run"),
@@ -173,6 +177,7 @@ class CherryApp(App):
             ("Delete run", "Delete the highlighted run and its directory, after asking (d)", "delete_run"),
             ("Filter runs", "Filter the runs list by text (/)", "filter"),
             ("Filter by status", "Cycle the status filter: live, queued, running, completed, ... (f)", "status_filter"),
+            ("Sort runs", "Cycle the runs' order: created, status, algorithm, key metric (o)", "sort"),
             ("Select run", "Add / remove the highlighted run to the comparison (space)", "toggle_select"),
             ("Compare runs", "Overlay the selected runs' curves; frontier view (v)", "compare"),
             ("Pick metrics", "Choose the charts of the run view (m)", "pick_metrics"),
