@@ -76,6 +76,22 @@ def test_char_diff_marks_only_the_changed_characters():
     assert not ref.spans and [(s.start, s.end) for s in pol.spans] == [(6, 7)]
 
 
+def test_samples_show_changed_rows_first_and_prompts_without_template_markers():
+    from rich.console import Console
+
+    from tuiapp.widgets.samples import plain_prompt, samples_table
+
+    assert plain_prompt("<|user|>reverse: mlc<|end|><|assistant|>") == "reverse: mlc"
+    assert plain_prompt("2+2=") == "2+2="
+    console = Console(width=100, record=True)
+    console.print(samples_table([
+        {"prompt": "<|user|>1+1=<|end|>", "reference": "2", "policy": "2"},
+        {"prompt": "<|user|>2+2=<|end|>", "reference": "5", "policy": "4"},
+    ]))
+    lines = [line for line in console.export_text().splitlines() if "=" in line]
+    assert lines[0].split()[0] == "2+2=" and lines[1].split()[0] == "1+1=" and "<|" not in "".join(lines)
+
+
 def test_sort_runs_by_each_key():
     from tuiapp.data import RunInfo
     from tuiapp.widgets.runs_table import SORTS, sort_runs

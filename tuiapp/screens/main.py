@@ -45,7 +45,13 @@ def progress_bar(fraction: float, width: int = 20) -> str:
 
 
 def short_path(value: str) -> str:
-    return value.rstrip("/").rsplit("/", 1)[-1] if value else "-"
+    """The last part of a path; with its parent when the last part alone says little (model, final)."""
+    if not value:
+        return "-"
+    parts = value.rstrip("/").split("/")
+    if len(parts) > 1 and parts[-1] in ("model", "final", "checkpoint", "data"):
+        return "/".join(parts[-2:])
+    return parts[-1]
 
 
 def short_home(path, limit: int = 40) -> str:
@@ -169,6 +175,8 @@ class MainScreen(Screen):
         self._snapshot: Snapshot | None = None
         self._shown_runs: list[RunInfo] = []
         self._n_charts = 0
+        self._remounting = False  # charts being replaced (see _remount_charts)
+        self._remounts = 0  # remounts since the charts last matched what should be shown
 
     def compose(self) -> ComposeResult:
         yield Static(id="topbar")
@@ -206,6 +214,7 @@ class MainScreen(Screen):
 
     def apply_snapshot(self, snap: Snapshot) -> None:
         self._snapshot = snap
+        self._remounts = 0
         self._render_topbar(snap)
         self._render_runs()
         detail = snap.detail
@@ -286,15 +295,21 @@ class MainScreen(Screen):
         else:
             hidden = []
         charts = {c.name: c for c in box.query(Chart)}
-        if list(charts) != [f"m-{i}" for i in range(len(names))]:
-            box.remove_children()
-            box.mount_all([Chart(name=f"m-{i}", classes="chart") for i in range(len(names))])
-            self._n_charts = len(names)
-            self._layout_charts()
-            self.call_after_refresh(self._render_charts_again)
-            return
+        wanted = [f"m-{i}" for i in range(len(names))]
+        if list(charts) != wanted:
+            if self._remounting:
+                return  # the charts are being replaced; the remount renders again when done
+            if self._remounts < 3:  # a layout that flips between two counts must not loop: keep what is there
+                self._remounting = True
+                self._remounts += 1
+                self.run_worker(self._remount_charts(len(names)), group="charts", exclusive=True)
+                return
+            names, hidden = names[:len(charts)], hidden + names[len(charts):]
+        else:
+            self._remounts = 0
+        widgets = list(charts.values())
         for i, name in enumerate(names):
-            chart = charts[f"m-{i}"]
+            chart = widgets[i]
             s = detail.series[name]
             start = detail.run.started_at or (s.times[0] if s.times else 0)
             xs = [t - start for t in s.times] if self.x_by_time else list(s.steps)
@@ -319,6 +334,18 @@ class MainScreen(Screen):
         sys_line = self.query_one("#sys", Static)
         sys_line.update(figures)
         sys_line.display = bool(figures)
+
+    async def _remount_charts(self, n: int) -> None:
+        """Replace the charts by `n` new ones, waiting for each step, so no query sees both sets."""
+        try:
+            box = self.query_one("#charts", Container)
+            await box.remove_children()
+            await box.mount_all([Chart(name=f"m-{i}", classes="chart") for i in range(n)])
+            self._n_charts = n
+            self._layout_charts()
+        finally:
+            self._remounting = False
+        self.call_after_refresh(self._render_charts_again)
 
     def _layout_charts(self) -> None:
         """Charts in a grid: two columns when the pane is wide enough, rows sharing the height."""
@@ -501,6 +528,7 @@ class MainScreen(Screen):
         def done(chosen: list[str] | None) -> None:
             if chosen is not None:
                 self.chosen_metrics = chosen or None
+                self._remounts = 0
                 self._render_charts_again()
 
         self.app.push_screen(MetricPicker(available, current, multiple=True), done)

@@ -102,7 +102,7 @@ class RunsTable(DataTable):
         if keys == existing:
             for run in runs:
                 for (col, _), value in zip(COLUMNS, cells(run, run.id in selected, now)):
-                    self.update_cell(run.id, col, value)
+                    self.update_cell(run.id, col, value, update_width=True)
             return
         self.clear()
         for run in runs:

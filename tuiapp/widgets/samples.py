@@ -4,6 +4,7 @@ character-level diff: what the policy says differently is highlighted on both si
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from rich.table import Table
@@ -18,6 +19,16 @@ def mark(score: Any) -> Text:
     if score is None:
         return Text("")
     return Text(" ✓", style="green") if score >= 1 else Text(" ✗", style="red")
+
+
+_SPECIAL = re.compile(r"<\|[A-Za-z_]+\|>")  # chat-template markers such as <|user|>, <|end|>
+
+
+def plain_prompt(value: Any) -> str:
+    """A prompt as a reader wants it: chat-template markers out (the completion follows them anyway)."""
+    text = "" if value is None else str(value)
+    stripped = _SPECIAL.sub(" ", text)
+    return " ".join(stripped.split()) if stripped.strip() else text
 
 
 def one_line(value: Any, limit: int = 400) -> str:
@@ -51,7 +62,8 @@ def samples_table(samples: list[dict[str, Any]]) -> Table:
     table.add_column("prompt", ratio=2, overflow="fold")
     table.add_column("reference", ratio=3, overflow="fold")
     table.add_column("policy", ratio=3, overflow="fold")
-    for row in samples:
+    # What the training changed comes first (it is what one looks for), otherwise in logged order.
+    for row in sorted(samples, key=lambda r: r.get("reference") == r.get("policy")):
         ref, pol = one_line(row.get("reference")), one_line(row.get("policy"))
         if ref != pol:
             ref_text, pol_text = char_diff(ref, pol)
@@ -59,7 +71,7 @@ def samples_table(samples: list[dict[str, Any]]) -> Table:
             ref_text, pol_text = Text(ref), Text(pol)
         ref_text += mark(row.get("reference_score"))
         pol_text += mark(row.get("policy_score"))
-        prompt = Text(one_line(row.get("prompt")), style="dim")
+        prompt = Text(one_line(plain_prompt(row.get("prompt"))), style="dim")
         if row.get("answer") is not None:
             prompt.append(f"  → {one_line(row['answer'], 60)}", style="dim italic")
         table.add_row(prompt, ref_text, pol_text)
@@ -77,6 +89,10 @@ def score_summary(samples: list[dict[str, Any]]) -> str:
     if pol:
         parts.append(f"policy {sum(1 for v in pol if v >= 1)}/{len(pol)} ✓")
     return "  ".join(parts)
+
+
+def changed_count(samples: list[dict[str, Any]]) -> int:
+    return sum(1 for s in samples if s.get("reference") != s.get("policy"))
 
 
 class SamplesView(VerticalScroll, can_focus=True):
@@ -112,5 +128,7 @@ class SamplesView(VerticalScroll, can_focus=True):
         summary = score_summary(samples)
         if summary:
             header.append(f"   {summary}")
+        if samples:
+            header.append(f"   {changed_count(samples)} of {len(samples)} changed (first)", style="yellow")
         title.update(header)
         body.update(samples_table(samples))
