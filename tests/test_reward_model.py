@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.models import sequence_rewards
@@ -139,3 +140,22 @@ def test_rm_eval_logs_score_spread_length_correlation_and_margin_buckets(tiny_mo
     buckets = {name for name in final if name.startswith("eval/rewards/accuracy_margin_")}
     assert buckets == {"eval/rewards/accuracy_margin_0", "eval/rewards/accuracy_margin_0.667", "eval/rewards/accuracy_margin_1"}
     assert "eval/rewards/length_corr" in summary["before"]  # every eval logs them, the one before training too
+
+
+@pytest.mark.slow
+def test_demo_reward_model_beats_chance_on_held_out_pairs(tmp_path):
+    """presets/demo/rm.yaml (~40 CPU-seconds): pairwise accuracy on the 200 held-out demo pairs.
+
+    The bar is what a last-token scorer reaches on this demo, not 0.9: see the README's demo notes
+    (right answers vs the demo model's own one-character near misses; longer runs on 9x the pairs
+    reach ~80%).
+    """
+    from engine.reporting import MemoryReporter
+    from engine.spec import demo_dir, resolve_spec
+    from engine.train import train
+
+    spec = resolve_spec(str(demo_dir() / "rm.yaml"), ["num_threads=1", "eval_steps=0", "save_steps=0"])
+    summary = train(spec, tmp_path / "rm", MemoryReporter())
+    assert 0.4 < summary["before"]["eval/rewards/accuracy"] < 0.6  # a fresh head is a coin flip
+    assert summary["final"]["eval/rewards/accuracy"] >= 0.58
+    assert summary["final"]["eval/rewards/margin"] > 0
