@@ -635,6 +635,7 @@ async def test_demo_launch_starts_a_detached_worker_that_outlives_the_app(home):
     run, pid = launch_demo(home, "dpo", quick)
     assert pid is not None
     try:
+        assert ensure_worker(home) is None  # started a moment ago (not beating yet, maybe): not started twice
         app = CherryApp(home, poll_live=0.1, poll_idle=0.2, focus=run.id)
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_until(pilot, lambda: app.screen.query_one(RunsTable).current_run_id == run.id, what="the demo run focused")

@@ -86,7 +86,7 @@ class LoadPresetDialog(ModalScreen[str | None]):
                     for desc, path in self.saved
                 ], id="saved-presets")
             else:
-                yield Static(f"no presets saved in {presets_home(self.home)}/ yet (Save preset… in the form)", classes="dim")
+                yield Static(f"no presets saved in {presets_home(self.home)}/ yet (f2 in the form saves one)", classes="dim")
             yield Static("or type a path to a .yaml file, or a preset name:", classes="dim")
             yield Input(placeholder="~/presets/mine.yaml", id="preset-source")
             with Horizontal(classes="buttons"):
