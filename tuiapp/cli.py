@@ -183,7 +183,7 @@ def demo(
     headless: bool = typer.Option(False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory with --headless (default: $CHERRY_HOME/<run-id>)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a demo setting: key=value."),
-    method: str = typer.Option("dpo", "--method", help="Which demo run: dpo, ipo, rpo, simpo, orpo, kto, sft."),
+    method: str = typer.Option("dpo", "--method", help="Which demo run (presets/demo/NAME.yaml): dpo, ipo, rpo, simpo, orpo, kto, sft, rm, coh."),
 ) -> None:
     """DPO (or --method) on the embedded demo. Opens the app with the run queued and a worker started
     in the background if none is running; --headless trains here and prints before/after accuracy and samples."""
