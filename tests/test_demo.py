@@ -38,3 +38,13 @@ def test_demo_build_is_reproducible(tmp_path):
     assert info["held_out_accuracy"] == committed["held_out_accuracy"]
     for name in ("sft.jsonl", "pairs.jsonl", "unpaired.jsonl", "prompts.jsonl", "eval.jsonl"):
         assert (tmp_path / "demo" / name).read_text() == (DEMO / name).read_text(), name
+
+
+def test_chain_of_hindsight_is_judged_against_the_demo_model_on_plain_prompts():
+    from tuiapp.cli import _headline
+
+    summary = {"algorithm": "coh", "before": {"eval/exact_match": 0.0}, "final": {"eval/exact_match": 0.58}}
+    label, before, after = _headline(summary)
+    assert before == 0.475 and after == 0.58 and "plain prompts" in label
+    summary["algorithm"] = "dpo"
+    assert _headline(summary)[1:] == (0.0, 0.58)

@@ -242,10 +242,20 @@ def _demo_in_app(method: str, overrides: list[str], out: Optional[Path]) -> None
 
 
 def _headline(summary: dict[str, Any]) -> tuple[str, float, float]:
-    """The metric a demo run is judged by: exact match for generators, pairwise accuracy for an RM."""
+    """The metric a demo run is judged by: exact match for generators, pairwise accuracy for an RM.
+
+    Chain of Hindsight is judged against the demo model on plain prompts: before training the model
+    has never seen the feedback phrase, so its score after the phrase (about 0) is no baseline.
+    """
     key = "eval/exact_match" if "eval/exact_match" in summary["before"] else "eval/rewards/accuracy"
     label = "held-out exact match" if key == "eval/exact_match" else "held-out pairwise accuracy"
-    return label, summary["before"][key], summary["final"][key]
+    before = summary["before"][key]
+    if summary.get("algorithm") == "coh":
+        from engine.spec import demo_dir
+
+        before = json.loads((demo_dir() / "info.json").read_text())["held_out_accuracy"]
+        label += " (before = the demo model on plain prompts)"
+    return label, before, summary["final"][key]
 
 
 @demo_app.command("table")
