@@ -277,15 +277,14 @@ async def test_run_view_shows_curves_and_latest_values(home, runs, size):
     app = make_app(home)
     async with app.run_test(size=size) as pilot:
         await focus_run(pilot, runs["done"])
+        await wait_until(pilot, lambda: "0.09338" in screen_text(app), what="the last loss value")
         text = screen_text(app)
-        assert "train/loss" in text and "0.09338" in text  # the last loss value
-        assert "40/40" in text and "completed" in text
-        assert any(0x2800 < ord(ch) <= 0x28FF for ch in text)  # braille curves drawn
+        assert "train/loss" in text and "40/40" in text and "completed" in text
+        await wait_until(pilot, lambda: any(0x2800 < ord(ch) <= 0x28FF for ch in screen_text(app)), what="braille curves")
         await pilot.press("s", "y")
-        assert "smooth 0.6" in screen_text(app) and "log-y on" in screen_text(app)
+        await wait_until(pilot, lambda: "smooth 0.6" in screen_text(app) and "log-y on" in screen_text(app), what="toggles")
         await pilot.press("4")  # spec and events
-        await pilot.pause(0.1)
-        assert "beta: 0.1" in screen_text(app)
+        await wait_until(pilot, lambda: "beta: 0.1" in screen_text(app), what="the spec tab")
         await pilot.press("3")  # log tail
         await wait_until(pilot, lambda: "final weights saved" in screen_text(app), what="log tail")
 
@@ -499,8 +498,8 @@ async def test_new_run_saves_and_loads_a_preset_of_your_own(home):
         await wait_until(pilot, lambda: isinstance(app.screen, SavePresetDialog), what="save dialog")
         app.screen.query_one("#preset-target", Input).value = "beta03"
         await pilot.press("enter")
-        await pilot.pause(0.1)
-        assert isinstance(app.screen, SavePresetDialog) and "exists" in screen_text(app)
+        await wait_until(pilot, lambda: "exists" in screen_text(app), what="the replace question")
+        assert isinstance(app.screen, SavePresetDialog)
         await pilot.press("escape")
 
         form.query_one("#f-preset", Select).value = "dpo"  # elsewhere, then load it back

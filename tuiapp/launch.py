@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.errors import CherryError
+from jobs import CherryError
 from jobs.store import pid_alive
 
 WORKER_LOG = "worker.log"

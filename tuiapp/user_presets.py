@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from engine.errors import CherryError
+from jobs import CherryError
 
 DIR = "presets"
 ALWAYS = ("algorithm", "model", "dataset")

@@ -22,8 +22,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
-from engine.errors import CherryError
-from engine.spec import DATA_KIND, demo_dir, list_presets, load_preset, preset_chain, resolve_path, resolve_spec
+from jobs import CherryError
 from tuiapp.data import RunInfo
 from tuiapp.user_presets import list_user_presets, save_preset
 
@@ -37,10 +36,17 @@ EXTRA = "extra"
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
 
+def spec_api():
+    """engine.spec (torch-free), imported when the form is first used so `cherry` starts fast."""
+    import engine.spec
+
+    return engine.spec
+
+
 def preset_choices(home: Path | None = None) -> list[tuple[str, str]]:
     """(label, preset) of the presets, the demo runs (`demo/dpo` etc.), then your saved ones (by path)."""
-    out = [(f"{name}  {desc.split(':')[0][:30]}", name) for name, desc in list_presets()]
-    for path in sorted(demo_dir().glob("*.yaml")):
+    out = [(f"{name}  {desc.split(':')[0][:30]}", name) for name, desc in spec_api().list_presets()]
+    for path in sorted(spec_api().demo_dir().glob("*.yaml")):
         out.append((f"demo/{path.stem}  the demo's {path.stem} run", f"demo/{path.stem}"))
     if home is not None:
         for desc, path in list_user_presets(home):
@@ -49,7 +55,7 @@ def preset_choices(home: Path | None = None) -> list[tuple[str, str]]:
 
 
 def preset_description(preset: str) -> str:
-    descriptions = dict(list_presets())
+    descriptions = dict(spec_api().list_presets())
     if preset in descriptions:
         return descriptions[preset]
     if preset.startswith("demo/"):
@@ -67,10 +73,10 @@ def preset_help(name: str) -> dict[str, str]:
     """Each setting's comment in the preset's YAML (the preset's own, else its base's)."""
     found: dict[str, str] = {}
     try:
-        chain = preset_chain(name)
-        algorithm = load_preset(name).get("algorithm")
+        chain = spec_api().preset_chain(name)
+        algorithm = spec_api().load_preset(name).get("algorithm")
         if algorithm and algorithm != name:  # a demo run: fall back on its algorithm's preset
-            chain += [p for p in preset_chain(algorithm) if p not in chain]
+            chain += [p for p in spec_api().preset_chain(algorithm) if p not in chain]
     except CherryError:
         return found
     for path in chain:
@@ -104,7 +110,7 @@ def defaults_for(preset: str) -> dict[str, Any]:
     from engine.spec import RunSpec
 
     base = flat_values(RunSpec().to_dict())
-    base.update(flat_values(load_preset(preset)))
+    base.update(flat_values(spec_api().load_preset(preset)))
     return base
 
 
@@ -181,7 +187,7 @@ class NewRunScreen(Screen[str | None]):
         return out
 
     def _dataset_choices(self) -> list[tuple[str, str]]:
-        return [(f"demo/{p.name}", f"demo/{p.name}") for p in sorted(demo_dir().glob("*.jsonl"))]
+        return [(f"demo/{p.name}", f"demo/{p.name}") for p in sorted(spec_api().demo_dir().glob("*.jsonl"))]
 
     def _after_choices(self) -> list[tuple[str, str]]:
         return [(f"{r.name} ({r.status})", r.id) for r in reversed(self.runs)
@@ -279,7 +285,7 @@ class NewRunScreen(Screen[str | None]):
         """The RunSpec of the form, or raise CherryError (paths are checked at submit)."""
         model = self._input("model").value.strip() or None
         dataset = self._input("dataset").value.strip() or None
-        return resolve_spec(self.preset, self.overrides(), model=model, dataset=dataset, check_paths=False)
+        return spec_api().resolve_spec(self.preset, self.overrides(), model=model, dataset=dataset, check_paths=False)
 
     def validate(self) -> bool:
         """Check the form now; show each error next to its field. True when it would submit."""
@@ -302,7 +308,7 @@ class NewRunScreen(Screen[str | None]):
                 continue
             if value and not (key == "model" and self.after()):
                 try:
-                    resolve_path(value, key, kind="model" if key == "model" else "data")
+                    spec_api().resolve_path(value, key, kind="model" if key == "model" else "data")
                 except CherryError as err:
                     errors[key] = str(err)
         self._set_errors(errors)
@@ -522,7 +528,7 @@ def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
     if not value:
         return out
     try:
-        path = resolve_path(value, "dataset", kind="data")
+        path = spec_api().resolve_path(value, "dataset", kind="data")
     except CherryError as err:
         return Text(str(err), style="red")
     if not Path(path).exists():
@@ -534,7 +540,7 @@ def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
         return Text(str(err), style="red")
     out.append(f"format: {fmt}{' (conversational)' if conversational else ''} · {len(rows):,} rows", style="green")
     try:
-        check_dataset(path, DATA_KIND.get(algorithm, "preference"))
+        check_dataset(path, spec_api().DATA_KIND.get(algorithm, "preference"))
     except CherryError as err:
         out.append(f"\n✗ {err}", style="red")
     for row in rows[:rows_shown]:

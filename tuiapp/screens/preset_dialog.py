@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from engine.errors import CherryError
+from jobs import CherryError
 from tuiapp.user_presets import list_user_presets, presets_home, target_path
 
 
