@@ -58,3 +58,13 @@ def tiny_pairs(tmp_path_factory) -> Path:
         letter = "abcdefgh"[i % 8]
         rows.append({"prompt": f"say {letter}{i % 3}:", "chosen": f" {letter * 3}", "rejected": f" {'zyxwvuts'[i % 8] * 3}"})
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh Cherry home (store, queue, run dirs) for one test."""
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("CHERRY_HOME", str(path))
+    monkeypatch.delenv("CHERRY_REDIS_URL", raising=False)  # the SQLite queue unless a test asks for Redis
+    return path

@@ -160,14 +160,6 @@ def test_user_preset_round_trip(tmp_path):
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    monkeypatch.setenv("CHERRY_HOME", str(path))
-    return path
-
-
-@pytest.fixture
 def runs(home) -> dict[str, str]:
     return populate(home)
 

@@ -19,15 +19,6 @@ SIZES = [pytest.param((120, 40), id="120x40"), pytest.param((80, 24), id="80x24"
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    monkeypatch.setenv("CHERRY_HOME", str(path))
-    monkeypatch.delenv("CHERRY_REDIS_URL", raising=False)  # the header names the queue backend
-    return path
-
-
-@pytest.fixture
 def runs(home) -> dict[str, str]:
     return populate(home)
 

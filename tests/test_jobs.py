@@ -34,14 +34,6 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    path.mkdir()
-    monkeypatch.setenv("CHERRY_HOME", str(path))
-    return path
-
-
 class WorkerProcess:
     """`cherry worker` in its own session, so signals reach only the worker itself."""
 

@@ -77,11 +77,13 @@ def test_cherry_in_tmux_filters_opens_the_form_and_quits():
         tmux.keys("Escape")
         tmux.wait_for(lambda s: "4 of 4 runs" in s and "filter:" not in s, "the filter cleared")
 
-        tmux.keys("o")  # sort by status: the running run first
-        screen = tmux.wait_for(lambda s: "sort: status" in s, "sorted by status")
-        left = [line[:36] for line in screen.splitlines()]  # the runs pane
-        rows = [line for line in left if any(n in line for n in ("orpo-next", "kto-try", "dpo-beta0"))]
-        assert "dpo-beta05" in rows[0]
+        def first_row(screen: str) -> str:
+            left = [line[:36] for line in screen.splitlines()]  # the runs pane
+            rows = [line for line in left if any(n in line for n in ("orpo-next", "kto-try", "dpo-beta0"))]
+            return rows[0] if rows else ""
+
+        tmux.keys("o")  # sort by status: the running run first (the label and the rows may repaint apart)
+        tmux.wait_for(lambda s: "sort: status" in s and "dpo-beta05" in first_row(s), "sorted by status")
 
         tmux.keys("n")
         screen = tmux.wait_for(lambda s: "New run" in s and "Hyper-parameters" in s, "the new-run form")

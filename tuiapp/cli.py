@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 
 from jobs import CherryError
-from tuiapp.common import friendly
+from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
 from tuiapp.runs_cli import register as register_run_commands
 
 app = typer.Typer(
@@ -63,10 +63,10 @@ def _print_samples(samples: list[dict[str, Any]], limit: int) -> None:
 @app.command()
 @friendly
 def train(
-    preset: str = typer.Option("dpo", "--preset", "-p", help="Preset name (see `cherry presets`) or a YAML file."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model dir or hub id; `demo` for the demo model."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Local jsonl/json/parquet/csv, a saved datasets dir, or a hub id."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override a preset value: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16"),
+    preset: str = PRESET_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    dataset: Optional[str] = DATASET_OPTION,
+    set_: list[str] = SET_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
 ) -> None:

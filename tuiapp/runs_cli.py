@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from tuiapp.common import friendly
+from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
 
 KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
 FOLLOW_COLUMNS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match",
@@ -62,10 +62,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @friendly
     def submit(
-        preset: str = typer.Option("dpo", "--preset", "-p", help="Preset name (see `cherry presets`) or a YAML file."),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model dir or hub id; `demo` for the demo model."),
-        dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Local jsonl/json/parquet/csv, a saved datasets dir, or a hub id."),
-        set_: list[str] = typer.Option([], "--set", "-s", help="Override a preset value: key=value (repeatable)."),
+        preset: str = PRESET_OPTION,
+        model: Optional[str] = MODEL_OPTION,
+        dataset: Optional[str] = DATASET_OPTION,
+        set_: list[str] = SET_OPTION,
         after: Optional[str] = typer.Option(None, "--after", help="Start when this run completes, with its output as the model (e.g. SFT -> DPO)."),
         priority: int = typer.Option(0, "--priority", help="Higher runs first; equal priorities run in submission order."),
         retries: int = typer.Option(0, "--retries", help="Re-run from the last checkpoint after a crash that is not a user error."),
