@@ -66,7 +66,7 @@ PRESETS_FOR_KIND: dict[str, list[str]] = {
     "preference": ["dpo", "ipo", "simpo", "orpo", "rm"],
     "unpaired": ["kto"],
     "sft": ["sft"],
-    "prompt": ["grpo", "rloo", "ppo", "online_dpo"],
+    "prompt": ["grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest"],
 }
 
 # Formats each kind accepts (beyond its own, with a conversion).

@@ -29,12 +29,18 @@ def presets_dir() -> Path:
 # Each algorithm with the kind of data it trains on (engine.data kinds); kept here, torch-free,
 # so front ends can check a dataset before a run is queued. A test ties it to the algorithms.
 DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "simpo": "preference", "orpo": "preference",
-             "kto": "unpaired", "coh": "preference"}
+             "kto": "unpaired", "coh": "preference",
+             "grpo": "prompt", "rloo": "prompt", "ppo": "prompt", "online_dpo": "prompt", "best_of_k": "prompt", "rest": "prompt"}
 ALGORITHMS = tuple(DATA_KIND)
+# Methods that sample from the policy while training (engine/online.py runs them).
+ONLINE_ALGORITHMS = ("grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "inverse_sqrt")  # engine.train.lr_factor
 OVERLONG = ("truncate", "drop")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")  # engine.losses.dpo.DPO_LOSS_TYPES
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # engine.losses.online.aggregate_token_loss
+SCALE_REWARDS = ("group", "batch", "none")
+DEFAULT_LOSS_TYPE = {"grpo": "dapo"}  # loss_type when a spec names none (others: sigmoid)
 
 
 @dataclass
@@ -95,6 +101,34 @@ class RunSpec:
     coh_pretrain_dataset: str | None = None  # CoH: data for a pretraining NLL regulariser (None = off)
     coh_pretrain_coef: float = 1.0  # CoH: weight of that NLL
     precompute_ref_logps: bool = False
+    # --- online methods (grpo, rloo, ppo, online_dpo, best_of_k, rest): sample -> score -> update.
+    # `batch_size` counts prompts per rollout; each gets `num_generations` samples.
+    num_generations: int = 8  # samples per prompt (GRPO G, RLOO k, best-of-K K; online_dpo uses 2)
+    temperature: float = 1.0  # sampling temperature; the update's log-probs use the same one
+    top_p: float = 1.0
+    rewards: str | list[str] = "exact_match"  # reward sources (engine/rewards.py), summed with reward_weights
+    reward_weights: list[float] | None = None  # one per source; None = all 1
+    safety_reward_model: str | None = None  # Llama 2 gating: with an rm: source as helpfulness
+    safety_threshold: float = 0.15
+    judge: str = "reward"  # online_dpo: "reward" (compare the rewards) or a causal LM dir / hub id (LLM judge)
+    judge_tie_margin: float = 0.05  # online_dpo: skip pairs whose preference is within this of 0.5
+    missing_eos_penalty: float = 0.0  # subtracted from the reward of a sample that hit max_new_tokens without EOS
+    mask_truncated: bool = False  # leave samples without EOS out of the loss (DAPO overlong filtering)
+    epsilon: float = 0.2  # PPO / GRPO / RLOO clip range (low side)
+    epsilon_high: float | None = None  # upper clip (DAPO clip-higher 0.28); None = epsilon
+    num_iterations: int = 1  # passes over each rollout (PPO epochs, GRPO mu)
+    num_mini_batches: int = 1  # optimizer steps per pass over a rollout
+    scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none (Dr. GRPO)
+    kl_target: float | None = None  # PPO adaptive KL: target sequence KL (None = fixed beta)
+    kl_horizon: int = 10000  # PPO adaptive KL horizon (Ziegler et al. 2019)
+    gamma: float = 1.0  # PPO discount
+    lam: float = 0.95  # PPO GAE lambda
+    vf_coef: float = 0.1  # PPO value-loss weight
+    cliprange_value: float = 0.2  # PPO value clip
+    value_model: str | None = None  # PPO: initialise the value model from this reward model (default: the policy + a fresh head)
+    whiten_rewards: bool = False  # PPO: rescale scores (no mean shift) before GAE
+    rest_keep_fractions: list[float] | None = None  # ReST Improve steps: top fractions kept (default 0.5, 0.3, 0.1)
+    rest_improve_epochs: float = 1.0  # ReST / best-of-K: SFT epochs over each kept set
     # --- logging, eval, checkpoints
     logging_steps: int = 1
     eval_steps: int = 50  # 0 = only at the start and the end
@@ -148,6 +182,14 @@ def _unknown_key(key: str, candidates: list[str], where: str) -> SpecError:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Turn a YAML or `--set` value into the field's type, or say what was expected."""
     args = get_args(hint)
+    if list[float] in args:  # "0.5,0.3" or a YAML list of numbers
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        try:
+            return [float(v) for v in items]
+        except (TypeError, ValueError):
+            raise SpecError(f"{key} must be a list of numbers such as 0.5,0.3 (got {value!r})") from None
     if any(get_origin(a) is list for a in args):  # "str | list[str]": a name, a list, or "a,b"
         if isinstance(value, list):
             return [str(v) for v in value]
@@ -233,6 +275,8 @@ def build_spec(values: dict[str, Any]) -> RunSpec:
             kwargs[key] = _coerce(key, value, top[key])
         else:
             raise _unknown_key(key, list(top) + [f"lora.{k}" for k in lora_fields], "")
+    if "loss_type" not in kwargs:  # each method's own default loss (GRPO: token-level, as TRL)
+        kwargs["loss_type"] = DEFAULT_LOSS_TYPE.get(kwargs.get("algorithm", RunSpec.algorithm), "sigmoid")
     spec = RunSpec(**kwargs, lora=LoraSpec(**lora_kwargs))
     check_values(spec)
     return spec
@@ -247,7 +291,11 @@ def check_values(spec: RunSpec) -> None:
 
     need(spec.algorithm in ALGORITHMS, f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHMS)}")
     need(spec.lr > 0, f"lr must be > 0 (got {spec.lr}); typical DPO values are 1e-6 to 1e-5 (1e-5 to 1e-4 with LoRA)")
-    need(spec.beta > 0, f"beta must be > 0 (got {spec.beta}); 0.1 is the DPO paper's default")
+    if spec.algorithm in ONLINE_ALGORITHMS and spec.algorithm != "online_dpo":
+        # beta = 0 is a real choice here: no KL term, and no reference model is loaded.
+        need(spec.beta >= 0, f"beta must be >= 0 (got {spec.beta}); 0 = no KL penalty and no reference model")
+    else:
+        need(spec.beta > 0, f"beta must be > 0 (got {spec.beta}); 0.1 is the DPO paper's default")
     need(spec.batch_size >= 1, f"batch_size must be >= 1 (got {spec.batch_size})")
     need(spec.grad_accum >= 1, f"grad_accum must be >= 1 (got {spec.grad_accum})")
     need(spec.epochs > 0, f"epochs must be > 0 (got {spec.epochs})")
@@ -270,7 +318,9 @@ def check_values(spec: RunSpec) -> None:
     )
     need(spec.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')")
     need(spec.overlong in OVERLONG, f"overlong must be one of {', '.join(OVERLONG)} (got '{spec.overlong}')")
-    loss_types = DPO_LOSS_TYPES if spec.algorithm == "dpo" else ("sigmoid",)
+    loss_types = {"dpo": DPO_LOSS_TYPES, "online_dpo": ("sigmoid", "ipo"), "grpo": GRPO_LOSS_TYPES}.get(
+        spec.algorithm, ("sigmoid",)
+    )
     need(
         spec.loss_type in loss_types,
         f"loss_type must be one of {', '.join(loss_types)} for {spec.algorithm} (got '{spec.loss_type}')",
@@ -299,10 +349,59 @@ def check_values(spec: RunSpec) -> None:
         need(getattr(spec, name) >= 1, f"{name} must be >= 1 (got {getattr(spec, name)})")
     for name in ("eval_steps", "sample_steps", "save_steps", "num_samples", "kl_samples", "num_threads", "eval_max_examples"):
         need(getattr(spec, name) >= 0, f"{name} must be >= 0 (got {getattr(spec, name)})")
+    check_online_values(spec, need)
     need(spec.max_rows is None or spec.max_rows >= 1, f"max_rows must be >= 1 (got {spec.max_rows})")
     need(spec.lora.r >= 0, f"lora.r must be >= 0 (got {spec.lora.r}); 0 = full fine-tuning")
     need(spec.lora.alpha > 0, f"lora.alpha must be > 0 (got {spec.lora.alpha})")
     need(0 <= spec.lora.dropout < 1, f"lora.dropout must be in [0, 1) (got {spec.lora.dropout})")
+
+
+def check_online_values(spec: RunSpec, need) -> None:
+    """The online methods' settings (they are ignored, but still checked, by offline methods)."""
+    from engine.rewards import parse_reward_source  # torch-free
+
+    online = spec.algorithm in ONLINE_ALGORITHMS
+    need(spec.num_generations >= 1, f"num_generations must be >= 1 (got {spec.num_generations})")
+    if spec.algorithm in ("grpo", "best_of_k", "rest"):
+        need(spec.num_generations >= 2 or spec.algorithm == "rest",
+             f"num_generations must be >= 2 for {spec.algorithm}, which compares samples of one prompt (got {spec.num_generations}); 8 is usual")
+    if spec.algorithm == "rloo":
+        need(spec.num_generations >= 2, f"num_generations must be >= 2 for rloo: its baseline is the other samples of the prompt "
+             f"(got {spec.num_generations}); the paper finds 4 better than 2")
+    if spec.algorithm == "online_dpo":
+        need(spec.num_generations == 2, f"num_generations must be 2 for online_dpo, which compares two samples per prompt (got {spec.num_generations})")
+    need(spec.temperature > 0, f"temperature must be > 0 (got {spec.temperature}); online methods must sample (1.0 is usual)")
+    need(0 < spec.top_p <= 1, f"top_p must be in (0, 1] (got {spec.top_p})")
+    sources = _as_list(spec.rewards)
+    need(bool(sources) or not online, "rewards is empty: name at least one reward source, e.g. --set rewards=exact_match")
+    for source in sources:
+        parse_reward_source(source)
+    if spec.reward_weights is not None:
+        need(len(spec.reward_weights) == len(sources),
+             f"reward_weights has {len(spec.reward_weights)} values for {len(sources)} reward source(s) ({', '.join(sources)}): give one weight per source")
+    need(not spec.safety_reward_model or any(s.startswith("rm:") for s in sources),
+         "safety_reward_model combines with a helpfulness reward model: add an rm:PATH entry to rewards")
+    need(0 <= spec.judge_tie_margin < 0.5, f"judge_tie_margin must be in [0, 0.5) (got {spec.judge_tie_margin})")
+    need(spec.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0 (got {spec.missing_eos_penalty}); it is subtracted")
+    need(0 < spec.epsilon < 1, f"epsilon must be in (0, 1) (got {spec.epsilon}); 0.2 is the usual clip range")
+    need(spec.epsilon_high is None or spec.epsilon_high > 0, f"epsilon_high must be > 0 (got {spec.epsilon_high}); DAPO uses 0.28")
+    need(spec.num_iterations >= 1, f"num_iterations must be >= 1 (got {spec.num_iterations})")
+    need(spec.num_mini_batches >= 1, f"num_mini_batches must be >= 1 (got {spec.num_mini_batches})")
+    if online:
+        rollout = spec.batch_size * spec.num_generations
+        need(rollout % spec.num_mini_batches == 0,
+             f"num_mini_batches={spec.num_mini_batches} must divide the rollout of batch_size x num_generations = {rollout} samples")
+        need((rollout // spec.num_mini_batches) % spec.grad_accum == 0,
+             f"grad_accum={spec.grad_accum} must divide each mini-batch of {rollout // spec.num_mini_batches} samples")
+    need(spec.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (got '{spec.scale_rewards}')")
+    need(spec.kl_target is None or spec.kl_target > 0, f"kl_target must be > 0 (got {spec.kl_target}); InstructGPT-era runs used 6")
+    need(spec.kl_horizon >= 1, f"kl_horizon must be >= 1 (got {spec.kl_horizon})")
+    need(0 < spec.gamma <= 1 and 0 <= spec.lam <= 1, f"gamma must be in (0, 1] and lam in [0, 1] (got {spec.gamma}, {spec.lam})")
+    need(spec.vf_coef >= 0 and spec.cliprange_value > 0, "vf_coef must be >= 0 and cliprange_value > 0")
+    fractions = spec.rest_keep_fractions
+    need(fractions is None or (len(fractions) > 0 and all(0 < f <= 1 for f in fractions)),
+         f"rest_keep_fractions must be fractions in (0, 1], e.g. 0.5,0.3,0.1 (got {fractions})")
+    need(spec.rest_improve_epochs > 0, f"rest_improve_epochs must be > 0 (got {spec.rest_improve_epochs})")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -451,9 +550,35 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
         spec.eval_dataset = resolve_path(spec.eval_dataset, "eval_dataset", kind="data")
     if spec.eval_prompts:
         spec.eval_prompts = resolve_path(spec.eval_prompts, "eval_prompts", kind="data")
+    if spec.algorithm in ONLINE_ALGORITHMS:
+        spec.rewards = [_resolve_reward_source(source) for source in _as_list(spec.rewards)]
+    if spec.value_model:
+        spec.value_model = resolve_path(spec.value_model, "value_model", kind="model")
+    if spec.safety_reward_model:
+        spec.safety_reward_model = resolve_path(spec.safety_reward_model, "safety_reward_model", kind="model")
+    if spec.algorithm == "online_dpo" and spec.judge != "reward":
+        spec.judge = resolve_path(spec.judge, "judge", kind="model")
     if spec.coh_pretrain_dataset:
         spec.coh_pretrain_dataset = resolve_path(spec.coh_pretrain_dataset, "coh_pretrain_dataset", kind="data")
     return spec
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _resolve_reward_source(source: str) -> str:
+    """rm:PATH and path/to/file.py:function entries with their local paths made absolute."""
+    from engine.rewards import parse_reward_source
+
+    kind, arg = parse_reward_source(source)
+    if kind == "rm":
+        return "rm:" + resolve_path(arg, f"rewards entry '{source}'", kind="model")
+    if kind == "python":
+        module, _, function = arg.rpartition(":")
+        if module.endswith(".py"):
+            return resolve_path(module, f"rewards entry '{source}'", kind="data") + ":" + function
+    return source
 
 
 def load_spec_file(path: Path) -> RunSpec:

@@ -46,7 +46,7 @@ from engine.models import (
 from engine.reference import PrecomputedReference, Reference, fingerprint_examples, fingerprint_model
 from engine.reporting import MultiReporter, Reporter, RunDirReporter
 from engine.rewards import exact_match
-from engine.spec import RunSpec
+from engine.spec import ONLINE_ALGORITHMS, RunSpec
 
 log = logging.getLogger("cherry.engine")
 
@@ -141,7 +141,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int) -> Path:
+def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int, extra: dict | None = None) -> Path:
+    """`extra`: more state to restore on resume (an online method's value model, KL coefficient)."""
     folder = Path(out_dir) / "checkpoints"
     final = folder / f"step-{state.step:07d}"
     tmp = folder / f"step-{state.step:07d}.tmp"
@@ -153,6 +154,7 @@ def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainSta
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "extra": extra or {},
         },
         tmp / "state.pt",
     )
@@ -161,6 +163,11 @@ def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainSta
     for old in sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_extra_state(checkpoint: Path) -> dict:
+    """What `save_checkpoint(..., extra=...)` stored ({} for offline runs)."""
+    return torch.load(checkpoint / "state.pt", weights_only=False).get("extra", {})
 
 
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
@@ -209,15 +216,57 @@ def build_models(spec: RunSpec, device: torch.device, dtype: torch.dtype, checkp
 # ----------------------------------------------------------------------------- eval pieces
 
 
-def _sys_metrics(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"sys/gpu_mem_gb": torch.cuda.memory_allocated(device) / 2**30}
+def cpu_percent(before: tuple[float, float] | None, now: tuple[float, float]) -> float | None:
+    """CPU use of a process between two (wall seconds, CPU seconds) readings, in percent of one core
+    (200 = two cores busy); None without an earlier reading or when no wall time has passed."""
+    if before is None:
+        return None
+    wall = now[0] - before[0]
+    if wall <= 0:
+        return None
+    return max(0.0, (now[1] - before[1]) / wall * 100.0)
+
+
+class CpuMeter:
+    """This process's CPU use since the previous reading (`read`), from its CPU time (user + system)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, cpu_time: Callable[[], float] = time.process_time):
+        self.clock, self.cpu_time = clock, cpu_time
+        self.last: tuple[float, float] | None = (clock(), cpu_time())
+
+    def read(self) -> float | None:
+        now = (self.clock(), self.cpu_time())
+        pct, self.last = cpu_percent(self.last, now), now
+        return pct
+
+
+def _gpu_util(device: torch.device) -> float | None:
+    """The GPU's utilisation (percent of the last sample period busy) from NVML; None without pynvml."""
     try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return {"sys/rss_gb": pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
-    except OSError:  # not Linux
-        return {}
+        return float(torch.cuda.utilization(device))
+    except Exception:  # pynvml missing, or NVML cannot see the device
+        return None
+
+
+def _sys_metrics(device: torch.device, cpu_meter: CpuMeter | None = None) -> dict[str, float]:
+    """GPU memory and utilisation on a GPU, RSS otherwise; CPU % since the meter's last reading."""
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        out["sys/gpu_mem_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        util = _gpu_util(device)
+        if util is not None:
+            out["sys/gpu_util"] = util
+    else:
+        try:
+            with open("/proc/self/statm") as f:
+                pages = int(f.read().split()[1])
+            out["sys/rss_gb"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+        except OSError:  # not Linux
+            pass
+    cpu = cpu_meter.read() if cpu_meter is not None else None
+    if cpu is not None:
+        out["sys/cpu_percent"] = cpu
+    return out
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -253,6 +302,45 @@ def estimate_kl(policy, reference: Reference, tokenizer, prompts: list[dict], sp
     return {"kl/mean": k1.mean().item(), "kl/k3_mean": k3.mean().item()}
 
 
+class MetricLog:
+    """Sends metrics to the reporter and keeps the latest value and the best eval value of each."""
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+        self.last: dict[str, float] = {}
+        self.best: dict[str, float] = {}
+
+    def emit(self, step: int, metrics: dict[str, float]) -> None:
+        self.reporter.log_metrics(step, metrics)
+        self.last.update(metrics)
+        for name, value in metrics.items():
+            if name.startswith("eval/"):
+                better = min if "loss" in name else max
+                self.best[name] = better(self.best.get(name, value), value)
+
+
+def restore(checkpoint: Path | None, resume: bool, optimizer, scheduler, reporter: Reporter) -> TrainState:
+    """The state to continue from: the checkpoint's (metrics after it are dropped), or a fresh start."""
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, optimizer, scheduler)
+        reporter.rewind(state.step)
+        reporter.log_event("resume", f"resumed from {checkpoint.name}", step=state.step)
+        return state
+    if resume:
+        reporter.rewind(-1)  # stopped before its first checkpoint: start over without duplicate rows
+        reporter.log_event("resume", "no checkpoint yet: starting from step 0")
+    return TrainState()
+
+
+def reference_completions(policy, reference: Reference | None, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:
+    """Greedy completions of the reference (the policy itself when there is none) for sample comparisons."""
+    if not prompts:
+        return []
+    ref_ctx = reference.model() if reference is not None else contextlib.nullcontext(policy)
+    with ref_ctx as ref_model:
+        return decode_completions(tokenizer, generate(ref_model, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=max_new_tokens))
+
+
 def sample_comparisons(policy, tokenizer, prompts: list[dict], reference_texts: list[str], spec: RunSpec) -> list[dict]:
     """Greedy policy completions beside the reference's, with verifier scores when answers exist."""
     ids = generate(policy, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=spec.max_new_tokens)
@@ -285,6 +373,10 @@ def train(
     and ends with status "cancelled" (or the status string it returned, e.g. "interrupted").
     `resume=True` continues from the newest checkpoint, or starts over when there is none.
     """
+    if spec.algorithm in ONLINE_ALGORITHMS:  # sample -> score -> update: its own loop
+        from engine.online import train_online
+
+        return train_online(spec, out_dir, reporter, should_stop=should_stop, resume=resume)
     started = time.time()
     out_dir = Path(out_dir)
     run_files = RunDirReporter(out_dir)
@@ -299,6 +391,7 @@ def train(
     dtype = pick_dtype(spec.dtype, device)
     algo = build_algorithm(spec)
     checkpoint = latest_checkpoint(out_dir) if resume else None
+    cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
 
     # --- models and data
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
@@ -366,38 +459,16 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, schedule.total_steps, warmup_steps, spec.lr_scheduler)
     )
-    state = TrainState()
-    if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler)
-        reporter.rewind(state.step)
-        reporter.log_event("resume", f"resumed from {checkpoint.name}", step=state.step)
-    elif resume:
-        reporter.rewind(-1)  # stopped before its first checkpoint: start over without duplicate rows
-        reporter.log_event("resume", "no checkpoint yet: starting from step 0")
+    state = restore(checkpoint, resume, optimizer, scheduler, reporter)
     reporter.log_event(
         "start", f"{spec.algorithm}: {schedule.total_steps} steps on {len(data.train)} examples ({device}, {dtype})",
         total_steps=schedule.total_steps, step=state.step, params=total_params, trainable_params=trainable_params,
     )
 
     # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
-    last: dict[str, float] = {}
-    best: dict[str, float] = {}
-
-    def emit(step: int, metrics: dict[str, float]) -> None:
-        reporter.log_metrics(step, metrics)
-        last.update(metrics)
-        for name, value in metrics.items():
-            if name.startswith("eval/"):
-                better = min if "loss" in name else max
-                best[name] = better(best.get(name, value), value)
-
-    reference_texts: list[str] = []
-    if sample_prompts:
-        ref_ctx = reference.model() if reference is not None else contextlib.nullcontext(policy)
-        with ref_ctx as ref_model:
-            reference_texts = decode_completions(
-                tokenizer, generate(ref_model, tokenizer, [p["prompt_ids"] for p in sample_prompts], max_new_tokens=spec.max_new_tokens)
-            )
+    metric_log = MetricLog(reporter)
+    emit = metric_log.emit
+    reference_texts = reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
 
     @torch.no_grad()
     def evaluate(step: int) -> None:
@@ -424,11 +495,18 @@ def train(
         if metrics:
             emit(step, metrics)
 
+    pair_samples = eval_split[: spec.num_samples]  # preference methods: chosen vs rejected with their rewards
+
     def log_samples(step: int) -> None:
+        rows: list[dict] = []
+        policy.eval()
         if sample_prompts:
-            policy.eval()
-            reporter.log_samples(step, sample_comparisons(policy, tokenizer, sample_prompts, reference_texts, spec))
-            policy.train()
+            rows += sample_comparisons(policy, tokenizer, sample_prompts, reference_texts, spec)
+        if pair_samples:
+            rows += algo.preference_samples(policy, pair_samples, collate, lambda batch: reference_logps(batch, "eval"))
+        policy.train()
+        if rows:
+            reporter.log_samples(step, rows)
 
     def due(every: int) -> bool:
         return every > 0 and state.step % every == 0
@@ -436,7 +514,7 @@ def train(
     if state.step == 0:
         evaluate(0)
         log_samples(0)
-    before = dict(last)
+    before = dict(metric_log.last)
 
     # --- the loop
     status = "completed"
@@ -479,7 +557,7 @@ def train(
                         "train/lr": lr,
                         "train/epoch": schedule.epoch(state.step),
                         "train/tokens_per_s": step_tokens / max(step_seconds, 1e-9),
-                        **_sys_metrics(device),
+                        **_sys_metrics(device, cpu_meter),
                     }
                 )
                 emit(state.step, metrics)
@@ -491,7 +569,7 @@ def train(
                 save_checkpoint(out_dir, policy, optimizer, scheduler, state, spec.save_total_limit)
     except KeyboardInterrupt:
         save_checkpoint(out_dir, policy, optimizer, scheduler, state, spec.save_total_limit)
-        _write_summary(out_dir, "interrupted", spec, state, schedule, before, last, best, started, device, data.stats)
+        _write_summary(out_dir, "interrupted", spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
         raise
 
     save_checkpoint(out_dir, policy, optimizer, scheduler, state, spec.save_total_limit)
@@ -502,7 +580,7 @@ def train(
         policy.save_pretrained(final)
         tokenizer.save_pretrained(final)
     reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
-    return _write_summary(out_dir, status, spec, state, schedule, before, last, best, started, device, data.stats)
+    return _write_summary(out_dir, status, spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
 
 
 def _write_summary(out_dir, status, spec, state, schedule, before, last, best, started, device, data_stats) -> dict:

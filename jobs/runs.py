@@ -54,15 +54,22 @@ class Jobs:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, spec: RunSpec, *, priority: int = 0, after: str | None = None, retries: int = 0) -> Run:
-        """Validate `spec`, store it as a queued run and queue it (or park it after `after`)."""
+    def submit(
+        self, spec: RunSpec, *, priority: int = 0, after: str | None = None, retries: int = 0, model_from: str | None = None
+    ) -> Run:
+        """Validate `spec`, store it as a queued run and queue it (or park it after `after`).
+
+        A chained run's model is the output of the run it follows, or of `model_from` (an earlier
+        run of the same chain: PPO waits for its reward model but starts from the SFT model).
+        """
         parent = self.resolve(after) if after else None
         if parent is not None:
             if parent.status in ("failed", "cancelled", "interrupted"):
                 raise JobError(f"--after {parent.id}: that run ended {parent.status}; resume it first (`cherry resume {parent.id}`)")
-            if parent.algorithm == "rm":
-                raise JobError(f"--after {parent.id}: that run trains a reward model, which cannot be the policy of the next run")
-            spec = dataclasses.replace(spec, model=str(Path(parent.out_dir) / "final"))
+            source = self.resolve(model_from) if model_from else parent
+            if source.algorithm == "rm":
+                raise JobError(f"--after {source.id}: that run trains a reward model, which cannot be the policy of the next run")
+            spec = dataclasses.replace(spec, model=str(Path(source.out_dir) / "final"))
         resolve_paths(spec, check_model=parent is None)
         check_dataset(spec.dataset, DATA_KIND[spec.algorithm])
         if spec.eval_dataset:

@@ -22,8 +22,16 @@ from typing import Any, Callable, Iterable
 import sqlite_utils
 
 BUSY_TIMEOUT_S = 30.0
+# What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),
+# a preference pair with the method's reward of each side, or an unpaired completion with its label.
+SAMPLE_KINDS = ("comparison", "preference", "unpaired")
 STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 ENDED = ("completed", "failed", "cancelled", "interrupted")
+
+
+def sample_kind(row: dict[str, Any]) -> str:
+    """comparison (reference vs policy), preference (chosen vs rejected with rewards) or unpaired."""
+    return row.get("kind") or "comparison"
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -285,6 +293,8 @@ class Store:
         out = []
         for row in self.db.query(sql + " ORDER BY rowid", params):
             extra = json.loads(row.pop("scores") or "{}")
+            if extra.get("kind"):  # chosen vs rejected (or unpaired) rows have no reference/policy texts
+                row = {k: v for k, v in row.items() if k not in ("reference", "policy") or v is not None}
             out.append({**row, **extra})
         return out
 

@@ -73,3 +73,34 @@ def populate(home: Path, now: float = NOW) -> dict[str, str]:
         store.db.execute("UPDATE events SET time = ? WHERE run_id = ?", [origin, run_id])
     store.close()
     return ids
+
+
+def pair_rows(margins: list[float]) -> list[dict]:
+    """Preference rows (kind preference) as the engine logs them, one per margin, on fixed pairs."""
+    pairs = [("12+9=", "21", "12"), ("reverse: stop", "pots", "stop"), ("3*4=", "12", "7")]
+    rows = []
+    for (prompt, chosen, rejected), margin in zip(pairs, margins):
+        rows.append({"kind": "preference", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                     "chosen_reward": round(margin / 2, 4), "rejected_reward": round(-margin / 2, 4), "margin": margin})
+    return rows
+
+
+def add_compare_samples(home: Path, ids: dict[str, str]) -> None:
+    """Samples for comparing two runs: the running run logs the done run's prompts (one answered
+    differently) plus one of its own at step 30; both log preference pairs beside them."""
+    store = Store(store_path(home))
+    done = StoreReporter(store, ids["done"])
+    done.log_samples(40, pair_rows([0.8, -0.3, 1.5]))
+    running = StoreReporter(store, ids["running"])
+    running.log_samples(10, [
+        {"prompt": "47+38=", "reference": "75", "policy": "75", "answer": "85", "reference_score": 0.0, "policy_score": 0.0},
+        {"prompt": "reverse: garden", "reference": "nedrag", "policy": "nedrag", "answer": "nedrag",
+         "reference_score": 1.0, "policy_score": 1.0},
+    ] + pair_rows([0.1, -0.2, 0.3]))
+    running.log_samples(30, [
+        {"prompt": "47+38=", "reference": "75", "policy": "95", "answer": "85", "reference_score": 0.0, "policy_score": 0.0},
+        {"prompt": "reverse: garden", "reference": "nedrag", "policy": "nedrag", "answer": "nedrag",
+         "reference_score": 1.0, "policy_score": 1.0},
+        {"prompt": "2+2=", "reference": "4", "policy": "4", "answer": "4", "reference_score": 1.0, "policy_score": 1.0},
+    ] + pair_rows([0.2, 0.4, -0.1]))
+    store.close()

@@ -338,6 +338,115 @@ async def test_samples_pane_steps_through_logged_steps(home, runs):
 
 
 @pytest.mark.asyncio
+async def test_samples_pane_shows_chosen_vs_rejected_with_rewards(home, runs):
+    """Preference rows: chosen | rejected with the method's reward of each and the margin, step by step."""
+    from tests.app_fixtures import add_compare_samples
+    from tuiapp.widgets.samples import SamplesView
+
+    add_compare_samples(home, runs)
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await focus_run(pilot, runs["done"])
+        await pilot.press("enter", "2")  # full screen, samples tab
+        await wait_until(pilot, lambda: "chosen vs rejected on 3 held-out pairs" in screen_text(app), what="the pairs")
+        text = screen_text(app)
+        assert "chosen ahead 2/3" in text and "mean margin +0.667" in text
+        assert "+0.8 ✓" in text and "-0.3 ✗" in text and "+1.5 ✓" in text
+        assert "21 +0.4" in text and "12 -0.4" in text  # each side's reward beside its text
+        lines = text.splitlines()
+        row = lambda needle: next(i for i, line in enumerate(lines) if needle in line)  # noqa: E731
+        assert row("47+38=") < row("chosen vs rejected")  # reference vs policy first
+        await pilot.press("p")
+        await wait_until(pilot, lambda: app.screen.query_one(SamplesView).pairs_first, what="pairs first")
+        await pilot.pause(0.1)
+        lines = screen_text(app).splitlines()
+        assert row("chosen vs rejected") < row("47+38=")
+        await pilot.press("left_square_bracket")  # step 20: reference vs policy only
+        await wait_until(pilot, lambda: "step 20" in screen_text(app), what="older step")
+        assert "chosen vs rejected" not in screen_text(app)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)])
+async def test_compare_samples_of_two_runs_side_by_side(home, runs, size):
+    from tests.app_fixtures import add_compare_samples
+    from tuiapp.screens.compare import CompareScreen
+
+    add_compare_samples(home, runs)
+    app = make_app(home)
+    async with app.run_test(size=size) as pilot:
+        await focus_run(pilot, runs["done"])
+        await pilot.press("space")
+        await focus_run(pilot, runs["running"])
+        await pilot.press("space", "v")
+        await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen), what="compare")
+        screen = app.screen
+        assert "Samples side by side" in {c.title for c in app.get_system_commands(screen)}  # also in the palette
+        await pilot.press("2")
+        await wait_until(pilot, lambda: "2 shared prompts" in screen_text(app), what="side-by-side samples")
+        assert (screen.run_a, screen.run_b) == (runs["done"], runs["running"])
+        text = screen_text(app)
+        assert "A ■ dpo-beta01  step 40" in text and "B ■ dpo-beta05  step 30" in text
+        assert "1 differ" in text and "+1 only in B" in text and "only in A" not in text
+        assert "85 ✓" in text and "95 ✗" in text  # A's and B's policy on 47+38=, each with its verifier mark
+        assert "3 held-out pairs in both: chosen ahead in A 2/3, in B 2/3" in text
+        assert not screen.query_one("#compare-chart").display
+
+        await pilot.press("left_curly_bracket")  # B one logged step back
+        await wait_until(pilot, lambda: "B ■ dpo-beta05  step 10" in screen_text(app), what="B's older step")
+        await wait_until(pilot, lambda: "1 differ" in screen_text(app) and "only in B" not in screen_text(app),
+                         what="B's rows at step 10")  # 85 vs 75 on 47+38=; 2+2= not logged yet
+        assert app.want.compare_samples == ((runs["done"], None), (runs["running"], 10))
+        await pilot.press("left_square_bracket")  # A back to step 20: both say 75
+        await wait_until(pilot, lambda: "A ■ dpo-beta01  step 20" in screen_text(app) and "none differ" in screen_text(app),
+                         what="A's older step")
+        assert "held-out pairs" not in screen_text(app)  # A logged no pairs at step 20
+        await pilot.press("b")  # two runs: a / b swap them
+        await wait_until(pilot, lambda: "A ■ dpo-beta05" in screen_text(app), what="swapped")
+        await pilot.press("2")  # back to the curves
+        await wait_until(pilot, lambda: screen.query_one("#compare-chart").display, what="the curves again")
+        assert app.want.compare_samples == ()
+
+
+def test_match_samples_by_prompt_text():
+    from tuiapp.data import match_samples
+
+    a = [{"prompt": "1+1=", "policy": "2"}, {"prompt": "2+2=", "policy": "4"}, {"prompt": "x", "policy": "y"},
+         {"kind": "preference", "prompt": "p", "chosen": "c", "rejected": "r", "margin": 1.0}]
+    b = [{"prompt": "2+2=", "policy": "5"}, {"prompt": "1+1=", "policy": "2"}, {"prompt": "1+1=", "policy": "late"},
+         {"prompt": "z", "policy": "w"}, {"kind": "preference", "prompt": "p", "chosen": "c", "rejected": "r", "margin": -1.0}]
+    m = match_samples(a, b)
+    assert [(p, ra["policy"], rb["policy"]) for p, ra, rb in m.shared] == [("1+1=", "2", "2"), ("2+2=", "4", "5")]
+    assert (m.only_a, m.only_b, m.differing) == (1, 1, 1)
+    assert [(p, ra["margin"], rb["margin"]) for p, ra, rb in m.pairs] == [("p", 1.0, -1.0)]
+
+
+def test_system_figures_put_the_gpu_first_and_fall_back_on_rss_and_cpu():
+    from tuiapp.data import ProcFigures, RunDetail, SeriesData
+    from tuiapp.screens.main import sys_text
+
+    def detail(series, proc=None):
+        from tuiapp.data import RunInfo
+
+        run = RunInfo(id="r", name="r", status="running", algorithm="dpo", model="m", dataset="d", step=3, total_steps=9,
+                      created_at=None, started_at=None, finished_at=None, parent=None, waiting=False,
+                      cancel_requested=False, error=None, out_dir="", spec={})
+        return RunDetail(run, {k: SeriesData([1, 2, 3], v, [0, 1, 2]) for k, v in series.items()}, [], None, [], [], "", proc)
+
+    gpu = sys_text(detail({"sys/gpu_util": [20.0, 60.0, 87.0], "sys/gpu_mem_gb": [1.5, 1.5, 1.5],
+                           "sys/cpu_percent": [99.0, 101.0, 97.0]})).plain
+    assert gpu.startswith("system gpu 87% ") and "gpu mem 1.5 GB" in gpu and "cpu 97%" in gpu
+    assert gpu.index("gpu 87%") < gpu.index("gpu mem") < gpu.index("cpu") and gpu.endswith("(last logged)")
+    assert "rss" not in gpu
+    cpu = sys_text(detail({"sys/rss_gb": [0.4, 0.41, 0.42], "sys/cpu_percent": [50.0, 180.0, 199.6]})).plain
+    assert cpu == "system rss 0.42 GB · cpu 200%  (last logged)"
+    live = sys_text(detail({"sys/gpu_mem_gb": [2.0, 2.0, 2.0], "sys/cpu_percent": [5.0, 5.0, 5.0]},
+                           ProcFigures(pid=42, rss_gb=1.25, cpu_pct=150.0, threads=7))).plain
+    assert live == "system gpu mem 2 GB · rss 1.25 GB · cpu 150% · threads 7  (pid 42, gpu as last logged)"
+    assert sys_text(detail({})).plain == ""
+
+
+@pytest.mark.asyncio
 async def test_cancel_a_queued_run(home, runs):
     app = make_app(home)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -460,6 +569,35 @@ async def test_new_run_shows_errors_next_to_fields_and_submits(home, size):
         assert run.spec["lr"] == 2e-5 and run.spec["max_steps"] == 3 and run.spec["algorithm"] == "dpo"
         store.close()
         await wait_until(pilot, lambda: "from-form" in screen_text(app), what="new run in the table")
+
+
+@pytest.mark.asyncio
+async def test_new_run_shows_sampling_and_reward_fields_for_online_presets(home):
+    from textual.widgets import Input, Select, Static
+
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = await open_form(pilot)
+        assert not form.query_one("#row-rewards").display  # DPO trains on fixed pairs: no sampling fields
+        form.query_one("#f-preset", Select).value = "demo/grpo"
+        await wait_until(pilot, lambda: form.preset == "demo/grpo", what="grpo preset")
+        assert form.query_one("#row-rewards").display and form.query_one("#f-num_generations", Input).value == "8"
+        assert form.query_one("#f-rewards", Input).value == "exact_match"
+        form.query_one("#f-rewards", Input).value = "exact_match,length:3"
+        form.query_one("#f-num_generations", Input).value = "1"
+        await pilot.pause(0.1)
+        assert "num_generations must be >= 2" in str(form.query_one("#msg-num_generations", Static).render())
+        form.query_one("#f-num_generations", Input).value = "4"
+        await pilot.pause(0.1)
+        command = str(form.query_one("#command", Static).render())
+        assert "--set rewards=exact_match,length:3" in command and "--set num_generations=4" in command
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen is not form, timeout=15, what="form closed")
+        store = Store(store_path(home))
+        (run,) = store.list_runs()
+        assert run.spec["algorithm"] == "grpo" and run.spec["rewards"] == ["exact_match", "length:3"]
+        assert run.spec["num_generations"] == 4
+        store.close()
 
 
 @pytest.mark.asyncio
@@ -649,3 +787,107 @@ def wait_for_status(home: Path, run_id: str, status: str, timeout: float) -> Non
     while run_status(home, run_id) != status:
         assert time.monotonic() < deadline, f"{run_id} did not reach {status}: {run_status(home, run_id)}"
         time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- the "Done when" walkthrough
+
+
+async def tab_to(pilot, widget_id: str, limit: int = 60) -> None:
+    """Press tab until the widget with this id has the focus (what a user does in the form)."""
+    for _ in range(limit):
+        if pilot.app.focused is not None and pilot.app.focused.id == widget_id:
+            return
+        await pilot.press("tab")
+    raise AssertionError(f"tab never reached #{widget_id}; focus is on {pilot.app.focused!r}")
+
+
+async def type_into(pilot, widget_id: str, value: str) -> None:
+    """Tab to an input, clear it and type `value` key by key."""
+    from textual.widgets import Input
+
+    await tab_to(pilot, widget_id)
+    box = pilot.app.focused
+    assert isinstance(box, Input)
+    await pilot.press("end", *["backspace"] * len(box.value))
+    await pilot.press(*value)
+    assert box.value == value, (widget_id, box.value)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+async def test_done_when_walkthrough(home, size):
+    """The issue's "Done when", by keys, against `cherry worker` and the SQLite store: the demo run is
+    queued as `cherry demo` does it; a second run with another lr is launched from the form; both
+    curves overlay in compare; their samples side by side; the second run is cancelled; quit."""
+    import os
+    import signal
+
+    from tuiapp.app import CherryApp
+    from tuiapp.launch import launch_demo
+    from tuiapp.screens.compare import CompareScreen
+    from tuiapp.screens.new_run import NewRunScreen
+    from tuiapp.widgets.chart import Chart
+    from tuiapp.widgets.runs_table import RunsTable
+
+    quick = ["max_steps=3", "eval_steps=0", "eval_max_examples=8", "num_samples=4", "kl_samples=4", "num_threads=1"]
+    demo, pid = launch_demo(home, "dpo", quick)  # the run queued, a worker started (none was live)
+    assert pid is not None
+    try:
+        app = CherryApp(home, poll_live=0.1, poll_idle=0.2, focus=demo.id)
+        async with app.run_test(size=size) as pilot:
+            table = app.screen.query_one(RunsTable)
+            await wait_until(pilot, lambda: table.current_run_id == demo.id, what="the demo run focused")
+
+            # a second run from the form: same preset, another lr, long enough to be cancelled while it runs
+            await pilot.press("n")
+            await wait_until(pilot, lambda: isinstance(app.screen, NewRunScreen), what="the new-run form")
+            form = app.screen
+            assert form.preset == "demo/dpo"
+            for field, value in (("f-name", "lr-1e-5"), ("f-lr", "1e-5"), ("f-max_steps", "5000"), ("f-eval_steps", "0"),
+                                 ("f-save_steps", "5000"), ("f-num_threads", "1"),
+                                 ("f-extra", "eval_max_examples=8 num_samples=4 kl_samples=4")):
+                await type_into(pilot, field, value)
+            await pilot.pause(0.1)
+            assert "--set lr=1e-5" in str(form.query_one("#command").render())
+            await pilot.press("ctrl+s")
+            await wait_until(pilot, lambda: app.screen is not form, timeout=15, what="the form submitted")
+            await wait_until(pilot, lambda: table.row_count == 2, what="two runs in the table")
+            second = next(r for r in app.snapshot.runs if r.name == "lr-1e-5")
+            assert second.spec["lr"] == 1e-5 and demo.spec["lr"] == 3e-5
+
+            # select both (the cursor stays on the demo run; the new one is above it) and compare
+            assert table.current_run_id == demo.id
+            await pilot.press("space", "up")
+            await wait_until(pilot, lambda: table.current_run_id == second.id, what="cursor on the second run")
+            await pilot.press("space", "v")
+            await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen), what="compare")
+            compare = app.screen
+            chart = compare.query_one(Chart)
+            # the compare view follows what both have logged: eval/* at step 0, then the loss once the second trains
+            await wait_until(pilot, lambda: chart.title == "train/loss" and len(chart.curves) == 2, timeout=180,
+                             what="both runs' loss curves")
+            assert [c[0] for c in chart.curves] == [demo.name, "lr-1e-5"] and len({c[3] for c in chart.curves}) == 2
+            text = screen_text(app)
+            assert demo.name in text and "lr-1e-5" in text and any(0x2800 < ord(ch) <= 0x28FF for ch in text)
+
+            # their samples side by side on the same prompts
+            await pilot.press("2")
+            await wait_until(pilot, lambda: "shared prompts" in screen_text(app), timeout=60, what="samples side by side")
+            text = screen_text(app)
+            assert f"A ■ {demo.name}" in text and "B ■ lr-1e-5" in text and "4 shared prompts" in text
+
+            # back to the runs, cancel the second run while it trains
+            await pilot.press("escape")
+            await wait_until(pilot, lambda: not isinstance(app.screen, CompareScreen), what="back to the runs")
+            assert table.current_run_id == second.id
+            assert run_status(home, second.id) == "running"
+            await pilot.press("c")
+            await wait_until(pilot, lambda: run_status(home, second.id) == "cancelled", timeout=60, what="cancelled")
+            await wait_until(pilot, lambda: "cancelled" in screen_text(app), what="cancelled on screen")
+            assert run_status(home, demo.id) == "completed"
+            await pilot.press("q")
+            await wait_until(pilot, lambda: not app.is_running, what="the app to quit")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)

@@ -123,3 +123,40 @@ def test_compare_screen(snap_compare, home, runs, size):
                      and len(pilot.app.screen.query_one(Chart).curves) == 2, "two curves")
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_preference_samples_pane(snap_compare, home, runs):
+    """A preference run's samples: reference vs policy, then chosen vs rejected with rewards and margin."""
+    from tests.app_fixtures import add_compare_samples
+
+    add_compare_samples(home, runs)
+    app = make_app(home, focus=runs["done"])
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: detail_of(pilot.app, runs["done"]), "the completed run")
+        await pilot.press("enter", "2")
+        await settle(pilot, lambda: "chosen vs rejected on 3" in screen_text(pilot.app), "the pairs")
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_compare_samples(snap_compare, home, runs, size):
+    """Two runs' policies on the same prompts (compare, then 2): where they differ highlighted."""
+    from tests.app_fixtures import add_compare_samples
+
+    add_compare_samples(home, runs)
+    app = make_app(home, focus=runs["done"])
+
+    async def run_before(pilot):
+        from tuiapp.screens.compare import CompareScreen
+
+        await settle(pilot, lambda: detail_of(pilot.app, runs["done"]), "the completed run")
+        await pilot.press("space", "up")
+        await settle(pilot, lambda: detail_of(pilot.app, runs["running"]), "the running run")
+        await pilot.press("space", "v")
+        await settle(pilot, lambda: isinstance(pilot.app.screen, CompareScreen), "compare")
+        await pilot.press("2")
+        await settle(pilot, lambda: "2 shared prompts" in screen_text(pilot.app), "samples side by side")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)

@@ -25,6 +25,7 @@ def test_headless_demo_raises_held_out_accuracy_by_ten_points(tmp_path):
     assert summary["train_seconds"] < 300
     assert "held-out exact match: 47.5% before ->" in result.output
     assert result.output.count("reference ") >= 6 and "✓" in result.output  # side-by-side samples with marks
+    assert "implicit reward on 32 held-out pairs: chosen ahead on" in result.output  # the preference rows beside them
     assert summary["final"]["rewards/accuracy"] > 0 and "kl/mean" in summary["final"]
 
 

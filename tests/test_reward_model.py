@@ -45,7 +45,8 @@ def test_reward_model_learns_the_pairs_and_scores_them_from_the_cli(tiny_model_d
     summary = train(_rm_spec(tiny_model_dir, tiny_pairs), tmp_path / "rm", reporter)
     assert summary["before"]["eval/rewards/accuracy"] < 0.9
     assert summary["final"]["eval/rewards/accuracy"] >= 0.9
-    assert not reporter.samples and "eval/exact_match" not in summary["final"]  # a scorer does not generate
+    assert "eval/exact_match" not in summary["final"]  # a scorer does not generate: its samples are scored pairs
+    assert reporter.samples and all(s["kind"] == "preference" and "policy" not in s for s in reporter.samples)
 
     result = CliRunner().invoke(app, ["score", "--reward-model", str(tmp_path / "rm"), "--dataset", str(tiny_pairs),
                                       "--out", str(tmp_path / "scores.jsonl")])

@@ -69,6 +69,32 @@ def test_show_samples_and_ambiguous_names(home):
     assert code == 2 and "no run matches" in out
 
 
+def test_samples_show_preference_pairs_with_rewards_and_margin(home):
+    """Rows of kind preference (chosen vs rejected, the method's reward of each) print beside the
+    reference vs policy rows; unpaired (KTO) rows with their label; --json keeps every field."""
+    store = Store(store_path(home))
+    reporter = StoreReporter(store, "20261121-100000-dpo-demo")
+    reporter.log_samples(3, [
+        {"kind": "preference", "prompt": "2+2=", "chosen": "4", "rejected": "5",
+         "chosen_reward": 0.25, "rejected_reward": -0.5, "margin": 0.75},
+        {"kind": "preference", "prompt": "3+3=", "chosen": "6", "rejected": "9",
+         "chosen_reward": -0.1, "rejected_reward": 0.1, "margin": -0.2},
+        {"kind": "unpaired", "prompt": "4+4=", "completion": "8", "label": True, "reward": 0.3},
+    ])
+    store.close()
+    code, out = run("samples", "dpo")
+    assert code == 0 and "'2' ✓" in out  # the reference vs policy row is still there
+    assert "chosen ahead on 1/2, mean margin +0.275" in out
+    assert "chosen    '4'   reward +0.25" in out and "rejected  '5'   reward -0.5" in out
+    assert "margin    +0.75 ✓" in out and "margin    -0.2 ✗" in out
+    assert "completion '8'   desirable   reward +0.3" in out
+    code, out = run("samples", "dpo", "--json")
+    rows = json.loads(out)
+    assert [r.get("kind") for r in rows] == [None, "preference", "preference", "unpaired"]
+    assert rows[1] == {"step": 3, "prompt": "2+2=", "kind": "preference", "chosen": "4", "rejected": "5",
+                       "chosen_reward": 0.25, "rejected_reward": -0.5, "margin": 0.75}
+
+
 def test_cancel_of_a_running_run_is_a_request(home):
     code, out = run("cancel", "dpo-demo")
     assert code == 0 and "next step" in out

@@ -98,7 +98,8 @@ def test_presets_lists_every_method_and_shows_inherited_values():
     result = runner.invoke(app, ["presets"])
     names = [line.split()[0] for line in result.output.splitlines()]
     assert result.exit_code == 0
-    assert names == ["cdpo", "coh", "dpo", "hinge", "ipo", "kto", "orpo", "rm", "robust_dpo", "rpo", "sft", "simpo"]
+    assert names == ["best_of_k", "cdpo", "coh", "dpo", "grpo", "hinge", "ipo", "kto", "online_dpo", "orpo", "ppo", "rest",
+                     "rloo", "rm", "robust_dpo", "rpo", "sft", "simpo"]
     shown = runner.invoke(app, ["presets", "ipo"])
     assert "loss_type: ipo" in shown.output and "inherited from dpo" in shown.output and "inherited from _base" in shown.output
     ipo = load_preset("ipo")

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import typer
 
 from jobs import CherryError
-from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly, margin_stats
+from tuiapp.pipeline_cli import register as register_pipeline_command
 from tuiapp.runs_cli import register as register_run_commands
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ bench_app = typer.Typer(help="Benchmarks of the engine against naive baselines, 
 app.add_typer(demo_app, name="demo")
 app.add_typer(bench_app, name="bench")
 register_run_commands(app)
+register_pipeline_command(app)
 
 
 @app.callback()
@@ -55,6 +57,15 @@ def _print_samples(samples: list[dict[str, Any]], limit: int) -> None:
         typer.echo(f"  reference {row['reference']!r}{mark(row.get('reference_score'))}")
         typer.echo(f"  policy    {row['policy']!r}{mark(row.get('policy_score'))}   (answer {row.get('answer')!r})")
         typer.echo("")
+
+
+def _pairs_line(samples: list[dict[str, Any]]) -> str | None:
+    """One line on the preference pairs logged beside the samples: how often the chosen side wins."""
+    stats = margin_stats(samples)
+    if stats is None:
+        return None
+    n, ahead, mean = stats
+    return f"implicit reward on {n} held-out pairs: chosen ahead on {ahead}/{n}, mean margin {mean:+.3g} (cherry samples RUN shows them)"
 
 
 # ----------------------------------------------------------------------------- train
@@ -183,7 +194,7 @@ def demo(
     headless: bool = typer.Option(False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory with --headless (default: $CHERRY_HOME/<run-id>)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a demo setting: key=value."),
-    method: str = typer.Option("dpo", "--method", help="Which demo run (presets/demo/NAME.yaml): dpo, ipo, rpo, simpo, orpo, kto, sft, rm, coh."),
+    method: str = typer.Option("dpo", "--method", help="Which demo run (presets/demo/NAME.yaml): dpo, ipo, rpo, simpo, orpo, kto, sft, rm, coh; online: grpo, rloo, ppo, online_dpo, best_of_k, rest."),
 ) -> None:
     """DPO (or --method) on the embedded demo. Opens the app with the run queued and a worker started
     in the background if none is running; --headless trains here and prints before/after accuracy and samples."""
@@ -210,11 +221,16 @@ def demo(
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.exists() else []
     if samples:
         final_step = max(s["step"] for s in samples)
-        final = [s for s in samples if s["step"] == final_step]
+        at_final = [s for s in samples if s["step"] == final_step]
+        final = [s for s in at_final if not s.get("kind")]  # reference vs policy (not the preference pairs)
         # Where the policy now differs from the reference is what DPO changed: show those first.
         final.sort(key=lambda s: (s["policy"] == s["reference"], -(s.get("policy_score") or 0)))
-        typer.echo(f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):")
-        _print_samples(final, limit=6)
+        if final:
+            typer.echo(f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):")
+            _print_samples(final, limit=6)
+        pairs = _pairs_line(at_final)
+        if pairs:
+            typer.echo(pairs)
     typer.echo(f"run directory: {run_dir}")
 
 
@@ -334,6 +350,46 @@ def bench_dpo(
         typer.echo(f"{row['path']:8s} {row['tokens_per_s']:10.0f} {row['step_seconds']:8.3f} {row['peak_mem_gb']:8.3f}")
     typer.echo(f"speed-up {result['speedup']:.2f}x, memory {result['memory_ratio']:.2f}x less ({c['memory']}); "
                f"|loss difference| {result['loss_abs_diff']:.2e}")
+
+
+@bench_app.command("grpo")
+@friendly
+def bench_grpo(
+    prompts: int = typer.Option(8, help="Prompts per step."),
+    k: int = typer.Option(8, "--k", help="Samples per prompt."),
+    prompt_len: int = typer.Option(64, help="Longest prompt (prompts are drawn from half of it to it)."),
+    max_new_tokens: int = typer.Option(32, help="Tokens sampled per completion."),
+    vocab: int = typer.Option(32000, help="Vocabulary size of the tiny model."),
+    hidden: int = typer.Option(256, help="Hidden size of the tiny model."),
+    layers: int = typer.Option(2, help="Transformer layers."),
+    repeats: int = typer.Option(3, help="Timed repeats of each path (median reported)."),
+    threads: int = typer.Option(0, help="CPU threads (0 = torch default)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """Time a GRPO step's rollout and update: Cherry's batched sampling and completion-only log-probs
+    against a per-prompt generate loop and full-logits log-probs, in the same run."""
+    from engine.bench_grpo import GRPOBenchConfig, run
+
+    for name, value in (("--prompts", prompts), ("--k", k), ("--prompt-len", prompt_len), ("--max-new-tokens", max_new_tokens),
+                        ("--repeats", repeats)):
+        if value < 1:
+            raise CherryError(f"{name} must be >= 1 (got {value})")
+    cfg = GRPOBenchConfig(prompts=prompts, k=k, prompt_len=prompt_len, max_new_tokens=max_new_tokens, vocab=vocab,
+                          hidden=hidden, layers=layers, repeats=repeats, threads=threads, device=device)
+    result = run(cfg)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"GRPO step, {prompts} prompts x {k} samples x {max_new_tokens} new tokens (prompts <= {prompt_len}), "
+               f"vocab {vocab}, hidden {hidden} x {layers} layers, {result['device']}; median of {repeats}")
+    typer.echo(f"{'phase':8s} {'path':8s} {'samples/s':>10s} {'tokens/s':>10s} {'seconds':>8s}")
+    for phase, what in (("rollout", "batched + KV cache vs one sample at a time"), ("update", "completion-only vs full logits")):
+        for path in ("cherry", "naive"):
+            row = result[f"{phase}_{path}"]
+            typer.echo(f"{phase:8s} {path:8s} {row['samples_per_s']:10.1f} {row['tokens_per_s']:10.0f} {row['seconds']:8.3f}")
+    typer.echo(f"rollout {result['rollout_speedup']:.1f}x faster, update {result['update_speedup']:.2f}x faster, "
+               f"whole step {result['step_speedup']:.1f}x")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from jobs.home import store_path
 from jobs.queue import queue_backend
-from jobs.store import ENDED, Run, Store, this_host
+from jobs.store import ENDED, Run, Store, sample_kind, this_host
 from tuiapp.runs_cli import KEY_METRICS
 
 LIVE = ("queued", "running")
@@ -29,8 +29,10 @@ DEFAULT_METRICS = {
     "preference": ["train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match"],
     "sft": ["train/loss", "token_accuracy", "eval/exact_match", "eval/perplexity"],
     "rm": ["train/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin"],
+    "online": ["reward/mean", "kl/mean", "eval/exact_match", "gen/length_mean", "frac_reward_zero_std", "policy/entropy"],
 }
-FRONTIER_Y = ("eval/exact_match", "eval/rewards/accuracy")
+ONLINE = ("grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest")  # engine.spec.ONLINE_ALGORITHMS (kept torch-free here)
+FRONTIER_Y = ("eval/exact_match", "eval/reward", "eval/rewards/accuracy")
 FRONTIER_X = "kl/mean"
 
 
@@ -117,6 +119,65 @@ class Want:
     focus: str | None = None
     sample_step: int | None = None  # None = the newest logged step
     compare: tuple[str, ...] = ()
+    # The compare screen's side-by-side samples: (run id, step or None = its newest) of runs A and B.
+    compare_samples: tuple[tuple[str, int | None], ...] = ()
+
+
+@dataclass
+class SampleSet:
+    """The sample rows one run logged at one step, and the steps it logged any at."""
+
+    run_id: str
+    steps: list[int]
+    step: int | None
+    rows: list[dict[str, Any]]
+
+
+def move_step(steps: list[int], current: int | None, delta: int) -> int:
+    """The logged step `delta` places from `current` (from the newest when `current` is not one), clamped."""
+    start = steps.index(current) if current in steps else len(steps) - 1
+    return steps[max(0, min(len(steps) - 1, start + delta))]
+
+
+def comparison_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if sample_kind(r) == "comparison"]
+
+
+def preference_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if sample_kind(r) == "preference"]
+
+
+@dataclass
+class Matched:
+    """Two runs' sample rows matched by prompt text (preference pairs by prompt, chosen and rejected)."""
+
+    shared: list[tuple[str, dict[str, Any], dict[str, Any]]]  # (prompt, A's row, B's row), in A's order
+    only_a: int
+    only_b: int
+    pairs: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def differing(self) -> int:
+        return sum(1 for _, a, b in self.shared if (a.get("policy") or "") != (b.get("policy") or ""))
+
+
+def match_samples(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> Matched:
+    """Match A's and B's rows of one logged step each on the same prompt text (the first row of a
+    prompt when a run logged it twice). Completions are the comparison rows' policy texts; the
+    preference rows of both (same pair: prompt, chosen, rejected) are matched alongside."""
+    def by(rows, key):
+        out: dict[Any, dict[str, Any]] = {}
+        for row in rows:
+            out.setdefault(key(row), row)
+        return out
+
+    prompt = lambda r: r.get("prompt") or ""  # noqa: E731
+    a, b = by(comparison_rows(rows_a), prompt), by(comparison_rows(rows_b), prompt)
+    shared = [(p, row, b[p]) for p, row in a.items() if p in b]
+    pair_key = lambda r: (r.get("prompt") or "", r.get("chosen") or "", r.get("rejected") or "")  # noqa: E731
+    pa, pb = by(preference_rows(rows_a), pair_key), by(preference_rows(rows_b), pair_key)
+    pairs = [(k[0], row, pb[k]) for k, row in pa.items() if k in pb]
+    return Matched(shared, len(a) - len(shared), len(b) - len(shared), pairs)
 
 
 @dataclass
@@ -130,6 +191,7 @@ class Snapshot:
     detail: RunDetail | None
     compare: dict[str, dict[str, SeriesData]]
     read_at: float
+    compare_samples: dict[str, SampleSet] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -146,6 +208,8 @@ class Snapshot:
 
 
 def metric_family(algorithm: str) -> str:
+    if algorithm in ONLINE:
+        return "online"
     return {"sft": "sft", "coh": "sft", "rm": "rm"}.get(algorithm, "preference")
 
 
@@ -202,7 +266,7 @@ def read_proc(pid: int) -> tuple[float, float, int] | None:
 
 
 def sys_metrics(series: dict[str, "SeriesData"]) -> dict[str, float]:
-    """The newest value of each sys/* metric a run logged (GPU memory, RSS)."""
+    """The newest value of each sys/* metric a run logged (GPU memory and utilisation, RSS, CPU)."""
     return {name: s.values[-1] for name, s in sorted(series.items()) if name.startswith("sys/") and s.values}
 
 
@@ -285,11 +349,18 @@ class StoreReader:
             rid: {k: v.copy() for k, v in self.series(rid, by_id[rid].step).items()}
             for rid in want.compare if rid in by_id
         }
+        compare_samples: dict[str, SampleSet] = {}
+        for rid, wanted_step in want.compare_samples:
+            if rid in by_id and rid not in compare_samples:
+                steps = self.store.sample_steps(rid)
+                step = wanted_step if wanted_step in steps else (steps[-1] if steps else None)
+                rows = self.store.samples(rid, step) if step is not None else []
+                compare_samples[rid] = SampleSet(rid, steps, step, rows)
         return Snapshot(
             home=self.home, backend=queue_backend(), runs=runs,
             pending=sum(1 for r in runs if r.status == "queued" and not r.waiting),
             running=sum(1 for r in runs if r.status == "running"), workers=workers,
-            detail=detail, compare=compare, read_at=time.time(),
+            detail=detail, compare=compare, read_at=time.time(), compare_samples=compare_samples,
         )
 
 

@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 import typer
 
-from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly, sample_lines
 
 KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
-FOLLOW_COLUMNS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match",
+FOLLOW_COLUMNS = ("train/loss", "reward/mean", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match",
                   "eval/rewards/accuracy")
 
 
@@ -220,7 +220,8 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(8, help="How many prompts to show."),
         as_json: bool = typer.Option(False, "--json", help="The samples as a JSON array."),
     ) -> None:
-        """Reference vs policy completions on the fixed eval prompts, at one logged step."""
+        """Reference vs policy completions on the fixed eval prompts at one logged step; for preference
+        methods also chosen vs rejected on eval pairs with the method's reward of each and the margin."""
         jobs = _jobs()
         r = jobs.resolve(run)
         steps = jobs.store.sample_steps(r.id)
@@ -234,12 +235,8 @@ def register(app: typer.Typer) -> None:
             _emit_json(rows)
             return
         typer.echo(f"{r.id} samples at step {chosen} (logged steps: {', '.join(map(str, steps))})\n")
-        for row in rows[:limit]:
-            typer.echo(f"  prompt    {row['prompt']!r}")
-            typer.echo(f"  reference {row['reference']!r}{_mark(row.get('reference_score'))}")
-            typer.echo(f"  policy    {row['policy']!r}{_mark(row.get('policy_score'))}"
-                       + (f"   (answer {row['answer']!r})" if row.get("answer") is not None else ""))
-            typer.echo("")
+        for line in sample_lines(rows, limit):
+            typer.echo(line)
 
     @app.command()
     @friendly
@@ -316,7 +313,3 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"cherry worker: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
                    + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""), err=True)
         w.run()
-
-
-def _mark(score) -> str:
-    return "" if score is None else (" ✓" if score >= 1 else " ✗")

@@ -7,6 +7,8 @@ are the no-op hooks most algorithms leave alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from engine.batching import collate_preference
@@ -55,6 +57,29 @@ class Algorithm:
         spread, Chain of Hindsight's NLL gap). Called after the eval loss pass, model in eval mode."""
         return {}
 
+    def preference_samples(self, policy, examples: list[dict], collate, ref_logps_fn=None) -> list[dict[str, Any]]:
+        """Rows for the samples pane at a sample step, from the first `num_samples` eval examples:
+        what the method's own reward says about each pair (or, for unpaired data, each completion).
+
+        `collate` batches examples (CPU tensors); `ref_logps_fn(batch)` gives the reference's
+        completion log-prob sums of a batch already on the policy's device (None without a reference).
+        Default: nothing (SFT and Chain of Hindsight have no implicit reward)."""
+        return []
+
+    def _example_metrics(self, policy, example: dict, collate, ref_logps_fn) -> dict[str, float]:
+        """The loss's metrics for one example alone: per-example values, from the same code path
+        that trains (each metric's sum over one unit, or its `(sum, count)` divided out)."""
+        device = next(policy.parameters()).device
+        batch = {k: v.to(device) for k, v in collate([example]).items()}
+        ref_logps = ref_logps_fn(batch) if self.needs_reference and ref_logps_fn is not None else None
+        _, metrics = self.loss(policy, batch, ref_logps)
+        out = {}
+        for name, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, 1)
+            if count:
+                out[name] = float(total) / float(count)
+        return out
+
 
 class PreferenceAlgorithm(Algorithm):
     """Methods on chosen/rejected pairs: both completions share one padded batch (one forward pass)."""
@@ -69,6 +94,24 @@ class PreferenceAlgorithm(Algorithm):
         """Completion log-probs of all rows (chosen first, then rejected) and the number of pairs."""
         out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
         return out, self.units(batch)
+
+    @torch.no_grad()
+    def preference_samples(self, policy, examples, collate, ref_logps_fn=None):
+        """Chosen vs rejected with the method's reward of each, as its loss computes them for
+        `rewards/chosen` and `rewards/rejected`: beta (log pi - log ref) summed over the completion
+        for DPO and its reference-based variants, beta x mean log-prob for SimPO, lambda x mean
+        log-prob for ORPO, the scalar score for a reward model. margin = chosen - rejected."""
+        rows = []
+        for ex in examples:
+            metrics = self._example_metrics(policy, ex, collate, ref_logps_fn)
+            if "rewards/chosen" not in metrics or "rewards/rejected" not in metrics:
+                continue
+            chosen, rejected = metrics["rewards/chosen"], metrics["rewards/rejected"]
+            rows.append({
+                "kind": "preference", "prompt": ex.get("prompt"), "chosen": ex.get("chosen"), "rejected": ex.get("rejected"),
+                "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
+            })
+        return rows
 
     def completion_metrics(self, out: CompletionLogps, pairs: int) -> dict[str, tuple[float, float]]:
         """Lengths, mean logits and entropy of the chosen rows (the first `pairs`) and the rejected rows."""

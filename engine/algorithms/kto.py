@@ -81,6 +81,19 @@ class KTO(Algorithm):
             **completion_metrics(out, torch.cat([rows, mismatched]), torch.cat([~rows, mismatched])),
         }
 
+    @torch.no_grad()
+    def preference_samples(self, policy, examples, collate, ref_logps_fn=None):
+        """Unpaired data has no chosen/rejected pair: each completion with its label (desirable or
+        not) and its implicit reward beta (log pi - log ref), as the loss computes it."""
+        rows = []
+        for ex in examples:
+            metrics = self._example_metrics(policy, ex, collate, ref_logps_fn)
+            name = "rewards/chosen" if ex["label"] else "rewards/rejected"
+            if name in metrics:
+                rows.append({"kind": "unpaired", "prompt": ex.get("prompt"), "completion": ex.get("completion"),
+                             "label": bool(ex["label"]), "reward": metrics[name]})
+        return rows
+
     def derived_metrics(self, means):
         if "rewards/chosen" in means and "rewards/rejected" in means:
             return {"rewards/margin": means["rewards/chosen"] - means["rewards/rejected"]}

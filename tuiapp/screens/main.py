@@ -16,7 +16,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from jobs.store import STATUSES
-from tuiapp.data import GLYPHS, RunDetail, RunInfo, Snapshot, default_metrics, duration, sys_metrics
+from tuiapp.data import GLYPHS, RunDetail, RunInfo, Snapshot, default_metrics, duration, move_step, sys_metrics
 from tuiapp.widgets.chart import Chart
 from tuiapp.widgets.plot import fmt_num, sparkline
 from tuiapp.widgets.runs_table import SORTS, RunsTable, sort_runs
@@ -87,33 +87,47 @@ def run_title(run: RunInfo, now: float | None = None, width: int = 80) -> Text:
     return text
 
 
+SYS_KNOWN = ("sys/gpu_util", "sys/gpu_mem_gb", "sys/rss_gb", "sys/cpu_percent")
+
+
 def sys_text(detail: RunDetail) -> Text:
-    """System figures of a run: its process (RSS, CPU) when it runs here, and its latest sys/* metrics."""
+    """System figures of a run: GPU utilisation and memory when it logged them (it ran on a GPU),
+    then its process's RSS and CPU (live from /proc when it runs here, else as last logged)."""
     text = Text()
     logged = sys_metrics(detail.series)
     proc = detail.proc
     if proc is None and not logged:
         return text
     text.append("system ", style="bold")
-    parts: list[tuple[str, str]] = []
+    parts: list[tuple[str, str]] = []  # (label, value)
+    if "sys/gpu_util" in logged:
+        spark = sparkline(detail.series["sys/gpu_util"].values, 8)
+        parts.append(("gpu", f"{logged['sys/gpu_util']:.0f}%" + (f" {spark}" if len(spark) > 1 else "")))
+    if "sys/gpu_mem_gb" in logged:
+        parts.append(("gpu mem", f"{fmt_num(logged['sys/gpu_mem_gb'])} GB"))
+    if proc is not None and proc.rss_gb is not None:
+        parts.append(("rss", f"{proc.rss_gb:.2f} GB"))
+    elif "sys/rss_gb" in logged:
+        parts.append(("rss", f"{fmt_num(logged['sys/rss_gb'])} GB"))
     if proc is not None:
-        if proc.rss_gb is not None:
-            parts.append(("rss", f"{proc.rss_gb:.2f} GB"))
         parts.append(("cpu", "…" if proc.cpu_pct is None else f"{proc.cpu_pct:.0f}%"))
         if proc.threads:
             parts.append(("threads", str(proc.threads)))
-    for name, value in logged.items():
+    elif "sys/cpu_percent" in logged:
+        parts.append(("cpu", f"{logged['sys/cpu_percent']:.0f}%"))
+    for name, value in logged.items():  # anything else a run logs under sys/
+        if name in SYS_KNOWN:
+            continue
         label = name.removeprefix("sys/").replace("_gb", "").replace("_", " ")
-        if proc is not None and label == "rss":
-            continue  # the live figure above is newer
-        unit = " GB" if name.endswith("_gb") else "%" if name.endswith(("_util", "_pct")) else ""
+        unit = " GB" if name.endswith("_gb") else "%" if name.endswith(("_util", "_pct", "_percent")) else ""
         parts.append((label, f"{fmt_num(value)}{unit}"))
     for i, (label, value) in enumerate(parts):
         if i:
             text.append(" · ", style="dim")
         text.append(f"{label} ", style="dim")
         text.append(value)
-    source = f"pid {proc.pid}" if proc is not None else "last logged"
+    gpu = "sys/gpu_util" in logged or "sys/gpu_mem_gb" in logged
+    source = (f"pid {proc.pid}" + (", gpu as last logged" if gpu else "")) if proc is not None else "last logged"
     text.append(f"  ({source})", style="dim")
     return text
 
@@ -152,6 +166,7 @@ class MainScreen(Screen):
         Binding("x", "x_axis", "x axis", show=False),
         Binding("left_square_bracket", "sample_step(-1)", "older samples", show=False, key_display="["),
         Binding("right_square_bracket", "sample_step(1)", "newer samples", show=False, key_display="]"),
+        Binding("p", "pairs_first", "pairs first", show=False),
         Binding("1", "tab('tab-curves')", "curves", show=False),
         Binding("2", "tab('tab-samples')", "samples", show=False),
         Binding("3", "tab('tab-log')", "log", show=False),
@@ -546,15 +561,20 @@ class MainScreen(Screen):
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
 
+    def action_pairs_first(self) -> None:
+        """Samples: the preference pairs (chosen vs rejected) above the reference vs policy rows, or below."""
+        view = self.query_one(SamplesView)
+        view.pairs_first = not view.pairs_first
+        self.query_one(TabbedContent).active = "tab-samples"
+
     def action_sample_step(self, delta: int) -> None:
         snap = self._snapshot
         if snap is None or snap.detail is None or not snap.detail.sample_steps:
             return
         steps = snap.detail.sample_steps
-        current = snap.detail.sample_step if snap.detail.sample_step in steps else steps[-1]
-        i = max(0, min(len(steps) - 1, steps.index(current) + delta))
-        self.app.want.sample_step = None if i == len(steps) - 1 else steps[i]
-        snap.detail.sample_step = steps[i]
+        step = move_step(steps, snap.detail.sample_step, delta)
+        self.app.want.sample_step = None if step == steps[-1] else step
+        snap.detail.sample_step = step
         snap.detail.samples = []
         self.query_one(TabbedContent).active = "tab-samples"
         self.app.wake_reader()

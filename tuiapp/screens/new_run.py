@@ -32,6 +32,8 @@ FORM_FIELDS = (
     "loss_type", "label_smoothing", "lora.r", "max_length", "max_prompt_length", "eval_steps", "sample_steps",
     "save_steps", "num_threads",
 )
+# Shown for online methods (GRPO, RLOO, PPO, ...) only: how they sample and what rewards them.
+ONLINE_FIELDS = ("num_generations", "temperature", "max_new_tokens", "rewards", "judge")
 EXTRA = "extra"
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
@@ -222,6 +224,10 @@ class NewRunScreen(Screen[str | None]):
             yield Static(Text("Hyper-parameters (preset defaults; edit any)", style="bold"), classes="section")
             for key in FORM_FIELDS:
                 yield self._row(key, key, Input(id=f"f-{key.replace('.', '_')}", classes="hp"))
+            for key in ONLINE_FIELDS:
+                row = self._row(key, key, Input(id=f"f-{key}", classes="hp"))
+                row.add_class("online-field")
+                yield row
             yield self._row(EXTRA, "more settings", Input(placeholder="key=value key=value (any spec key)", id=f"f-{EXTRA}"))
             yield self._row("after", "After run", Select(self._after_choices(), prompt="none (start when a worker is free)", id="f-after"))
             yield Static(id="form-error")
@@ -240,6 +246,17 @@ class NewRunScreen(Screen[str | None]):
 
     # ------------------------------------------------------------------ values
 
+    @property
+    def online(self) -> bool:
+        """The preset trains an online method (its sampling and reward fields are shown)."""
+        from tuiapp.data import ONLINE
+
+        return self.defaults.get("algorithm") in ONLINE
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return FORM_FIELDS + (ONLINE_FIELDS if self.online else ())
+
     def _input(self, key: str) -> Input:
         return self.query_one(f"#f-{key.replace('.', '_')}", Input)
 
@@ -252,7 +269,10 @@ class NewRunScreen(Screen[str | None]):
             return False
         self.preset = preset
         helps = preset_help(preset)
-        for key in FORM_FIELDS:
+        online = self.online
+        for key in ONLINE_FIELDS:
+            self.query_one(f"#row-{key}").display = online
+        for key in self.fields:
             box = self._input(key)
             box.value = show_value(self.defaults.get(key))
             box.tooltip = helps.get(key)
@@ -269,7 +289,7 @@ class NewRunScreen(Screen[str | None]):
     def overrides(self) -> list[str]:
         """`key=value` for each field that differs from the preset (what `--set` would carry)."""
         items = []
-        for key in FORM_FIELDS:
+        for key in self.fields:
             value = self._input(key).value.strip()
             if value == "" or value == show_value(self.defaults.get(key)):
                 continue
@@ -296,7 +316,7 @@ class NewRunScreen(Screen[str | None]):
             errors[EXTRA] = str(err)
             spec = None
         except CherryError as err:
-            key = error_field(str(err), list(FORM_FIELDS) + ["model", "dataset"])
+            key = error_field(str(err), list(FORM_FIELDS + ONLINE_FIELDS) + ["model", "dataset"])
             errors[key or "form"] = str(err)
             spec = None
         for key in ("model", "dataset"):
@@ -497,7 +517,7 @@ class NewRunScreen(Screen[str | None]):
     def _submit_failed(self, message: str) -> None:
         self.submitting = False
         self.query_one("#submit", Button).disabled = False
-        key = error_field(message, list(FORM_FIELDS) + ["model", "dataset"])
+        key = error_field(message, list(FORM_FIELDS + ONLINE_FIELDS) + ["model", "dataset"])
         if message.startswith("--after"):
             key = "after"
         self._set_errors({key or "form": message})

@@ -1,0 +1,75 @@
+"""GRPO (Shao et al. 2024, arXiv 2402.03300) with the Dr. GRPO and DAPO choices.
+
+Per prompt, G = num_generations samples are scored; each sample's advantage is its reward
+normalised within its group, broadcast to all of its tokens:
+
+    A_i = (r_i - mean r) / (std r + 1e-4)          scale_rewards: group (paper) | batch | none (Dr. GRPO)
+
+The per-token loss is PPO's clipped surrogate (ratio against the rollout policy; with
+num_iterations = 1 the ratio is 1 but its gradient is the policy gradient), plus beta * k3 KL to
+the reference when beta > 0 (beta = 0 loads no reference). Token losses are aggregated by
+`loss_type`: grpo (mean per sequence, then over sequences: length-biased), dapo (sum over all
+tokens of the mini-batch / its token count) or dr_grpo (sum / (sequences x max_new_tokens)).
+
+Hyper-parameters (presets/grpo.yaml): num_generations 8 (TRL; paper 64), lr 1e-6, beta 0 (TRL;
+paper 0.04), epsilon 0.2, epsilon_high = epsilon (DAPO: 0.28), temperature 1.0, loss_type dapo.
+Logged: reward/*, frac_reward_zero_std, advantage/*, policy/clipfrac, policy/clip_{low,high}_frac,
+policy/entropy, kl/mean and kl/k3_mean (beta > 0), gen/length_mean, gen/truncated_frac.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.algorithms.online_base import OnlineAlgorithm, OnlineModels, pad_rows, rollout_metrics, token_logps
+from engine.losses.online import aggregate_token_loss, clipped_policy_loss, group_advantages, group_stats, token_kl
+
+
+class GRPO(OnlineAlgorithm):
+    def prepare(self, rollout, models: OnlineModels):
+        spec = self.spec
+        advantages = group_advantages(rollout.rewards, self.group_size, scale=spec.scale_rewards)
+        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.group_size)}
+        metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()})
+        rows = [
+            {"prompt_ids": p, "completion_ids": c, "advantage": float(a)}
+            for p, c, a, cut in zip(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(), rollout.truncated)
+            if not (spec.mask_truncated and cut)
+        ]
+        if not rows:
+            return rows, metrics
+        if spec.num_iterations > 1:  # later passes need the rollout policy's log-probs for the ratio
+            for row, old in zip(rows, self.sample_logps(models.policy, rows, models)):
+                row["old_logps"] = old
+        if self.needs_reference:
+            for row, ref in zip(rows, self.sample_logps(models.reference.model, rows, models)):
+                row["ref_logps"] = ref
+        return rows, metrics
+
+    def units(self, batch):
+        mask = batch["completion_mask"][:, 1:]
+        if self.spec.loss_type == "grpo":
+            return float((mask.sum(-1) > 0).sum())
+        if self.spec.loss_type == "dr_grpo":
+            return float(mask.shape[0] * self.spec.max_new_tokens)
+        return float(mask.sum())
+
+    def loss(self, models, batch, rows):
+        spec = self.spec
+        logps, mask, out = token_logps(models.policy, batch, spec.temperature, stats=True)
+        width = logps.shape[1]
+        old = pad_rows(rows, "old_logps", width, logps.device) if "old_logps" in rows[0] else logps.detach()
+        advantages = torch.tensor([r["advantage"] for r in rows], dtype=logps.dtype, device=logps.device)
+        per_token, metrics = clipped_policy_loss(logps, old, advantages, mask, spec.epsilon, spec.epsilon_high)
+        tokens = float(mask.sum())
+        if self.needs_reference:
+            ref = pad_rows(rows, "ref_logps", width, logps.device)
+            k3 = token_kl(logps, ref, "k3")
+            per_token = per_token + spec.beta * k3
+            k1_seq = (token_kl(logps.detach(), ref, "k1") * mask).sum(-1)
+            k3_seq = (k3.detach() * mask).sum(-1)
+            metrics["kl/mean"] = (k1_seq.sum().item(), float(len(rows)))
+            metrics["kl/k3_mean"] = (k3_seq.sum().item(), float(len(rows)))
+        loss_sum, _ = aggregate_token_loss(per_token, mask.to(per_token.dtype), spec.loss_type, max_len=spec.max_new_tokens)
+        metrics["policy/entropy"] = (out.token_entropy.sum().item(), tokens)
+        return loss_sum, metrics

@@ -1,0 +1,101 @@
+"""Online DPO with AI feedback (OAIF; Guo et al. 2024, arXiv 2402.04792).
+
+Each step samples two completions per prompt from the CURRENT policy (num_generations = 2, no
+gradient through sampling), asks a judge which is better, and applies the DPO (or IPO) loss to
+the pair, with the frozen starting model as the reference:
+
+    p(A > B) = judge (an LLM scored in both orders, or sigmoid(r_A - r_B) from the reward sources)
+    pairs with |p - 0.5| < judge_tie_margin are skipped (near-ties carry no preference)
+    loss = dpo_loss(log pi(y_w) - log ref(y_w), log pi(y_l) - log ref(y_l))      (engine/losses/dpo.py)
+
+Log-probs of policy and reference use the sampling temperature. Hyper-parameters
+(presets/online_dpo.yaml): beta 0.1, lr 5e-7 (TRL), temperature 0.9, max_new_tokens 64,
+missing_eos_penalty 1.0, judge "reward" or a causal LM dir. Logged: the DPO metrics
+(rewards/*, logps/*, lengths/*, policy/entropy), judge/skip_frac, judge/prob_mean,
+judge/position_consistency (LLM judge: both orders agree), reward/* of the samples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.algorithms.base import completion_metrics, metric_sums
+from engine.algorithms.online_base import OnlineAlgorithm, rollout_metrics
+from engine.batching import collate_completions
+from engine.logprobs import completion_logps
+from engine.losses.dpo import dpo_loss
+
+
+class OnlineDPO(OnlineAlgorithm):
+    uses_judge = True
+    rows_per_example = 2
+
+    @property
+    def needs_reference(self) -> bool:
+        return True  # DPO's implicit reward is a log-ratio to the reference
+
+    def prepare(self, rollout, models):
+        from engine.rewards import judge_pairs
+
+        spec = self.spec
+        metrics = rollout_metrics(rollout)
+        a, b = slice(0, None, 2), slice(1, None, 2)  # the two samples of prompt g are rows 2g and 2g + 1
+        columns = {name: values[a] for name, values in rollout.columns().items()}
+        verdict = models.judge.prefer(
+            rollout.prompts[a], rollout.texts[a], rollout.texts[b], rollout.prompt_ids[a],
+            rollout.completion_ids[a], rollout.completion_ids[b], columns,
+        )
+        # A truncated sample loses its comparisons when missing_eos_penalty is set: push its probability down.
+        prob_a = verdict.prob_a
+        winners, skip = judge_pairs(prob_a, spec.judge_tie_margin)
+        metrics["judge/skip_frac"] = sum(skip) / len(skip)
+        metrics["judge/prob_mean"] = sum(max(p, 1 - p) for p in prob_a) / len(prob_a)
+        if verdict.consistent is not None:
+            metrics["judge/position_consistency"] = sum(verdict.consistent) / len(verdict.consistent)
+        pairs = []
+        for g, (winner, skipped) in enumerate(zip(winners, skip)):
+            if skipped:
+                continue
+            rows = (2 * g, 2 * g + 1) if winner == 0 else (2 * g + 1, 2 * g)
+            pairs.append(
+                {"prompt_ids": rollout.prompt_ids[2 * g], "chosen_ids": rollout.completion_ids[rows[0]],
+                 "rejected_ids": rollout.completion_ids[rows[1]]}
+            )
+        if pairs:
+            self._reference_logps(pairs, models)
+        return pairs, metrics
+
+    @torch.no_grad()
+    def _reference_logps(self, pairs, models):
+        from engine.algorithms.online_base import micro_batches
+
+        for chunk in micro_batches(pairs, self.spec):
+            batch = {k: v.to(models.device) for k, v in self.collate(chunk, models.tokenizer.pad_token_id).items()}
+            with models.reference.model() as ref:
+                sums = completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.spec.temperature).sums
+            n = len(chunk)
+            for i, pair in enumerate(chunk):
+                pair["ref_chosen"], pair["ref_rejected"] = sums[i].item(), sums[n + i].item()
+                pair["chosen_len"], pair["rejected_len"] = len(pair["chosen_ids"]), len(pair["rejected_ids"])
+
+    def collate(self, rows, pad_id):
+        prompts = [r["prompt_ids"] for r in rows]
+        return collate_completions(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id)
+
+    def units(self, batch):
+        return float(batch["input_ids"].shape[0] // 2)
+
+    def loss(self, models, batch, rows):
+        spec = self.spec
+        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                               spec.temperature, stats=True)
+        n = len(rows)
+        ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=out.sums.dtype, device=out.sums.device)
+        ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+        scores = out.sums
+        if spec.loss_type == "ipo":  # IPO compares per-token means (engine/losses/dpo.py)
+            counts = out.counts.clamp(min=1).to(scores.dtype)
+            scores, ref_chosen, ref_rejected = out.means, ref_chosen / counts[:n], ref_rejected / counts[n:]
+        losses, metrics = dpo_loss(scores[:n], scores[n:], ref_chosen, ref_rejected, spec.beta, loss_type=spec.loss_type)
+        chosen = torch.arange(2 * n, device=scores.device) < n
+        return losses.sum(), {**metric_sums(metrics), **completion_metrics(out, chosen, ~chosen)}

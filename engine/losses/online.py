@@ -1,0 +1,554 @@
+"""Online RL losses and helpers (PPO, GRPO / Dr. GRPO / DAPO, RLOO, best-of-K, ReST) as pure functions.
+
+Shapes: per-token tensors are [B, T] with a completion `mask` [B, T] (1/True on valid completion
+tokens incl. the final EOS, 0 on padding); per-sequence tensors are [B]. The rows of one prompt's
+group are contiguous: with group size G, rows g*G .. g*G+G-1 share a prompt.
+
+Loss functions return per-token (or per-sequence) losses that the caller reduces with
+`aggregate_token_loss`, which returns a SUM and its unit count; the training loop divides the sum
+over an optimizer step's micro-batches by the total units of that step (as the offline loop does),
+so gradient accumulation gives the papers' aggregation exactly. Metrics are `(sum, count)` pairs of
+python floats (average across micro-batches as sum(sums) / sum(counts)) or python floats.
+
+Advantages (r = scalar rewards of a group of G samples of one prompt):
+
+    GRPO      (arXiv 2402.03300)   A_i = (r_i - mean r) / (std r + 1e-4), broadcast over the tokens of o_i
+    Dr. GRPO  (arXiv 2503.20783)   A_i = r_i - mean r                    (no std division: difficulty bias)
+    Lite-PPO  (Liu et al. 2025, "Tricks or Traps?")  group mean, std over the whole batch
+    RLOO      (arXiv 2402.14740)   A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean r)
+    PPO       GAE (arXiv 1506.02438) on per-token rewards r_t = -beta k1_t, plus the score at the last token
+
+Policy losses, rho = exp(log pi_theta - log pi_old):
+
+    PPO/GRPO token level   (arXiv 1707.06347)  max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high))
+    DAPO clip-higher       (arXiv 2503.14476)  the same with eps_high > eps_low (0.2 / 0.28)
+    RLOO / REINFORCE       (arXiv 2402.14740)  -A_i log pi_theta(y_i | x), summed token log-probs;
+                                               sequence-level clip with rho_i when reusing a batch
+    PPO value loss         (arXiv 2203.02155, 2403.17031)  0.5 max((V - G)^2, (clip(V, V_old +- eps_v) - G)^2)
+
+Token aggregations of a per-token loss l_{i,t} over a step's sequences i and valid tokens t:
+
+    "grpo"     (1/N) sum_i (1/|o_i|) sum_t l_{i,t}         per-sequence mean: LENGTH-BIASED
+    "dapo"     sum_i sum_t l_{i,t} / sum_i |o_i|            token mean over the whole step
+    "dr_grpo"  sum_i sum_t l_{i,t} / (N L_max)              constant normaliser
+
+KL estimators (Schulman 2020, "Approximating KL divergence"), l = log pi_theta - log pi_ref per token:
+k1 = l, k2 = l^2 / 2, k3 = exp(-l) - 1 + l. See `token_kl` for which gradient each one gives.
+
+Also here: the adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593), best-of-K selection
+and its analytic KL (Llama 2 arXiv 2307.09288; RAFT arXiv 2304.06767), ReST Improve thresholds
+(arXiv 2308.08998) and DAPO's soft overlong penalty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "dapo", "token", "dr_grpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """Integer or bool rewards / lengths become the default float dtype; float tensors are kept as they are."""
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] -> [B // G, G], checking that B is a whole number of groups."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B] (got shape {tuple(rewards.shape)})")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1 (got {group_size})")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"batch size {rewards.numel()} is not a multiple of group_size {group_size}")
+    return _as_float(rewards).reshape(-1, group_size)
+
+
+def _masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(sum over valid entries, number of valid entries) as python floats."""
+    return float(values.detach()[mask].sum()), float(mask.sum())
+
+
+# ---------------------------------------------------------------- group advantages (GRPO, RLOO)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO advantages [B]: rewards centred on their group mean, optionally divided by a std.
+
+        A_i = (r_i - mean_group r) / (std + eps)
+
+    scale:
+    - "group": std within each group (GRPO, arXiv 2402.03300; TRL scale_rewards="group").
+    - "batch": std of all B rewards of the batch (Lite-PPO: group mean, batch std; TRL "batch").
+    - "none":  no division, A_i = r_i - mean_group r (Dr. GRPO, arXiv 2503.20783, which shows the
+               group-std division up-weights too-easy and too-hard questions).
+
+    std is the UNBIASED sample std (correction=1, as torch.std / TRL). A group whose rewards are
+    all equal gets A = 0 (no learning signal); a group of size 1 always has A = 0.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale '{scale}'; expected one of {', '.join(ADVANTAGE_SCALES)}")
+    grouped = _grouped(rewards, group_size)
+    if group_size == 1:  # std of one sample is undefined (nan); the centred reward is 0 anyway
+        return torch.zeros_like(grouped).view(-1)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (grouped.std() + eps)
+    return centred.view(-1)
+
+
+def group_stats(rewards: torch.Tensor, group_size: int) -> dict[str, float]:
+    """Per-group reward statistics, averaged over the groups of the batch (python floats).
+
+    - frac_reward_zero_std: fraction of groups whose rewards are all equal (zero advantage, no signal).
+    - reward/group_std_mean: mean of the within-group UNBIASED std (0 for groups of size 1).
+    - reward/group_max_mean, reward/group_median_mean: mean over groups of the max / the median.
+    - reward/max_median_gap: mean over groups of (max - median), the best-of-K headroom (Llama 2).
+
+    The median is torch.median's: for an even group size it is the LOWER of the two middle values
+    (e.g. median of [1, 2, 3, 4] is 2), not their average.
+    """
+    grouped = _grouped(rewards, group_size)
+    max_r = grouped.max(dim=1).values
+    median_r = grouped.median(dim=1).values
+    all_equal = grouped.max(dim=1).values == grouped.min(dim=1).values
+    std = grouped.std(dim=1) if group_size > 1 else torch.zeros_like(max_r)
+    return {
+        "frac_reward_zero_std": float(all_equal.to(grouped.dtype).mean()),
+        "reward/group_std_mean": float(std.mean()),
+        "reward/group_max_mean": float(max_r.mean()),
+        "reward/group_median_mean": float(median_r.mean()),
+        "reward/max_median_gap": float((max_r - median_r).mean()),
+    }
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO leave-one-out advantages [B] (Ahmadian et al. 2024, arXiv 2402.14740).
+
+        A_i = R_i - (1 / (k - 1)) sum_{j != i} R_j  =  k / (k - 1) (R_i - mean R),   k = group_size
+
+    R already includes the KL penalty (R = score - beta sum_t k1_t, see ALGORITHMS.md section 11).
+    The baseline of sample i never uses R_i, so the estimator is unbiased. Needs k >= 2.
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2 (got {group_size})")
+    grouped = _grouped(rewards, group_size)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).view(-1)
+
+
+# ---------------------------------------------------------------- KL estimators
+
+
+def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate (same shape as the inputs), l = logps - ref_logps, tokens sampled from pi_theta:
+
+        k1 = l                   unbiased for KL(pi_theta || pi_ref), can be negative
+        k2 = l^2 / 2             biased, >= 0
+        k3 = exp(-l) - 1 + l     unbiased, >= 0, low variance
+
+    Gradient trap (ALGORITHMS.md section 0): as values all three estimate the reverse KL, but used
+    as an on-policy LOSS (differentiated through logps, samples held fixed):
+    - E[grad k1] = 0: k1 in the loss does nothing in expectation. Put k1 in the REWARD (PPO, RLOO).
+    - grad E[k2] is the gradient of the reverse KL(pi_theta || pi_ref).
+    - E[grad k3] is the gradient of the FORWARD KL(pi_ref || pi_theta), so GRPO's k3-in-loss is an
+      approximation of the intended penalty.
+    Log k1 and k3 side by side. Padding is not masked here: multiply by the mask (or aggregate).
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator '{estimator}'; expected one of {', '.join(KL_ESTIMATORS)}")
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return torch.exp(-log_ratio) - 1 + log_ratio
+
+
+# ---------------------------------------------------------------- policy losses
+
+
+def clipped_policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+    """Per-token PPO / GRPO clipped surrogate loss [B, T] (PPO arXiv 1707.06347; GRPO arXiv 2402.03300).
+
+        rho_t = exp(logps_t - old_logps_t)
+        loss_t = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high))     (= -min(...) of the objective)
+
+    eps_high None means eps_high = eps_low (symmetric PPO); DAPO's clip-higher uses 0.2 / 0.28
+    (arXiv 2503.14476). `advantages` is [B] (one per sequence: GRPO, broadcast over its tokens) or
+    [B, T] (per token: PPO with GAE). old_logps and advantages are constants (detached here). The
+    loss is 0 on padding (padding log-probs never reach exp, so garbage there cannot make NaNs).
+    Add a KL term (e.g. beta * token_kl(..., "k3") for GRPO) before aggregating, if wanted.
+
+    With logps == old_logps (first minibatch on-policy, mu = 1) rho is exactly 1 and d loss_t / d logps_t = -A.
+
+    Metrics, each (sum, count) over valid tokens as python floats:
+    - policy/clipfrac: the clipped term is active, i.e. the clipped objective is strictly smaller
+      (rho > 1 + eps_high with A > 0, or rho < 1 - eps_low with A < 0): zero gradient there.
+    - policy/clip_low_frac: rho < 1 - eps_low and A < 0.  policy/clip_high_frac: rho > 1 + eps_high and A > 0.
+    - policy/ratio_mean: mean rho (should stay near 1).
+    - policy/approx_kl: mean 0.5 (logps - old_logps)^2, the old -> new approximate KL.
+    """
+    if eps_high is None:
+        eps_high = eps_low
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0 (got eps_low={eps_low}, eps_high={eps_high})")
+    valid = mask.bool()
+    advantages = advantages.detach()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # [B] -> [B, 1], broadcast over tokens
+    advantages = advantages.expand_as(logps)
+    log_ratio = torch.where(valid, logps - old_logps.detach(), torch.zeros_like(logps))
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = torch.where(valid, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))
+
+    with torch.no_grad():
+        clip_active = clipped > unclipped
+        clip_low = (ratio < 1 - eps_low) & (advantages < 0)
+        clip_high = (ratio > 1 + eps_high) & (advantages > 0)
+        metrics = {
+            "policy/clipfrac": _masked_sum_count(clip_active.to(logps.dtype), valid),
+            "policy/clip_low_frac": _masked_sum_count(clip_low.to(logps.dtype), valid),
+            "policy/clip_high_frac": _masked_sum_count(clip_high.to(logps.dtype), valid),
+            "policy/ratio_mean": _masked_sum_count(ratio, valid),
+            "policy/approx_kl": _masked_sum_count(0.5 * log_ratio**2, valid),
+        }
+    return per_token, metrics
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, kind: str, max_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Reduce a per-token loss [B, T] to (loss SUM as a scalar tensor, units).
+
+    The caller divides sum(loss sums) by sum(units) over an optimizer step's micro-batches, which
+    gives each paper's aggregation over the whole step:
+
+    - "grpo" (GRPO, arXiv 2402.03300): sum over sequences of that sequence's masked token MEAN;
+      units = sequences with >= 1 valid token. LENGTH-BIASED: a token of a sequence of length L
+      weighs 1/L, so short correct answers get bigger per-token pushes and long wrong answers
+      smaller per-token penalties, and failures drift longer (Dr. GRPO, arXiv 2503.20783).
+    - "dapo" / "token" (DAPO token-level loss, arXiv 2503.14476; TRL's default): sum of all valid
+      token losses; units = valid tokens. Every token weighs the same.
+    - "dr_grpo" (Dr. GRPO, arXiv 2503.20783): sum of all valid token losses; units = B * max_len
+      (rows in this micro-batch times the generation budget), a constant normaliser. max_len is
+      required for "dr_grpo" and ignored by the other kinds.
+    """
+    if kind not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation '{kind}'; expected one of {', '.join(AGGREGATIONS)}")
+    valid = mask.bool()
+    masked = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if kind == "grpo":
+        token_counts = valid.sum(dim=-1)
+        per_sequence = masked.sum(dim=-1) / token_counts.clamp(min=1).to(per_token.dtype)
+        return per_sequence.sum(), float((token_counts > 0).sum())
+    if kind == "dr_grpo":
+        if max_len is None or max_len < 1:
+            raise ValueError(f"aggregation 'dr_grpo' needs max_len >= 1 (got {max_len})")
+        return masked.sum(), float(per_token.shape[0] * max_len)
+    return masked.sum(), float(valid.sum())
+
+
+def sequence_policy_loss(
+    seq_logps: torch.Tensor,
+    old_seq_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    eps: float | None = None,
+) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+    """Per-sequence policy loss [B] for RLOO (Ahmadian et al. 2024, arXiv 2402.14740).
+
+    The whole completion is one action; seq_logps are SUMMED token log-probs [B].
+
+    - eps None (REINFORCE, on-policy): loss_i = -A_i seq_logps_i. Its value is -A log pi (not a
+      meaningful number to watch); its gradient is -A_i grad log pi(y_i | x), the RLOO estimator.
+    - eps given (reusing a batch): loss_i = max(-A_i rho_i, -A_i clip(rho_i, 1 - eps, 1 + eps)),
+      rho_i = exp(seq_logps_i - old_seq_logps_i). At rho = 1 the gradient is again -A_i grad log pi.
+
+    Sum it and divide by the number of sequences (units = B) for the paper's -(1/k) sum_i A_i log pi.
+    old_seq_logps and advantages are constants (detached here). Sequence ratios blow up quickly
+    off-policy: stay close to on-policy.
+
+    Metrics, (sum, count) over the B sequences as python floats: policy/clipfrac (the clipped term
+    is strictly active; always 0 when eps is None), policy/ratio_mean (mean rho).
+    """
+    if eps is not None and eps < 0:
+        raise ValueError(f"eps must be >= 0 (got {eps})")
+    advantages = advantages.detach()
+    log_ratio = seq_logps - old_seq_logps.detach()
+    if eps is None:
+        losses = -advantages * seq_logps
+        ratio = torch.exp(log_ratio.detach())
+        clip_active = torch.zeros_like(ratio)
+    else:
+        ratio = torch.exp(log_ratio)
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1 - eps, 1 + eps)
+        losses = torch.maximum(unclipped, clipped)
+        clip_active = (clipped > unclipped).to(ratio.dtype)
+    count = float(seq_logps.shape[0])
+    metrics = {
+        "policy/clipfrac": (float(clip_active.detach().sum()), count),
+        "policy/ratio_mean": (float(ratio.detach().sum()), count),
+    }
+    return losses, metrics
+
+
+# ---------------------------------------------------------------- PPO: rewards, GAE, value loss
+
+
+def ppo_token_rewards(
+    scores: torch.Tensor,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-RLHF rewards (InstructGPT arXiv 2203.02155; Ziegler et al. arXiv 1909.08593).
+
+        k1_t = logps_t - ref_logps_t
+        r_t  = -kl_coef k1_t  (+ score of the sequence at its LAST valid token)
+
+    Returns (token_rewards [B, T], token_kl_k1 [B, T]), both zero on padding and detached (rewards
+    carry no gradient). The last valid token is found per row, so rows may be right-padded to
+    different lengths; a row with no valid token gets no score. Log the sequence KL sum_t k1_t:
+    per-token k1 can be negative.
+    """
+    valid = mask.bool()
+    kl = torch.where(valid, (logps - ref_logps).detach(), torch.zeros_like(logps))
+    positions = torch.arange(logps.shape[-1], device=logps.device).expand_as(valid)
+    last_position = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=-1, keepdim=True).values
+    is_last = valid & (positions == last_position)
+    token_rewards = -kl_coef * kl + is_last.to(kl.dtype) * scores.detach().to(kl.dtype).unsqueeze(-1)
+    return token_rewards, kl
+
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2015, arXiv 1506.02438) -> (advantages, returns), [B, T].
+
+        delta_t = r_t + gamma V_{t+1} - V_t          (V past the last valid token = 0)
+        A_t     = sum_{l >= 0} (gamma lam)^l delta_{t+l}
+        G_t     = A_t + V_t                           (the value-function targets)
+
+    Assumes RIGHT padding: each row's valid tokens are a prefix, so the episode ends at the last
+    valid token and everything after it is ignored (values and rewards on padding are never read).
+    Both outputs are zero on padding and carry no gradient. gamma = lam = 1 gives A_t = reward-to-go - V_t.
+    Whiten the advantages over valid tokens afterwards (`whiten`), as PPO-RLHF does.
+    """
+    valid = mask.bool()
+    token_rewards = torch.where(valid, token_rewards.detach(), torch.zeros_like(token_rewards))
+    values = torch.where(valid, values.detach(), torch.zeros_like(values))
+    weights = valid.to(values.dtype)
+    seq_len = values.shape[-1]
+    running = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(seq_len)):
+        next_values = values[:, t + 1] if t + 1 < seq_len else torch.zeros_like(running)  # 0 on padding
+        delta = token_rewards[:, t] + gamma * next_values - values[:, t]
+        # zeroing on padding makes the first valid step from the end start a fresh sum
+        running = (delta + gamma * lam * running) * weights[:, t]
+        advantages_reversed.append(running)
+    advantages = torch.stack(advantages_reversed[::-1], dim=-1)
+    returns = (advantages + values) * weights
+    return advantages, returns
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Masked whitening over the valid entries (PPO advantages; optional reward whitening).
+
+        mu = masked mean,  var = masked UNBIASED variance (n - 1 denominator, as TRL's masked_var)
+        shift_mean=True:   (x - mu) / sqrt(var + eps)          mean 0, std 1
+        shift_mean=False:  (x - mu) / sqrt(var + eps) + mu     keeps the mean, only rescales the spread
+
+    Returns zero on masked entries. Needs at least 2 valid entries (ValueError otherwise): the
+    variance of a single value is undefined and dividing by sqrt(eps) would blow it up.
+    """
+    valid = mask.bool()
+    count = int(valid.sum())
+    if count < 2:
+        raise ValueError(f"whiten needs at least 2 valid entries (got {count})")
+    selected = values[valid]
+    mean = selected.mean()
+    var = selected.var(correction=1)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(valid, whitened, torch.zeros_like(whitened))
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+    """Per-token clipped value loss [B, T] (PPO as in InstructGPT arXiv 2203.02155 / N+ arXiv 2403.17031).
+
+        V_clip = clip(V, V_old - clip, V_old + clip)
+        loss_t = 0.5 max((V - G)^2, (V_clip - G)^2)
+
+    Zero on padding; old_values and returns are constants (detached here). Aggregate like the
+    policy loss and weight by vf_coef. Metric value/clipfrac = (sum, count) over valid tokens of
+    tokens where the clipped term is strictly larger (the clip is the active branch).
+    """
+    valid = mask.bool()
+    old_values = old_values.detach()
+    returns = returns.detach()
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    per_token = 0.5 * torch.where(valid, torch.maximum(unclipped_loss, clipped_loss), torch.zeros_like(values))
+    with torch.no_grad():
+        clip_active = (clipped_loss > unclipped_loss).to(values.dtype)
+        metrics = {"value/clipfrac": _masked_sum_count(clip_active, valid)}
+    return per_token, metrics
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[G - V] / Var[G] over valid entries, as a python float.
+
+    1 = the value function predicts the returns perfectly, 0 = no better than a constant, < 0 worse.
+    Both variances use the same (population) denominator, which cancels in the ratio. When Var[G] = 0
+    (constant returns, or fewer than 2 valid entries) the ratio is undefined and 0.0 is returned,
+    never NaN.
+    """
+    valid = mask.bool()
+    if int(valid.sum()) < 2:
+        return 0.0
+    g = returns.detach()[valid]
+    v = values.detach()[valid]
+    var_returns = g.var(correction=0)
+    if var_returns == 0:
+        return 0.0
+    return float(1 - (g - v).var(correction=0) / var_returns)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, section 2.2).
+
+        e     = clip(current_kl / target - 1, -0.2, 0.2)
+        beta <- beta (1 + e n_steps / horizon)
+
+    The coefficient rises when the measured KL is above the target and falls below it, by at most
+    20% * n_steps / horizon per update. target None = fixed coefficient (update is a no-op).
+    Old TRL (IMDb): init 0.2, target 6, horizon 10000. `state_dict` / `load_state_dict` carry the
+    current coefficient so a resumed run continues from it (target and horizon come from the config).
+    """
+
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int):
+        if target is not None and not target > 0:
+            raise ValueError(f"KL target must be > 0 or None (got {target})")
+        if target is not None and not horizon > 0:
+            raise ValueError(f"KL horizon must be > 0 (got {horizon})")
+        self.value = float(init_kl_coef)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Move the coefficient towards the target after n_steps samples (or steps) at KL current_kl; return it."""
+        if self.target is None:
+            return self.value
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+# ---------------------------------------------------------------- best-of-K, ReST, DAPO overlong penalty
+
+
+def best_of_k_indices(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Index into the flat batch of the best row of each group, [B // group_size] (int64).
+
+    Rejection-sampling fine-tuning (Llama 2 arXiv 2307.09288; RAFT arXiv 2304.06767) keeps
+    y* = argmax_i R(x, y_i) per prompt. Ties go to the FIRST maximal row of the group.
+    """
+    grouped = _grouped(rewards, group_size)
+    is_max = grouped == grouped.max(dim=1, keepdim=True).values
+    positions = torch.arange(group_size, device=grouped.device).expand_as(is_max)
+    first_max = torch.where(is_max, positions, torch.full_like(positions, group_size)).min(dim=1).values
+    group_starts = torch.arange(grouped.shape[0], device=grouped.device) * group_size
+    return group_starts + first_max
+
+
+def bon_kl(k: int) -> float:
+    """Analytic KL(best-of-K || base) = log K - (K - 1) / K, in nats, for plotting BoN on reward-vs-KL.
+
+    This is the standard formula (Stiennon et al. 2020, arXiv 2009.01325); Beirami et al. 2024
+    (arXiv 2401.01879) show it is an upper bound, tight when the K samples are almost surely distinct.
+    bon_kl(1) = 0.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (got {k})")
+    return math.log(k) - (k - 1) / k
+
+
+def quantile_threshold(rewards: torch.Tensor, keep_fraction: float) -> float:
+    """ReST Improve threshold tau that keeps the top `keep_fraction` of the rewards (arXiv 2308.08998).
+
+    With an uncalibrated reward ReST uses quantiles (top 50% -> 30% -> 10% over Improve steps).
+    Definition: with n rewards and k = ceil(keep_fraction * n) (at least 1), tau is the k-th
+    LARGEST reward. `rest_keep_mask(rewards, tau)` (R >= tau) then keeps exactly k samples when
+    rewards are distinct, and more when other rewards tie with tau. keep_fraction must be in (0, 1].
+    E.g. rewards 1..10, keep_fraction 0.3: k = 3, tau = 8, keeps {8, 9, 10}.
+    """
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1] (got {keep_fraction})")
+    flat = _as_float(rewards.detach()).flatten()
+    if flat.numel() == 0:
+        raise ValueError("quantile_threshold needs at least one reward")
+    # round() first so that float noise such as 0.7 * 10 = 7.000000000000001 does not add a sample
+    k = max(1, math.ceil(round(keep_fraction * flat.numel(), 9)))
+    return float(torch.sort(flat, descending=True).values[k - 1])
+
+
+def rest_keep_mask(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask of the samples ReST Improve trains on: R >= threshold (same shape as rewards)."""
+    return rewards >= threshold
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
+    """DAPO soft overlong punishment [B] (arXiv 2503.14476, eq. 13), added to the task reward.
+
+        0                                     L <= max_len - cache_len
+        (max_len - cache_len - L) / cache_len  max_len - cache_len < L <= max_len   (0 down to -1, linear)
+        -1                                    L > max_len
+
+    L = completion length in tokens; DAPO uses max_len 20480 with cache_len 4096. Needs
+    0 < cache_len <= max_len.
+    """
+    if not 0 < cache_len <= max_len:
+        raise ValueError(f"need 0 < cache_len <= max_len (got cache_len={cache_len}, max_len={max_len})")
+    lengths = _as_float(lengths)
+    # the linear piece is 0 at the start of the cache and -1 at max_len, so clamping gives all three regions
+    return torch.clamp((max_len - cache_len - lengths) / cache_len, min=-1.0, max=0.0)

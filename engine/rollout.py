@@ -1,0 +1,142 @@
+"""Rollouts for the online methods: sample k completions per prompt, then score them.
+
+Sampling is batched: the prompts of a step, each repeated k times so a prompt's samples sit in
+consecutive rows (a "group"), are left-padded together and decoded in one `generate` call with
+the KV cache on; position ids follow the attention mask, so padding never shifts a prompt.
+A completion keeps its EOS when it stopped (the EOS is an action the policy took and is scored
+like any other token); one that ran into `max_new_tokens` has none and is marked truncated.
+
+`naive_rollout` is the baseline `cherry bench grpo` compares against: one prompt at a time, one
+sample at a time, no batching.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+from engine.batching import left_pad
+from engine.generation import _eos_ids
+
+
+@dataclass
+class Rollout:
+    """k samples for each of a step's prompts, flattened: rows g*k .. g*k+k-1 share prompt g."""
+
+    examples: list[dict]  # the prompt example of each row (repeated k times)
+    completion_ids: list[list[int]]  # sampled tokens, ending with EOS unless truncated
+    texts: list[str]  # completions decoded without special tokens
+    truncated: list[bool]  # hit max_new_tokens without EOS
+    group_size: int
+    seconds: float = 0.0
+    rewards: torch.Tensor | None = None  # [N] total reward after penalties (set by `score_rollout`)
+    components: dict[str, list[float]] = field(default_factory=dict)  # each reward source's raw scores
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return [ex["prompt_ids"] for ex in self.examples]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [ex["prompt"] for ex in self.examples]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(c) for c in self.completion_ids]
+
+    def columns(self) -> dict[str, list]:
+        """Dataset columns reward functions may use (`answer`, `safety`, the prompt's `messages`), one value per row."""
+        out: dict[str, list] = {}
+        for name in ("answer", "safety", "messages"):
+            if any(ex.get(name) is not None for ex in self.examples):
+                out[name] = [ex.get(name) for ex in self.examples]
+        return out
+
+
+def _sampling_config(tokenizer, eos: list[int], max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+        pad_token_id=pad_id, eos_token_id=eos, use_cache=True,
+    )
+
+
+def _split_at_eos(row: list[int], eos: set[int]) -> tuple[list[int], bool]:
+    """(tokens up to and including the first EOS, truncated?)"""
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1], False
+    return row, True
+
+
+@torch.no_grad()
+def sample_rollout(
+    model, tokenizer, examples: list[dict], *, k: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+    batch_size: int = 256,
+) -> Rollout:
+    """k samples per example (`prompt_ids`), drawn from the global torch RNG in chunks of `batch_size` rows."""
+    eos = _eos_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("sampling needs an EOS token: neither the tokenizer nor the generation config names one")
+    config = _sampling_config(tokenizer, eos, max_new_tokens, temperature, top_p)
+    eos_set = set(eos)
+    rows = [ex for ex in examples for _ in range(k)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    started = time.time()
+    completions: list[list[int]] = []
+    truncated: list[bool] = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = [ex["prompt_ids"] for ex in rows[start : start + batch_size]]
+            input_ids, attention_mask = left_pad(chunk, config.pad_token_id)
+            sequences = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            )
+            for new in sequences[:, input_ids.shape[1] :].tolist():
+                ids, cut = _split_at_eos(new, eos_set)
+                completions.append(ids)
+                truncated.append(cut)
+    finally:
+        model.train(was_training)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    return Rollout(rows, completions, texts, truncated, k, seconds=time.time() - started)
+
+
+@torch.no_grad()
+def naive_rollout(
+    model, tokenizer, examples: list[dict], *, k: int, max_new_tokens: int, temperature: float, top_p: float = 1.0
+) -> Rollout:
+    """The same samples drawn one by one: the per-prompt loop many RL scripts start from (benchmark baseline)."""
+    eos = _eos_ids(model, tokenizer)
+    config = _sampling_config(tokenizer, eos, max_new_tokens, temperature, top_p)
+    eos_set = set(eos)
+    device = next(model.parameters()).device
+    model.eval()
+    started = time.time()
+    rows, completions, truncated = [], [], []
+    for ex in examples:
+        for _ in range(k):
+            ids = torch.tensor([ex["prompt_ids"]], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            new, cut = _split_at_eos(out[0, ids.shape[1] :].tolist(), eos_set)
+            rows.append(ex)
+            completions.append(new)
+            truncated.append(cut)
+    model.train()
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    return Rollout(rows, completions, texts, truncated, k, seconds=time.time() - started)
+
+
+def score_rollout(rollout: Rollout, reward, missing_eos_penalty: float = 0.0) -> None:
+    """Fill `rollout.rewards` (total, minus `missing_eos_penalty` on truncated samples) and its components."""
+    result = reward.reward(rollout.prompts, rollout.texts, rollout.prompt_ids, rollout.completion_ids, rollout.columns())
+    total = torch.tensor(result.total, dtype=torch.float32)
+    if missing_eos_penalty:
+        total = total - missing_eos_penalty * torch.tensor(rollout.truncated, dtype=torch.float32)
+    rollout.rewards = total
+    rollout.components = result.components

@@ -1,0 +1,262 @@
+"""The online family (GRPO, RLOO, PPO, online DPO, best-of-K, ReST): rollouts, the first-ratio check,
+end-to-end runs on a tiny model, resume, and (slow) the demo gains the README reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import write_jsonl
+from engine.algorithms import build_algorithm
+from engine.algorithms.online_base import OnlineModels, micro_batches
+from engine.errors import CherryError
+from engine.models import freeze, load_causal_lm, load_tokenizer
+from engine.reference import Reference
+from engine.rewards import build_reward
+from engine.rollout import sample_rollout, score_rollout
+from engine.spec import ONLINE_ALGORITHMS, build_spec, demo_dir, resolve_spec
+from engine.train import train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts(tmp_path_factory):
+    """Prompts with answers: the tiny random model will rarely hit them, but every method must run."""
+    rows = [{"prompt": f"say {c}{i}:", "answer": c * 2} for i, c in enumerate("abcdefghijklmnop")]
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", rows)
+
+
+def online_spec(model_dir, data, algorithm: str, **overrides):
+    values = dict(
+        algorithm=algorithm, model=str(model_dir), dataset=str(data), batch_size=4, num_generations=4,
+        max_new_tokens=6, max_length=32, max_prompt_length=16, eval_split=0.25, max_steps=3, lr=1e-3,
+        rewards="length:3", eval_steps=0, sample_steps=0, num_samples=2, kl_samples=2, save_steps=100,
+        logging_steps=1, num_threads=1,
+    )
+    if algorithm == "online_dpo":
+        values.update(num_generations=2, judge_tie_margin=0.0)
+    values.update(overrides)
+    return build_spec(values)
+
+
+def models_for(spec, model_dir):
+    tokenizer = load_tokenizer(str(model_dir))
+    policy = load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU)
+    algo = build_algorithm(spec)
+    reference = Reference(model=freeze(load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU))) if algo.needs_reference else None
+    value = algo.build_value_model(CPU, torch.float32) if algo.uses_value_model else None
+    return algo, OnlineModels(policy=policy, tokenizer=tokenizer, device=CPU, reference=reference, value=value)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+def test_rollout_groups_samples_keeps_eos_and_flags_truncation(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU)
+    examples = [{"prompt": t, "prompt_ids": tokenizer(t)["input_ids"]} for t in ("a", "longer prompt here", "xy")]
+    model.train()
+    torch.manual_seed(0)
+    rollout = sample_rollout(model, tokenizer, examples, k=3, max_new_tokens=5, temperature=1.0, batch_size=4)
+    assert len(rollout.completion_ids) == 9
+    assert [ex["prompt"] for ex in rollout.examples] == ["a"] * 3 + ["longer prompt here"] * 3 + ["xy"] * 3
+    eos = tokenizer.eos_token_id
+    for ids, cut in zip(rollout.completion_ids, rollout.truncated):
+        assert 1 <= len(ids) <= 5
+        assert (eos not in ids) == cut  # a finished sample ends with its EOS, a truncated one has none
+        if not cut:
+            assert ids[-1] == eos and eos not in ids[:-1]
+    assert model.training  # generation restores the mode it found
+
+
+def test_missing_eos_penalty_lowers_only_truncated_samples(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU)
+    examples = [{"prompt": "q", "prompt_ids": tokenizer("q")["input_ids"], "answer": "x"}]
+    torch.manual_seed(1)
+    rollout = sample_rollout(model, tokenizer, examples, k=8, max_new_tokens=2, temperature=1.0)
+    reward = build_reward(["length:1"], tokenizer=tokenizer)
+    score_rollout(rollout, reward, missing_eos_penalty=0.0)
+    plain = rollout.rewards.clone()
+    score_rollout(rollout, reward, missing_eos_penalty=1.5)
+    expected = plain - 1.5 * torch.tensor(rollout.truncated, dtype=torch.float32)
+    assert torch.equal(rollout.rewards, expected)
+
+
+def test_micro_batches_cover_every_row_once_in_order():
+    spec = build_spec({"algorithm": "grpo", "batch_size": 3, "num_generations": 4, "num_mini_batches": 2, "grad_accum": 3})
+    rows = list(range(12))
+    chunks = micro_batches(rows, spec)
+    assert [r for chunk in chunks for r in chunk] == rows and len(chunks) == 6
+
+
+# ----------------------------------------------------------------------------- the first ratio
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tiny_prompts, algorithm):
+    """Rollout and update forward passes agree (temperature, dropout, padding, positions): ratio == 1 exactly."""
+    spec = online_spec(tiny_model_dir, tiny_prompts, algorithm, num_iterations=2, num_mini_batches=2, grad_accum=2,
+                       temperature=0.7, beta=0.05)
+    algo, models = models_for(spec, tiny_model_dir)
+    examples = [{"prompt": f"p{i}", "prompt_ids": models.tokenizer(f"p{i} long" * (i + 1))["input_ids"]} for i in range(4)]
+    torch.manual_seed(0)
+    rollout = sample_rollout(models.policy, models.tokenizer, examples, k=4, max_new_tokens=6, temperature=0.7)
+    score_rollout(rollout, build_reward(["length:3"], tokenizer=models.tokenizer))
+    rows, _ = algo.prepare(rollout, models)
+    first = micro_batches(rows, spec)[0]
+    batch = algo.collate(first, models.tokenizer.pad_token_id)
+    _, metrics = algo.loss(models, batch, first)
+    total, count = metrics["policy/ratio_mean"]
+    assert count > 0 and total == count  # every ratio is exactly 1.0
+    assert metrics["policy/clipfrac"][0] == 0
+
+
+# ----------------------------------------------------------------------------- end to end on a tiny model
+
+
+@pytest.mark.parametrize("algorithm", ONLINE_ALGORITHMS)
+def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_path, algorithm, monkeypatch):
+    import engine.train as engine_train
+
+    loads = []
+    real_load = engine_train.load_causal_lm
+    monkeypatch.setattr(engine_train, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    beta = {"online_dpo": 0.1, "rloo": 0.05, "ppo": 0.05}.get(algorithm, 0.0)
+    # A reward random samples hit about a quarter of the time, so groups disagree and every method has rows to train on.
+    spec = online_spec(tiny_model_dir, tiny_prompts, algorithm, beta=beta, rewards="regex:.*[a-m].*")
+    summary = train(spec, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["step"] == 3
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    metrics = read_metrics(tmp_path / "run")
+    names = set().union(*(m.keys() for m in metrics))
+    assert {"reward/mean", "gen/length_mean", "gen/truncated_frac", "train/loss", "time/rollout_s"} <= names
+    expected = {
+        "grpo": {"frac_reward_zero_std", "advantage/std", "policy/clipfrac", "policy/entropy"},
+        "rloo": {"kl/mean", "reward/rlhf", "advantage/mean"},
+        "ppo": {"kl/mean", "value/loss", "value/clipfrac", "value/explained_variance", "ppo/kl_coef", "policy/approx_kl"},
+        "online_dpo": {"judge/skip_frac", "judge/prob_mean"},
+        "best_of_k": {"bon/kl", "reward/max_median_gap"},
+        "rest": {"rest/threshold_1", "rest/kept_frac_3"},
+    }[algorithm]
+    assert expected <= names, expected - names
+    # The reference exists only where a KL term needs it (beta = 0 loads one model: the policy).
+    assert len(loads) == (2 if beta > 0 else 1)
+    for m in metrics:
+        assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
+
+
+def test_grpo_with_lora_uses_the_adapter_disabled_base_as_reference(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
+    import engine.train as engine_train
+
+    loads = []
+    real_load = engine_train.load_causal_lm
+    monkeypatch.setattr(engine_train, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    spec = online_spec(tiny_model_dir, tiny_prompts, "grpo", beta=0.04, rewards="regex:.*[a-m].*",
+                       lora={"r": 4, "alpha": 8})
+    summary = train(spec, tmp_path / "run")
+    assert summary["status"] == "completed" and len(loads) == 1  # no second copy for the reference
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+    kls = [m["kl/mean"] for m in read_metrics(tmp_path / "run") if "kl/mean" in m and "train/loss" in m]
+    assert kls[0] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference on step 1
+
+
+def test_grpo_learns_a_length_reward(tiny_model_dir, tiny_prompts, tmp_path):
+    """A learnable reward on a random model: completions move towards 2 tokens (the EOS counts)."""
+    spec = online_spec(tiny_model_dir, tiny_prompts, "grpo", rewards="length:2", max_steps=30, lr=3e-3,
+                       num_generations=8, eval_split=0.0)
+    train(spec, tmp_path / "run")
+    rewards = [m["reward/mean"] for m in read_metrics(tmp_path / "run") if "reward/mean" in m]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.15, (first, last)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_resume_repeats_the_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_path, algorithm):
+    """RNG, optimizer, and for PPO the value model and the adaptive KL coefficient come back from the checkpoint."""
+    extra = {"beta": 0.05, "kl_target": 1.0, "kl_horizon": 10, "num_iterations": 2} if algorithm == "ppo" else {}
+    spec = online_spec(tiny_model_dir, tiny_prompts, algorithm, max_steps=4, save_steps=2, eval_split=0.0,
+                       rewards="regex:.*[a-m].*", **extra)
+    train(spec, tmp_path / "straight")
+    calls = iter(range(100))
+    summary = train(spec, tmp_path / "stopped", should_stop=lambda: next(calls) >= 2)
+    assert summary["status"] == "cancelled" and summary["step"] == 2
+    train(spec, tmp_path / "stopped", resume=True)
+
+    def by_step(run):
+        keys = ("reward/mean", "train/loss", "ppo/kl_coef", "value/loss")
+        return {m["step"]: tuple(m.get(k) for k in keys) for m in read_metrics(tmp_path / run) if "train/loss" in m}
+
+    assert by_step("stopped") == by_step("straight")
+
+
+def test_exact_match_without_answers_names_the_column(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(8)])
+    spec = online_spec(tiny_model_dir, data, "grpo", rewards="exact_match")
+    with pytest.raises(CherryError, match="'answer' column"):
+        train(spec, tmp_path / "run")
+
+
+def test_online_specs_refuse_impossible_settings():
+    from engine.errors import SpecError
+
+    for values, field in [
+        ({"algorithm": "rloo", "num_generations": 1}, "num_generations"),
+        ({"algorithm": "online_dpo", "num_generations": 4}, "num_generations must be 2"),
+        ({"algorithm": "grpo", "loss_type": "ipo"}, "loss_type"),
+        ({"algorithm": "grpo", "temperature": 0}, "temperature"),
+        ({"algorithm": "grpo", "rewards": "length:abc"}, "length:abc"),
+        ({"algorithm": "grpo", "rewards": ["exact_match"], "reward_weights": [1, 2]}, "reward_weights"),
+        ({"algorithm": "online_dpo", "num_generations": 2, "beta": 0}, "beta"),
+        ({"algorithm": "grpo", "batch_size": 3, "num_generations": 2, "num_mini_batches": 4}, "num_mini_batches"),
+    ]:
+        with pytest.raises(SpecError, match=field):
+            build_spec(values)
+    assert build_spec({"algorithm": "grpo", "beta": 0}).beta == 0  # no KL, no reference: allowed
+
+
+# ----------------------------------------------------------------------------- the demo (slow)
+
+
+def demo_run(method: str, tmp_path, *overrides: str) -> dict:
+    spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), ["num_samples=0", "kl_samples=0", *overrides])
+    return train(spec, tmp_path / method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_demo_grpo_and_rloo_gain_at_least_15_points(method, tmp_path):
+    summary = demo_run(method, tmp_path)
+    before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
+    assert after - before >= 0.15, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ppo", "online_dpo", "best_of_k", "rest"])
+def test_demo_other_online_methods_raise_accuracy(method, tmp_path):
+    summary = demo_run(method, tmp_path)
+    before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
+    assert after - before >= 0.05, (before, after)
+
+
+def test_online_dpo_with_an_llm_judge_logs_position_consistency(tiny_model_dir, tiny_prompts, tmp_path):
+    spec = online_spec(tiny_model_dir, tiny_prompts, "online_dpo", judge=str(tiny_model_dir), rewards="regex:.*[a-m].*")
+    summary = train(spec, tmp_path / "run")
+    assert summary["status"] == "completed"
+    consistency = [m["judge/position_consistency"] for m in read_metrics(tmp_path / "run") if "judge/position_consistency" in m]
+    assert len(consistency) == 3 and all(0.0 <= c <= 1.0 for c in consistency)
+
+
+def test_the_app_knows_every_online_method():
+    from tuiapp.data import ONLINE, default_metrics
+
+    assert ONLINE == ONLINE_ALGORITHMS
+    assert default_metrics("grpo", ["train/loss", "reward/mean", "kl/mean"]) == ["reward/mean", "kl/mean"]
