@@ -103,16 +103,23 @@ def train_online(
         max_rows=spec.max_rows,
     )
     reporter.log_event("data", data.summary(), **data.stats)
-    check_columns(spec, data.train, f"dataset {spec.dataset}")
-    reward = build_reward(
-        reward_sources(spec), spec.reward_weights, tokenizer=tokenizer, device=str(device),
-        safety_model=spec.safety_reward_model, safety_threshold=spec.safety_threshold,
-    )
-    judge = None
-    if algo.uses_judge:
-        from engine.rewards import build_judge
+    reward = None
+    try:
+        check_columns(spec, data.train, f"dataset {spec.dataset}")
+        reward = build_reward(
+            reward_sources(spec), spec.reward_weights, tokenizer=tokenizer, device=str(device),
+            safety_model=spec.safety_reward_model, safety_threshold=spec.safety_threshold,
+        )
+    except CherryError as err:
+        if not (algo.uses_judge and spec.judge != "reward"):
+            raise
+        # An LLM judge decides online DPO's pairs on its own; the rewards would only be logged.
+        reporter.log_event("warning", f"no reward/* metrics: {err}")
+    judge = None  # judge = reward compares the rollout's own rewards (engine/algorithms/online_dpo.py)
+    if algo.uses_judge and spec.judge != "reward":
+        from engine.rewards import LLMJudge
 
-        judge = build_judge(spec.judge, reward, device=str(device))
+        judge = LLMJudge(spec.judge, device=str(device), trust_remote_code=spec.trust_remote_code)
     models = OnlineModels(policy=policy, tokenizer=tokenizer, device=device, reference=reference, value=value, judge=judge)
 
     if spec.eval_prompts:
@@ -122,7 +129,7 @@ def train_online(
         ).train[: spec.eval_max_examples]
     else:
         eval_prompts = data.eval[: spec.eval_max_examples]
-    scored_prompts = eval_prompts
+    scored_prompts = eval_prompts if reward is not None else []
     try:
         check_columns(spec, eval_prompts, "eval prompts")
     except CherryError:
@@ -203,7 +210,8 @@ def train_online(
                 temperature=spec.temperature, top_p=spec.top_p,
             )
             scoring_started = time.time()
-            score_rollout(rollout, reward, spec.missing_eos_penalty)
+            if reward is not None:
+                score_rollout(rollout, reward, spec.missing_eos_penalty)
             score_seconds = time.time() - scoring_started
 
             update_started = time.time()

@@ -63,12 +63,10 @@ and `rm/safety`. It needs exactly one `rm:` source.
 Pairwise judges (online DPO / OAIF, arXiv 2402.04792)
 -----------------------------------------------------
 A judge returns, for each pair (A, B) of completions of a prompt, the probability that A is
-better (`JudgeResult.prob_a`) and, when the judge depends on the order it is shown the pair,
-whether both orders agree (`JudgeResult.consistent`).
+better (`JudgeResult.prob_a`) and whether both orders agree (`JudgeResult.consistent`). Online
+DPO's other judge, `judge: reward`, needs no class: it is sigmoid(r_A - r_B) on the rewards the
+rollout already has (engine/algorithms/online_dpo.py).
 
-- `RewardJudge(reward)`: Bradley-Terry on the rewards, p = sigmoid(total_A - total_B); both
-  completions are scored in one call (so batch-level whitening treats them alike); order-free, so
-  `consistent` is None.
 - `LLMJudge(model)`: a causal LM is shown the question and the two answers as "Answer 1" and
   "Answer 2" (`DEFAULT_JUDGE_TEMPLATE`, or your own template with the placeholders `{prompt}`,
   `{answer_1}`, `{answer_2}`), rendered as one user turn through the tokenizer's chat template when
@@ -616,23 +614,6 @@ def _sigmoid(x: float) -> float:
     return z / (1.0 + z)
 
 
-class RewardJudge:
-    """Bradley-Terry preference from a Reward: p(A > B) = sigmoid(r_A - r_B)."""
-
-    def __init__(self, reward: Reward):
-        self.reward = reward
-        self.last: RewardResult | None = None  # A rows then B rows, for logging reward metrics
-
-    def prefer(self, prompts: list[str], completions_a: list[str], completions_b: list[str], prompt_ids: list[list[int]],
-               a_ids: list[list[int]], b_ids: list[list[int]], columns: dict[str, list] | None = None) -> JudgeResult:
-        n = len(completions_a)
-        doubled = {k: list(v) + list(v) for k, v in (columns or {}).items()}
-        result = self.reward.reward(list(prompts) * 2, list(completions_a) + list(completions_b),
-                                    list(prompt_ids) * 2, list(a_ids) + list(b_ids), doubled)
-        self.last = result
-        return JudgeResult([_sigmoid(a - b) for a, b in zip(result.total[:n], result.total[n:])], None)
-
-
 DEFAULT_JUDGE_TEMPLATE = (
     "Two assistants answered the same request. Decide which answer serves the user better: the one that is "
     "correct, helpful and to the point.\n\n"
@@ -754,18 +735,6 @@ class LLMJudge:
         prob_a = [0.5 * (p + (1.0 - q)) for p, q in zip(a_first, b_first)]
         consistent = [(p > 0.5) == (q < 0.5) for p, q in zip(a_first, b_first)]
         return JudgeResult(prob_a, consistent)
-
-
-def build_judge(judge: str, reward: Reward | None, *, device: str = "cpu", template: str | None = None,
-                batch_size: int = 8) -> RewardJudge | LLMJudge:
-    """`judge == "reward"`: compare the rewards (Bradley-Terry); anything else: an LLM judge model."""
-    if judge == "reward":
-        if reward is None:
-            raise CherryError("judge 'reward' compares the rewards of the two samples: set rewards (e.g. rm:runs/<run-id>)")
-        return RewardJudge(reward)
-    if not judge or not str(judge).strip():
-        raise CherryError("judge is empty: use 'reward' or a causal LM directory / hub id")
-    return LLMJudge(judge, device=device, template=template, batch_size=batch_size)
 
 
 def judge_pairs(prob_a: list[float], tie_margin: float) -> tuple[list[int], list[bool]]:

@@ -260,3 +260,14 @@ def test_the_app_knows_every_online_method():
 
     assert ONLINE == ONLINE_ALGORITHMS
     assert default_metrics("grpo", ["train/loss", "reward/mean", "kl/mean"]) == ["reward/mean", "kl/mean"]
+
+
+def test_online_dpo_with_an_llm_judge_needs_no_reward_columns(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(8)])  # no answers for exact_match
+    spec = online_spec(tiny_model_dir, data, "online_dpo", judge=str(tiny_model_dir), rewards="exact_match", eval_split=0.0)
+    summary = train(spec, tmp_path / "run")
+    assert summary["status"] == "completed"
+    metrics = read_metrics(tmp_path / "run")
+    assert any("judge/skip_frac" in m for m in metrics) and not any("reward/mean" in m for m in metrics)
+    events = (tmp_path / "run" / "events.jsonl").read_text()
+    assert "no reward/* metrics" in events and "'answer' column" in events

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import textwrap
 
 import pytest
@@ -11,8 +10,6 @@ from engine.errors import CherryError, SpecError
 from engine.rewards import (
     DEFAULT_JUDGE_TEMPLATE,
     LLMJudge,
-    RewardJudge,
-    build_judge,
     build_reward,
     judge_pairs,
     parse_reward_source,
@@ -319,27 +316,15 @@ def test_safety_model_needs_exactly_one_rm_source(tok, rms):
 # Judges
 
 
-def test_reward_judge_is_bradley_terry_and_ties_are_skipped(tok):
-    judge = build_judge("reward", build_reward(["exact_match"], tokenizer=tok))
-    assert isinstance(judge, RewardJudge)
-    prompts = ["q1", "q2", "q3"]
-    a, b = ["4", "no", "x"], ["5", "yes", "x"]
-    prompt_ids, a_ids = _ids(tok, prompts, a)
-    _, b_ids = _ids(tok, prompts, b)
-    result = judge.prefer(prompts, a, b, prompt_ids, a_ids, b_ids, {"answer": ["4", "yes", "y"]})
-    sig1 = 1 / (1 + math.exp(-1))
-    assert result.prob_a == pytest.approx([sig1, 1 - sig1, 0.5]) and result.consistent is None
-    winners, skip = judge_pairs(result.prob_a, 0.05)
-    assert winners[:2] == [0, 1] and skip == [False, False, True]
+def test_judge_pairs_picks_winners_and_skips_near_ties():
+    assert judge_pairs([0.7, 0.2, 0.5], 0.05) == ([0, 1, 0], [False, False, True])
     assert judge_pairs([0.5, 0.52, 0.6, 0.3], 0.0)[1] == [True, False, False, False]
     assert judge_pairs([0.5, 0.52, 0.6, 0.3], 0.05) == ([0, 0, 0, 1], [True, True, False, False])
-    with pytest.raises(CherryError, match="needs|set rewards"):
-        build_judge("reward", None)
 
 
 @pytest.fixture(scope="module")
 def llm_judge(tiny_model_dir):
-    return build_judge(str(tiny_model_dir), None)
+    return LLMJudge(str(tiny_model_dir))
 
 
 JQ = ["What is 2+2?", "Say hi to me politely", "Name a colour", "ok"]

@@ -157,14 +157,9 @@ def split(rows: list, parts: int) -> list[list]:
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     """What every online method logs about its samples: rewards, lengths, truncation."""
-    rewards = rollout.rewards
     lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
     truncated = torch.tensor(rollout.truncated)
     metrics = {
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std(unbiased=False).item(),
-        "reward/min": rewards.min().item(),
-        "reward/max": rewards.max().item(),
         "gen/length_mean": lengths.mean().item(),
         "gen/truncated_frac": truncated.float().mean().item(),
         "gen/seconds": rollout.seconds,
@@ -173,6 +168,10 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     }
     if (~truncated).any():
         metrics["gen/length_terminated_mean"] = lengths[~truncated].mean().item()
+    rewards = rollout.rewards
+    if rewards is not None:  # None: online DPO judged by an LLM alone, with no reward source that fits the data
+        metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
+                        "reward/min": rewards.min().item(), "reward/max": rewards.max().item()})
     for name, values in rollout.components.items():
         metrics[f"reward/{name}/mean"] = sum(values) / len(values)
     return metrics

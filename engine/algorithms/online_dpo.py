@@ -4,7 +4,8 @@ Each step samples two completions per prompt from the CURRENT policy (num_genera
 gradient through sampling), asks a judge which is better, and applies the DPO (or IPO) loss to
 the pair, with the frozen starting model as the reference:
 
-    p(A > B) = judge (an LLM scored in both orders, or sigmoid(r_A - r_B) from the reward sources)
+    p(A > B) = sigmoid(r_A - r_B) from the rollout's rewards (judge: reward), or an LLM judge asked
+               in both orders (a sample without EOS then loses when missing_eos_penalty > 0)
     pairs with |p - 0.5| < judge_tie_margin are skipped (near-ties carry no preference)
     loss = dpo_loss(log pi(y_w) - log ref(y_w), log pi(y_l) - log ref(y_l))      (engine/losses/dpo.py)
 
@@ -40,18 +41,23 @@ class OnlineDPO(OnlineAlgorithm):
         spec = self.spec
         metrics = rollout_metrics(rollout)
         a, b = slice(0, None, 2), slice(1, None, 2)  # the two samples of prompt g are rows 2g and 2g + 1
-        columns = {name: values[a] for name, values in rollout.columns().items()}
-        verdict = models.judge.prefer(
-            rollout.prompts[a], rollout.texts[a], rollout.texts[b], rollout.prompt_ids[a],
-            rollout.completion_ids[a], rollout.completion_ids[b], columns,
-        )
-        # A truncated sample loses its comparisons when missing_eos_penalty is set: push its probability down.
-        prob_a = verdict.prob_a
+        if models.judge is None:
+            # judge = reward: Bradley-Terry on the rollout's rewards (already scored, missing_eos_penalty included).
+            prob_a = torch.sigmoid(rollout.rewards[a] - rollout.rewards[b]).tolist()
+        else:
+            columns = {name: values[a] for name, values in rollout.columns().items()}
+            verdict = models.judge.prefer(
+                rollout.prompts[a], rollout.texts[a], rollout.texts[b], rollout.prompt_ids[a],
+                rollout.completion_ids[a], rollout.completion_ids[b], columns,
+            )
+            prob_a = verdict.prob_a
+            metrics["judge/position_consistency"] = sum(verdict.consistent) / len(verdict.consistent)
+            if spec.missing_eos_penalty > 0:  # a sample that never ended loses to one that did, whatever the judge says
+                cut_a, cut_b = rollout.truncated[a], rollout.truncated[b]
+                prob_a = [0.0 if ca and not cb else 1.0 if cb and not ca else p for p, ca, cb in zip(prob_a, cut_a, cut_b)]
         winners, skip = judge_pairs(prob_a, spec.judge_tie_margin)
         metrics["judge/skip_frac"] = sum(skip) / len(skip)
         metrics["judge/prob_mean"] = sum(max(p, 1 - p) for p in prob_a) / len(prob_a)
-        if verdict.consistent is not None:
-            metrics["judge/position_consistency"] = sum(verdict.consistent) / len(verdict.consistent)
         pairs = []
         for g, (winner, skipped) in enumerate(zip(winners, skip)):
             if skipped:
