@@ -58,8 +58,10 @@ class Rollout:
 
 def _sampling_config(tokenizer, eos: list[int], max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    # top_k=0, not None: None lets transformers fall back to top-k 50, and the update would then score
+    # tokens under a distribution they were not sampled from.
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=None,
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
         pad_token_id=pad_id, eos_token_id=eos, use_cache=True,
     )
 
