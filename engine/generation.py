@@ -59,7 +59,7 @@ def generate(
         do_sample=sample,
         temperature=temperature if sample else None,
         top_p=top_p if sample else None,
-        top_k=None,
+        top_k=0 if sample else None,  # 0 turns off transformers' default top-k 50: KL samples need the full distribution
         pad_token_id=pad_id,
         eos_token_id=eos,
         use_cache=True,
