@@ -74,14 +74,17 @@ def load_pipeline(name: str) -> dict[str, dict[str, Any]]:
     return stages
 
 
-def _fill(value: Any, run_dirs: dict[str, str], where: str) -> Any:
+def _fill(value: Any, run_dirs: dict[str, str], stages: dict, where: str) -> Any:
+    """`{stage}` -> that stage's run directory; other braces (a regex's `{3}`) are left alone."""
     if not isinstance(value, str):
         return value
 
     def replace(match: re.Match) -> str:
         stage = match.group(1)
+        if stage not in stages:
+            return match.group(0)
         if stage not in run_dirs:
-            raise SpecError(f"{where}: '{{{stage}}}' names no earlier stage ({', '.join(run_dirs) or 'none'})")
+            raise SpecError(f"{where}: '{{{stage}}}' is not an earlier stage ({', '.join(run_dirs) or 'none before it'})")
         return run_dirs[stage]
 
     return re.sub(r"\{(\w+)\}", replace, value)
@@ -103,18 +106,21 @@ def submit_pipeline(
             for values in per_stage.values():
                 values.append(item)
 
-    # Check every stage before anything is queued; `{stage}` paths are checked as placeholders.
-    placeholder = {stage: str(jobs.home / f"<{stage}>") for stage in stages}
-    for i, (stage, body) in enumerate(stages.items()):
-        sets = [f"{k}={_fill(v, placeholder, stage)}" for k, v in (body.get("set") or {}).items()] + per_stage[stage]
-        resolve_spec(body["preset"], sets, model=model if i == 0 else None, dataset=dataset, check_paths=False)
+    def stage_spec(i: int, stage: str, run_dirs: dict[str, str]):
+        items = [f"{k}={v}" for k, v in (stages[stage].get("set") or {}).items()] + per_stage[stage]
+        sets = [_fill(item, run_dirs, stages, f"pipeline stage '{stage}'") for item in items]
+        return resolve_spec(stages[stage]["preset"], sets, model=model if i == 0 else None, dataset=dataset, check_paths=False)
+
+    # Check every stage before anything is queued, with placeholder paths for the earlier stages' runs.
+    placeholders: dict[str, str] = {}
+    for i, stage in enumerate(stages):
+        stage_spec(i, stage, placeholders)
+        placeholders[stage] = str(jobs.home / f"<{stage}>")
 
     runs: dict[str, Run] = {}
     run_dirs: dict[str, str] = {}
     for i, (stage, body) in enumerate(stages.items()):
-        where = f"pipeline stage '{stage}'"
-        sets = [f"{k}={_fill(v, run_dirs, where)}" for k, v in (body.get("set") or {}).items()] + per_stage[stage]
-        spec = resolve_spec(body["preset"], sets, model=model if i == 0 else None, dataset=dataset, check_paths=False)
+        spec = stage_spec(i, stage, run_dirs)
         after = runs[body["after"]].id if body.get("after") else None
         model_from = runs[body["model_from"]].id if body.get("model_from") else None
         run = jobs.submit(spec, after=after, model_from=model_from)

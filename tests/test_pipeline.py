@@ -68,3 +68,13 @@ def test_the_rlhf_pipeline_runs_to_the_end_on_a_worker(home, start_worker):  # n
     ppo = jobs.store.get_run(runs[2].id)
     names = jobs.store.metric_names(ppo.id)
     assert {"reward/mean", "reward/rm/mean", "value/loss", "kl/mean"} <= set(names)
+
+
+def test_stage_placeholders_work_in_command_line_overrides(home):
+    jobs = Jobs(home)
+    sft, rm, ppo = submit_pipeline(
+        jobs, "demo_rlhf", SMALL + ["ppo.rewards=[exact_match, 'rm:{rm}', 'regex:\\d{1,3}']", "ppo.reward_weights=1,0.2,0.1"]
+    )
+    assert ppo.spec["rewards"] == ["exact_match", f"rm:{rm.out_dir}", "regex:\\d{1,3}"]  # a regex's braces stay
+    with pytest.raises(SpecError, match="'{ppo}' is not an earlier stage"):
+        submit_pipeline(jobs, "demo_rlhf", SMALL + ["rm.name={ppo}"])
