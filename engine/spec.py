@@ -577,7 +577,11 @@ def _resolve_reward_source(source: str) -> str:
     if kind == "python":
         module, _, function = arg.rpartition(":")
         if module.endswith(".py"):
-            return resolve_path(module, f"rewards entry '{source}'", kind="data") + ":" + function
+            path = Path(module).expanduser()
+            if not path.is_file():
+                raise SpecError(f"rewards entry '{source}': {module} does not exist; give path/to/file.py:function "
+                                "(relative to where you run cherry) or an importable module:function")
+            return f"{path.resolve()}:{function}"
     return source
 
 
