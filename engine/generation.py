@@ -39,9 +39,12 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     batch_size: int = 64,
 ) -> list[list[int]]:
     """Completion token ids for each prompt (greedy when temperature is 0), cut before the first EOS.
+
+    Sampling draws from the whole distribution (`top_k` 0) unless `top_k` > 0 keeps only the k most likely tokens.
 
     Sampling draws from the global torch RNG: seed it (`torch.manual_seed`) for reproducible samples.
     """
@@ -59,7 +62,7 @@ def generate(
         do_sample=sample,
         temperature=temperature if sample else None,
         top_p=top_p if sample else None,
-        top_k=0 if sample else None,  # 0 turns off transformers' default top-k 50: KL samples need the full distribution
+        top_k=top_k if sample else None,  # 0, not None: None means transformers' default top-k 50
         pad_token_id=pad_id,
         eos_token_id=eos,
         use_cache=True,

@@ -190,8 +190,14 @@ def perturb(answer: str, rng: random.Random) -> str:
     return answer[:pos] + rng.choice(choices) + answer[pos + 1 :]
 
 
+# The shipped demo data was drawn with transformers' default top-k of 50 (then implicit); keeping it
+# explicit here rebuilds the same files from the seed.
+DEMO_SAMPLING_TOP_K = 50
+
+
 def sample_texts(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[str]:
-    ids = generate(model, tokenizer, [it["prompt_ids"] for it in items], max_new_tokens=max_new_tokens, temperature=1.0)
+    ids = generate(model, tokenizer, [it["prompt_ids"] for it in items], max_new_tokens=max_new_tokens, temperature=1.0,
+                   top_k=DEMO_SAMPLING_TOP_K)
     return decode_completions(tokenizer, ids)
 
 
