@@ -139,7 +139,7 @@ def train_online(
 
     # --- optimisation: one lr value per step (rollout); the value model trains with the policy
     schedule = Schedule(len(data.train), dataclasses.replace(spec, grad_accum=1))
-    warmup_steps = int(spec.warmup_ratio * schedule.total_steps)
+    warmup_steps = spec.warmup_steps or int(spec.warmup_ratio * schedule.total_steps)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     if value is not None:
         trainable += [p for p in value.parameters() if p.requires_grad]

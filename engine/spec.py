@@ -79,6 +79,7 @@ class RunSpec:
     epochs: float = 1.0
     max_steps: int = 0  # optimizer steps; 0 = run `epochs`
     warmup_ratio: float = 0.1
+    warmup_steps: int = 0  # > 0: this many linear warmup steps, instead of warmup_ratio
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -302,6 +303,7 @@ def check_values(spec: RunSpec) -> None:
     need(spec.max_steps >= 0, f"max_steps must be >= 0 (got {spec.max_steps}); 0 means 'run epochs'")
     need(0 <= spec.eval_split < 1, f"eval_split must be in [0, 1) (got {spec.eval_split})")
     need(0 <= spec.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {spec.warmup_ratio})")
+    need(spec.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {spec.warmup_steps}); 0 uses warmup_ratio")
     need(0 <= spec.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {spec.label_smoothing})")
     need(spec.max_length >= 2, f"max_length must be >= 2 (got {spec.max_length})")
     need(

@@ -451,7 +451,7 @@ def train(
 
     # --- optimisation
     schedule = Schedule(len(data.train), spec)
-    warmup_steps = int(spec.warmup_ratio * schedule.total_steps)
+    warmup_steps = spec.warmup_steps or int(spec.warmup_ratio * schedule.total_steps)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=spec.lr, betas=(spec.adam_beta1, spec.adam_beta2), weight_decay=spec.weight_decay

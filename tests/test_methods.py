@@ -15,7 +15,7 @@ KEY_METRICS = {
     "simpo": ["rewards/margin", "logps/chosen"],
     "orpo": ["nll_loss", "log_odds_ratio", "rewards/accuracy"],
     "kto": ["kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "kto/desirable_fraction"],
-    "sft": ["token_accuracy", "eval/perplexity", "eval/token_accuracy"],
+    "sft": ["token_accuracy", "eval/perplexity", "eval/token_accuracy", "policy/entropy", "lengths/completion"],
 }
 
 
@@ -110,3 +110,20 @@ def test_multi_turn_sft_teaches_assistant_turns_only(tiny_model_dir, tmp_path):
                                 "max_length": 64, "max_prompt_length": 32, "num_threads": 1, "num_samples": 1,
                                 "max_new_tokens": 4}), tmp_path / "run", MemoryReporter())
     assert summary["final"]["eval/loss"] < summary["before"]["eval/loss"]
+
+
+def test_sft_token_metrics_by_hand():
+    import torch
+
+    from engine.algorithms.sft import SFT
+    from engine.logprobs import CompletionLogps
+
+    out = CompletionLogps(
+        sums=torch.tensor([-1.0, -2.0]), counts=torch.tensor([2, 3]), token_logps=torch.zeros(5),
+        token_rows=torch.tensor([0, 0, 1, 1, 1]), token_correct=torch.tensor([True, False, True, True, False]),
+        token_entropy=torch.tensor([1.0, 2.0, 0.5, 0.5, 1.0]), token_logit_mean=torch.zeros(5),
+    )
+    metrics = SFT.token_metrics(out)
+    assert metrics["token_accuracy"] == 3  # summed; the loop divides by the 5 scored tokens
+    assert metrics["policy/entropy"] == (5.0, 5.0)  # (1 + 2 + 0.5 + 0.5 + 1) nats over 5 tokens
+    assert metrics["lengths/completion"] == (5.0, 2.0)  # 2.5 tokens per row

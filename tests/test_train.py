@@ -232,3 +232,16 @@ def test_inverse_sqrt_is_a_valid_setting_and_drives_the_logged_lr(tiny_model_dir
     train(spec, tmp_path / "run", reporter)
     expected = [0.5, 1.0] + [(2 / s) ** 0.5 for s in range(3, 9)]  # warmup int(0.25 * 8) = 2 steps
     assert reporter.series("train/lr") == pytest.approx([1e-3 * f for f in expected])
+
+
+def test_warmup_steps_override_the_ratio(tiny_model_dir, tiny_pairs, tmp_path):
+    from engine.errors import SpecError
+
+    with pytest.raises(SpecError, match="warmup_steps must be >= 0"):
+        dpo_spec(tiny_model_dir, tiny_pairs, warmup_steps=-1)
+    reporter = MemoryReporter()
+    spec = dpo_spec(tiny_model_dir, tiny_pairs, lr_scheduler="constant", lr=1e-3, warmup_ratio=0.5, warmup_steps=3,
+                    max_steps=5, eval_steps=0, sample_steps=0, save_steps=100, eval_split=0.0)
+    train(spec, tmp_path / "run", reporter)
+    # 3 warmup steps (not the ratio's int(0.5 * 5) = 2): 1/3, 2/3, 1, then constant
+    assert reporter.series("train/lr") == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])

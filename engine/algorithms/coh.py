@@ -106,8 +106,8 @@ class ChainOfHindsight(SFT):
         if not policy.training:  # eval: the plain chains, no masking, no regulariser
             return super().loss(policy, batch, ref_logps)
         attention_mask = mask_earlier_tokens(batch["attention_mask"], self.spec.coh_mask_ratio)
-        out = completion_logps(policy, batch["input_ids"], attention_mask, batch["completion_mask"])
-        loss, metrics = sft_loss(out.token_logps), {"token_accuracy": out.token_correct.sum().item()}
+        out = completion_logps(policy, batch["input_ids"], attention_mask, batch["completion_mask"], stats=True)
+        loss, metrics = sft_loss(out.token_logps), self.token_metrics(out)
         if self.pretrain:
             # Draws from the global RNG, whose state checkpoints keep: a resumed run draws the same rows.
             picks = torch.randint(len(self.pretrain), (self.spec.batch_size,)).tolist()

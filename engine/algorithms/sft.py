@@ -3,6 +3,7 @@
 The loss is a token mean over the whole optimizer step: `units` counts completion tokens, so
 gradient accumulation gives the same update as one large batch (ALGORITHMS.md section 1).
 Defaults (presets/sft.yaml): lr 2e-5 (TRL, Llama 2), 1-2 epochs; prompt tokens carry no loss.
+Logged: token_accuracy, policy/entropy, lengths/completion; eval/perplexity from the token-mean NLL.
 """
 
 from __future__ import annotations
@@ -35,8 +36,19 @@ class SFT(Algorithm):
         return int(batch["completion_mask"][:, 1:].sum())
 
     def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        return sft_loss(out.token_logps), {"token_accuracy": out.token_correct.sum().item()}
+        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        return sft_loss(out.token_logps), self.token_metrics(out)
+
+    @staticmethod
+    def token_metrics(out) -> dict[str, float | tuple[float, float]]:
+        """token_accuracy (per scored token), policy/entropy (nats per token, detached) and
+        lengths/completion (scored tokens per row), from `completion_logps(..., stats=True)`."""
+        tokens = float(out.counts.sum())
+        return {
+            "token_accuracy": out.token_correct.sum().item(),
+            "policy/entropy": (out.token_entropy.sum().item(), tokens),
+            "lengths/completion": (tokens, float(out.counts.shape[0])),
+        }
 
     def derived_metrics(self, means):
         return {"perplexity": math.exp(min(means["loss"], 50.0))} if "loss" in means else {}
