@@ -29,7 +29,7 @@ from engine.generation import decode_completions, generate
 from engine.models import count_parameters, load_tokenizer, pick_device, pick_dtype
 from engine.reporting import MultiReporter, Reporter, RunDirReporter
 from engine.rewards import build_reward, exact_match, required_columns
-from engine.rollout import sample_rollout, score_rollout
+from engine.rollout import reward_columns, sample_rollout, score_rollout
 from engine.spec import RunSpec
 from engine.train import (
     CpuMeter,
@@ -129,11 +129,11 @@ def train_online(
         ).train[: spec.eval_max_examples]
     else:
         eval_prompts = data.eval[: spec.eval_max_examples]
-    scored_prompts = eval_prompts if reward is not None else []
+    eval_reward = reward is not None
     try:
         check_columns(spec, eval_prompts, "eval prompts")
     except CherryError:
-        scored_prompts = []  # no eval/reward without the columns; exact match still runs where answers exist
+        eval_reward = False  # no eval/reward without the columns; exact match still runs where answers exist
     sample_prompts = eval_prompts[: spec.num_samples]
     kl_prompts = eval_prompts[: spec.kl_samples]
 
@@ -176,7 +176,7 @@ def train_online(
 
     @torch.no_grad()
     def evaluate(step: int) -> None:
-        metrics = evaluate_prompts(policy, tokenizer, eval_prompts, scored_prompts, reward, spec)
+        metrics = evaluate_prompts(policy, tokenizer, eval_prompts, eval_reward, reward, spec)
         if reference is not None and kl_prompts and spec.kl_samples:
             metrics.update(estimate_kl(policy, reference, tokenizer, kl_prompts, spec, device))
         if metrics:
@@ -304,9 +304,9 @@ def _mini_batches(phase: Phase, spec: RunSpec):
 
 
 @torch.no_grad()
-def evaluate_prompts(policy, tokenizer, prompts: list[dict], scored: list[dict], reward, spec: RunSpec) -> dict[str, float]:
+def evaluate_prompts(policy, tokenizer, prompts: list[dict], with_reward: bool, reward, spec: RunSpec) -> dict[str, float]:
     """Greedy completions of the eval prompts: eval/exact_match where answers exist, eval/reward where the
-    reward sources have what they need, eval/length_mean."""
+    reward sources have what they need (`with_reward`), eval/length_mean."""
     if not prompts:
         return {}
     ids = generate(policy, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=spec.max_new_tokens)
@@ -317,17 +317,9 @@ def evaluate_prompts(policy, tokenizer, prompts: list[dict], scored: list[dict],
     answered = [(t, p["answer"]) for t, p in zip(texts, prompts) if p.get("answer") is not None]
     if answered:
         metrics["eval/exact_match"] = sum(exact_match(t, a) for t, a in answered) / len(answered)
-    if scored:
-        keep = {id(p) for p in scored}
-        chosen = [i for i, p in enumerate(prompts) if id(p) in keep]
-        columns: dict[str, list] = {}
-        for name in ("answer", "safety", "messages"):
-            if any(prompts[i].get(name) is not None for i in chosen):
-                columns[name] = [prompts[i].get(name) for i in chosen]
-        result = reward.reward(
-            [prompts[i]["prompt"] for i in chosen], [texts[i] for i in chosen], [prompts[i]["prompt_ids"] for i in chosen],
-            [ids[i] for i in chosen], columns,
-        )
+    if with_reward:
+        result = reward.reward([p["prompt"] for p in prompts], texts, [p["prompt_ids"] for p in prompts], ids,
+                               reward_columns(prompts))
         metrics["eval/reward"] = sum(result.total) / len(result.total)
     return metrics
 

@@ -48,12 +48,16 @@ class Rollout:
         return [len(c) for c in self.completion_ids]
 
     def columns(self) -> dict[str, list]:
-        """Dataset columns reward functions may use (`answer`, `safety`, the prompt's `messages`), one value per row."""
-        out: dict[str, list] = {}
-        for name in ("answer", "safety", "messages"):
-            if any(ex.get(name) is not None for ex in self.examples):
-                out[name] = [ex.get(name) for ex in self.examples]
-        return out
+        return reward_columns(self.examples)
+
+
+def reward_columns(examples: list[dict]) -> dict[str, list]:
+    """Dataset columns reward functions may use (`answer`, `safety`, the prompt's `messages`), one value per row."""
+    return {
+        name: [ex.get(name) for ex in examples]
+        for name in ("answer", "safety", "messages")
+        if any(ex.get(name) is not None for ex in examples)
+    }
 
 
 def _sampling_config(tokenizer, eos: list[int], max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:

@@ -39,7 +39,7 @@ class GRPO(OnlineAlgorithm):
         if not rows:
             return rows, metrics
         if spec.num_iterations > 1:  # later passes need the rollout policy's log-probs for the ratio
-            for row, old in zip(rows, self.sample_logps(models.policy, rows, models)):
+            for row, old in zip(rows, self.sample_logps(self.policy_ctx(models), rows, models)):
                 row["old_logps"] = old
         if self.needs_reference:
             for row, ref in zip(rows, self.sample_logps(models.reference.model, rows, models)):

@@ -9,6 +9,7 @@ padded batch of rows (`loss`, a sum over `units`, like the offline algorithms).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -119,20 +120,30 @@ class OnlineAlgorithm:
     # ------------------------------------------------------------------ shared pieces
 
     @torch.no_grad()
-    def sample_logps(self, model_or_ctx, rows: list[dict], models: OnlineModels) -> list[torch.Tensor]:
-        """Per-row completion-token log-probs under `model_or_ctx` (a module, or a context manager yielding one),
-        at the sampling temperature, computed in the micro-batches the update will use (so the first
-        update step recomputes exactly the same numbers: the PPO ratio starts at exactly 1)."""
+    def per_row(self, rows: list[dict], models: OnlineModels, score) -> list[torch.Tensor]:
+        """`score(batch) -> ([B, T] values, [B, T] mask)` for every row, as one 1-D tensor per row, computed
+        in the micro-batches the update will use (so the first update step recomputes exactly the same
+        numbers: the PPO ratio starts at exactly 1)."""
         out: list[torch.Tensor] = []
         for chunk in micro_batches(rows, self.spec):
             batch = {k: v.to(models.device) for k, v in self.collate(chunk, models.tokenizer.pad_token_id).items()}
-            if isinstance(model_or_ctx, torch.nn.Module):
-                values, mask, _ = token_logps(model_or_ctx, batch, self.spec.temperature)
-            else:
-                with model_or_ctx() as model:
-                    values, mask, _ = token_logps(model, batch, self.spec.temperature)
+            values, mask = score(batch)
             out.extend(values[i, mask[i]].float().cpu() for i in range(values.shape[0]))
         return out
+
+    def sample_logps(self, model_ctx, rows: list[dict], models: OnlineModels) -> list[torch.Tensor]:
+        """Per-row completion-token log-probs at the sampling temperature; `model_ctx()` yields the model
+        (`models.reference.model`, or `self.policy_ctx(models)`)."""
+
+        def score(batch):
+            with model_ctx() as model:
+                return token_logps(model, batch, self.spec.temperature)[:2]
+
+        return self.per_row(rows, models, score)
+
+    @staticmethod
+    def policy_ctx(models: OnlineModels):
+        return lambda: contextlib.nullcontext(models.policy)
 
 
 def micro_batches(rows: list[dict], spec: RunSpec) -> list[list[dict]]:

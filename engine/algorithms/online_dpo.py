@@ -82,7 +82,6 @@ class OnlineDPO(OnlineAlgorithm):
             n = len(chunk)
             for i, pair in enumerate(chunk):
                 pair["ref_chosen"], pair["ref_rejected"] = sums[i].item(), sums[n + i].item()
-                pair["chosen_len"], pair["rejected_len"] = len(pair["chosen_ids"]), len(pair["rejected_ids"])
 
     def collate(self, rows, pad_id):
         prompts = [r["prompt_ids"] for r in rows]

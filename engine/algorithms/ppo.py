@@ -70,24 +70,13 @@ class PPO(OnlineAlgorithm):
         source = str(resolve_reward_model(self.spec.value_model)) if self.spec.value_model else self.spec.model
         return ValueModel(load_reward_model(source, dtype=dtype, device=device, trust_remote_code=self.spec.trust_remote_code)).train()
 
-    @torch.no_grad()
-    def _values(self, rows, models) -> list[torch.Tensor]:
-        out = []
-        from engine.algorithms.online_base import micro_batches
-
-        for chunk in micro_batches(rows, self.spec):
-            batch = {k: v.to(models.device) for k, v in self.collate(chunk, models.tokenizer.pad_token_id).items()}
-            values, mask = models.value(batch)
-            out.extend(values[i, mask[i]].cpu() for i in range(values.shape[0]))
-        return out
-
     def prepare(self, rollout, models):
         spec = self.spec
         metrics = rollout_metrics(rollout)
         rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-        old = self.sample_logps(models.policy, rows, models)
+        old = self.sample_logps(self.policy_ctx(models), rows, models)
         ref = self.sample_logps(models.reference.model, rows, models) if self.needs_reference else old
-        values = self._values(rows, models)
+        values = self.per_row(rows, models, models.value)
         width = max(len(r["completion_ids"]) for r in rows)
         old_p, ref_p, values_p = (pad_rows([{"v": v} for v in vs], "v", width, "cpu") for vs in (old, ref, values))
         lengths = torch.tensor([len(r["completion_ids"]) for r in rows])

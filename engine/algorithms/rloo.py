@@ -28,7 +28,7 @@ class RLOO(OnlineAlgorithm):
         spec = self.spec
         metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.group_size)}
         rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-        old = self.sample_logps(models.policy, rows, models)
+        old = self.sample_logps(self.policy_ctx(models), rows, models)
         old_sums = torch.stack([o.sum() for o in old])
         rewards = rollout.rewards.clone()
         if self.needs_reference:
