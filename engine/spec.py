@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from engine.errors import SpecError
+from engine.registry import ALGORITHM_NAMES, ALGORITHMS, is_online
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,21 +27,10 @@ def presets_dir() -> Path:
     return Path(os.environ.get("CHERRY_PRESETS", REPO_ROOT / "presets"))
 
 
-# Each algorithm with the kind of data it trains on (engine.data kinds); kept here, torch-free,
-# so front ends can check a dataset before a run is queued. A test ties it to the algorithms.
-DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "simpo": "preference", "orpo": "preference",
-             "kto": "unpaired", "coh": "preference",
-             "grpo": "prompt", "rloo": "prompt", "ppo": "prompt", "online_dpo": "prompt", "best_of_k": "prompt", "rest": "prompt"}
-ALGORITHMS = tuple(DATA_KIND)
-# Methods that sample from the policy while training (engine/online.py runs them).
-ONLINE_ALGORITHMS = ("grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-SCHEDULERS = ("linear", "cosine", "constant", "inverse_sqrt")  # engine.train.lr_factor
+SCHEDULERS = ("linear", "cosine", "constant", "inverse_sqrt")  # engine.loop.schedule.lr_factor
 OVERLONG = ("truncate", "drop")
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")  # engine.losses.dpo.DPO_LOSS_TYPES
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")  # engine.losses.online.aggregate_token_loss
 SCALE_REWARDS = ("group", "batch", "none")
-DEFAULT_LOSS_TYPE = {"grpo": "dapo"}  # loss_type when a spec names none (others: sigmoid)
 
 
 @dataclass
@@ -276,8 +266,9 @@ def build_spec(values: dict[str, Any]) -> RunSpec:
             kwargs[key] = _coerce(key, value, top[key])
         else:
             raise _unknown_key(key, list(top) + [f"lora.{k}" for k in lora_fields], "")
-    if "loss_type" not in kwargs:  # each method's own default loss (GRPO: token-level, as TRL)
-        kwargs["loss_type"] = DEFAULT_LOSS_TYPE.get(kwargs.get("algorithm", RunSpec.algorithm), "sigmoid")
+    algorithm = ALGORITHMS.get(kwargs.get("algorithm", RunSpec.algorithm))
+    if "loss_type" not in kwargs and algorithm is not None:  # each method's own default loss (GRPO: token-level, as TRL)
+        kwargs["loss_type"] = algorithm.default_loss_type
     spec = RunSpec(**kwargs, lora=LoraSpec(**lora_kwargs))
     check_values(spec)
     return spec
@@ -290,9 +281,10 @@ def check_values(spec: RunSpec) -> None:
         if not ok:
             raise SpecError(message)
 
-    need(spec.algorithm in ALGORITHMS, f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHMS)}")
+    need(spec.algorithm in ALGORITHMS, f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHM_NAMES)}")
+    algorithm = ALGORITHMS[spec.algorithm]
     need(spec.lr > 0, f"lr must be > 0 (got {spec.lr}); typical DPO values are 1e-6 to 1e-5 (1e-5 to 1e-4 with LoRA)")
-    if spec.algorithm in ONLINE_ALGORITHMS and spec.algorithm != "online_dpo":
+    if algorithm.beta_may_be_zero:
         # beta = 0 is a real choice here: no KL term, and no reference model is loaded.
         need(spec.beta >= 0, f"beta must be >= 0 (got {spec.beta}); 0 = no KL penalty and no reference model")
     else:
@@ -320,9 +312,7 @@ def check_values(spec: RunSpec) -> None:
     )
     need(spec.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')")
     need(spec.overlong in OVERLONG, f"overlong must be one of {', '.join(OVERLONG)} (got '{spec.overlong}')")
-    loss_types = {"dpo": DPO_LOSS_TYPES, "online_dpo": ("sigmoid", "ipo"), "grpo": GRPO_LOSS_TYPES}.get(
-        spec.algorithm, ("sigmoid",)
-    )
+    loss_types = algorithm.loss_types
     need(
         spec.loss_type in loss_types,
         f"loss_type must be one of {', '.join(loss_types)} for {spec.algorithm} (got '{spec.loss_type}')",
@@ -342,16 +332,14 @@ def check_values(spec: RunSpec) -> None:
         spec.desirable_weight > 0 and spec.undesirable_weight > 0,
         "desirable_weight and undesirable_weight must be > 0",
     )
-    need(
-        spec.algorithm != "kto" or spec.batch_size >= 2,
-        "kto needs batch_size >= 2: its reference point z0 comes from the other rows of the batch "
-        "(with batch_size 1 it collapses to the example's own reward); use --set batch_size=4 or more",
-    )
     for name in ("logging_steps", "save_total_limit", "max_new_tokens"):
         need(getattr(spec, name) >= 1, f"{name} must be >= 1 (got {getattr(spec, name)})")
     for name in ("eval_steps", "sample_steps", "save_steps", "num_samples", "kl_samples", "num_threads", "eval_max_examples"):
         need(getattr(spec, name) >= 0, f"{name} must be >= 0 (got {getattr(spec, name)})")
     check_online_values(spec, need)
+    for check in algorithm.checks:  # each method's own rules (engine/registry.py)
+        message = check(spec)
+        need(message is None, message or "")
     need(spec.max_rows is None or spec.max_rows >= 1, f"max_rows must be >= 1 (got {spec.max_rows})")
     need(spec.lora.r >= 0, f"lora.r must be >= 0 (got {spec.lora.r}); 0 = full fine-tuning")
     need(spec.lora.alpha > 0, f"lora.alpha must be > 0 (got {spec.lora.alpha})")
@@ -362,16 +350,8 @@ def check_online_values(spec: RunSpec, need) -> None:
     """The online methods' settings (they are ignored, but still checked, by offline methods)."""
     from engine.rewards import parse_reward_source  # torch-free
 
-    online = spec.algorithm in ONLINE_ALGORITHMS
+    online = is_online(spec.algorithm)
     need(spec.num_generations >= 1, f"num_generations must be >= 1 (got {spec.num_generations})")
-    if spec.algorithm in ("grpo", "best_of_k", "rest"):
-        need(spec.num_generations >= 2 or spec.algorithm == "rest",
-             f"num_generations must be >= 2 for {spec.algorithm}, which compares samples of one prompt (got {spec.num_generations}); 8 is usual")
-    if spec.algorithm == "rloo":
-        need(spec.num_generations >= 2, f"num_generations must be >= 2 for rloo: its baseline is the other samples of the prompt "
-             f"(got {spec.num_generations}); the paper finds 4 better than 2")
-    if spec.algorithm == "online_dpo":
-        need(spec.num_generations == 2, f"num_generations must be 2 for online_dpo, which compares two samples per prompt (got {spec.num_generations})")
     need(spec.temperature > 0, f"temperature must be > 0 (got {spec.temperature}); online methods must sample (1.0 is usual)")
     need(0 < spec.top_p <= 1, f"top_p must be in (0, 1] (got {spec.top_p})")
     sources = _as_list(spec.rewards)
@@ -552,7 +532,7 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
         spec.eval_dataset = resolve_path(spec.eval_dataset, "eval_dataset", kind="data")
     if spec.eval_prompts:
         spec.eval_prompts = resolve_path(spec.eval_prompts, "eval_prompts", kind="data")
-    if spec.algorithm in ONLINE_ALGORITHMS:
+    if is_online(spec.algorithm):
         spec.rewards = [_resolve_reward_source(source) for source in _as_list(spec.rewards)]
     if spec.value_model:
         spec.value_model = resolve_path(spec.value_model, "value_model", kind="model")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from engine.data import check_dataset
 from engine.errors import CherryError
-from engine.spec import DATA_KIND, RunSpec, build_spec, resolve_paths
+from engine.registry import ALGORITHMS
+from engine.spec import RunSpec, build_spec, resolve_paths
 from jobs.home import cherry_home, new_run_id, store_path
 from jobs.queue import JobQueue
 from jobs.store import ENDED, Run, Store
@@ -71,9 +72,9 @@ class Jobs:
                 raise JobError(f"--after {source.id}: that run trains a reward model, which cannot be the policy of the next run")
             spec = dataclasses.replace(spec, model=str(Path(source.out_dir) / "final"))
         resolve_paths(spec, check_model=parent is None)
-        check_dataset(spec.dataset, DATA_KIND[spec.algorithm])
+        check_dataset(spec.dataset, ALGORITHMS[spec.algorithm].data_kind)
         if spec.eval_dataset:
-            check_dataset(spec.eval_dataset, DATA_KIND[spec.algorithm], "eval dataset")
+            check_dataset(spec.eval_dataset, ALGORITHMS[spec.algorithm].data_kind, "eval dataset")
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
 
         run_id = new_run_id(spec.display_name, self.home)

@@ -202,7 +202,7 @@ def test_demo_model_reproduces_recorded_accuracy(info):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.demo.build import eval_examples, read_jsonl
-    from engine.evaluate import exact_match_accuracy
+    from engine.loop.evaluation import exact_match_accuracy
 
     tok = AutoTokenizer.from_pretrained(DEMO / "model")
     model = AutoModelForCausalLM.from_pretrained(DEMO / "model")

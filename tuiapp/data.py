@@ -24,14 +24,6 @@ GLYPHS = {
     "queued": ("○", "yellow"), "running": ("●", "green"), "completed": ("✓", "cyan"),
     "failed": ("✗", "red"), "cancelled": ("⊘", "magenta"), "interrupted": ("◌", "orange1"),
 }
-# Default charts: what a user of each algorithm family watches first.
-DEFAULT_METRICS = {
-    "preference": ["train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match"],
-    "sft": ["train/loss", "token_accuracy", "eval/exact_match", "eval/perplexity"],
-    "rm": ["train/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin"],
-    "online": ["reward/mean", "kl/mean", "eval/exact_match", "gen/length_mean", "frac_reward_zero_std", "policy/entropy"],
-}
-ONLINE = ("grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest")  # engine.spec.ONLINE_ALGORITHMS (kept torch-free here)
 FRONTIER_Y = ("eval/exact_match", "eval/reward", "eval/rewards/accuracy")
 FRONTIER_X = "kl/mean"
 
@@ -207,14 +199,17 @@ class Snapshot:
         return sum(w.get("busy") or 0 for w in self.workers), sum(w.get("slots") or 0 for w in self.workers)
 
 
-def metric_family(algorithm: str) -> str:
-    if algorithm in ONLINE:
-        return "online"
-    return {"sft": "sft", "coh": "sft", "rm": "rm"}.get(algorithm, "preference")
+def algorithm_row(algorithm: str):
+    """The engine's registry row of `algorithm` (torch-free), or None for a name it does not know."""
+    from engine.registry import ALGORITHMS
+
+    return ALGORITHMS.get(algorithm)
 
 
 def default_metrics(algorithm: str, available: list[str]) -> list[str]:
-    wanted = [m for m in DEFAULT_METRICS[metric_family(algorithm)] if m in available]
+    """The charts a user of `algorithm` watches first (its registry row), among the metrics the run has."""
+    row = algorithm_row(algorithm)
+    wanted = [m for m in row.charts if m in available] if row is not None else []
     return wanted or available[:4]
 
 

@@ -6,7 +6,7 @@ a block ends where the model should stop. The loss is the token-mean NLL on comp
 only (prompt and phrases are masked). At inference the positive phrase is appended to the
 prompt. Defaults (presets/coh.yaml): phrases " A good answer: " / " A bad answer: ", lr as SFT.
 
-The paper's two regularisers (ALGORITHMS.md section 9):
+The paper's two regularisers:
 - `coh_mask_ratio` (default 0.05, the paper's 0-5%): in each training sequence a fraction drawn
   uniformly from [0, coh_mask_ratio] of the tokens after the first is hidden from attention
   (no later token can attend to them), so the model cannot simply copy one answer into the
@@ -32,7 +32,8 @@ import random
 
 import torch
 
-from engine.algorithms.sft import SFT
+from engine.algorithms.base import Algorithm
+from engine.algorithms.sft import collate_sft, completion_tokens, perplexity, token_metrics
 from engine.batching import collate_completions, pad_right
 from engine.logprobs import completion_logps
 from engine.losses.sft import sft_loss
@@ -55,10 +56,8 @@ def mask_earlier_tokens(attention_mask: torch.Tensor, max_ratio: float, generato
     return attention_mask.masked_fill(hide & attention_mask.bool(), 0)
 
 
-class ChainOfHindsight(SFT):
+class ChainOfHindsight(Algorithm):
     """SFT's token-mean NLL, units and metrics, on chains built from preference pairs."""
-
-    kind = "preference"
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -102,12 +101,20 @@ class ChainOfHindsight(SFT):
         index = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "index": index}
 
-    def loss(self, policy, batch, ref_logps):
-        if not policy.training:  # eval: the plain chains, no masking, no regulariser
-            return super().loss(policy, batch, ref_logps)
-        attention_mask = mask_earlier_tokens(batch["attention_mask"], self.spec.coh_mask_ratio)
+    def units(self, batch):
+        return completion_tokens(batch)
+
+    def derived_metrics(self, means):
+        return perplexity(means)
+
+    def loss(self, models, batch, rows):
+        policy = models.policy
+        # Training hides some earlier tokens from attention; eval scores the plain chains, with no regulariser.
+        attention_mask = mask_earlier_tokens(batch["attention_mask"], self.spec.coh_mask_ratio) if policy.training else batch["attention_mask"]
         out = completion_logps(policy, batch["input_ids"], attention_mask, batch["completion_mask"], stats=True)
-        loss, metrics = sft_loss(out.token_logps), self.token_metrics(out)
+        loss, metrics = sft_loss(out.token_logps), token_metrics(out)
+        if not policy.training:
+            return loss, metrics
         if self.pretrain:
             # Draws from the global RNG, whose state checkpoints keep: a resumed run draws the same rows.
             picks = torch.randint(len(self.pretrain), (self.spec.batch_size,)).tolist()
@@ -122,12 +129,13 @@ class ChainOfHindsight(SFT):
     def _nll(self, model, rows: list[dict]) -> tuple[torch.Tensor, int]:
         """(summed NLL, token count) of SFT rows' completion tokens."""
         device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in SFT.collate(self, rows, self.pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_sft(rows, self.pad_id).items()}
         out = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         return -out.token_logps.sum(), int(out.token_logps.numel())
 
     @torch.no_grad()
-    def eval_metrics(self, model, examples, collate):
+    def eval_metrics(self, models, examples, collate):
+        model = models.policy
         metrics: dict[str, float] = {}
         if examples:
             sums: dict[str, float] = {}

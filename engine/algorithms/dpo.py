@@ -8,7 +8,7 @@ Hyper-parameters (presets/dpo.yaml, ipo.yaml, robust_dpo.yaml, hinge.yaml, rpo.y
 IPO compares per-token-mean log-ratios (its target margin 1/(2 tau) is in per-token nats);
 the others compare sums over the completion.
 
-Logged (ALGORITHMS.md section 6): rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
+Logged: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
 logps/chosen, logps/rejected (per-token means for IPO, as its loss uses), nll_loss (RPO), and for
 every preference method lengths/chosen, lengths/rejected (completion tokens), logits/chosen,
 logits/rejected (mean logit over vocabulary and completion tokens) and policy/entropy.
@@ -16,16 +16,23 @@ logits/rejected (mean logit over vocabulary and completion tokens) and policy/en
 
 from __future__ import annotations
 
-from engine.algorithms.base import PreferenceAlgorithm, metric_sums
+from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
+from engine.batching import collate_preference
+from engine.logprobs import completion_logps
 from engine.losses.dpo import dpo_loss, rpo_loss
 
 
-class DPO(PreferenceAlgorithm):
+class DPO(Algorithm):
     needs_reference = True
+    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
 
-    def loss(self, policy, batch, ref_logps):
-        out, pairs = self.policy_logps(policy, batch)
+    def collate(self, rows, pad_id):
+        return collate_preference(rows, pad_id)
+
+    def loss(self, models, batch, rows):
         spec = self.spec
+        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        pairs, ref_logps = self.units(batch), batch["ref_logps"]
         if spec.loss_type == "ipo":
             # IPO works on per-token means: divide the reference sums by the same token counts.
             policy_scores, ref_scores = out.means, ref_logps / out.counts.clamp(min=1)
@@ -43,4 +50,6 @@ class DPO(PreferenceAlgorithm):
                 chosen, rejected, ref_chosen, ref_rejected, spec.beta,
                 label_smoothing=spec.label_smoothing, loss_type=spec.loss_type,
             )
-        return losses.sum(), {**metric_sums(metrics), **self.completion_metrics(out, pairs)}
+        return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
+
+    preference_samples = pair_samples  # chosen vs rejected with their implicit rewards

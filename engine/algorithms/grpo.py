@@ -21,15 +21,24 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.online_base import OnlineAlgorithm, OnlineModels, pad_rows, rollout_metrics, token_logps
+from engine.algorithms.base import Algorithm, Models
+from engine.algorithms.online_rows import collate_rows, pad_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
 from engine.losses.online import aggregate_token_loss, clipped_policy_loss, group_advantages, group_stats, token_kl
 
 
-class GRPO(OnlineAlgorithm):
-    def prepare(self, rollout, models: OnlineModels):
+class GRPO(Algorithm):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.needs_reference = spec.beta > 0  # beta = 0: no KL term, no reference model loaded
+
+    def collate(self, rows, pad_id):
+        return collate_rows(rows, pad_id)
+
+    def prepare(self, rollout, models: Models):
         spec = self.spec
-        advantages = group_advantages(rollout.rewards, self.group_size, scale=spec.scale_rewards)
-        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.group_size)}
+        group = spec.num_generations
+        advantages = group_advantages(rollout.rewards, group, scale=spec.scale_rewards)
+        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, group)}
         metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()})
         rows = [
             {"prompt_ids": p, "completion_ids": c, "advantage": float(a)}
@@ -39,10 +48,10 @@ class GRPO(OnlineAlgorithm):
         if not rows:
             return rows, metrics
         if spec.num_iterations > 1:  # later passes need the rollout policy's log-probs for the ratio
-            for row, old in zip(rows, self.sample_logps(self.policy_ctx(models), rows, models)):
+            for row, old in zip(rows, sample_logps(self, policy_ctx(models), rows, models)):
                 row["old_logps"] = old
         if self.needs_reference:
-            for row, ref in zip(rows, self.sample_logps(models.reference.model, rows, models)):
+            for row, ref in zip(rows, sample_logps(self, models.reference.model, rows, models)):
                 row["ref_logps"] = ref
         return rows, metrics
 

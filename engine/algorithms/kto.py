@@ -8,7 +8,7 @@ Hyper-parameters (presets/kto.yaml): beta 0.1; desirable_weight / undesirable_we
 so that lambda_D n_D / (lambda_U n_U) sits in [1, 4/3] (a warning says when it does not);
 lr 5e-6 (paper) to 5e-7; per-device batch >= 2 (z0 needs other rows), >= 4 recommended.
 
-Logged (ALGORITHMS.md section 7): kl (z0), rewards/chosen and rewards/rejected (beta r of desirable
+Logged: kl (z0), rewards/chosen and rewards/rejected (beta r of desirable
 and undesirable rows), rewards/margin, logps/chosen and logps/rejected (sums), count/desirable and
 count/undesirable (rows per micro-batch), kto/desirable_fraction, and the completion stats of
 every preference method: lengths/*, logits/*, policy/entropy (engine.algorithms.base.completion_metrics).
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.base import Algorithm, completion_metrics
+from engine.algorithms.base import Algorithm, completion_metrics, example_metrics
 from engine.batching import collate_completions
 from engine.logprobs import completion_logps
 from engine.losses.kto import kto_loss, kto_weight_ratio_warning
 
 
 class KTO(Algorithm):
-    kind = "unpaired"
     needs_reference = True
     rows_per_example = 2  # the example, then its mismatched pair for z0
 
@@ -55,9 +54,9 @@ class KTO(Algorithm):
         batch["desirable"] = torch.tensor([bool(ex["label"]) for ex in examples])
         return batch
 
-    def loss(self, policy, batch, ref_logps):
-        out = completion_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
-        n = self.units(batch)
+    def loss(self, models, batch, rows):
+        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        n, ref_logps = self.units(batch), batch["ref_logps"]
         losses, metrics = kto_loss(
             out.sums[:n], ref_logps[:n], out.sums[n:].detach(), ref_logps[n:], batch["desirable"],
             self.spec.beta, self.spec.desirable_weight, self.spec.undesirable_weight,
@@ -82,12 +81,12 @@ class KTO(Algorithm):
         }
 
     @torch.no_grad()
-    def preference_samples(self, policy, examples, collate, ref_logps_fn=None):
+    def preference_samples(self, models, examples, collate, ref_logps_fn=None):
         """Unpaired data has no chosen/rejected pair: each completion with its label (desirable or
         not) and its implicit reward beta (log pi - log ref), as the loss computes it."""
         rows = []
         for ex in examples:
-            metrics = self._example_metrics(policy, ex, collate, ref_logps_fn)
+            metrics = example_metrics(self, models, ex, collate, ref_logps_fn)
             name = "rewards/chosen" if ex["label"] else "rewards/rejected"
             if name in metrics:
                 rows.append({"kind": "unpaired", "prompt": ex.get("prompt"), "completion": ex.get("completion"),

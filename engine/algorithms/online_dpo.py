@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.base import completion_metrics, metric_sums
-from engine.algorithms.online_base import OnlineAlgorithm, rollout_metrics
+from engine.algorithms.base import Algorithm, completion_metrics, metric_sums
+from engine.algorithms.online_rows import micro_batches, rollout_metrics
 from engine.batching import collate_completions
 from engine.logprobs import completion_logps
 from engine.losses.dpo import dpo_loss
 
 
-class OnlineDPO(OnlineAlgorithm):
-    uses_judge = True
+class OnlineDPO(Algorithm):
+    needs_reference = True  # DPO's implicit reward is a log-ratio to the reference
     rows_per_example = 2
 
-    @property
-    def needs_reference(self) -> bool:
-        return True  # DPO's implicit reward is a log-ratio to the reference
+    def llm_judge(self):
+        return None if self.spec.judge == "reward" else self.spec.judge
 
     def prepare(self, rollout, models):
         from engine.rewards import judge_pairs
@@ -73,8 +72,6 @@ class OnlineDPO(OnlineAlgorithm):
 
     @torch.no_grad()
     def _reference_logps(self, pairs, models):
-        from engine.algorithms.online_base import micro_batches
-
         for chunk in micro_batches(pairs, self.spec):
             batch = {k: v.to(models.device) for k, v in self.collate(chunk, models.tokenizer.pad_token_id).items()}
             with models.reference.model() as ref:
@@ -86,9 +83,6 @@ class OnlineDPO(OnlineAlgorithm):
     def collate(self, rows, pad_id):
         prompts = [r["prompt_ids"] for r in rows]
         return collate_completions(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id)
-
-    def units(self, batch):
-        return float(batch["input_ids"].shape[0] // 2)
 
     def loss(self, models, batch, rows):
         spec = self.spec

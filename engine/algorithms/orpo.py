@@ -7,15 +7,23 @@ as in TRL. Trained from a base model: no separate SFT stage, no reference model 
 
 from __future__ import annotations
 
-from engine.algorithms.base import PreferenceAlgorithm, metric_sums
+from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
+from engine.batching import collate_preference
+from engine.logprobs import completion_logps
 from engine.losses.orpo import orpo_loss
 
 
-class ORPO(PreferenceAlgorithm):
-    needs_reference = False
+class ORPO(Algorithm):
+    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
 
-    def loss(self, policy, batch, ref_logps):
-        out, pairs = self.policy_logps(policy, batch)
+    def collate(self, rows, pad_id):
+        return collate_preference(rows, pad_id)
+
+    def loss(self, models, batch, rows):
+        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        pairs = self.units(batch)
         means = out.means
         losses, metrics = orpo_loss(means[:pairs], means[pairs:], self.spec.beta)
-        return losses.sum(), {**metric_sums(metrics), **self.completion_metrics(out, pairs)}
+        return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
+
+    preference_samples = pair_samples  # chosen vs rejected with their implicit rewards

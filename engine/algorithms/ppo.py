@@ -24,7 +24,17 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.online_base import OnlineAlgorithm, pad_rows, padded, rollout_metrics, token_logps
+from engine.algorithms.base import Algorithm
+from engine.algorithms.online_rows import (
+    collate_rows,
+    pad_rows,
+    padded,
+    per_row,
+    policy_ctx,
+    rollout_metrics,
+    sample_logps,
+    token_logps,
+)
 from engine.losses.online import (
     AdaptiveKLController,
     clipped_policy_loss,
@@ -56,11 +66,10 @@ class ValueModel(torch.nn.Module):
         self.classifier.save_pretrained(path)
 
 
-class PPO(OnlineAlgorithm):
-    uses_value_model = True
-
+class PPO(Algorithm):
     def __init__(self, spec):
         super().__init__(spec)
+        self.needs_reference = spec.beta > 0  # beta = 0: no KL penalty, no reference model loaded
         self.kl_controller = AdaptiveKLController(spec.beta, spec.kl_target, spec.kl_horizon)
 
     def build_value_model(self, device, dtype) -> ValueModel:
@@ -74,9 +83,9 @@ class PPO(OnlineAlgorithm):
         spec = self.spec
         metrics = rollout_metrics(rollout)
         rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-        old = self.sample_logps(self.policy_ctx(models), rows, models)
-        ref = self.sample_logps(models.reference.model, rows, models) if self.needs_reference else old
-        values = self.per_row(rows, models, models.value)
+        old = sample_logps(self, policy_ctx(models), rows, models)
+        ref = sample_logps(self, models.reference.model, rows, models) if self.needs_reference else old
+        values = per_row(self, rows, models, models.value)
         width = max(len(r["completion_ids"]) for r in rows)
         old_p, ref_p, values_p = (pad_rows([{"v": v} for v in vs], "v", width, "cpu") for vs in (old, ref, values))
         lengths = torch.tensor([len(r["completion_ids"]) for r in rows])
@@ -106,6 +115,9 @@ class PPO(OnlineAlgorithm):
             row.update(old_logps=old[i], old_values=values[i], advantages=advantages[i, :n], returns=returns[i, :n], loss_mask=mask[i, :n])
         return [r for r in rows if r["loss_mask"].any()], metrics
 
+    def collate(self, rows, pad_id):
+        return collate_rows(rows, pad_id)
+
     def units(self, batch):
         return float(batch["completion_mask"][:, 1:].sum())
 
@@ -129,7 +141,7 @@ class PPO(OnlineAlgorithm):
         loss_sum = (policy_tokens * keep).sum() + spec.vf_coef * (value_tokens * keep).sum()
         return loss_sum, metrics
 
-    def after_rollout(self, metrics):
+    def after_step(self, metrics):
         self.kl_controller.update(metrics.get("kl/mean", 0.0), self.spec.batch_size * self.spec.num_generations)
         return {"ppo/kl_coef": self.kl_controller.value}
 

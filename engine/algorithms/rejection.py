@@ -25,35 +25,37 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.online_base import OnlineAlgorithm, Phase, rollout_metrics
+from engine.algorithms.base import Algorithm, Models, Phase
+from engine.algorithms.online_rows import collate_rows, rollout_metrics
+from engine.algorithms.sft import completion_tokens
 from engine.logprobs import completion_logps
 from engine.losses.online import best_of_k_indices, bon_kl, group_stats, quantile_threshold, rest_keep_mask
 from engine.losses.sft import sft_loss
 
 
-class _SelfTraining(OnlineAlgorithm):
-    """SFT on selected samples: token-mean NLL over the mini-batch."""
+def self_training_loss(models: Models, batch: dict[str, torch.Tensor]):
+    """SFT on selected samples: the summed NLL of their completion tokens (the loop divides by the
+    mini-batch's completion tokens: a token mean), with token accuracy and entropy."""
+    out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+    tokens = float(out.counts.sum())
+    return sft_loss(out.token_logps), {
+        "token_accuracy": out.token_correct.sum().item(),
+        "policy/entropy": (out.token_entropy.sum().item(), tokens),
+    }
 
-    @property
-    def needs_reference(self) -> bool:
-        return False
+
+class BestOfK(Algorithm):
+    def collate(self, rows, pad_id):
+        return collate_rows(rows, pad_id)
 
     def units(self, batch):
-        return float(batch["completion_mask"][:, 1:].sum())
+        return float(completion_tokens(batch))
 
     def loss(self, models, batch, rows):
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               stats=True)
-        tokens = float(out.counts.sum())
-        return sft_loss(out.token_logps), {
-            "token_accuracy": out.token_correct.sum().item(),
-            "policy/entropy": (out.token_entropy.sum().item(), tokens),
-        }
+        return self_training_loss(models, batch)
 
-
-class BestOfK(_SelfTraining):
     def prepare(self, rollout, models):
-        k = self.group_size
+        k = self.spec.num_generations
         rewards = rollout.rewards
         metrics = {**rollout_metrics(rollout), **group_stats(rewards, k), "bon/kl": bon_kl(k)}
         groups = rewards.view(-1, k)
@@ -70,9 +72,18 @@ class BestOfK(_SelfTraining):
         return rows, metrics
 
 
-class ReST(_SelfTraining):
+class ReST(Algorithm):
+    def collate(self, rows, pad_id):
+        return collate_rows(rows, pad_id)
+
+    def units(self, batch):
+        return float(completion_tokens(batch))
+
+    def loss(self, models, batch, rows):
+        return self_training_loss(models, batch)
+
     def prepare(self, rollout, models):
-        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.group_size)}
+        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.spec.num_generations)}
         rows = [
             {"prompt_ids": p, "completion_ids": c, "reward": r}
             for p, c, r in zip(rollout.prompt_ids, rollout.completion_ids, rollout.rewards.tolist())

@@ -16,35 +16,36 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.base import PreferenceAlgorithm, metric_sums
+from engine.algorithms.base import Algorithm, metric_sums, pair_samples
+from engine.batching import collate_preference
 from engine.losses.reward import reward_eval_metrics, reward_model_loss
 from engine.models import sequence_rewards
 
 
-class RewardModel(PreferenceAlgorithm):
-    needs_reference = False
-    generates = False  # a scorer, not a generator: no samples, no exact match
-    model_kind = "reward"
+class RewardModel(Algorithm):
+    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
 
     def collate(self, examples, pad_id):
-        batch = super().collate(examples, pad_id)
+        batch = collate_preference(examples, pad_id)
         margins = [ex.get("margin") for ex in examples]
         batch["margin"] = torch.tensor([0.0 if m is None else m for m in margins])
         return batch
 
-    def loss(self, model, batch, ref_logps):
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    def loss(self, models, batch, rows):
+        rewards = sequence_rewards(models.policy, batch["input_ids"], batch["attention_mask"])
         pairs = self.units(batch)
         losses, metrics = reward_model_loss(
             rewards[:pairs], rewards[pairs:], margin=batch["margin"], center_coef=self.spec.center_rewards_coef
         )
         return losses.sum(), metric_sums(metrics)
 
+    preference_samples = pair_samples  # chosen vs rejected with their scores
+
     @torch.no_grad()
-    def eval_metrics(self, model, examples, collate):
+    def eval_metrics(self, models, examples, collate):
         if not examples:
             return {}
-        device = next(model.parameters()).device
+        model, device = models.policy, models.device
         rewards, lengths, margins = [], [], []
         for start in range(0, len(examples), self.spec.batch_size):
             batch = collate(examples[start : start + self.spec.batch_size])

@@ -19,25 +19,33 @@ from __future__ import annotations
 
 import torch
 
-from engine.algorithms.online_base import OnlineAlgorithm, rollout_metrics, token_logps
+from engine.algorithms.base import Algorithm
+from engine.algorithms.online_rows import collate_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
 from engine.losses.online import group_stats, rloo_advantages, sequence_policy_loss
 
 
-class RLOO(OnlineAlgorithm):
+class RLOO(Algorithm):
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.needs_reference = spec.beta > 0  # beta = 0: no KL in the reward, no reference model loaded
+
+    def collate(self, rows, pad_id):
+        return collate_rows(rows, pad_id)
+
     def prepare(self, rollout, models):
         spec = self.spec
-        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.group_size)}
+        metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, spec.num_generations)}
         rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-        old = self.sample_logps(self.policy_ctx(models), rows, models)
+        old = sample_logps(self, policy_ctx(models), rows, models)
         old_sums = torch.stack([o.sum() for o in old])
         rewards = rollout.rewards.clone()
         if self.needs_reference:
-            ref_sums = torch.stack([r.sum() for r in self.sample_logps(models.reference.model, rows, models)])
+            ref_sums = torch.stack([r.sum() for r in sample_logps(self, models.reference.model, rows, models)])
             kl = old_sums - ref_sums
             rewards = rewards - spec.beta * kl
             metrics.update({"kl/mean": kl.mean().item(), "reward/non_score": (-spec.beta * kl).mean().item()})
         metrics["reward/rlhf"] = rewards.mean().item()
-        advantages = rloo_advantages(rewards, self.group_size)
+        advantages = rloo_advantages(rewards, spec.num_generations)
         metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()})
         for row, a, o in zip(rows, advantages.tolist(), old_sums.tolist()):
             row.update(advantage=a, old_logp=o)

@@ -31,7 +31,7 @@ from engine.batching import collate_completions
 from engine.data import prepare
 from engine.demo.tasks import TASKS, make_tasks, task_of
 from engine.demo.tokenizer import build_tokenizer
-from engine.evaluate import exact_match_accuracy
+from engine.loop.evaluation import exact_match_accuracy
 from engine.generation import decode_completions, generate
 from engine.logprobs import completion_logps
 from engine.rewards import exact_match

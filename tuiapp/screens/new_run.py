@@ -32,8 +32,6 @@ FORM_FIELDS = (
     "loss_type", "label_smoothing", "lora.r", "max_length", "max_prompt_length", "eval_steps", "sample_steps",
     "save_steps", "num_threads",
 )
-# Shown for online methods (GRPO, RLOO, PPO, ...) only: how they sample and what rewards them.
-ONLINE_FIELDS = ("num_generations", "temperature", "max_new_tokens", "rewards", "judge")
 EXTRA = "extra"
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
@@ -43,6 +41,17 @@ def spec_api():
     import engine.spec
 
     return engine.spec
+
+
+def method_fields(algorithm: str | None = None) -> tuple[str, ...]:
+    """Fields only some methods have (the engine registry's `form_fields`): those of `algorithm`, or of
+    every method when it is None. Online methods show how they sample and what rewards them."""
+    from engine.registry import ALGORITHMS, all_form_fields
+
+    if algorithm is None:
+        return all_form_fields()
+    row = ALGORITHMS.get(algorithm)
+    return row.form_fields if row is not None else ()
 
 
 def preset_choices(home: Path | None = None) -> list[tuple[str, str]]:
@@ -224,9 +233,9 @@ class NewRunScreen(Screen[str | None]):
             yield Static(Text("Hyper-parameters (preset defaults; edit any)", style="bold"), classes="section")
             for key in FORM_FIELDS:
                 yield self._row(key, key, Input(id=f"f-{key.replace('.', '_')}", classes="hp"))
-            for key in ONLINE_FIELDS:
+            for key in method_fields():
                 row = self._row(key, key, Input(id=f"f-{key}", classes="hp"))
-                row.add_class("online-field")
+                row.add_class("method-field")
                 yield row
             yield self._row(EXTRA, "more settings", Input(placeholder="key=value key=value (any spec key)", id=f"f-{EXTRA}"))
             yield self._row("after", "After run", Select(self._after_choices(), prompt="none (start when a worker is free)", id="f-after"))
@@ -247,15 +256,9 @@ class NewRunScreen(Screen[str | None]):
     # ------------------------------------------------------------------ values
 
     @property
-    def online(self) -> bool:
-        """The preset trains an online method (its sampling and reward fields are shown)."""
-        from tuiapp.data import ONLINE
-
-        return self.defaults.get("algorithm") in ONLINE
-
-    @property
     def fields(self) -> tuple[str, ...]:
-        return FORM_FIELDS + (ONLINE_FIELDS if self.online else ())
+        """The common fields and those of the preset's method (an online method's sampling and rewards)."""
+        return FORM_FIELDS + method_fields(self.defaults.get("algorithm"))
 
     def _input(self, key: str) -> Input:
         return self.query_one(f"#f-{key.replace('.', '_')}", Input)
@@ -269,9 +272,9 @@ class NewRunScreen(Screen[str | None]):
             return False
         self.preset = preset
         helps = preset_help(preset)
-        online = self.online
-        for key in ONLINE_FIELDS:
-            self.query_one(f"#row-{key}").display = online
+        shown = method_fields(self.defaults.get("algorithm"))
+        for key in method_fields():
+            self.query_one(f"#row-{key}").display = key in shown
         for key in self.fields:
             box = self._input(key)
             box.value = show_value(self.defaults.get(key))
@@ -316,7 +319,7 @@ class NewRunScreen(Screen[str | None]):
             errors[EXTRA] = str(err)
             spec = None
         except CherryError as err:
-            key = error_field(str(err), list(FORM_FIELDS + ONLINE_FIELDS) + ["model", "dataset"])
+            key = error_field(str(err), list(FORM_FIELDS + method_fields()) + ["model", "dataset"])
             errors[key or "form"] = str(err)
             spec = None
         for key in ("model", "dataset"):
@@ -517,7 +520,7 @@ class NewRunScreen(Screen[str | None]):
     def _submit_failed(self, message: str) -> None:
         self.submitting = False
         self.query_one("#submit", Button).disabled = False
-        key = error_field(message, list(FORM_FIELDS + ONLINE_FIELDS) + ["model", "dataset"])
+        key = error_field(message, list(FORM_FIELDS + method_fields()) + ["model", "dataset"])
         if message.startswith("--after"):
             key = "after"
         self._set_errors({key or "form": message})

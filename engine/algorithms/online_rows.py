@@ -1,0 +1,118 @@
+"""Pieces the online algorithms share: a scored rollout's rows, their per-token values and metrics.
+
+The online loop (engine/loop/online.py) samples a rollout and scores it; each online algorithm's
+`prepare` turns it into training rows with whatever it needs computed once, without gradients
+(old log-probs, reference log-probs, values), using the helpers here. They compute in the same
+micro-batches the update will use, so the first update step recomputes exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from engine.algorithms.base import Models
+from engine.batching import collate_completions
+from engine.logprobs import CompletionLogps, completion_logps
+from engine.rollout import Rollout
+
+
+def padded(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values (rows one after another) -> ([B, T] right-padded with 0, [B, T] bool mask)."""
+    width = int(counts.max()) if counts.numel() else 0
+    mask = torch.arange(width, device=counts.device)[None, :] < counts[:, None]
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    out[mask] = values
+    return out, mask
+
+
+def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
+    """Per-row 1-D tensors (one value per completion token) -> [B, width], zero-padded."""
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        values = row[key]
+        out[i, : values.shape[0]] = values
+    return out.to(device)
+
+
+def token_logps(model, batch: dict[str, torch.Tensor], temperature: float, stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, CompletionLogps]:
+    """Completion-token log-probs of `logits / temperature` as ([B, T], mask [B, T], the flat result)."""
+    out = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats=stats)
+    values, mask = padded(out.token_logps, out.counts)
+    return values, mask, out
+
+
+@torch.no_grad()
+def per_row(algo, rows: list[dict], models: Models, score) -> list[torch.Tensor]:
+    """`score(batch) -> ([B, T] values, [B, T] mask)` for every row, as one 1-D tensor per row, computed
+    in the micro-batches the update will use (so the first update step recomputes exactly the same
+    numbers: the PPO ratio starts at exactly 1)."""
+    out: list[torch.Tensor] = []
+    for chunk in micro_batches(rows, algo.spec):
+        batch = {k: v.to(models.device) for k, v in algo.collate(chunk, models.tokenizer.pad_token_id).items()}
+        values, mask = score(batch)
+        out.extend(values[i, mask[i]].float().cpu() for i in range(values.shape[0]))
+    return out
+
+
+def sample_logps(algo, model_ctx, rows: list[dict], models: Models) -> list[torch.Tensor]:
+    """Per-row completion-token log-probs at the sampling temperature; `model_ctx()` yields the model
+    (`models.reference.model`, or `policy_ctx(models)`)."""
+
+    def score(batch):
+        with model_ctx() as model:
+            return token_logps(model, batch, algo.spec.temperature)[:2]
+
+    return per_row(algo, rows, models, score)
+
+
+def policy_ctx(models: Models):
+    return lambda: contextlib.nullcontext(models.policy)
+
+
+def collate_rows(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows (the completion includes its EOS when it has one)."""
+    return collate_completions([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+
+
+def micro_batches(rows: list[dict], spec) -> list[list[dict]]:
+    """The update's mini-batches split into micro-batches, in order: the partition the first pass uses."""
+    out = []
+    for mini in split(rows, spec.num_mini_batches):
+        out.extend(split(mini, spec.grad_accum))
+    return out
+
+
+def split(rows: list, parts: int) -> list[list]:
+    """`rows` cut into `parts` contiguous, near-equal, non-empty chunks (fewer when there are fewer rows)."""
+    parts = max(1, min(parts, len(rows)))
+    size, extra = divmod(len(rows), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(rows[start:end])
+        start = end
+    return [chunk for chunk in out if chunk]
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    """What every online method logs about its samples: rewards, lengths, truncation."""
+    lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
+    truncated = torch.tensor(rollout.truncated)
+    metrics = {
+        "gen/length_mean": lengths.mean().item(),
+        "gen/truncated_frac": truncated.float().mean().item(),
+        "gen/seconds": rollout.seconds,
+        "gen/samples_per_s": len(rollout.completion_ids) / max(rollout.seconds, 1e-9),
+        "gen/tokens_per_s": float(lengths.sum()) / max(rollout.seconds, 1e-9),
+    }
+    if (~truncated).any():
+        metrics["gen/length_terminated_mean"] = lengths[~truncated].mean().item()
+    rewards = rollout.rewards
+    if rewards is not None:  # None: online DPO judged by an LLM alone, with no reward source that fits the data
+        metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
+                        "reward/min": rewards.min().item(), "reward/max": rewards.max().item()})
+    for name, values in rollout.components.items():
+        metrics[f"reward/{name}/mean"] = sum(values) / len(values)
+    return metrics

@@ -1,0 +1,259 @@
+"""The loop core: what every run does, whatever its method.
+
+`start_run` sets a run up (run directory, seeds, device, models, the algorithm); `Run.set_up_optimisation`
+builds the optimizer and schedule and restores a checkpoint; `run_steps` is the step clock both loops
+share (stop checks, logging, evaluation, samples and checkpoints at their intervals, the end of the
+run and its summary). The offline loop (engine/loop/offline.py) and the online loop
+(engine/loop/online.py) only say what one step is and how they evaluate.
+
+A run directory holds: spec.yaml, metrics.jsonl, samples.jsonl, events.jsonl, summary.json,
+checkpoints/step-NNNNNNN/ (weights or adapter + optimizer, scheduler, RNG, step) and final/.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from engine.algorithms import build_algorithm
+from engine.algorithms.base import Algorithm, Models
+from engine.loop.checkpoint import TrainState, latest_checkpoint, load_extra_state, restore, save_checkpoint
+from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
+from engine.loop.schedule import Schedule, build_optimizer
+from engine.models import count_parameters, freeze, load_causal_lm, load_reward_model, load_tokenizer, pick_device, pick_dtype, wrap_lora
+from engine.reference import Reference
+from engine.registry import algorithm_info
+from engine.reporting import MultiReporter, Reporter, RunDirReporter
+
+StopCheck = Callable[[], "bool | str | None"]
+
+
+def build_models(spec, device: torch.device, dtype: torch.dtype, checkpoint: Path | None, algo: Algorithm):
+    """(policy, reference or None). A checkpoint replaces the starting weights of the policy."""
+    use_lora = spec.lora.r > 0
+    reward = algorithm_info(spec.algorithm).model_kind == "reward"
+    load = load_reward_model if reward else load_causal_lm
+    if use_lora:
+        policy = load(spec.model, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
+        if checkpoint is not None:
+            from peft import PeftModel
+
+            policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True)
+        else:
+            policy = wrap_lora(policy, spec, reward_head=reward)
+    else:
+        source = str(checkpoint / "model") if checkpoint is not None else spec.model
+        policy = load(source, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
+    if spec.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        if use_lora:
+            policy.enable_input_require_grads()
+    policy.train()
+
+    if not algo.needs_reference:
+        return policy, None
+    if use_lora and not spec.ref_model:
+        return policy, Reference(adapter_policy=policy)
+    ref_source = spec.ref_model or spec.model
+    ref = freeze(load_causal_lm(ref_source, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code))
+    return policy, Reference(model=ref)
+
+
+@dataclass
+class Run:
+    """One run's shared state: set up by `start_run`, then `set_up_optimisation`, driven by `run_steps`."""
+
+    spec: Any
+    out_dir: Path
+    reporter: Reporter
+    device: torch.device
+    dtype: torch.dtype
+    algo: Algorithm
+    models: Models
+    checkpoint: Path | None
+    resume: bool
+    started: float
+    cpu_meter: CpuMeter
+    metric_log: MetricLog
+    data_stats: dict = field(default_factory=dict)
+    schedule: Schedule | None = None
+    trainable: list = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+    state: TrainState = field(default_factory=TrainState)
+
+    def set_up_optimisation(self, n_examples: int, chunks_per_step: int) -> None:
+        """The schedule over `n_examples`, AdamW over what trains (the policy, and a value model when
+        there is one), and the state to continue from (a checkpoint's, on resume)."""
+        spec = self.spec
+        self.schedule = Schedule(n_examples, batch_size=spec.batch_size, chunks_per_step=chunks_per_step, seed=spec.seed,
+                                 epochs=spec.epochs, max_steps=spec.max_steps)
+        self.trainable = [p for p in self.models.policy.parameters() if p.requires_grad]
+        if self.models.value is not None:
+            self.trainable += [p for p in self.models.value.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(spec, self.trainable, self.schedule.total_steps)
+        self.state = restore(self.checkpoint, self.resume, self.optimizer, self.scheduler, self.reporter)
+        if self.checkpoint is not None:
+            extra = load_extra_state(self.checkpoint)
+            self.algo.load_state_dict(extra.get("algorithm", {}))
+            if self.models.value is not None and "value" in extra:
+                self.models.value.load_state_dict(extra["value"])
+
+    def save_checkpoint(self) -> None:
+        extra = {"algorithm": self.algo.state_dict()}
+        if self.models.value is not None:
+            extra["value"] = self.models.value.state_dict()
+        save_checkpoint(self.out_dir, self.models.policy, self.optimizer, self.scheduler, self.state,
+                        self.spec.save_total_limit, extra)
+
+    def parameter_counts(self) -> dict[str, int]:
+        total, trainable = count_parameters(self.models.policy)
+        return {"params": total, "trainable_params": trainable}
+
+    def due(self, every: int) -> bool:
+        return every > 0 and self.state.step % every == 0
+
+
+def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: bool) -> Run:
+    """Seed, device and precision, the algorithm, the tokenizer, the policy and its reference."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    run_files = RunDirReporter(out_dir)
+    reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
+    (out_dir / "spec.yaml").write_text(spec.to_yaml())
+
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    algo = build_algorithm(spec)
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
+
+    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+    policy, reference = build_models(spec, device, dtype, checkpoint, algo)
+    models = Models(policy=policy, tokenizer=tokenizer, device=device, reference=reference)
+    return Run(spec=spec, out_dir=out_dir, reporter=reporter, device=device, dtype=dtype, algo=algo, models=models,
+               checkpoint=checkpoint, resume=resume, started=started, cpu_meter=cpu_meter, metric_log=MetricLog(reporter))
+
+
+def accumulate(algo: Algorithm, models: Models, micro_batches: list[tuple[dict, list[dict]]], sums: MetricSums,
+               reference_logps: Callable[[dict], torch.Tensor] | None = None) -> int:
+    """Forward and backward over one optimizer step's micro-batches (batch, rows); returns the tokens seen.
+
+    Each micro-batch adds its share of the step's loss (its sum over the step's units), so
+    accumulation equals one big batch whatever the split. `reference_logps(batch)` adds the frozen
+    reference's log-probs as batch["ref_logps"] (offline methods that need a reference).
+    """
+    total_units = sum(algo.units(batch) for batch, _ in micro_batches)
+    tokens = 0
+    for batch, rows in micro_batches:
+        if reference_logps is not None:
+            batch["ref_logps"] = reference_logps(batch)
+        loss_sum, metric_sums = algo.loss(models, batch, rows)
+        (loss_sum / max(total_units, 1e-9)).backward()
+        sums.add({"loss": loss_sum.item(), **metric_sums}, algo.units(batch))
+        tokens += int(batch["attention_mask"].sum())
+    return tokens
+
+
+def clip_gradients(run: Run) -> float:
+    return float(torch.nn.utils.clip_grad_norm_(run.trainable, run.spec.max_grad_norm or float("inf")))
+
+
+def run_steps(
+    run: Run,
+    step: Callable[[int], tuple[dict[str, float], int]],
+    evaluate: Callable[[int], None],
+    log_samples: Callable[[int], None],
+    should_stop: StopCheck | None,
+) -> dict[str, Any]:
+    """The step clock: `step(i)` does step i and returns (its metrics, tokens trained on).
+
+    Evaluates and logs samples at the start, every `eval_steps` / `sample_steps` and at the end;
+    checkpoints every `save_steps` and when the run stops. `should_stop` is polled before each step
+    (cooperative cancel): a string names the ending ("interrupted" when a worker shuts down), True
+    means cancelled. Ctrl+C saves a checkpoint and the summary, then re-raises.
+    """
+    spec, state, total = run.spec, run.state, run.schedule.total_steps
+    if state.step == 0:
+        evaluate(0)
+        log_samples(0)
+    before = dict(run.metric_log.last)
+
+    status = "completed"
+    try:
+        while state.step < total:
+            stop = should_stop() if should_stop is not None else None
+            if stop:
+                status = stop if isinstance(stop, str) else "cancelled"
+                break
+            step_started = time.time()
+            metrics, tokens = step(state.step)
+            state.step += 1
+            state.tokens += tokens
+            step_seconds = time.time() - step_started
+            state.train_seconds += step_seconds
+
+            last = state.step == total
+            if run.due(spec.logging_steps) or last:
+                metrics.setdefault("train/tokens_per_s", tokens / max(step_seconds, 1e-9))
+                metrics["train/epoch"] = run.schedule.epoch(state.step)
+                metrics.update(sys_metrics(run.device, run.cpu_meter))
+                run.metric_log.emit(state.step, metrics)
+            if run.due(spec.eval_steps) and not last:
+                evaluate(state.step)
+            if run.due(spec.sample_steps) and not last:
+                log_samples(state.step)
+            if run.due(spec.save_steps) and not last:
+                run.save_checkpoint()
+    except KeyboardInterrupt:
+        run.save_checkpoint()
+        write_summary(run, "interrupted", before)
+        raise
+
+    run.save_checkpoint()
+    if status == "completed":
+        evaluate(state.step)
+        log_samples(state.step)
+        final = run.out_dir / "final"
+        run.models.policy.save_pretrained(final)
+        run.models.tokenizer.save_pretrained(final)
+        if run.models.value is not None:
+            run.models.value.save_pretrained(run.out_dir / "final_value")
+    run.reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
+    return write_summary(run, status, before)
+
+
+def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
+    spec, state = run.spec, run.state
+    summary = {
+        "status": status,
+        "algorithm": spec.algorithm,
+        "model": spec.model,
+        "dataset": spec.dataset,
+        "step": state.step,
+        "total_steps": run.schedule.total_steps,
+        "wall_seconds": round(time.time() - run.started, 2),
+        "train_seconds": round(state.train_seconds, 2),
+        "tokens": state.tokens,
+        "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+        "peak_memory_gb": round(peak_memory_gb(run.device), 3),
+        "device": str(run.device),
+        "before": {k: v for k, v in before.items() if k.startswith("eval/")},
+        "final": run.metric_log.last,
+        "best": run.metric_log.best,
+        "data": run.data_stats,
+        "final_dir": str(run.out_dir / "final") if status == "completed" else None,
+        "adapter_base": spec.model if spec.lora.r > 0 else None,
+    }
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

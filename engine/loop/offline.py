@@ -1,0 +1,155 @@
+"""The offline loop: batches from a fixed dataset, one optimizer step at a time.
+
+Read `train_offline` top to bottom: data, the reference's log-probs (precomputed once, or per
+batch), then one step = the step's micro-batches -> loss -> backward -> clip -> optimizer step.
+Evaluation runs the eval split's loss, the verifier on greedy answers and a KL estimate. Everything
+else (set-up, the step clock, checkpoints, the summary) is the loop core (engine/loop/core.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.data import prepare
+from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
+from engine.loop.evaluation import estimate_kl, exact_match_accuracy, reference_completions, sample_comparisons
+from engine.loop.metrics import MetricSums
+from engine.reference import PrecomputedReference, fingerprint_examples, fingerprint_model
+from engine.registry import algorithm_info
+
+log = logging.getLogger("cherry.engine")
+
+
+def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    spec, algo, models, reporter = run.spec, run.algo, run.models, run.reporter
+    policy, tokenizer, reference, device = models.policy, models.tokenizer, models.reference, run.device
+    info = algorithm_info(spec.algorithm)
+    if info.model_kind == "reward":
+        policy.config.pad_token_id = tokenizer.pad_token_id  # so a saved RM pools right in other tools
+    params = run.parameter_counts()
+
+    # --- data: the training examples, the eval split, and prompts for greedy answers and samples
+    data = prepare(
+        spec.dataset, tokenizer, kind=info.data_kind, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length,
+        eval_split=spec.eval_split, eval_source=spec.eval_dataset, seed=spec.seed, overlong=spec.overlong,
+        max_rows=spec.max_rows,
+    )
+    run.data_stats = data.stats
+    reporter.log_event("data", data.summary(), **data.stats)
+    log.info("data: %s", data.summary())
+    eval_split = data.eval[: spec.eval_max_examples]
+    algo.prepare_examples(data.train, tokenizer)
+    algo.prepare_examples(eval_split, tokenizer)
+    for warning in algo.warnings(data.train):
+        reporter.log_event("warning", warning)
+        log.warning("warning: %s", warning)
+    if not info.generates:
+        prompt_set = []
+    elif spec.eval_prompts:
+        prompt_set = prepare(
+            spec.eval_prompts, tokenizer, kind="prompt", max_length=spec.max_length,
+            max_prompt_length=spec.max_prompt_length, eval_split=0.0, seed=spec.seed,
+        ).train[: spec.eval_max_examples]
+    else:
+        prompt_set = [{"prompt_ids": ex["prompt_ids"], "prompt": ex["prompt"]} for ex in eval_split]
+    prompt_set = [{**p, "prompt_ids": algo.generation_prompt(p["prompt_ids"])} for p in prompt_set]
+    scored_prompts = [p for p in prompt_set if p.get("answer") is not None]
+    sample_prompts = prompt_set[: spec.num_samples]
+    kl_prompts = prompt_set[: spec.kl_samples]
+    pair_samples = eval_split[: spec.num_samples]  # preference methods: chosen vs rejected with their rewards
+
+    # --- the reference's log-probs: once for the whole dataset (cached between runs), or per batch
+    collate = partial(algo.collate, pad_id=tokenizer.pad_token_id)
+    to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}  # noqa: E731
+    ref_table = None
+    if algo.needs_reference and spec.precompute_ref_logps:
+        key_keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+        key = "-".join(
+            [
+                fingerprint_model(spec.ref_model or spec.model, run.dtype) + ("-base" if spec.lora.r and not spec.ref_model else ""),
+                fingerprint_examples(data.train, key_keys),
+                fingerprint_examples(eval_split, key_keys),
+            ]
+        )
+        cache_file = Path(cache_dir) / "ref_logps" / f"{key}.pt" if cache_dir else None
+        ref_table = PrecomputedReference.build(
+            {"train": data.train, "eval": eval_split}, collate, reference, rows_per_example=algo.rows_per_example,
+            batch_size=spec.batch_size, device=device, cache_file=cache_file,
+        )
+
+    def reference_logps(batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        if ref_table is not None:
+            return ref_table.lookup(split, batch["index"].cpu()).to(device)
+        return reference.logps(batch)
+
+    run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum)
+    reporter.log_event(
+        "start", f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})",
+        total_steps=run.schedule.total_steps, step=run.state.step, **params,
+    )
+
+    # --- one step: the step's micro-batches -> loss -> backward -> clip -> optimizer step
+    train_reference = partial(reference_logps, split="train") if algo.needs_reference else None
+
+    def step(index: int) -> tuple[dict[str, float], int]:
+        chunks = [[data.train[i] for i in idx] for idx in run.schedule.micro_batches(index)]
+        micro = [(to_device(collate(rows)), rows) for rows in chunks]
+        sums = MetricSums()
+        tokens = accumulate(algo, models, micro, sums, train_reference)
+        grad_norm = clip_gradients(run)
+        lr = run.scheduler.get_last_lr()[0]
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        means = sums.means()
+        means.update(algo.derived_metrics(means))
+        metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
+        metrics.update({"train/grad_norm": grad_norm, "train/lr": lr})
+        return metrics, tokens
+
+    # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
+    reference_texts = reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+
+    @torch.no_grad()
+    def evaluate(step_index: int) -> None:
+        policy.eval()
+        metrics: dict[str, float] = {}
+        if eval_split:
+            sums = MetricSums()
+            for start in range(0, len(eval_split), spec.batch_size):
+                rows = eval_split[start : start + spec.batch_size]
+                batch = to_device(collate(rows))
+                if algo.needs_reference:
+                    batch["ref_logps"] = reference_logps(batch, "eval")
+                loss_sum, metric_sums = algo.loss(models, batch, rows)
+                sums.add({"loss": loss_sum.item(), **metric_sums}, algo.units(batch))
+            means = sums.means()
+            means.update(algo.derived_metrics(means))
+            means.update(algo.eval_metrics(models, eval_split, collate))
+            metrics.update({f"eval/{name}": value for name, value in means.items()})
+        if scored_prompts:
+            result = exact_match_accuracy(policy, tokenizer, scored_prompts, max_new_tokens=spec.max_new_tokens)
+            metrics["eval/exact_match"] = result["accuracy"]
+        if reference is not None and kl_prompts and spec.kl_samples:
+            metrics.update(estimate_kl(policy, reference, tokenizer, kl_prompts, spec, device))
+        policy.train()
+        if metrics:
+            run.metric_log.emit(step_index, metrics)
+
+    def log_samples(step_index: int) -> None:
+        rows: list[dict] = []
+        policy.eval()
+        if sample_prompts:
+            rows += sample_comparisons(policy, tokenizer, sample_prompts, reference_texts, spec)
+        if pair_samples:
+            rows += algo.preference_samples(models, pair_samples, collate, lambda batch: reference_logps(batch, "eval"))
+        policy.train()
+        if rows:
+            reporter.log_samples(step_index, rows)
+
+    return run_steps(run, step, evaluate, log_samples, should_stop)
