@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import DataError, ModelError, SpecError
+from engine.registry import DATA_KINDS, algorithms_for
 from engine.spec import looks_local
 
 # ----------------------------------------------------------------------------------------------
@@ -62,12 +63,7 @@ KIND_OF_FORMAT: dict[str, str] = {
     "prompt_only": "prompt",
 }
 
-PRESETS_FOR_KIND: dict[str, list[str]] = {
-    "preference": ["dpo", "ipo", "simpo", "orpo", "rm"],
-    "unpaired": ["kto"],
-    "sft": ["sft"],
-    "prompt": ["grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest"],
-}
+PRESETS_FOR_KIND: dict[str, list[str]] = {kind: algorithms_for(kind) for kind in DATA_KINDS}
 
 # Formats each kind accepts (beyond its own, with a conversion).
 _ACCEPTS: dict[str, tuple[str, ...]] = {

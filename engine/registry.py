@@ -33,6 +33,7 @@ class AlgorithmInfo:
     data_kind: str  # what engine.data.prepare builds: preference | unpaired | sft | prompt
     online: bool  # samples from the policy while training (the online loop) or reads a fixed dataset
     implementation: str  # "module:Class" of its engine/algorithms class, imported only when a run starts
+    loss: str  # "module:function" of its pure loss in engine/losses (the maths, tested against hand-computed values)
     loss_types: tuple[str, ...] = ("sigmoid",)  # accepted `loss_type` values; the first is the default
     model_kind: str = "causal_lm"  # or "reward": a scalar-head sequence classifier
     generates: bool = True  # a causal LM whose samples can be compared and verified
@@ -82,50 +83,54 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
     info.name: info
     for info in (
         AlgorithmInfo(
-            "sft", "SFT: completion-only token-mean NLL", "sft", False, "engine.algorithms.sft:SFT", charts=SFT_CHARTS,
+            "sft", "SFT: completion-only token-mean NLL", "sft", False, "engine.algorithms.sft:SFT", "engine.losses.sft:sft_loss", charts=SFT_CHARTS,
         ),
         AlgorithmInfo(
             "rm", "Bradley-Terry reward model", "preference", False, "engine.algorithms.reward_model:RewardModel",
+            "engine.losses.reward:reward_model_loss",
             model_kind="reward", generates=False, charts=REWARD_MODEL_CHARTS,
         ),
         AlgorithmInfo(
             "dpo", "DPO (Rafailov et al. 2023) and its reference-based variants", "preference", False,
-            "engine.algorithms.dpo:DPO", loss_types=("sigmoid", "robust", "hinge", "ipo"),
+            "engine.algorithms.dpo:DPO", "engine.losses.dpo:dpo_loss", loss_types=("sigmoid", "robust", "hinge", "ipo"),
         ),
-        AlgorithmInfo("simpo", "SimPO (Meng et al. 2024)", "preference", False, "engine.algorithms.simpo:SimPO"),
-        AlgorithmInfo("orpo", "ORPO (Hong et al. 2024)", "preference", False, "engine.algorithms.orpo:ORPO"),
+        AlgorithmInfo("simpo", "SimPO (Meng et al. 2024)", "preference", False, "engine.algorithms.simpo:SimPO",
+                      "engine.losses.dpo:simpo_loss"),
+        AlgorithmInfo("orpo", "ORPO (Hong et al. 2024)", "preference", False, "engine.algorithms.orpo:ORPO",
+                      "engine.losses.orpo:orpo_loss"),
         AlgorithmInfo(
-            "kto", "KTO (Ethayarajh et al. 2024)", "unpaired", False, "engine.algorithms.kto:KTO", checks=(_kto_batch,),
+            "kto", "KTO (Ethayarajh et al. 2024)", "unpaired", False, "engine.algorithms.kto:KTO", "engine.losses.kto:kto_loss", checks=(_kto_batch,),
         ),
         AlgorithmInfo(
             "coh", "Chain of Hindsight (Liu et al. 2023)", "preference", False, "engine.algorithms.coh:ChainOfHindsight",
+            "engine.losses.sft:sft_loss",
             charts=SFT_CHARTS,
         ),
         AlgorithmInfo(
             "grpo", "GRPO (Shao et al. 2024) with the DAPO and Dr. GRPO choices", "prompt", True,
-            "engine.algorithms.grpo:GRPO", loss_types=("dapo", "grpo", "dr_grpo"), beta_may_be_zero=True,
+            "engine.algorithms.grpo:GRPO", "engine.losses.online:clipped_policy_loss", loss_types=("dapo", "grpo", "dr_grpo"), beta_may_be_zero=True,
             charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
         ),
         AlgorithmInfo(
-            "rloo", "RLOO (Ahmadian et al. 2024)", "prompt", True, "engine.algorithms.rloo:RLOO",
+            "rloo", "RLOO (Ahmadian et al. 2024)", "prompt", True, "engine.algorithms.rloo:RLOO", "engine.losses.online:sequence_policy_loss",
             beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_rloo_baseline,),
         ),
         AlgorithmInfo(
-            "ppo", "PPO-RLHF (Ouyang et al. 2022)", "prompt", True, "engine.algorithms.ppo:PPO",
+            "ppo", "PPO-RLHF (Ouyang et al. 2022)", "prompt", True, "engine.algorithms.ppo:PPO", "engine.losses.online:clipped_policy_loss",
             beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS,
         ),
         AlgorithmInfo(
             "online_dpo", "online DPO with AI feedback (Guo et al. 2024)", "prompt", True,
-            "engine.algorithms.online_dpo:OnlineDPO", loss_types=("sigmoid", "ipo"), charts=ONLINE_CHARTS,
+            "engine.algorithms.online_dpo:OnlineDPO", "engine.losses.dpo:dpo_loss", loss_types=("sigmoid", "ipo"), charts=ONLINE_CHARTS,
             form_fields=SAMPLING_FIELDS + ("judge",), checks=(_two_samples,),
         ),
         AlgorithmInfo(
             "best_of_k", "rejection sampling fine-tuning (best-of-K)", "prompt", True,
-            "engine.algorithms.rejection:BestOfK", beta_may_be_zero=True, charts=ONLINE_CHARTS,
+            "engine.algorithms.rejection:BestOfK", "engine.losses.sft:sft_loss", beta_may_be_zero=True, charts=ONLINE_CHARTS,
             form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
         ),
         AlgorithmInfo(
-            "rest", "ReST (Gulcehre et al. 2023)", "prompt", True, "engine.algorithms.rejection:ReST",
+            "rest", "ReST (Gulcehre et al. 2023)", "prompt", True, "engine.algorithms.rejection:ReST", "engine.losses.sft:sft_loss",
             beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS,
         ),
     )

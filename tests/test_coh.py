@@ -8,10 +8,13 @@ import math
 import pytest
 import torch
 
+from engine.algorithms.base import Models
 from engine.algorithms.coh import ChainOfHindsight, mask_earlier_tokens
 from engine.reporting import MemoryReporter
 from engine.spec import build_spec
 from engine.train import train
+
+CPU = torch.device("cpu")
 
 
 class _Tok:
@@ -90,8 +93,8 @@ def test_earlier_tokens_are_masked_in_training_only(tiny_model_dir):
     for ratio, differs in ((0.0, False), (0.9, True)):
         algo, _, batch = _chain_batch(tiny_model_dir, coh_mask_ratio=ratio)
         torch.manual_seed(0)
-        train_loss = algo.loss(model.train(), batch, None)[0].item()
-        eval_loss = algo.loss(model.eval(), batch, None)[0].item()
+        train_loss = algo.loss(Models(model.train(), None, CPU), batch, [])[0].item()
+        eval_loss = algo.loss(Models(model.eval(), None, CPU), batch, [])[0].item()
         assert (abs(train_loss - eval_loss) > 1e-4) == differs, ratio
 
 
@@ -106,7 +109,7 @@ def test_pretraining_nll_is_added_with_its_weight(tiny_model_dir, tmp_path):
     for coef in (1.0, 3.0):
         algo, _, batch = _chain_batch(tiny_model_dir, coh_mask_ratio=0.0, coh_pretrain_dataset=str(text), coh_pretrain_coef=coef)
         torch.manual_seed(0)  # the same pretraining rows are drawn for both weights
-        losses[coef] = algo.loss(model, batch, None)
+        losses[coef] = algo.loss(Models(model, None, CPU), batch, [])
     (one, metrics_one), (three, metrics_three) = losses[1.0], losses[3.0]
     assert metrics_one["pretrain_loss"] == pytest.approx(metrics_three["pretrain_loss"])
     assert metrics_one["pretrain_loss"] > 0
@@ -114,7 +117,7 @@ def test_pretraining_nll_is_added_with_its_weight(tiny_model_dir, tmp_path):
     assert (three - one).item() == pytest.approx(2 * metrics_one["pretrain_loss"], rel=1e-5)
     off, _, _ = _chain_batch(tiny_model_dir, coh_pretrain_dataset=str(text), coh_pretrain_coef=0.0)
     assert off.pretrain is None  # weight 0: the dataset is not even loaded
-    assert len(algo.pretrain_eval) >= 1 and "pretrain_loss" in algo.eval_metrics(model.eval(), [], None)
+    assert len(algo.pretrain_eval) >= 1 and "pretrain_loss" in algo.eval_metrics(Models(model.eval(), None, CPU), [], None)
 
 
 class _Bigram(torch.nn.Module):
@@ -157,7 +160,7 @@ def test_nll_gap_matches_hand_values():
                                         "max_prompt_length": 8, "batch_size": 2}))
     examples = [{"index": i, "prompt_ids": [1], "chosen_ids": [4, 0], "rejected_ids": [5, 0]} for i in range(3)]
     algo.prepare_examples(examples, Tok())
-    m = algo.eval_metrics(model, examples, None)
+    m = algo.eval_metrics(Models(model, None, CPU), examples, None)
     eos = -math.log(0.9)
     assert m["coh/chosen_nll_positive"] == pytest.approx((-math.log(0.8) + eos) / 2, rel=1e-5)
     assert m["coh/chosen_nll_negative"] == pytest.approx((-math.log(0.2) + eos) / 2, rel=1e-5)

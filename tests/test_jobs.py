@@ -304,14 +304,6 @@ def test_bad_submissions_are_refused_before_the_queue(home, tiny_model_dir, tiny
     assert not (home / run_id).exists()
 
 
-def test_the_submit_time_data_kinds_match_the_algorithms():
-    from engine.algorithms import build_algorithm
-    from engine.spec import DATA_KIND, RunSpec
-
-    for name, kind in DATA_KIND.items():
-        assert build_algorithm(RunSpec(algorithm=name)).kind == kind, name
-
-
 def test_a_crashed_run_with_retries_resumes_by_itself(home, start_worker, tiny_model_dir, tiny_pairs):
     jobs = Jobs(home)
     run = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, max_steps=40, save_steps=5), retries=1)

@@ -25,7 +25,7 @@ def demo_spec(method: str, *overrides: str):
 
 @pytest.mark.parametrize("method", sorted(KEY_METRICS))
 def test_demo_method_raises_held_out_exact_match(method, tmp_path, monkeypatch):
-    import engine.train as engine_train
+    import engine.loop.core as engine_train
 
     loaded = []
     original = engine_train.load_causal_lm

@@ -7,7 +7,7 @@ import torch
 
 from engine.algorithms.base import completion_metrics
 from engine.logprobs import CompletionLogps
-from engine.train import MetricSums
+from engine.loop.metrics import MetricSums
 
 
 def hand_logps() -> CompletionLogps:

@@ -11,13 +11,15 @@ import torch
 
 from tests.conftest import write_jsonl
 from engine.algorithms import build_algorithm
-from engine.algorithms.online_base import OnlineModels, micro_batches
+from engine.algorithms.base import Models
+from engine.algorithms.online_rows import micro_batches
 from engine.errors import CherryError
 from engine.models import freeze, load_causal_lm, load_tokenizer
 from engine.reference import Reference
 from engine.rewards import build_reward
 from engine.rollout import sample_rollout, score_rollout
-from engine.spec import ONLINE_ALGORITHMS, build_spec, demo_dir, resolve_spec
+from engine.registry import ONLINE_ALGORITHMS
+from engine.spec import build_spec, demo_dir, resolve_spec
 from engine.train import train
 
 CPU = torch.device("cpu")
@@ -48,8 +50,8 @@ def models_for(spec, model_dir):
     policy = load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU)
     algo = build_algorithm(spec)
     reference = Reference(model=freeze(load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU))) if algo.needs_reference else None
-    value = algo.build_value_model(CPU, torch.float32) if algo.uses_value_model else None
-    return algo, OnlineModels(policy=policy, tokenizer=tokenizer, device=CPU, reference=reference, value=value)
+    value = algo.build_value_model(CPU, torch.float32)
+    return algo, Models(policy=policy, tokenizer=tokenizer, device=CPU, reference=reference, value=value)
 
 
 def read_metrics(run_dir):
@@ -125,7 +127,7 @@ def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tiny_prompts, algo
 
 @pytest.mark.parametrize("algorithm", ONLINE_ALGORITHMS)
 def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_path, algorithm, monkeypatch):
-    import engine.train as engine_train
+    import engine.loop.core as engine_train
 
     loads = []
     real_load = engine_train.load_causal_lm
@@ -155,7 +157,7 @@ def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_
 
 
 def test_grpo_with_lora_uses_the_adapter_disabled_base_as_reference(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
-    import engine.train as engine_train
+    import engine.loop.core as engine_train
 
     loads = []
     real_load = engine_train.load_causal_lm
@@ -255,13 +257,6 @@ def test_online_dpo_with_an_llm_judge_logs_position_consistency(tiny_model_dir, 
     assert len(consistency) == 3 and all(0.0 <= c <= 1.0 for c in consistency)
 
 
-def test_the_app_knows_every_online_method():
-    from tuiapp.data import ONLINE, default_metrics
-
-    assert ONLINE == ONLINE_ALGORITHMS
-    assert default_metrics("grpo", ["train/loss", "reward/mean", "kl/mean"]) == ["reward/mean", "kl/mean"]
-
-
 def test_online_dpo_with_an_llm_judge_needs_no_reward_columns(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(8)])  # no answers for exact_match
     spec = online_spec(tiny_model_dir, data, "online_dpo", judge=str(tiny_model_dir), rewards="exact_match", eval_split=0.0)
@@ -275,7 +270,7 @@ def test_online_dpo_with_an_llm_judge_needs_no_reward_columns(tiny_model_dir, tm
 
 def test_recomputed_logps_match_the_samplers_own_for_left_padded_prompts(tiny_model_dir):
     """What the update scores is what was sampled: same temperature, positions from the mask, padding ignored."""
-    from engine.algorithms.online_base import token_logps
+    from engine.algorithms.online_rows import token_logps
     from engine.batching import collate_completions, left_pad
     from engine.rollout import _sampling_config
 

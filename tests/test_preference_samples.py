@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine.algorithms import build_algorithm
+from engine.algorithms.base import Models
 from engine.batching import collate_completions
 from engine.data import prepare
 from engine.logprobs import completion_logps
@@ -36,6 +37,10 @@ def _setup(spec, tiny_model_dir, tiny_pairs, kind="preference"):
     return tokenizer, algo, examples, partial(algo.collate, pad_id=tokenizer.pad_token_id)
 
 
+def _models(policy, tokenizer) -> Models:
+    return Models(policy=policy, tokenizer=tokenizer, device=CPU)
+
+
 def _perturbed(model):
     """A reference that differs from the policy, so the implicit rewards are not all zero."""
     torch.manual_seed(1)
@@ -57,7 +62,7 @@ def test_dpo_rows_are_beta_times_the_summed_log_ratio(tiny_model_dir, tiny_pairs
     tokenizer, algo, examples, collate = _setup(spec, tiny_model_dir, tiny_pairs)
     policy = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU).eval()
     ref = _perturbed(load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU))
-    rows = algo.preference_samples(policy, examples, collate, Reference(model=ref).logps)
+    rows = algo.preference_samples(_models(policy, tokenizer), examples, collate, Reference(model=ref).logps)
 
     assert len(rows) == 3
     for row, ex in zip(rows, examples):
@@ -82,7 +87,7 @@ def test_reference_free_methods_use_their_own_reward(algorithm, scale, tiny_mode
     def fail(batch):
         raise AssertionError("a reference-free method asked for reference log-probs")
 
-    rows = algo.preference_samples(policy, examples, collate, fail)
+    rows = algo.preference_samples(_models(policy, tokenizer), examples, collate, fail)
     for row, ex in zip(rows, examples):
         total, count = _logps(policy, tokenizer, ex, "chosen_ids")
         assert row["chosen_reward"] == pytest.approx(scale * total / count, abs=1e-4)
@@ -96,7 +101,7 @@ def test_reward_model_rows_are_its_scalar_scores(tiny_model_dir, tiny_pairs):
     tokenizer, algo, examples, collate = _setup(spec, tiny_model_dir, tiny_pairs)
     model = load_reward_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
-    rows = algo.preference_samples(model, examples, collate, None)
+    rows = algo.preference_samples(_models(model, tokenizer), examples, collate, None)
     for row, ex in zip(rows, examples):
         batch = collate_completions([ex["prompt_ids"]] * 2, [ex["chosen_ids"], ex["rejected_ids"]], tokenizer.pad_token_id)
         with torch.no_grad():
@@ -110,7 +115,7 @@ def test_kto_rows_are_completions_with_label_and_implicit_reward(tiny_model_dir,
     tokenizer, algo, examples, collate = _setup(spec, tiny_model_dir, tiny_pairs, kind="unpaired")
     policy = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU).eval()
     ref = _perturbed(load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU))
-    rows = algo.preference_samples(policy, examples, collate, Reference(model=ref).logps)
+    rows = algo.preference_samples(_models(policy, tokenizer), examples, collate, Reference(model=ref).logps)
     assert len(rows) == 3
     for row, ex in zip(rows, examples):
         assert row["kind"] == "unpaired" and row["label"] == bool(ex["label"]) and row["completion"] == ex["completion"]
@@ -152,7 +157,7 @@ def test_train_logs_pairs_beside_the_samples_and_rm_logs_its_scores(tiny_model_d
 
 
 def test_cpu_percent_of_two_readings():
-    from engine.train import cpu_percent
+    from engine.loop.metrics import cpu_percent
 
     assert cpu_percent(None, (10.0, 5.0)) is None
     assert cpu_percent((10.0, 5.0), (10.0, 6.0)) is None  # no wall time
@@ -162,7 +167,7 @@ def test_cpu_percent_of_two_readings():
 
 
 def test_cpu_meter_reads_the_use_since_its_last_reading():
-    from engine.train import CpuMeter
+    from engine.loop.metrics import CpuMeter
 
     clock = iter([0.0, 2.0, 4.0, 4.0])
     cpu = iter([1.0, 2.0, 4.0, 4.0])
@@ -173,11 +178,11 @@ def test_cpu_meter_reads_the_use_since_its_last_reading():
 
 
 def test_sys_metrics_on_cpu_and_gpu_utilisation_without_nvml(monkeypatch):
-    import engine.train as train_module
+    import engine.loop.metrics as train_module
 
     meter = train_module.CpuMeter()
     sum(i * i for i in range(200_000))
-    figures = train_module._sys_metrics(CPU, meter)
+    figures = train_module.sys_metrics(CPU, meter)
     assert figures["sys/rss_gb"] > 0.01 and figures["sys/cpu_percent"] >= 0
     assert "sys/gpu_util" not in figures and "sys/gpu_mem_gb" not in figures
 
@@ -185,19 +190,19 @@ def test_sys_metrics_on_cpu_and_gpu_utilisation_without_nvml(monkeypatch):
         raise ModuleNotFoundError("pynvml does not seem to be installed")
 
     monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
-    assert train_module._gpu_util(torch.device("cuda", 0)) is None
+    assert train_module.gpu_util(torch.device("cuda", 0)) is None
     monkeypatch.setattr(torch.cuda, "utilization", lambda device=None: 87)
-    assert train_module._gpu_util(torch.device("cuda", 0)) == 87.0
+    assert train_module.gpu_util(torch.device("cuda", 0)) == 87.0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sys_metrics_on_a_gpu():
-    import engine.train as train_module
+    import engine.loop.metrics as train_module
 
     device = torch.device("cuda", 0)
     x = torch.ones(1024, 1024, device=device)
-    figures = train_module._sys_metrics(device, train_module.CpuMeter())
+    figures = train_module.sys_metrics(device, train_module.CpuMeter())
     assert figures["sys/gpu_mem_gb"] > 0 and "sys/cpu_percent" in figures
     try:
         import pynvml  # noqa: F401

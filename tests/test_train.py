@@ -88,7 +88,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tiny_pairs,
 
 
 def test_lora_uses_the_adapter_disabled_base_as_reference(tiny_model_dir, tiny_pairs, tmp_path):
-    import engine.train as engine_train
+    import engine.loop.core as engine_train
 
     loaded = []
     original = engine_train.load_causal_lm
@@ -208,7 +208,7 @@ def test_each_method_logs_the_metrics_its_paper_section_lists(method, tiny_model
 
 
 def test_inverse_sqrt_schedule_by_hand():
-    from engine.train import lr_factor
+    from engine.loop.schedule import lr_factor
 
     # warmup 4: 1/4, 2/4, 3/4, 1, then sqrt(4 / s) at the 1-based step s; total_steps does not matter
     expected = [0.25, 0.5, 0.75, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5, (4 / 7) ** 0.5, 0.5 ** 0.5]
