@@ -1,7 +1,7 @@
 """Load the policy, the reference and the tokenizer; choose device and dtype; wrap LoRA.
 
 Dropout is switched off everywhere: with dropout on, the policy and the reference score the
-same text differently and the DPO log-ratio starts non-zero (ALGORITHMS.md section 0).
+same text differently and the DPO log-ratio starts non-zero (docs/algorithms.md, Shared conventions).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine.spec import resolve_spec
-from jobs.runs import Jobs, JobError
+from jobs.runs import JobError, Jobs
 
 CLI = [sys.executable, "-m", "tuiapp.cli"]
 

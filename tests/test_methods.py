@@ -115,7 +115,7 @@ def test_multi_turn_sft_teaches_assistant_turns_only(tiny_model_dir, tmp_path):
 def test_sft_token_metrics_by_hand():
     import torch
 
-    from engine.algorithms.sft import SFT
+    from engine.algorithms.sft import token_metrics
     from engine.logprobs import CompletionLogps
 
     out = CompletionLogps(
@@ -123,7 +123,7 @@ def test_sft_token_metrics_by_hand():
         token_rows=torch.tensor([0, 0, 1, 1, 1]), token_correct=torch.tensor([True, False, True, True, False]),
         token_entropy=torch.tensor([1.0, 2.0, 0.5, 0.5, 1.0]), token_logit_mean=torch.zeros(5),
     )
-    metrics = SFT.token_metrics(out)
+    metrics = token_metrics(out)
     assert metrics["token_accuracy"] == 3  # summed; the loop divides by the 5 scored tokens
     assert metrics["policy/entropy"] == (5.0, 5.0)  # (1 + 2 + 0.5 + 0.5 + 1) nats over 5 tokens
     assert metrics["lengths/completion"] == (5.0, 2.0)  # 2.5 tokens per row

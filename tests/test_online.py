@@ -9,18 +9,18 @@ import math
 import pytest
 import torch
 
-from tests.conftest import write_jsonl
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Models
 from engine.algorithms.online_rows import micro_batches
 from engine.errors import CherryError
 from engine.models import freeze, load_causal_lm, load_tokenizer
 from engine.reference import Reference
+from engine.registry import ONLINE_ALGORITHMS
 from engine.rewards import build_reward
 from engine.rollout import sample_rollout, score_rollout
-from engine.registry import ONLINE_ALGORITHMS
 from engine.spec import build_spec, demo_dir, resolve_spec
 from engine.train import train
+from tests.conftest import write_jsonl
 
 CPU = torch.device("cpu")
 

@@ -304,7 +304,7 @@ def test_helpful_and_safety_gating(tok, rms):
     assert not result.components["rm"] == pytest.approx(untagged, abs=1e-4)  # the tags chose the safety score
     # no safety column: every prompt is untagged
     assert _score(reward, tok, PROMPTS, COMPLETIONS).components["rm"] == pytest.approx(untagged, abs=1e-4)
-    assert result.total == pytest.approx([r + l for r, l in zip(result.components["rm"], result.components["length"])])
+    assert result.total == pytest.approx([rm + length for rm, length in zip(result.components["rm"], result.components["length"])])
 
 
 def test_safety_model_needs_exactly_one_rm_source(tok, rms):

@@ -37,7 +37,7 @@ def run(*args: str):
 def test_ls_shows_progress_and_the_key_metric(home):
     code, out = run("ls")
     assert code == 0
-    line = next(l for l in out.splitlines() if "dpo-demo" in l)
+    line = next(text for text in out.splitlines() if "dpo-demo" in text)
     assert "running" in line and "3/4" in line and "exact_match 0.500" in line
     code, out = run("ls", "--status", "queued", "--json")
     assert [r["name"] for r in json.loads(out)] == ["kto-demo"]
@@ -50,10 +50,10 @@ def test_metrics_prints_one_row_per_step_or_json_lines(home):
     assert code == 0
     lines = out.splitlines()
     assert "train/loss" in lines[0] and "eval/exact_match" in "\n".join(lines)
-    rows = [l.split() for l in lines if l.strip()[:1].isdigit()]
+    rows = [text.split() for text in lines if text.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2", "3"] and rows[-1][-1] == "0.5"  # a step's train and eval on one line
     code, out = run("metrics", "dpo-demo", "--json", "--names", "train/loss")
-    assert [json.loads(l) for l in out.splitlines()] == [
+    assert [json.loads(text) for text in out.splitlines()] == [
         {"step": s, "train/loss": pytest.approx(0.7 - 0.1 * s)} for s in (1, 2, 3)
     ]
 

@@ -171,7 +171,7 @@ def test_every_method_trains_with_lora(algorithm, tiny_model_dir, tiny_pairs, tm
 
 PAIR_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected",
                 "logits/chosen", "logits/rejected", "policy/entropy", "lengths/chosen", "lengths/rejected"]
-SPEC_METRICS = {  # ALGORITHMS.md sections 6 (DPO family), 7 (KTO) and 8 (ORPO), "Log"
+SPEC_METRICS = {  # docs/algorithms.md: what the DPO family, KTO and ORPO log
     "dpo": ({}, PAIR_METRICS),
     "ipo": ({"loss_type": "ipo"}, PAIR_METRICS),
     "rpo": ({"rpo_alpha": 1.0}, PAIR_METRICS + ["nll_loss"]),

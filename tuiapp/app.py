@@ -110,8 +110,8 @@ class CherryApp(App):
     @work(thread=True, group="jobs")
     def run_job_action(self, action: str, run_id: str) -> None:
         """cancel / resume / remove a run, as `cherry cancel|resume|rm` do; errors become toasts."""
-        from jobs.runs import Jobs
         from engine.errors import CherryError
+        from jobs.runs import Jobs
 
         jobs = Jobs(self.home)
         try:

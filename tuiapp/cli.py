@@ -132,7 +132,7 @@ def score(
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
 ) -> None:
     """Score text with a reward model: pairwise accuracy on pairs, score statistics on completions."""
-    from engine.data import detect_format, load_rows, prepare, KIND_OF_FORMAT
+    from engine.data import KIND_OF_FORMAT, detect_format, load_rows, prepare
     from engine.scoring import load_reward_source, reward_scorer, score_dataset
     from engine.spec import resolve_path
 
@@ -206,8 +206,8 @@ def demo(
     if not headless:
         _demo_in_app(method, set_, out)
         return
-    from tuiapp.launch import demo_spec
     from jobs.local import run_in_process
+    from tuiapp.launch import demo_spec
 
     spec = demo_spec(method, set_)
     _configure_logging()

@@ -31,9 +31,9 @@ from engine.batching import collate_completions
 from engine.data import prepare
 from engine.demo.tasks import TASKS, make_tasks, task_of
 from engine.demo.tokenizer import build_tokenizer
-from engine.loop.evaluation import exact_match_accuracy
 from engine.generation import decode_completions, generate
 from engine.logprobs import completion_logps
+from engine.loop.evaluation import exact_match_accuracy
 from engine.rewards import exact_match
 
 
@@ -141,6 +141,7 @@ def sft_until_target(model, tokenizer, train: list[dict], held_out: list[dict], 
     step = 0
     history = []
     t0 = time.time()
+    loss = torch.tensor(float("nan"))  # the last step's loss, reported at eval points
     model.train()
     while True:
         if step > 0 and step % cfg.eval_every == 0:

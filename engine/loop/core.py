@@ -26,7 +26,16 @@ from engine.algorithms.base import Algorithm, Models
 from engine.loop.checkpoint import TrainState, latest_checkpoint, load_extra_state, restore, save_checkpoint
 from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
 from engine.loop.schedule import Schedule, build_optimizer
-from engine.models import count_parameters, freeze, load_causal_lm, load_reward_model, load_tokenizer, pick_device, pick_dtype, wrap_lora
+from engine.models import (
+    count_parameters,
+    freeze,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    wrap_lora,
+)
 from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, Reporter, RunDirReporter

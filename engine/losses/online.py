@@ -137,7 +137,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
         A_i = R_i - (1 / (k - 1)) sum_{j != i} R_j  =  k / (k - 1) (R_i - mean R),   k = group_size
 
-    R already includes the KL penalty (R = score - beta sum_t k1_t, see ALGORITHMS.md section 11).
+    R already includes the KL penalty (R = score - beta sum_t k1_t, see docs/algorithms.md, ppo).
     The baseline of sample i never uses R_i, so the estimator is unbiased. Needs k >= 2.
     """
     if group_size < 2:
@@ -157,7 +157,7 @@ def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1"
         k2 = l^2 / 2             biased, >= 0
         k3 = exp(-l) - 1 + l     unbiased, >= 0, low variance
 
-    Gradient trap (ALGORITHMS.md section 0): as values all three estimate the reverse KL, but used
+    Gradient trap (docs/algorithms.md, Shared conventions): as values all three estimate the reverse KL, but used
     as an on-policy LOSS (differentiated through logps, samples held fixed):
     - E[grad k1] = 0: k1 in the loss does nothing in expectation. Put k1 in the REWARD (PPO, RLOO).
     - grad E[k2] is the gradient of the reverse KL(pi_theta || pi_ref).

@@ -60,7 +60,7 @@ def reward_eval_metrics(
     rejected_lengths: torch.Tensor,
     margins: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Whole-split statistics of a reward model on held-out pairs (ALGORITHMS.md section 2).
+    """Whole-split statistics of a reward model on held-out pairs (docs/algorithms.md, rm).
 
     All inputs are [B] (one entry per pair; lengths in completion tokens incl. EOS). Returns:
     - rewards/accuracy: fraction of pairs with r_c > r_r (a tie counts as wrong);
