@@ -25,6 +25,11 @@ COLUMNS = {
 }
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()
@@ -169,7 +174,7 @@ def test_generate_sampling_seeded(tok):
 
 
 def test_build_demo_tiny(tmp_path):
-    from engine.demo.build import DemoConfig, build_demo, read_jsonl
+    from engine.demo.build import DemoConfig, build_demo
 
     cfg = DemoConfig(
         n_eval=12, n_sft_pool=64, n_sft=10, n_pairs=10, n_unpaired=10, n_prompts=10, hidden_size=32,
@@ -201,14 +206,16 @@ def info():
 def test_demo_model_reproduces_recorded_accuracy(info):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.demo.build import eval_examples, read_jsonl
     from engine.loop.evaluation import exact_match_accuracy
 
     tok = AutoTokenizer.from_pretrained(DEMO / "model")
     model = AutoModelForCausalLM.from_pretrained(DEMO / "model")
     assert sum(p.numel() for p in model.parameters()) == info["parameters"]
     rows = read_jsonl(DEMO / "eval.jsonl")
-    examples = eval_examples(tok, rows)
+    from engine.data import prepare
+    from engine.demo.build import MAX_TOKENS
+
+    examples = prepare(rows, tok, kind="prompt", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0).train
     result = exact_match_accuracy(model, tok, examples)
     assert result["accuracy"] == pytest.approx(info["held_out_accuracy"], abs=0.02)
     assert 0.2 <= result["accuracy"] <= 0.7
@@ -218,7 +225,6 @@ def test_demo_model_reproduces_recorded_accuracy(info):
 
 
 def test_demo_datasets(info):
-    from engine.demo.build import read_jsonl
 
     data = {name: read_jsonl(DEMO / name) for name in COLUMNS}
     for name, rows in data.items():

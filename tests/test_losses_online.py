@@ -16,7 +16,6 @@ from engine.losses.online import (
     gae,
     group_advantages,
     group_stats,
-    overlong_penalty,
     ppo_token_rewards,
     quantile_threshold,
     rest_keep_mask,
@@ -519,13 +518,3 @@ def test_quantile_threshold_and_keep_mask():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError):
             quantile_threshold(rewards, bad)
-
-
-def test_overlong_penalty_three_regions():
-    # max_len 20, cache 4: free up to 16, linear (16 - L) / 4 on (16, 20], -1 beyond
-    lengths = torch.tensor([10, 16, 17, 18, 20, 25])
-    penalty = overlong_penalty(lengths, max_len=20, cache_len=4)
-    assert penalty.is_floating_point()
-    assert penalty.tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
-    with pytest.raises(ValueError):
-        overlong_penalty(lengths, max_len=20, cache_len=0)

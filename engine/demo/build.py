@@ -29,7 +29,7 @@ import torch
 
 from engine.batching import collate_completions
 from engine.data import prepare
-from engine.demo.tasks import TASKS, make_tasks, task_of
+from engine.demo.tasks import TASKS, make_tasks
 from engine.demo.tokenizer import build_tokenizer
 from engine.generation import decode_completions, generate
 from engine.logprobs import completion_logps
@@ -257,17 +257,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def eval_examples(tokenizer, rows: list[dict]) -> list[dict]:
-    """`eval.jsonl` / `prompts.jsonl` rows -> examples for `exact_match_accuracy` (with `task`)."""
-    examples = prepare(rows, tokenizer, kind="prompt", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0).train
-    return [{**ex, "task": task_of(row["prompt"][-1]["content"])} for ex, row in zip(examples, rows, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------

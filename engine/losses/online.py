@@ -37,7 +37,7 @@ k1 = l, k2 = l^2 / 2, k3 = exp(-l) - 1 + l. See `token_kl` for which gradient ea
 
 Also here: the adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593), best-of-K selection
 and its analytic KL (Llama 2 arXiv 2307.09288; RAFT arXiv 2304.06767), ReST Improve thresholds
-(arXiv 2308.08998) and DAPO's soft overlong penalty.
+(arXiv 2308.08998).
 """
 
 from __future__ import annotations
@@ -484,7 +484,7 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-# ---------------------------------------------------------------- best-of-K, ReST, DAPO overlong penalty
+# ---------------------------------------------------------------- best-of-K, ReST
 
 
 def best_of_k_indices(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -535,20 +535,3 @@ def quantile_threshold(rewards: torch.Tensor, keep_fraction: float) -> float:
 def rest_keep_mask(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
     """Boolean mask of the samples ReST Improve trains on: R >= threshold (same shape as rewards)."""
     return rewards >= threshold
-
-
-def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
-    """DAPO soft overlong punishment [B] (arXiv 2503.14476, eq. 13), added to the task reward.
-
-        0                                     L <= max_len - cache_len
-        (max_len - cache_len - L) / cache_len  max_len - cache_len < L <= max_len   (0 down to -1, linear)
-        -1                                    L > max_len
-
-    L = completion length in tokens; DAPO uses max_len 20480 with cache_len 4096. Needs
-    0 < cache_len <= max_len.
-    """
-    if not 0 < cache_len <= max_len:
-        raise ValueError(f"need 0 < cache_len <= max_len (got cache_len={cache_len}, max_len={max_len})")
-    lengths = _as_float(lengths)
-    # the linear piece is 0 at the start of the cache and -1 at max_len, so clamping gives all three regions
-    return torch.clamp((max_len - cache_len - lengths) / cache_len, min=-1.0, max=0.0)

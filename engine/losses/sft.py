@@ -15,8 +15,3 @@ import torch
 def sft_loss(token_logps: torch.Tensor) -> torch.Tensor:
     """Scalar sum of -token_logps (flat per-token log-probs of completion tokens only)."""
     return -token_logps.sum()
-
-
-def token_correct_sum(token_correct: torch.Tensor) -> torch.Tensor:
-    """Scalar count of completion tokens whose argmax prediction is right; / token count = token accuracy."""
-    return token_correct.detach().float().sum()
