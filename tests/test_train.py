@@ -136,6 +136,18 @@ def test_precomputed_reference_logps_are_cached_and_give_the_same_losses(tiny_mo
     assert len(list((cache / "ref_logps").glob("*.pt"))) == 2
 
 
+def test_kto_with_precomputed_reference_logps_gives_the_same_losses(tiny_model_dir, tiny_pairs, tmp_path):
+    """KTO rows hold a completion and its mismatched partner, not chosen/rejected: the cache key and
+    the table must follow what the algorithm batches."""
+    common = dict(algorithm="kto", max_steps=3, eval_steps=0, sample_steps=0, save_steps=100)
+    live, pre = MemoryReporter(), MemoryReporter()
+    train(dpo_spec(tiny_model_dir, tiny_pairs, **common), tmp_path / "live", live)
+    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre", pre,
+          cache_dir=tmp_path / "cache")
+    assert pre.series("train/loss") == pytest.approx(live.series("train/loss"), abs=1e-6)
+    assert pre.series("kl") == pytest.approx(live.series("kl"), abs=1e-6)
+
+
 def test_export_merges_a_lora_adapter_into_full_weights(tiny_model_dir, tiny_pairs, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

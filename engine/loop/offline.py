@@ -68,7 +68,8 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
     to_device = lambda batch: {k: v.to(device) for k, v in batch.items()}  # noqa: E731
     ref_table = None
     if algo.needs_reference and spec.precompute_ref_logps:
-        key_keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+        # Every token list the algorithm batches (KTO: a completion and its mismatched partner) is in the key.
+        key_keys = tuple(sorted(k for k in data.train[0] if k.endswith("_ids"))) if data.train else ()
         key = "-".join(
             [
                 fingerprint_model(spec.ref_model or spec.model, run.dtype) + ("-base" if spec.lora.r and not spec.ref_model else ""),
