@@ -317,6 +317,11 @@ def check_values(spec: RunSpec) -> None:
         spec.loss_type in loss_types,
         f"loss_type must be one of {', '.join(loss_types)} for {spec.algorithm} (got '{spec.loss_type}')",
     )
+    need(
+        spec.label_smoothing == 0 or spec.loss_type in ("sigmoid", "robust"),
+        f"label_smoothing applies to loss_type sigmoid (cDPO) and robust only; got {spec.label_smoothing} with "
+        f"loss_type={spec.loss_type} (set label_smoothing=0)",
+    )
     need(spec.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (got {spec.rpo_alpha}); 1.0 is the RPO paper's value")
     need(
         not (spec.rpo_alpha > 0 and spec.loss_type == "ipo"),

@@ -7,7 +7,8 @@ import torch
 
 from engine.algorithms.base import completion_metrics
 from engine.logprobs import CompletionLogps
-from engine.loop.metrics import MetricSums
+from engine.loop.metrics import MetricLog, MetricSums
+from engine.reporting import MemoryReporter
 
 
 def hand_logps() -> CompletionLogps:
@@ -59,3 +60,10 @@ def test_needs_the_token_stats():
     plain.token_entropy = None
     with pytest.raises(ValueError, match="stats=True"):
         completion_metrics(plain, torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool))
+
+
+def test_the_best_eval_value_is_the_smallest_loss_or_perplexity_and_the_largest_of_the_rest():
+    log = MetricLog(MemoryReporter())
+    log.emit(1, {"eval/loss": 0.5, "eval/perplexity": 1.6, "eval/exact_match": 0.4, "eval/coh/nll_gap": 0.1})
+    log.emit(2, {"eval/loss": 0.7, "eval/perplexity": 2.0, "eval/exact_match": 0.6, "eval/coh/nll_gap": 0.3})
+    assert log.best == {"eval/loss": 0.5, "eval/perplexity": 1.6, "eval/exact_match": 0.6, "eval/coh/nll_gap": 0.3}

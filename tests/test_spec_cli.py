@@ -38,11 +38,12 @@ def test_dpo_preset_holds_every_field_and_is_valid():
         ("dtype=fp64", "dtype must be one of auto, fp32, bf16, fp16"),
         ("max_prompt_length=2000", "max_prompt_length must be > 0 and < max_length"),
         ("beta", "--set expects key=value"),
+        ("loss_type=hinge label_smoothing=0.1", "label_smoothing applies to loss_type sigmoid (cDPO) and robust only"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override, message):
     with pytest.raises(SpecError) as err:
-        resolve_spec("dpo", [override], check_paths=False)
+        resolve_spec("dpo", override.split(), check_paths=False)
     assert message in str(err.value)
 
 

@@ -34,6 +34,17 @@ class MetricSums:
         return {name: total / self.counts[name] for name, total in self.sums.items() if self.counts[name] > 0}
 
 
+# Eval metrics where a smaller value is the better one (the rest: larger is better).
+_LOWER_IS_BETTER = ("loss", "perplexity", "nll")
+
+
+def lower_is_better(name: str) -> bool:
+    """eval/loss, eval/perplexity, Chain of Hindsight's NLLs: the best value is the smallest. (A NLL
+    *gap*, such as eval/coh/nll_gap, grows as the model learns: larger is better there.)"""
+    leaf = name.rsplit("/", 1)[-1]
+    return "gap" not in leaf and any(word in leaf for word in _LOWER_IS_BETTER)
+
+
 class MetricLog:
     """Sends metrics to the reporter and keeps the latest value and the best eval value of each."""
 
@@ -47,7 +58,7 @@ class MetricLog:
         self.last.update(metrics)
         for name, value in metrics.items():
             if name.startswith("eval/"):
-                better = min if "loss" in name else max
+                better = min if lower_is_better(name) else max
                 self.best[name] = better(self.best.get(name, value), value)
 
 
