@@ -302,6 +302,9 @@ class Store:
         )
         return {name: value for name, value in rows}
 
+    def latest_metrics_many(self, run_ids: list[str]) -> dict[str, dict[str, float]]:
+        return {run_id: self.latest_metrics(run_id) for run_id in run_ids}
+
     def add_samples(self, run_id: str, step: int, samples: list[dict[str, Any]]) -> None:
         rows = []
         for sample in samples:

@@ -329,8 +329,6 @@ class StoreReader:
 
     def read(self, want: Want) -> Snapshot:
         runs = [RunInfo.from_run(r) for r in self.store.list_runs()]
-        if self.store.shared:
-            self.store.ingest(r.id for r in runs)  # every run's live events in one round trip
         for run in runs:
             run.key_metric = self._key_metric(run)
         workers = self.store.live_workers()

@@ -104,9 +104,7 @@ def register(app: typer.Typer) -> None:
         jobs = _jobs()
         runs = jobs.store.find_runs(text) if text else jobs.store.list_runs()
         runs = [r for r in runs if not wanted or r.status in wanted]
-        if jobs.store.shared:
-            jobs.store.ingest(r.id for r in runs)  # every run's live events in one round trip
-        latest = {r.id: jobs.store.latest_metrics(r.id) for r in runs}
+        latest = jobs.store.latest_metrics_many([r.id for r in runs])
         if as_json:
             _emit_json([_run_json(r, latest[r.id]) for r in runs])
             return
@@ -190,6 +188,9 @@ def register(app: typer.Typer) -> None:
         columns: list[str] = []
         last_id = 0
         while True:
+            # The status first: a run logs its last metrics before it ends, so rows read after seeing
+            # it ended are all there is.
+            status = jobs.store.get_run(r.id).status
             rows = jobs.store.metrics(r.id, after_id=last_id, names=wanted)
             if rows:
                 last_id = rows[-1]["id"]
@@ -211,7 +212,6 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
             if not follow:
                 break
-            status = jobs.store.get_run(r.id).status
             if status in ENDED and not rows:
                 typer.echo(f"run {status}", err=True)
                 break
