@@ -29,7 +29,7 @@ from engine.spec import DATA_KIND, RunSpec, build_spec, resolve_paths
 from jobs.home import artifacts_root, cherry_home, new_run_id
 from jobs.queue import JobQueue
 from jobs.shared import RunIdTaken, open_store
-from jobs.store import ENDED, Run, Store, files_host, location, this_host  # noqa: F401 (location: for front ends)
+from jobs.store import ENDED, Run, Store, files_host, this_host
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
 

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -88,6 +87,7 @@ def machines(tmp_path, redis_url):
         host.stop()
 
 
+@pytest.mark.slow  # about 2.5 minutes on 2 shared CPU cores; `make test` runs it
 def test_two_worker_hosts_and_a_laptop_share_only_redis(machines, tiny_model_dir, tiny_pairs, tmp_path, monkeypatch):
     from engine.reporting import MemoryReporter
     from engine.train import train

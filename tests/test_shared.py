@@ -6,9 +6,8 @@ Each "host" here is its own Cherry home (its own SQLite store), as on separate m
 
 from __future__ import annotations
 
+import json
 import threading
-import time
-from pathlib import Path
 
 import pytest
 
@@ -227,3 +226,30 @@ def test_a_wiped_redis_gets_back_the_runs_a_host_knows_and_their_queue(hosts, re
     assert jobs.requeue_lost() == [queued.id]
     assert jobs.queue.pending_run_ids() == [queued.id]
     assert [r.id for r in hosts("other").list_runs()] == [queued.id, done.id]
+
+
+def test_a_chained_run_goes_to_the_host_holding_its_parents_output(hosts, redis_url, monkeypatch, tiny_model_dir,
+                                                                    tiny_pairs, tmp_path):
+    from engine.spec import resolve_spec
+    from jobs.runs import Jobs
+    from tests.test_jobs import tiny_spec
+
+    monkeypatch.setenv("CHERRY_HOME", str(tmp_path / "laptop"))
+    jobs = Jobs(tmp_path / "laptop")
+    sft = jobs.submit(resolve_spec("sft", ["max_steps=1"], model=str(tiny_model_dir), dataset=str(tiny_pairs)))
+    dpo = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs), after=sft.id)
+    assert sft.out_dir is None and dpo.model == f"{tmp_path / 'laptop' / sft.id}/final"  # planned, not placed
+    assert not (tmp_path / "laptop" / sft.id).exists()
+
+    # a worker on gpu-a takes the SFT run: its directory goes under gpu-a's home
+    placed = jobs.place(sft, tmp_path / "gpu-a", "gpu-a")
+    assert placed == {"out_dir": str(tmp_path / "gpu-a" / sft.id), "files_host": "gpu-a"}
+    assert jobs.store.set_status(sft.id, "running", only_if=["queued"], worker_host="gpu-a", **placed)
+    assert jobs.store.set_status(sft.id, "completed", only_if=["running"])
+    assert jobs.release_dependents(sft.id) == [dpo.id]
+    assert jobs.queue.huey.storage.conn.zcard(jobs.queue.huey.storage.host_queue_key("gpu-a")) == 1
+
+    # the DPO run reads the SFT model where it is
+    placed = jobs.place(jobs.store.get_run(dpo.id), tmp_path / "gpu-a", "gpu-a")
+    assert placed["model"] == f"{tmp_path / 'gpu-a' / sft.id}/final"
+    assert json.loads(placed["spec"])["model"] == placed["model"]

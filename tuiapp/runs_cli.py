@@ -49,7 +49,7 @@ def _key_metric(latest: dict[str, float]) -> str:
 
 
 def _run_json(run, latest: dict[str, float] | None = None) -> dict[str, Any]:
-    from jobs.runs import location
+    from jobs.store import location
 
     row = {k: v for k, v in run.row.items() if k not in ("spec", "log_tail")}
     row["spec"] = run.spec
@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="The run, its latest metrics and its summary as JSON."),
     ) -> None:
         """A run's status, timing, spec, latest metrics, summary and error."""
-        from jobs.runs import location
+        from jobs.store import location
 
         jobs = _jobs()
         r = jobs.resolve(run)
