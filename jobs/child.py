@@ -26,7 +26,8 @@ import traceback
 from engine.errors import CherryError
 from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
-from jobs.home import cache_dir, cherry_home, store_path
+from jobs.home import cache_dir, cherry_home
+from jobs.shared import open_store
 from jobs.store import Store, StoreReporter
 
 POLL_SECONDS = 0.5  # how often the stop check reads the store (it runs once per step)
@@ -71,10 +72,10 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def run_child(run_id: str, parent_pid: int) -> int:
-    store = Store(store_path(cherry_home()))
+    store = open_store(cherry_home())
     run = store.get_run(run_id)
     if run is None:
-        print(f"error: run {run_id} is not in the store {store.path}", file=sys.stderr)
+        print(f"error: run {run_id} is not in the store {store.path}" + (" (or in Redis)" if store.shared else ""), file=sys.stderr)
         return 2
     stop = StopCheck(store, run_id, parent_pid)
     signal.signal(signal.SIGTERM, stop.on_signal)

@@ -41,5 +41,17 @@ def store_path(home: Path | None = None) -> Path:
     return (home or cherry_home()) / "cherry.db"
 
 
+def artifacts_root() -> Path | None:
+    """$CHERRY_ARTIFACTS: a directory every host sees (NFS, a mounted bucket) for run directories.
+
+    Unset, a run's directory is on the disk of the worker that runs it, under that worker's home."""
+    value = os.environ.get("CHERRY_ARTIFACTS")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
 def cache_dir() -> Path:
     return cherry_home() / "cache"

@@ -15,8 +15,9 @@ from typing import Any, Callable
 from engine.errors import CherryError
 from engine.reporting import MultiReporter, Reporter
 from engine.spec import RunSpec
-from jobs.home import cache_dir, cherry_home, new_run_id, store_path
-from jobs.store import Store, StoreReporter, this_host
+from jobs.home import cache_dir, cherry_home, new_run_id
+from jobs.shared import open_store
+from jobs.store import StoreReporter, this_host
 from jobs.worker import HEARTBEAT_SECONDS
 
 
@@ -32,15 +33,16 @@ def run_in_process(
 
     home = cherry_home()
     run_dir = Path(out_dir).resolve() if out_dir else home / new_run_id(spec.display_name, home)
-    store = Store(store_path(home))
+    store = open_store(home)
     run_id = run_dir.name if run_dir.parent == home else _outside_id(run_dir)
     if store.get_run(run_id) is None:
         store.create_run(run_id, spec.to_dict(), name=spec.display_name, out_dir=str(run_dir))
     store.set_status(run_id, "running", worker_host=this_host(), worker_pid=os.getpid(), pid=os.getpid(),
+                     files_host=this_host() if store.shared else None,
                      heartbeat_at=None, cancel_requested=0, error=None, finished_at=None)
     store.add_event(run_id, "worker", "running in the foreground (`cherry train`)")
     stopped = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store.path, run_id, stopped), daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(home, run_id, stopped), daemon=True)
     beat.start()
     reporters = [StoreReporter(store, run_id)] + ([reporter] if reporter is not None else [])
     status, error = "failed", None
@@ -69,9 +71,9 @@ def _outside_id(run_dir: Path) -> str:
     return f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:6]}"
 
 
-def _heartbeat(path: Path, run_id: str, stopped: threading.Event) -> None:
+def _heartbeat(home: Path, run_id: str, stopped: threading.Event) -> None:
     """Beat from a thread with its own connection (sqlite3 connections stay in their thread)."""
-    store = Store(path)
+    store = open_store(home)
     try:
         while not stopped.wait(HEARTBEAT_SECONDS):
             store.heartbeat(run_id)

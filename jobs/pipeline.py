@@ -24,7 +24,7 @@ import yaml
 
 from engine.errors import SpecError
 from engine.spec import closest, presets_dir, resolve_spec
-from jobs.runs import Jobs
+from jobs.runs import Jobs, run_dir
 from jobs.store import Run
 
 STAGE_KEYS = ("preset", "after", "model_from", "set")
@@ -126,5 +126,5 @@ def submit_pipeline(
         run = jobs.submit(spec, after=after, model_from=model_from)
         jobs.store.add_event(run.id, "pipeline", f"stage '{stage}' of pipeline {Path(pipeline_path(name)).stem}")
         runs[stage] = run
-        run_dirs[stage] = run.out_dir
+        run_dirs[stage] = run_dir(run)
     return list(runs.values())

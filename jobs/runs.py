@@ -8,12 +8,17 @@ so a bad spec never reaches the queue. The run row is written first, then the ta
 id is queued. A run chained with `after` waits in the store (status queued, no task yet) until
 the run it follows completes; the worker then queues it with that run's output as its model.
 
+With a shared Redis (several machines, see jobs/shared.py) a run's directory is on the disk of the
+worker that takes it, unless $CHERRY_ARTIFACTS names a directory every host sees: a run to resume,
+and a run chained after one, then go to a worker on the host that holds the files.
+
 Torch-free: the TUI and the CLI import this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +27,10 @@ from engine.data import check_dataset
 from engine.errors import CherryError
 from engine.registry import ALGORITHMS
 from engine.spec import RunSpec, build_spec, resolve_paths
-from jobs.home import cherry_home, new_run_id, store_path
+from jobs.home import artifacts_root, cherry_home, new_run_id
 from jobs.queue import JobQueue
-from jobs.store import ENDED, Run, Store
+from jobs.shared import RunIdTaken, open_store
+from jobs.store import ENDED, Run, Store, files_host, this_host
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
 
@@ -41,7 +47,7 @@ class Jobs:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home)
-        self.store = Store(store_path(self.home))
+        self.store: Store = open_store(self.home)
         self._queue: JobQueue | None = None
 
     @property
@@ -70,36 +76,61 @@ class Jobs:
             source = self.resolve(model_from) if model_from else parent
             if source.algorithm == "rm":
                 raise JobError(f"--after {source.id}: that run trains a reward model, which cannot be the policy of the next run")
-            spec = dataclasses.replace(spec, model=str(Path(source.out_dir) / "final"))
+            spec = dataclasses.replace(spec, model=str(Path(run_dir(source)) / "final"))
         resolve_paths(spec, check_model=parent is None)
         check_dataset(spec.dataset, ALGORITHMS[spec.algorithm].data_kind)
         if spec.eval_dataset:
             check_dataset(spec.eval_dataset, ALGORITHMS[spec.algorithm].data_kind, "eval dataset")
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
 
-        run_id = new_run_id(spec.display_name, self.home)
-        run = self.store.create_run(
-            run_id, spec.to_dict(), name=spec.display_name, out_dir=str(self.home / run_id),
-            parent=parent.id if parent else None, priority=priority, retries=retries,
-        )
+        run = self._create(spec, parent=parent.id if parent else None, priority=priority, retries=retries)
+        run_id = run.id
         if parent is not None and parent.status != "completed":
             self.store.add_event(run_id, "queued", f"waiting for {parent.id} to complete; its output is this run's model")
             return run
         self._enqueue(run)
         return self.store.get_run(run_id)
 
-    def _enqueue(self, run: Run) -> None:
-        task_id = self.queue.enqueue(run.id, priority=run.priority or 0)
+    def _create(self, spec: RunSpec, **fields) -> Run:
+        """Store a new queued run under a fresh id (another host may take an id first: try the next)."""
+        shared_dirs = artifacts_root() if self.store.shared else None
+        root = shared_dirs or self.home
+        while True:
+            run_id = new_run_id(spec.display_name, root)
+            planned = str(root / run_id)
+            host_local = self.store.shared and shared_dirs is None
+            try:
+                run = self.store.create_run(run_id, spec.to_dict(), name=spec.display_name,
+                                            out_dir=None if host_local else planned, planned_dir=planned, **fields)
+            except RunIdTaken:
+                continue
+            if host_local:  # the worker that takes it makes its directory under its own home
+                (root / run_id).rmdir()
+            return run
+
+    def _enqueue(self, run: Run, host: str | None = None) -> None:
+        task_id = self.queue.enqueue(run.id, priority=run.priority or 0, host=host)
         self.store.update_run(run.id, task_id=task_id)
-        self.store.add_event(run.id, "queued", f"queued (priority {run.priority or 0})")
+        where = f", for a worker on {host} (its files are there)" if host else ""
+        self.store.add_event(run.id, "queued", f"queued (priority {run.priority or 0}){where}")
 
     def release_dependents(self, run_id: str) -> list[str]:
-        """Queue the runs chained after `run_id` (which just completed)."""
+        """Queue the runs chained after `run_id` (which just completed), where its output is."""
+        host = files_host(self.store.get_run(run_id))
         released = []
         for child in self.store.dependents(run_id):
-            self._enqueue(child)
+            self._enqueue(child, host)
             released.append(child.id)
         return released
+
+    def requeue_lost(self) -> list[str]:
+        """Queue again every run the store knows is queued but no queue holds (a Redis restart without
+        persistence). A run a worker took meanwhile is skipped by that worker: never run twice."""
+        pending = set(self.queue.pending_run_ids())
+        lost = [r for r in self.store.list_runs(["queued"]) if r.task_id and r.id not in pending]
+        for run in lost:
+            self._enqueue(run, files_host(run))
+        return [r.id for r in lost]
 
     def live_workers(self) -> list[dict]:
         """Workers consuming this home's queue right now (they heartbeat into the store)."""
@@ -141,10 +172,12 @@ class Jobs:
         if run.status not in RESUMABLE:
             hint = "it is still going" if run.status in ("queued", "running") else "it completed"
             raise JobError(f"{run.id} is {run.status}: only a failed, cancelled or interrupted run can be resumed ({hint})")
-        self.store.update_run(run.id, status="queued", resume=1, cancel_requested=0, error=None, finished_at=None, task_id=None)
+        if not self.store.change_run(run.id, dict(status="queued", resume=1, cancel_requested=0, error=None,
+                                                  finished_at=None, task_id=None), only_if=RESUMABLE):
+            raise JobError(f"{run.id} changed meanwhile (now {self.store.get_run(run.id).status}); look again with `cherry show {run.id}`")
         self.store.add_event(run.id, "resume", "re-queued; it continues from its last checkpoint")
         run = self.store.get_run(run.id)
-        self._enqueue(run)
+        self._enqueue(run, files_host(run))
         return self.store.get_run(run.id)
 
     def remove(self, text: str) -> Run:
@@ -156,10 +189,37 @@ class Jobs:
             self.queue.revoke(run.task_id)
         self.store.delete_run(run.id)
         out_dir = Path(run.out_dir or "")
-        if run.out_dir and out_dir.is_dir() and out_dir.resolve().parent == self.home.resolve():
+        ours = files_host(run) in (None, this_host())  # another host's files are left to that host
+        roots = {self.home.resolve(), *([artifacts_root()] if artifacts_root() else [])}
+        if run.out_dir and ours and out_dir.is_dir() and out_dir.resolve().parent in roots:
             shutil.rmtree(out_dir, ignore_errors=True)
         return run
+
+    def place(self, run: Run, home: Path, host: str) -> dict:
+        """What a worker with `home` sets when it takes `run`: its directory, when the run has none yet
+        (under this worker's home), and the spec with the directories of the runs it was chained after
+        as they were placed (at submit they were only planned)."""
+        fields: dict = {}
+        if not run.out_dir:
+            fields.update(out_dir=str(Path(home) / run.id), files_host=host)
+        text = json.dumps(run.spec)
+        ancestor = run
+        while ancestor.parent:
+            ancestor = self.store.get_run(ancestor.parent)
+            if ancestor is None:
+                break
+            if ancestor.planned_dir and ancestor.out_dir and ancestor.planned_dir != ancestor.out_dir:
+                text = text.replace(json.dumps(ancestor.planned_dir)[1:-1], json.dumps(ancestor.out_dir)[1:-1])
+        if text != json.dumps(run.spec):
+            spec = json.loads(text)
+            fields.update(spec=text, model=spec.get("model"), dataset=spec.get("dataset"))
+        return fields
 
 
 def is_ended(run: Run) -> bool:
     return run.status in ENDED
+
+
+def run_dir(run: Run) -> str:
+    """The run's directory, or where it is planned when no worker placed it yet."""
+    return run.out_dir or run.planned_dir or ""

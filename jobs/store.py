@@ -70,7 +70,20 @@ def _v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Several machines: which GPUs a run holds, where its directory was planned at submit and which
+    host's disk holds it (a worker puts it under its own home), how far this store ingested each
+    shared run's stream, and log text streamed from other hosts."""
+    db["runs"].add_column("gpus", str)
+    db["runs"].add_column("planned_dir", str)
+    db["runs"].add_column("files_host", str)  # the host whose disk alone holds the run's directory
+    db["shared_runs"].create({"run_id": str, "rev": int, "stream_id": str, "seq": int}, pk="run_id")
+    # The run's process output, for hosts that do not have its log file (streamed by its worker).
+    db["logs"].create({"run_id": str, "time": float, "text": str})
+    db["logs"].create_index(["run_id"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -95,6 +108,10 @@ class Run:
 
 
 class Store:
+    """The single-machine store, and the interface of every store (`jobs.shared.open_store` picks one)."""
+
+    shared = False  # True for a store whose state lives in Redis (jobs.shared.SharedStore)
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,18 +154,24 @@ class Store:
     # ------------------------------------------------------------------ runs
 
     def create_run(
-        self, run_id: str, spec: dict[str, Any], *, name: str, out_dir: str, parent: str | None = None,
-        priority: int = 0, retries: int = 0,
+        self, run_id: str, spec: dict[str, Any], *, name: str, out_dir: str | None, parent: str | None = None,
+        priority: int = 0, retries: int = 0, planned_dir: str | None = None,
     ) -> Run:
+        """A queued run. Without `out_dir` the worker that takes it puts its directory under its own home
+        (`planned_dir` then stands for it in the specs of runs chained after it, until it is placed)."""
         row = {
             "id": run_id, "name": name, "status": "queued", "algorithm": spec.get("algorithm"),
             "model": spec.get("model"), "dataset": spec.get("dataset"), "spec": json.dumps(spec),
             "parent": parent, "priority": priority, "created_at": time.time(), "out_dir": out_dir,
-            "cancel_requested": 0, "resume": 0, "attempts": 0, "retries": retries, "step": 0, "total_steps": 0,
+            "planned_dir": planned_dir or out_dir, "cancel_requested": 0, "resume": 0, "attempts": 0, "retries": retries,
+            "step": 0, "total_steps": 0,
         }
+        self._insert_run(row)
+        return self.get_run(run_id)
+
+    def _insert_run(self, row: dict[str, Any]) -> None:
         with self._write():
             self.db["runs"].insert(row)
-        return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> Run | None:
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
@@ -172,17 +195,22 @@ class Store:
     def update_run(self, run_id: str, **fields: Any) -> None:
         if "spec" in fields and not isinstance(fields["spec"], str):
             fields["spec"] = json.dumps(fields["spec"])
-        with self._write():
-            self.db["runs"].update(run_id, fields)
+        self.change_run(run_id, fields)
 
-    def set_status(self, run_id: str, status: str, *, only_if: Iterable[str] | None = None, **fields: Any) -> bool:
-        """Move a run to `status` (only from one of `only_if` when given); True when it moved."""
-        assert status in STATUSES, status
-        fields["status"] = status
-        if status in ENDED:
-            fields.setdefault("finished_at", time.time())
-        if status == "running":
-            fields.setdefault("started_at", time.time())
+    def set_status(
+        self, run_id: str, status: str, *, only_if: Iterable[str] | None = None, beat_before: float | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move a run to `status` (only from one of `only_if` when given, and only when its last heartbeat
+        is older than `beat_before` when given); True when it moved."""
+        return self.change_run(run_id, status_fields(status, fields), only_if=only_if, beat_before=beat_before)
+
+    def change_run(
+        self, run_id: str, fields: dict[str, Any], *, only_if: Iterable[str] | None = None,
+        beat_before: float | None = None,
+    ) -> bool:
+        """Set `fields` in one step, only while the run's status is one of `only_if` (when given) and its
+        last heartbeat is older than `beat_before` (when given); True when the run matched."""
         names = list(fields)
         sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
         params = [fields[n] for n in names] + [run_id]
@@ -190,17 +218,19 @@ class Store:
             allowed = list(only_if)
             sql += f" AND status IN ({', '.join('?' * len(allowed))})"
             params += allowed
+        if beat_before is not None:
+            sql += " AND COALESCE(heartbeat_at, started_at, 0) < ?"
+            params.append(beat_before)
         with self._write():
             moved = self.db.execute(sql, params).rowcount
         return moved > 0
 
     def heartbeat(self, run_id: str) -> None:
-        with self._write():
-            self.db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", [time.time(), run_id])
+        self.change_run(run_id, {"heartbeat_at": time.time()})
 
     def delete_run(self, run_id: str) -> None:
         with self._write():
-            for table in ("metrics", "samples", "events"):
+            for table in ("metrics", "samples", "events", "logs"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             self.db.execute("DELETE FROM runs WHERE id = ?", [run_id])
 
@@ -231,10 +261,7 @@ class Store:
     def live_workers(self, stale_after: float = 30.0) -> list[dict[str, Any]]:
         """Workers that beat within `stale_after` seconds (a killed worker stops beating); on this
         host, only those whose process is still there."""
-        cutoff = time.time() - stale_after
-        rows = self.db.query("SELECT * FROM workers WHERE heartbeat_at >= ? ORDER BY started_at", [cutoff])
-        host = this_host()
-        return [w for w in rows if w["host"] != host or pid_alive(w["pid"])]
+        return fresh_workers(self.db.query("SELECT * FROM workers ORDER BY started_at"), stale_after)
 
     # ------------------------------------------------------------------ metrics, samples, events
 
@@ -275,6 +302,9 @@ class Store:
         )
         return {name: value for name, value in rows}
 
+    def latest_metrics_many(self, run_ids: list[str]) -> dict[str, dict[str, float]]:
+        return {run_id: self.latest_metrics(run_id) for run_id in run_ids}
+
     def add_samples(self, run_id: str, step: int, samples: list[dict[str, Any]]) -> None:
         rows = []
         for sample in samples:
@@ -302,10 +332,19 @@ class Store:
         return [r[0] for r in self.db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])]
 
     def add_event(self, run_id: str, kind: str, message: str, **data: Any) -> None:
-        row = {"run_id": run_id, "time": time.time(), "kind": kind, "message": message,
-               "data": json.dumps(data, ensure_ascii=False, default=str)}
+        self._insert_event(run_id, time.time(), kind, message, json.dumps(data, ensure_ascii=False, default=str))
+
+    def _insert_event(self, run_id: str, at: float, kind: str, message: str, data: str) -> None:
         with self._write():
-            self.db["events"].insert(row)
+            self.db["events"].insert({"run_id": run_id, "time": at, "kind": kind, "message": message, "data": data})
+
+    def add_log(self, run_id: str, text: str, at: float | None = None) -> None:
+        with self._write():
+            self.db["logs"].insert({"run_id": run_id, "time": time.time() if at is None else at, "text": text})
+
+    def log_text(self, run_id: str) -> str:
+        """The run's output as streamed by its worker (empty on one machine: the log file is here)."""
+        return "".join(r[0] for r in self.db.execute("SELECT text FROM logs WHERE run_id = ? ORDER BY rowid", [run_id]))
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT time, kind, message, data FROM events WHERE run_id = ? ORDER BY rowid", [run_id])
@@ -339,6 +378,32 @@ class _Transaction:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
+def files_host(run: Run | None) -> str | None:
+    """The host whose disk holds the run's directory, when only that host has it (None: every host
+    sees it, on one machine or under $CHERRY_ARTIFACTS)."""
+    return run.row.get("files_host") if run is not None else None
+
+
+def location(run: Run) -> str:
+    """Where a run's files are, as a user on any host should read it: `host:path` for a directory on
+    one worker's disk, the plain path when every host sees it."""
+    if not run.out_dir:
+        return "(on the disk of the worker that takes it)"
+    host = files_host(run)
+    return f"{host}:{run.out_dir}" if host else run.out_dir
+
+
+def status_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields a move to `status` sets: the status itself and its start or finish time."""
+    assert status in STATUSES, status
+    fields = {**fields, "status": status}
+    if status in ENDED:
+        fields.setdefault("finished_at", time.time())
+    if status == "running":
+        fields.setdefault("started_at", time.time())
+    return fields
+
+
 def _run(row: dict[str, Any]) -> Run:
     return Run(id=row["id"], status=row["status"], spec=json.loads(row["spec"] or "{}"), row=dict(row))
 
@@ -368,8 +433,17 @@ class StoreReporter:
         self.store.rewind(self.run_id, step)
 
 
+def fresh_workers(rows: Iterable[dict[str, Any]], stale_after: float) -> list[dict[str, Any]]:
+    """Workers that beat within `stale_after` seconds; on this host, only those whose process is there."""
+    cutoff = time.time() - stale_after
+    host = this_host()
+    return [w for w in rows if w["heartbeat_at"] >= cutoff and (w["host"] != host or pid_alive(w["pid"]))]
+
+
 def this_host() -> str:
-    return socket.gethostname()
+    """This machine's name in `host:path` and in worker heartbeats: $CHERRY_HOST, else the hostname
+    (set it where containers on different machines would share a hostname)."""
+    return os.environ.get("CHERRY_HOST") or socket.gethostname()
 
 
 def pid_alive(pid: int | None) -> bool:

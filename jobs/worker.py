@@ -17,7 +17,8 @@ its OpenMP pool can hang, and a clean child per run gives a clean CUDA context.
 
 On start (and every minute) the worker marks runs orphaned by a dead worker as interrupted:
 same host and neither the worker nor the run's process is alive, or (other hosts sharing a
-Redis queue) no heartbeat for `STALE_SECONDS`.
+Redis queue) no heartbeat for $CHERRY_HEARTBEAT_TIMEOUT seconds (default 60). With Redis it
+also streams each run's log to the other hosts and queues again what a Redis restart lost.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from pathlib import Path
 
 from huey.consumer import Consumer
 
-from jobs.home import store_path
 from jobs.queue import JobQueue, queue_backend
-from jobs.runs import Jobs
+from jobs.runs import Jobs, run_dir
+from jobs.shared import open_store, redis_url
 from jobs.store import Store, pid_alive, this_host
 
 HEARTBEAT_SECONDS = 2.0
-STALE_SECONDS = 60.0
+STALE_SECONDS = 60.0  # default heartbeat timeout of a run on another host ($CHERRY_HEARTBEAT_TIMEOUT)
 SWEEP_SECONDS = 60.0
+LOG_CHUNK_BYTES = 64_000  # at most this much new log text is streamed per heartbeat
 LOG_TAIL_LINES = 40
 USER_ERROR_EXIT = 2  # the child's exit code for a user error: retrying cannot help
 OOM_EXIT = 3
@@ -89,27 +91,30 @@ class Worker:
         self.shutting_down = threading.Event()
         self.children: dict[str, subprocess.Popen] = {}
         self.children_lock = threading.Lock()
-        self.queue = JobQueue(self.home, handler=self.execute)
+        self.stale_seconds = float(os.environ.get("CHERRY_HEARTBEAT_TIMEOUT") or STALE_SECONDS)
+        self.queue = JobQueue(self.home, handler=self.execute, host=self.host)
 
     # ------------------------------------------------------------------ orphans
 
     def sweep_orphans(self) -> list[str]:
         """Mark runs left `running` by a dead worker as interrupted; returns their ids."""
-        store = Store(store_path(self.home))
+        store = open_store(self.home)
         marked = []
         try:
             for run in store.list_runs(["running"]):
                 if run.worker_host == self.host and run.worker_pid == self.pid:
                     continue  # ours
+                beat_before = None
                 if run.worker_host == self.host:
                     orphaned = not pid_alive(run.worker_pid) and not pid_alive(run.pid)
-                else:
-                    orphaned = time.time() - (run.heartbeat_at or run.started_at or 0) > STALE_SECONDS
+                else:  # checked again atomically with the change: a beat meanwhile keeps it running
+                    beat_before = time.time() - self.stale_seconds
+                    orphaned = (run.heartbeat_at or run.started_at or 0) < beat_before
                 if orphaned and store.set_status(
-                    run.id, "interrupted", only_if=["running"],
-                    error="its worker stopped while it ran (killed or the machine restarted); "
-                          f"continue it with `cherry resume {run.id}`",
-                    log_tail=log_tail(Path(run.out_dir) / "log.txt"),
+                    run.id, "interrupted", only_if=["running"], beat_before=beat_before,
+                    error=f"its worker on {run.worker_host} stopped while it ran (killed, the machine restarted "
+                          f"or was cut off); continue it with `cherry resume {run.id}`",
+                    log_tail=log_tail(Path(run_dir(run)) / "log.txt") or None,
                 ):
                     store.add_event(run.id, "interrupted", "marked interrupted: its worker is gone")
                     marked.append(run.id)
@@ -122,7 +127,7 @@ class Worker:
 
     def execute(self, run_id: str) -> None:
         """The Huey task: run `run_id` to its end. Runs in a consumer thread."""
-        store = Store(store_path(self.home))
+        store = open_store(self.home)
         try:
             self._execute(store, run_id)
         except Exception as err:  # a bug here must not leave the run "running" forever
@@ -137,13 +142,18 @@ class Worker:
             return  # removed, cancelled while queued, or a duplicate task
         slot = self.slots.get()
         try:
+            jobs = Jobs(self.home)
+            try:
+                placed = jobs.place(run, self.home, self.host)
+            finally:
+                jobs.close()
             if not store.set_status(
                 run_id, "running", only_if=["queued"], worker_host=self.host, worker_pid=self.pid, pid=None,
                 heartbeat_at=time.time(), attempts=(run.attempts or 0) + 1, cancel_requested=0, error=None, log_tail=None,
-                started_at=time.time(), finished_at=None,
+                started_at=time.time(), finished_at=None, gpus=slot, **placed,
             ):
-                return
-            out_dir = Path(run.out_dir)
+                return  # another worker took it first
+            out_dir = Path(placed.get("out_dir") or run.out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "CHERRY_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
             if slot is not None:
@@ -160,7 +170,7 @@ class Worker:
             with self.children_lock:
                 self.children[run_id] = proc
             try:
-                self._watch(store, run_id, proc)
+                self._watch(store, run_id, proc, out_dir / "log.txt")
             finally:
                 with self.children_lock:
                     self.children.pop(run_id, None)
@@ -168,14 +178,17 @@ class Worker:
             self.slots.put(slot)
         self._record_end(store, run_id, proc.returncode)
 
-    def _watch(self, store: Store, run_id: str, proc: subprocess.Popen) -> None:
+    def _watch(self, store: Store, run_id: str, proc: subprocess.Popen, log_path: Path) -> None:
         kill_at = None
         beat_at = 0.0
+        log_offset = log_path.stat().st_size if log_path.exists() else 0
         while proc.poll() is None:
             now = time.monotonic()
             if now - beat_at >= HEARTBEAT_SECONDS:
                 beat_at = now
                 store.heartbeat(run_id)
+                if store.shared:
+                    log_offset = _stream_log(store, run_id, log_path, log_offset)
                 run = store.get_run(run_id)
                 stop_asked = run is None or bool(run.cancel_requested)
                 if kill_at is None and (stop_asked or self.shutting_down.is_set()):
@@ -186,12 +199,14 @@ class Worker:
                 proc.wait()
                 break
             time.sleep(0.2)
+        while store.shared and log_offset != (log_offset := _stream_log(store, run_id, log_path, log_offset)):
+            pass  # the rest of the log, written as the process ended
 
     def _record_end(self, store: Store, run_id: str, returncode: int | None) -> None:
         run = store.get_run(run_id)
         if run is None:
             return
-        tail = log_tail(Path(run.out_dir) / "log.txt")
+        tail = log_tail(Path(run_dir(run)) / "log.txt")
         if run.status == "running":  # the child could not record its ending: killed or crashed hard
             if run.cancel_requested:
                 status, error = "cancelled", None
@@ -240,17 +255,18 @@ class Worker:
 
     def _beat_loop(self) -> None:
         """Announce this worker in the store (slots, busy) until it stops."""
-        store = Store(store_path(self.home))
+        store = open_store(self.home)
         try:
             while True:
                 with self.children_lock:
                     busy = len(self.children)
-                store.worker_beat(self.worker_id, host=self.host, pid=self.pid, slots=self.concurrency, busy=busy,
-                                  queue=queue_backend())
+                try:
+                    store.worker_beat(self.worker_id, host=self.host, pid=self.pid, slots=self.concurrency, busy=busy,
+                                      queue=queue_backend())
+                except Exception:  # Redis restarting, a locked store: beat again next time
+                    log.exception("worker heartbeat failed")
                 if self.shutting_down.wait(HEARTBEAT_SECONDS):
                     break
-        except Exception:
-            log.exception("worker heartbeat failed")
         finally:
             store.close()
 
@@ -261,7 +277,7 @@ class Worker:
             self._consume()
         finally:
             self.shutting_down.set()
-            store = Store(store_path(self.home))
+            store = open_store(self.home)
             store.remove_worker(self.worker_id)
             store.close()
 
@@ -276,11 +292,22 @@ class Worker:
         consumer.run()
 
     def _sweep_loop(self) -> None:
-        while not self.shutting_down.wait(SWEEP_SECONDS):
+        # A host gone from a shared Redis is noticed within about one and a third heartbeat timeouts.
+        while not self.shutting_down.wait(min(SWEEP_SECONDS, self.stale_seconds / 3)):
             try:
                 self.sweep_orphans()
+                if redis_url():
+                    self.requeue_lost()
             except Exception:
                 log.exception("orphan sweep failed")
+
+    def requeue_lost(self) -> None:
+        jobs = Jobs(self.home)
+        try:
+            for run_id in jobs.requeue_lost():
+                log.warning("run %s was queued but no queue held it (Redis restarted?): queued again", run_id)
+        finally:
+            jobs.close()
 
 
 class _Consumer(Consumer):
@@ -295,6 +322,19 @@ class _Consumer(Consumer):
         self._signum = signum
         self._restart = False
         self._graceful = True
+
+
+def _stream_log(store: Store, run_id: str, path: Path, offset: int) -> int:
+    """Send the log text written since `offset` to the other hosts; returns the new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_CHUNK_BYTES)
+    except OSError:
+        return offset
+    if data:
+        store.add_log(run_id, data.decode("utf-8", errors="replace"))
+    return offset + len(data)
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

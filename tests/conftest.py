@@ -68,3 +68,81 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("CHERRY_HOME", str(path))
     monkeypatch.delenv("CHERRY_REDIS_URL", raising=False)  # the SQLite queue unless a test asks for Redis
     return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server on a free port for one test (AOF on, as the README advises); its URL.
+
+    Skipped where redis-server is missing, except in CI (CI=true), where that is a failure: the
+    several-machines tests must run there."""
+    import shutil
+    import subprocess
+    import time
+
+    if not shutil.which("redis-server"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    redis = pytest.importorskip("redis")
+    port = _free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
+            "--appendonly", "yes"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(0.05)
+    url = f"redis://127.0.0.1:{port}/0"
+    url_server[url] = (server, args)
+    try:
+        yield url
+    finally:
+        server, _ = url_server.pop(url)
+        server.terminate()
+        server.wait(10)
+
+
+# The redis-server behind each URL the fixture handed out, so a test can restart it.
+url_server: dict[str, tuple] = {}
+
+
+def restart_redis(url: str) -> None:
+    """Stop the test's redis-server (SIGTERM: it flushes its AOF) and start it again on the same port."""
+    import subprocess
+    import time
+
+    import redis
+
+    server, args = url_server[url]
+    server.terminate()
+    server.wait(10)
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url_server[url] = (server, args)
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

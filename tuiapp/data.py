@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.home import store_path
 from jobs.queue import queue_backend
-from jobs.store import ENDED, Run, Store, sample_kind, this_host
+from jobs.shared import open_store
+from jobs.store import ENDED, Run, location, sample_kind, this_host
 from tuiapp.runs_cli import KEY_METRICS
 
 LIVE = ("queued", "running")
@@ -62,6 +62,7 @@ class RunInfo:
     key_metric: tuple[str, float] | None = None
     pid: int | None = None  # the run's own process (while it runs)
     worker_host: str | None = None
+    location: str = ""  # host:path when only that worker's disk holds the run's files
 
     @property
     def ended(self) -> bool:
@@ -88,7 +89,7 @@ class RunInfo:
             finished_at=r.get("finished_at"), parent=r.get("parent"),
             waiting=bool(r.get("parent") and run.status == "queued" and not r.get("task_id")),
             cancel_requested=bool(r.get("cancel_requested")), error=r.get("error"), out_dir=r.get("out_dir") or "",
-            spec=run.spec, pid=r.get("pid"), worker_host=r.get("worker_host"),
+            spec=run.spec, pid=r.get("pid"), worker_host=r.get("worker_host"), location=location(run),
         )
 
 
@@ -270,7 +271,7 @@ class StoreReader:
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
-        self.store = Store(store_path(self.home))
+        self.store = open_store(self.home)
         self._series: dict[str, dict[str, SeriesData]] = {}
         self._last_id: dict[str, int] = {}
         self._latest: dict[str, tuple[tuple[Any, ...], tuple[str, float] | None]] = {}
@@ -337,7 +338,7 @@ class StoreReader:
                 run=run, series=series, sample_steps=steps, sample_step=step,
                 samples=self.store.samples(run.id, step) if step is not None else [],
                 events=self.store.events(run.id)[-200:],
-                log=log_tail(Path(run.out_dir) / "log.txt") if run.out_dir else "",
+                log=(run.out_dir and log_tail(Path(run.out_dir) / "log.txt")) or self.store.log_text(run.id)[-64_000:],
                 proc=self.proc_figures(run),
             )
         compare = {

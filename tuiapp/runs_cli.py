@@ -49,8 +49,11 @@ def _key_metric(latest: dict[str, float]) -> str:
 
 
 def _run_json(run, latest: dict[str, float] | None = None) -> dict[str, Any]:
+    from jobs.store import location
+
     row = {k: v for k, v in run.row.items() if k not in ("spec", "log_tail")}
     row["spec"] = run.spec
+    row["location"] = location(run)  # host:path when only that worker's disk holds the run's files
     if latest is not None:
         row["latest_metrics"] = latest
     return row
@@ -101,7 +104,7 @@ def register(app: typer.Typer) -> None:
         jobs = _jobs()
         runs = jobs.store.find_runs(text) if text else jobs.store.list_runs()
         runs = [r for r in runs if not wanted or r.status in wanted]
-        latest = {r.id: jobs.store.latest_metrics(r.id) for r in runs}
+        latest = jobs.store.latest_metrics_many([r.id for r in runs])
         if as_json:
             _emit_json([_run_json(r, latest[r.id]) for r in runs])
             return
@@ -131,6 +134,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="The run, its latest metrics and its summary as JSON."),
     ) -> None:
         """A run's status, timing, spec, latest metrics, summary and error."""
+        from jobs.store import location
+
         jobs = _jobs()
         r = jobs.resolve(run)
         latest = jobs.store.latest_metrics(r.id)
@@ -148,8 +153,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
         started = r.started_at and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
         typer.echo(f"created   {_age(r.created_at)} ago    started {started or '-'}    "
-                   f"worker {r.worker_host or '-'} pid {r.pid or '-'}")
-        typer.echo(f"directory {r.out_dir}")
+                   f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.row['gpus']}" if r.row.get("gpus") else ""))
+        typer.echo(f"directory {location(r)}")
         if r.error:
             typer.secho(f"error     {r.error}", fg="red")
         if latest:
@@ -183,6 +188,9 @@ def register(app: typer.Typer) -> None:
         columns: list[str] = []
         last_id = 0
         while True:
+            # The status first: a run logs its last metrics before it ends, so rows read after seeing
+            # it ended are all there is.
+            status = jobs.store.get_run(r.id).status
             rows = jobs.store.metrics(r.id, after_id=last_id, names=wanted)
             if rows:
                 last_id = rows[-1]["id"]
@@ -204,7 +212,6 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
             if not follow:
                 break
-            status = jobs.store.get_run(r.id).status
             if status in ENDED and not rows:
                 typer.echo(f"run {status}", err=True)
                 break
@@ -257,7 +264,8 @@ def register(app: typer.Typer) -> None:
                 stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
                 typer.echo(f"{stamp} [{event['kind']}] {event['message']}")
             return
-        text = log_tail(Path(r.out_dir or "") / "log.txt", lines) or r.log_tail
+        streamed = "\n".join(jobs.store.log_text(r.id).splitlines()[-lines:])  # a run on another host
+        text = (r.out_dir and log_tail(Path(r.out_dir) / "log.txt", lines)) or streamed or r.log_tail
         typer.echo(text or f"(no log yet: {r.id} is {r.status})")
 
     @app.command()
@@ -273,6 +281,14 @@ def register(app: typer.Typer) -> None:
         r = _jobs().resume(run)
         typer.echo(f"{r.id}: queued to resume from its last checkpoint")
 
+    @app.command()
+    @friendly
+    def requeue() -> None:
+        """Queue again the runs the store knows are queued but no queue holds (after a Redis restart
+        without persistence; workers also do this by themselves every sweep)."""
+        lost = _jobs().requeue_lost()
+        typer.echo("\n".join(f"{run_id}: queued again" for run_id in lost) or "nothing lost: every queued run is on the queue")
+
     @app.command("rm")
     @friendly
     def remove(
@@ -282,7 +298,7 @@ def register(app: typer.Typer) -> None:
         """Delete a run: its store rows and its run directory (checkpoints, weights, logs)."""
         jobs = _jobs()
         r = jobs.resolve(run)
-        if not yes and not typer.confirm(f"delete {r.id} ({r.status}) and {r.out_dir}?", default=False):
+        if not yes and not typer.confirm(f"delete {r.id} ({r.status}) and {r.out_dir or 'its store rows'}?", default=False):
             raise typer.Exit(1)
         jobs.remove(r.id)
         typer.echo(f"removed {r.id}")

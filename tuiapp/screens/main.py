@@ -134,7 +134,7 @@ def sys_text(detail: RunDetail) -> Text:
 
 def spec_text(run: RunInfo, events: list[dict]) -> Text:
     text = Text()
-    text.append(f"id        {run.id}\ndirectory {run.out_dir}\n", style="dim")
+    text.append(f"id        {run.id}\ndirectory {run.location or run.out_dir}\n", style="dim")
     if run.parent:
         text.append(f"after     {run.parent}\n", style="dim")
     text.append("\nspec\n", style="bold")
