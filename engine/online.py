@@ -119,7 +119,7 @@ def train_online(
     if algo.uses_judge and spec.judge != "reward":
         from engine.rewards import LLMJudge
 
-        judge = LLMJudge(spec.judge, device=str(device), trust_remote_code=spec.trust_remote_code)
+        judge = LLMJudge(spec.judge, device=str(device), template=spec.judge_template, trust_remote_code=spec.trust_remote_code)
     models = OnlineModels(policy=policy, tokenizer=tokenizer, device=device, reference=reference, value=value, judge=judge)
 
     if spec.eval_prompts:
@@ -269,7 +269,8 @@ def train_online(
                 checkpoint_now()
     except KeyboardInterrupt:
         checkpoint_now()
-        _write_summary(out_dir, "interrupted", spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
+        _write_summary(out_dir, "interrupted", spec, state, schedule, before, metric_log.last, metric_log.best, started, device,
+                       data.stats, extra=algo.summary())
         raise
 
     checkpoint_now()
@@ -282,7 +283,8 @@ def train_online(
         if value is not None:
             value.save_pretrained(out_dir / "final_value")
     reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
-    return _write_summary(out_dir, status, spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
+    return _write_summary(out_dir, status, spec, state, schedule, before, metric_log.last, metric_log.best, started, device,
+                          data.stats, extra=algo.summary())
 
 
 def _mini_batches(phase: Phase, spec: RunSpec):

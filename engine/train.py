@@ -583,7 +583,9 @@ def train(
     return _write_summary(out_dir, status, spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
 
 
-def _write_summary(out_dir, status, spec, state, schedule, before, last, best, started, device, data_stats) -> dict:
+def _write_summary(out_dir, status, spec, state, schedule, before, last, best, started, device, data_stats,
+                   extra: dict | None = None) -> dict:
+    """summary.json; `extra` adds an algorithm's own run-level figures (online DPO's judge block)."""
     summary = {
         "status": status,
         "algorithm": spec.algorithm,
@@ -603,6 +605,7 @@ def _write_summary(out_dir, status, spec, state, schedule, before, last, best, s
         "data": data_stats,
         "final_dir": str(Path(out_dir) / "final") if status == "completed" else None,
         "adapter_base": spec.model if spec.lora.r > 0 else None,
+        **(extra or {}),
     }
     (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

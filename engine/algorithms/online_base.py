@@ -111,6 +111,10 @@ class OnlineAlgorithm:
         """Adjust state after a step (PPO's adaptive KL); returns metrics to log."""
         return {}
 
+    def summary(self) -> dict:
+        """Run-level figures for summary.json (online DPO: its judge's preferences); most methods: none."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
