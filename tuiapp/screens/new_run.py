@@ -33,7 +33,7 @@ FORM_FIELDS = (
     "save_steps", "num_threads",
 )
 # Shown for online methods (GRPO, RLOO, PPO, ...) only: how they sample and what rewards them.
-ONLINE_FIELDS = ("num_generations", "temperature", "max_new_tokens", "rewards", "judge")
+ONLINE_FIELDS = ("num_generations", "temperature", "max_new_tokens", "rewards", "judge", "judge_template")
 EXTRA = "extra"
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
@@ -123,7 +123,7 @@ def show_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return ",".join(map(str, value))
-    return str(value)
+    return str(value).replace("\n", "\\n")  # a one-line input: a judge_template's line breaks show as \n (read back as such)
 
 
 def error_field(message: str, keys: list[str]) -> str | None:
