@@ -659,3 +659,12 @@ def test_overlong_penalty_three_regions():
     assert penalty.tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
     with pytest.raises(ValueError):
         overlong_penalty(lengths, max_len=20, cache_len=0)
+
+
+def test_spec_lists_the_same_grpo_loss_types_and_clip_defaults_as_the_losses():
+    """engine.spec stays torch-free, so it keeps its own copies: they must match the losses'."""
+    from engine.losses.online import CISPO_CLIP, GRPO_LOSS_AGGREGATION, GSPO_CLIP
+    from engine.spec import CLIP_DEFAULTS, GRPO_LOSS_TYPES
+
+    assert set(GRPO_LOSS_TYPES) == set(GRPO_LOSS_AGGREGATION)
+    assert CLIP_DEFAULTS == {"gspo": GSPO_CLIP, "cispo": CISPO_CLIP}

@@ -29,7 +29,8 @@ DEFAULT_METRICS = {
     "preference": ["train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match"],
     "sft": ["train/loss", "token_accuracy", "eval/exact_match", "eval/perplexity"],
     "rm": ["train/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin"],
-    "online": ["reward/mean", "kl/mean", "eval/exact_match", "gen/length_mean", "frac_reward_zero_std", "policy/entropy"],
+    "online": ["reward/mean", "kl/mean", "eval/exact_match", "gen/length_mean", "frac_reward_zero_std", "policy/entropy",
+               "judge/position_consistency", "judge/shorter_preferred_frac"],  # the last two: online DPO (the first: an LLM judge)
 }
 ONLINE = ("grpo", "rloo", "ppo", "online_dpo", "best_of_k", "rest")  # engine.spec.ONLINE_ALGORITHMS (kept torch-free here)
 FRONTIER_Y = ("eval/exact_match", "eval/reward", "eval/rewards/accuracy")
