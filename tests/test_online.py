@@ -280,8 +280,8 @@ def demo_run(method: str, tmp_path, *overrides: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_demo_grpo_and_rloo_gain_at_least_15_points(method, tmp_path):
+@pytest.mark.parametrize("method", ["grpo", "gspo", "cispo", "rloo"])
+def test_demo_grpo_its_loss_variants_and_rloo_gain_at_least_15_points(method, tmp_path):
     summary = demo_run(method, tmp_path)
     before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
     assert after - before >= 0.15, (before, after)
