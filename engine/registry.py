@@ -41,6 +41,9 @@ class AlgorithmInfo:
     charts: tuple[str, ...] = PREFERENCE_CHARTS
     form_fields: tuple[str, ...] = ()  # fields the app's new-run form shows beyond the common ones
     checks: tuple[Check, ...] = field(default=())
+    # (epsilon, epsilon_high) a spec that leaves them null gets, per loss type with its own paper's clip range
+    # (others: epsilon 0.2, epsilon_high = epsilon). A test ties these to the losses' own constants.
+    clip_defaults: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
     @property
     def default_loss_type(self) -> str:
@@ -108,8 +111,9 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
         ),
         AlgorithmInfo(
             "grpo", "GRPO (Shao et al. 2024) with the DAPO and Dr. GRPO choices", "prompt", True,
-            "engine.algorithms.grpo:GRPO", "engine.losses.online:clipped_policy_loss", loss_types=("dapo", "grpo", "dr_grpo"), beta_may_be_zero=True,
-            charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
+            "engine.algorithms.grpo:GRPO", "engine.losses.online:clipped_policy_loss", loss_types=("dapo", "grpo", "dr_grpo", "gspo", "cispo"),
+            beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
+            clip_defaults={"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)},
         ),
         AlgorithmInfo(
             "rloo", "RLOO (Ahmadian et al. 2024)", "prompt", True, "engine.algorithms.rloo:RLOO", "engine.losses.online:sequence_policy_loss",
@@ -121,8 +125,9 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
         ),
         AlgorithmInfo(
             "online_dpo", "online DPO with AI feedback (Guo et al. 2024)", "prompt", True,
-            "engine.algorithms.online_dpo:OnlineDPO", "engine.losses.dpo:dpo_loss", loss_types=("sigmoid", "ipo"), charts=ONLINE_CHARTS,
-            form_fields=SAMPLING_FIELDS + ("judge",), checks=(_two_samples,),
+            "engine.algorithms.online_dpo:OnlineDPO", "engine.losses.dpo:dpo_loss", loss_types=("sigmoid", "ipo"),
+            charts=ONLINE_CHARTS + ("judge/position_consistency", "judge/shorter_preferred_frac"),
+            form_fields=SAMPLING_FIELDS + ("judge", "judge_template"), checks=(_two_samples,),
         ),
         AlgorithmInfo(
             "best_of_k", "rejection sampling fine-tuning (best-of-K)", "prompt", True,

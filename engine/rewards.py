@@ -623,7 +623,7 @@ DEFAULT_JUDGE_TEMPLATE = (
     "Which answer is better? Reply with one digit: 1 or 2."
 )
 PLAIN_JUDGE_SUFFIX = "\n\nThe better answer is Answer"  # plain-text judges continue with " 1" or " 2"
-_PLACEHOLDERS = ("{prompt}", "{answer_1}", "{answer_2}")
+JUDGE_PLACEHOLDERS = ("{prompt}", "{answer_1}", "{answer_2}")
 
 
 def _question_text(prompt: str, conversation: Any) -> str:
@@ -646,9 +646,9 @@ class LLMJudge:
         from engine.models import freeze, load_causal_lm, load_tokenizer, pick_device, pick_dtype
 
         self.template = DEFAULT_JUDGE_TEMPLATE if template is None else template
-        missing = [p for p in _PLACEHOLDERS if p not in self.template]
+        missing = [p for p in JUDGE_PLACEHOLDERS if p not in self.template]
         if missing:
-            raise CherryError(f"judge template lacks {', '.join(missing)}; it must contain {', '.join(_PLACEHOLDERS)}")
+            raise CherryError(f"judge template lacks {', '.join(missing)}; it must contain {', '.join(JUDGE_PLACEHOLDERS)}")
         self.source = model_path_or_id
         self.batch_size = batch_size
         target = pick_device(device)
@@ -735,6 +735,34 @@ class LLMJudge:
         prob_a = [0.5 * (p + (1.0 - q)) for p, q in zip(a_first, b_first)]
         consistent = [(p > 0.5) == (q < 0.5) for p, q in zip(a_first, b_first)]
         return JudgeResult(prob_a, consistent)
+
+
+def judge_tallies(
+    winners: list[int],
+    skip: list[bool],
+    lengths_a: list[int],
+    lengths_b: list[int],
+    consistent: list[bool] | None = None,
+    rewards_a: list[float] | None = None,
+    rewards_b: list[float] | None = None,
+) -> dict[str, tuple[int, int]]:
+    """What a judge decided on a batch of pairs (winner 0 = A, 1 = B), as (count, out of) tallies that add up
+    across steps, so a run can report its judge's preferences as a whole:
+
+    - decided_frac: pairs not skipped as near-ties, out of all pairs.
+    - shorter_preferred_frac: decided pairs of unequal length (tokens) where the shorter completion won.
+    - reward_agreement (with rewards): decided pairs with unequal rewards where the higher-reward completion won.
+    - position_consistency (an order-sensitive judge): pairs whose two presentation orders chose the same winner.
+    """
+    decided = [i for i, s in enumerate(skip) if not s]
+    shorter_won = [winners[i] == (0 if lengths_a[i] < lengths_b[i] else 1) for i in decided if lengths_a[i] != lengths_b[i]]
+    out = {"decided_frac": (len(decided), len(skip)), "shorter_preferred_frac": (sum(shorter_won), len(shorter_won))}
+    if rewards_a is not None and rewards_b is not None:
+        agree = [winners[i] == (0 if rewards_a[i] > rewards_b[i] else 1) for i in decided if rewards_a[i] != rewards_b[i]]
+        out["reward_agreement"] = (sum(agree), len(agree))
+    if consistent is not None:
+        out["position_consistency"] = (sum(consistent), len(consistent))
+    return out
 
 
 def judge_pairs(prob_a: list[float], tie_margin: float) -> tuple[list[int], list[bool]]:

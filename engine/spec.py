@@ -31,6 +31,9 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "inverse_sqrt")  # engine.loop.schedule.lr_factor
 OVERLONG = ("truncate", "drop")
 SCALE_REWARDS = ("group", "batch", "none")
+DEFAULT_EPSILON = 0.2  # the clip range a null `epsilon` takes, unless the method's loss type has its own
+# Free text taken from `--set key=value` as typed: YAML would read "{prompt} ..." as a mapping.
+VERBATIM_FIELDS = ("judge_template",)
 
 
 @dataclass
@@ -103,10 +106,11 @@ class RunSpec:
     safety_threshold: float = 0.15
     judge: str = "reward"  # online_dpo: "reward" (compare the rewards) or a causal LM dir / hub id (LLM judge)
     judge_tie_margin: float = 0.05  # online_dpo: skip pairs whose preference is within this of 0.5
+    judge_template: str | None = None  # online_dpo LLM judge prompt with {prompt}, {answer_1}, {answer_2}; None = built-in
     missing_eos_penalty: float = 0.0  # subtracted from the reward of a sample that hit max_new_tokens without EOS
     mask_truncated: bool = False  # leave samples without EOS out of the loss (DAPO overlong filtering)
-    epsilon: float = 0.2  # PPO / GRPO / RLOO clip range (low side)
-    epsilon_high: float | None = None  # upper clip (DAPO clip-higher 0.28); None = epsilon
+    epsilon: float | None = DEFAULT_EPSILON  # PPO / GRPO / RLOO clip range (low side); None = the loss_type's (CLIP_DEFAULTS)
+    epsilon_high: float | None = None  # upper clip (DAPO clip-higher 0.28); None = epsilon, or the loss_type's (gspo, cispo)
     num_iterations: int = 1  # passes over each rollout (PPO epochs, GRPO mu)
     num_mini_batches: int = 1  # optimizer steps per pass over a rollout
     scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none (Dr. GRPO)
@@ -234,6 +238,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise SpecError(f"--set expects key=value, got '{item}' (for example --set beta=0.2)")
     key, raw = item.split("=", 1)
     key = key.strip()
+    if key in VERBATIM_FIELDS:
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -269,9 +275,25 @@ def build_spec(values: dict[str, Any]) -> RunSpec:
     algorithm = ALGORITHMS.get(kwargs.get("algorithm", RunSpec.algorithm))
     if "loss_type" not in kwargs and algorithm is not None:  # each method's own default loss (GRPO: token-level, as TRL)
         kwargs["loss_type"] = algorithm.default_loss_type
+    low, high = clip_defaults(kwargs.get("algorithm", RunSpec.algorithm), kwargs.get("loss_type", "sigmoid"))
+    if kwargs.get("epsilon") is None:
+        kwargs["epsilon"] = low
+    if kwargs.get("epsilon_high") is None:
+        kwargs["epsilon_high"] = high
+    if isinstance(kwargs.get("judge_template"), str):  # "\n" typed on a command line or in the app is a line break
+        kwargs["judge_template"] = kwargs["judge_template"].replace("\\n", "\n")
     spec = RunSpec(**kwargs, lora=LoraSpec(**lora_kwargs))
     check_values(spec)
     return spec
+
+
+def clip_defaults(algorithm: str, loss_type: str) -> tuple[float, float | None]:
+    """(epsilon, epsilon_high) a spec that leaves them null gets: the GRPO loss_type's paper values, else 0.2 and
+    None (= epsilon)."""
+    row = ALGORITHMS.get(algorithm)
+    if row is not None and loss_type in row.clip_defaults:
+        return row.clip_defaults[loss_type]
+    return DEFAULT_EPSILON, None
 
 
 def check_values(spec: RunSpec) -> None:
@@ -353,7 +375,7 @@ def check_values(spec: RunSpec) -> None:
 
 def check_online_values(spec: RunSpec, need) -> None:
     """The online methods' settings (they are ignored, but still checked, by offline methods)."""
-    from engine.rewards import parse_reward_source  # torch-free
+    from engine.rewards import JUDGE_PLACEHOLDERS, parse_reward_source  # torch-free
 
     online = is_online(spec.algorithm)
     need(spec.num_generations >= 1, f"num_generations must be >= 1 (got {spec.num_generations})")
@@ -369,8 +391,18 @@ def check_online_values(spec: RunSpec, need) -> None:
     need(not spec.safety_reward_model or any(s.startswith("rm:") for s in sources),
          "safety_reward_model combines with a helpfulness reward model: add an rm:PATH entry to rewards")
     need(0 <= spec.judge_tie_margin < 0.5, f"judge_tie_margin must be in [0, 0.5) (got {spec.judge_tie_margin})")
+    if spec.judge_template is not None:
+        missing = [p for p in JUDGE_PLACEHOLDERS if p not in spec.judge_template]
+        need(not missing, f"judge_template lacks {' and '.join(missing)}: the judge prompt must contain {', '.join(JUDGE_PLACEHOLDERS)} "
+                          "(where the request and the two answers go)")
+        need(spec.algorithm != "online_dpo" or spec.judge != "reward",
+             "judge_template is the prompt of an LLM judge, but judge is 'reward' (the rewards decide the pairs): "
+             "set judge to a causal LM directory or hub id, or leave judge_template unset")
     need(spec.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0 (got {spec.missing_eos_penalty}); it is subtracted")
-    need(0 < spec.epsilon < 1, f"epsilon must be in (0, 1) (got {spec.epsilon}); 0.2 is the usual clip range")
+    if spec.algorithm == "grpo" and spec.loss_type == "cispo":  # CISPO clips a weight: a lower bound of 0 is allowed
+        need(0 < spec.epsilon <= 1, f"epsilon must be in (0, 1] for loss_type=cispo (got {spec.epsilon}); 1 = no lower bound on the weight (MiniMax-M1)")
+    else:
+        need(0 < spec.epsilon < 1, f"epsilon must be in (0, 1) (got {spec.epsilon}); 0.2 is the usual clip range")
     need(spec.epsilon_high is None or spec.epsilon_high > 0, f"epsilon_high must be > 0 (got {spec.epsilon_high}); DAPO uses 0.28")
     need(spec.num_iterations >= 1, f"num_iterations must be >= 1 (got {spec.num_iterations})")
     need(spec.num_mini_batches >= 1, f"num_mini_batches must be >= 1 (got {spec.num_mini_batches})")

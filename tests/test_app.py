@@ -601,6 +601,32 @@ async def test_new_run_shows_sampling_and_reward_fields_for_online_presets(home)
 
 
 @pytest.mark.asyncio
+async def test_new_run_sets_the_online_dpo_judge_template(home):
+    from textual.widgets import Input, Select, Static
+
+    app = make_app(home)
+    async with app.run_test(size=(120, 40)) as pilot:
+        form = await open_form(pilot)
+        form.query_one("#f-preset", Select).value = "demo/online_dpo"
+        await wait_until(pilot, lambda: form.preset == "demo/online_dpo", what="online_dpo preset")
+        assert form.query_one("#row-judge_template").display and form.query_one("#f-judge_template", Input).value == ""
+        form.query_one("#f-judge", Input).value = "demo"
+        form.query_one("#f-judge_template", Input).value = "Shorter wins.\\n{prompt}\\n1: {answer_1}"
+        await pilot.pause(0.1)
+        assert "judge_template lacks {answer_2}" in str(form.query_one("#msg-judge_template", Static).render())
+        form.query_one("#f-judge_template", Input).value = "Shorter wins.\\n{prompt}\\n1: {answer_1}\\n2: {answer_2}"
+        await pilot.pause(0.1)
+        assert not form.query_one("#row-judge_template").has_class("-invalid")
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.screen is not form, timeout=15, what="form closed")
+        store = Store(store_path(home))
+        (run,) = store.list_runs()
+        assert run.spec["judge_template"] == "Shorter wins.\n{prompt}\n1: {answer_1}\n2: {answer_2}"
+        assert run.spec["judge"].endswith("model")  # "demo" resolved to the demo model's directory
+        store.close()
+
+
+@pytest.mark.asyncio
 async def test_new_run_saves_and_loads_a_preset_of_your_own(home):
     import yaml
     from textual.widgets import Input, Select

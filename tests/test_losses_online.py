@@ -10,12 +10,14 @@ from engine.losses.online import (
     aggregate_token_loss,
     best_of_k_indices,
     bon_kl,
+    cispo_policy_loss,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
     gae,
     group_advantages,
     group_stats,
+    gspo_policy_loss,
     ppo_token_rewards,
     quantile_threshold,
     rest_keep_mask,
@@ -237,6 +239,134 @@ def test_clipped_policy_loss_clip_side_and_asymmetric_eps():
     loss, m = clipped_policy_loss(logps, old, advantages, mask, eps_low=0.2, eps_high=0.28)
     _close(loss, _m([-1.25, 1.25, -0.75, 0.8]))
     assert m["policy/clip_high_frac"] == (0.0, 4.0) and m["policy/clipfrac"] == (1.0, 4.0)
+
+
+# ---------------------------------------------------------------- GSPO (arXiv 2507.18071)
+
+
+def _gspo_example():
+    """Row 0: A = 2, token ratios 1.5, 0.9, 1.0 -> s = 1.35^(1/3); row 1: A = 1, ratios 0.5, 1.5 -> s = 0.75^(1/2);
+    row 2: no valid token. Padding holds NaN, which must not leak."""
+    mask = _m([1, 1, 1], [1, 1, 0], [0, 0, 0])
+    advantages = _t(2.0, 1.0, 3.0)
+    old = _m([-1.0, -2.0, -0.5], [-1.0, -3.0, 0.0], [0.0, 0.0, 0.0])
+    ratios = _m([1.5, 0.9, 1.0], [0.5, 1.5, 1.0], [1.0, 1.0, 1.0])
+    logps = (old + ratios.log()).clone()
+    logps[1, 2] = float("nan")
+    old[1, 2] = float("nan")
+    logps[2] = float("nan")
+    return logps.requires_grad_(), old, advantages, mask
+
+
+def test_gspo_loss_matches_hand_values_metrics_and_gradient():
+    logps, old, advantages, mask = _gspo_example()
+    loss, m = gspo_policy_loss(logps, old, advantages, mask, eps_low=0.05, eps_high=0.05)
+    s0, s1 = 1.35 ** (1 / 3), 0.75**0.5  # 1.1052 and 0.8660
+    # row 0: s0 > 1.05 with A = 2 > 0: max(-2 s0, -2 * 1.05) = -2.1 (clipped: no gradient)
+    # row 1: s1 < 0.95 but A = 1 > 0: max(-s1, -0.95) = -s1 (the unclipped term is active)
+    # row 2: no tokens -> 0
+    _close(loss, [-2.1, -s1, 0.0])
+    # per TOKEN, each token carrying its sequence's value: row 0's 3 tokens are clipped, of 5 valid tokens
+    assert m["policy/clipfrac"] == (3.0, 5.0)
+    assert m["policy/clip_high_frac"] == (3.0, 5.0) and m["policy/clip_low_frac"] == (0.0, 5.0)
+    assert math.isclose(_mean(m["policy/ratio_mean"]), (3 * s0 + 2 * s1) / 5, rel_tol=1e-12)
+    log_ratios = [math.log(1.5), math.log(0.9), 0.0, math.log(0.5), math.log(1.5)]
+    assert math.isclose(_mean(m["policy/approx_kl"]), sum(0.5 * x * x for x in log_ratios) / 5, rel_tol=1e-12)
+    assert all(isinstance(v, float) for pair in m.values() for v in pair)
+    # gradient of -A s with s = exp(mean_t log rho_t): -A s / |y| on each valid token of an unclipped sequence
+    loss.sum().backward()
+    _close(logps.grad, _m([0.0, 0.0, 0.0], [-s1 / 2, -s1 / 2, 0.0], [0.0, 0.0, 0.0]))
+
+
+def test_gspo_clips_low_side_for_negative_advantages_and_uses_the_papers_tiny_range_by_default():
+    logps, old, _, mask = _gspo_example()
+    loss, m = gspo_policy_loss(logps, old, _t(2.0, -1.0, 0.0), mask, eps_low=0.05, eps_high=0.05)
+    # row 1 with A = -1: max(s1, 0.95) = 0.95, clipped low
+    _close(loss[1], 0.95)
+    assert m["policy/clip_low_frac"] == (2.0, 5.0) and m["policy/clipfrac"] == (5.0, 5.0)
+    # defaults 3e-4 / 4e-4 (the paper's): a sequence ratio of 1.001 with A > 0 is already clipped
+    old = _m([-1.0, -1.0])
+    logps = (old + math.log(1.001)).requires_grad_()
+    loss, m = gspo_policy_loss(logps, old, _t(1.0), _m([1, 1]))
+    _close(loss, [-(1 + 4e-4)])
+    assert m["policy/clipfrac"] == (2.0, 2.0)
+    loss, _ = gspo_policy_loss((old + math.log(0.999)), old, _t(-1.0), _m([1, 1]))
+    _close(loss, [1 - 3e-4])
+
+
+def test_gspo_on_policy_gradient_is_grpos_per_sequence_mean():
+    """At s = 1 GSPO's gradient, averaged over sequences, is GRPO's with the "grpo" aggregation."""
+    torch.manual_seed(4)
+    old = -torch.rand(3, 5, dtype=torch.float64) * 4
+    advantages = torch.randn(3, dtype=torch.float64)
+    mask = _m([1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0])
+    gspo_logps = old.clone().requires_grad_()
+    loss, m = gspo_policy_loss(gspo_logps, old, advantages, mask)
+    (loss.sum() / 3).backward()
+    grpo_logps = old.clone().requires_grad_()
+    per_token, _ = clipped_policy_loss(grpo_logps, old, advantages, mask)
+    total, units = aggregate_token_loss(per_token, mask, "grpo")
+    (total / units).backward()
+    _close(gspo_logps.grad, grpo_logps.grad)
+    _close(loss, -advantages)
+    assert m["policy/clipfrac"] == (0.0, 10.0) and m["policy/ratio_mean"] == (10.0, 10.0)
+
+
+# ---------------------------------------------------------------- CISPO (MiniMax-M1, arXiv 2506.13585)
+
+
+def _cispo_example():
+    """log pi = [[-0.5, -1, -2], [-1.5, -0.25, pad]], ratios [[1.5, 0.9, 6], [0.5, 1.5, pad]], A = [2, -1]."""
+    mask = _m([1, 1, 1], [1, 1, 0])
+    logps = _m([-0.5, -1.0, -2.0], [-1.5, -0.25, float("nan")])
+    old = logps - _m([1.5, 0.9, 6.0], [0.5, 1.5, 1.0]).log()
+    return logps.requires_grad_(), old, _t(2.0, -1.0), mask
+
+
+def test_cispo_loss_matches_hand_values_metrics_and_gradient():
+    logps, old, advantages, mask = _cispo_example()
+    loss, m = cispo_policy_loss(logps, old, advantages, mask, eps_low=1.0, eps_high=4.0)
+    # weights clip(rho, 0, 5): [1.5, 0.9, 5], [0.5, 1.5]; loss_t = -w A log pi
+    # row 0 (A = 2): -1.5*2*-0.5 = 1.5, -0.9*2*-1 = 1.8, -5*2*-2 = 20; row 1 (A = -1): -0.5*-1*-1.5 = -0.75, -1.5*-1*-0.25 = -0.375
+    _close(loss, _m([1.5, 1.8, 20.0], [-0.75, -0.375, 0.0]))
+    # the weight is detached: gradient -w A on EVERY valid token, the truncated one (rho 6) included
+    loss.sum().backward()
+    _close(logps.grad, _m([-3.0, -1.8, -10.0], [0.5, 1.5, 0.0]))
+    assert m["policy/clipfrac"] == (1.0, 5.0) and m["policy/clip_high_frac"] == (1.0, 5.0)
+    assert m["policy/clip_low_frac"] == (0.0, 5.0)  # eps_low = 1: no lower bound
+    assert math.isclose(_mean(m["policy/ratio_mean"]), (1.5 + 0.9 + 6.0 + 0.5 + 1.5) / 5, rel_tol=1e-12)
+    assert all(isinstance(v, float) for pair in m.values() for v in pair)
+
+
+def test_cispo_keeps_the_gradient_where_grpo_drops_it():
+    logps, old, advantages, mask = _cispo_example()
+    # with a lower bound 0.8, rho 0.5 (A = -1) gets weight 0.8 and still a gradient 0.8; GRPO's clip zeroes it
+    loss, m = cispo_policy_loss(logps, old, advantages, mask, eps_low=0.2, eps_high=4.0)
+    _close(loss[1, 0], -0.8 * -1 * -1.5)
+    loss.sum().backward()
+    assert math.isclose(logps.grad[1, 0].item(), 0.8, rel_tol=1e-12)
+    assert m["policy/clip_low_frac"] == (1.0, 5.0) and m["policy/clipfrac"] == (2.0, 5.0)
+    grpo_logps = logps.detach().clone().requires_grad_()
+    grpo_loss, _ = clipped_policy_loss(grpo_logps, old, advantages, mask, eps_low=0.2, eps_high=4.0)
+    torch.where(mask.bool(), grpo_loss, torch.zeros_like(grpo_loss)).sum().backward()
+    assert grpo_logps.grad[1, 0].item() == 0.0
+
+
+def test_cispo_on_policy_gradient_is_dapos():
+    torch.manual_seed(5)
+    old = -torch.rand(3, 5, dtype=torch.float64) * 4
+    advantages = torch.randn(3, dtype=torch.float64)
+    mask = _m([1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0])
+    grads = []
+    for fn in (cispo_policy_loss, clipped_policy_loss):
+        logps = old.clone().requires_grad_()
+        per_token, m = fn(logps, old, advantages, mask)
+        total, units = aggregate_token_loss(per_token, mask, "dapo")
+        (total / units).backward()
+        grads.append(logps.grad)
+        assert m["policy/clipfrac"] == (0.0, 10.0)
+    _close(grads[0], grads[1])
+    _close(grads[0], -advantages.unsqueeze(-1) * mask / 10)
 
 
 # ---------------------------------------------------------------- aggregate_token_loss
@@ -518,3 +648,12 @@ def test_quantile_threshold_and_keep_mask():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError):
             quantile_threshold(rewards, bad)
+
+
+def test_the_registry_lists_the_same_grpo_loss_types_and_clip_defaults_as_the_losses():
+    """The registry stays torch-free, so it keeps its own copies: they must match the losses'."""
+    from engine.losses.online import CISPO_CLIP, GRPO_LOSS_AGGREGATION, GSPO_CLIP
+    from engine.registry import ALGORITHMS
+
+    assert set(ALGORITHMS["grpo"].loss_types) == set(GRPO_LOSS_AGGREGATION)
+    assert ALGORITHMS["grpo"].clip_defaults == {"gspo": GSPO_CLIP, "cispo": CISPO_CLIP}

@@ -103,11 +103,13 @@ def test_micro_batches_cover_every_row_once_in_order():
 # ----------------------------------------------------------------------------- the first ratio
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "grpo:gspo", "grpo:cispo"])
 def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tiny_prompts, algorithm):
     """Rollout and update forward passes agree (temperature, dropout, padding, positions): ratio == 1 exactly."""
+    algorithm, _, loss_type = algorithm.partition(":")
+    extra = {"loss_type": loss_type} if loss_type else {}
     spec = online_spec(tiny_model_dir, tiny_prompts, algorithm, num_iterations=2, num_mini_batches=2, grad_accum=2,
-                       temperature=0.7, beta=0.05)
+                       temperature=0.7, beta=0.05, **extra)
     algo, models = models_for(spec, tiny_model_dir)
     examples = [{"prompt": f"p{i}", "prompt_ids": models.tokenizer(f"p{i} long" * (i + 1))["input_ids"]} for i in range(4)]
     torch.manual_seed(0)
@@ -154,6 +156,22 @@ def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_
     assert len(loads) == (2 if beta > 0 else 1)
     for m in metrics:
         assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
+
+
+@pytest.mark.parametrize("loss_type", ["gspo", "cispo"])
+def test_grpo_loss_variants_train_on_reused_rollouts(tiny_model_dir, tiny_prompts, tmp_path, loss_type):
+    """GSPO and CISPO through the GRPO loop, with a second pass over each rollout (ratios away from 1) and a KL term."""
+    spec = online_spec(tiny_model_dir, tiny_prompts, "grpo", loss_type=loss_type, num_iterations=2, beta=0.05,
+                       rewards="regex:.*[a-m].*")
+    assert (spec.epsilon, spec.epsilon_high) == {"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}[loss_type]
+    summary = train(spec, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["step"] == 3
+    metrics = [m for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    for m in metrics:
+        assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
+        assert {"policy/clipfrac", "policy/ratio_mean", "policy/approx_kl", "kl/k3_mean"} <= m.keys()
+    if loss_type == "gspo":  # the paper's clip range is so narrow that the second pass clips whole sequences
+        assert max(m["policy/clipfrac"] for m in metrics) > 0
 
 
 def test_grpo_with_lora_uses_the_adapter_disabled_base_as_reference(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
@@ -219,10 +237,40 @@ def test_online_specs_refuse_impossible_settings():
         ({"algorithm": "grpo", "rewards": ["exact_match"], "reward_weights": [1, 2]}, "reward_weights"),
         ({"algorithm": "online_dpo", "num_generations": 2, "beta": 0}, "beta"),
         ({"algorithm": "grpo", "batch_size": 3, "num_generations": 2, "num_mini_batches": 4}, "num_mini_batches"),
+        ({"algorithm": "grpo", "loss_type": "gspo_token"}, "loss_type must be one of grpo, dapo, dr_grpo, gspo, cispo"),
+        ({"algorithm": "grpo", "loss_type": "cispo", "epsilon": 1.5}, r"epsilon must be in \(0, 1\] for loss_type=cispo"),
+        ({"algorithm": "grpo", "loss_type": "gspo", "epsilon": 1.0}, r"epsilon must be in \(0, 1\)"),
+        ({"algorithm": "online_dpo", "num_generations": 2, "judge": "some/judge", "judge_template": "{prompt} {answer_1}"},
+         r"judge_template lacks \{answer_2\}"),
+        ({"algorithm": "online_dpo", "num_generations": 2, "judge_template": "{prompt} {answer_1} {answer_2}"},
+         "judge_template is the prompt of an LLM judge, but judge is 'reward'"),
     ]:
         with pytest.raises(SpecError, match=field):
             build_spec(values)
     assert build_spec({"algorithm": "grpo", "beta": 0}).beta == 0  # no KL, no reference: allowed
+
+
+def test_clip_range_defaults_follow_the_loss_type():
+    """A null epsilon / epsilon_high takes the loss_type's paper values; grpo, dapo, dr_grpo, PPO and RLOO keep 0.2."""
+    def clip(preset, *overrides):
+        spec = resolve_spec(preset, list(overrides), check_paths=False)
+        return spec.epsilon, spec.epsilon_high
+
+    assert clip("grpo") == (0.2, None)  # dapo, as before: epsilon_high None = epsilon
+    for loss_type in ("grpo", "dr_grpo"):
+        assert clip("grpo", f"loss_type={loss_type}") == (0.2, None)
+    assert clip("grpo", "loss_type=gspo") == (3e-4, 4e-4)  # GSPO section 5.1
+    assert clip("grpo", "loss_type=cispo") == (1.0, 4.0)  # no lower bound, weight capped at 5
+    assert clip("grpo", "loss_type=gspo", "epsilon=1e-3") == (1e-3, 4e-4)  # a set value wins, field by field
+    assert clip("grpo", "loss_type=cispo", "epsilon_high=2") == (1.0, 2.0)
+    assert clip("ppo") == (0.2, None) and clip("rloo") == (0.2, None)
+    assert build_spec({"algorithm": "grpo", "loss_type": "gspo"}).epsilon == 3e-4
+
+
+def test_judge_template_reaches_the_spec_from_the_command_line_verbatim():
+    template = "{prompt} -> 1: {answer_1} 2: {answer_2}\\nShorter is better. Answer"
+    spec = resolve_spec("online_dpo", ["judge=some/judge", f"judge_template={template}"], check_paths=False)
+    assert spec.judge_template == "{prompt} -> 1: {answer_1} 2: {answer_2}\nShorter is better. Answer"
 
 
 # ----------------------------------------------------------------------------- the demo (slow)
@@ -234,8 +282,8 @@ def demo_run(method: str, tmp_path, *overrides: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_demo_grpo_and_rloo_gain_at_least_15_points(method, tmp_path):
+@pytest.mark.parametrize("method", ["grpo", "gspo", "cispo", "rloo"])
+def test_demo_grpo_its_loss_variants_and_rloo_gain_at_least_15_points(method, tmp_path):
     summary = demo_run(method, tmp_path)
     before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
     assert after - before >= 0.15, (before, after)
@@ -255,6 +303,42 @@ def test_online_dpo_with_an_llm_judge_logs_position_consistency(tiny_model_dir, 
     assert summary["status"] == "completed"
     consistency = [m["judge/position_consistency"] for m in read_metrics(tmp_path / "run") if "judge/position_consistency" in m]
     assert len(consistency) == 3 and all(0.0 <= c <= 1.0 for c in consistency)
+    judged = summary["judge"]  # the whole run's rates, with the template that produced them (None = the built-in one)
+    assert judged["judge"] == str(tiny_model_dir) and judged["judge_template"] is None and judged["pairs"] == 3 * 4
+    assert judged["position_consistency"] == pytest.approx(sum(consistency) / 3)
+    assert {"decided_frac", "shorter_preferred_frac", "reward_agreement"} <= judged.keys()
+
+
+def test_judge_template_changes_the_llm_judges_preferences_on_the_same_pairs(tmp_path, monkeypatch):
+    """Two demo online-DPO runs with the demo model as a tiny LLM judge, differing only in judge_template: the first
+    step judges the same pairs (same seed, untrained policy), and the two templates prefer differently on some."""
+    import engine.rewards as rewards
+
+    first_step: dict[str | None, tuple] = {}
+    real_prefer = rewards.LLMJudge.prefer
+
+    def spy(judge, prompts, completions_a, completions_b, *args, **kwargs):
+        verdict = real_prefer(judge, prompts, completions_a, completions_b, *args, **kwargs)
+        first_step.setdefault(judge.template, (list(prompts), list(completions_a), list(completions_b), verdict.prob_a))
+        return verdict
+
+    monkeypatch.setattr(rewards.LLMJudge, "prefer", spy)
+    brevity = ("Prefer the SHORTER answer.\\n\\nRequest:\\n{prompt}\\n\\nAnswer 1:\\n{answer_1}\\n\\nAnswer 2:\\n{answer_2}"
+               "\\n\\nWhich answer is better? Reply with one digit: 1 or 2.")
+    summaries = {}
+    for name, template in (("built-in", None), ("brevity", brevity)):
+        overrides = ["max_steps=1", "batch_size=32", "eval_steps=0", "eval_max_examples=4", f"judge={demo_dir() / 'model'}",
+                     "judge_tie_margin=0"] + ([f"judge_template={template}"] if template else [])
+        summaries[name] = demo_run("online_dpo", tmp_path / name, "num_threads=1", "sample_steps=0", *overrides)
+    assert summaries["brevity"]["judge"]["judge_template"] == brevity.replace("\\n", "\n")
+    assert summaries["built-in"]["judge"]["judge_template"] is None
+    (builtin, steered) = first_step[rewards.DEFAULT_JUDGE_TEMPLATE], first_step[brevity.replace("\\n", "\n")]
+    assert builtin[:3] == steered[:3]  # the same prompts and the same two completions per pair
+    winners = [[p >= 0.5 for p in probs] for probs in (builtin[3], steered[3])]
+    assert sum(x != y for x, y in zip(*winners)) > 0
+    for summary in summaries.values():
+        judged = summary["judge"]
+        assert judged["pairs"] == 32 and 0 < judged["decided_frac"] <= 1 and "shorter_preferred_frac" in judged
 
 
 def test_online_dpo_with_an_llm_judge_needs_no_reward_columns(tiny_model_dir, tmp_path):

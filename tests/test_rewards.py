@@ -12,6 +12,7 @@ from engine.rewards import (
     LLMJudge,
     build_reward,
     judge_pairs,
+    judge_tallies,
     parse_reward_source,
     required_columns,
 )
@@ -314,6 +315,19 @@ def test_safety_model_needs_exactly_one_rm_source(tok, rms):
 
 # ----------------------------------------------------------------------------------------------
 # Judges
+
+
+def test_judge_tallies_count_what_the_judge_preferred():
+    # pair 0: A won, A shorter (1 < 2), A's reward higher -> shorter won, agrees with the reward
+    # pair 1: B won, B shorter, rewards equal -> shorter won, no reward comparison
+    # pair 2: skipped (a near-tie) -> only counts as undecided
+    # pair 3: B won, equal lengths, A's reward higher -> no length comparison, disagrees with the reward
+    tallies = judge_tallies([0, 1, 0, 1], [False, False, True, False], [1, 2, 3, 4], [2, 1, 3, 4],
+                            consistent=[True, False, True, True], rewards_a=[1.0, 0.0, 0.0, 1.0], rewards_b=[0.0, 0.0, 1.0, 0.0])
+    assert tallies == {"decided_frac": (3, 4), "shorter_preferred_frac": (2, 2), "reward_agreement": (1, 2),
+                       "position_consistency": (3, 4)}
+    # an order-free judge (judge=reward) without rewards to compare: only the first two
+    assert judge_tallies([1], [False], [3], [2]) == {"decided_frac": (1, 1), "shorter_preferred_frac": (1, 1)}
 
 
 def test_judge_pairs_picks_winners_and_skips_near_ties():

@@ -119,8 +119,12 @@ class Algorithm:
         Default: nothing (SFT and Chain of Hindsight have no implicit reward)."""
         return []
 
+    def summary(self) -> dict:
+        """Run-level figures for summary.json (online DPO: its judge's preferences); most methods: none."""
+        return {}
+
     def state_dict(self) -> dict:
-        """State to keep in checkpoints (PPO's KL coefficient)."""
+        """State to keep in checkpoints (PPO's KL coefficient, online DPO's judge tallies)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

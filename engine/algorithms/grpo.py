@@ -10,6 +10,15 @@ num_iterations = 1 the ratio is 1 but its gradient is the policy gradient), plus
 the reference when beta > 0 (beta = 0 loads no reference). Token losses are aggregated by
 `loss_type`: grpo (mean per sequence, then over sequences: length-biased), dapo (sum over all
 tokens of the mini-batch / its token count) or dr_grpo (sum / (sequences x max_new_tokens)).
+Two loss_types also change the policy loss (engine/losses/online.py):
+
+    gspo   GSPO (arXiv 2507.18071): one length-normalised ratio per sequence, clipped per sequence,
+           averaged over sequences; clip 3e-4 / 4e-4 when epsilon / epsilon_high are null
+    cispo  CISPO (arXiv 2506.13585): detached clipped IS weight x A x log pi per token, token mean;
+           no lower bound (epsilon 1) and a weight cap of 5 (epsilon_high 4) when they are null
+
+With num_iterations = 1 and one mini-batch every ratio is 1, so gspo's gradient is grpo's and
+cispo's is dapo's; they differ once a rollout is reused (num_iterations or num_mini_batches > 1).
 
 Hyper-parameters (presets/grpo.yaml): num_generations 8 (TRL; paper 64), lr 1e-6, beta 0 (TRL;
 paper 0.04), epsilon 0.2, epsilon_high = epsilon (DAPO: 0.28), temperature 1.0, loss_type dapo.
@@ -23,7 +32,16 @@ import torch
 
 from engine.algorithms.base import Algorithm, Models
 from engine.algorithms.online_rows import collate_rows, pad_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
-from engine.losses.online import aggregate_token_loss, clipped_policy_loss, group_advantages, group_stats, token_kl
+from engine.losses.online import (
+    GRPO_LOSS_AGGREGATION,
+    aggregate_token_loss,
+    cispo_policy_loss,
+    clipped_policy_loss,
+    group_advantages,
+    group_stats,
+    gspo_policy_loss,
+    token_kl,
+)
 
 
 class GRPO(Algorithm):
@@ -55,13 +73,28 @@ class GRPO(Algorithm):
                 row["ref_logps"] = ref
         return rows, metrics
 
+    @property
+    def aggregation(self) -> str:
+        return GRPO_LOSS_AGGREGATION[self.spec.loss_type]
+
     def units(self, batch):
         mask = batch["completion_mask"][:, 1:]
-        if self.spec.loss_type == "grpo":
+        if self.aggregation == "grpo":
             return float((mask.sum(-1) > 0).sum())
-        if self.spec.loss_type == "dr_grpo":
+        if self.aggregation == "dr_grpo":
             return float(mask.shape[0] * self.spec.max_new_tokens)
         return float(mask.sum())
+
+    def policy_loss(self, logps, old, advantages, mask):
+        """Per-token policy loss [B, T] of the spec's loss_type, and its policy/* metrics."""
+        spec = self.spec
+        if spec.loss_type == "gspo":
+            per_sequence, metrics = gspo_policy_loss(logps, old, advantages, mask, spec.epsilon, spec.epsilon_high)
+            # each token carries its sequence's loss: the per-sequence mean ("grpo" aggregation) gives it back
+            return per_sequence.unsqueeze(-1).expand_as(logps), metrics
+        if spec.loss_type == "cispo":
+            return cispo_policy_loss(logps, old, advantages, mask, spec.epsilon, spec.epsilon_high)
+        return clipped_policy_loss(logps, old, advantages, mask, spec.epsilon, spec.epsilon_high)
 
     def loss(self, models, batch, rows):
         spec = self.spec
@@ -69,7 +102,7 @@ class GRPO(Algorithm):
         width = logps.shape[1]
         old = pad_rows(rows, "old_logps", width, logps.device) if "old_logps" in rows[0] else logps.detach()
         advantages = torch.tensor([r["advantage"] for r in rows], dtype=logps.dtype, device=logps.device)
-        per_token, metrics = clipped_policy_loss(logps, old, advantages, mask, spec.epsilon, spec.epsilon_high)
+        per_token, metrics = self.policy_loss(logps, old, advantages, mask)
         tokens = float(mask.sum())
         if self.needs_reference:
             ref = pad_rows(rows, "ref_logps", width, logps.device)
@@ -79,6 +112,6 @@ class GRPO(Algorithm):
             k3_seq = (k3.detach() * mask).sum(-1)
             metrics["kl/mean"] = (k1_seq.sum().item(), float(len(rows)))
             metrics["kl/k3_mean"] = (k3_seq.sum().item(), float(len(rows)))
-        loss_sum, _ = aggregate_token_loss(per_token, mask.to(per_token.dtype), spec.loss_type, max_len=spec.max_new_tokens)
+        loss_sum, _ = aggregate_token_loss(per_token, mask.to(per_token.dtype), self.aggregation, max_len=spec.max_new_tokens)
         metrics["policy/entropy"] = (out.token_entropy.sum().item(), tokens)
         return loss_sum, metrics

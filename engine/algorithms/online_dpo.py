@@ -11,9 +11,12 @@ the pair, with the frozen starting model as the reference:
 
 Log-probs of policy and reference use the sampling temperature. Hyper-parameters
 (presets/online_dpo.yaml): beta 0.1, lr 5e-7 (TRL), temperature 0.9, max_new_tokens 64,
-missing_eos_penalty 1.0, judge "reward" or a causal LM dir. Logged: the DPO metrics
-(rewards/*, logps/*, lengths/*, policy/entropy), judge/skip_frac, judge/prob_mean,
-judge/position_consistency (LLM judge: both orders agree), reward/* of the samples.
+missing_eos_penalty 1.0, judge "reward" or a causal LM dir, judge_template (the LLM judge's prompt;
+None = the built-in one). Logged: the DPO metrics (rewards/*, logps/*, lengths/*, policy/entropy),
+judge/skip_frac, judge/prob_mean, judge/shorter_preferred_frac (decided pairs of unequal length won by
+the shorter sample), judge/position_consistency (LLM judge: both orders agree), judge/reward_agreement
+(LLM judge: decided pairs of unequal reward won by the higher reward), reward/* of the samples. The
+run summary's "judge" block holds the same rates over the whole run, with the template that produced them.
 """
 
 from __future__ import annotations
@@ -31,15 +34,20 @@ class OnlineDPO(Algorithm):
     needs_reference = True  # DPO's implicit reward is a log-ratio to the reference
     rows_per_example = 2
 
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.judge_totals: dict[str, list[int]] = {}  # engine.rewards.judge_tallies summed over the run
+
     def llm_judge(self):
         return None if self.spec.judge == "reward" else self.spec.judge
 
     def prepare(self, rollout, models):
-        from engine.rewards import judge_pairs
+        from engine.rewards import judge_pairs, judge_tallies
 
         spec = self.spec
         metrics = rollout_metrics(rollout)
         a, b = slice(0, None, 2), slice(1, None, 2)  # the two samples of prompt g are rows 2g and 2g + 1
+        consistent = None  # both presentation orders agree, per pair (LLM judge only)
         if models.judge is None:
             # judge = reward: Bradley-Terry on the rollout's rewards (already scored, missing_eos_penalty included).
             prob_a = torch.sigmoid(rollout.rewards[a] - rollout.rewards[b]).tolist()
@@ -49,14 +57,22 @@ class OnlineDPO(Algorithm):
                 rollout.prompts[a], rollout.texts[a], rollout.texts[b], rollout.prompt_ids[a],
                 rollout.completion_ids[a], rollout.completion_ids[b], columns,
             )
-            prob_a = verdict.prob_a
-            metrics["judge/position_consistency"] = sum(verdict.consistent) / len(verdict.consistent)
+            prob_a, consistent = verdict.prob_a, verdict.consistent
             if spec.missing_eos_penalty > 0:  # a sample that never ended loses to one that did, whatever the judge says
                 cut_a, cut_b = rollout.truncated[a], rollout.truncated[b]
                 prob_a = [0.0 if ca and not cb else 1.0 if cb and not ca else p for p, ca, cb in zip(prob_a, cut_a, cut_b)]
         winners, skip = judge_pairs(prob_a, spec.judge_tie_margin)
         metrics["judge/skip_frac"] = sum(skip) / len(skip)
         metrics["judge/prob_mean"] = sum(max(p, 1 - p) for p in prob_a) / len(prob_a)
+        rewards = rollout.rewards.tolist() if consistent is not None and rollout.rewards is not None else None
+        lengths = rollout.lengths
+        tallies = judge_tallies(winners, skip, lengths[a], lengths[b], consistent,
+                                rewards[a] if rewards else None, rewards[b] if rewards else None)
+        for name, (count, out_of) in tallies.items():
+            total = self.judge_totals.setdefault(name, [0, 0])
+            total[0], total[1] = total[0] + count, total[1] + out_of
+            if out_of and name != "decided_frac":  # judge/skip_frac already says how many were decided
+                metrics[f"judge/{name}"] = count / out_of
         pairs = []
         for g, (winner, skipped) in enumerate(zip(winners, skip)):
             if skipped:
@@ -69,6 +85,18 @@ class OnlineDPO(Algorithm):
         if pairs:
             self._reference_logps(pairs, models)
         return pairs, metrics
+
+    def summary(self) -> dict:
+        """The judge's preferences over the whole run, next to the template that produced them."""
+        rates = {name: count / out_of if out_of else None for name, (count, out_of) in self.judge_totals.items()}
+        pairs = self.judge_totals.get("decided_frac", [0, 0])[1]
+        return {"judge": {"judge": self.spec.judge, "judge_template": self.spec.judge_template, "pairs": pairs, **rates}}
+
+    def state_dict(self) -> dict:
+        return {"judge_totals": {k: list(v) for k, v in self.judge_totals.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.judge_totals = {k: list(v) for k, v in state.get("judge_totals", {}).items()}
 
     @torch.no_grad()
     def _reference_logps(self, pairs, models):

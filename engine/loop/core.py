@@ -263,6 +263,7 @@ def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
         "data": run.data_stats,
         "final_dir": str(run.out_dir / "final") if status == "completed" else None,
         "adapter_base": spec.model if spec.lora.r > 0 else None,
+        **run.algo.summary(),  # an algorithm's own run-level figures (online DPO's judge block)
     }
     (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

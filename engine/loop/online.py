@@ -73,7 +73,8 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
     if judge_source is not None:
         from engine.rewards import LLMJudge
 
-        models.judge = LLMJudge(judge_source, device=str(device), trust_remote_code=spec.trust_remote_code)
+        models.judge = LLMJudge(judge_source, device=str(device), template=spec.judge_template,
+                               trust_remote_code=spec.trust_remote_code)
 
     if spec.eval_prompts:
         eval_prompts = prepare(

@@ -132,7 +132,7 @@ def show_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return ",".join(map(str, value))
-    return str(value)
+    return str(value).replace("\n", "\\n")  # a one-line input: a judge_template's line breaks show as \n (read back as such)
 
 
 def error_field(message: str, keys: list[str]) -> str | None:
