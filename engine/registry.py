@@ -34,7 +34,8 @@ class AlgorithmInfo:
     online: bool  # samples from the policy while training (the online loop) or reads a fixed dataset
     implementation: str  # "module:Class" of its engine/algorithms class, imported only when a run starts
     loss: str  # "module:function" of its pure loss in engine/losses (the maths, tested against hand-computed values)
-    loss_types: tuple[str, ...] = ("sigmoid",)  # accepted `loss_type` values; the first is the default
+    loss_types: tuple[str, ...] = ("sigmoid",)  # accepted `loss_type` values
+    default_loss: str | None = None  # the `loss_type` a spec that names none gets; None = the first of loss_types
     model_kind: str = "causal_lm"  # or "reward": a scalar-head sequence classifier
     generates: bool = True  # a causal LM whose samples can be compared and verified
     beta_may_be_zero: bool = False  # beta = 0 means "no KL term, no reference model" instead of an error
@@ -47,7 +48,7 @@ class AlgorithmInfo:
 
     @property
     def default_loss_type(self) -> str:
-        return self.loss_types[0]
+        return self.default_loss or self.loss_types[0]
 
 
 # ----------------------------------------------------------------------------- method-specific checks
@@ -111,7 +112,8 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
         ),
         AlgorithmInfo(
             "grpo", "GRPO (Shao et al. 2024) with the DAPO and Dr. GRPO choices", "prompt", True,
-            "engine.algorithms.grpo:GRPO", "engine.losses.online:clipped_policy_loss", loss_types=("dapo", "grpo", "dr_grpo", "gspo", "cispo"),
+            "engine.algorithms.grpo:GRPO", "engine.losses.online:clipped_policy_loss", loss_types=("grpo", "dapo", "dr_grpo", "gspo", "cispo"),
+            default_loss="dapo",  # token-level aggregation, as TRL
             beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
             clip_defaults={"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)},
         ),
