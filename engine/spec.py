@@ -527,7 +527,7 @@ def resolve_path(value: str, field_name: str, *, kind: str) -> str:
             return str(candidate.resolve())
     if looks_local(value):
         what = "a local directory saved with save_pretrained (or a hub id)" if kind == "model" else (
-            "a .jsonl/.json/.parquet/.csv file, a saved datasets directory, or a hub id"
+            "a .jsonl/.json/.parquet/.csv/.tsv file, a saved datasets directory, or a hub id"
         )
         raise SpecError(f"{field_name}: '{value}' does not exist; give {what}")
     return value
