@@ -31,8 +31,8 @@ def run_in_process(
     from engine.train import train  # torch is imported only once a run really starts
 
     home = cherry_home()
+    store = Store(store_path(home))  # a store that cannot be used is refused before a run directory is made
     run_dir = Path(out_dir).resolve() if out_dir else home / new_run_id(spec.display_name, home)
-    store = Store(store_path(home))
     run_id = run_dir.name if run_dir.parent == home else _outside_id(run_dir)
     if store.get_run(run_id) is None:
         store.create_run(run_id, spec.to_dict(), name=spec.display_name, out_dir=str(run_dir))

@@ -11,20 +11,39 @@ priority first, then first in, first out.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from huey import Huey, PriorityRedisHuey, SqliteHuey
 
+from jobs.home import sqlite_file_error
+
 TASK_NAME = "cherry.run"  # producers and consumers agree on this name, not on a function object
+QUEUE_FILE = "queue.db"
+AFTER_MOVING_QUEUE = (
+    "Cherry then starts an empty queue. Runs that were waiting in it still show as queued in `cherry ls`: "
+    "`cherry cancel RUN` then `cherry resume RUN` queues each again"
+)
 
 
 def make_huey(home: Path) -> Huey:
     url = os.environ.get("CHERRY_REDIS_URL")
     if url:
         return PriorityRedisHuey("cherry", url=url, results=False)
-    return SqliteHuey("cherry", filename=str(Path(home) / "queue.db"), results=False, timeout=30)
+    with explained_queue_errors(home):
+        return SqliteHuey("cherry", filename=str(Path(home) / QUEUE_FILE), results=False, timeout=30)
+
+
+@contextlib.contextmanager
+def explained_queue_errors(home: Path) -> Iterator[None]:
+    """A damaged, read-only or locked queue file becomes one message naming it and the fix."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as err:
+        raise sqlite_file_error(Path(home) / QUEUE_FILE, err, "the queue file", after_moving=AFTER_MOVING_QUEUE) from err
 
 
 def queue_backend() -> str:
@@ -36,6 +55,7 @@ class JobQueue:
     """Enqueue, revoke and (in a worker) execute run tasks."""
 
     def __init__(self, home: Path, handler: Callable[[str], None] | None = None) -> None:
+        self.home = Path(home)
         self.huey = make_huey(home)
         # A producer never executes the task; a worker passes the handler that runs it. Huey names
         # a task by the module of its function plus `name`, so both sides register one from here.
@@ -48,15 +68,18 @@ class JobQueue:
 
     def enqueue(self, run_id: str, priority: int = 0) -> str:
         task = self.task.s(run_id, priority=priority)
-        self.huey.enqueue(task)
+        with explained_queue_errors(self.home):
+            self.huey.enqueue(task)
         return task.id
 
     def revoke(self, task_id: str) -> None:
-        self.huey.revoke_by_id(task_id, revoke_once=True)
+        with explained_queue_errors(self.home):
+            self.huey.revoke_by_id(task_id, revoke_once=True)
 
     def pending_run_ids(self) -> list[str]:
         """Queued run ids in the order a worker will take them."""
-        return [task.args[0] for task in self.huey.pending()]
+        with explained_queue_errors(self.home):
+            return [task.args[0] for task in self.huey.pending()]
 
 
 def _producer_only(run_id: str) -> None:

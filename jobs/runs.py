@@ -75,6 +75,7 @@ class Jobs:
         if spec.eval_dataset:
             check_dataset(spec.eval_dataset, DATA_KIND[spec.algorithm], "eval dataset")
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
+        self.queue  # a queue file that cannot be used is refused before a run row points at it
 
         run_id = new_run_id(spec.display_name, self.home)
         run = self.store.create_run(

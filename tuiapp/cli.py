@@ -33,6 +33,7 @@ register_pipeline_command(app)
 
 
 @app.callback()
+@friendly
 def _open_app(ctx: typer.Context) -> None:
     """With no command, open the Textual app."""
     if ctx.invoked_subcommand is None:
