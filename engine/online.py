@@ -40,11 +40,11 @@ from engine.train import (
     _write_summary,
     build_models,
     estimate_kl,
-    latest_checkpoint,
     load_extra_state,
     lr_factor,
     reference_completions,
     restore,
+    resume_checkpoint,
     sample_comparisons,
     save_checkpoint,
 )
@@ -89,7 +89,7 @@ def train_online(
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
     algo = build_algorithm(spec)
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    checkpoint = resume_checkpoint(out_dir, reporter) if resume else None
     cpu_meter = CpuMeter()
 
     # --- models, data, reward
