@@ -267,8 +267,7 @@ def train_online(
                 log_samples(state.step)
             if due(spec.save_steps) and state.step < schedule.total_steps:
                 checkpoint_now()
-    except KeyboardInterrupt:
-        checkpoint_now()
+    except KeyboardInterrupt:  # as in engine.train: no checkpoint from the middle of a step
         _write_summary(out_dir, "interrupted", spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
         raise
 

@@ -640,7 +640,9 @@ def train(
             if due(spec.save_steps) and state.step < schedule.total_steps:
                 save_checkpoint(out_dir, policy, optimizer, scheduler, state, spec.save_total_limit)
     except KeyboardInterrupt:
-        save_checkpoint(out_dir, policy, optimizer, scheduler, state, spec.save_total_limit)
+        # An interrupt may land mid-step (weights half-updated, RNG advanced): a checkpoint taken now
+        # would not resume exactly, so the last one saved stays the one to resume from. A polite
+        # stop goes through `should_stop` instead (the foreground's first Ctrl+C does).
         _write_summary(out_dir, "interrupted", spec, state, schedule, before, metric_log.last, metric_log.best, started, device, data.stats)
         raise
 

@@ -97,10 +97,19 @@ def train(
     try:
         run_dir, summary = run_in_process(spec, out, _progress(), resume=resume is not None)
     except KeyboardInterrupt:
-        typer.echo("\ninterrupted: a checkpoint was saved; continue with `cherry train --resume <run dir>`", err=True)
+        typer.echo("\nquit at once (second Ctrl+C): the run is recorded as interrupted; `cherry resume RUN` continues "
+                   "from its last saved checkpoint", err=True)
         raise typer.Exit(130) from None
     typer.echo("")
     _print_summary(run_dir, summary)
+    if summary["status"] == "interrupted":
+        from jobs.home import cherry_home
+        from jobs.local import local_run_id
+
+        run_id = local_run_id(run_dir, cherry_home())
+        typer.echo(f"interrupted at step {summary['step']}: checkpoint saved. Continue with `cherry resume {run_id}` "
+                   f"(needs `cherry worker`) or `cherry train --resume {run_dir}`", err=True)
+        raise typer.Exit(130)
 
 
 def _configure_logging() -> None:
