@@ -164,7 +164,7 @@ def train_online(
     reporter.log_event(
         "start",
         f"{spec.algorithm}: {schedule.total_steps} steps x {spec.batch_size} prompts x {spec.num_generations} samples "
-        f"on {len(data.train)} prompts ({device}, {dtype})",
+        f"on {len(data.train)} prompts ({device}, {dtype})" + spec.followed_note,
         total_steps=schedule.total_steps, step=state.step, params=total_params, trainable_params=trainable_params,
         samples_per_step=samples_per_step,
     )

@@ -533,7 +533,8 @@ def train(
     )
     state = restore(checkpoint, resume, optimizer, scheduler, reporter)
     reporter.log_event(
-        "start", f"{spec.algorithm}: {schedule.total_steps} steps on {len(data.train)} examples ({device}, {dtype})",
+        "start", f"{spec.algorithm}: {schedule.total_steps} steps on {len(data.train)} examples ({device}, {dtype})"
+        + spec.followed_note,
         total_steps=schedule.total_steps, step=state.step, params=total_params, trainable_params=trainable_params,
     )
 
