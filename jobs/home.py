@@ -46,8 +46,9 @@ def sqlite_file_error(path: Path, err: Exception, what: str, *, after_moving: st
     path = Path(path)
     detail = str(err) or type(err).__name__
     if isinstance(err, PermissionError) or read_only(path) or "readonly" in detail or "read-only" in detail:
+        where = f"Cherry's home {path.parent}" if not os.access(path.parent, os.W_OK) else "the file"
         return HomeError(
-            f"{what} {path} cannot be written ({detail}): Cherry's home {path.parent} is read-only for this user. "
+            f"{what} {path} cannot be written ({detail}): {where} is read-only for this user. "
             f"Make it writable (chmod u+w {path.parent} {path}) or set CHERRY_HOME to a directory you can write"
         )
     if isinstance(err, sqlite3.OperationalError) and "locked" in detail:
