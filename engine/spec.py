@@ -534,23 +534,19 @@ def follow_explicit(spec: RunSpec, explicit: set[str], preset: RunSpec) -> list[
         setattr(spec, key, value)
         notes.append(f"{key}={value}: {why} (set {key} yourself to choose)")
 
-    def both(a: str, b: str) -> bool:
-        return a in explicit and b in explicit
-
     # Prompt budget: a fraction of max_length, the preset's own proportion.
+    share = preset.max_prompt_length / preset.max_length if 0 < preset.max_prompt_length < preset.max_length else 0.5
     if "max_length" in explicit and "max_prompt_length" not in explicit:
-        share = preset.max_prompt_length / preset.max_length if 0 < preset.max_prompt_length < preset.max_length else 0.5
         prompt = min(spec.max_length - 1, max(1, round(spec.max_length * share)))
         if prompt != spec.max_prompt_length and spec.max_length >= 2:
             follow("max_prompt_length", prompt, f"{share:.0%} of max_length={spec.max_length}, the preset's proportion")
     elif "max_prompt_length" in explicit and "max_length" not in explicit and spec.max_prompt_length >= spec.max_length > 0:
-        share = preset.max_prompt_length / preset.max_length if 0 < preset.max_prompt_length < preset.max_length else 0.5
         follow("max_length", max(spec.max_prompt_length + 1, math.ceil(spec.max_prompt_length / share)),
                f"room for max_prompt_length={spec.max_prompt_length} at the preset's proportion ({share:.0%} prompt)")
 
     # max_steps > 0 replaces epochs, warmup_steps > 0 replaces warmup_ratio: the one you set counts.
     for primary, replaced, zero in (("max_steps", "epochs", "0 runs epochs"), ("warmup_steps", "warmup_ratio", "0 uses the ratio")):
-        if getattr(spec, primary) and both(primary, replaced):
+        if getattr(spec, primary) and primary in explicit and replaced in explicit:
             raise SpecError(f"{primary}={getattr(spec, primary)} and {replaced}={getattr(spec, replaced)} are both set, and "
                             f"{primary} > 0 replaces {replaced}: set only one ({primary}={zero})")
         if getattr(spec, primary) and replaced in explicit and primary not in explicit:

@@ -183,10 +183,11 @@ def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainSta
 
 def read_checkpoint_state(checkpoint: Path, *, mmap: bool = False) -> dict:
     """state.pt as saved, read with weights_only=True (tensors and plain values; any other object in
-    the file is refused, never constructed). `mmap` maps tensors lazily: a cheap full check of the file."""
+    the file is refused, never constructed). `mmap` maps tensors lazily onto the CPU: a cheap full check
+    of the file that allocates nothing on a GPU."""
     path = Path(checkpoint) / "state.pt"
     try:
-        saved = torch.load(path, weights_only=True, mmap=mmap)
+        saved = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {checkpoint} has no state.pt") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, a pickle naming code, bad bytes: all one answer
