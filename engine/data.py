@@ -102,7 +102,7 @@ _ALIASES = {
     "content": "text",
 }
 
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 STAT_KEYS = ("rows", "kept", "dropped_empty", "dropped_identical", "dropped_overlong", "truncated", "train", "eval")
 _TOKENIZE_CHUNK = 4096
 _HH_ASSISTANT = re.compile(r"(?:^|\n)Assistant:")
@@ -243,20 +243,50 @@ def _load_file(path: Path) -> list[dict]:
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"{path} is not a readable Parquet file ({_first_line(exc)})") from exc
         return [_plain(row) for row in table.to_pylist()]
-    if suffix == ".csv":
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path)
-        except pd.errors.EmptyDataError:
-            return []
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{path} is not a readable CSV file ({_first_line(exc)})") from exc
-        return [_plain(row) for row in frame.to_dict(orient="records")]
+    if suffix in (".csv", ".tsv"):
+        return _delimited_rows(path, "\t" if suffix == ".tsv" else ",")
     raise DataError(
         f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(DATA_FILE_SUFFIXES)} "
         "or a saved dataset directory"
     )
+
+
+def _csv_flag(value: str) -> bool | str:
+    """A CSV cell of a boolean column: true/false, yes/no or 1/0 (any case); other text is kept for
+    the column's own check to report."""
+    low = value.strip().lower()
+    return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(low, value)
+
+
+def _csv_number(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+# The columns of a CSV/TSV file that are not text: every other cell stays the exact text written
+# (so an answer "065" or "12" is text, as in the file).
+_TYPED_CELLS = {"label": _csv_flag, "safety": _csv_flag, "margin": _csv_number}
+
+
+def _delimited_rows(path: Path, sep: str) -> list[dict]:
+    import pandas as pd
+
+    what = "TSV" if sep == "\t" else "CSV"
+    try:
+        # dtype=str and no NA parsing: "12", "NA" and "null" are answers a user may have written.
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        return []
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path} is not a readable {what} file ({_first_line(exc)})") from exc
+    rows = frame.to_dict(orient="records")
+    for row in rows:
+        for column, cell in row.items():
+            # An empty cell is a missing value (no answer, no label), as in a JSON row without it.
+            row[column] = _TYPED_CELLS.get(column, str)(cell) if cell != "" else None
+    return rows
 
 
 def _read_text(path: Path) -> str:

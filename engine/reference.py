@@ -99,9 +99,10 @@ class PrecomputedReference:
         device: torch.device,
         cache_file: Path | None,
     ) -> "PrecomputedReference":
-        if cache_file is not None and cache_file.exists():
+        cached = _read_cache(cache_file) if cache_file is not None else None
+        if cached is not None:
             log.info("reference log-probs: loaded from cache %s", cache_file)
-            return cls(torch.load(cache_file))
+            return cls(cached)
         tables = {}
         for split, examples in splits.items():
             rows = []
@@ -112,9 +113,27 @@ class PrecomputedReference:
                 rows.append(sums.reshape(rows_per_example, len(chunk)).T)
             tables[split] = torch.cat(rows) if rows else torch.zeros(0, rows_per_example)
         if cache_file is not None:
+            from safetensors.torch import save_file
+
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_suffix(".tmp")
-            torch.save(tables, tmp)
+            save_file({split: table.contiguous() for split, table in tables.items()}, str(tmp))
             tmp.replace(cache_file)
             log.info("reference log-probs: computed and cached in %s", cache_file)
         return cls(tables)
+
+
+def _read_cache(cache_file: Path) -> dict[str, torch.Tensor] | None:
+    """The cached tables, or None when there is no cache or it cannot be read (it is then computed again).
+
+    Safetensors holds only tensors, so a cache file from a shared home never runs code when read.
+    """
+    if not cache_file.exists():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(cache_file))
+    except Exception as err:  # noqa: BLE001 - truncated or not safetensors: recompute and replace it
+        log.warning("reference log-probs: the cache %s cannot be read (%s); computing them again", cache_file, err)
+        return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -134,12 +135,20 @@ class RunSpec:
     max_new_tokens: int = 64
     save_steps: int = 100
     save_total_limit: int = 2
+    # Written by Cherry, not set by users: settings it chose to follow one you set (resolve_spec), e.g.
+    # "max_prompt_length=64: ...". Kept in the spec so the run's start event can say so.
+    defaults_followed: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def followed_note(self) -> str:
+        """"; "-joined notes on the settings that followed the user's, for the start event ("" if none)."""
+        return "".join(f"; {note}" for note in self.defaults_followed or [])
 
     @property
     def display_name(self) -> str:
@@ -186,6 +195,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         except (TypeError, ValueError):
             raise SpecError(f"{key} must be a list of numbers such as 0.5,0.3 (got {value!r})") from None
     if any(get_origin(a) is list for a in args):  # "str | list[str]": a name, a list, or "a,b"
+        if value is None and type(None) in args:
+            return None
         if isinstance(value, list):
             return [str(v) for v in value]
         if isinstance(value, str) and "," in value:
@@ -248,7 +259,14 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def build_spec(values: dict[str, Any]) -> RunSpec:
-    """A RunSpec from a flat-or-nested dict; unknown keys and wrong types are refused."""
+    """A RunSpec from a flat-or-nested dict; unknown keys, wrong types and impossible values are refused."""
+    spec = _typed_spec(values)
+    check_values(spec)
+    return spec
+
+
+def _typed_spec(values: dict[str, Any]) -> RunSpec:
+    """A RunSpec from a flat-or-nested dict with each value turned into its field's type (not yet checked)."""
     top = spec_fields(RunSpec)
     lora_fields = spec_fields(LoraSpec)
     kwargs: dict[str, Any] = {}
@@ -282,9 +300,7 @@ def build_spec(values: dict[str, Any]) -> RunSpec:
         kwargs["epsilon_high"] = high
     if isinstance(kwargs.get("judge_template"), str):  # "\n" typed on a command line or in the app is a line break
         kwargs["judge_template"] = kwargs["judge_template"].replace("\\n", "\n")
-    spec = RunSpec(**kwargs, lora=LoraSpec(**lora_kwargs))
-    check_values(spec)
-    return spec
+    return RunSpec(**kwargs, lora=LoraSpec(**lora_kwargs))
 
 
 def clip_defaults(algorithm: str, loss_type: str) -> tuple[float, float | None]:
@@ -322,7 +338,8 @@ def check_values(spec: RunSpec) -> None:
     need(spec.max_length >= 2, f"max_length must be >= 2 (got {spec.max_length})")
     need(
         0 < spec.max_prompt_length < spec.max_length,
-        f"max_prompt_length must be > 0 and < max_length ({spec.max_prompt_length} vs {spec.max_length})",
+        f"max_prompt_length must be > 0 and < max_length ({spec.max_prompt_length} vs {spec.max_length}): "
+        "lower max_prompt_length or raise max_length",
     )
     need(spec.weight_decay >= 0, f"weight_decay must be >= 0 (got {spec.weight_decay})")
     need(0 <= spec.adam_beta1 < 1 and 0 <= spec.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
@@ -494,19 +511,103 @@ def resolve_spec(
     dataset: str | None = None,
     check_paths: bool = True,
 ) -> RunSpec:
-    """preset + `--set key=value` overrides (+ model/dataset flags) -> a validated RunSpec."""
-    values = load_preset(preset) if preset else {}
+    """preset + `--set key=value` overrides (+ model/dataset flags) -> a validated RunSpec.
+
+    What the user sets wins over the preset: a preset value that would contradict an explicit
+    setting follows it instead (`follow_explicit`), and only two explicit settings that contradict
+    each other are an error.
+    """
+    preset_values = load_preset(preset) if preset else {}
+    explicit: dict[str, Any] = {}
     for item in overrides or []:
         key, value = _parse_override(item)
-        values[key] = value
+        explicit[key] = value
     if model is not None:
-        values["model"] = model
+        explicit["model"] = model
     if dataset is not None:
-        values["dataset"] = dataset
-    spec = build_spec(values)
+        explicit["dataset"] = dataset
+    if "defaults_followed" in explicit:
+        raise SpecError("defaults_followed is written by Cherry (the settings it chose to follow yours); leave it out")
+    spec = _typed_spec({**preset_values, **explicit})
+    try:
+        preset_spec = _typed_spec(preset_values)
+    except SpecError:  # a preset value the user overrode anyway: the field defaults stand in for it
+        preset_spec = RunSpec()
+    spec.defaults_followed = follow_explicit(spec, {k.split(".")[0] for k in explicit}, preset_spec) or None
+    check_values(spec)
     if check_paths:
         resolve_paths(spec)
     return spec
+
+
+def follow_explicit(spec: RunSpec, explicit: set[str], preset: RunSpec) -> list[str]:
+    """Move settings the user did not set so they agree with those the user did; returns one note per
+    change ("max_prompt_length=64: ..."). `preset` holds the preset's own values (for proportions).
+
+    Two explicit settings that contradict each other are left alone here: check_values, or the
+    SpecError raised below, names them both.
+    """
+    notes: list[str] = []
+
+    def follow(key: str, value: Any, why: str) -> None:
+        setattr(spec, key, value)
+        notes.append(f"{key}={value}: {why} (set {key} yourself to choose)")
+
+    # Prompt budget: a fraction of max_length, the preset's own proportion.
+    share = preset.max_prompt_length / preset.max_length if 0 < preset.max_prompt_length < preset.max_length else 0.5
+    if "max_length" in explicit and "max_prompt_length" not in explicit:
+        prompt = min(spec.max_length - 1, max(1, round(spec.max_length * share)))
+        if prompt != spec.max_prompt_length and spec.max_length >= 2:
+            follow("max_prompt_length", prompt, f"{share:.0%} of max_length={spec.max_length}, the preset's proportion")
+    elif "max_prompt_length" in explicit and "max_length" not in explicit and spec.max_prompt_length >= spec.max_length > 0:
+        follow("max_length", max(spec.max_prompt_length + 1, math.ceil(spec.max_prompt_length / share)),
+               f"room for max_prompt_length={spec.max_prompt_length} at the preset's proportion ({share:.0%} prompt)")
+
+    # max_steps > 0 replaces epochs, warmup_steps > 0 replaces warmup_ratio: the one you set counts.
+    for primary, replaced, zero in (("max_steps", "epochs", "0 runs epochs"), ("warmup_steps", "warmup_ratio", "0 uses the ratio")):
+        if getattr(spec, primary) and primary in explicit and replaced in explicit:
+            raise SpecError(f"{primary}={getattr(spec, primary)} and {replaced}={getattr(spec, replaced)} are both set, and "
+                            f"{primary} > 0 replaces {replaced}: set only one ({primary}={zero})")
+        if getattr(spec, primary) and replaced in explicit and primary not in explicit:
+            follow(primary, 0, f"you set {replaced}={getattr(spec, replaced)}, which the preset's {primary} would replace")
+
+    # The method's own loss: a preset's loss_type may not exist for an algorithm set on top of it.
+    method = ALGORITHMS.get(spec.algorithm)
+    if "algorithm" in explicit and "loss_type" not in explicit and method is not None and spec.loss_type not in method.loss_types:
+        follow("loss_type", method.default_loss_type, f"{spec.algorithm}'s default loss")
+    if "loss_type" in explicit and "rpo_alpha" not in explicit and spec.loss_type == "ipo" and spec.rpo_alpha > 0:
+        follow("rpo_alpha", 0.0, "the RPO NLL term does not combine with loss_type=ipo")
+
+    # One weight per reward source: new sources with the preset's weights get equal weights.
+    sources = _as_list(spec.rewards)
+    if "rewards" in explicit and "reward_weights" not in explicit and spec.reward_weights is not None \
+            and len(spec.reward_weights) != len(sources):
+        follow("reward_weights", None, f"one weight of 1 for each of the {len(sources)} reward source(s) you set")
+
+    # Online rollouts: batch_size x num_generations samples, cut into mini-batches, then micro-batches.
+    if is_online(spec.algorithm) and spec.batch_size >= 1 and spec.num_generations >= 1:
+        rollout = spec.batch_size * spec.num_generations
+        sources_set = explicit & {"batch_size", "num_generations", "algorithm", "grad_accum"}
+        accum = spec.grad_accum if "grad_accum" in explicit and spec.grad_accum >= 1 else 1
+
+        def splits(d: int) -> bool:  # d mini-batches cut the rollout evenly, each into your grad_accum
+            return rollout % d == 0 and (rollout // d) % accum == 0
+
+        if sources_set and "num_mini_batches" not in explicit and spec.num_mini_batches >= 1 and not splits(spec.num_mini_batches):
+            fits = [d for d in range(spec.num_mini_batches, 0, -1) if splits(d)]
+            if fits:
+                follow("num_mini_batches", fits[0], f"the most mini-batches up to the preset's {spec.num_mini_batches} "
+                                                    f"that split a rollout of {rollout} samples evenly")
+        mini_batch = rollout // max(1, spec.num_mini_batches)
+        if (sources_set or "num_mini_batches" in explicit) and "grad_accum" not in explicit and spec.grad_accum >= 1 \
+                and mini_batch % spec.grad_accum:
+            follow("grad_accum", _largest_divisor(mini_batch, spec.grad_accum),
+                   f"the most micro-batches up to the preset's {spec.grad_accum} that split a mini-batch of {mini_batch} evenly")
+    return notes
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -544,7 +645,7 @@ def resolve_path(value: str, field_name: str, *, kind: str) -> str:
             return str(candidate.resolve())
     if looks_local(value):
         what = "a local directory saved with save_pretrained (or a hub id)" if kind == "model" else (
-            "a .jsonl/.json/.parquet/.csv file, a saved datasets directory, or a hub id"
+            "a .jsonl/.json/.parquet/.csv/.tsv file, a saved datasets directory, or a hub id"
         )
         raise SpecError(f"{field_name}: '{value}' does not exist; give {what}")
     return value

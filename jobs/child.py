@@ -72,7 +72,11 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def run_child(run_id: str, parent_pid: int) -> int:
-    store = open_store(cherry_home())
+    try:
+        store = open_store(cherry_home())
+    except CherryError as err:  # the worker records the failure from the exit code and this log line
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     run = store.get_run(run_id)
     if run is None:
         print(f"error: run {run_id} is not in the store {store.path}" + (" (or in Redis)" if store.shared else ""), file=sys.stderr)

@@ -12,16 +12,25 @@ priority first, then first in, first out.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import struct
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from huey import Huey, SqliteHuey
 from huey.storage import PriorityRedisStorage
 
+from jobs.home import sqlite_file_error
+
 TASK_NAME = "cherry.run"  # producers and consumers agree on this name, not on a function object
+QUEUE_FILE = "queue.db"
+AFTER_MOVING_QUEUE = (
+    "Cherry then starts an empty queue. Runs that were waiting in it still show as queued in `cherry ls`: "
+    "`cherry cancel RUN` then `cherry resume RUN` queues each again"
+)
 
 
 class HostQueueStorage(PriorityRedisStorage):
@@ -66,7 +75,17 @@ def make_huey(home: Path, host: str | None = None) -> Huey:
     url = os.environ.get("CHERRY_REDIS_URL")
     if url:
         return Huey("cherry", results=False, storage_class=HostQueueStorage, url=url, host=host)
-    return SqliteHuey("cherry", filename=str(Path(home) / "queue.db"), results=False, timeout=30)
+    with explained_queue_errors(home):
+        return SqliteHuey("cherry", filename=str(Path(home) / QUEUE_FILE), results=False, timeout=30)
+
+
+@contextlib.contextmanager
+def explained_queue_errors(home: Path) -> Iterator[None]:
+    """A damaged, read-only or locked queue file becomes one message naming it and the fix."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as err:
+        raise sqlite_file_error(Path(home) / QUEUE_FILE, err, "the queue file", after_moving=AFTER_MOVING_QUEUE) from err
 
 
 def queue_backend() -> str:
@@ -78,6 +97,7 @@ class JobQueue:
     """Enqueue, revoke and (in a worker) execute run tasks."""
 
     def __init__(self, home: Path, handler: Callable[[str], None] | None = None, host: str | None = None) -> None:
+        self.home = Path(home)
         self.huey = make_huey(home, host)
         # A producer never executes the task; a worker passes the handler that runs it. Huey names
         # a task by the module of its function plus `name`, so both sides register one from here.
@@ -91,18 +111,21 @@ class JobQueue:
     def enqueue(self, run_id: str, priority: int = 0, host: str | None = None) -> str:
         """Queue `run_id`; with `host` (a Redis queue), only a worker on that host takes it."""
         task = self.task.s(run_id, priority=priority)
-        if host and isinstance(self.huey.storage, HostQueueStorage):
-            self.huey.storage.enqueue_on(host, self.huey.serialize_task(task), priority)
-        else:
-            self.huey.enqueue(task)
+        with explained_queue_errors(self.home):
+            if host and isinstance(self.huey.storage, HostQueueStorage):
+                self.huey.storage.enqueue_on(host, self.huey.serialize_task(task), priority)
+            else:
+                self.huey.enqueue(task)
         return task.id
 
     def revoke(self, task_id: str) -> None:
-        self.huey.revoke_by_id(task_id, revoke_once=True)
+        with explained_queue_errors(self.home):
+            self.huey.revoke_by_id(task_id, revoke_once=True)
 
     def pending_run_ids(self) -> list[str]:
         """Queued run ids in the order a worker will take them."""
-        return [task.args[0] for task in self.huey.pending()]
+        with explained_queue_errors(self.home):
+            return [task.args[0] for task in self.huey.pending()]
 
 
 def _producer_only(run_id: str) -> None:

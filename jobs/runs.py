@@ -82,6 +82,7 @@ class Jobs:
         if spec.eval_dataset:
             check_dataset(spec.eval_dataset, ALGORITHMS[spec.algorithm].data_kind, "eval dataset")
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
+        self.queue  # a queue file that cannot be used is refused before a run row points at it
 
         run = self._create(spec, parent=parent.id if parent else None, priority=priority, retries=retries)
         run_id = run.id

@@ -10,16 +10,20 @@ shared across threads). The schema carries a version; `MIGRATIONS[i]` takes vers
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 import sqlite3
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import sqlite_utils
+
+from jobs.home import HomeError, sqlite_file_error
 
 BUSY_TIMEOUT_S = 30.0
 # What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),
@@ -107,6 +111,28 @@ class Run:
         return self.status in ENDED
 
 
+class StoreError(HomeError):
+    """The run store file cannot be used (damaged, from a newer Cherry, read-only, locked)."""
+
+
+AFTER_MOVING_STORE = ("Cherry then starts a new, empty store there, and every run directory beside it keeps its "
+                      "spec, metrics, samples, log and checkpoints")
+
+
+def _explained(method):
+    """Turn a SQLite failure inside a Store method into one message naming the store file and the fix."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.Error, OSError) as err:
+            error = sqlite_file_error(self.path, err, "the run store", after_moving=AFTER_MOVING_STORE)
+            raise StoreError(str(error)) from err
+
+    return wrapper
+
+
 class Store:
     """The single-machine store, and the interface of every store (`jobs.shared.open_store` picks one)."""
 
@@ -114,35 +140,55 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.db: sqlite_utils.Database | None = None
+        self._open()
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         self.db = sqlite_utils.Database(conn)
-        if self.db.journal_mode != "wal":
-            self.db.enable_wal()
-        self.db.execute("PRAGMA synchronous = NORMAL")  # safe under WAL; a crash loses at most the last commit
-        self._migrate()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if self.db.journal_mode != "wal":
+                self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous = NORMAL")  # safe under WAL; a crash loses at most the last commit
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
 
     def close(self) -> None:
-        self.db.conn.close()
+        if self.db is not None:
+            self.db.conn.close()
 
     # ------------------------------------------------------------------ schema
 
     def _migrate(self) -> None:
+        # Read the version before taking a write lock: a store from a newer Cherry, or one that is
+        # already current, is never written to here.
+        version = self._stored_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the run store {self.path} was written by a newer Cherry (schema version {version}; this Cherry "
+                f"reads up to {SCHEMA_VERSION}) and is left as it is. Upgrade Cherry (pip install -U cherry-rlhf, "
+                "or update your checkout), or set CHERRY_HOME to another directory for this version"
+            )
+        if version == SCHEMA_VERSION:
+            return
         with self._write():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-            if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the run store {self.path} has schema version {version}, newer than this Cherry "
-                    f"({SCHEMA_VERSION}); upgrade Cherry"
-                )
+            version = self._stored_version()  # another process may have migrated meanwhile
             for migrate in MIGRATIONS[version:]:
                 migrate(self.db)
             self.db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
             )
+
+    def _stored_version(self) -> int:
+        if not self.db["meta"].exists():
+            return 0
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
 
     def schema_version(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
@@ -356,6 +402,11 @@ class Store:
             self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step])
             self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
             self.db.execute("UPDATE runs SET step = ? WHERE id = ?", [max(step, 0), run_id])
+
+
+for _name, _method in list(vars(Store).items()):
+    if isinstance(_method, types.FunctionType) and _name not in ("close", "_write"):
+        setattr(Store, _name, _explained(_method))
 
 
 class _Transaction:

@@ -78,6 +78,7 @@ class Worker:
         self, home: Path, *, gpus: list[str] | None = None, concurrency: int | None = None, grace: float = 30.0,
     ) -> None:
         self.home = Path(home).resolve()
+        open_store(self.home).close()  # a store that cannot be used stops the worker before it takes a task
         self.grace = grace
         if gpus and concurrency and concurrency != len(gpus):
             raise ValueError("--concurrency must equal the number of --gpus (a GPU runs one job at a time)")

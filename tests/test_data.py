@@ -111,6 +111,9 @@ def write_rows(rows: list[dict], tmp_path, kind: str) -> str:
     elif kind == "csv":
         path = tmp_path / "data.csv"
         pd.DataFrame(rows).to_csv(path, index=False)
+    elif kind == "tsv":
+        path = tmp_path / "data.tsv"
+        pd.DataFrame(rows).to_csv(path, index=False, sep="\t")
     elif kind == "parquet":
         path = tmp_path / "data.parquet"
         pq.write_table(pa.Table.from_pylist(rows), path)
@@ -132,7 +135,7 @@ def write_rows(rows: list[dict], tmp_path, kind: str) -> str:
     return str(path)
 
 
-FILE_KINDS = ["jsonl", "json", "json_lines_in_json", "csv", "parquet", "saved", "saved_dict"]
+FILE_KINDS = ["jsonl", "json", "json_lines_in_json", "csv", "tsv", "parquet", "saved", "saved_dict"]
 
 
 @pytest.mark.parametrize("file_kind", FILE_KINDS)
@@ -177,10 +180,43 @@ def test_load_rows_max_rows(tmp_path):
     assert load_rows(write_rows(rows, tmp_path, "saved"), max_rows=2) == rows[:2]
 
 
-def test_csv_missing_values_become_none_and_int_labels_stay_ints(tmp_path):
+def test_csv_missing_values_become_none_and_label_cells_become_booleans(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("prompt,completion,label,answer\nhi,,1,42\n", encoding="utf-8")
-    assert load_rows(str(path)) == [{"prompt": "hi", "completion": None, "label": 1, "answer": 42}]
+    path.write_text("prompt,completion,label,answer,margin\nhi,,1,42,\nyo,x,FALSE,,2.5\n", encoding="utf-8")
+    assert load_rows(str(path)) == [
+        {"prompt": "hi", "completion": None, "label": True, "answer": "42", "margin": None},
+        {"prompt": "yo", "completion": "x", "label": False, "answer": None, "margin": 2.5},
+    ]
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_csv_and_tsv_text_columns_are_text_even_when_they_look_like_numbers(tmp_path, tok, suffix, sep):
+    """The issue's file: answers to sums are numbers to pandas, text to the user (and the tokenizer)."""
+    path = tmp_path / f"sums{suffix}"
+    lines = ["prompt,chosen,rejected", "12+53=,65,75", "1+1=,02,2.0", "NA?,NA,null"]
+    path.write_text("".join(line.replace(",", sep) + "\n" for line in lines), encoding="utf-8")
+    assert load_rows(str(path))[:2] == [{"prompt": "12+53=", "chosen": "65", "rejected": "75"},
+                                        {"prompt": "1+1=", "chosen": "02", "rejected": "2.0"}]
+    out = prepare(str(path), tok, kind="preference", eval_split=0)
+    assert [(ex["prompt"], ex["chosen"], ex["rejected"]) for ex in out.train] == [
+        ("12+53=", "65", "75"), ("1+1=", "02", "2.0"), ("NA?", "NA", "null")]
+
+
+def test_a_json_number_in_a_text_column_stays_an_error(tmp_path, tok):
+    """JSON says what type a value is, so a number where text belongs is the file's mistake."""
+    path = tmp_path / "sums.jsonl"
+    path.write_text('{"prompt": "12+53=", "chosen": 65, "rejected": "75"}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(str(path), tok, kind="preference", eval_split=0)
+    assert "column 'chosen' holds int 65; expected a string" in message_error(err)
+
+
+def test_a_csv_label_that_is_not_a_boolean_is_named(tmp_path, tok):
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label\n2+2=,4,maybe\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(str(path), tok, kind="unpaired", eval_split=0)
+    assert "'label' must be a boolean (true/false, or 0/1), got str 'maybe'" in message_error(err)
 
 
 @pytest.mark.parametrize("source", ["./nope.jsonl", "/tmp/cherry-missing-dir/missing.jsonl", "data/sub/x.parquet"])
@@ -337,8 +373,8 @@ def test_cases_cover_every_format():
 
 @pytest.mark.parametrize(
     "fmt, file_kind",
-    [(fmt, kind) for fmt in PLAIN_CASES for kind in ("jsonl", "json", "csv", "parquet", "saved")
-     if not (fmt == "messages" and kind == "csv")],  # CSV cells cannot hold message lists
+    [(fmt, kind) for fmt in PLAIN_CASES for kind in ("jsonl", "json", "csv", "tsv", "parquet", "saved")
+     if not (fmt == "messages" and kind in ("csv", "tsv"))],  # CSV cells cannot hold message lists
 )
 def test_every_format_from_every_file_type(tmp_path, tok, fmt, file_kind):
     rows, expected = PLAIN_CASES[fmt]

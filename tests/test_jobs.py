@@ -176,6 +176,109 @@ def test_sigterm_stops_the_worker_gracefully_and_the_run_resumes(home, start_wor
     wait_for(lambda: status(jobs, run.id) == "cancelled", 30, "cancel")
 
 
+class ForegroundTrain:
+    """`cherry train` in a real process, as a user runs it in a terminal; Ctrl+C is a real SIGINT."""
+
+    def __init__(self, home: Path, tiny_model_dir, tiny_pairs, values: dict) -> None:
+        sets = [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
+        self.proc = subprocess.Popen(
+            CLI + ["train", "--preset", "dpo", "--model", str(tiny_model_dir), "--dataset", str(tiny_pairs), *sets],
+            env={**os.environ, "CHERRY_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def ctrl_c(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+
+    def wait_for_line(self, text: str, timeout: float = 30) -> list[str]:
+        """stderr lines up to the first one holding `text` (the process keeps writing after it)."""
+        deadline, lines = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            lines.append(line)
+            if text in line or not line:
+                return lines
+        raise AssertionError(f"no line with {text!r} in {timeout}s: {lines}")
+
+
+FOREGROUND = dict(lr=1e-3, batch_size=4, max_steps=40, eval_steps=0, sample_steps=0, num_samples=0, kl_samples=0,
+                  logging_steps=1, num_threads=1, max_length=64, max_prompt_length=32, max_new_tokens=4)
+
+
+def _the_run(jobs: Jobs, at_least_step: int):
+    return wait_for(lambda: next((r for r in jobs.store.list_runs() if (r.step or 0) >= at_least_step), None), 120,
+                    f"the foreground run to log {at_least_step} steps")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_foreground_saves_a_checkpoint_and_a_worker_resumes_it_exactly(
+    home, start_worker, tiny_model_dir, tiny_pairs, tmp_path
+):
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+
+    values = {**FOREGROUND, "save_steps": 1000}
+    straight = MemoryReporter()
+    train(tiny_spec(tiny_model_dir, tiny_pairs, **values), tmp_path / "straight", straight)
+    expected = dict(zip(range(1, 41), straight.series("train/loss")))
+
+    jobs = Jobs(home)
+    foreground = ForegroundTrain(home, tiny_model_dir, tiny_pairs, values)
+    run = _the_run(jobs, 8)
+    foreground.ctrl_c()
+    _, err = foreground.proc.communicate(timeout=60)
+    assert foreground.proc.returncode == 130, err
+    assert "Ctrl+C: stopping after this step" in err and "Traceback" not in err
+    stopped = jobs.store.get_run(run.id)
+    assert stopped.status == "interrupted" and stopped.finished_at and "stopped by Ctrl+C" in stopped.error
+    assert 8 <= stopped.step < 40
+    assert (Path(stopped.out_dir) / "checkpoints" / f"step-{stopped.step:07d}" / "state.pt").exists()
+    assert f"cherry resume {run.id}" in err
+
+    result = subprocess.run(CLI + ["resume", run.id], capture_output=True, text=True, env={**os.environ, "CHERRY_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    start_worker()
+    wait_for(lambda: status(jobs, run.id) == "completed", 120, "the resumed run to complete on the worker")
+    assert losses(jobs, run.id) == expected  # every step once, equal to the uninterrupted run
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_quits_at_once_and_leaves_the_store_consistent(
+    home, start_worker, tiny_model_dir, tiny_pairs, tmp_path
+):
+    import sqlite3
+
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+
+    values = {**FOREGROUND, "save_steps": 5}
+    straight = MemoryReporter()
+    train(tiny_spec(tiny_model_dir, tiny_pairs, **values), tmp_path / "straight", straight)
+    expected = dict(zip(range(1, 41), straight.series("train/loss")))
+
+    jobs = Jobs(home)
+    foreground = ForegroundTrain(home, tiny_model_dir, tiny_pairs, values)
+    run = _the_run(jobs, 12)
+    foreground.ctrl_c()
+    foreground.wait_for_line("Ctrl+C: stopping after this step")  # the first one was taken: a stop is pending
+    foreground.ctrl_c()
+    asked = time.monotonic()
+    _, err = foreground.proc.communicate(timeout=30)
+    assert time.monotonic() - asked < 5  # at once: no waiting for the step, no checkpoint
+    assert foreground.proc.returncode == 130 and "second Ctrl+C" in err and "Traceback" not in err, err
+
+    quit_run = jobs.store.get_run(run.id)
+    assert quit_run.status == "interrupted" and quit_run.finished_at and "second Ctrl+C" in quit_run.error
+    assert any(e["kind"] == "interrupted" for e in jobs.store.events(run.id))
+    with sqlite3.connect(str(home / "cherry.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    jobs.resume(run.id)  # from the last checkpoint saved before the quit
+    start_worker()
+    wait_for(lambda: status(jobs, run.id) == "completed", 120, "the resumed run to complete on the worker")
+    assert losses(jobs, run.id) == expected
+
+
 def test_after_chains_a_run_onto_the_output_of_another(home, start_worker, tiny_model_dir, tiny_pairs):
     jobs = Jobs(home)
     sft = jobs.submit(resolve_spec("sft", ["max_steps=3", "num_samples=0", "kl_samples=0", "eval_steps=0", "batch_size=4",

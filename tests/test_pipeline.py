@@ -30,9 +30,16 @@ def test_the_rlhf_pipeline_chains_three_runs(home):
 
 def test_stage_overrides_reach_only_their_stage(home):
     jobs = Jobs(home)
-    sft, rm, ppo = submit_pipeline(jobs, "demo_rlhf", SMALL + ["ppo.lr=0.5", "rm.epochs=2"])
+    sft, rm, ppo = submit_pipeline(jobs, "demo_rlhf", SMALL + ["ppo.lr=0.5", "rm.weight_decay=0.25"])
     assert ppo.spec["lr"] == 0.5 and sft.spec["lr"] != 0.5
-    assert rm.spec["epochs"] == 2 and sft.spec["epochs"] != 2
+    assert rm.spec["weight_decay"] == 0.25 and sft.spec["weight_decay"] != 0.25
+
+
+def test_a_stage_setting_that_contradicts_a_pipeline_wide_one_is_named(home):
+    """`--set max_steps=2` for every stage and `rm.epochs=2` for one: max_steps would silently replace
+    the epochs asked for, so both are named instead."""
+    with pytest.raises(SpecError, match="max_steps=2 and epochs=2.0 are both set"):
+        submit_pipeline(Jobs(home), "demo_rlhf", SMALL + ["rm.epochs=2"])
 
 
 def test_a_bad_stage_submits_nothing(home):

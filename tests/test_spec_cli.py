@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -14,11 +15,13 @@ from engine.spec import build_spec, load_preset, resolve_spec, spec_fields
 from tuiapp.cli import app
 
 runner = CliRunner()
+# Fields a preset does not list: a run's own label, and the notes Cherry writes on defaults it moved.
+WRITTEN_BY_CHERRY = {"name", "defaults_followed"}
 
 
 def test_dpo_preset_holds_every_field_and_is_valid():
     values = load_preset("dpo")
-    assert set(spec_fields()) - {"name"} <= set(values)
+    assert set(spec_fields()) - WRITTEN_BY_CHERRY <= set(values)
     spec = build_spec(values)
     assert (spec.beta, spec.lr, spec.loss_type) == (0.1, 1e-6, "sigmoid")
 
@@ -36,7 +39,7 @@ def test_dpo_preset_holds_every_field_and_is_valid():
         ("lr=fast", "lr must be a number"),
         ("precompute_ref_logps=maybe", "precompute_ref_logps must be true or false"),
         ("dtype=fp64", "dtype must be one of auto, fp32, bf16, fp16"),
-        ("max_prompt_length=2000", "max_prompt_length must be > 0 and < max_length"),
+        ("max_prompt_length=0", "max_prompt_length must be > 0 and < max_length"),
         ("beta", "--set expects key=value"),
         ("loss_type=hinge label_smoothing=0.1", "label_smoothing applies to loss_type sigmoid (cDPO) and robust only"),
     ],
@@ -106,7 +109,7 @@ def test_presets_lists_every_method_and_shows_inherited_values():
     ipo = load_preset("ipo")
     assert ipo["loss_type"] == "ipo" and ipo["algorithm"] == "dpo" and ipo["lora"]["r"] == 0  # merged through dpo and _base
     for name in names:
-        assert set(spec_fields()) - {"name"} <= set(load_preset(name)), name
+        assert set(spec_fields()) - WRITTEN_BY_CHERRY <= set(load_preset(name)), name
         build_spec(load_preset(name))  # every preset is valid as shipped
 
 
@@ -128,6 +131,89 @@ def test_cli_trains_a_local_model_on_a_local_jsonl(tmp_path, tiny_model_dir, tin
     assert "completed: 4/4 steps" in result.output and f"run directory: {out}" in result.output
     assert (out / "final" / "config.json").exists()
     resumed = runner.invoke(app, ["train", "--resume", str(out)])
-    assert resumed.exit_code == 0 and "completed: 4/4 steps" in resumed.output
+    assert resumed.exit_code == 0 and "completed: 4/4 steps" in resumed.output, resumed.output
     missing = runner.invoke(app, ["train", "--resume", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no spec.yaml there" in missing.output
+
+
+# ----------------------------------------------------------------------------- defaults that follow yours
+
+
+def test_max_length_alone_brings_the_prompt_budget_along():
+    """The issue's case: `--set max_length=128` on a preset made for 1024 tokens."""
+    spec = resolve_spec("dpo", ["max_length=128"], check_paths=False)
+    assert (spec.max_length, spec.max_prompt_length) == (128, 64)  # the preset's 512 of 1024: half
+    assert spec.defaults_followed == [
+        "max_prompt_length=64: 50% of max_length=128, the preset's proportion (set max_prompt_length yourself to choose)"]
+    demo = resolve_spec("demo/dpo", ["max_length=32"], check_paths=False)
+    assert demo.max_prompt_length == 24  # the demo preset's 48 of 64
+    longer = resolve_spec("dpo", ["max_prompt_length=2000"], check_paths=False)
+    assert (longer.max_length, longer.max_prompt_length) == (4000, 2000)
+    assert resolve_spec("dpo", ["max_length=128", "max_prompt_length=100"], check_paths=False).defaults_followed is None
+
+
+def test_two_explicit_settings_that_contradict_each_other_are_the_only_error():
+    for overrides, message in [
+        (["max_length=128", "max_prompt_length=512"], "max_prompt_length must be > 0 and < max_length (512 vs 128)"),
+        (["epochs=2", "max_steps=100"], "max_steps=100 and epochs=2.0 are both set"),
+        (["warmup_ratio=0.2", "warmup_steps=10"], "warmup_steps=10 and warmup_ratio=0.2 are both set"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            resolve_spec("dpo", overrides, check_paths=False)
+        assert message in str(err.value)
+
+
+def test_a_setting_the_preset_would_override_wins_over_the_preset(tmp_path):
+    """epochs over a preset's max_steps, warmup_ratio over its warmup_steps, rewards over its weights:
+    the preset's value steps aside (max_steps, warmup_steps 0; equal weights) and the start line says so."""
+    spec = resolve_spec("demo/grpo", ["epochs=2"], check_paths=False)
+    assert (spec.max_steps, spec.epochs) == (0, 2.0)
+    assert spec.defaults_followed[0].startswith("max_steps=0: you set epochs=2.0, which the preset's max_steps")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: grpo\nwarmup_steps: 150\nrewards: [exact_match, length:8]\nreward_weights: [1.0, 0.1]\n")
+    spec = resolve_spec(str(mine), ["warmup_ratio=0.05", "rewards=exact_match"], check_paths=False)
+    assert (spec.warmup_steps, spec.warmup_ratio, spec.reward_weights) == (0, 0.05, None)
+    assert resolve_spec(str(mine), [], check_paths=False).warmup_steps == 150  # untouched without a reason
+
+
+def test_the_methods_own_settings_follow_an_algorithm_or_loss_set_on_top():
+    assert resolve_spec("dpo", ["algorithm=grpo"], check_paths=False).loss_type == "dapo"
+    rpo_ipo = resolve_spec("rpo", ["loss_type=ipo"], check_paths=False)
+    assert rpo_ipo.rpo_alpha == 0.0 and "rpo_alpha=0.0" in rpo_ipo.defaults_followed[0]
+    with pytest.raises(SpecError, match="does not apply to loss_type=ipo"):
+        resolve_spec("rpo", ["loss_type=ipo", "rpo_alpha=1.0"], check_paths=False)
+
+
+def test_rollout_splits_follow_batch_size_and_num_generations():
+    spec = resolve_spec("demo/ppo", ["batch_size=3"], check_paths=False)  # the preset cuts 64 samples in 2
+    assert spec.num_mini_batches == 1 and "num_mini_batches=1" in spec.defaults_followed[0]
+    spec = resolve_spec("demo/ppo", ["batch_size=6", "grad_accum=2"], check_paths=False)
+    assert (spec.num_mini_batches, spec.grad_accum) == (1, 2)  # your grad_accum stays; the preset's 2 mini-batches of 3 cannot
+    with pytest.raises(SpecError, match="num_mini_batches=2 must divide"):
+        resolve_spec("demo/ppo", ["batch_size=3", "num_mini_batches=2"], check_paths=False)
+
+
+def test_a_full_spec_is_taken_as_written():
+    """A stored spec (a queued run, spec.yaml on resume) has nothing left to follow: build_spec checks only."""
+    with pytest.raises(SpecError, match="max_prompt_length must be > 0 and < max_length"):
+        build_spec({**load_preset("dpo"), "max_length": 128})
+    with pytest.raises(SpecError, match="defaults_followed is written by Cherry"):
+        resolve_spec("dpo", ["defaults_followed=x"], check_paths=False)
+
+
+def test_the_start_line_says_which_settings_followed(tmp_path):
+    """A real run from the demo preset file with only max_length set: it trains, and both the start
+    line and events.jsonl name the prompt budget Cherry chose."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "tuiapp.cli", "train", "--preset", "demo/dpo", "--out", str(out), "--set", "max_length=32",
+         "--set", "max_steps=1", "--set", "num_threads=1", "--set", "eval_steps=0", "--set", "num_samples=0",
+         "--set", "kl_samples=0", "--set", "max_rows=40"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    note = "max_prompt_length=24: 75% of max_length=32, the preset's proportion"
+    assert note in result.stderr
+    start = next(json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if '"start"' in line)
+    assert note in start["message"]
+    assert "max_prompt_length: 24" in (out / "spec.yaml").read_text()

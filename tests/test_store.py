@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.store import SCHEMA_VERSION, Store, StoreReporter
+from jobs.store import SCHEMA_VERSION, Store, StoreError, StoreReporter
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def test_a_new_store_is_wal_and_at_the_current_schema(store):
 
 def test_a_store_from_a_newer_cherry_is_refused_clearly(store):
     store.db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(RuntimeError, match="schema version 99, newer than this Cherry"):
+    with pytest.raises(StoreError, match="schema version 99; this Cherry reads up to"):
         Store(store.path)
 
 

@@ -76,6 +76,64 @@ def test_resume_continues_with_identical_losses(tiny_model_dir, tiny_pairs, tmp_
     assert [r["train/loss"] for r in on_disk if "train/loss" in r] == straight.series("train/loss")
 
 
+class _RunsCode:
+    """What a tampered checkpoint would carry: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("damage", ["state_truncated", "state_runs_code", "weights_truncated"])
+def test_a_damaged_checkpoint_is_set_aside_and_resume_continues_from_the_one_before(tiny_model_dir, tiny_pairs, tmp_path, damage):
+    spec = dpo_spec(tiny_model_dir, tiny_pairs, max_steps=8, save_steps=4, eval_steps=0, sample_steps=0)
+    run = tmp_path / "run"
+    straight = MemoryReporter()
+    train(spec, run, straight)
+    newest = run / "checkpoints" / "step-0000008"
+    marker = tmp_path / "code-ran"
+    if damage == "state_truncated":
+        state = newest / "state.pt"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif damage == "state_runs_code":
+        saved = torch.load(newest / "state.pt", weights_only=True)
+        saved["extra"]["payload"] = _RunsCode(marker)
+        torch.save(saved, newest / "state.pt")
+    else:
+        weights = newest / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    resumed = MemoryReporter()
+    summary = train(spec, run, resumed, resume=True)
+    assert not marker.exists()  # the file was refused, not unpickled
+    assert summary["status"] == "completed" and summary["step"] == 8
+    assert resumed.series("train/loss") == straight.series("train/loss")[4:]  # from step-0000004, exactly
+    warning = next(e["message"] for e in resumed.events if e["kind"] == "warning")
+    assert "step-0000008" in warning and "moved it aside to step-0000008.unreadable" in warning
+    assert next(e["message"] for e in resumed.events if e["kind"] == "resume") == "resumed from step-0000004"
+    aside = run / "checkpoints" / "step-0000008.unreadable"
+    assert aside.is_dir()  # kept for a look, never overwritten or pruned
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000008", aside.name]
+
+
+def test_checkpoint_state_loads_without_pickle(tiny_model_dir, tiny_pairs, tmp_path):
+    """Everything state.pt holds (optimizer, scheduler, both RNG states) loads with weights_only=True,
+    and Python's RNG state comes back as the tuple random.setstate needs."""
+    import random
+
+    from engine.train import read_checkpoint_state
+
+    train(dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0), tmp_path / "run", MemoryReporter())
+    saved = read_checkpoint_state(tmp_path / "run" / "checkpoints" / "step-0000002")
+    assert saved["state"]["step"] == 2 and saved["optimizer"]["state"] and saved["scheduler"]["last_epoch"] == 2
+    random.setstate(saved["rng"]["python"])  # a list anywhere inside would raise TypeError here
+    assert random.getstate() == saved["rng"]["python"]
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tiny_pairs, tmp_path):
     common = dict(max_steps=2, eval_steps=0, sample_steps=0, save_steps=100, eval_split=0.0, lr=1e-2, max_rows=11)
     big = MemoryReporter()
@@ -122,18 +180,24 @@ def test_precomputed_reference_logps_are_cached_and_give_the_same_losses(tiny_mo
     cache = tmp_path / "cache"
     first = MemoryReporter()
     train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre1", first, cache_dir=cache)
-    files = list((cache / "ref_logps").glob("*.pt"))
-    assert len(files) == 1
+    files = list((cache / "ref_logps").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"  # tensors only: reading it runs no code
     stamp = files[0].stat().st_mtime_ns
     second = MemoryReporter()
     train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre2", second, cache_dir=cache)
     assert files[0].stat().st_mtime_ns == stamp  # reused, not recomputed
     assert first.series("train/loss") == pytest.approx(live.series("train/loss"), abs=1e-6)
     assert second.series("train/loss") == first.series("train/loss")
+    # a cache cut short (a shared home, a full disk) is computed again and replaced, never trusted
+    files[0].write_bytes(files[0].read_bytes()[:40])
+    third = MemoryReporter()
+    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre4", third, cache_dir=cache)
+    assert third.series("train/loss") == first.series("train/loss")
+    assert files[0].stat().st_size > 40
     # different data -> a different key
     train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, max_rows=30, **common), tmp_path / "pre3",
           MemoryReporter(), cache_dir=cache)
-    assert len(list((cache / "ref_logps").glob("*.pt"))) == 2
+    assert len(list((cache / "ref_logps").glob("*.safetensors"))) == 2
 
 
 def test_kto_with_precomputed_reference_logps_gives_the_same_losses(tiny_model_dir, tiny_pairs, tmp_path):

@@ -63,11 +63,12 @@ class CherryApp(App):
     def read_store(self) -> None:
         """Read a snapshot, hand it to the UI, sleep; every POLL_LIVE_S while runs are live."""
         worker = get_current_worker()
-        reader = StoreReader(self.home)
+        reader: StoreReader | None = None
         try:
             while not worker.is_cancelled:
                 self._wake.clear()
                 try:
+                    reader = reader or StoreReader(self.home)
                     snap = reader.read(Want(self.want.focus, self.want.sample_step, tuple(self.want.compare),
                                              tuple(self.want.compare_samples)))
                 except Exception as err:  # a locked or damaged store: say so, keep trying
@@ -82,7 +83,8 @@ class CherryApp(App):
                     break
                 self._wake.wait(self.poll_live if snap.live else self.poll_idle)
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
 
     def _apply_snapshot(self, snap: Snapshot) -> None:
         self.snapshot = snap
@@ -215,6 +217,13 @@ class CherryApp(App):
 
 
 def run_app(home: Path | str | None = None, focus: str | None = None) -> None:
+    """Open the app on `home`; a store that cannot be read is a CherryError before the screen opens
+    (inside the app, a store that breaks later shows the same message as a notification)."""
+    from jobs.home import store_path
+    from jobs.store import Store
+
+    home = Path(home) if home is not None else cherry_home()
+    Store(store_path(home)).close()
     CherryApp(home, focus=focus).run()
 
 

@@ -33,6 +33,7 @@ register_pipeline_command(app)
 
 
 @app.callback()
+@friendly
 def _open_app(ctx: typer.Context) -> None:
     """With no command, open the Textual app."""
     if ctx.invoked_subcommand is None:
@@ -83,7 +84,6 @@ def train(
 ) -> None:
     """Train in this process with a live progress line. Outputs land in runs/<run-id>/."""
     from engine.spec import load_spec_file, resolve_paths, resolve_spec
-    from jobs.local import run_in_process
 
     if resume is not None:
         if not (resume / "spec.yaml").exists():
@@ -93,13 +93,30 @@ def train(
     else:
         spec = resolve_spec(preset, set_, model=model, dataset=dataset)
     _configure_logging()
-    try:
-        run_dir, summary = run_in_process(spec, out, _progress(), resume=resume is not None)
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted: a checkpoint was saved; continue with `cherry train --resume <run dir>`", err=True)
-        raise typer.Exit(130) from None
+    run_dir, summary = _foreground(spec, out, resume=resume is not None)
     typer.echo("")
     _print_summary(run_dir, summary)
+
+
+def _foreground(spec, out: Optional[Path] = None, *, resume: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Run `spec` here with a progress line. Ctrl+C ends the command with code 130 after saying how
+    the run was left and how to continue it (jobs.local records it as interrupted)."""
+    from jobs.home import cherry_home
+    from jobs.local import local_run_id, run_in_process
+
+    try:
+        run_dir, summary = run_in_process(spec, out, _progress() if progress else None, resume=resume)
+    except KeyboardInterrupt:
+        typer.echo("\nquit at once (second Ctrl+C): the run is recorded as interrupted; `cherry resume RUN` continues "
+                   "from its last saved checkpoint", err=True)
+        raise typer.Exit(130) from None
+    if summary["status"] == "interrupted":
+        _print_summary(run_dir, summary)
+        run_id = local_run_id(run_dir, cherry_home())
+        typer.echo(f"interrupted at step {summary['step']}: checkpoint saved. Continue with `cherry resume {run_id}` "
+                   f"(needs `cherry worker`) or `cherry train --resume {run_dir}`", err=True)
+        raise typer.Exit(130)
+    return run_dir, summary
 
 
 def _configure_logging() -> None:
@@ -206,13 +223,12 @@ def demo(
     if not headless:
         _demo_in_app(method, set_, out)
         return
-    from jobs.local import run_in_process
     from tuiapp.launch import demo_spec
 
     spec = demo_spec(method, set_)
     _configure_logging()
     typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model (headless)")
-    run_dir, summary = run_in_process(spec, out, _progress())
+    run_dir, summary = _foreground(spec, out)
     name, before, after = _headline(summary)
     typer.echo("")
     typer.echo(f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
@@ -282,7 +298,6 @@ def demo_table(
 ) -> None:
     """Run every demo method and print a Markdown table: held-out exact match before/after, wall time."""
     from engine.spec import demo_dir, resolve_spec
-    from jobs.local import run_in_process
 
     _configure_logging()
     methods = methods or sorted(p.stem for p in demo_dir().glob("*.yaml"))
@@ -291,7 +306,7 @@ def demo_table(
         overrides = ["num_samples=0"] + ([f"num_threads={threads}"] if threads else [])
         spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), overrides)
         typer.echo(f"running {method} ...", err=True)
-        _, summary = run_in_process(spec)
+        _, summary = _foreground(spec, progress=False)
         name, before, after = _headline(summary)
         rows.append(f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {name.replace('held-out ', '')} | "
                     f"{before:.1%} | {after:.1%} | {(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |")

@@ -78,6 +78,8 @@ def register(app: typer.Typer) -> None:
         from engine.spec import resolve_spec
 
         spec = resolve_spec(preset, set_, model=model, dataset=dataset, check_paths=False)
+        for note in spec.defaults_followed or []:
+            typer.echo(f"note: {note}", err=True)
         jobs = _jobs()
         run = jobs.submit(spec, priority=priority, after=after, retries=retries)
         if as_json:

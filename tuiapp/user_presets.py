@@ -18,7 +18,7 @@ from jobs import CherryError
 
 DIR = "presets"
 ALWAYS = ("algorithm", "model", "dataset")
-NEVER = ("name",)  # a run's label belongs to the run, not to a preset shared by many runs
+NEVER = ("name", "defaults_followed")  # the run's own label, and Cherry's notes on the run's settings
 
 
 def presets_home(home: Path) -> Path:

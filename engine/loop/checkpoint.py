@@ -6,12 +6,23 @@ is written to a .tmp folder and renamed, so a save killed half-way never leaves 
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from engine.errors import CherryError
+from engine.reporting import Reporter
+
+log = logging.getLogger("cherry.engine")
+
+
+class CheckpointError(CherryError):
+    """A checkpoint cannot be read back (truncated, tampered with, or from another run)."""
 
 
 @dataclass
@@ -21,14 +32,24 @@ class TrainState:
     train_seconds: float = 0.0
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
+_CHECKPOINT_NAME = re.compile(r"step-\d+")
+STATE_KEYS = ("state", "optimizer", "scheduler", "rng", "extra")
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first (not a half-written `.tmp` nor one moved aside)."""
     folder = Path(out_dir) / "checkpoints"
-    found = sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if folder.exists() else []
-    return found[-1] if found else None
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name))
 
 
 def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int, extra: dict | None = None) -> Path:
-    """`extra`: more state to restore on resume (an online method's value model, KL coefficient)."""
+    """`extra`: more state to restore on resume (an online method's value model, KL coefficient).
+
+    state.pt holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so it
+    loads with `torch.load(weights_only=True)`: reading a checkpoint never runs code from the file.
+    """
     folder = Path(out_dir) / "checkpoints"
     final = folder / f"step-{state.step:07d}"
     tmp = folder / f"step-{state.step:07d}.tmp"
@@ -46,23 +67,80 @@ def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainSta
     )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a save killed half-way leaves only a .tmp folder, never a broken checkpoint
-    for old in sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
+    for old in checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def read_checkpoint_state(checkpoint: Path, *, mmap: bool = False) -> dict:
+    """state.pt as saved, read with weights_only=True (tensors and plain values; any other object in
+    the file is refused, never constructed). `mmap` maps tensors lazily onto the CPU: a cheap full check
+    of the file that allocates nothing on a GPU."""
+    path = Path(checkpoint) / "state.pt"
+    try:
+        saved = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {checkpoint} has no state.pt") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, a pickle naming code, bad bytes: all one answer
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint file {path} cannot be read safely ({reason})") from None
+    if not isinstance(saved, dict) or not set(STATE_KEYS) <= set(saved):
+        raise CheckpointError(f"checkpoint file {path} is not a Cherry checkpoint (no {', '.join(STATE_KEYS)})")
+    return saved
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Raise CheckpointError unless `checkpoint` reads back whole: its state.pt and its weights' headers."""
+    from safetensors import safe_open
+
+    read_checkpoint_state(checkpoint, mmap=True)
+    model = Path(checkpoint) / "model"
+    weights = sorted(model.glob("*.safetensors"))
+    if not weights or not any((model / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise CheckpointError(f"checkpoint {checkpoint} has no saved model in {model}")
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint weights {file} cannot be read ({err})") from None
+
+
+def resume_checkpoint(out_dir: Path, reporter: Reporter) -> Path | None:
+    """The newest checkpoint that reads back whole. A newer one that does not (truncated, tampered) is
+    moved aside to `step-N.unreadable`, kept for inspection, and the run continues from the one before."""
+    for checkpoint in reversed(checkpoints(out_dir)):
+        try:
+            check_checkpoint(checkpoint)
+            return checkpoint
+        except CheckpointError as err:
+            aside = checkpoint.with_name(checkpoint.name + ".unreadable")
+            shutil.rmtree(aside, ignore_errors=True)
+            checkpoint.rename(aside)
+            message = f"{err}; moved it aside to {aside.name} and resuming from the checkpoint before it"
+            reporter.log_event("warning", message, checkpoint=checkpoint.name)
+            log.warning("warning: %s", message)
+    return None
+
+
 def load_extra_state(checkpoint: Path) -> dict:
     """What `save_checkpoint(..., extra=...)` stored ({} for offline runs)."""
-    return torch.load(checkpoint / "state.pt", weights_only=False).get("extra", {})
+    return read_checkpoint_state(checkpoint)["extra"]
 
 
 def load_training_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
-    saved = torch.load(checkpoint / "state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    random.setstate(saved["rng"]["python"])
-    return TrainState(**saved["state"])
+    saved = read_checkpoint_state(checkpoint)
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        return TrainState(**saved["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not fit this run ({err}); move it aside "
+            f"(mv {checkpoint} {checkpoint}.unreadable) and resume again to continue from the one before"
+        ) from None
 
 
 def restore(checkpoint: Path | None, resume: bool, optimizer, scheduler, reporter) -> TrainState:

@@ -23,7 +23,7 @@ import torch
 
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
-from engine.loop.checkpoint import TrainState, latest_checkpoint, load_extra_state, restore, save_checkpoint
+from engine.loop.checkpoint import TrainState, load_extra_state, restore, resume_checkpoint, save_checkpoint
 from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
 from engine.loop.schedule import Schedule, build_optimizer
 from engine.models import (
@@ -144,7 +144,7 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
     algo = build_algorithm(spec)
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    checkpoint = resume_checkpoint(out_dir, reporter) if resume else None
     cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
 
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
@@ -190,7 +190,9 @@ def run_steps(
     Evaluates and logs samples at the start, every `eval_steps` / `sample_steps` and at the end;
     checkpoints every `save_steps` and when the run stops. `should_stop` is polled before each step
     (cooperative cancel): a string names the ending ("interrupted" when a worker shuts down), True
-    means cancelled. Ctrl+C saves a checkpoint and the summary, then re-raises.
+    means cancelled. Ctrl+C (KeyboardInterrupt) writes the summary and re-raises without a checkpoint:
+    it may land mid-step, so the last checkpoint saved stays the one to resume from (a polite stop,
+    such as the foreground's first Ctrl+C, goes through `should_stop`).
     """
     spec, state, total = run.spec, run.state, run.schedule.total_steps
     if state.step == 0:
@@ -225,7 +227,6 @@ def run_steps(
             if run.due(spec.save_steps) and not last:
                 run.save_checkpoint()
     except KeyboardInterrupt:
-        run.save_checkpoint()
         write_summary(run, "interrupted", before)
         raise
 

@@ -77,7 +77,7 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
                 fingerprint_examples(eval_split, key_keys),
             ]
         )
-        cache_file = Path(cache_dir) / "ref_logps" / f"{key}.pt" if cache_dir else None
+        cache_file = Path(cache_dir) / "ref_logps" / f"{key}.safetensors" if cache_dir else None
         ref_table = PrecomputedReference.build(
             {"train": data.train, "eval": eval_split}, collate, reference, rows_per_example=algo.rows_per_example,
             batch_size=spec.batch_size, device=device, cache_file=cache_file,
@@ -90,7 +90,8 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
 
     run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum)
     reporter.log_event(
-        "start", f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})",
+        "start", f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})"
+        + spec.followed_note,
         total_steps=run.schedule.total_steps, step=run.state.step, **params,
     )
 

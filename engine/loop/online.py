@@ -96,7 +96,7 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
     reporter.log_event(
         "start",
         f"{spec.algorithm}: {run.schedule.total_steps} steps x {spec.batch_size} prompts x {spec.num_generations} samples "
-        f"on {len(data.train)} prompts ({device}, {run.dtype})",
+        f"on {len(data.train)} prompts ({device}, {run.dtype})" + spec.followed_note,
         total_steps=run.schedule.total_steps, step=run.state.step, **params,
         samples_per_step=spec.batch_size * spec.num_generations,
     )
