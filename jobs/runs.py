@@ -23,7 +23,7 @@ from engine.errors import CherryError
 from engine.spec import DATA_KIND, RunSpec, build_spec, resolve_paths
 from jobs.home import cherry_home, new_run_id, store_path
 from jobs.queue import JobQueue
-from jobs.store import ENDED, Run, Store
+from jobs.store import Run, Store
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
 
@@ -159,6 +159,3 @@ class Jobs:
             shutil.rmtree(out_dir, ignore_errors=True)
         return run
 
-
-def is_ended(run: Run) -> bool:
-    return run.status in ENDED

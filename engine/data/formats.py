@@ -174,7 +174,6 @@ def _has_shared_prompt(chosen: Any, rejected: Any) -> bool:
     return False
 
 
-
 def check_kind(fmt: str, kind: str, columns: list[str], what: str) -> None:
     if fmt in _ACCEPTS[kind]:
         return
@@ -185,4 +184,3 @@ def check_kind(fmt: str, kind: str, columns: list[str], what: str) -> None:
         f"data, which needs {_KIND_NEEDS[kind]}{_hint_text(columns) or '.'} "
         f"Presets that train on {found} data: {presets}"
     )
-

@@ -42,8 +42,6 @@ def load_rows(source: str, split: str = "train", *, max_rows: int | None = None)
     return rows
 
 
-
-
 def _load_hub(source: str, split: str, max_rows: int | None) -> list[dict]:
     try:
         import datasets
@@ -187,4 +185,3 @@ def plain(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays
         return plain(value.tolist())
     return value
-

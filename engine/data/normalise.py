@@ -41,7 +41,6 @@ def check_text_value(
     raise DataError(f"{where} {i}: column '{col}' holds {describe(value)}; expected {expected}")
 
 
-
 def split_last_assistant(messages: list[dict]) -> tuple[list[dict], list[dict]]:
     """(messages before the last assistant turn, [that turn]); ([...all], []) if there is none."""
     for j in range(len(messages) - 1, -1, -1):
@@ -222,4 +221,3 @@ def normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[Ite
         elif (fmt != "text" and _is_empty(item.prompt)) or any(_is_empty(c) for c in item.comps):
             item.drop = "empty"
     return items
-

@@ -56,7 +56,6 @@ def check_dataset(source: str, kind: str, what: str = "dataset", *, sample_rows:
     return fmt
 
 
-
 def _process(
     rows: list[dict], fmt: str, tokenizer: Any, opts: Options, where: str
 ) -> tuple[list[tuple[int, dict]], dict[str, int]]:
@@ -81,7 +80,6 @@ def _process(
     return out, stats
 
 
-
 def _rows_of(source: Any, split: str, max_rows: int | None, what: str) -> list[dict]:
     if isinstance(source, (str, os.PathLike)):
         return load_rows(source, split, max_rows=max_rows)
@@ -94,7 +92,6 @@ def _rows_of(source: Any, split: str, max_rows: int | None, what: str) -> list[d
         if not isinstance(row, Mapping):
             raise DataError(f"{what} row {i} is a {type(row).__name__}, not a mapping of column names to values")
     return [plain(row) for row in rows]
-
 
 
 def _check_args(kind: str, max_length: Any, max_prompt_length: Any, eval_split: Any, overlong: Any, max_rows: Any) -> None:
@@ -197,5 +194,3 @@ def prepare(
             ex["index"] = index
     stats["train"], stats["eval"] = len(train), len(evals)
     return PreparedData(format=fmt, conversational=conversational, train=train, eval=evals, stats=stats, kind=kind)
-
-

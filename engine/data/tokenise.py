@@ -206,5 +206,3 @@ def build_example(item: Item, queue: TokenQueue, opts: Options, stats: dict[str,
     if item.safety is not None:  # only data that carries the tag has the field
         ex["safety"] = item.safety
     return ex
-
-
