@@ -20,3 +20,11 @@ class DataError(CherryError):
 
 class ModelError(CherryError):
     """A model or tokenizer cannot be loaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A foreign exception (a parser's, a library's) as one short line to quote in a CherryError."""
+    lines = str(exc).strip().splitlines()
+    msg = lines[0] if lines else ""
+    msg = msg if len(msg) <= 200 else msg[:197] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__

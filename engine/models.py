@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.errors import ModelError
-from engine.spec import RunSpec
+
+if TYPE_CHECKING:  # wrap_lora reads a RunSpec but needs nothing of engine.spec at run time
+    from engine.spec import RunSpec
 
 log = logging.getLogger("cherry.engine")
 
@@ -56,7 +59,7 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _load_error(what: str, source: str, err: Exception) -> ModelError:
+def load_error(what: str, source: str, err: Exception) -> ModelError:
     local = Path(source).expanduser().exists()
     if local:
         return ModelError(f"could not load {what} from '{source}': {err}")
@@ -73,7 +76,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise _load_error("a tokenizer", source, err) from None
+        raise load_error("a tokenizer", source, err) from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of '{source}' has no EOS token; completions need one to end")
     if tokenizer.pad_token_id is None:
@@ -95,7 +98,7 @@ def load_causal_lm(source: str, *, dtype: torch.dtype, device: torch.device, tru
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise _load_error("a causal LM", source, err) from None
+        raise load_error("a causal LM", source, err) from None
     disable_dropout(model)
     return model.to(device)
 
@@ -144,7 +147,7 @@ def load_reward_model(source: str, *, dtype: torch.dtype, device: torch.device, 
             source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except Exception as err:
-        raise _load_error("a reward model", source, err) from None
+        raise load_error("a reward model", source, err) from None
     disable_dropout(model)
     return model.to(device)
 

@@ -19,6 +19,7 @@ import yaml
 
 from engine.errors import SpecError
 from engine.registry import ALGORITHM_NAMES, ALGORITHMS, is_online
+from engine.rewards.sources import JUDGE_PLACEHOLDERS, parse_reward_source  # torch-free: the grammar only
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +102,7 @@ class RunSpec:
     num_generations: int = 8  # samples per prompt (GRPO G, RLOO k, best-of-K K; online_dpo uses 2)
     temperature: float = 1.0  # sampling temperature; the update's log-probs use the same one
     top_p: float = 1.0
-    rewards: str | list[str] = "exact_match"  # reward sources (engine/rewards.py), summed with reward_weights
+    rewards: str | list[str] = "exact_match"  # reward sources (engine/rewards/), summed with reward_weights
     reward_weights: list[float] | None = None  # one per source; None = all 1
     safety_reward_model: str | None = None  # Llama 2 gating: with an rm: source as helpfulness
     safety_threshold: float = 0.15
@@ -392,8 +393,6 @@ def check_values(spec: RunSpec) -> None:
 
 def check_online_values(spec: RunSpec, need) -> None:
     """The online methods' settings (they are ignored, but still checked, by offline methods)."""
-    from engine.rewards import JUDGE_PLACEHOLDERS, parse_reward_source  # torch-free
-
     online = is_online(spec.algorithm)
     need(spec.num_generations >= 1, f"num_generations must be >= 1 (got {spec.num_generations})")
     need(spec.temperature > 0, f"temperature must be > 0 (got {spec.temperature}); online methods must sample (1.0 is usual)")
@@ -689,8 +688,6 @@ def _as_list(value: str | list[str]) -> list[str]:
 
 def _resolve_reward_source(source: str) -> str:
     """rm:PATH and path/to/file.py:function entries with their local paths made absolute."""
-    from engine.rewards import parse_reward_source
-
     kind, arg = parse_reward_source(source)
     if kind == "rm":
         return "rm:" + resolve_path(arg, f"rewards entry '{source}'", kind="model")

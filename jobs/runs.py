@@ -30,7 +30,7 @@ from engine.spec import RunSpec, build_spec, resolve_paths
 from jobs.home import artifacts_root, cherry_home, new_run_id
 from jobs.queue import JobQueue
 from jobs.shared import RunIdTaken, open_store
-from jobs.store import ENDED, Run, Store, files_host, this_host
+from jobs.store import Run, Store, files_host, this_host
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
 
@@ -215,10 +215,6 @@ class Jobs:
             spec = json.loads(text)
             fields.update(spec=text, model=spec.get("model"), dataset=spec.get("dataset"))
         return fields
-
-
-def is_ended(run: Run) -> bool:
-    return run.status in ENDED
 
 
 def run_dir(run: Run) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from engine import data
 from engine.data import FORMATS, KIND_OF_FORMAT, PRESETS_FOR_KIND, detect_format, load_rows, prepare
+from engine.data.normalise import split_implicit
 from engine.errors import DataError, SpecError
 
 TEMPLATE = (
@@ -515,7 +516,7 @@ def test_hh_rlhf_multi_turn_prompt_ends_after_last_assistant_marker(tok, enc, BO
     ],
 )
 def test_implicit_prompt_backs_off_to_a_word_boundary(chosen, rejected, expected):
-    assert data._split_implicit(chosen, rejected) == expected
+    assert split_implicit(chosen, rejected) == expected
 
 
 def test_conversational_preference_renders_with_chat_template(tok, enc, EOS):

@@ -87,7 +87,7 @@ def test_rm_on_data_without_pairs_is_refused(tiny_model_dir, tmp_path):
 def test_helpful_safety_gating_uses_safety_where_tagged_or_low():
     import math
 
-    from engine.scoring import helpful_safety_scores
+    from engine.rewards.reward_model import helpful_safety_scores
 
     logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     helpful = [logit(0.9), logit(0.8), logit(0.7)]

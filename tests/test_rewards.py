@@ -290,7 +290,7 @@ def test_missing_rm_dir_is_a_clear_error(tok, tmp_path):
 
 
 def test_helpful_and_safety_gating(tok, rms):
-    from engine.scoring import helpful_safety_scores
+    from engine.rewards.reward_model import helpful_safety_scores
 
     reward = build_reward([f"rm:{rms['helpful']}", "length:3"], tokenizer=tok, safety_model=str(rms["safety"]))
     tags = [True, False, None, True]

@@ -150,7 +150,7 @@ def score(
 ) -> None:
     """Score text with a reward model: pairwise accuracy on pairs, score statistics on completions."""
     from engine.data import KIND_OF_FORMAT, detect_format, load_rows, prepare
-    from engine.scoring import load_reward_source, reward_scorer, score_dataset
+    from engine.rewards.reward_model import load_reward_source, reward_scorer, score_dataset
     from engine.spec import resolve_path
 
     model, tokenizer = load_reward_source(reward_model, device)
@@ -347,7 +347,7 @@ def bench_dpo(
     as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
 ) -> None:
     """Time DPO steps: Cherry's completion-only log-probs vs the naive full-logits path."""
-    from engine.bench import BenchConfig, compare
+    from engine.bench.dpo import BenchConfig, compare
 
     if not 0 < prompt_len < seq_len:
         raise CherryError(f"--prompt-len must be between 1 and --seq-len - 1 (got {prompt_len} with seq-len {seq_len})")
@@ -384,7 +384,7 @@ def bench_grpo(
 ) -> None:
     """Time a GRPO step's rollout and update: Cherry's batched sampling and completion-only log-probs
     against a per-prompt generate loop and full-logits log-probs, in the same run."""
-    from engine.bench_grpo import GRPOBenchConfig, run
+    from engine.bench.grpo import GRPOBenchConfig, run
 
     for name, value in (("--prompts", prompts), ("--k", k), ("--prompt-len", prompt_len), ("--max-new-tokens", max_new_tokens),
                         ("--repeats", repeats)):

@@ -74,7 +74,7 @@ class PPO(Algorithm):
 
     def build_value_model(self, device, dtype) -> ValueModel:
         from engine.models import load_reward_model
-        from engine.scoring import resolve_reward_model
+        from engine.rewards.reward_model import resolve_reward_model
 
         source = str(resolve_reward_model(self.spec.value_model)) if self.spec.value_model else self.spec.model
         return ValueModel(load_reward_model(source, dtype=dtype, device=device, trust_remote_code=self.spec.trust_remote_code)).train()

@@ -545,7 +545,7 @@ class NewRunScreen(Screen[str | None]):
 
 def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
     """Detected format, row count, problems for this algorithm, and the first rows."""
-    from engine.data import DataError, check_dataset, detect_format, load_rows
+    from engine.data import check_dataset, detect_format, load_rows
 
     out = Text()
     if not value:
@@ -559,7 +559,7 @@ def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
     try:
         rows = load_rows(path)
         fmt, conversational = detect_format(rows)
-    except (CherryError, DataError) as err:
+    except CherryError as err:  # DataError is one
         return Text(str(err), style="red")
     out.append(f"format: {fmt}{' (conversational)' if conversational else ''} · {len(rows):,} rows", style="green")
     try:

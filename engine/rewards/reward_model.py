@@ -1,4 +1,13 @@
-"""Score text with a trained reward model: an earlier Cherry RM run or a local classifier dir."""
+"""Score text with a trained reward model: an earlier Cherry RM run, a local classifier directory
+or a hub id; Llama 2's helpfulness + safety combination of two of them.
+
+With `safety_model` (a second reward model, same forms as `rm:`), the `rm:` source's score becomes
+Llama 2's combined reward (`helpful_safety_scores`): the safety model's score on prompts tagged by
+a boolean `safety` column (all False when the column is absent) or whose safety probability is
+below `safety_threshold` (0.15), else the helpfulness score, then logit and whitened over the
+scored batch. The raw scores are kept in `RewardResult.extras` as `rm/helpful` and `rm/safety`.
+It needs exactly one `rm:` source.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +18,10 @@ from typing import Any
 import torch
 
 from engine.batching import collate_completions
+from engine.data.tokenise import appends_eos
 from engine.errors import CherryError
-from engine.models import _load_error, disable_dropout, load_tokenizer, pick_device, sequence_rewards
+from engine.losses.reward import combine_helpful_safety, logit_whiten
+from engine.models import disable_dropout, load_error, load_tokenizer, pick_device, sequence_rewards
 
 
 def resolve_reward_model(source: str) -> Path | str:
@@ -40,7 +51,7 @@ def load_reward_source(source: str, device: str = "auto"):
         else:
             model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1)
     except Exception as err:
-        raise _load_error("a reward model", str(resolved), err) from None
+        raise load_error("a reward model", str(resolved), err) from None
     disable_dropout(model)
     return model.to(target).eval(), tokenizer
 
@@ -61,8 +72,6 @@ def helpful_safety_scores(
     """Llama 2's combined reward over a set of scored rows: the safety RM's score where the prompt is
     safety-tagged or that score is below `threshold`, else the helpfulness score (both as sigmoid
     probabilities), then whitened logits (engine.losses.reward)."""
-    from engine.losses.reward import combine_helpful_safety, logit_whiten
-
     combined = combine_helpful_safety(
         torch.sigmoid(torch.tensor(helpful, dtype=torch.float64)), torch.sigmoid(torch.tensor(safety, dtype=torch.float64)),
         torch.tensor(is_safety_prompt), threshold,
@@ -107,3 +116,65 @@ def _stats(values: list[float]) -> dict[str, float]:
     mean = sum(values) / len(values)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
     return {"score_mean": mean, "score_std": std, "score_min": min(values), "score_max": max(values)}
+
+
+class RewardModelScorer:
+    """Raw scores of one reward model on prompt + completion, in the policy's ids or re-tokenised."""
+
+    def __init__(self, entry: str, source: str, policy_tokenizer: Any, *, device: str = "cpu", batch_size: int = 16):
+        path = Path(source).expanduser()
+        if source.startswith((".", "/", "~")) and not path.exists():
+            raise CherryError(f"{entry}: no such run directory or model directory {path}")
+        try:
+            self.model, self.tokenizer = load_reward_source(source, device)
+        except CherryError as err:
+            raise type(err)(f"{entry}: {err}") from None
+        self.entry = entry
+        self.batch_size = batch_size
+        self.policy_eos = getattr(policy_tokenizer, "eos_token_id", None)
+        self.same_vocab = policy_tokenizer is not None and policy_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        self._strip_prompt_eos = None if self.same_vocab else appends_eos(self.tokenizer)
+
+    def __call__(self, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
+                 completion_ids: list[list[int]], columns: dict[str, list]) -> list[float]:
+        if not self.same_vocab:
+            prompt_ids, completion_ids = self.retokenise(prompts, completions, completion_ids, columns)
+        if any(len(p) + len(c) == 0 for p, c in zip(prompt_ids, completion_ids)):
+            raise ValueError(f"{self.entry}: an empty prompt + completion cannot be scored")
+        return score_completions(self.model, self.tokenizer, prompt_ids, completion_ids, self.batch_size)
+
+    def retokenise(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+                   columns: dict[str, list]) -> tuple[list[list[int]], list[list[int]]]:
+        """The texts in the reward model's tokens, laid out as engine.data lays out training rows."""
+        tok = self.tokenizer
+        messages = columns.get("messages") if getattr(tok, "chat_template", None) else None
+        finished = [bool(ids) and self.policy_eos is not None and ids[-1] == self.policy_eos for ids in completion_ids]
+        plain_rows, chat_rows, comp_texts = [], [], []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            conversation = messages[i] if messages is not None else None
+            if isinstance(conversation, list) and conversation:
+                prompt_text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+                comp_text = completion
+                if finished[i]:
+                    full = tok.apply_chat_template(conversation + [{"role": "assistant", "content": completion}], tokenize=False)
+                    if full.startswith(prompt_text):
+                        comp_text = full[len(prompt_text):]
+                chat_rows.append((i, prompt_text))
+            else:
+                plain_rows.append((i, prompt))
+                comp_text = completion
+            comp_texts.append(comp_text)
+        prompt_ids: list[list[int]] = [[] for _ in prompts]
+        for rows, special in ((plain_rows, True), (chat_rows, False)):
+            if rows:
+                encoded = tok([text for _, text in rows], add_special_tokens=special)["input_ids"]
+                for (i, _), ids in zip(rows, encoded):
+                    ids = list(ids)
+                    if special and self._strip_prompt_eos and ids and ids[-1] == tok.eos_token_id:
+                        ids.pop()
+                    prompt_ids[i] = ids
+        comp_ids = [list(ids) for ids in tok(comp_texts, add_special_tokens=False)["input_ids"]] if comp_texts else []
+        for ids, done in zip(comp_ids, finished):
+            if done and (not ids or ids[-1] != tok.eos_token_id):
+                ids.append(tok.eos_token_id)
+        return prompt_ids, comp_ids

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.batching import collate_completions
-from engine.bench import _device
+from engine.bench import bench_device
 from engine.logprobs import completion_logps, full_logits_logps
 from engine.losses.online import aggregate_token_loss, clipped_policy_loss, group_advantages
 from engine.rollout import naive_rollout, sample_rollout
@@ -102,7 +102,7 @@ def grpo_update(logps_fn, model, optimizer, rollout, k: int, device) -> int:
 def run(cfg: GRPOBenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = bench_device(cfg.device)
     model, tokenizer, examples = build_case(cfg, device)
     sampling = dict(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=1.0)
     results: dict[str, dict] = {}

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.batching import collate_preference
+from engine.bench import bench_device
 from engine.logprobs import completion_logps, full_logits_logps
 from engine.losses.dpo import dpo_loss
 
@@ -38,12 +39,6 @@ class BenchConfig:
     threads: int = 0
     device: str = "auto"
     seed: int = 0
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_case(cfg: BenchConfig):
@@ -84,7 +79,7 @@ def run_path(path: str, cfg: BenchConfig) -> dict:
     """Time one path in this process (called in a fresh child process by `compare`)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = bench_device(cfg.device)
     policy, reference, batch = build_case(cfg)
     policy.to(device)
     reference.to(device)
@@ -128,7 +123,7 @@ def compare(cfg: BenchConfig) -> dict:
     results = {}
     for path in PATHS:
         proc = subprocess.run(
-            [sys.executable, "-m", "engine.bench", path, json.dumps(asdict(cfg))],
+            [sys.executable, "-m", "engine.bench.dpo", path, json.dumps(asdict(cfg))],
             capture_output=True, text=True, check=False,
         )
         if proc.returncode != 0:
@@ -145,5 +140,5 @@ def compare(cfg: BenchConfig) -> dict:
     }
 
 
-if __name__ == "__main__":  # child-process entry: python -m engine.bench PATH CONFIG_JSON
+if __name__ == "__main__":  # child-process entry: python -m engine.bench.dpo PATH CONFIG_JSON
     print(json.dumps(run_path(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))))

@@ -1,0 +1,35 @@
+"""Load, detect, normalise and tokenise datasets.
+
+Pipeline: `load.load_rows` (local file, saved `datasets` directory or hub id -> plain dicts) ->
+`formats.detect_format` (from the column names and the first row's value types) ->
+`normalise.normalise` each row to a prompt and its completion(s) -> `tokenise`: render
+conversational rows with the tokenizer's chat template, tokenise prompts and completions
+separately, in batches, truncate / drop -> `prepare.prepare` ties them together and splits
+train/eval.
+
+Examples are plain dicts (see `prepare`); every completion ends with the tokenizer's EOS unless it
+was truncated. `engine.batching` turns them into padded tensors.
+
+Errors a user can cause are `DataError`s (bad parameter values: `SpecError`) with one-line messages;
+row numbers in them count from 0, like `dataset[i]`; file line numbers count from 1, like an editor.
+
+Nothing here imports torch or transformers: front ends call `check_dataset` at submit time.
+"""
+
+from engine.data.formats import FORMAT_COLUMNS, FORMATS, KIND_OF_FORMAT, PRESETS_FOR_KIND, detect_format
+from engine.data.load import DATA_FILE_SUFFIXES, load_rows
+from engine.data.prepare import STAT_KEYS, PreparedData, check_dataset, prepare
+
+__all__ = [
+    "DATA_FILE_SUFFIXES",
+    "FORMATS",
+    "FORMAT_COLUMNS",
+    "KIND_OF_FORMAT",
+    "PRESETS_FOR_KIND",
+    "STAT_KEYS",
+    "PreparedData",
+    "check_dataset",
+    "detect_format",
+    "load_rows",
+    "prepare",
+]

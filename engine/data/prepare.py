@@ -1,0 +1,196 @@
+"""`prepare`: a dataset, loaded, detected, normalised and tokenised for an algorithm, split into
+train and eval; `check_dataset`, the cheap submit-time check of a local file."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.data.formats import KIND_OF_FORMAT, PRESETS_FOR_KIND, check_kind, detect_format
+from engine.data.load import load_rows, plain
+from engine.data.normalise import Item, normalise
+from engine.data.tokenise import Options, TokenQueue, appends_eos, build_example, render
+from engine.errors import DataError, ModelError, SpecError
+
+STAT_KEYS = ("rows", "kept", "dropped_empty", "dropped_identical", "dropped_overlong", "truncated", "train", "eval")
+
+
+@dataclass
+class PreparedData:
+    format: str  # one of FORMATS (of the training source)
+    conversational: bool
+    train: list[dict]
+    eval: list[dict]
+    stats: dict[str, int]  # STAT_KEYS
+    kind: str = ""  # the kind the examples were built for (may differ from the format's own kind)
+
+    def summary(self) -> str:
+        s = self.stats
+        name = self.format + (" (conversational)" if self.conversational else "")
+        if self.kind and self.kind != KIND_OF_FORMAT.get(self.format):
+            name += f" as {self.kind}"
+        return (
+            f"{name}: {s['rows']:,} rows -> {s['train']:,} train / {s['eval']:,} eval; "
+            f"dropped {s['dropped_identical']:,} identical, {s['dropped_empty']:,} empty, "
+            f"{s['dropped_overlong']:,} over-long; truncated {s['truncated']:,}"
+        )
+
+
+def check_dataset(source: str, kind: str, what: str = "dataset", *, sample_rows: int = 100) -> str | None:
+    """Check a local dataset's format against the data `kind` an algorithm needs, from its first rows.
+
+    Cheap (no tokenizer, no torch): front ends call it before a run is queued, so a wrong file is
+    refused at submit time. Hub ids are not fetched here (the run checks them); returns the format.
+    """
+    path = Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        return None
+    rows = load_rows(str(path), max_rows=sample_rows)
+    fmt, _ = detect_format(rows)
+    check_kind(fmt, kind, list(rows[0]), what)
+    return fmt
+
+
+def _process(
+    rows: list[dict], fmt: str, tokenizer: Any, opts: Options, where: str
+) -> tuple[list[tuple[int, dict]], dict[str, int]]:
+    """(source row number, example) pairs and the counts, for all rows of one source."""
+    stats = dict.fromkeys(STAT_KEYS, 0)
+    items: list[Item] = []
+    for i, row in enumerate(rows):
+        items.extend(normalise(row, i, fmt, opts.kind, where))
+    stats["rows"] = len(items)
+    queue = TokenQueue(tokenizer)
+    render(items, tokenizer, queue, where)
+    queue.run()
+    out = []
+    for item in items:
+        if item.drop:
+            stats[f"dropped_{item.drop}"] += 1
+            continue
+        ex = build_example(item, queue, opts, stats)
+        if ex is not None:
+            out.append((item.src, ex))
+    stats["kept"] = len(out)
+    return out, stats
+
+
+def _rows_of(source: Any, split: str, max_rows: int | None, what: str) -> list[dict]:
+    if isinstance(source, (str, os.PathLike)):
+        return load_rows(source, split, max_rows=max_rows)
+    if not isinstance(source, list):
+        raise DataError(f"{what} must be a path, a hub id or a list of row dicts, got {type(source).__name__}")
+    rows = source[:max_rows] if max_rows is not None else source
+    if not rows:
+        raise DataError(f"{what} is empty (no rows); give a dataset with at least one row")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"{what} row {i} is a {type(row).__name__}, not a mapping of column names to values")
+    return [plain(row) for row in rows]
+
+
+def _check_args(kind: str, max_length: Any, max_prompt_length: Any, eval_split: Any, overlong: Any, max_rows: Any) -> None:
+    if kind not in PRESETS_FOR_KIND:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(PRESETS_FOR_KIND)}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(max_length) or max_length < 2:
+        raise SpecError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if max_prompt_length is not None and (not is_int(max_prompt_length) or max_prompt_length < 1):
+        raise SpecError(f"max_prompt_length must be a positive integer (or None), got {max_prompt_length!r}")
+    if isinstance(eval_split, bool) or not isinstance(eval_split, (int, float)) or not 0 <= eval_split < 1:
+        raise SpecError(f"eval_split must be a fraction in [0, 1), got {eval_split!r}")
+    if overlong not in ("truncate", "drop"):
+        raise SpecError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+    if max_rows is not None and (not is_int(max_rows) or max_rows < 1):
+        raise SpecError(f"max_rows must be a positive integer (or None), got {max_rows!r}")
+
+
+def _eval_count(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, math.floor(n * fraction + 0.5)))
+
+
+def _nothing_left(stats: dict[str, int], what: str, opts: Options) -> DataError:
+    return DataError(
+        f"no {what} rows left after filtering {stats['rows']:,} rows: dropped {stats['dropped_empty']:,} with an "
+        f"empty prompt or completion, {stats['dropped_identical']:,} with chosen == rejected, "
+        f"{stats['dropped_overlong']:,} over-long (max_length={opts.max_length}, "
+        f"max_prompt_length={opts.max_prompt_length}, overlong='{opts.overlong}'); fix the data, raise the "
+        "length limits or use overlong='truncate'"
+    )
+
+
+def prepare(
+    source: str | list[dict],
+    tokenizer: Any,
+    *,
+    kind: str,
+    max_length: int = 512,
+    max_prompt_length: int | None = 256,
+    eval_split: float = 0.05,
+    eval_source: str | list[dict] | None = None,
+    seed: int = 0,
+    overlong: str = "truncate",
+    max_rows: int | None = None,
+    source_split: str = "train",
+    eval_source_split: str = "test",
+) -> PreparedData:
+    """Load, detect, normalise and tokenise a dataset for an algorithm that needs `kind` data.
+
+    Every example has `index` (its position in train or eval), `prompt_ids`, `prompt` (rendered
+    text) and `messages` (the prompt as a message list, None for plain text), plus per kind:
+    preference: `chosen_ids`, `rejected_ids`, `chosen`, `rejected`; unpaired: `completion_ids`,
+    `completion`, `label`; sft: `completion_ids`, `completion`; prompt: `answer` (str or None).
+    Texts are the rendered, untruncated strings without the appended EOS.
+
+    The train/eval split is drawn over source rows (seeded) before filtering, so the eval set does
+    not depend on the length limits, and both halves of a split preference pair stay together.
+    `source_split` / `eval_source_split` pick the split of a hub id or saved DatasetDict.
+    `max_prompt_length=None` means no separate prompt limit (only `max_length`).
+    """
+    _check_args(kind, max_length, max_prompt_length, eval_split, overlong, max_rows)
+    rows = _rows_of(source, source_split, max_rows, "dataset")
+    fmt, conversational = detect_format(rows)
+    check_kind(fmt, kind, list(rows[0]), "dataset")
+    eval_rows = None
+    if eval_source is not None:
+        eval_rows = _rows_of(eval_source, eval_source_split, None, "eval dataset")
+        eval_fmt, _ = detect_format(eval_rows)
+        check_kind(eval_fmt, kind, list(eval_rows[0]), "eval dataset")
+
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None and kind != "prompt":
+        raise ModelError("the tokenizer has no eos_token; set tokenizer.eos_token so completions can end with it")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    opts = Options(kind, max_length, max_prompt_length, overlong, eos_id, bos_id, appends_eos(tokenizer))
+
+    built, stats = _process(rows, fmt, tokenizer, opts, "row")
+    if eval_rows is None:
+        n_eval = _eval_count(len(rows), float(eval_split))
+        eval_src = set(random.Random(seed).sample(range(len(rows)), n_eval))
+        train = [ex for src, ex in built if src not in eval_src]
+        evals = [ex for src, ex in built if src in eval_src]
+    else:
+        eval_built, eval_stats = _process(eval_rows, eval_fmt, tokenizer, opts, "eval row")
+        if not eval_built:
+            raise _nothing_left(eval_stats, "eval", opts)
+        for key in STAT_KEYS:
+            stats[key] += eval_stats[key]
+        train = [ex for _, ex in built]
+        evals = [ex for _, ex in eval_built]
+    if not train:
+        raise _nothing_left(stats, "training", opts)
+    for part in (train, evals):
+        for index, ex in enumerate(part):
+            ex["index"] = index
+    stats["train"], stats["eval"] = len(train), len(evals)
+    return PreparedData(format=fmt, conversational=conversational, train=train, eval=evals, stats=stats, kind=kind)

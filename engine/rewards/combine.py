@@ -1,0 +1,160 @@
+"""The reward of a completion: the weighted sum of its sources, each also kept on its own; with a
+safety model, the `rm:` source's score becomes Llama 2's helpfulness + safety reward."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import CherryError
+from engine.rewards.builtin import exact_match_reward, length_reward, regex_reward
+from engine.rewards.functions import call_reward_function, function_needs, load_reward_function
+from engine.rewards.reward_model import RewardModelScorer, helpful_safety_scores
+from engine.rewards.sources import GRAMMAR, base_name, parse_reward_source
+
+
+@dataclass
+class RewardResult:
+    total: list[float]  # weighted sum of the components, one per completion
+    components: dict[str, list[float]]  # each source's (unweighted) score, keyed by Reward.names
+    extras: dict[str, list[float]] = field(default_factory=dict)  # raw helpful/safety scores when combined
+
+
+ScoreFn = Callable[[list[str], list[str], list[list[int]], list[list[int]], dict[str, list]], list[float]]
+
+
+@dataclass
+class RewardSource:
+    entry: str  # as written in the spec
+    kind: str  # one of KINDS
+    name: str  # component / metric name
+    weight: float
+    score: ScoreFn  # (prompts, completions, prompt_ids, completion_ids, columns) -> scores
+    needs: set[str] = field(default_factory=set)
+
+
+def _function_source(entry: str, fn: Callable[..., Any]) -> ScoreFn:
+    def score(prompts, completions, prompt_ids, completion_ids, columns):
+        kwargs = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
+        kwargs["completion_ids"] = completion_ids
+        return call_reward_function(entry, fn, prompts, completions, kwargs)
+
+    return score
+
+
+class Reward:
+    """A weighted sum of reward sources; build it with `build_reward`."""
+
+    def __init__(self, sources: list[RewardSource], *, safety: RewardModelScorer | None = None, safety_threshold: float = 0.15):
+        if not sources:
+            raise CherryError(f"rewards is empty: name at least one reward source; {GRAMMAR}")
+        self.sources = sources
+        self.safety = safety
+        self.safety_threshold = safety_threshold
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources]
+
+    @property
+    def needs_columns(self) -> set[str]:
+        return set().union(*(s.needs for s in self.sources))
+
+    def reward(self, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
+               completion_ids: list[list[int]], columns: dict[str, list] | None = None) -> RewardResult:
+        columns = dict(columns or {})
+        n = len(completions)
+        for what, values in (("prompts", prompts), ("prompt_ids", prompt_ids), ("completion_ids", completion_ids), *columns.items()):
+            if len(values) != n:
+                raise ValueError(f"reward: {what} has {len(values)} rows for {n} completions")
+        components: dict[str, list[float]] = {}
+        extras: dict[str, list[float]] = {}
+        for source in self.sources:
+            scores = source.score(list(prompts), list(completions), prompt_ids, completion_ids, columns) if n else []
+            if source.kind == "rm" and self.safety is not None and n:
+                safety = self.safety(list(prompts), list(completions), prompt_ids, completion_ids, columns)
+                tags = [bool(v) for v in columns.get("safety", [False] * n)]
+                extras["rm/helpful"], extras["rm/safety"] = scores, safety
+                scores = helpful_safety_scores(scores, safety, tags, self.safety_threshold)
+            components[source.name] = [float(s) for s in scores]
+        total = [sum(s.weight * components[s.name][i] for s in self.sources) for i in range(n)]
+        return RewardResult(total=total, components=components, extras=extras)
+
+    __call__ = reward
+
+
+def build_reward(
+    sources: list[str],
+    weights: list[float] | None = None,
+    *,
+    tokenizer: Any,
+    device: str = "cpu",
+    safety_model: str | None = None,
+    safety_threshold: float = 0.15,
+    batch_size: int = 16,
+) -> Reward:
+    """Parse, load and check every source. `tokenizer` is the policy's (it decides whether a reward
+    model can read the policy's token ids directly); reward models go to `device`."""
+    if isinstance(sources, str):
+        sources = [sources]
+    sources = list(sources)
+    if not sources:
+        raise CherryError(f"rewards is empty: name at least one reward source; {GRAMMAR}")
+    if weights is None:
+        weights = [1.0] * len(sources)
+    weights = list(weights)
+    if len(weights) != len(sources):
+        raise CherryError(
+            f"reward_weights has {len(weights)} value(s) for {len(sources)} reward source(s) ({', '.join(sources)}): "
+            "give one weight per source"
+        )
+    for source, weight in zip(sources, weights):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)):
+            raise CherryError(f"reward_weights: the weight of '{source}' must be a finite number (got {weight!r})")
+    parsed = [parse_reward_source(s) for s in sources]
+    rm_sources = [s for s, (kind, _) in zip(sources, parsed) if kind == "rm"]
+    if safety_model and len(rm_sources) != 1:
+        raise CherryError(
+            "safety_reward_model combines with exactly one helpfulness reward model, "
+            + ("but rewards has no rm: entry; add rm:PATH" if not rm_sources
+               else f"but rewards has {len(rm_sources)} ({', '.join(rm_sources)}); keep one")
+        )
+    if not 0.0 <= safety_threshold <= 1.0:
+        raise CherryError(f"safety_threshold is a probability in [0, 1] (got {safety_threshold})")
+
+    built: list[RewardSource] = []
+    seen: dict[str, int] = {}
+    for entry, (kind, arg), weight in zip(sources, parsed, weights):
+        base = base_name(kind, arg)
+        seen[base] = seen.get(base, 0) + 1
+        name = base if seen[base] == 1 else f"{base}_{seen[base]}"
+        while name in {s.name for s in built}:
+            seen[base] += 1
+            name = f"{base}_{seen[base]}"
+        needs: set[str] = set()
+        if kind == "rm":
+            score: ScoreFn = RewardModelScorer(f"rewards entry '{entry}'", arg, tokenizer, device=device, batch_size=batch_size)
+        else:
+            if kind == "exact_match":
+                fn = exact_match_reward
+                needs = {"answer"}
+            elif kind == "regex":
+                fn = regex_reward(arg)
+            elif kind == "length":
+                fn = length_reward(int(arg))
+            else:
+                fn = load_reward_function(arg)
+                needs = function_needs(fn)
+            score = _function_source(entry, fn)
+        built.append(RewardSource(entry=entry, kind=kind, name=name, weight=float(weight), score=score, needs=needs))
+    safety = None
+    if safety_model:
+        safety = RewardModelScorer(f"safety_reward_model '{safety_model}'", safety_model, tokenizer, device=device, batch_size=batch_size)
+    return Reward(built, safety=safety, safety_threshold=safety_threshold)
