@@ -751,12 +751,12 @@ def test_cli_demo_opens_the_app_on_the_queued_run(home, monkeypatch):
     from typer.testing import CliRunner
 
     import tuiapp.app
-    import tuiapp.cli
+    import tuiapp.cli.demo
     import tuiapp.launch
     from tuiapp.cli import app as cli
 
     opened, started = [], []
-    monkeypatch.setattr(tuiapp.cli, "_interactive", lambda: True)
+    monkeypatch.setattr(tuiapp.cli.demo, "_interactive", lambda: True)
     monkeypatch.setattr(tuiapp.app, "run_app", lambda home=None, focus=None: opened.append((home, focus)))
     monkeypatch.setattr(tuiapp.launch, "start_worker", lambda h: started.append(h) or 4242)
     result = CliRunner().invoke(cli, ["demo", "--method", "sft", "--set", "max_steps=3"])

@@ -42,7 +42,7 @@ def test_demo_build_is_reproducible(tmp_path):
 
 
 def test_chain_of_hindsight_is_judged_against_the_demo_model_on_plain_prompts():
-    from tuiapp.cli import _headline
+    from tuiapp.cli.demo import _headline
 
     summary = {"algorithm": "coh", "before": {"eval/exact_match": 0.0}, "final": {"eval/exact_match": 0.58}}
     label, before, after = _headline(summary)

@@ -7,8 +7,7 @@ import time
 from rich.text import Text
 from textual.widgets import DataTable
 
-from tuiapp.data import GLYPHS, RunInfo, age, duration
-from tuiapp.runs_cli import KEY_METRICS
+from tuiapp.data import GLYPHS, KEY_METRICS, RunInfo, age, duration
 from tuiapp.widgets.plot import fmt_num
 
 # Most telling first: what the pane cannot show scrolls off to the right (ETA is in the run's title too).

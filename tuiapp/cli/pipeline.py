@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from tuiapp.common import DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
 
 
 def register(app: typer.Typer) -> None:

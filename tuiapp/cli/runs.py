@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import typer
 
-from tuiapp.common import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly, sample_lines
+from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.data import KEY_METRICS, sample_lines
 
-KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
 FOLLOW_COLUMNS = ("train/loss", "reward/mean", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match",
                   "eval/rewards/accuracy")
 

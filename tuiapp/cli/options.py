@@ -1,0 +1,30 @@
+"""What the command-line modules share: one-line user errors and the flags that describe a run."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+
+from jobs import CherryError
+
+
+def friendly(fn):
+    """User errors become one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CherryError as err:
+            typer.secho(f"error: {err}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# The flags that describe a run, shared by `train` and `submit` so the two stay the same.
+PRESET_OPTION = typer.Option("dpo", "--preset", "-p", help="Preset name (see `cherry presets`), e.g. dpo or demo/dpo, or a YAML file.")
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Local model dir or hub id; `demo` for the demo model.")
+DATASET_OPTION = typer.Option(None, "--dataset", "-d", help="Local jsonl/json/parquet/csv/tsv, a saved datasets dir, or a hub id.")
+SET_OPTION = typer.Option([], "--set", "-s", help="Override a preset value: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16")
