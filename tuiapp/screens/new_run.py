@@ -546,6 +546,7 @@ class NewRunScreen(Screen[str | None]):
 def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
     """Detected format, row count, problems for this algorithm, and the first rows."""
     from engine.data import check_dataset, detect_format, load_rows
+    from tuiapp.data import algorithm_row
 
     out = Text()
     if not value:
@@ -563,7 +564,8 @@ def dataset_preview(value: str, algorithm: str, rows_shown: int = 2) -> Text:
         return Text(str(err), style="red")
     out.append(f"format: {fmt}{' (conversational)' if conversational else ''} · {len(rows):,} rows", style="green")
     try:
-        check_dataset(path, spec_api().DATA_KIND.get(algorithm, "preference"))
+        row = algorithm_row(algorithm)
+        check_dataset(path, row.data_kind if row is not None else "preference")
     except CherryError as err:
         out.append(f"\n✗ {err}", style="red")
     for row in rows[:rows_shown]:

@@ -12,7 +12,7 @@ import yaml
 
 from engine.registry import ALGORITHMS, DATA_KINDS, ONLINE_ALGORITHMS, algorithms_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(target: str):

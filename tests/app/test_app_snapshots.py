@@ -1,8 +1,8 @@
 """Snapshot tests of the app's main screens at 120x40 and 80x24 (pytest-textual-snapshot).
 
-The store is the fixture store of tests/app_fixtures.py, whose timestamps are fixed; the app gets
+The store is the fixture store of tests/app/app_fixtures.py, whose timestamps are fixed; the app gets
 the same fixed clock and a fixed home label, so ages, ETAs and paths are the same on every run.
-Update the SVGs under tests/__snapshots__/ with `pytest tests/test_app_snapshots.py --snapshot-update`
+Update the SVGs under tests/app/__snapshots__/ with `pytest tests/app/test_app_snapshots.py --snapshot-update`
 after a deliberate change to the screens, and look at them before committing.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_fixtures import NOW, populate, screen_text
+from tests.app.app_fixtures import NOW, populate, screen_text
 
 SIZES = [pytest.param((120, 40), id="120x40"), pytest.param((80, 24), id="80x24")]
 
@@ -127,7 +127,7 @@ def test_compare_screen(snap_compare, home, runs, size):
 
 def test_preference_samples_pane(snap_compare, home, runs):
     """A preference run's samples: reference vs policy, then chosen vs rejected with rewards and margin."""
-    from tests.app_fixtures import add_compare_samples
+    from tests.app.app_fixtures import add_compare_samples
 
     add_compare_samples(home, runs)
     app = make_app(home, focus=runs["done"])
@@ -143,7 +143,7 @@ def test_preference_samples_pane(snap_compare, home, runs):
 @pytest.mark.parametrize("size", SIZES)
 def test_compare_samples(snap_compare, home, runs, size):
     """Two runs' policies on the same prompts (compare, then 2): where they differ highlighted."""
-    from tests.app_fixtures import add_compare_samples
+    from tests.app.app_fixtures import add_compare_samples
 
     add_compare_samples(home, runs)
     app = make_app(home, focus=runs["done"])

@@ -197,7 +197,7 @@ def test_a_run_pinned_to_a_host_is_taken_only_there(redis_url, monkeypatch, tmp_
 def test_queued_runs_survive_a_redis_restart(hosts, redis_url, monkeypatch, tiny_model_dir, tiny_pairs, tmp_path):
     from jobs.runs import Jobs
     from tests.conftest import restart_redis
-    from tests.test_jobs import tiny_spec
+    from tests.e2e.test_jobs import tiny_spec
 
     monkeypatch.setenv("CHERRY_HOME", str(tmp_path / "laptop"))
     jobs = Jobs(tmp_path / "laptop")
@@ -211,7 +211,7 @@ def test_queued_runs_survive_a_redis_restart(hosts, redis_url, monkeypatch, tiny
 def test_a_wiped_redis_gets_back_the_runs_a_host_knows_and_their_queue(hosts, redis_url, monkeypatch, tiny_model_dir,
                                                                      tiny_pairs, tmp_path):
     from jobs.runs import Jobs
-    from tests.test_jobs import tiny_spec
+    from tests.e2e.test_jobs import tiny_spec
 
     monkeypatch.setenv("CHERRY_HOME", str(tmp_path / "laptop"))
     jobs = Jobs(tmp_path / "laptop")
@@ -232,7 +232,7 @@ def test_a_chained_run_goes_to_the_host_holding_its_parents_output(hosts, redis_
                                                                     tiny_pairs, tmp_path):
     from engine.spec import resolve_spec
     from jobs.runs import Jobs
-    from tests.test_jobs import tiny_spec
+    from tests.e2e.test_jobs import tiny_spec
 
     monkeypatch.setenv("CHERRY_HOME", str(tmp_path / "laptop"))
     jobs = Jobs(tmp_path / "laptop")

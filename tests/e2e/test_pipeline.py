@@ -7,7 +7,7 @@ import pytest
 from engine.errors import SpecError
 from jobs.pipeline import load_pipeline, submit_pipeline
 from jobs.runs import Jobs
-from tests.test_jobs import start_worker, wait_for  # noqa: F401  (fixture)
+from tests.e2e.test_jobs import start_worker, wait_for  # noqa: F401  (fixture)
 
 SMALL = [
     "max_steps=2", "eval_steps=0", "sample_steps=0", "num_samples=0", "kl_samples=0", "eval_max_examples=8",

@@ -5,7 +5,7 @@ from an earlier engine (tests/golden/). Any change to the order random numbers a
 loss, to accumulation or to evaluation shows up here. A change that is *meant* to change the
 numbers regenerates the files on purpose:
 
-    CHERRY_WRITE_GOLDEN=1 python -m pytest tests/test_metric_equality.py
+    CHERRY_WRITE_GOLDEN=1 python -m pytest tests/e2e/test_metric_equality.py
 
 and says why in its commit.
 """

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tuiapp.cli import app
 
-DEMO = Path(__file__).resolve().parents[1] / "presets" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "presets" / "demo"
 
 
 def test_headless_demo_raises_held_out_accuracy_by_ten_points(tmp_path):

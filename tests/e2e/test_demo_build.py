@@ -15,7 +15,7 @@ from engine.rewards import exact_match
 
 torch.set_num_threads(1)
 
-DEMO = Path(__file__).resolve().parents[1] / "presets" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "presets" / "demo"
 COLUMNS = {
     "sft.jsonl": {"prompt", "completion"},
     "pairs.jsonl": {"prompt", "chosen", "rejected"},

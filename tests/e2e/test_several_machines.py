@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_jobs import CLI, tiny_spec, wait_for
+from tests.e2e.test_jobs import CLI, tiny_spec, wait_for
 
 HEARTBEAT_TIMEOUT = 8  # seconds without a heartbeat before a run on another host counts as orphaned
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_fixtures import populate
+from tests.app.app_fixtures import populate
 
 TMUX = shutil.which("tmux")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
 
 

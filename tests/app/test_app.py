@@ -1,7 +1,7 @@
 """The Textual app with Pilot: runs table, filters, run view, samples, cancel / delete, new-run form,
 compare, command palette; plus the pure plotting functions and a real-worker end-to-end run.
 
-Display tests write the store directly (tests/app_fixtures.py): no worker, no torch, fast.
+Display tests write the store directly (tests/app/app_fixtures.py): no worker, no torch, fast.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 
 from jobs.home import store_path
 from jobs.store import Store
-from tests.app_fixtures import NOW, populate, screen_text
+from tests.app.app_fixtures import NOW, populate, screen_text
 from tuiapp.widgets.plot import BRAILLE_BASE, Series, ema, plot, sparkline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -340,7 +340,7 @@ async def test_samples_pane_steps_through_logged_steps(home, runs):
 @pytest.mark.asyncio
 async def test_samples_pane_shows_chosen_vs_rejected_with_rewards(home, runs):
     """Preference rows: chosen | rejected with the method's reward of each and the margin, step by step."""
-    from tests.app_fixtures import add_compare_samples
+    from tests.app.app_fixtures import add_compare_samples
     from tuiapp.widgets.samples import SamplesView
 
     add_compare_samples(home, runs)
@@ -369,7 +369,7 @@ async def test_samples_pane_shows_chosen_vs_rejected_with_rewards(home, runs):
 @pytest.mark.asyncio
 @pytest.mark.parametrize("size", [(120, 40), (80, 24)])
 async def test_compare_samples_of_two_runs_side_by_side(home, runs, size):
-    from tests.app_fixtures import add_compare_samples
+    from tests.app.app_fixtures import add_compare_samples
     from tuiapp.screens.compare import CompareScreen
 
     add_compare_samples(home, runs)
@@ -716,7 +716,7 @@ async def test_submit_from_the_form_and_watch_a_real_worker_complete_it(home, ti
     """The whole loop: the form queues a run, `cherry worker` executes it, the table shows it complete."""
     from textual.widgets import Input, Select
 
-    from tests.test_jobs import WorkerProcess
+    from tests.e2e.test_jobs import WorkerProcess
 
     worker = WorkerProcess(home)
     app = make_app(home)

@@ -1,6 +1,6 @@
 """DPO-family losses (DPO, cDPO, robust, hinge, IPO, SimPO, RPO) against values computed by hand.
 
-The other offline losses are in tests/test_losses_{kto,orpo,reward}.py.
+The other offline losses are in tests/unit/test_losses_{kto,orpo,reward}.py.
 """
 
 import math
