@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/cherry demo --headless
 
-# The whole suite, slow tests included (plain `pytest` skips those for a quick loop).
+# Lint (ruff: pyflakes, import order, pycodestyle), then the whole suite, slow tests included
+# (plain `pytest` skips those for a quick loop).
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(VENV)/.installed

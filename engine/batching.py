@@ -18,9 +18,7 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     return out
 
 
-def collate_completions(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int
-) -> dict[str, torch.Tensor]:
+def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `prompt + completion` rows with attention and completion masks."""
     sequences = [p + c for p, c in zip(prompts, completions)]
     input_ids = pad_right(sequences, pad_id)

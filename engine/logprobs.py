@@ -79,8 +79,12 @@ def _gather_completion(
 
 
 def _reduce(
-    token_logps: torch.Tensor, rows: torch.Tensor, batch_size: int, correct: torch.Tensor,
-    all_logps: torch.Tensor | None = None, logits: torch.Tensor | None = None,
+    token_logps: torch.Tensor,
+    rows: torch.Tensor,
+    batch_size: int,
+    correct: torch.Tensor,
+    all_logps: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
 ) -> CompletionLogps:
     """Per-row sums and counts; given the [N, V] log-softmax and logits of the completion positions, the token stats too."""
     sums = torch.zeros(batch_size, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
@@ -136,5 +140,10 @@ def full_logits_logps(
     if not stats:
         return _reduce(token_logps[target_mask], rows, input_ids.shape[0], correct)
     return _reduce(
-        token_logps[target_mask], rows, input_ids.shape[0], correct, all_logps[target_mask], logits[target_mask] / temperature
+        token_logps[target_mask],
+        rows,
+        input_ids.shape[0],
+        correct,
+        all_logps[target_mask],
+        logits[target_mask] / temperature,
     )

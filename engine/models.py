@@ -31,7 +31,9 @@ def pick_device(requested: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device '{requested}' was asked for but no CUDA GPU is visible; use --set device=cpu (or auto)")
+        raise ModelError(
+            f"device '{requested}' was asked for but no CUDA GPU is visible; use --set device=cpu (or auto)"
+        )
     if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ModelError("device 'mps' was asked for but MPS is not available; use --set device=cpu (or auto)")
     return torch.device(requested)
@@ -158,7 +160,9 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Decoder models get their head applied to that one hidden state (never relying on pad-token
     ids, which break when pad == eos); encoder classifiers pool as they were trained to.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper: its LoRA layers stay live
+    inner = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # a peft wrapper: its LoRA layers stay live
     head = getattr(inner, "score", None)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()

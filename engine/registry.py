@@ -17,7 +17,14 @@ from typing import Any, Callable
 PREFERENCE_CHARTS = ("train/loss", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match")
 SFT_CHARTS = ("train/loss", "token_accuracy", "eval/exact_match", "eval/perplexity")
 REWARD_MODEL_CHARTS = ("train/loss", "rewards/accuracy", "eval/rewards/accuracy", "rewards/margin")
-ONLINE_CHARTS = ("reward/mean", "kl/mean", "eval/exact_match", "gen/length_mean", "frac_reward_zero_std", "policy/entropy")
+ONLINE_CHARTS = (
+    "reward/mean",
+    "kl/mean",
+    "eval/exact_match",
+    "gen/length_mean",
+    "frac_reward_zero_std",
+    "policy/entropy",
+)
 
 # The new-run form's extra fields for methods that sample while training: how they sample, what rewards them.
 SAMPLING_FIELDS = ("num_generations", "temperature", "max_new_tokens", "rewards")
@@ -56,22 +63,28 @@ class AlgorithmInfo:
 
 def _kto_batch(spec) -> str | None:
     if spec.batch_size < 2:
-        return ("kto needs batch_size >= 2: its reference point z0 comes from the other rows of the batch "
-                "(with batch_size 1 it collapses to the example's own reward); use --set batch_size=4 or more")
+        return (
+            "kto needs batch_size >= 2: its reference point z0 comes from the other rows of the batch "
+            "(with batch_size 1 it collapses to the example's own reward); use --set batch_size=4 or more"
+        )
     return None
 
 
 def _compares_samples(spec) -> str | None:
     if spec.num_generations < 2:
-        return (f"num_generations must be >= 2 for {spec.algorithm}, which compares samples of one prompt "
-                f"(got {spec.num_generations}); 8 is usual")
+        return (
+            f"num_generations must be >= 2 for {spec.algorithm}, which compares samples of one prompt "
+            f"(got {spec.num_generations}); 8 is usual"
+        )
     return None
 
 
 def _rloo_baseline(spec) -> str | None:
     if spec.num_generations < 2:
-        return (f"num_generations must be >= 2 for rloo: its baseline is the other samples of the prompt "
-                f"(got {spec.num_generations}); the paper finds 4 better than 2")
+        return (
+            f"num_generations must be >= 2 for rloo: its baseline is the other samples of the prompt "
+            f"(got {spec.num_generations}); the paper finds 4 better than 2"
+        )
     return None
 
 
@@ -87,58 +100,140 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
     info.name: info
     for info in (
         AlgorithmInfo(
-            "sft", "SFT: completion-only token-mean NLL", "sft", False, "engine.algorithms.sft:SFT", "engine.losses.sft:sft_loss", charts=SFT_CHARTS,
-        ),
-        AlgorithmInfo(
-            "rm", "Bradley-Terry reward model", "preference", False, "engine.algorithms.reward_model:RewardModel",
-            "engine.losses.reward:reward_model_loss",
-            model_kind="reward", generates=False, charts=REWARD_MODEL_CHARTS,
-        ),
-        AlgorithmInfo(
-            "dpo", "DPO (Rafailov et al. 2023) and its reference-based variants", "preference", False,
-            "engine.algorithms.dpo:DPO", "engine.losses.dpo:dpo_loss", loss_types=("sigmoid", "robust", "hinge", "ipo"),
-        ),
-        AlgorithmInfo("simpo", "SimPO (Meng et al. 2024)", "preference", False, "engine.algorithms.simpo:SimPO",
-                      "engine.losses.dpo:simpo_loss"),
-        AlgorithmInfo("orpo", "ORPO (Hong et al. 2024)", "preference", False, "engine.algorithms.orpo:ORPO",
-                      "engine.losses.orpo:orpo_loss"),
-        AlgorithmInfo(
-            "kto", "KTO (Ethayarajh et al. 2024)", "unpaired", False, "engine.algorithms.kto:KTO", "engine.losses.kto:kto_loss", checks=(_kto_batch,),
-        ),
-        AlgorithmInfo(
-            "coh", "Chain of Hindsight (Liu et al. 2023)", "preference", False, "engine.algorithms.coh:ChainOfHindsight",
+            "sft",
+            "SFT: completion-only token-mean NLL",
+            "sft",
+            False,
+            "engine.algorithms.sft:SFT",
             "engine.losses.sft:sft_loss",
             charts=SFT_CHARTS,
         ),
         AlgorithmInfo(
-            "grpo", "GRPO (Shao et al. 2024) with the DAPO and Dr. GRPO choices", "prompt", True,
-            "engine.algorithms.grpo:GRPO", "engine.losses.online:clipped_policy_loss", loss_types=("grpo", "dapo", "dr_grpo", "gspo", "cispo"),
+            "rm",
+            "Bradley-Terry reward model",
+            "preference",
+            False,
+            "engine.algorithms.reward_model:RewardModel",
+            "engine.losses.reward:reward_model_loss",
+            model_kind="reward",
+            generates=False,
+            charts=REWARD_MODEL_CHARTS,
+        ),
+        AlgorithmInfo(
+            "dpo",
+            "DPO (Rafailov et al. 2023) and its reference-based variants",
+            "preference",
+            False,
+            "engine.algorithms.dpo:DPO",
+            "engine.losses.dpo:dpo_loss",
+            loss_types=("sigmoid", "robust", "hinge", "ipo"),
+        ),
+        AlgorithmInfo(
+            "simpo",
+            "SimPO (Meng et al. 2024)",
+            "preference",
+            False,
+            "engine.algorithms.simpo:SimPO",
+            "engine.losses.dpo:simpo_loss",
+        ),
+        AlgorithmInfo(
+            "orpo",
+            "ORPO (Hong et al. 2024)",
+            "preference",
+            False,
+            "engine.algorithms.orpo:ORPO",
+            "engine.losses.orpo:orpo_loss",
+        ),
+        AlgorithmInfo(
+            "kto",
+            "KTO (Ethayarajh et al. 2024)",
+            "unpaired",
+            False,
+            "engine.algorithms.kto:KTO",
+            "engine.losses.kto:kto_loss",
+            checks=(_kto_batch,),
+        ),
+        AlgorithmInfo(
+            "coh",
+            "Chain of Hindsight (Liu et al. 2023)",
+            "preference",
+            False,
+            "engine.algorithms.coh:ChainOfHindsight",
+            "engine.losses.sft:sft_loss",
+            charts=SFT_CHARTS,
+        ),
+        AlgorithmInfo(
+            "grpo",
+            "GRPO (Shao et al. 2024) with the DAPO and Dr. GRPO choices",
+            "prompt",
+            True,
+            "engine.algorithms.grpo:GRPO",
+            "engine.losses.online:clipped_policy_loss",
+            loss_types=("grpo", "dapo", "dr_grpo", "gspo", "cispo"),
             default_loss="dapo",  # token-level aggregation, as TRL
-            beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
+            beta_may_be_zero=True,
+            charts=ONLINE_CHARTS,
+            form_fields=SAMPLING_FIELDS,
+            checks=(_compares_samples,),
             clip_defaults={"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)},
         ),
         AlgorithmInfo(
-            "rloo", "RLOO (Ahmadian et al. 2024)", "prompt", True, "engine.algorithms.rloo:RLOO", "engine.losses.online:sequence_policy_loss",
-            beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS, checks=(_rloo_baseline,),
+            "rloo",
+            "RLOO (Ahmadian et al. 2024)",
+            "prompt",
+            True,
+            "engine.algorithms.rloo:RLOO",
+            "engine.losses.online:sequence_policy_loss",
+            beta_may_be_zero=True,
+            charts=ONLINE_CHARTS,
+            form_fields=SAMPLING_FIELDS,
+            checks=(_rloo_baseline,),
         ),
         AlgorithmInfo(
-            "ppo", "PPO-RLHF (Ouyang et al. 2022)", "prompt", True, "engine.algorithms.ppo:PPO", "engine.losses.online:clipped_policy_loss",
-            beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS,
+            "ppo",
+            "PPO-RLHF (Ouyang et al. 2022)",
+            "prompt",
+            True,
+            "engine.algorithms.ppo:PPO",
+            "engine.losses.online:clipped_policy_loss",
+            beta_may_be_zero=True,
+            charts=ONLINE_CHARTS,
+            form_fields=SAMPLING_FIELDS,
         ),
         AlgorithmInfo(
-            "online_dpo", "online DPO with AI feedback (Guo et al. 2024)", "prompt", True,
-            "engine.algorithms.online_dpo:OnlineDPO", "engine.losses.dpo:dpo_loss", loss_types=("sigmoid", "ipo"),
+            "online_dpo",
+            "online DPO with AI feedback (Guo et al. 2024)",
+            "prompt",
+            True,
+            "engine.algorithms.online_dpo:OnlineDPO",
+            "engine.losses.dpo:dpo_loss",
+            loss_types=("sigmoid", "ipo"),
             charts=ONLINE_CHARTS + ("judge/position_consistency", "judge/shorter_preferred_frac"),
-            form_fields=SAMPLING_FIELDS + ("judge", "judge_template"), checks=(_two_samples,),
+            form_fields=SAMPLING_FIELDS + ("judge", "judge_template"),
+            checks=(_two_samples,),
         ),
         AlgorithmInfo(
-            "best_of_k", "rejection sampling fine-tuning (best-of-K)", "prompt", True,
-            "engine.algorithms.rejection:BestOfK", "engine.losses.sft:sft_loss", beta_may_be_zero=True, charts=ONLINE_CHARTS,
-            form_fields=SAMPLING_FIELDS, checks=(_compares_samples,),
+            "best_of_k",
+            "rejection sampling fine-tuning (best-of-K)",
+            "prompt",
+            True,
+            "engine.algorithms.rejection:BestOfK",
+            "engine.losses.sft:sft_loss",
+            beta_may_be_zero=True,
+            charts=ONLINE_CHARTS,
+            form_fields=SAMPLING_FIELDS,
+            checks=(_compares_samples,),
         ),
         AlgorithmInfo(
-            "rest", "ReST (Gulcehre et al. 2023)", "prompt", True, "engine.algorithms.rejection:ReST", "engine.losses.sft:sft_loss",
-            beta_may_be_zero=True, charts=ONLINE_CHARTS, form_fields=SAMPLING_FIELDS,
+            "rest",
+            "ReST (Gulcehre et al. 2023)",
+            "prompt",
+            True,
+            "engine.algorithms.rejection:ReST",
+            "engine.losses.sft:sft_loss",
+            beta_may_be_zero=True,
+            charts=ONLINE_CHARTS,
+            form_fields=SAMPLING_FIELDS,
         ),
     )
 }

@@ -75,7 +75,11 @@ class RunDirReporter:
             path = self.run_dir / name
             if not path.exists():
                 continue
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line and json.loads(line)["step"] <= step
+            ]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
@@ -105,8 +109,13 @@ class MultiReporter:
 class ProgressReporter:
     """A live progress line (step, bar, key metrics, ETA) on a terminal; every ~5% as lines in a log."""
 
-    KEYS = {"train/loss": "loss", "rewards/margin": "margin", "rewards/accuracy": "acc", "kl/mean": "kl",
-            "eval/exact_match": "exact"}
+    KEYS = {
+        "train/loss": "loss",
+        "rewards/margin": "margin",
+        "rewards/accuracy": "acc",
+        "kl/mean": "kl",
+        "eval/exact_match": "exact",
+    }
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -134,7 +143,11 @@ class ProgressReporter:
         width = 20
         filled = int(width * step / self.total)
         parts = [f"{label} {self.latest[key]:.3f}" for key, label in self.KEYS.items() if key in self.latest]
-        line = f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] " + "  ".join(parts) + f"  ETA {eta:4.0f}s"
+        line = (
+            f"step {step}/{self.total} [{'#' * filled}{'.' * (width - filled)}] "
+            + "  ".join(parts)
+            + f"  ETA {eta:4.0f}s"
+        )
         evals = {name: value for name, value in metrics.items() if name.startswith("eval/")}
         if self.tty:
             print("\r" + line[:160].ljust(160), end="", file=self.stream, flush=True)

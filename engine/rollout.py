@@ -60,13 +60,21 @@ def reward_columns(examples: list[dict]) -> dict[str, list]:
     }
 
 
-def _sampling_config(tokenizer, eos: list[int], max_new_tokens: int, temperature: float, top_p: float) -> GenerationConfig:
+def _sampling_config(
+    tokenizer, eos: list[int], max_new_tokens: int, temperature: float, top_p: float
+) -> GenerationConfig:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     # top_k=0, not None: None lets transformers fall back to top-k 50, and the update would then score
     # tokens under a distribution they were not sampled from.
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-        pad_token_id=pad_id, eos_token_id=eos, use_cache=True,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        pad_token_id=pad_id,
+        eos_token_id=eos,
+        use_cache=True,
     )
 
 
@@ -80,7 +88,14 @@ def _split_at_eos(row: list[int], eos: set[int]) -> tuple[list[int], bool]:
 
 @torch.no_grad()
 def sample_rollout(
-    model, tokenizer, examples: list[dict], *, k: int, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+    model,
+    tokenizer,
+    examples: list[dict],
+    *,
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
     batch_size: int = 256,
 ) -> Rollout:
     """k samples per example (`prompt_ids`), drawn from the global torch RNG in chunks of `batch_size` rows."""
@@ -140,7 +155,9 @@ def naive_rollout(
 
 def score_rollout(rollout: Rollout, reward, missing_eos_penalty: float = 0.0) -> None:
     """Fill `rollout.rewards` (total, minus `missing_eos_penalty` on truncated samples) and its components."""
-    result = reward.reward(rollout.prompts, rollout.texts, rollout.prompt_ids, rollout.completion_ids, rollout.columns())
+    result = reward.reward(
+        rollout.prompts, rollout.texts, rollout.prompt_ids, rollout.completion_ids, rollout.columns()
+    )
     total = torch.tensor(result.total, dtype=torch.float32)
     if missing_eos_penalty:
         total = total - missing_eos_penalty * torch.tensor(rollout.truncated, dtype=torch.float32)

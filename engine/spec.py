@@ -108,11 +108,17 @@ class RunSpec:
     safety_threshold: float = 0.15
     judge: str = "reward"  # online_dpo: "reward" (compare the rewards) or a causal LM dir / hub id (LLM judge)
     judge_tie_margin: float = 0.05  # online_dpo: skip pairs whose preference is within this of 0.5
-    judge_template: str | None = None  # online_dpo LLM judge prompt with {prompt}, {answer_1}, {answer_2}; None = built-in
+    judge_template: str | None = (
+        None  # online_dpo LLM judge prompt with {prompt}, {answer_1}, {answer_2}; None = built-in
+    )
     missing_eos_penalty: float = 0.0  # subtracted from the reward of a sample that hit max_new_tokens without EOS
     mask_truncated: bool = False  # leave samples without EOS out of the loss (DAPO overlong filtering)
-    epsilon: float | None = DEFAULT_EPSILON  # PPO / GRPO / RLOO clip range (low side); None = the loss_type's (CLIP_DEFAULTS)
-    epsilon_high: float | None = None  # upper clip (DAPO clip-higher 0.28); None = epsilon, or the loss_type's (gspo, cispo)
+    epsilon: float | None = (
+        DEFAULT_EPSILON  # PPO / GRPO / RLOO clip range (low side); None = the loss_type's (CLIP_DEFAULTS)
+    )
+    epsilon_high: float | None = (
+        None  # upper clip (DAPO clip-higher 0.28); None = epsilon, or the loss_type's (gspo, cispo)
+    )
     num_iterations: int = 1  # passes over each rollout (PPO epochs, GRPO mu)
     num_mini_batches: int = 1  # optimizer steps per pass over a rollout
     scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none (Dr. GRPO)
@@ -122,7 +128,9 @@ class RunSpec:
     lam: float = 0.95  # PPO GAE lambda
     vf_coef: float = 0.1  # PPO value-loss weight
     cliprange_value: float = 0.2  # PPO value clip
-    value_model: str | None = None  # PPO: initialise the value model from this reward model (default: the policy + a fresh head)
+    value_model: str | None = (
+        None  # PPO: initialise the value model from this reward model (default: the policy + a fresh head)
+    )
     whiten_rewards: bool = False  # PPO: rescale scores (no mean shift) before GAE
     rest_keep_fractions: list[float] | None = None  # ReST Improve steps: top fractions kept (default 0.5, 0.3, 0.1)
     rest_improve_epochs: float = 1.0  # ReST / best-of-K: SFT epochs over each kept set
@@ -148,7 +156,7 @@ class RunSpec:
 
     @property
     def followed_note(self) -> str:
-        """"; "-joined notes on the settings that followed the user's, for the start event ("" if none)."""
+        """ "; "-joined notes on the settings that followed the user's, for the start event ("" if none)."""
         return "".join(f"; {note}" for note in self.defaults_followed or [])
 
     @property
@@ -292,7 +300,9 @@ def _typed_spec(values: dict[str, Any]) -> RunSpec:
         else:
             raise _unknown_key(key, list(top) + [f"lora.{k}" for k in lora_fields], "")
     algorithm = ALGORITHMS.get(kwargs.get("algorithm", RunSpec.algorithm))
-    if "loss_type" not in kwargs and algorithm is not None:  # each method's own default loss (GRPO: token-level, as TRL)
+    if (
+        "loss_type" not in kwargs and algorithm is not None
+    ):  # each method's own default loss (GRPO: token-level, as TRL)
         kwargs["loss_type"] = algorithm.default_loss_type
     low, high = clip_defaults(kwargs.get("algorithm", RunSpec.algorithm), kwargs.get("loss_type", "sigmoid"))
     if kwargs.get("epsilon") is None:
@@ -320,7 +330,10 @@ def check_values(spec: RunSpec) -> None:
         if not ok:
             raise SpecError(message)
 
-    need(spec.algorithm in ALGORITHMS, f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHM_NAMES)}")
+    need(
+        spec.algorithm in ALGORITHMS,
+        f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHM_NAMES)}",
+    )
     algorithm = ALGORITHMS[spec.algorithm]
     need(spec.lr > 0, f"lr must be > 0 (got {spec.lr}); typical DPO values are 1e-6 to 1e-5 (1e-5 to 1e-4 with LoRA)")
     if algorithm.beta_may_be_zero:
@@ -350,7 +363,10 @@ def check_values(spec: RunSpec) -> None:
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec.device) is not None,
         f"device must be auto, cpu, mps, cuda or cuda:N (got '{spec.device}')",
     )
-    need(spec.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')")
+    need(
+        spec.lr_scheduler in SCHEDULERS,
+        f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')",
+    )
     need(spec.overlong in OVERLONG, f"overlong must be one of {', '.join(OVERLONG)} (got '{spec.overlong}')")
     loss_types = algorithm.loss_types
     need(
@@ -367,9 +383,14 @@ def check_values(spec: RunSpec) -> None:
         not (spec.rpo_alpha > 0 and spec.loss_type == "ipo"),
         "rpo_alpha > 0 combines the NLL with summed DPO log-ratios; it does not apply to loss_type=ipo (set rpo_alpha=0)",
     )
-    need(bool(spec.coh_positive.strip()) and bool(spec.coh_negative.strip()) and spec.coh_positive != spec.coh_negative,
-         "coh_positive and coh_negative must be two different, non-empty phrases")
-    need(0 <= spec.coh_mask_ratio < 1, f"coh_mask_ratio must be in [0, 1) (got {spec.coh_mask_ratio}); the paper masks 0-5%")
+    need(
+        bool(spec.coh_positive.strip()) and bool(spec.coh_negative.strip()) and spec.coh_positive != spec.coh_negative,
+        "coh_positive and coh_negative must be two different, non-empty phrases",
+    )
+    need(
+        0 <= spec.coh_mask_ratio < 1,
+        f"coh_mask_ratio must be in [0, 1) (got {spec.coh_mask_ratio}); the paper masks 0-5%",
+    )
     need(spec.coh_pretrain_coef >= 0, f"coh_pretrain_coef must be >= 0 (got {spec.coh_pretrain_coef})")
     need(spec.center_rewards_coef >= 0, f"center_rewards_coef must be >= 0 (got {spec.center_rewards_coef})")
     need(spec.gamma_beta_ratio >= 0, f"gamma_beta_ratio must be >= 0 (got {spec.gamma_beta_ratio})")
@@ -379,7 +400,15 @@ def check_values(spec: RunSpec) -> None:
     )
     for name in ("logging_steps", "save_total_limit", "max_new_tokens"):
         need(getattr(spec, name) >= 1, f"{name} must be >= 1 (got {getattr(spec, name)})")
-    for name in ("eval_steps", "sample_steps", "save_steps", "num_samples", "kl_samples", "num_threads", "eval_max_examples"):
+    for name in (
+        "eval_steps",
+        "sample_steps",
+        "save_steps",
+        "num_samples",
+        "kl_samples",
+        "num_threads",
+        "eval_max_examples",
+    ):
         need(getattr(spec, name) >= 0, f"{name} must be >= 0 (got {getattr(spec, name)})")
     check_online_values(spec, need)
     for check in algorithm.checks:  # each method's own rules (engine/registry.py)
@@ -395,47 +424,86 @@ def check_online_values(spec: RunSpec, need) -> None:
     """The online methods' settings (they are ignored, but still checked, by offline methods)."""
     online = is_online(spec.algorithm)
     need(spec.num_generations >= 1, f"num_generations must be >= 1 (got {spec.num_generations})")
-    need(spec.temperature > 0, f"temperature must be > 0 (got {spec.temperature}); online methods must sample (1.0 is usual)")
+    need(
+        spec.temperature > 0,
+        f"temperature must be > 0 (got {spec.temperature}); online methods must sample (1.0 is usual)",
+    )
     need(0 < spec.top_p <= 1, f"top_p must be in (0, 1] (got {spec.top_p})")
     sources = _as_list(spec.rewards)
-    need(bool(sources) or not online, "rewards is empty: name at least one reward source, e.g. --set rewards=exact_match")
+    need(
+        bool(sources) or not online, "rewards is empty: name at least one reward source, e.g. --set rewards=exact_match"
+    )
     for source in sources:
         parse_reward_source(source)
     if spec.reward_weights is not None:
-        need(len(spec.reward_weights) == len(sources),
-             f"reward_weights has {len(spec.reward_weights)} values for {len(sources)} reward source(s) ({', '.join(sources)}): give one weight per source")
-    need(not spec.safety_reward_model or any(s.startswith("rm:") for s in sources),
-         "safety_reward_model combines with a helpfulness reward model: add an rm:PATH entry to rewards")
+        need(
+            len(spec.reward_weights) == len(sources),
+            f"reward_weights has {len(spec.reward_weights)} values for {len(sources)} reward source(s) "
+            f"({', '.join(sources)}): give one weight per source",
+        )
+    need(
+        not spec.safety_reward_model or any(s.startswith("rm:") for s in sources),
+        "safety_reward_model combines with a helpfulness reward model: add an rm:PATH entry to rewards",
+    )
     need(0 <= spec.judge_tie_margin < 0.5, f"judge_tie_margin must be in [0, 0.5) (got {spec.judge_tie_margin})")
     if spec.judge_template is not None:
         missing = [p for p in JUDGE_PLACEHOLDERS if p not in spec.judge_template]
-        need(not missing, f"judge_template lacks {' and '.join(missing)}: the judge prompt must contain {', '.join(JUDGE_PLACEHOLDERS)} "
-                          "(where the request and the two answers go)")
-        need(spec.algorithm != "online_dpo" or spec.judge != "reward",
-             "judge_template is the prompt of an LLM judge, but judge is 'reward' (the rewards decide the pairs): "
-             "set judge to a causal LM directory or hub id, or leave judge_template unset")
-    need(spec.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0 (got {spec.missing_eos_penalty}); it is subtracted")
+        need(
+            not missing,
+            f"judge_template lacks {' and '.join(missing)}: the judge prompt must contain {', '.join(JUDGE_PLACEHOLDERS)} "
+            "(where the request and the two answers go)",
+        )
+        need(
+            spec.algorithm != "online_dpo" or spec.judge != "reward",
+            "judge_template is the prompt of an LLM judge, but judge is 'reward' (the rewards decide the pairs): "
+            "set judge to a causal LM directory or hub id, or leave judge_template unset",
+        )
+    need(
+        spec.missing_eos_penalty >= 0,
+        f"missing_eos_penalty must be >= 0 (got {spec.missing_eos_penalty}); it is subtracted",
+    )
     if spec.algorithm == "grpo" and spec.loss_type == "cispo":  # CISPO clips a weight: a lower bound of 0 is allowed
-        need(0 < spec.epsilon <= 1, f"epsilon must be in (0, 1] for loss_type=cispo (got {spec.epsilon}); 1 = no lower bound on the weight (MiniMax-M1)")
+        need(
+            0 < spec.epsilon <= 1,
+            f"epsilon must be in (0, 1] for loss_type=cispo (got {spec.epsilon}); 1 = no lower bound on the weight (MiniMax-M1)",
+        )
     else:
         need(0 < spec.epsilon < 1, f"epsilon must be in (0, 1) (got {spec.epsilon}); 0.2 is the usual clip range")
-    need(spec.epsilon_high is None or spec.epsilon_high > 0, f"epsilon_high must be > 0 (got {spec.epsilon_high}); DAPO uses 0.28")
+    need(
+        spec.epsilon_high is None or spec.epsilon_high > 0,
+        f"epsilon_high must be > 0 (got {spec.epsilon_high}); DAPO uses 0.28",
+    )
     need(spec.num_iterations >= 1, f"num_iterations must be >= 1 (got {spec.num_iterations})")
     need(spec.num_mini_batches >= 1, f"num_mini_batches must be >= 1 (got {spec.num_mini_batches})")
     if online:
         rollout = spec.batch_size * spec.num_generations
-        need(rollout % spec.num_mini_batches == 0,
-             f"num_mini_batches={spec.num_mini_batches} must divide the rollout of batch_size x num_generations = {rollout} samples")
-        need((rollout // spec.num_mini_batches) % spec.grad_accum == 0,
-             f"grad_accum={spec.grad_accum} must divide each mini-batch of {rollout // spec.num_mini_batches} samples")
-    need(spec.scale_rewards in SCALE_REWARDS, f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (got '{spec.scale_rewards}')")
-    need(spec.kl_target is None or spec.kl_target > 0, f"kl_target must be > 0 (got {spec.kl_target}); InstructGPT-era runs used 6")
+        need(
+            rollout % spec.num_mini_batches == 0,
+            f"num_mini_batches={spec.num_mini_batches} must divide the rollout of batch_size x num_generations = {rollout} samples",
+        )
+        need(
+            (rollout // spec.num_mini_batches) % spec.grad_accum == 0,
+            f"grad_accum={spec.grad_accum} must divide each mini-batch of {rollout // spec.num_mini_batches} samples",
+        )
+    need(
+        spec.scale_rewards in SCALE_REWARDS,
+        f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (got '{spec.scale_rewards}')",
+    )
+    need(
+        spec.kl_target is None or spec.kl_target > 0,
+        f"kl_target must be > 0 (got {spec.kl_target}); InstructGPT-era runs used 6",
+    )
     need(spec.kl_horizon >= 1, f"kl_horizon must be >= 1 (got {spec.kl_horizon})")
-    need(0 < spec.gamma <= 1 and 0 <= spec.lam <= 1, f"gamma must be in (0, 1] and lam in [0, 1] (got {spec.gamma}, {spec.lam})")
+    need(
+        0 < spec.gamma <= 1 and 0 <= spec.lam <= 1,
+        f"gamma must be in (0, 1] and lam in [0, 1] (got {spec.gamma}, {spec.lam})",
+    )
     need(spec.vf_coef >= 0 and spec.cliprange_value > 0, "vf_coef must be >= 0 and cliprange_value > 0")
     fractions = spec.rest_keep_fractions
-    need(fractions is None or (len(fractions) > 0 and all(0 < f <= 1 for f in fractions)),
-         f"rest_keep_fractions must be fractions in (0, 1], e.g. 0.5,0.3,0.1 (got {fractions})")
+    need(
+        fractions is None or (len(fractions) > 0 and all(0 < f <= 1 for f in fractions)),
+        f"rest_keep_fractions must be fractions in (0, 1], e.g. 0.5,0.3,0.1 (got {fractions})",
+    )
     need(spec.rest_improve_epochs > 0, f"rest_improve_epochs must be > 0 (got {spec.rest_improve_epochs})")
 
 
@@ -558,29 +626,52 @@ def follow_explicit(spec: RunSpec, explicit: set[str], preset: RunSpec) -> list[
         prompt = min(spec.max_length - 1, max(1, round(spec.max_length * share)))
         if prompt != spec.max_prompt_length and spec.max_length >= 2:
             follow("max_prompt_length", prompt, f"{share:.0%} of max_length={spec.max_length}, the preset's proportion")
-    elif "max_prompt_length" in explicit and "max_length" not in explicit and spec.max_prompt_length >= spec.max_length > 0:
-        follow("max_length", max(spec.max_prompt_length + 1, math.ceil(spec.max_prompt_length / share)),
-               f"room for max_prompt_length={spec.max_prompt_length} at the preset's proportion ({share:.0%} prompt)")
+    elif (
+        "max_prompt_length" in explicit
+        and "max_length" not in explicit
+        and spec.max_prompt_length >= spec.max_length > 0
+    ):
+        follow(
+            "max_length",
+            max(spec.max_prompt_length + 1, math.ceil(spec.max_prompt_length / share)),
+            f"room for max_prompt_length={spec.max_prompt_length} at the preset's proportion ({share:.0%} prompt)",
+        )
 
     # max_steps > 0 replaces epochs, warmup_steps > 0 replaces warmup_ratio: the one you set counts.
-    for primary, replaced, zero in (("max_steps", "epochs", "0 runs epochs"), ("warmup_steps", "warmup_ratio", "0 uses the ratio")):
+    for primary, replaced, zero in (
+        ("max_steps", "epochs", "0 runs epochs"),
+        ("warmup_steps", "warmup_ratio", "0 uses the ratio"),
+    ):
         if getattr(spec, primary) and primary in explicit and replaced in explicit:
-            raise SpecError(f"{primary}={getattr(spec, primary)} and {replaced}={getattr(spec, replaced)} are both set, and "
-                            f"{primary} > 0 replaces {replaced}: set only one ({primary}={zero})")
+            raise SpecError(
+                f"{primary}={getattr(spec, primary)} and {replaced}={getattr(spec, replaced)} are both set, and "
+                f"{primary} > 0 replaces {replaced}: set only one ({primary}={zero})"
+            )
         if getattr(spec, primary) and replaced in explicit and primary not in explicit:
-            follow(primary, 0, f"you set {replaced}={getattr(spec, replaced)}, which the preset's {primary} would replace")
+            follow(
+                primary, 0, f"you set {replaced}={getattr(spec, replaced)}, which the preset's {primary} would replace"
+            )
 
     # The method's own loss: a preset's loss_type may not exist for an algorithm set on top of it.
     method = ALGORITHMS.get(spec.algorithm)
-    if "algorithm" in explicit and "loss_type" not in explicit and method is not None and spec.loss_type not in method.loss_types:
+    if (
+        "algorithm" in explicit
+        and "loss_type" not in explicit
+        and method is not None
+        and spec.loss_type not in method.loss_types
+    ):
         follow("loss_type", method.default_loss_type, f"{spec.algorithm}'s default loss")
     if "loss_type" in explicit and "rpo_alpha" not in explicit and spec.loss_type == "ipo" and spec.rpo_alpha > 0:
         follow("rpo_alpha", 0.0, "the RPO NLL term does not combine with loss_type=ipo")
 
     # One weight per reward source: new sources with the preset's weights get equal weights.
     sources = _as_list(spec.rewards)
-    if "rewards" in explicit and "reward_weights" not in explicit and spec.reward_weights is not None \
-            and len(spec.reward_weights) != len(sources):
+    if (
+        "rewards" in explicit
+        and "reward_weights" not in explicit
+        and spec.reward_weights is not None
+        and len(spec.reward_weights) != len(sources)
+    ):
         follow("reward_weights", None, f"one weight of 1 for each of the {len(sources)} reward source(s) you set")
 
     # Online rollouts: batch_size x num_generations samples, cut into mini-batches, then micro-batches.
@@ -592,16 +683,32 @@ def follow_explicit(spec: RunSpec, explicit: set[str], preset: RunSpec) -> list[
         def splits(d: int) -> bool:  # d mini-batches cut the rollout evenly, each into your grad_accum
             return rollout % d == 0 and (rollout // d) % accum == 0
 
-        if sources_set and "num_mini_batches" not in explicit and spec.num_mini_batches >= 1 and not splits(spec.num_mini_batches):
+        if (
+            sources_set
+            and "num_mini_batches" not in explicit
+            and spec.num_mini_batches >= 1
+            and not splits(spec.num_mini_batches)
+        ):
             fits = [d for d in range(spec.num_mini_batches, 0, -1) if splits(d)]
             if fits:
-                follow("num_mini_batches", fits[0], f"the most mini-batches up to the preset's {spec.num_mini_batches} "
-                                                    f"that split a rollout of {rollout} samples evenly")
+                follow(
+                    "num_mini_batches",
+                    fits[0],
+                    f"the most mini-batches up to the preset's {spec.num_mini_batches} "
+                    f"that split a rollout of {rollout} samples evenly",
+                )
         mini_batch = rollout // max(1, spec.num_mini_batches)
-        if (sources_set or "num_mini_batches" in explicit) and "grad_accum" not in explicit and spec.grad_accum >= 1 \
-                and mini_batch % spec.grad_accum:
-            follow("grad_accum", _largest_divisor(mini_batch, spec.grad_accum),
-                   f"the most micro-batches up to the preset's {spec.grad_accum} that split a mini-batch of {mini_batch} evenly")
+        if (
+            (sources_set or "num_mini_batches" in explicit)
+            and "grad_accum" not in explicit
+            and spec.grad_accum >= 1
+            and mini_batch % spec.grad_accum
+        ):
+            follow(
+                "grad_accum",
+                _largest_divisor(mini_batch, spec.grad_accum),
+                f"the most micro-batches up to the preset's {spec.grad_accum} that split a mini-batch of {mini_batch} evenly",
+            )
     return notes
 
 
@@ -643,8 +750,10 @@ def resolve_path(value: str, field_name: str, *, kind: str) -> str:
         if candidate.exists():
             return str(candidate.resolve())
     if looks_local(value):
-        what = "a local directory saved with save_pretrained (or a hub id)" if kind == "model" else (
-            "a .jsonl/.json/.parquet/.csv/.tsv file, a saved datasets directory, or a hub id"
+        what = (
+            "a local directory saved with save_pretrained (or a hub id)"
+            if kind == "model"
+            else ("a .jsonl/.json/.parquet/.csv/.tsv file, a saved datasets directory, or a hub id")
         )
         raise SpecError(f"{field_name}: '{value}' does not exist; give {what}")
     return value
@@ -696,8 +805,10 @@ def _resolve_reward_source(source: str) -> str:
         if module.endswith(".py"):
             path = Path(module).expanduser()
             if not path.is_file():
-                raise SpecError(f"rewards entry '{source}': {module} does not exist; give path/to/file.py:function "
-                                "(relative to where you run cherry) or an importable module:function")
+                raise SpecError(
+                    f"rewards entry '{source}': {module} does not exist; give path/to/file.py:function "
+                    "(relative to where you run cherry) or an importable module:function"
+                )
             return f"{path.resolve()}:{function}"
     return source
 

@@ -79,7 +79,10 @@ def run_child(run_id: str, parent_pid: int) -> int:
         return 2
     run = store.get_run(run_id)
     if run is None:
-        print(f"error: run {run_id} is not in the store {store.path}" + (" (or in Redis)" if store.shared else ""), file=sys.stderr)
+        print(
+            f"error: run {run_id} is not in the store {store.path}" + (" (or in Redis)" if store.shared else ""),
+            file=sys.stderr,
+        )
         return 2
     stop = StopCheck(store, run_id, parent_pid)
     signal.signal(signal.SIGTERM, stop.on_signal)

@@ -25,8 +25,9 @@ def cherry_home() -> Path:
     except FileExistsError:
         raise HomeError(f"Cherry's home {home} is a file, not a directory; set CHERRY_HOME to a directory") from None
     except OSError as err:
-        raise HomeError(f"cannot create Cherry's home {home} ({err.strerror}); "
-                        "set CHERRY_HOME to a directory you can write") from None
+        raise HomeError(
+            f"cannot create Cherry's home {home} ({err.strerror}); set CHERRY_HOME to a directory you can write"
+        ) from None
     return home.resolve()
 
 
@@ -57,7 +58,9 @@ def sqlite_file_error(path: Path, err: Exception, what: str, *, after_moving: st
             "(a stuck `cherry worker` or `cherry train`), then try again"
         )
     if isinstance(err, sqlite3.DatabaseError) and not isinstance(err, sqlite3.OperationalError):
-        siblings = [p.name for p in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")) if p.exists()]
+        siblings = [
+            p.name for p in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")) if p.exists()
+        ]
         also = f" together with {' and '.join(siblings)}" if siblings else ""
         return HomeError(
             f"{what} {path} is damaged or not a Cherry file ({detail}). Cherry never overwrites it: move it aside"
@@ -84,8 +87,10 @@ def new_run_id(label: str, home: Path | None = None) -> str:
             n += 1
             run_id = f"{base}-{n}"
         except OSError as err:
-            raise HomeError(f"cannot create the run directory {home / run_id} ({err.strerror}): Cherry's home {home} "
-                            f"must be writable (chmod u+w {home}), or set CHERRY_HOME to a directory you can write") from None
+            raise HomeError(
+                f"cannot create the run directory {home / run_id} ({err.strerror}): Cherry's home {home} "
+                f"must be writable (chmod u+w {home}), or set CHERRY_HOME to a directory you can write"
+            ) from None
 
 
 def store_path(home: Path | None = None) -> Path:

@@ -44,9 +44,18 @@ def run_in_process(
     run_id = local_run_id(run_dir, home)
     if store.get_run(run_id) is None:
         store.create_run(run_id, spec.to_dict(), name=spec.display_name, out_dir=str(run_dir))
-    store.set_status(run_id, "running", worker_host=this_host(), worker_pid=os.getpid(), pid=os.getpid(),
-                     files_host=this_host() if store.shared else None,
-                     heartbeat_at=None, cancel_requested=0, error=None, finished_at=None)
+    store.set_status(
+        run_id,
+        "running",
+        worker_host=this_host(),
+        worker_pid=os.getpid(),
+        pid=os.getpid(),
+        files_host=this_host() if store.shared else None,
+        heartbeat_at=None,
+        cancel_requested=0,
+        error=None,
+        finished_at=None,
+    )
     store.add_event(run_id, "worker", "running in the foreground (`cherry train`)")
     stopped = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(home, run_id, stopped), daemon=True)
@@ -56,17 +65,27 @@ def run_in_process(
     status, error = "failed", None
     try:
         with ctrl_c:
-            summary = train(spec, run_dir, MultiReporter(*reporters), should_stop=ctrl_c.or_(should_stop),
-                            cache_dir=cache_dir(), resume=resume)
+            summary = train(
+                spec,
+                run_dir,
+                MultiReporter(*reporters),
+                should_stop=ctrl_c.or_(should_stop),
+                cache_dir=cache_dir(),
+                resume=resume,
+            )
         status = summary["status"]
         if status == "interrupted":
-            error = (f"stopped by Ctrl+C at step {summary['step']} (checkpoint saved); continue with "
-                     f"`cherry resume {run_id}` (on a worker) or `cherry train --resume {run_dir}`")
+            error = (
+                f"stopped by Ctrl+C at step {summary['step']} (checkpoint saved); continue with "
+                f"`cherry resume {run_id}` (on a worker) or `cherry train --resume {run_dir}`"
+            )
         return run_dir, summary
     except KeyboardInterrupt:
         status = "interrupted"
-        error = (f"quit by a second Ctrl+C, without a new checkpoint; `cherry resume {run_id}` continues "
-                 "from the last one saved (or from the start)")
+        error = (
+            f"quit by a second Ctrl+C, without a new checkpoint; `cherry resume {run_id}` continues "
+            "from the last one saved (or from the start)"
+        )
         raise
     except CherryError as err:
         error = str(err)
@@ -111,8 +130,11 @@ class CtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl+C: stopping after this step and saving a checkpoint (Ctrl+C again quits at once)",
-              file=sys.stderr, flush=True)
+        print(
+            "\nCtrl+C: stopping after this step and saving a checkpoint (Ctrl+C again quits at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def or_(self, other: Callable[[], bool | str | None] | None) -> Callable[[], bool | str | None]:
         """A `should_stop` that answers "interrupted" after Ctrl+C, else what `other` answers."""

@@ -40,12 +40,17 @@ def pipeline_path(name: str) -> Path:
     names = list_pipelines()
     guess = closest(name, [n for n, _ in names])
     hint = f"did you mean '{guess}'? " if guess else ""
-    raise SpecError(f"unknown pipeline '{name}': {hint}available: {', '.join(n for n, _ in names)} (or a path to a .yaml file)")
+    raise SpecError(
+        f"unknown pipeline '{name}': {hint}available: {', '.join(n for n, _ in names)} (or a path to a .yaml file)"
+    )
 
 
 def list_pipelines() -> list[tuple[str, str]]:
     folder = presets_dir() / "pipelines"
-    return [(p.stem, str((yaml.safe_load(p.read_text()) or {}).get("description", ""))) for p in sorted(folder.glob("*.yaml"))]
+    return [
+        (p.stem, str((yaml.safe_load(p.read_text()) or {}).get("description", "")))
+        for p in sorted(folder.glob("*.yaml"))
+    ]
 
 
 def load_pipeline(name: str) -> dict[str, dict[str, Any]]:
@@ -54,7 +59,9 @@ def load_pipeline(name: str) -> dict[str, dict[str, Any]]:
     data = yaml.safe_load(path.read_text()) or {}
     stages = data.get("stages")
     if not isinstance(stages, dict) or not stages:
-        raise SpecError(f"pipeline {path}: needs a `stages:` mapping of stage name -> {{preset, after, model_from, set}}")
+        raise SpecError(
+            f"pipeline {path}: needs a `stages:` mapping of stage name -> {{preset, after, model_from, set}}"
+        )
     seen: list[str] = []
     for stage, body in stages.items():
         where = f"pipeline {path.name}, stage '{stage}'"
@@ -65,7 +72,9 @@ def load_pipeline(name: str) -> dict[str, dict[str, Any]]:
                 raise SpecError(f"{where}: unknown key '{key}'; stage keys are {', '.join(STAGE_KEYS)}")
         for key in ("after", "model_from"):
             if body.get(key) is not None and body[key] not in seen:
-                raise SpecError(f"{where}: {key}: '{body[key]}' is not an earlier stage ({', '.join(seen) or 'none before it'})")
+                raise SpecError(
+                    f"{where}: {key}: '{body[key]}' is not an earlier stage ({', '.join(seen) or 'none before it'})"
+                )
         if body.get("model_from") and not body.get("after"):
             raise SpecError(f"{where}: model_from needs `after` (the stage to wait for)")
         if not isinstance(body.get("set", {}), dict):
@@ -84,7 +93,9 @@ def _fill(value: Any, run_dirs: dict[str, str], stages: dict, where: str) -> Any
         if stage not in stages:
             return match.group(0)
         if stage not in run_dirs:
-            raise SpecError(f"{where}: '{{{stage}}}' is not an earlier stage ({', '.join(run_dirs) or 'none before it'})")
+            raise SpecError(
+                f"{where}: '{{{stage}}}' is not an earlier stage ({', '.join(run_dirs) or 'none before it'})"
+            )
         return run_dirs[stage]
 
     return re.sub(r"\{(\w+)\}", replace, value)
@@ -109,7 +120,9 @@ def submit_pipeline(
     def stage_spec(i: int, stage: str, run_dirs: dict[str, str]):
         items = [f"{k}={v}" for k, v in (stages[stage].get("set") or {}).items()] + per_stage[stage]
         sets = [_fill(item, run_dirs, stages, f"pipeline stage '{stage}'") for item in items]
-        return resolve_spec(stages[stage]["preset"], sets, model=model if i == 0 else None, dataset=dataset, check_paths=False)
+        return resolve_spec(
+            stages[stage]["preset"], sets, model=model if i == 0 else None, dataset=dataset, check_paths=False
+        )
 
     # Check every stage before anything is queued, with placeholder paths for the earlier stages' runs.
     placeholders: dict[str, str] = {}

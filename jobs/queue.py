@@ -85,7 +85,9 @@ def explained_queue_errors(home: Path) -> Iterator[None]:
     try:
         yield
     except (sqlite3.Error, OSError) as err:
-        raise sqlite_file_error(Path(home) / QUEUE_FILE, err, "the queue file", after_moving=AFTER_MOVING_QUEUE) from err
+        raise sqlite_file_error(
+            Path(home) / QUEUE_FILE, err, "the queue file", after_moving=AFTER_MOVING_QUEUE
+        ) from err
 
 
 def queue_backend() -> str:

@@ -62,7 +62,13 @@ class Jobs:
     # ------------------------------------------------------------------ submit
 
     def submit(
-        self, spec: RunSpec, *, priority: int = 0, after: str | None = None, retries: int = 0, model_from: str | None = None
+        self,
+        spec: RunSpec,
+        *,
+        priority: int = 0,
+        after: str | None = None,
+        retries: int = 0,
+        model_from: str | None = None,
     ) -> Run:
         """Validate `spec`, store it as a queued run and queue it (or park it after `after`).
 
@@ -72,10 +78,14 @@ class Jobs:
         parent = self.resolve(after) if after else None
         if parent is not None:
             if parent.status in ("failed", "cancelled", "interrupted"):
-                raise JobError(f"--after {parent.id}: that run ended {parent.status}; resume it first (`cherry resume {parent.id}`)")
+                raise JobError(
+                    f"--after {parent.id}: that run ended {parent.status}; resume it first (`cherry resume {parent.id}`)"
+                )
             source = self.resolve(model_from) if model_from else parent
             if source.algorithm == "rm":
-                raise JobError(f"--after {source.id}: that run trains a reward model, which cannot be the policy of the next run")
+                raise JobError(
+                    f"--after {source.id}: that run trains a reward model, which cannot be the policy of the next run"
+                )
             spec = dataclasses.replace(spec, model=str(Path(run_dir(source)) / "final"))
         resolve_paths(spec, check_model=parent is None)
         check_dataset(spec.dataset, ALGORITHMS[spec.algorithm].data_kind)
@@ -87,7 +97,9 @@ class Jobs:
         run = self._create(spec, parent=parent.id if parent else None, priority=priority, retries=retries)
         run_id = run.id
         if parent is not None and parent.status != "completed":
-            self.store.add_event(run_id, "queued", f"waiting for {parent.id} to complete; its output is this run's model")
+            self.store.add_event(
+                run_id, "queued", f"waiting for {parent.id} to complete; its output is this run's model"
+            )
             return run
         self._enqueue(run)
         return self.store.get_run(run_id)
@@ -101,8 +113,14 @@ class Jobs:
             planned = str(root / run_id)
             host_local = self.store.shared and shared_dirs is None
             try:
-                run = self.store.create_run(run_id, spec.to_dict(), name=spec.display_name,
-                                            out_dir=None if host_local else planned, planned_dir=planned, **fields)
+                run = self.store.create_run(
+                    run_id,
+                    spec.to_dict(),
+                    name=spec.display_name,
+                    out_dir=None if host_local else planned,
+                    planned_dir=planned,
+                    **fields,
+                )
             except RunIdTaken:
                 continue
             if host_local:  # the worker that takes it makes its directory under its own home
@@ -163,7 +181,9 @@ class Jobs:
             run = self.store.get_run(run.id)  # a worker took it meanwhile: cancel the running run
         if run.status == "running":
             self.store.update_run(run.id, cancel_requested=1)
-            self.store.add_event(run.id, "cancel", "cancel requested: the run stops at its next step and keeps its checkpoint")
+            self.store.add_event(
+                run.id, "cancel", "cancel requested: the run stops at its next step and keeps its checkpoint"
+            )
             return f"{run.id}: stopping at its next step (status becomes cancelled; metrics and checkpoint are kept)"
         raise JobError(f"{run.id} already ended ({run.status}); nothing to cancel")
 
@@ -172,10 +192,17 @@ class Jobs:
         run = self.resolve(text)
         if run.status not in RESUMABLE:
             hint = "it is still going" if run.status in ("queued", "running") else "it completed"
-            raise JobError(f"{run.id} is {run.status}: only a failed, cancelled or interrupted run can be resumed ({hint})")
-        if not self.store.change_run(run.id, dict(status="queued", resume=1, cancel_requested=0, error=None,
-                                                  finished_at=None, task_id=None), only_if=RESUMABLE):
-            raise JobError(f"{run.id} changed meanwhile (now {self.store.get_run(run.id).status}); look again with `cherry show {run.id}`")
+            raise JobError(
+                f"{run.id} is {run.status}: only a failed, cancelled or interrupted run can be resumed ({hint})"
+            )
+        if not self.store.change_run(
+            run.id,
+            dict(status="queued", resume=1, cancel_requested=0, error=None, finished_at=None, task_id=None),
+            only_if=RESUMABLE,
+        ):
+            raise JobError(
+                f"{run.id} changed meanwhile (now {self.store.get_run(run.id).status}); look again with `cherry show {run.id}`"
+            )
         self.store.add_event(run.id, "resume", "re-queued; it continues from its last checkpoint")
         run = self.store.get_run(run.id)
         self._enqueue(run, files_host(run))

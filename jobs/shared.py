@@ -135,7 +135,10 @@ class RedisState:
         if client is None:
             # A Redis restart is ridden out: commands retry for about a minute before failing.
             client = redis.Redis.from_url(
-                url, decode_responses=True, socket_connect_timeout=5, health_check_interval=30,
+                url,
+                decode_responses=True,
+                socket_connect_timeout=5,
+                health_check_interval=30,
                 retry=Retry(ExponentialBackoff(cap=4.0, base=0.2), 20),
                 retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
             )
@@ -162,8 +165,13 @@ class RedisState:
     # ------------------------------------------------------------------ runs
 
     def change(
-        self, run_id: str, fields: dict[str, Any], *, only_if: Iterable[str] | None = None,
-        beat_before: float | None = None, create: bool = False,
+        self,
+        run_id: str,
+        fields: dict[str, Any],
+        *,
+        only_if: Iterable[str] | None = None,
+        beat_before: float | None = None,
+        create: bool = False,
     ) -> bool:
         encoded = json.dumps({name: _encode(value) for name, value in fields.items()})
         allowed = json.dumps(list(only_if)) if only_if is not None else ""
@@ -270,7 +278,11 @@ class SharedStore(Store):
         return Run(id=row["id"], status=row["status"], spec=json.loads(row["spec"] or "{}"), row=row)
 
     def change_run(
-        self, run_id: str, fields: dict[str, Any], *, only_if: Iterable[str] | None = None,
+        self,
+        run_id: str,
+        fields: dict[str, Any],
+        *,
+        only_if: Iterable[str] | None = None,
         beat_before: float | None = None,
     ) -> bool:
         return self.state.change(run_id, fields, only_if=only_if, beat_before=beat_before)
@@ -296,7 +308,9 @@ class SharedStore(Store):
     def sync_runs(self) -> None:
         """Bring this host's copy of the run rows up to date: only runs changed since the last sync."""
         rev, epoch = self.state.revision()
-        meta = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('shared_rev', 'shared_epoch')").fetchall())
+        meta = dict(
+            self.db.execute("SELECT key, value FROM meta WHERE key IN ('shared_rev', 'shared_epoch')").fetchall()
+        )
         known_epoch = meta.get("shared_epoch")
         if known_epoch is not None and known_epoch != epoch:
             self._restore_lost_runs()  # Redis lost its data (restarted without persistence)
@@ -334,10 +348,19 @@ class SharedStore(Store):
     def worker_beat(self, worker_id: str, *, host: str, pid: int, slots: int, busy: int, queue: str) -> None:
         now = time.time()
         known = next((w for w in self.state.workers() if w["id"] == worker_id), None)
-        self.state.worker_beat(worker_id, {
-            "id": worker_id, "host": host, "pid": pid, "slots": slots, "busy": busy, "queue": queue,
-            "started_at": known["started_at"] if known else now, "heartbeat_at": now,
-        })
+        self.state.worker_beat(
+            worker_id,
+            {
+                "id": worker_id,
+                "host": host,
+                "pid": pid,
+                "slots": slots,
+                "busy": busy,
+                "queue": queue,
+                "started_at": known["started_at"] if known else now,
+                "heartbeat_at": now,
+            },
+        )
 
     def remove_worker(self, worker_id: str) -> None:
         self.state.remove_worker(worker_id)
@@ -418,9 +441,16 @@ class SharedStore(Store):
                         continue
                     number = int(fields["seq"])
                     if number > seq + 1:
-                        self._insert_event(run_id, float(fields["time"]), "gap", (
-                            f"{number - seq - 1} live event(s) were trimmed from Redis before this host read them; "
-                            "the run directory's metrics.jsonl and events.jsonl have everything"), "{}")
+                        self._insert_event(
+                            run_id,
+                            float(fields["time"]),
+                            "gap",
+                            (
+                                f"{number - seq - 1} live event(s) were trimmed from Redis before this host read them; "
+                                "the run directory's metrics.jsonl and events.jsonl have everything"
+                            ),
+                            "{}",
+                        )
                     self._apply(run_id, fields)
                     last, seq, applied = entry_id, number, True
                 if applied:

@@ -41,25 +41,39 @@ def sample_kind(row: dict[str, Any]) -> str:
 def _v1(db: sqlite_utils.Database) -> None:
     db["runs"].create(
         {
-            "id": str, "name": str, "status": str, "algorithm": str, "model": str, "dataset": str,
-            "spec": str,               # the full, validated RunSpec as JSON
-            "parent": str,             # the run this one was chained after (`--after`), if any
-            "priority": int,           # higher runs first; FIFO within a priority
-            "created_at": float, "started_at": float, "finished_at": float, "heartbeat_at": float,
-            "worker_host": str, "worker_pid": int, "pid": int,  # the worker and the run's own process
-            "task_id": str,            # the Huey task carrying this run (to revoke a queued run)
-            "cancel_requested": int, "resume": int, "attempts": int, "retries": int,
-            "step": int, "total_steps": int,
-            "error": str, "log_tail": str, "out_dir": str,
+            "id": str,
+            "name": str,
+            "status": str,
+            "algorithm": str,
+            "model": str,
+            "dataset": str,
+            "spec": str,  # the full, validated RunSpec as JSON
+            "parent": str,  # the run this one was chained after (`--after`), if any
+            "priority": int,  # higher runs first; FIFO within a priority
+            "created_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "heartbeat_at": float,
+            "worker_host": str,
+            "worker_pid": int,
+            "pid": int,  # the worker and the run's own process
+            "task_id": str,  # the Huey task carrying this run (to revoke a queued run)
+            "cancel_requested": int,
+            "resume": int,
+            "attempts": int,
+            "retries": int,
+            "step": int,
+            "total_steps": int,
+            "error": str,
+            "log_tail": str,
+            "out_dir": str,
         },
         pk="id",
     )
     db["runs"].create_index(["status"])
     db["metrics"].create({"run_id": str, "step": int, "name": str, "value": float, "time": float})
     db["metrics"].create_index(["run_id", "step"])  # "since step N" reads while a run writes
-    db["samples"].create(
-        {"run_id": str, "step": int, "prompt": str, "reference": str, "policy": str, "scores": str}
-    )
+    db["samples"].create({"run_id": str, "step": int, "prompt": str, "reference": str, "policy": str, "scores": str})
     db["samples"].create_index(["run_id", "step"])
     db["events"].create({"run_id": str, "time": float, "kind": str, "message": str, "data": str})
     db["events"].create_index(["run_id", "time"])
@@ -68,8 +82,16 @@ def _v1(db: sqlite_utils.Database) -> None:
 def _v2(db: sqlite_utils.Database) -> None:
     """Workers announce themselves, so front ends can tell whether anyone consumes the queue."""
     db["workers"].create(
-        {"id": str, "host": str, "pid": int, "slots": int, "busy": int, "queue": str,
-         "started_at": float, "heartbeat_at": float},
+        {
+            "id": str,
+            "host": str,
+            "pid": int,
+            "slots": int,
+            "busy": int,
+            "queue": str,
+            "started_at": float,
+            "heartbeat_at": float,
+        },
         pk="id",
     )
 
@@ -115,8 +137,10 @@ class StoreError(HomeError):
     """The run store file cannot be used (damaged, from a newer Cherry, read-only, locked)."""
 
 
-AFTER_MOVING_STORE = ("Cherry then starts a new, empty store there, and every run directory beside it keeps its "
-                      "spec, metrics, samples, log and checkpoints")
+AFTER_MOVING_STORE = (
+    "Cherry then starts a new, empty store there, and every run directory beside it keeps its "
+    "spec, metrics, samples, log and checkpoints"
+)
 
 
 def _explained(method):
@@ -200,17 +224,38 @@ class Store:
     # ------------------------------------------------------------------ runs
 
     def create_run(
-        self, run_id: str, spec: dict[str, Any], *, name: str, out_dir: str | None, parent: str | None = None,
-        priority: int = 0, retries: int = 0, planned_dir: str | None = None,
+        self,
+        run_id: str,
+        spec: dict[str, Any],
+        *,
+        name: str,
+        out_dir: str | None,
+        parent: str | None = None,
+        priority: int = 0,
+        retries: int = 0,
+        planned_dir: str | None = None,
     ) -> Run:
         """A queued run. Without `out_dir` the worker that takes it puts its directory under its own home
         (`planned_dir` then stands for it in the specs of runs chained after it, until it is placed)."""
         row = {
-            "id": run_id, "name": name, "status": "queued", "algorithm": spec.get("algorithm"),
-            "model": spec.get("model"), "dataset": spec.get("dataset"), "spec": json.dumps(spec),
-            "parent": parent, "priority": priority, "created_at": time.time(), "out_dir": out_dir,
-            "planned_dir": planned_dir or out_dir, "cancel_requested": 0, "resume": 0, "attempts": 0, "retries": retries,
-            "step": 0, "total_steps": 0,
+            "id": run_id,
+            "name": name,
+            "status": "queued",
+            "algorithm": spec.get("algorithm"),
+            "model": spec.get("model"),
+            "dataset": spec.get("dataset"),
+            "spec": json.dumps(spec),
+            "parent": parent,
+            "priority": priority,
+            "created_at": time.time(),
+            "out_dir": out_dir,
+            "planned_dir": planned_dir or out_dir,
+            "cancel_requested": 0,
+            "resume": 0,
+            "attempts": 0,
+            "retries": retries,
+            "step": 0,
+            "total_steps": 0,
         }
         self._insert_run(row)
         return self.get_run(run_id)
@@ -229,7 +274,9 @@ class Store:
         if exact is not None:
             return [exact]
         pattern = f"%{text}%"
-        rows = self.db.query("SELECT * FROM runs WHERE id LIKE ? OR name LIKE ? ORDER BY created_at", [pattern, pattern])
+        rows = self.db.query(
+            "SELECT * FROM runs WHERE id LIKE ? OR name LIKE ? ORDER BY created_at", [pattern, pattern]
+        )
         return [_run(row) for row in rows]
 
     def list_runs(self, statuses: Iterable[str] | None = None) -> list[Run]:
@@ -244,7 +291,12 @@ class Store:
         self.change_run(run_id, fields)
 
     def set_status(
-        self, run_id: str, status: str, *, only_if: Iterable[str] | None = None, beat_before: float | None = None,
+        self,
+        run_id: str,
+        status: str,
+        *,
+        only_if: Iterable[str] | None = None,
+        beat_before: float | None = None,
         **fields: Any,
     ) -> bool:
         """Move a run to `status` (only from one of `only_if` when given, and only when its last heartbeat
@@ -252,7 +304,11 @@ class Store:
         return self.change_run(run_id, status_fields(status, fields), only_if=only_if, beat_before=beat_before)
 
     def change_run(
-        self, run_id: str, fields: dict[str, Any], *, only_if: Iterable[str] | None = None,
+        self,
+        run_id: str,
+        fields: dict[str, Any],
+        *,
+        only_if: Iterable[str] | None = None,
         beat_before: float | None = None,
     ) -> bool:
         """Set `fields` in one step, only while the run's status is one of `only_if` (when given) and its
@@ -323,7 +379,12 @@ class Store:
             self.db.execute("UPDATE runs SET step = MAX(COALESCE(step, 0), ?) WHERE id = ?", [step, run_id])
 
     def metrics(
-        self, run_id: str, *, since_step: int = -1, after_id: int = 0, names: Iterable[str] | None = None,
+        self,
+        run_id: str,
+        *,
+        since_step: int = -1,
+        after_id: int = 0,
+        names: Iterable[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Rows {id, step, name, value, time} with step > since_step and id > after_id, in logging order.
 
@@ -338,7 +399,9 @@ class Store:
         return list(self.db.query(sql + " ORDER BY rowid", params))
 
     def metric_names(self, run_id: str) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", [run_id])]
+        return [
+            r[0] for r in self.db.execute("SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", [run_id])
+        ]
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         """Each metric's most recent value."""
@@ -355,10 +418,16 @@ class Store:
         rows = []
         for sample in samples:
             scores = {k: v for k, v in sample.items() if k not in ("prompt", "reference", "policy")}
-            rows.append({
-                "run_id": run_id, "step": step, "prompt": sample.get("prompt"), "reference": sample.get("reference"),
-                "policy": sample.get("policy"), "scores": json.dumps(scores, ensure_ascii=False),
-            })
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "step": step,
+                    "prompt": sample.get("prompt"),
+                    "reference": sample.get("reference"),
+                    "policy": sample.get("policy"),
+                    "scores": json.dumps(scores, ensure_ascii=False),
+                }
+            )
         with self._write():
             self.db["samples"].insert_all(rows)
 
@@ -375,7 +444,9 @@ class Store:
         return out
 
     def sample_steps(self, run_id: str) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])]
+        return [
+            r[0] for r in self.db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])
+        ]
 
     def add_event(self, run_id: str, kind: str, message: str, **data: Any) -> None:
         self._insert_event(run_id, time.time(), kind, message, json.dumps(data, ensure_ascii=False, default=str))

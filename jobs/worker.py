@@ -75,7 +75,12 @@ def describe_exit(returncode: int | None) -> str:
 
 class Worker:
     def __init__(
-        self, home: Path, *, gpus: list[str] | None = None, concurrency: int | None = None, grace: float = 30.0,
+        self,
+        home: Path,
+        *,
+        gpus: list[str] | None = None,
+        concurrency: int | None = None,
+        grace: float = 30.0,
     ) -> None:
         self.home = Path(home).resolve()
         open_store(self.home).close()  # a store that cannot be used stops the worker before it takes a task
@@ -112,9 +117,12 @@ class Worker:
                     beat_before = time.time() - self.stale_seconds
                     orphaned = (run.heartbeat_at or run.started_at or 0) < beat_before
                 if orphaned and store.set_status(
-                    run.id, "interrupted", only_if=["running"], beat_before=beat_before,
+                    run.id,
+                    "interrupted",
+                    only_if=["running"],
+                    beat_before=beat_before,
                     error=f"its worker on {run.worker_host} stopped while it ran (killed, the machine restarted "
-                          f"or was cut off); continue it with `cherry resume {run.id}`",
+                    f"or was cut off); continue it with `cherry resume {run.id}`",
                     log_tail=log_tail(Path(run_dir(run)) / "log.txt") or None,
                 ):
                     store.add_event(run.id, "interrupted", "marked interrupted: its worker is gone")
@@ -149,9 +157,21 @@ class Worker:
             finally:
                 jobs.close()
             if not store.set_status(
-                run_id, "running", only_if=["queued"], worker_host=self.host, worker_pid=self.pid, pid=None,
-                heartbeat_at=time.time(), attempts=(run.attempts or 0) + 1, cancel_requested=0, error=None, log_tail=None,
-                started_at=time.time(), finished_at=None, gpus=slot, **placed,
+                run_id,
+                "running",
+                only_if=["queued"],
+                worker_host=self.host,
+                worker_pid=self.pid,
+                pid=None,
+                heartbeat_at=time.time(),
+                attempts=(run.attempts or 0) + 1,
+                cancel_requested=0,
+                error=None,
+                log_tail=None,
+                started_at=time.time(),
+                finished_at=None,
+                gpus=slot,
+                **placed,
             ):
                 return  # another worker took it first
             out_dir = Path(placed.get("out_dir") or run.out_dir)
@@ -165,7 +185,11 @@ class Worker:
             with open(out_dir / "log.txt", "ab") as log_file:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "jobs.child", run_id, str(os.getpid())],
-                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
                 )
             store.update_run(run_id, pid=proc.pid)
             with self.children_lock:
@@ -214,7 +238,10 @@ class Worker:
             elif self.shutting_down.is_set():
                 status, error = "interrupted", f"the worker shut down; continue with `cherry resume {run_id}`"
             else:
-                status, error = "failed", f"the run's process died ({describe_exit(returncode)}); see `cherry logs {run_id}`"
+                status, error = (
+                    "failed",
+                    f"the run's process died ({describe_exit(returncode)}); see `cherry logs {run_id}`",
+                )
             store.set_status(run_id, status, only_if=["running"], error=error, log_tail=tail)
             store.add_event(run_id, status, error or "stopped")
         elif run.status == "failed":
@@ -227,11 +254,17 @@ class Worker:
                 for child in jobs.release_dependents(run_id):
                     log.info("run %s queued: it was chained after %s", child, run_id)
             elif (
-                run.status == "failed" and returncode not in (USER_ERROR_EXIT, OOM_EXIT)
-                and (run.attempts or 0) <= (run.retries or 0) and not self.shutting_down.is_set()
+                run.status == "failed"
+                and returncode not in (USER_ERROR_EXIT, OOM_EXIT)
+                and (run.attempts or 0) <= (run.retries or 0)
+                and not self.shutting_down.is_set()
             ):
-                store.add_event(run_id, "retry", f"retrying after a crash ({describe_exit(returncode)}), "
-                                                 f"attempt {(run.attempts or 0) + 1} of {(run.retries or 0) + 1}")
+                store.add_event(
+                    run_id,
+                    "retry",
+                    f"retrying after a crash ({describe_exit(returncode)}), "
+                    f"attempt {(run.attempts or 0) + 1} of {(run.retries or 0) + 1}",
+                )
                 jobs.resume(run_id)
         finally:
             jobs.close()
@@ -245,8 +278,12 @@ class Worker:
         self.shutting_down.set()
         with self.children_lock:
             children = list(self.children.values())
-        log.warning("%s: stopping %d run(s) at their next step (at most %.0fs), then exiting",
-                    signal.Signals(signum).name, len(children), self.grace)
+        log.warning(
+            "%s: stopping %d run(s) at their next step (at most %.0fs), then exiting",
+            signal.Signals(signum).name,
+            len(children),
+            self.grace,
+        )
         for proc in children:
             _kill_group(proc, signal.SIGTERM)
 
@@ -262,8 +299,14 @@ class Worker:
                 with self.children_lock:
                     busy = len(self.children)
                 try:
-                    store.worker_beat(self.worker_id, host=self.host, pid=self.pid, slots=self.concurrency, busy=busy,
-                                      queue=queue_backend())
+                    store.worker_beat(
+                        self.worker_id,
+                        host=self.host,
+                        pid=self.pid,
+                        slots=self.concurrency,
+                        busy=busy,
+                        queue=queue_backend(),
+                    )
                 except Exception:  # Redis restarting, a locked store: beat again next time
                     log.exception("worker heartbeat failed")
                 if self.shutting_down.wait(HEARTBEAT_SECONDS):
@@ -284,8 +327,15 @@ class Worker:
 
     def _consume(self) -> None:
         consumer = _Consumer(
-            self, self.queue.huey, workers=self.concurrency, worker_type="thread", periodic=False,
-            initial_delay=0.1, max_delay=1.0, backoff=1.15, check_worker_health=True,
+            self,
+            self.queue.huey,
+            workers=self.concurrency,
+            worker_type="thread",
+            periodic=False,
+            initial_delay=0.1,
+            max_delay=1.0,
+            backoff=1.15,
+            check_worker_health=True,
             shutdown_timeout=self.grace + 15,
         )
         sweeper = threading.Thread(target=self._sweep_loop, daemon=True, name="orphan-sweep")

@@ -35,9 +35,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     path = tmp_path_factory.mktemp("tiny-model")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -56,7 +63,9 @@ def tiny_pairs(tmp_path_factory) -> Path:
     rows = []
     for i in range(48):
         letter = "abcdefgh"[i % 8]
-        rows.append({"prompt": f"say {letter}{i % 3}:", "chosen": f" {letter * 3}", "rejected": f" {'zyxwvuts'[i % 8] * 3}"})
+        rows.append(
+            {"prompt": f"say {letter}{i % 3}:", "chosen": f" {letter * 3}", "rejected": f" {'zyxwvuts'[i % 8] * 3}"}
+        )
     return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows)
 
 
@@ -96,8 +105,19 @@ def redis_url(tmp_path):
     port = _free_port()
     data = tmp_path / "redis"
     data.mkdir()
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
-            "--appendonly", "yes"]
+    args = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+    ]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10

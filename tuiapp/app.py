@@ -31,8 +31,14 @@ class CherryApp(App):
     BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help", show=False, key_display="?")]
 
     def __init__(
-        self, home: Path | str | None = None, *, poll_live: float = POLL_LIVE_S, poll_idle: float = POLL_IDLE_S,
-        focus: str | None = None, now: Callable[[], float] | None = None, home_label: str | None = None,
+        self,
+        home: Path | str | None = None,
+        *,
+        poll_live: float = POLL_LIVE_S,
+        poll_idle: float = POLL_IDLE_S,
+        focus: str | None = None,
+        now: Callable[[], float] | None = None,
+        home_label: str | None = None,
     ) -> None:
         """`focus`: a run to highlight once it appears (`cherry demo` opens on its run).
         `now` and `home_label` fix the clock (ages, ETAs) and the shown home, for reproducible screens."""
@@ -69,8 +75,14 @@ class CherryApp(App):
                 self._wake.clear()
                 try:
                     reader = reader or StoreReader(self.home)
-                    snap = reader.read(Want(self.want.focus, self.want.sample_step, tuple(self.want.compare),
-                                             tuple(self.want.compare_samples)))
+                    snap = reader.read(
+                        Want(
+                            self.want.focus,
+                            self.want.sample_step,
+                            tuple(self.want.compare),
+                            tuple(self.want.compare_samples),
+                        )
+                    )
                 except Exception as err:  # a locked or damaged store: say so, keep trying
                     self.call_from_thread(self.notify, f"reading the run store failed: {err}", severity="error")
                     self._wake.wait(self.poll_idle)
@@ -150,7 +162,8 @@ class CherryApp(App):
             "[ ] sample steps · p preference pairs first · 1-4 tabs · ctrl+p all commands · q quit.  "
             "In compare: 2 samples side by side · a/b pick runs A/B · [ ] A's step · { } B's step · f frontier.  "
             "In the new-run form: ctrl+s submit · ctrl+o command · f2 save preset · f3 load preset",
-            title="keys", timeout=10,
+            title="keys",
+            timeout=10,
         )
 
     def _main_action(self, name: str):
@@ -172,12 +185,20 @@ class CherryApp(App):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         if hasattr(screen, "action_samples"):  # compare
-            yield SystemCommand("Samples side by side", "Two of the compared runs on the same prompts, differences "
-                                "highlighted (2; a/b pick the runs, [ ] and { } their steps)", screen.action_samples)
+            yield SystemCommand(
+                "Samples side by side",
+                "Two of the compared runs on the same prompts, differences "
+                "highlighted (2; a/b pick the runs, [ ] and { } their steps)",
+                screen.action_samples,
+            )
             yield SystemCommand("Frontier", "Reward vs KL at each eval point of each run (f)", screen.action_frontier)
         if hasattr(screen, "action_save_preset"):  # the new-run form
-            yield SystemCommand("Save preset", "Save the form's settings as a YAML preset of your own (f2)", screen.action_save_preset)
-            yield SystemCommand("Load preset", "Fill the form from a preset of your own or a YAML file (f3)", screen.action_load_preset)
+            yield SystemCommand(
+                "Save preset", "Save the form's settings as a YAML preset of your own (f2)", screen.action_save_preset
+            )
+            yield SystemCommand(
+                "Load preset", "Fill the form from a preset of your own or a YAML file (f3)", screen.action_load_preset
+            )
         for title, help_text, action in (
             ("New run", "Pick model, dataset and preset, edit hyper-parameters, submit (n)", "new_run"),
             ("Cancel run", "Cancel the highlighted run (c)", "cancel_run"),
@@ -193,9 +214,16 @@ class CherryApp(App):
             ("Log-Y", "Toggle a logarithmic y axis (y)", "log_y"),
             ("X axis: step / time", "Plot against the step or wall time (x)", "x_axis"),
             ("Show curves", "The run view's charts (1)", "tab('tab-curves')"),
-            ("Show samples", "Reference vs policy at a logged step; chosen vs rejected with rewards (2)", "tab('tab-samples')"),
-            ("Preference pairs first", "Samples: chosen vs rejected above the reference vs policy rows, or below (p)",
-             "pairs_first"),
+            (
+                "Show samples",
+                "Reference vs policy at a logged step; chosen vs rejected with rewards (2)",
+                "tab('tab-samples')",
+            ),
+            (
+                "Preference pairs first",
+                "Samples: chosen vs rejected above the reference vs policy rows, or below (p)",
+                "pairs_first",
+            ),
             ("Show log", "The run's log tail (3 / l)", "tab('tab-log')"),
             ("Show spec and events", "The run's full spec and its events (4)", "tab('tab-spec')"),
         ):

@@ -22,8 +22,12 @@ from jobs.store import ENDED, Run, location, sample_kind, this_host
 KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
 LIVE = ("queued", "running")
 GLYPHS = {
-    "queued": ("○", "yellow"), "running": ("●", "green"), "completed": ("✓", "cyan"),
-    "failed": ("✗", "red"), "cancelled": ("⊘", "magenta"), "interrupted": ("◌", "orange1"),
+    "queued": ("○", "yellow"),
+    "running": ("●", "green"),
+    "completed": ("✓", "cyan"),
+    "failed": ("✗", "red"),
+    "cancelled": ("⊘", "magenta"),
+    "interrupted": ("◌", "orange1"),
 }
 FRONTIER_Y = ("eval/exact_match", "eval/reward", "eval/rewards/accuracy")
 FRONTIER_X = "kl/mean"
@@ -84,13 +88,26 @@ class RunInfo:
     def from_run(cls, run: Run) -> "RunInfo":
         r = run.row
         return cls(
-            id=run.id, name=r.get("name") or run.id, status=run.status, algorithm=r.get("algorithm") or "-",
-            model=r.get("model") or "-", dataset=r.get("dataset") or "-", step=r.get("step") or 0,
-            total_steps=r.get("total_steps") or 0, created_at=r.get("created_at"), started_at=r.get("started_at"),
-            finished_at=r.get("finished_at"), parent=r.get("parent"),
+            id=run.id,
+            name=r.get("name") or run.id,
+            status=run.status,
+            algorithm=r.get("algorithm") or "-",
+            model=r.get("model") or "-",
+            dataset=r.get("dataset") or "-",
+            step=r.get("step") or 0,
+            total_steps=r.get("total_steps") or 0,
+            created_at=r.get("created_at"),
+            started_at=r.get("started_at"),
+            finished_at=r.get("finished_at"),
+            parent=r.get("parent"),
             waiting=bool(r.get("parent") and run.status == "queued" and not r.get("task_id")),
-            cancel_requested=bool(r.get("cancel_requested")), error=r.get("error"), out_dir=r.get("out_dir") or "",
-            spec=run.spec, pid=r.get("pid"), worker_host=r.get("worker_host"), location=location(run),
+            cancel_requested=bool(r.get("cancel_requested")),
+            error=r.get("error"),
+            out_dir=r.get("out_dir") or "",
+            spec=run.spec,
+            pid=r.get("pid"),
+            worker_host=r.get("worker_host"),
+            location=location(run),
         )
 
 
@@ -159,6 +176,7 @@ def match_samples(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) ->
     """Match A's and B's rows of one logged step each on the same prompt text (the first row of a
     prompt when a run logged it twice). Completions are the comparison rows' policy texts; the
     preference rows of both (same pair: prompt, chosen, rejected) are matched alongside."""
+
     def by(rows, key):
         out: dict[Any, dict[str, Any]] = {}
         for row in rows:
@@ -250,7 +268,7 @@ def read_proc(pid: int) -> tuple[float, float, int] | None:
     except OSError:
         return None
     try:
-        fields = stat[stat.rindex(")") + 2:].split()  # fields from the 3rd on (the name may hold spaces)
+        fields = stat[stat.rindex(")") + 2 :].split()  # fields from the 3rd on (the name may hold spaces)
         if fields[0] in ("Z", "X"):
             return None
         ticks = os.sysconf("SC_CLK_TCK")
@@ -336,7 +354,10 @@ class StoreReader:
             steps = self.store.sample_steps(run.id)
             step = want.sample_step if want.sample_step in steps else (steps[-1] if steps else None)
             detail = RunDetail(
-                run=run, series=series, sample_steps=steps, sample_step=step,
+                run=run,
+                series=series,
+                sample_steps=steps,
+                sample_step=step,
                 samples=self.store.samples(run.id, step) if step is not None else [],
                 events=self.store.events(run.id)[-200:],
                 log=(run.out_dir and log_tail(Path(run.out_dir) / "log.txt")) or self.store.log_text(run.id)[-64_000:],
@@ -344,7 +365,8 @@ class StoreReader:
             )
         compare = {
             rid: {k: v.copy() for k, v in self.series(rid, by_id[rid].step).items()}
-            for rid in want.compare if rid in by_id
+            for rid in want.compare
+            if rid in by_id
         }
         compare_samples: dict[str, SampleSet] = {}
         for rid, wanted_step in want.compare_samples:
@@ -354,10 +376,16 @@ class StoreReader:
                 rows = self.store.samples(rid, step) if step is not None else []
                 compare_samples[rid] = SampleSet(rid, steps, step, rows)
         return Snapshot(
-            home=self.home, backend=queue_backend(), runs=runs,
+            home=self.home,
+            backend=queue_backend(),
+            runs=runs,
             pending=sum(1 for r in runs if r.status == "queued" and not r.waiting),
-            running=sum(1 for r in runs if r.status == "running"), workers=workers,
-            detail=detail, compare=compare, read_at=time.time(), compare_samples=compare_samples,
+            running=sum(1 for r in runs if r.status == "running"),
+            workers=workers,
+            detail=detail,
+            compare=compare,
+            read_at=time.time(),
+            compare_samples=compare_samples,
         )
 
 
@@ -430,14 +458,18 @@ def sample_lines(rows: list[dict], limit: int) -> list[str]:
     for row in by_kind.get("comparison", [])[:limit]:
         out.append(f"  prompt    {row.get('prompt')!r}")
         out.append(f"  reference {row.get('reference')!r}{_mark(row.get('reference_score'))}")
-        out.append(f"  policy    {row.get('policy')!r}{_mark(row.get('policy_score'))}"
-                   + (f"   (answer {row['answer']!r})" if row.get("answer") is not None else ""))
+        out.append(
+            f"  policy    {row.get('policy')!r}{_mark(row.get('policy_score'))}"
+            + (f"   (answer {row['answer']!r})" if row.get("answer") is not None else "")
+        )
         out.append("")
     pairs = by_kind.get("preference", [])
     if pairs:
         n, ahead, mean = margin_stats(pairs) or (0, 0, None)
-        out.append(f"chosen vs rejected on {len(pairs)} eval pairs (reward = the method's own): "
-                   f"chosen ahead on {ahead}/{n}, mean margin {_num(mean)}")
+        out.append(
+            f"chosen vs rejected on {len(pairs)} eval pairs (reward = the method's own): "
+            f"chosen ahead on {ahead}/{n}, mean margin {_num(mean)}"
+        )
         for row in pairs[:limit]:
             margin = row.get("margin")
             out.append(f"  prompt    {row.get('prompt')!r}")

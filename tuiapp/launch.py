@@ -65,8 +65,12 @@ def start_worker(home: Path) -> int:
     env = {**os.environ, "CHERRY_HOME": str(home)}
     with open(home / WORKER_LOG, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tuiapp.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "tuiapp.cli", "worker"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     (home / WORKER_PID).write_text(f"{proc.pid} {time.time()}\n")
     return proc.pid
@@ -91,4 +95,3 @@ def launch_demo(home: Path, method: str = "dpo", overrides: list[str] | None = N
         jobs.close()
     pid = ensure_worker(home) if worker else None
     return run, pid
-

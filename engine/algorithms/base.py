@@ -113,7 +113,9 @@ class Algorithm:
         spread, Chain of Hindsight's NLL gap). Called after the eval loss pass, model in eval mode."""
         return {}
 
-    def preference_samples(self, models: Models, examples: list[dict], collate, ref_logps_fn=None) -> list[dict[str, Any]]:
+    def preference_samples(
+        self, models: Models, examples: list[dict], collate, ref_logps_fn=None
+    ) -> list[dict[str, Any]]:
         """Rows for the samples pane at a sample step, from the first `num_samples` eval examples:
         what the method's own reward says about each pair (or, for unpaired data, each completion).
         Default: nothing (SFT and Chain of Hindsight have no implicit reward)."""
@@ -161,10 +163,17 @@ def pair_samples(algo: Algorithm, models: Models, examples: list[dict], collate,
         if "rewards/chosen" not in metrics or "rewards/rejected" not in metrics:
             continue
         chosen, rejected = metrics["rewards/chosen"], metrics["rewards/rejected"]
-        rows.append({
-            "kind": "preference", "prompt": ex.get("prompt"), "chosen": ex.get("chosen"), "rejected": ex.get("rejected"),
-            "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
-        })
+        rows.append(
+            {
+                "kind": "preference",
+                "prompt": ex.get("prompt"),
+                "chosen": ex.get("chosen"),
+                "rejected": ex.get("rejected"),
+                "chosen_reward": chosen,
+                "rejected_reward": rejected,
+                "margin": chosen - rejected,
+            }
+        )
     return rows
 
 
@@ -195,8 +204,14 @@ def completion_metrics(
     both = chosen | rejected
     values = torch.stack(
         [
-            counts[chosen].sum(), chosen.sum().to(counts.dtype), counts[rejected].sum(), rejected.sum().to(counts.dtype),
-            logit_sums[chosen].sum(), logit_sums[rejected].sum(), entropy_sums[both].sum(), counts[both].sum(),
+            counts[chosen].sum(),
+            chosen.sum().to(counts.dtype),
+            counts[rejected].sum(),
+            rejected.sum().to(counts.dtype),
+            logit_sums[chosen].sum(),
+            logit_sums[rejected].sum(),
+            entropy_sums[both].sum(),
+            counts[both].sum(),
         ]
     ).tolist()  # one device sync
     chosen_len, n_chosen, rejected_len, n_rejected, chosen_logits, rejected_logits, entropy, tokens = values

@@ -39,7 +39,9 @@ from engine.logprobs import completion_logps
 from engine.losses.sft import sft_loss
 
 
-def mask_earlier_tokens(attention_mask: torch.Tensor, max_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def mask_earlier_tokens(
+    attention_mask: torch.Tensor, max_ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A copy of a right-padded [B, T] attention mask with some attended tokens set to 0.
 
     Each row draws its ratio uniformly from [0, max_ratio], then hides each attended token after
@@ -86,8 +88,14 @@ class ChainOfHindsight(Algorithm):
 
         spec = self.spec
         data = prepare(
-            spec.coh_pretrain_dataset, tokenizer, kind="sft", max_length=spec.max_length,
-            max_prompt_length=spec.max_prompt_length, eval_split=spec.eval_split, seed=spec.seed, overlong=spec.overlong,
+            spec.coh_pretrain_dataset,
+            tokenizer,
+            kind="sft",
+            max_length=spec.max_length,
+            max_prompt_length=spec.max_prompt_length,
+            eval_split=spec.eval_split,
+            seed=spec.seed,
+            overlong=spec.overlong,
         )
         self.pretrain, self.pretrain_eval = data.train, data.eval[: spec.eval_max_examples]
 
@@ -99,7 +107,12 @@ class ChainOfHindsight(Algorithm):
         completion_mask = pad_right([ex["coh_mask"] for ex in examples], 0)
         attention_mask = pad_right([[1] * len(ex["coh_ids"]) for ex in examples], 0)
         index = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "index": index}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "index": index,
+        }
 
     def units(self, batch):
         return completion_tokens(batch)
@@ -110,7 +123,11 @@ class ChainOfHindsight(Algorithm):
     def loss(self, models, batch, rows):
         policy = models.policy
         # Training hides some earlier tokens from attention; eval scores the plain chains, with no regulariser.
-        attention_mask = mask_earlier_tokens(batch["attention_mask"], self.spec.coh_mask_ratio) if policy.training else batch["attention_mask"]
+        attention_mask = (
+            mask_earlier_tokens(batch["attention_mask"], self.spec.coh_mask_ratio)
+            if policy.training
+            else batch["attention_mask"]
+        )
         out = completion_logps(policy, batch["input_ids"], attention_mask, batch["completion_mask"], stats=True)
         loss, metrics = sft_loss(out.token_logps), token_metrics(out)
         if not policy.training:
@@ -148,15 +165,19 @@ class ChainOfHindsight(Algorithm):
                         sums[side + sign] = sums.get(side + sign, 0.0) + nll_sum
                         counts[side + sign] = counts.get(side + sign, 0) + count
             nll = {key: sums[key] / max(1, counts[key]) for key in sums}
-            metrics.update({
-                "coh/chosen_nll_positive": nll["chosen+"],
-                "coh/chosen_nll_negative": nll["chosen-"],
-                "coh/nll_gap": nll["chosen-"] - nll["chosen+"],
-                "coh/rejected_nll_gap": nll["rejected+"] - nll["rejected-"],
-            })
+            metrics.update(
+                {
+                    "coh/chosen_nll_positive": nll["chosen+"],
+                    "coh/chosen_nll_negative": nll["chosen-"],
+                    "coh/nll_gap": nll["chosen-"] - nll["chosen+"],
+                    "coh/rejected_nll_gap": nll["rejected+"] - nll["rejected-"],
+                }
+            )
         if self.pretrain_eval:
-            parts = [self._nll(model, self.pretrain_eval[i : i + self.spec.batch_size])
-                     for i in range(0, len(self.pretrain_eval), self.spec.batch_size)]
+            parts = [
+                self._nll(model, self.pretrain_eval[i : i + self.spec.batch_size])
+                for i in range(0, len(self.pretrain_eval), self.spec.batch_size)
+            ]
             metrics["pretrain_loss"] = sum(s.item() for s, _ in parts) / max(1, sum(c for _, c in parts))
         return metrics
 

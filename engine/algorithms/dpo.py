@@ -31,7 +31,9 @@ class DPO(Algorithm):
 
     def loss(self, models, batch, rows):
         spec = self.spec
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        out = completion_logps(
+            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
+        )
         pairs, ref_logps = self.units(batch), batch["ref_logps"]
         if spec.loss_type == "ipo":
             # IPO works on per-token means: divide the reference sums by the same token counts.
@@ -42,13 +44,25 @@ class DPO(Algorithm):
         ref_chosen, ref_rejected = ref_scores[:pairs], ref_scores[pairs:]
         if spec.rpo_alpha > 0:
             losses, metrics = rpo_loss(
-                chosen, rejected, ref_chosen, ref_rejected, out.counts[:pairs], spec.beta, spec.rpo_alpha,
-                loss_type=spec.loss_type, label_smoothing=spec.label_smoothing,
+                chosen,
+                rejected,
+                ref_chosen,
+                ref_rejected,
+                out.counts[:pairs],
+                spec.beta,
+                spec.rpo_alpha,
+                loss_type=spec.loss_type,
+                label_smoothing=spec.label_smoothing,
             )
         else:
             losses, metrics = dpo_loss(
-                chosen, rejected, ref_chosen, ref_rejected, spec.beta,
-                label_smoothing=spec.label_smoothing, loss_type=spec.loss_type,
+                chosen,
+                rejected,
+                ref_chosen,
+                ref_rejected,
+                spec.beta,
+                label_smoothing=spec.label_smoothing,
+                loss_type=spec.loss_type,
             )
         return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
 

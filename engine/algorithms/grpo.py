@@ -57,7 +57,9 @@ class GRPO(Algorithm):
         group = spec.num_generations
         advantages = group_advantages(rollout.rewards, group, scale=spec.scale_rewards)
         metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, group)}
-        metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()})
+        metrics.update(
+            {"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()}
+        )
         rows = [
             {"prompt_ids": p, "completion_ids": c, "advantage": float(a)}
             for p, c, a, cut in zip(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(), rollout.truncated)
@@ -112,6 +114,8 @@ class GRPO(Algorithm):
             k3_seq = (k3.detach() * mask).sum(-1)
             metrics["kl/mean"] = (k1_seq.sum().item(), float(len(rows)))
             metrics["kl/k3_mean"] = (k3_seq.sum().item(), float(len(rows)))
-        loss_sum, _ = aggregate_token_loss(per_token, mask.to(per_token.dtype), self.aggregation, max_len=spec.max_new_tokens)
+        loss_sum, _ = aggregate_token_loss(
+            per_token, mask.to(per_token.dtype), self.aggregation, max_len=spec.max_new_tokens
+        )
         metrics["policy/entropy"] = (out.token_entropy.sum().item(), tokens)
         return loss_sum, metrics

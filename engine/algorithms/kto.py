@@ -48,18 +48,28 @@ class KTO(Algorithm):
     def collate(self, examples, pad_id):
         prompts = [ex["prompt_ids"] for ex in examples]
         batch = collate_completions(
-            prompts + prompts, [ex["completion_ids"] for ex in examples] + [ex["kl_completion_ids"] for ex in examples], pad_id
+            prompts + prompts,
+            [ex["completion_ids"] for ex in examples] + [ex["kl_completion_ids"] for ex in examples],
+            pad_id,
         )
         batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
         batch["desirable"] = torch.tensor([bool(ex["label"]) for ex in examples])
         return batch
 
     def loss(self, models, batch, rows):
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        out = completion_logps(
+            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
+        )
         n, ref_logps = self.units(batch), batch["ref_logps"]
         losses, metrics = kto_loss(
-            out.sums[:n], ref_logps[:n], out.sums[n:].detach(), ref_logps[n:], batch["desirable"],
-            self.spec.beta, self.spec.desirable_weight, self.spec.undesirable_weight,
+            out.sums[:n],
+            ref_logps[:n],
+            out.sums[n:].detach(),
+            ref_logps[n:],
+            batch["desirable"],
+            self.spec.beta,
+            self.spec.desirable_weight,
+            self.spec.undesirable_weight,
         )
         desirable = metrics["count/desirable"].sum().item()
         undesirable = n - desirable
@@ -89,8 +99,15 @@ class KTO(Algorithm):
             metrics = example_metrics(self, models, ex, collate, ref_logps_fn)
             name = "rewards/chosen" if ex["label"] else "rewards/rejected"
             if name in metrics:
-                rows.append({"kind": "unpaired", "prompt": ex.get("prompt"), "completion": ex.get("completion"),
-                             "label": bool(ex["label"]), "reward": metrics[name]})
+                rows.append(
+                    {
+                        "kind": "unpaired",
+                        "prompt": ex.get("prompt"),
+                        "completion": ex.get("completion"),
+                        "label": bool(ex["label"]),
+                        "reward": metrics[name],
+                    }
+                )
         return rows
 
     def derived_metrics(self, means):

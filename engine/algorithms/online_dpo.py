@@ -54,20 +54,34 @@ class OnlineDPO(Algorithm):
         else:
             columns = {name: values[a] for name, values in rollout.columns().items()}
             verdict = models.judge.prefer(
-                rollout.prompts[a], rollout.texts[a], rollout.texts[b], rollout.prompt_ids[a],
-                rollout.completion_ids[a], rollout.completion_ids[b], columns,
+                rollout.prompts[a],
+                rollout.texts[a],
+                rollout.texts[b],
+                rollout.prompt_ids[a],
+                rollout.completion_ids[a],
+                rollout.completion_ids[b],
+                columns,
             )
             prob_a, consistent = verdict.prob_a, verdict.consistent
             if spec.missing_eos_penalty > 0:  # a sample that never ended loses to one that did, whatever the judge says
                 cut_a, cut_b = rollout.truncated[a], rollout.truncated[b]
-                prob_a = [0.0 if ca and not cb else 1.0 if cb and not ca else p for p, ca, cb in zip(prob_a, cut_a, cut_b)]
+                prob_a = [
+                    0.0 if ca and not cb else 1.0 if cb and not ca else p for p, ca, cb in zip(prob_a, cut_a, cut_b)
+                ]
         winners, skip = judge_pairs(prob_a, spec.judge_tie_margin)
         metrics["judge/skip_frac"] = sum(skip) / len(skip)
         metrics["judge/prob_mean"] = sum(max(p, 1 - p) for p in prob_a) / len(prob_a)
         rewards = rollout.rewards.tolist() if consistent is not None and rollout.rewards is not None else None
         lengths = rollout.lengths
-        tallies = judge_tallies(winners, skip, lengths[a], lengths[b], consistent,
-                                rewards[a] if rewards else None, rewards[b] if rewards else None)
+        tallies = judge_tallies(
+            winners,
+            skip,
+            lengths[a],
+            lengths[b],
+            consistent,
+            rewards[a] if rewards else None,
+            rewards[b] if rewards else None,
+        )
         for name, (count, out_of) in tallies.items():
             total = self.judge_totals.setdefault(name, [0, 0])
             total[0], total[1] = total[0] + count, total[1] + out_of
@@ -79,8 +93,11 @@ class OnlineDPO(Algorithm):
                 continue
             rows = (2 * g, 2 * g + 1) if winner == 0 else (2 * g + 1, 2 * g)
             pairs.append(
-                {"prompt_ids": rollout.prompt_ids[2 * g], "chosen_ids": rollout.completion_ids[rows[0]],
-                 "rejected_ids": rollout.completion_ids[rows[1]]}
+                {
+                    "prompt_ids": rollout.prompt_ids[2 * g],
+                    "chosen_ids": rollout.completion_ids[rows[0]],
+                    "rejected_ids": rollout.completion_ids[rows[1]],
+                }
             )
         if pairs:
             self._reference_logps(pairs, models)
@@ -90,7 +107,9 @@ class OnlineDPO(Algorithm):
         """The judge's preferences over the whole run, next to the template that produced them."""
         rates = {name: count / out_of if out_of else None for name, (count, out_of) in self.judge_totals.items()}
         pairs = self.judge_totals.get("decided_frac", [0, 0])[1]
-        return {"judge": {"judge": self.spec.judge, "judge_template": self.spec.judge_template, "pairs": pairs, **rates}}
+        return {
+            "judge": {"judge": self.spec.judge, "judge_template": self.spec.judge_template, "pairs": pairs, **rates}
+        }
 
     def state_dict(self) -> dict:
         return {"judge_totals": {k: list(v) for k, v in self.judge_totals.items()}}
@@ -103,26 +122,40 @@ class OnlineDPO(Algorithm):
         for chunk in micro_batches(pairs, self.spec):
             batch = {k: v.to(models.device) for k, v in self.collate(chunk, models.tokenizer.pad_token_id).items()}
             with models.reference.model() as ref:
-                sums = completion_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.spec.temperature).sums
+                sums = completion_logps(
+                    ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.spec.temperature
+                ).sums
             n = len(chunk)
             for i, pair in enumerate(chunk):
                 pair["ref_chosen"], pair["ref_rejected"] = sums[i].item(), sums[n + i].item()
 
     def collate(self, rows, pad_id):
         prompts = [r["prompt_ids"] for r in rows]
-        return collate_completions(prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id)
+        return collate_completions(
+            prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id
+        )
 
     def loss(self, models, batch, rows):
         spec = self.spec
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               spec.temperature, stats=True)
+        out = completion_logps(
+            models.policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["completion_mask"],
+            spec.temperature,
+            stats=True,
+        )
         n = len(rows)
-        ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=out.sums.dtype, device=out.sums.device)
+        ref = torch.tensor(
+            [[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=out.sums.dtype, device=out.sums.device
+        )
         ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
         scores = out.sums
         if spec.loss_type == "ipo":  # IPO compares per-token means (engine/losses/dpo.py)
             counts = out.counts.clamp(min=1).to(scores.dtype)
             scores, ref_chosen, ref_rejected = out.means, ref_chosen / counts[:n], ref_rejected / counts[n:]
-        losses, metrics = dpo_loss(scores[:n], scores[n:], ref_chosen, ref_rejected, spec.beta, loss_type=spec.loss_type)
+        losses, metrics = dpo_loss(
+            scores[:n], scores[n:], ref_chosen, ref_rejected, spec.beta, loss_type=spec.loss_type
+        )
         chosen = torch.arange(2 * n, device=scores.device) < n
         return losses.sum(), {**metric_sums(metrics), **completion_metrics(out, chosen, ~chosen)}

@@ -36,9 +36,13 @@ def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
-def token_logps(model, batch: dict[str, torch.Tensor], temperature: float, stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, CompletionLogps]:
+def token_logps(
+    model, batch: dict[str, torch.Tensor], temperature: float, stats: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, CompletionLogps]:
     """Completion-token log-probs of `logits / temperature` as ([B, T], mask [B, T], the flat result)."""
-    out = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats=stats)
+    out = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats=stats
+    )
     values, mask = padded(out.token_logps, out.counts)
     return values, mask, out
 
@@ -111,8 +115,14 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         metrics["gen/length_terminated_mean"] = lengths[~truncated].mean().item()
     rewards = rollout.rewards
     if rewards is not None:  # None: online DPO judged by an LLM alone, with no reward source that fits the data
-        metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
-                        "reward/min": rewards.min().item(), "reward/max": rewards.max().item()})
+        metrics.update(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/std": rewards.std(unbiased=False).item(),
+                "reward/min": rewards.min().item(),
+                "reward/max": rewards.max().item(),
+            }
+        )
     for name, values in rollout.components.items():
         metrics[f"reward/{name}/mean"] = sum(values) / len(values)
     return metrics

@@ -20,7 +20,9 @@ class ORPO(Algorithm):
         return collate_preference(rows, pad_id)
 
     def loss(self, models, batch, rows):
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        out = completion_logps(
+            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
+        )
         pairs = self.units(batch)
         means = out.means
         losses, metrics = orpo_loss(means[:pairs], means[pairs:], self.spec.beta)

@@ -56,7 +56,9 @@ class ValueModel(torch.nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, T] values of the completion tokens, right-padded; [B, T] mask), aligned with `token_logps`."""
         body = getattr(self.classifier, self.classifier.base_model_prefix)
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
         # The state before token t (position t-1) values the choice of y_t, as the policy's log-prob does.
         target_mask = batch["completion_mask"][:, 1:].bool()
         values = self.classifier.score(hidden[:, :-1][target_mask]).squeeze(-1).float()
@@ -77,7 +79,9 @@ class PPO(Algorithm):
         from engine.rewards.reward_model import resolve_reward_model
 
         source = str(resolve_reward_model(self.spec.value_model)) if self.spec.value_model else self.spec.model
-        return ValueModel(load_reward_model(source, dtype=dtype, device=device, trust_remote_code=self.spec.trust_remote_code)).train()
+        return ValueModel(
+            load_reward_model(source, dtype=dtype, device=device, trust_remote_code=self.spec.trust_remote_code)
+        ).train()
 
     def prepare(self, rollout, models):
         spec = self.spec
@@ -112,7 +116,13 @@ class PPO(Algorithm):
         )
         for i, row in enumerate(rows):
             n = len(row["completion_ids"])
-            row.update(old_logps=old[i], old_values=values[i], advantages=advantages[i, :n], returns=returns[i, :n], loss_mask=mask[i, :n])
+            row.update(
+                old_logps=old[i],
+                old_values=values[i],
+                advantages=advantages[i, :n],
+                returns=returns[i, :n],
+                loss_mask=mask[i, :n],
+            )
         return [r for r in rows if r["loss_mask"].any()], metrics
 
     def collate(self, rows, pad_id):
@@ -127,7 +137,8 @@ class PPO(Algorithm):
         values, _ = models.value(batch)
         width, device = logps.shape[1], logps.device
         old, old_values, advantages, returns, keep = (
-            pad_rows(rows, key, width, device) for key in ("old_logps", "old_values", "advantages", "returns", "loss_mask")
+            pad_rows(rows, key, width, device)
+            for key in ("old_logps", "old_values", "advantages", "returns", "loss_mask")
         )
         keep = keep * mask
         policy_tokens, metrics = clipped_policy_loss(logps, old, advantages, keep, spec.epsilon, spec.epsilon_high)

@@ -36,7 +36,9 @@ from engine.losses.sft import sft_loss
 def self_training_loss(models: Models, batch: dict[str, torch.Tensor]):
     """SFT on selected samples: the summed NLL of their completion tokens (the loop divides by the
     mini-batch's completion tokens: a token mean), with token accuracy and entropy."""
-    out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+    out = completion_logps(
+        models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
+    )
     tokens = float(out.counts.sum())
     return sft_loss(out.token_logps), {
         "token_accuracy": out.token_correct.sum().item(),
@@ -62,8 +64,13 @@ class BestOfK(Algorithm):
         informative = (groups.max(-1).values > groups.min(-1).values).tolist()
         best = best_of_k_indices(rewards, k).tolist()
         rows = [
-            {"prompt_ids": rollout.prompt_ids[i], "completion_ids": rollout.completion_ids[i], "reward": rewards[i].item()}
-            for i, keep in zip(best, informative) if keep
+            {
+                "prompt_ids": rollout.prompt_ids[i],
+                "completion_ids": rollout.completion_ids[i],
+                "reward": rewards[i].item(),
+            }
+            for i, keep in zip(best, informative)
+            if keep
         ]
         metrics["bon/selected_frac"] = len(rows) / len(best)
         if rows:

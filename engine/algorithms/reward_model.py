@@ -49,7 +49,9 @@ class RewardModel(Algorithm):
         rewards, lengths, margins = [], [], []
         for start in range(0, len(examples), self.spec.batch_size):
             batch = collate(examples[start : start + self.spec.batch_size])
-            rewards.append(sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+            rewards.append(
+                sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+            )
             lengths.append(batch["completion_mask"].sum(-1))
             margins.append(batch["margin"])
         pairs = [len(r) // 2 for r in rewards]  # each batch holds its chosen rows, then its rejected rows
@@ -58,4 +60,6 @@ class RewardModel(Algorithm):
         chosen_len = torch.cat([length[:n] for length, n in zip(lengths, pairs)])
         rejected_len = torch.cat([length[n:] for length, n in zip(lengths, pairs)])
         has_margin = any(ex.get("margin") is not None for ex in examples)
-        return reward_eval_metrics(chosen, rejected, chosen_len, rejected_len, torch.cat(margins) if has_margin else None)
+        return reward_eval_metrics(
+            chosen, rejected, chosen_len, rejected_len, torch.cat(margins) if has_margin else None
+        )

@@ -46,7 +46,9 @@ class RLOO(Algorithm):
             metrics.update({"kl/mean": kl.mean().item(), "reward/non_score": (-spec.beta * kl).mean().item()})
         metrics["reward/rlhf"] = rewards.mean().item()
         advantages = rloo_advantages(rewards, spec.num_generations)
-        metrics.update({"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()})
+        metrics.update(
+            {"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()}
+        )
         for row, a, o in zip(rows, advantages.tolist(), old_sums.tolist()):
             row.update(advantage=a, old_logp=o)
         rows = [r for r, cut in zip(rows, rollout.truncated) if not (spec.mask_truncated and cut)]

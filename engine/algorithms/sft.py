@@ -26,7 +26,9 @@ class SFT(Algorithm):
         return completion_tokens(batch)
 
     def loss(self, models, batch, rows):
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        out = completion_logps(
+            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
+        )
         return sft_loss(out.token_logps), token_metrics(out)
 
     def derived_metrics(self, means):
@@ -35,7 +37,9 @@ class SFT(Algorithm):
 
 def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Prompt + completion rows, right-padded; a conversation's `loss_mask` keeps only its assistant turns."""
-    batch = collate_completions([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id)
+    batch = collate_completions(
+        [ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id
+    )
     for row, ex in enumerate(examples):
         if "loss_mask" in ex:  # a multi-turn conversation: only its assistant turns are taught
             start = len(ex["prompt_ids"])

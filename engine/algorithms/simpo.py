@@ -20,11 +20,17 @@ class SimPO(Algorithm):
         return collate_preference(rows, pad_id)
 
     def loss(self, models, batch, rows):
-        out = completion_logps(models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True)
+        out = completion_logps(
+            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
+        )
         pairs = self.units(batch)
         means = out.means
         losses, metrics = simpo_loss(
-            means[:pairs], means[pairs:], self.spec.beta, self.spec.gamma_beta_ratio, label_smoothing=self.spec.label_smoothing
+            means[:pairs],
+            means[pairs:],
+            self.spec.beta,
+            self.spec.gamma_beta_ratio,
+            label_smoothing=self.spec.label_smoothing,
         )
         return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
 

@@ -46,9 +46,14 @@ def build_case(cfg: BenchConfig):
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
-        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.hidden * 4, num_hidden_layers=cfg.layers,
-        num_attention_heads=max(1, cfg.hidden // 64), num_key_value_heads=max(1, cfg.hidden // 64),
-        max_position_embeddings=max(cfg.seq_len, 64), tie_word_embeddings=False,
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.hidden * 4,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=max(1, cfg.hidden // 64),
+        num_key_value_heads=max(1, cfg.hidden // 64),
+        max_position_embeddings=max(cfg.seq_len, 64),
+        tie_word_embeddings=False,
     )
     policy = LlamaForCausalLM(config)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -59,7 +64,12 @@ def build_case(cfg: BenchConfig):
         return torch.randint(3, cfg.vocab, (n,), generator=generator).tolist()
 
     examples = [
-        {"index": i, "prompt_ids": ids(cfg.prompt_len), "chosen_ids": ids(completion_len), "rejected_ids": ids(completion_len)}
+        {
+            "index": i,
+            "prompt_ids": ids(cfg.prompt_len),
+            "chosen_ids": ids(completion_len),
+            "rejected_ids": ids(completion_len),
+        }
         for i in range(cfg.pairs)
     ]
     return policy, reference, collate_preference(examples, pad_id=0)
@@ -108,8 +118,14 @@ def run_path(path: str, cfg: BenchConfig) -> dict:
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - baseline_rss
-    return {"path": path, "step_seconds": step_seconds, "tokens_per_s": tokens / step_seconds, "peak_mem_gb": peak_gb,
-            "device": str(device), "memory": "peak CUDA allocated" if device.type == "cuda" else "peak RSS growth during steps"}
+    return {
+        "path": path,
+        "step_seconds": step_seconds,
+        "tokens_per_s": tokens / step_seconds,
+        "peak_mem_gb": peak_gb,
+        "device": str(device),
+        "memory": "peak CUDA allocated" if device.type == "cuda" else "peak RSS growth during steps",
+    }
 
 
 def losses_agree(cfg: BenchConfig) -> float:
@@ -124,7 +140,9 @@ def compare(cfg: BenchConfig) -> dict:
     for path in PATHS:
         proc = subprocess.run(
             [sys.executable, "-m", "engine.bench.dpo", path, json.dumps(asdict(cfg))],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark of the {path} path failed:\n{proc.stderr[-2000:]}")

@@ -58,17 +58,26 @@ def build_case(cfg: GRPOBenchConfig, device: torch.device):
 
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(
-        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.hidden * 4, num_hidden_layers=cfg.layers,
-        num_attention_heads=max(1, cfg.hidden // 64), num_key_value_heads=max(1, cfg.hidden // 64),
-        max_position_embeddings=cfg.prompt_len + cfg.max_new_tokens + 8, tie_word_embeddings=False,
-        eos_token_id=1, pad_token_id=0, bos_token_id=2,
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.hidden * 4,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=max(1, cfg.hidden // 64),
+        num_key_value_heads=max(1, cfg.hidden // 64),
+        max_position_embeddings=cfg.prompt_len + cfg.max_new_tokens + 8,
+        tie_word_embeddings=False,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=2,
     )
     model = LlamaForCausalLM(config).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
     # Prompts of different lengths, so left padding is exercised as in real data.
     lengths = torch.randint(cfg.prompt_len // 2, cfg.prompt_len + 1, (cfg.prompts,), generator=generator).tolist()
-    examples = [{"prompt": str(i), "prompt_ids": torch.randint(3, cfg.vocab, (n,), generator=generator).tolist()}
-                for i, n in enumerate(lengths)]
+    examples = [
+        {"prompt": str(i), "prompt_ids": torch.randint(3, cfg.vocab, (n,), generator=generator).tolist()}
+        for i, n in enumerate(lengths)
+    ]
     return model, _Tokenizer(eos=1, pad=0), examples
 
 
@@ -107,8 +116,10 @@ def run(cfg: GRPOBenchConfig) -> dict:
     sampling = dict(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=1.0)
     results: dict[str, dict] = {}
     rollout = None
-    for name, sample in (("cherry", lambda: sample_rollout(model, tokenizer, examples, **sampling)),
-                         ("naive", lambda: naive_rollout(model, tokenizer, examples, **sampling))):
+    for name, sample in (
+        ("cherry", lambda: sample_rollout(model, tokenizer, examples, **sampling)),
+        ("naive", lambda: naive_rollout(model, tokenizer, examples, **sampling)),
+    ):
         times, tokens = [], 0
         for _ in range(cfg.repeats):
             torch.manual_seed(cfg.seed)
@@ -121,7 +132,11 @@ def run(cfg: GRPOBenchConfig) -> dict:
             rollout = rollout or result
         seconds = _median(times)
         samples = cfg.prompts * cfg.k
-        results[f"rollout_{name}"] = {"seconds": seconds, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
+        results[f"rollout_{name}"] = {
+            "seconds": seconds,
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+        }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for name, logps_fn in (("cherry", completion_logps), ("naive", full_logits_logps)):
         times, tokens = [], 0

@@ -72,12 +72,22 @@ _TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 _EXPECTED_COLUMNS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "text", "answer")
 _ALIASES = {
-    "question": "prompt", "instruction": "prompt", "query": "prompt", "input": "prompt",
-    "response": "completion", "output": "completion",
-    "conversations": "messages", "conversation": "messages", "chat": "messages",
-    "dialog": "messages", "dialogue": "messages",
-    "preferred": "chosen", "accepted": "chosen", "winner": "chosen",
-    "dispreferred": "rejected", "loser": "rejected",
+    "question": "prompt",
+    "instruction": "prompt",
+    "query": "prompt",
+    "input": "prompt",
+    "response": "completion",
+    "output": "completion",
+    "conversations": "messages",
+    "conversation": "messages",
+    "chat": "messages",
+    "dialog": "messages",
+    "dialogue": "messages",
+    "preferred": "chosen",
+    "accepted": "chosen",
+    "winner": "chosen",
+    "dispreferred": "rejected",
+    "loser": "rejected",
     "content": "text",
 }
 

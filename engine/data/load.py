@@ -72,9 +72,7 @@ def _load_dir(path: Path, split: str, max_rows: int | None) -> list[dict]:
             raise DataError(f"could not read saved dataset directory {path} ({first_line(exc)})") from exc
         if isinstance(obj, datasets.DatasetDict):
             if split not in obj:
-                raise DataError(
-                    f"saved dataset {path} has no split '{split}'; its splits are: {', '.join(obj)}"
-                )
+                raise DataError(f"saved dataset {path} has no split '{split}'; its splits are: {', '.join(obj)}")
             obj = obj[split]
         return _dataset_rows(obj, max_rows)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES)

@@ -14,9 +14,7 @@ _HH_ASSISTANT = re.compile(r"(?:^|\n)Assistant:")
 
 
 def is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value
-    )
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
 def describe(value: Any) -> str:
@@ -34,8 +32,10 @@ def check_text_value(
     if not text_only and is_messages(value):
         return value
     expected = (
-        "a list of {role, content} messages" if messages_only
-        else "a string" if text_only
+        "a list of {role, content} messages"
+        if messages_only
+        else "a string"
+        if text_only
         else "a string or a list of {role, content} messages"
     )
     raise DataError(f"{where} {i}: column '{col}' holds {describe(value)}; expected {expected}")
@@ -71,8 +71,8 @@ def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
         cut = marker.end()
     else:
         cut = n
-        splits_word = cut > 0 and _is_word(chosen[cut - 1]) and any(
-            cut < len(s) and _is_word(s[cut]) for s in (chosen, rejected)
+        splits_word = (
+            cut > 0 and _is_word(chosen[cut - 1]) and any(cut < len(s) and _is_word(s[cut]) for s in (chosen, rejected))
         )
         if splits_word:
             while cut > 0 and not chosen[cut - 1].isspace():
@@ -99,9 +99,7 @@ def _label(value: Any, i: int, where: str, column: str = "label") -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise DataError(
-        f"{where} {i}: '{column}' must be a boolean (true/false, or 0/1), got {describe(value)}"
-    )
+    raise DataError(f"{where} {i}: '{column}' must be a boolean (true/false, or 0/1), got {describe(value)}")
 
 
 @dataclass
@@ -138,10 +136,7 @@ def _with_prompt(prompt: str | list, comps: list, i: int, where: str) -> tuple[s
             return splits[0][0], [s[1] for s in splits]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}] if prompt.strip() else []
-    comps = [
-        c if isinstance(c, list) else ([{"role": "assistant", "content": c}] if c.strip() else [])
-        for c in comps
-    ]
+    comps = [c if isinstance(c, list) else ([{"role": "assistant", "content": c}] if c.strip() else []) for c in comps]
     return prompt, comps
 
 

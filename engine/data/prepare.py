@@ -94,7 +94,9 @@ def _rows_of(source: Any, split: str, max_rows: int | None, what: str) -> list[d
     return [plain(row) for row in rows]
 
 
-def _check_args(kind: str, max_length: Any, max_prompt_length: Any, eval_split: Any, overlong: Any, max_rows: Any) -> None:
+def _check_args(
+    kind: str, max_length: Any, max_prompt_length: Any, eval_split: Any, overlong: Any, max_rows: Any
+) -> None:
     if kind not in PRESETS_FOR_KIND:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(PRESETS_FOR_KIND)}")
 

@@ -42,9 +42,7 @@ class TokenQueue:
         for special, texts in self.texts.items():
             out: list[list[int]] = []
             for start in range(0, len(texts), _TOKENIZE_CHUNK):
-                enc = self.tokenizer(
-                    texts[start : start + _TOKENIZE_CHUNK], add_special_tokens=special, verbose=False
-                )
+                enc = self.tokenizer(texts[start : start + _TOKENIZE_CHUNK], add_special_tokens=special, verbose=False)
                 out.extend(list(ids) for ids in enc["input_ids"])
             self.ids[special] = out
 
@@ -56,13 +54,17 @@ def _render_chat(tokenizer: Any, messages: list, generation_prompt: bool, i: int
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are data errors
-        raise DataError(f"{where} {i}: the tokenizer's chat template failed on this conversation ({first_line(exc)})") from exc
+        raise DataError(
+            f"{where} {i}: the tokenizer's chat template failed on this conversation ({first_line(exc)})"
+        ) from exc
     if not isinstance(text, str):
         raise DataError("the tokenizer's apply_chat_template(tokenize=False) did not return a string")
     return text
 
 
-def _assistant_pieces(tokenizer: Any, prompt: list, rest: list, prompt_text: str, i: int, where: str) -> list[tuple[str, bool]]:
+def _assistant_pieces(
+    tokenizer: Any, prompt: list, rest: list, prompt_text: str, i: int, where: str
+) -> list[tuple[str, bool]]:
     """The rendered conversation after the prompt, cut into (text, is_assistant_turn) pieces.
 
     Each assistant turn is what rendering it adds after the history plus the generation prompt;
@@ -193,7 +195,9 @@ def build_example(item: Item, queue: TokenQueue, opts: Options, stats: dict[str,
 
     ex: dict[str, Any] = {"index": -1, "prompt_ids": prompt_ids, "prompt": prompt_text}
     if opts.kind == "preference":
-        ex.update(chosen_ids=comps[0], rejected_ids=comps[1], chosen=comp_texts[0], rejected=comp_texts[1], margin=item.margin)
+        ex.update(
+            chosen_ids=comps[0], rejected_ids=comps[1], chosen=comp_texts[0], rejected=comp_texts[1], margin=item.margin
+        )
     elif opts.kind == "unpaired":
         ex.update(completion_ids=comps[0], completion=comp_texts[0], label=item.label)
     elif opts.kind == "sft":

@@ -80,7 +80,9 @@ def chat_completion(text: str) -> list[dict]:
 def _encode(tokenizer, items: list[dict]) -> list[dict]:
     """Add prompt_ids / completion_ids to task items, tokenised the engine's one way (engine.data)."""
     rows = [{"prompt": chat_prompt(it["prompt"]), "completion": chat_completion(it["answer"])} for it in items]
-    examples = prepare(rows, tokenizer, kind="sft", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0).train
+    examples = prepare(
+        rows, tokenizer, kind="sft", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0
+    ).train
     for item, example in zip(items, examples, strict=True):
         item["prompt_ids"], item["completion_ids"] = example["prompt_ids"], example["completion_ids"]
     return items
@@ -132,7 +134,9 @@ def evaluate_tasks(model, tokenizer, examples: list[dict], max_new_tokens: int =
     return {"accuracy": round(result["accuracy"], 4), "per_task": per_task}
 
 
-def sft_until_target(model, tokenizer, train: list[dict], held_out: list[dict], cfg: DemoConfig, seed: int, log) -> dict:
+def sft_until_target(
+    model, tokenizer, train: list[dict], held_out: list[dict], cfg: DemoConfig, seed: int, log
+) -> dict:
     """Answer-only SFT, evaluated every `eval_every` steps; stops at the first evaluation whose
     held-out accuracy reaches `target_accuracy` with every task at `min_task_accuracy` or more."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -197,8 +201,14 @@ DEMO_SAMPLING_TOP_K = 50
 
 
 def sample_texts(model, tokenizer, items: list[dict], max_new_tokens: int) -> list[str]:
-    ids = generate(model, tokenizer, [it["prompt_ids"] for it in items], max_new_tokens=max_new_tokens, temperature=1.0,
-                   top_k=DEMO_SAMPLING_TOP_K)
+    ids = generate(
+        model,
+        tokenizer,
+        [it["prompt_ids"] for it in items],
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_k=DEMO_SAMPLING_TOP_K,
+    )
     return decode_completions(tokenizer, ids)
 
 
@@ -294,9 +304,10 @@ def build_demo(out_dir: Path, seed: int = 0, log: Callable[[str], None] = print,
     sft = sft_until_target(model, tokenizer, sft_pool, held_out, cfg, seed, log)
     log(f"SFT stopped after {sft['steps']} steps: held-out accuracy {sft['accuracy']:.3f} {sft['per_task']}")
 
-    write_jsonl(out_dir / "sft.jsonl", [
-        {"prompt": chat_prompt(it["prompt"]), "completion": chat_completion(it["answer"])} for it in sft_items
-    ])
+    write_jsonl(
+        out_dir / "sft.jsonl",
+        [{"prompt": chat_prompt(it["prompt"]), "completion": chat_completion(it["answer"])} for it in sft_items],
+    )
     pairs, fallbacks = make_pairs(model, tokenizer, pair_items, cfg, seed + 3)
     write_jsonl(out_dir / "pairs.jsonl", pairs)
     log(f"pairs: {len(pairs)} ({fallbacks} rejected answers by perturbation)")
@@ -304,8 +315,13 @@ def build_demo(out_dir: Path, seed: int = 0, log: Callable[[str], None] = print,
     write_jsonl(out_dir / "unpaired.jsonl", unpaired)
     n_true = sum(r["label"] for r in unpaired)
     log(f"unpaired: {len(unpaired)} ({n_true} labelled True)")
-    write_jsonl(out_dir / "prompts.jsonl", [{"prompt": chat_prompt(it["prompt"]), "answer": it["answer"]} for it in prompt_items])
-    write_jsonl(out_dir / "eval.jsonl", [{"prompt": chat_prompt(it["prompt"]), "answer": it["answer"]} for it in held_out])
+    write_jsonl(
+        out_dir / "prompts.jsonl",
+        [{"prompt": chat_prompt(it["prompt"]), "answer": it["answer"]} for it in prompt_items],
+    )
+    write_jsonl(
+        out_dir / "eval.jsonl", [{"prompt": chat_prompt(it["prompt"]), "answer": it["answer"]} for it in held_out]
+    )
 
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir, safe_serialization=True)

@@ -29,7 +29,9 @@ def _byte_vocab() -> dict[str, int]:
     # vocabulary so that a byte's id is its value.
     mapping: dict[int, str] = {}
     # Rebuild the GPT-2 byte->unicode table (printable bytes map to themselves, the rest shift up).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     shift = 0
     for b in range(256):
         if b in printable:

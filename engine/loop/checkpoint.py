@@ -44,7 +44,9 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name))
 
 
-def save_checkpoint(out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int, extra: dict | None = None
+) -> Path:
     """`extra`: more state to restore on resume (an online method's value model, KL coefficient).
 
     state.pt holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so it

@@ -101,8 +101,14 @@ class Run:
         """The schedule over `n_examples`, AdamW over what trains (the policy, and a value model when
         there is one), and the state to continue from (a checkpoint's, on resume)."""
         spec = self.spec
-        self.schedule = Schedule(n_examples, batch_size=spec.batch_size, chunks_per_step=chunks_per_step, seed=spec.seed,
-                                 epochs=spec.epochs, max_steps=spec.max_steps)
+        self.schedule = Schedule(
+            n_examples,
+            batch_size=spec.batch_size,
+            chunks_per_step=chunks_per_step,
+            seed=spec.seed,
+            epochs=spec.epochs,
+            max_steps=spec.max_steps,
+        )
         self.trainable = [p for p in self.models.policy.parameters() if p.requires_grad]
         if self.models.value is not None:
             self.trainable += [p for p in self.models.value.parameters() if p.requires_grad]
@@ -118,8 +124,15 @@ class Run:
         extra = {"algorithm": self.algo.state_dict()}
         if self.models.value is not None:
             extra["value"] = self.models.value.state_dict()
-        save_checkpoint(self.out_dir, self.models.policy, self.optimizer, self.scheduler, self.state,
-                        self.spec.save_total_limit, extra)
+        save_checkpoint(
+            self.out_dir,
+            self.models.policy,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.spec.save_total_limit,
+            extra,
+        )
 
     def parameter_counts(self) -> dict[str, int]:
         total, trainable = count_parameters(self.models.policy)
@@ -150,12 +163,29 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
     policy, reference = build_models(spec, device, dtype, checkpoint, algo)
     models = Models(policy=policy, tokenizer=tokenizer, device=device, reference=reference)
-    return Run(spec=spec, out_dir=out_dir, reporter=reporter, device=device, dtype=dtype, algo=algo, models=models,
-               checkpoint=checkpoint, resume=resume, started=started, cpu_meter=cpu_meter, metric_log=MetricLog(reporter))
+    return Run(
+        spec=spec,
+        out_dir=out_dir,
+        reporter=reporter,
+        device=device,
+        dtype=dtype,
+        algo=algo,
+        models=models,
+        checkpoint=checkpoint,
+        resume=resume,
+        started=started,
+        cpu_meter=cpu_meter,
+        metric_log=MetricLog(reporter),
+    )
 
 
-def accumulate(algo: Algorithm, models: Models, micro_batches: list[tuple[dict, list[dict]]], sums: MetricSums,
-               reference_logps: Callable[[dict], torch.Tensor] | None = None) -> int:
+def accumulate(
+    algo: Algorithm,
+    models: Models,
+    micro_batches: list[tuple[dict, list[dict]]],
+    sums: MetricSums,
+    reference_logps: Callable[[dict], torch.Tensor] | None = None,
+) -> int:
     """Forward and backward over one optimizer step's micro-batches (batch, rows); returns the tokens seen.
 
     Each micro-batch adds its share of the step's loss (its sum over the step's units), so

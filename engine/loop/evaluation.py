@@ -63,13 +63,17 @@ def estimate_kl(policy, reference: Reference, tokenizer, prompts: list[dict], sp
     return {"kl/mean": k1.mean().item(), "kl/k3_mean": k3.mean().item()}
 
 
-def reference_completions(policy, reference: Reference | None, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:
+def reference_completions(
+    policy, reference: Reference | None, tokenizer, prompts: list[dict], max_new_tokens: int
+) -> list[str]:
     """Greedy completions of the reference (the policy itself when there is none) for sample comparisons."""
     if not prompts:
         return []
     ref_ctx = reference.model() if reference is not None else contextlib.nullcontext(policy)
     with ref_ctx as ref_model:
-        return decode_completions(tokenizer, generate(ref_model, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=max_new_tokens))
+        return decode_completions(
+            tokenizer, generate(ref_model, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=max_new_tokens)
+        )
 
 
 def sample_comparisons(policy, tokenizer, prompts: list[dict], reference_texts: list[str], spec) -> list[dict]:
@@ -101,7 +105,8 @@ def evaluate_prompts(policy, tokenizer, prompts: list[dict], with_reward: bool, 
     if answered:
         metrics["eval/exact_match"] = sum(exact_match(t, a) for t, a in answered) / len(answered)
     if with_reward:
-        result = reward.reward([p["prompt"] for p in prompts], texts, [p["prompt_ids"] for p in prompts], ids,
-                               reward_columns(prompts))
+        result = reward.reward(
+            [p["prompt"] for p in prompts], texts, [p["prompt_ids"] for p in prompts], ids, reward_columns(prompts)
+        )
         metrics["eval/reward"] = sum(result.total) / len(result.total)
     return metrics

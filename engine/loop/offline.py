@@ -25,7 +25,9 @@ from engine.registry import algorithm_info
 log = logging.getLogger("cherry.engine")
 
 
-def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
+def train_offline(
+    run: Run, *, should_stop: StopCheck | None = None, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
     spec, algo, models, reporter = run.spec, run.algo, run.models, run.reporter
     policy, tokenizer, reference, device = models.policy, models.tokenizer, models.reference, run.device
     info = algorithm_info(spec.algorithm)
@@ -35,8 +37,15 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
 
     # --- data: the training examples, the eval split, and prompts for greedy answers and samples
     data = prepare(
-        spec.dataset, tokenizer, kind=info.data_kind, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length,
-        eval_split=spec.eval_split, eval_source=spec.eval_dataset, seed=spec.seed, overlong=spec.overlong,
+        spec.dataset,
+        tokenizer,
+        kind=info.data_kind,
+        max_length=spec.max_length,
+        max_prompt_length=spec.max_prompt_length,
+        eval_split=spec.eval_split,
+        eval_source=spec.eval_dataset,
+        seed=spec.seed,
+        overlong=spec.overlong,
         max_rows=spec.max_rows,
     )
     run.data_stats = data.stats
@@ -52,8 +61,13 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
         prompt_set = []
     elif spec.eval_prompts:
         prompt_set = prepare(
-            spec.eval_prompts, tokenizer, kind="prompt", max_length=spec.max_length,
-            max_prompt_length=spec.max_prompt_length, eval_split=0.0, seed=spec.seed,
+            spec.eval_prompts,
+            tokenizer,
+            kind="prompt",
+            max_length=spec.max_length,
+            max_prompt_length=spec.max_prompt_length,
+            eval_split=0.0,
+            seed=spec.seed,
         ).train[: spec.eval_max_examples]
     else:
         prompt_set = [{"prompt_ids": ex["prompt_ids"], "prompt": ex["prompt"]} for ex in eval_split]
@@ -72,15 +86,21 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
         key_keys = tuple(sorted(k for k in data.train[0] if k.endswith("_ids"))) if data.train else ()
         key = "-".join(
             [
-                fingerprint_model(spec.ref_model or spec.model, run.dtype) + ("-base" if spec.lora.r and not spec.ref_model else ""),
+                fingerprint_model(spec.ref_model or spec.model, run.dtype)
+                + ("-base" if spec.lora.r and not spec.ref_model else ""),
                 fingerprint_examples(data.train, key_keys),
                 fingerprint_examples(eval_split, key_keys),
             ]
         )
         cache_file = Path(cache_dir) / "ref_logps" / f"{key}.safetensors" if cache_dir else None
         ref_table = PrecomputedReference.build(
-            {"train": data.train, "eval": eval_split}, collate, reference, rows_per_example=algo.rows_per_example,
-            batch_size=spec.batch_size, device=device, cache_file=cache_file,
+            {"train": data.train, "eval": eval_split},
+            collate,
+            reference,
+            rows_per_example=algo.rows_per_example,
+            batch_size=spec.batch_size,
+            device=device,
+            cache_file=cache_file,
         )
 
     def reference_logps(batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
@@ -90,9 +110,12 @@ def train_offline(run: Run, *, should_stop: StopCheck | None = None, cache_dir: 
 
     run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum)
     reporter.log_event(
-        "start", f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})"
+        "start",
+        f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})"
         + spec.followed_note,
-        total_steps=run.schedule.total_steps, step=run.state.step, **params,
+        total_steps=run.schedule.total_steps,
+        step=run.state.step,
+        **params,
     )
 
     # --- one step: the step's micro-batches -> loss -> backward -> clip -> optimizer step

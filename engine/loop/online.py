@@ -39,7 +39,7 @@ def check_columns(spec, examples: list[dict], what: str) -> None:
         if missing:
             raise CherryError(
                 f"{what}: {missing} of {len(examples)} rows have no '{column}' column, which rewards={spec.rewards} needs; "
-                f"add it to the data (e.g. {{\"prompt\": ..., \"{column}\": ...}}) or choose another reward source"
+                f'add it to the data (e.g. {{"prompt": ..., "{column}": ...}}) or choose another reward source'
             )
 
 
@@ -51,8 +51,15 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
 
     # --- prompts and how samples are scored
     data = prepare(
-        spec.dataset, tokenizer, kind="prompt", max_length=spec.max_length, max_prompt_length=spec.max_prompt_length,
-        eval_split=spec.eval_split, eval_source=spec.eval_dataset, seed=spec.seed, overlong=spec.overlong,
+        spec.dataset,
+        tokenizer,
+        kind="prompt",
+        max_length=spec.max_length,
+        max_prompt_length=spec.max_prompt_length,
+        eval_split=spec.eval_split,
+        eval_source=spec.eval_dataset,
+        seed=spec.seed,
+        overlong=spec.overlong,
         max_rows=spec.max_rows,
     )
     run.data_stats = data.stats
@@ -62,8 +69,12 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
     try:
         check_columns(spec, data.train, f"dataset {spec.dataset}")
         reward = build_reward(
-            reward_sources(spec), spec.reward_weights, tokenizer=tokenizer, device=str(device),
-            safety_model=spec.safety_reward_model, safety_threshold=spec.safety_threshold,
+            reward_sources(spec),
+            spec.reward_weights,
+            tokenizer=tokenizer,
+            device=str(device),
+            safety_model=spec.safety_reward_model,
+            safety_threshold=spec.safety_threshold,
         )
     except CherryError as err:
         if judge_source is None:
@@ -73,13 +84,19 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
     if judge_source is not None:
         from engine.rewards import LLMJudge
 
-        models.judge = LLMJudge(judge_source, device=str(device), template=spec.judge_template,
-                               trust_remote_code=spec.trust_remote_code)
+        models.judge = LLMJudge(
+            judge_source, device=str(device), template=spec.judge_template, trust_remote_code=spec.trust_remote_code
+        )
 
     if spec.eval_prompts:
         eval_prompts = prepare(
-            spec.eval_prompts, tokenizer, kind="prompt", max_length=spec.max_length,
-            max_prompt_length=spec.max_prompt_length, eval_split=0.0, seed=spec.seed,
+            spec.eval_prompts,
+            tokenizer,
+            kind="prompt",
+            max_length=spec.max_length,
+            max_prompt_length=spec.max_prompt_length,
+            eval_split=0.0,
+            seed=spec.seed,
         ).train[: spec.eval_max_examples]
     else:
         eval_prompts = data.eval[: spec.eval_max_examples]
@@ -97,7 +114,9 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         "start",
         f"{spec.algorithm}: {run.schedule.total_steps} steps x {spec.batch_size} prompts x {spec.num_generations} samples "
         f"on {len(data.train)} prompts ({device}, {run.dtype})" + spec.followed_note,
-        total_steps=run.schedule.total_steps, step=run.state.step, **params,
+        total_steps=run.schedule.total_steps,
+        step=run.state.step,
+        **params,
         samples_per_step=spec.batch_size * spec.num_generations,
     )
 
@@ -107,8 +126,13 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
 
         # sample
         rollout = sample_rollout(
-            policy, tokenizer, examples, k=spec.num_generations, max_new_tokens=spec.max_new_tokens,
-            temperature=spec.temperature, top_p=spec.top_p,
+            policy,
+            tokenizer,
+            examples,
+            k=spec.num_generations,
+            max_new_tokens=spec.max_new_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
         )
         # score
         scoring_started = time.time()
@@ -125,8 +149,10 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         for phase in algo.phases(rows):
             metrics.update(phase.metrics)
             for mini_batch in mini_batches(phase, spec):
-                micro = [({k: v.to(device) for k, v in algo.collate(chunk, tokenizer.pad_token_id).items()}, chunk)
-                         for chunk in split(mini_batch, spec.grad_accum)]
+                micro = [
+                    ({k: v.to(device) for k, v in algo.collate(chunk, tokenizer.pad_token_id).items()}, chunk)
+                    for chunk in split(mini_batch, spec.grad_accum)
+                ]
                 tokens += accumulate(algo, models, micro, sums)
                 grad_norm = clip_gradients(run)
                 run.optimizer.step()
@@ -168,7 +194,9 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
 
     def log_samples(step_index: int) -> None:
         if sample_prompts:
-            reporter.log_samples(step_index, sample_comparisons(policy, tokenizer, sample_prompts, reference_texts, spec))
+            reporter.log_samples(
+                step_index, sample_comparisons(policy, tokenizer, sample_prompts, reference_texts, spec)
+            )
 
     return run_steps(run, step, evaluate, log_samples, should_stop)
 

@@ -15,7 +15,9 @@ class Schedule:
     online step takes one chunk of prompts).
     """
 
-    def __init__(self, n_examples: int, *, batch_size: int, chunks_per_step: int, seed: int, epochs: float, max_steps: int):
+    def __init__(
+        self, n_examples: int, *, batch_size: int, chunks_per_step: int, seed: int, epochs: float, max_steps: int
+    ):
         self.n = n_examples
         self.batch_size = batch_size
         self.chunks_per_step = chunks_per_step

@@ -44,9 +44,7 @@ def _check_beta(beta: float) -> None:
 def _check_label_smoothing(label_smoothing: float, loss_type: str) -> None:
     if loss_type in ("sigmoid", "robust"):
         if not 0 <= label_smoothing < 0.5:
-            raise ValueError(
-                f"label_smoothing must be in [0, 0.5) for loss_type '{loss_type}' (got {label_smoothing})"
-            )
+            raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type '{loss_type}' (got {label_smoothing})")
     elif label_smoothing != 0:
         raise ValueError(
             f"label_smoothing applies to loss_type 'sigmoid' (cDPO) and 'robust' only; "

@@ -88,9 +88,7 @@ def _masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, 
 # ---------------------------------------------------------------- group advantages (GRPO, RLOO)
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """GRPO advantages [B]: rewards centred on their group mean, optionally divided by a std.
 
         A_i = (r_i - mean_group r) / (std + eps)

@@ -25,10 +25,22 @@ from engine.rewards.sources import JUDGE_PLACEHOLDERS, KINDS, parse_reward_sourc
 _LAZY = {
     "combine": ("Reward", "RewardResult", "RewardSource", "build_reward"),
     "reward_model": (
-        "RewardModelScorer", "helpful_safety_scores", "load_reward_source", "resolve_reward_model",
-        "reward_scorer", "score_completions", "score_dataset",
+        "RewardModelScorer",
+        "helpful_safety_scores",
+        "load_reward_source",
+        "resolve_reward_model",
+        "reward_scorer",
+        "score_completions",
+        "score_dataset",
     ),
-    "judge": ("DEFAULT_JUDGE_TEMPLATE", "PLAIN_JUDGE_SUFFIX", "JudgeResult", "LLMJudge", "judge_pairs", "judge_tallies"),
+    "judge": (
+        "DEFAULT_JUDGE_TEMPLATE",
+        "PLAIN_JUDGE_SUFFIX",
+        "JudgeResult",
+        "LLMJudge",
+        "judge_pairs",
+        "judge_tallies",
+    ),
 }
 _LAZY_HOME = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -16,7 +16,9 @@ def exact_match(completion: str, answer: str) -> float:
     return 1.0 if completion.strip() == answer.strip() else 0.0
 
 
-def exact_match_reward(prompts: list[str], completions: list[str], answer: list[str | None] | None = None, **kwargs: Any) -> list[float]:
+def exact_match_reward(
+    prompts: list[str], completions: list[str], answer: list[str | None] | None = None, **kwargs: Any
+) -> list[float]:
     """1.0 where the completion equals the `answer` column (whitespace-stripped), else 0.0."""
     if answer is None or any(a is None for a in answer):
         missing = len(completions) if answer is None else sum(a is None for a in answer)
@@ -40,7 +42,9 @@ def regex_reward(pattern: str) -> Callable[..., list[float]]:
 def length_reward(target: int) -> Callable[..., list[float]]:
     """-|n - target| / target with n the number of completion tokens."""
 
-    def length(prompts: list[str], completions: list[str], completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
+    def length(
+        prompts: list[str], completions: list[str], completion_ids: list[list[int]], **kwargs: Any
+    ) -> list[float]:
         return [-abs(len(ids) - target) / target for ids in completion_ids]
 
     return length

@@ -48,7 +48,9 @@ def _function_source(entry: str, fn: Callable[..., Any]) -> ScoreFn:
 class Reward:
     """A weighted sum of reward sources; build it with `build_reward`."""
 
-    def __init__(self, sources: list[RewardSource], *, safety: RewardModelScorer | None = None, safety_threshold: float = 0.15):
+    def __init__(
+        self, sources: list[RewardSource], *, safety: RewardModelScorer | None = None, safety_threshold: float = 0.15
+    ):
         if not sources:
             raise CherryError(f"rewards is empty: name at least one reward source; {GRAMMAR}")
         self.sources = sources
@@ -67,11 +69,22 @@ class Reward:
     def needs_columns(self) -> set[str]:
         return set().union(*(s.needs for s in self.sources))
 
-    def reward(self, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
-               completion_ids: list[list[int]], columns: dict[str, list] | None = None) -> RewardResult:
+    def reward(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        columns: dict[str, list] | None = None,
+    ) -> RewardResult:
         columns = dict(columns or {})
         n = len(completions)
-        for what, values in (("prompts", prompts), ("prompt_ids", prompt_ids), ("completion_ids", completion_ids), *columns.items()):
+        for what, values in (
+            ("prompts", prompts),
+            ("prompt_ids", prompt_ids),
+            ("completion_ids", completion_ids),
+            *columns.items(),
+        ):
             if len(values) != n:
                 raise ValueError(f"reward: {what} has {len(values)} rows for {n} completions")
         components: dict[str, list[float]] = {}
@@ -123,8 +136,11 @@ def build_reward(
     if safety_model and len(rm_sources) != 1:
         raise CherryError(
             "safety_reward_model combines with exactly one helpfulness reward model, "
-            + ("but rewards has no rm: entry; add rm:PATH" if not rm_sources
-               else f"but rewards has {len(rm_sources)} ({', '.join(rm_sources)}); keep one")
+            + (
+                "but rewards has no rm: entry; add rm:PATH"
+                if not rm_sources
+                else f"but rewards has {len(rm_sources)} ({', '.join(rm_sources)}); keep one"
+            )
         )
     if not 0.0 <= safety_threshold <= 1.0:
         raise CherryError(f"safety_threshold is a probability in [0, 1] (got {safety_threshold})")
@@ -140,7 +156,9 @@ def build_reward(
             name = f"{base}_{seen[base]}"
         needs: set[str] = set()
         if kind == "rm":
-            score: ScoreFn = RewardModelScorer(f"rewards entry '{entry}'", arg, tokenizer, device=device, batch_size=batch_size)
+            score: ScoreFn = RewardModelScorer(
+                f"rewards entry '{entry}'", arg, tokenizer, device=device, batch_size=batch_size
+            )
         else:
             if kind == "exact_match":
                 fn = exact_match_reward
@@ -156,5 +174,7 @@ def build_reward(
         built.append(RewardSource(entry=entry, kind=kind, name=name, weight=float(weight), score=score, needs=needs))
     safety = None
     if safety_model:
-        safety = RewardModelScorer(f"safety_reward_model '{safety_model}'", safety_model, tokenizer, device=device, batch_size=batch_size)
+        safety = RewardModelScorer(
+            f"safety_reward_model '{safety_model}'", safety_model, tokenizer, device=device, batch_size=batch_size
+        )
     return Reward(built, safety=safety, safety_threshold=safety_threshold)

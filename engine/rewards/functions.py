@@ -43,7 +43,9 @@ def load_reward_function(entry: str) -> Callable[..., Any]:
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
-            raise CherryError(f"rewards entry '{entry}': no such file {path} (relative paths are taken from {Path.cwd()})")
+            raise CherryError(
+                f"rewards entry '{entry}': no such file {path} (relative paths are taken from {Path.cwd()})"
+            )
         name = "cherry_reward_" + re.sub(r"\W", "_", str(path.resolve()))
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
@@ -54,7 +56,9 @@ def load_reward_function(entry: str) -> Callable[..., Any]:
             spec.loader.exec_module(module)
         except Exception as err:
             del sys.modules[name]
-            raise CherryError(f"rewards entry '{entry}': running {path} failed ({type(err).__name__}: {err}); fix the file") from err
+            raise CherryError(
+                f"rewards entry '{entry}': running {path} failed ({type(err).__name__}: {err}); fix the file"
+            ) from err
     else:
         try:
             module = importlib.import_module(target)
@@ -64,9 +68,13 @@ def load_reward_function(entry: str) -> Callable[..., Any]:
                     f"rewards entry '{entry}': no module named '{target}'; put its folder on PYTHONPATH, "
                     f"or give the file: path/to/{target.replace('.', '/')}.py:{attr}"
                 ) from None
-            raise CherryError(f"rewards entry '{entry}': importing '{target}' failed ({err}); install what it needs") from err
+            raise CherryError(
+                f"rewards entry '{entry}': importing '{target}' failed ({err}); install what it needs"
+            ) from err
         except Exception as err:
-            raise CherryError(f"rewards entry '{entry}': importing '{target}' failed ({type(err).__name__}: {err})") from err
+            raise CherryError(
+                f"rewards entry '{entry}': importing '{target}' failed ({type(err).__name__}: {err})"
+            ) from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -111,8 +119,11 @@ def function_needs(fn: Callable[..., Any]) -> set[str]:
     params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
     return {
-        p.name for p in params
-        if p not in positional and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        p.name
+        for p in params
+        if p not in positional
+        and p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         and p.name not in _LOOP_KWARGS
     }
 
@@ -134,13 +145,17 @@ def check_scores(entry: str, scores: Any, n: int) -> list[float]:
             f"reward '{entry}' returned a {type(scores).__name__}; it must return a list with one number per completion ({n})"
         )
     if len(scores) != n:
-        raise CherryError(f"reward '{entry}' returned {len(scores)} scores for {n} completions; return exactly one per completion")
+        raise CherryError(
+            f"reward '{entry}' returned {len(scores)} scores for {n} completions; return exactly one per completion"
+        )
     out: list[float] = []
     for i, value in enumerate(scores):
         if value is None:
             raise CherryError(f"reward '{entry}' returned None for completion {i}; return 0.0 for \"not applicable\"")
         if not isinstance(value, numbers.Real):
-            raise CherryError(f"reward '{entry}' returned {value!r} ({type(value).__name__}) for completion {i}; scores must be numbers")
+            raise CherryError(
+                f"reward '{entry}' returned {value!r} ({type(value).__name__}) for completion {i}; scores must be numbers"
+            )
         value = float(value)
         if not math.isfinite(value):
             raise CherryError(f"reward '{entry}' returned {value} for completion {i}; scores must be finite numbers")
@@ -159,7 +174,11 @@ def call_reward_function(
             sig.bind(prompts, completions, **passed)
         except TypeError:
             missing = sorted(function_needs(fn) - set(kwargs))
-            what = f"column(s) {', '.join(missing)}, which the data does not have" if missing else f"arguments it cannot be given ({sig})"
+            what = (
+                f"column(s) {', '.join(missing)}, which the data does not have"
+                if missing
+                else f"arguments it cannot be given ({sig})"
+            )
             raise CherryError(
                 f"reward '{entry}' needs {what}; available: {', '.join(sorted(kwargs)) or 'none'}. "
                 "Write it as fn(prompts, completions, **kwargs)"

@@ -66,33 +66,55 @@ class LLMJudge:
     """A causal LM asked which of two answers is better, read from its "1" / "2" next-token
     probabilities, in both presentation orders (OAIF)."""
 
-    def __init__(self, model_path_or_id: str, device: str = "cpu", template: str | None = None, *,
-                 batch_size: int = 8, use_chat_template: bool | None = None, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_path_or_id: str,
+        device: str = "cpu",
+        template: str | None = None,
+        *,
+        batch_size: int = 8,
+        use_chat_template: bool | None = None,
+        trust_remote_code: bool = False,
+    ):
         self.template = DEFAULT_JUDGE_TEMPLATE if template is None else template
         missing = [p for p in JUDGE_PLACEHOLDERS if p not in self.template]
         if missing:
-            raise CherryError(f"judge template lacks {', '.join(missing)}; it must contain {', '.join(JUDGE_PLACEHOLDERS)}")
+            raise CherryError(
+                f"judge template lacks {', '.join(missing)}; it must contain {', '.join(JUDGE_PLACEHOLDERS)}"
+            )
         self.source = model_path_or_id
         self.batch_size = batch_size
         target = pick_device(device)
         try:
             self.tokenizer = load_tokenizer(model_path_or_id, trust_remote_code=trust_remote_code)
-            self.model = freeze(load_causal_lm(model_path_or_id, dtype=pick_dtype("auto", target), device=target,
-                                               trust_remote_code=trust_remote_code))
+            self.model = freeze(
+                load_causal_lm(
+                    model_path_or_id,
+                    dtype=pick_dtype("auto", target),
+                    device=target,
+                    trust_remote_code=trust_remote_code,
+                )
+            )
         except CherryError as err:
             raise type(err)(f"judge '{model_path_or_id}': {err}") from None
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if use_chat_template and not has_template:
-            raise CherryError(f"judge '{model_path_or_id}': its tokenizer has no chat template; leave use_chat_template unset")
+            raise CherryError(
+                f"judge '{model_path_or_id}': its tokenizer has no chat template; leave use_chat_template unset"
+            )
         self.use_chat = has_template if use_chat_template is None else use_chat_template
         self._strip_eos = (not self.use_chat) and appends_eos(self.tokenizer)
         self.choice_ids: tuple[int, int] | None = None
         self.encode(["probe"], ["first"], ["second"])  # refuse a tokenizer without single-token digits now
 
     def render(self, question: str, answer_1: str, answer_2: str) -> str:
-        body = (self.template.replace("{prompt}", question).replace("{answer_1}", answer_1).replace("{answer_2}", answer_2))
+        body = (
+            self.template.replace("{prompt}", question).replace("{answer_1}", answer_1).replace("{answer_2}", answer_2)
+        )
         if self.use_chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+            )
         return body + PLAIN_JUDGE_SUFFIX
 
     def encode(self, questions: list[str], first: list[str], second: list[str]) -> list[list[int]]:
@@ -121,8 +143,9 @@ class LLMJudge:
             rows.append(one[:-1])
         return rows
 
-    def choice_probs(self, prompts: list[str], first: list[str], second: list[str],
-                     columns: dict[str, list] | None = None) -> list[float]:
+    def choice_probs(
+        self, prompts: list[str], first: list[str], second: list[str], columns: dict[str, list] | None = None
+    ) -> list[float]:
         """P("1"), renormalised over "1" and "2", with `first` shown as Answer 1: one order only."""
         conversations = (columns or {}).get("messages") or [None] * len(prompts)
         rows = self.encode([_question_text(p, m) for p, m in zip(prompts, conversations)], list(first), list(second))
@@ -135,18 +158,31 @@ class LLMJudge:
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 try:
-                    logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                        use_cache=False, logits_to_keep=1).logits[:, -1, :]
+                    logits = self.model(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        use_cache=False,
+                        logits_to_keep=1,
+                    ).logits[:, -1, :]
                 except TypeError:  # a model without logits_to_keep
-                    logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                        use_cache=False).logits[:, -1, :]
+                    logits = self.model(
+                        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False
+                    ).logits[:, -1, :]
                 two = logits[:, list(self.choice_ids)].float()
                 out.extend(torch.softmax(two, dim=-1)[:, 0].tolist())
         return out
 
-    def prefer(self, prompts: list[str], completions_a: list[str], completions_b: list[str], prompt_ids: list[list[int]] | None = None,
-               a_ids: list[list[int]] | None = None, b_ids: list[list[int]] | None = None,
-               columns: dict[str, list] | None = None) -> JudgeResult:
+    def prefer(
+        self,
+        prompts: list[str],
+        completions_a: list[str],
+        completions_b: list[str],
+        prompt_ids: list[list[int]] | None = None,
+        a_ids: list[list[int]] | None = None,
+        b_ids: list[list[int]] | None = None,
+        columns: dict[str, list] | None = None,
+    ) -> JudgeResult:
         if not completions_a:
             return JudgeResult([], [])
         a_first = self.choice_probs(prompts, completions_a, completions_b, columns)  # P("1") = A better
@@ -174,10 +210,14 @@ def judge_tallies(
     - position_consistency (an order-sensitive judge): pairs whose two presentation orders chose the same winner.
     """
     decided = [i for i, s in enumerate(skip) if not s]
-    shorter_won = [winners[i] == (0 if lengths_a[i] < lengths_b[i] else 1) for i in decided if lengths_a[i] != lengths_b[i]]
+    shorter_won = [
+        winners[i] == (0 if lengths_a[i] < lengths_b[i] else 1) for i in decided if lengths_a[i] != lengths_b[i]
+    ]
     out = {"decided_frac": (len(decided), len(skip)), "shorter_preferred_frac": (sum(shorter_won), len(shorter_won))}
     if rewards_a is not None and rewards_b is not None:
-        agree = [winners[i] == (0 if rewards_a[i] > rewards_b[i] else 1) for i in decided if rewards_a[i] != rewards_b[i]]
+        agree = [
+            winners[i] == (0 if rewards_a[i] > rewards_b[i] else 1) for i in decided if rewards_a[i] != rewards_b[i]
+        ]
         out["reward_agreement"] = (sum(agree), len(agree))
     if consistent is not None:
         out["position_consistency"] = (sum(consistent), len(consistent))

@@ -57,12 +57,18 @@ def load_reward_source(source: str, device: str = "auto"):
 
 
 @torch.no_grad()
-def score_completions(model, tokenizer, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 16) -> list[float]:
+def score_completions(
+    model, tokenizer, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 16
+) -> list[float]:
     device = next(model.parameters()).device
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        batch = collate_completions(prompts[start : start + batch_size], completions[start : start + batch_size], tokenizer.pad_token_id)
-        scores.extend(sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist())
+        batch = collate_completions(
+            prompts[start : start + batch_size], completions[start : start + batch_size], tokenizer.pad_token_id
+        )
+        scores.extend(
+            sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        )
     return scores
 
 
@@ -73,8 +79,10 @@ def helpful_safety_scores(
     safety-tagged or that score is below `threshold`, else the helpfulness score (both as sigmoid
     probabilities), then whitened logits (engine.losses.reward)."""
     combined = combine_helpful_safety(
-        torch.sigmoid(torch.tensor(helpful, dtype=torch.float64)), torch.sigmoid(torch.tensor(safety, dtype=torch.float64)),
-        torch.tensor(is_safety_prompt), threshold,
+        torch.sigmoid(torch.tensor(helpful, dtype=torch.float64)),
+        torch.sigmoid(torch.tensor(safety, dtype=torch.float64)),
+        torch.tensor(is_safety_prompt),
+        threshold,
     )
     return logit_whiten(combined).tolist()
 
@@ -99,13 +107,27 @@ def score_dataset(data, score) -> tuple[list[dict[str, Any]], dict[str, float]]:
     tags = [bool(ex.get("safety")) for ex in rows]
     if data.kind == "preference":
         # Chosen and rejected are scored as one set: the combined reward whitens over all of them.
-        both = score(prompts + prompts, [ex["chosen_ids"] for ex in rows] + [ex["rejected_ids"] for ex in rows], tags + tags)
+        both = score(
+            prompts + prompts, [ex["chosen_ids"] for ex in rows] + [ex["rejected_ids"] for ex in rows], tags + tags
+        )
         chosen, rejected = both[: len(rows)], both[len(rows) :]
-        scored = [{"prompt": ex["prompt"], "chosen": ex["chosen"], "rejected": ex["rejected"], "chosen_score": c,
-                   "rejected_score": r} for ex, c, r in zip(rows, chosen, rejected)]
+        scored = [
+            {
+                "prompt": ex["prompt"],
+                "chosen": ex["chosen"],
+                "rejected": ex["rejected"],
+                "chosen_score": c,
+                "rejected_score": r,
+            }
+            for ex, c, r in zip(rows, chosen, rejected)
+        ]
         margins = [c - r for c, r in zip(chosen, rejected)]
-        summary = {"pairs": len(rows), "accuracy": sum(m > 0 for m in margins) / len(margins),
-                   "margin_mean": sum(margins) / len(margins), **_stats(chosen + rejected)}
+        summary = {
+            "pairs": len(rows),
+            "accuracy": sum(m > 0 for m in margins) / len(margins),
+            "margin_mean": sum(margins) / len(margins),
+            **_stats(chosen + rejected),
+        }
         return scored, summary
     scores = score(prompts, [ex["completion_ids"] for ex in rows], tags)
     scored = [{"prompt": ex["prompt"], "completion": ex["completion"], "score": s} for ex, s in zip(rows, scores)]
@@ -135,16 +157,23 @@ class RewardModelScorer:
         self.same_vocab = policy_tokenizer is not None and policy_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         self._strip_prompt_eos = None if self.same_vocab else appends_eos(self.tokenizer)
 
-    def __call__(self, prompts: list[str], completions: list[str], prompt_ids: list[list[int]],
-                 completion_ids: list[list[int]], columns: dict[str, list]) -> list[float]:
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        columns: dict[str, list],
+    ) -> list[float]:
         if not self.same_vocab:
             prompt_ids, completion_ids = self.retokenise(prompts, completions, completion_ids, columns)
         if any(len(p) + len(c) == 0 for p, c in zip(prompt_ids, completion_ids)):
             raise ValueError(f"{self.entry}: an empty prompt + completion cannot be scored")
         return score_completions(self.model, self.tokenizer, prompt_ids, completion_ids, self.batch_size)
 
-    def retokenise(self, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
-                   columns: dict[str, list]) -> tuple[list[list[int]], list[list[int]]]:
+    def retokenise(
+        self, prompts: list[str], completions: list[str], completion_ids: list[list[int]], columns: dict[str, list]
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """The texts in the reward model's tokens, laid out as engine.data lays out training rows."""
         tok = self.tokenizer
         messages = columns.get("messages") if getattr(tok, "chat_template", None) else None
@@ -156,9 +185,11 @@ class RewardModelScorer:
                 prompt_text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
                 comp_text = completion
                 if finished[i]:
-                    full = tok.apply_chat_template(conversation + [{"role": "assistant", "content": completion}], tokenize=False)
+                    full = tok.apply_chat_template(
+                        conversation + [{"role": "assistant", "content": completion}], tokenize=False
+                    )
                     if full.startswith(prompt_text):
-                        comp_text = full[len(prompt_text):]
+                        comp_text = full[len(prompt_text) :]
                 chat_rows.append((i, prompt_text))
             else:
                 plain_rows.append((i, prompt))

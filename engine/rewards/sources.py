@@ -69,36 +69,50 @@ def parse_reward_source(text: str) -> tuple[str, str]:
     if head == "regex":
         pattern = text.partition(":")[2]  # verbatim: spaces can belong to the pattern
         if not pattern:
-            raise SpecError(f"rewards entry '{text}': the regular expression is empty; write regex:PATTERN, e.g. regex:^\\d+$")
+            raise SpecError(
+                f"rewards entry '{text}': the regular expression is empty; write regex:PATTERN, e.g. regex:^\\d+$"
+            )
         try:
             re.compile(pattern, re.DOTALL)
         except re.error as err:
-            raise SpecError(f"rewards entry '{text}': invalid regular expression ({err}); fix the pattern after 'regex:'") from None
+            raise SpecError(
+                f"rewards entry '{text}': invalid regular expression ({err}); fix the pattern after 'regex:'"
+            ) from None
         return "regex", pattern
     if head == "length":
         try:
             target = int(arg.strip())
         except ValueError:
-            raise SpecError(f"rewards entry '{text}': the length target must be a whole number of tokens, e.g. length:200") from None
+            raise SpecError(
+                f"rewards entry '{text}': the length target must be a whole number of tokens, e.g. length:200"
+            ) from None
         if target <= 0:
-            raise SpecError(f"rewards entry '{text}': the length target must be a positive number of tokens (got {target})")
+            raise SpecError(
+                f"rewards entry '{text}': the length target must be a positive number of tokens (got {target})"
+            )
         return "length", str(target)
     if head == "rm":
         if not arg.strip():
-            raise SpecError(f"rewards entry '{text}': rm needs a reward model: rm:runs/<run-id>, rm:path/to/model or rm:<hub id>")
+            raise SpecError(
+                f"rewards entry '{text}': rm needs a reward model: rm:runs/<run-id>, rm:path/to/model or rm:<hub id>"
+            )
         return "rm", arg.strip()
     if not sep:
         raise SpecError(f"rewards entry '{text}': unknown reward source; {GRAMMAR}")
     target, _, func = entry.rpartition(":")
     target, func = target.strip(), func.strip()
     if not func:
-        raise SpecError(f"rewards entry '{text}': the function name after the colon is missing; write {target or 'module'}:function_name")
+        raise SpecError(
+            f"rewards entry '{text}': the function name after the colon is missing; write {target or 'module'}:function_name"
+        )
     if not _DOTTED.fullmatch(func):
         raise SpecError(
             f"rewards entry '{text}': '{func}' is not a Python function name; write module:function or path/to/file.py:function"
         )
     if not target:
-        raise SpecError(f"rewards entry '{text}': the module before the colon is missing; write module:{func} or path/to/file.py:{func}")
+        raise SpecError(
+            f"rewards entry '{text}': the module before the colon is missing; write module:{func} or path/to/file.py:{func}"
+        )
     if not (target.endswith(".py") or _DOTTED.fullmatch(target)):
         raise SpecError(
             f"rewards entry '{text}': '{target}' is neither an importable module name (like pkg.rewards) nor a .py file; "

@@ -26,8 +26,10 @@ def populate(home: Path, now: float = NOW) -> dict[str, str]:
     store = Store(store_path(home))
     ids = {}
     for key, name, algo, status in (
-        ("done", "dpo-beta01", "dpo", "completed"), ("running", "dpo-beta05", "dpo", "running"),
-        ("failed", "kto-try", "kto", "failed"), ("queued", "orpo-next", "orpo", "queued"),
+        ("done", "dpo-beta01", "dpo", "completed"),
+        ("running", "dpo-beta05", "dpo", "running"),
+        ("failed", "kto-try", "kto", "failed"),
+        ("queued", "orpo-next", "orpo", "queued"),
     ):
         run_id = f"20260101-00000{len(ids)}-{name}"
         (home / run_id).mkdir(parents=True, exist_ok=True)
@@ -36,19 +38,43 @@ def populate(home: Path, now: float = NOW) -> dict[str, str]:
     rep = StoreReporter(store, ids["done"])
     rep.log_event("start", "dpo: 40 steps", total_steps=40)
     for step in range(1, 41):
-        rep.log_metrics(step, {"train/loss": 0.69 * math.exp(-step / 20), "rewards/margin": step / 10,
-                               "rewards/accuracy": min(1.0, 0.5 + step / 60), "sys/rss_gb": 0.4 + step / 1000})
+        rep.log_metrics(
+            step,
+            {
+                "train/loss": 0.69 * math.exp(-step / 20),
+                "rewards/margin": step / 10,
+                "rewards/accuracy": min(1.0, 0.5 + step / 60),
+                "sys/rss_gb": 0.4 + step / 1000,
+            },
+        )
         if step % 10 == 0:
             rep.log_metrics(step, {"eval/exact_match": 0.475 + step / 400, "kl/mean": step / 50})
     for step in (20, 40):
-        rep.log_samples(step, [
-            {"prompt": "47+38=", "reference": "75", "policy": "85" if step == 40 else "75", "answer": "85",
-             "reference_score": 0.0, "policy_score": 1.0 if step == 40 else 0.0},
-            {"prompt": "reverse: garden", "reference": "nedrag", "policy": "nedrag", "answer": "nedrag",
-             "reference_score": 1.0, "policy_score": 1.0},
-        ])
+        rep.log_samples(
+            step,
+            [
+                {
+                    "prompt": "47+38=",
+                    "reference": "75",
+                    "policy": "85" if step == 40 else "75",
+                    "answer": "85",
+                    "reference_score": 0.0,
+                    "policy_score": 1.0 if step == 40 else 0.0,
+                },
+                {
+                    "prompt": "reverse: garden",
+                    "reference": "nedrag",
+                    "policy": "nedrag",
+                    "answer": "nedrag",
+                    "reference_score": 1.0,
+                    "policy_score": 1.0,
+                },
+            ],
+        )
     store.set_status(ids["done"], "completed")
-    (home / ids["done"] / "log.txt").write_text("loading the demo model\nstep 40/40 loss 0.09\ndone: final weights saved\n")
+    (home / ids["done"] / "log.txt").write_text(
+        "loading the demo model\nstep 40/40 loss 0.09\ndone: final weights saved\n"
+    )
 
     rep = StoreReporter(store, ids["running"])
     store.set_status(ids["running"], "running")
@@ -80,8 +106,17 @@ def pair_rows(margins: list[float]) -> list[dict]:
     pairs = [("12+9=", "21", "12"), ("reverse: stop", "pots", "stop"), ("3*4=", "12", "7")]
     rows = []
     for (prompt, chosen, rejected), margin in zip(pairs, margins):
-        rows.append({"kind": "preference", "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                     "chosen_reward": round(margin / 2, 4), "rejected_reward": round(-margin / 2, 4), "margin": margin})
+        rows.append(
+            {
+                "kind": "preference",
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_reward": round(margin / 2, 4),
+                "rejected_reward": round(-margin / 2, 4),
+                "margin": margin,
+            }
+        )
     return rows
 
 
@@ -92,15 +127,56 @@ def add_compare_samples(home: Path, ids: dict[str, str]) -> None:
     done = StoreReporter(store, ids["done"])
     done.log_samples(40, pair_rows([0.8, -0.3, 1.5]))
     running = StoreReporter(store, ids["running"])
-    running.log_samples(10, [
-        {"prompt": "47+38=", "reference": "75", "policy": "75", "answer": "85", "reference_score": 0.0, "policy_score": 0.0},
-        {"prompt": "reverse: garden", "reference": "nedrag", "policy": "nedrag", "answer": "nedrag",
-         "reference_score": 1.0, "policy_score": 1.0},
-    ] + pair_rows([0.1, -0.2, 0.3]))
-    running.log_samples(30, [
-        {"prompt": "47+38=", "reference": "75", "policy": "95", "answer": "85", "reference_score": 0.0, "policy_score": 0.0},
-        {"prompt": "reverse: garden", "reference": "nedrag", "policy": "nedrag", "answer": "nedrag",
-         "reference_score": 1.0, "policy_score": 1.0},
-        {"prompt": "2+2=", "reference": "4", "policy": "4", "answer": "4", "reference_score": 1.0, "policy_score": 1.0},
-    ] + pair_rows([0.2, 0.4, -0.1]))
+    running.log_samples(
+        10,
+        [
+            {
+                "prompt": "47+38=",
+                "reference": "75",
+                "policy": "75",
+                "answer": "85",
+                "reference_score": 0.0,
+                "policy_score": 0.0,
+            },
+            {
+                "prompt": "reverse: garden",
+                "reference": "nedrag",
+                "policy": "nedrag",
+                "answer": "nedrag",
+                "reference_score": 1.0,
+                "policy_score": 1.0,
+            },
+        ]
+        + pair_rows([0.1, -0.2, 0.3]),
+    )
+    running.log_samples(
+        30,
+        [
+            {
+                "prompt": "47+38=",
+                "reference": "75",
+                "policy": "95",
+                "answer": "85",
+                "reference_score": 0.0,
+                "policy_score": 0.0,
+            },
+            {
+                "prompt": "reverse: garden",
+                "reference": "nedrag",
+                "policy": "nedrag",
+                "answer": "nedrag",
+                "reference_score": 1.0,
+                "policy_score": 1.0,
+            },
+            {
+                "prompt": "2+2=",
+                "reference": "4",
+                "policy": "4",
+                "answer": "4",
+                "reference_score": 1.0,
+                "policy_score": 1.0,
+            },
+        ]
+        + pair_rows([0.2, 0.4, -0.1]),
+    )
     store.close()

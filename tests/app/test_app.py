@@ -46,7 +46,9 @@ def test_plot_draws_a_rising_line_corner_to_corner():
 
 
 def test_plot_log_y_skips_non_positive_values_and_shares_axes():
-    p = plot([Series([0, 1, 2], [0.0, 10.0, 100.0]), Series([0, 1], [1.0, 1000.0], points_only=True)], 10, 3, log_y=True)
+    p = plot(
+        [Series([0, 1, 2], [0.0, 10.0, 100.0]), Series([0, 1], [1.0, 1000.0], points_only=True)], 10, 3, log_y=True
+    )
     assert p.skipped == 1
     assert p.y_range == pytest.approx((1.0, 1000.0))
     owners = {o for row in p.owner for o in row}
@@ -54,14 +56,19 @@ def test_plot_log_y_skips_non_positive_values_and_shares_axes():
 
 
 def test_plot_flat_and_empty_series_do_not_crash():
-    assert plot([Series([1, 2], [5.0, 5.0])], 5, 2).y_range[0] < 5.0 < plot([Series([1, 2], [5.0, 5.0])], 5, 2).y_range[1]
+    assert (
+        plot([Series([1, 2], [5.0, 5.0])], 5, 2).y_range[0] < 5.0 < plot([Series([1, 2], [5.0, 5.0])], 5, 2).y_range[1]
+    )
     assert plot([Series([], [])], 5, 2).rows == [" " * 5] * 2
     assert sparkline([1, 2, 3, 4], 4) == "▁▃▅▇" or len(sparkline([1, 2, 3, 4], 4)) == 4
     assert sparkline([], 4) == ""
 
 
 def test_importing_the_app_does_not_import_torch():
-    code = "import tuiapp.app, tuiapp.screens.main, tuiapp.screens.new_run, tuiapp.screens.compare, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import tuiapp.app, tuiapp.screens.main, tuiapp.screens.new_run, tuiapp.screens.compare, sys; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -84,10 +91,14 @@ def test_samples_show_changed_rows_first_and_prompts_without_template_markers():
     assert plain_prompt("<|user|>reverse: mlc<|end|><|assistant|>") == "reverse: mlc"
     assert plain_prompt("2+2=") == "2+2="
     console = Console(width=100, record=True)
-    console.print(samples_table([
-        {"prompt": "<|user|>1+1=<|end|>", "reference": "2", "policy": "2"},
-        {"prompt": "<|user|>2+2=<|end|>", "reference": "5", "policy": "4"},
-    ]))
+    console.print(
+        samples_table(
+            [
+                {"prompt": "<|user|>1+1=<|end|>", "reference": "2", "policy": "2"},
+                {"prompt": "<|user|>2+2=<|end|>", "reference": "5", "policy": "4"},
+            ]
+        )
+    )
     lines = [line for line in console.export_text().splitlines() if "=" in line]
     assert lines[0].split()[0] == "2+2=" and lines[1].split()[0] == "1+1=" and "<|" not in "".join(lines)
 
@@ -97,13 +108,34 @@ def test_sort_runs_by_each_key():
     from tuiapp.widgets.runs_table import SORTS, sort_runs
 
     def run(name, status, algo, created, metric=None):
-        return RunInfo(id=name, name=name, status=status, algorithm=algo, model="m", dataset="d", step=0, total_steps=0,
-                       created_at=created, started_at=None, finished_at=None, parent=None, waiting=False,
-                       cancel_requested=False, error=None, out_dir="", spec={}, key_metric=metric)
+        return RunInfo(
+            id=name,
+            name=name,
+            status=status,
+            algorithm=algo,
+            model="m",
+            dataset="d",
+            step=0,
+            total_steps=0,
+            created_at=created,
+            started_at=None,
+            finished_at=None,
+            parent=None,
+            waiting=False,
+            cancel_requested=False,
+            error=None,
+            out_dir="",
+            spec={},
+            key_metric=metric,
+        )
 
-    runs = [run("a", "completed", "sft", 1, ("eval/exact_match", 0.6)), run("b", "running", "dpo", 2, ("eval/exact_match", 0.7)),
-            run("c", "failed", "kto", 3, ("train/loss", 0.2)), run("d", "queued", "dpo", 4),
-            run("e", "completed", "orpo", 5, ("train/loss", 0.1))]
+    runs = [
+        run("a", "completed", "sft", 1, ("eval/exact_match", 0.6)),
+        run("b", "running", "dpo", 2, ("eval/exact_match", 0.7)),
+        run("c", "failed", "kto", 3, ("train/loss", 0.2)),
+        run("d", "queued", "dpo", 4),
+        run("e", "completed", "orpo", 5, ("train/loss", 0.1)),
+    ]
     order = {key: [r.id for r in sort_runs(runs, key)] for key in SORTS}
     assert order["created"] == ["e", "d", "c", "b", "a"]
     assert order["status"] == ["b", "d", "c", "e", "a"]
@@ -187,8 +219,11 @@ async def focus_run(pilot, run_id: str) -> None:
     await wait_until(pilot, lambda: table.row_count > 0, what="rows")
     keys = [k.value for k in table.rows]
     table.move_cursor(row=keys.index(run_id))
-    await wait_until(pilot, lambda: pilot.app.snapshot and pilot.app.snapshot.detail
-                     and pilot.app.snapshot.detail.run.id == run_id, what=f"detail of {run_id}")
+    await wait_until(
+        pilot,
+        lambda: pilot.app.snapshot and pilot.app.snapshot.detail and pilot.app.snapshot.detail.run.id == run_id,
+        what=f"detail of {run_id}",
+    )
     await pilot.pause(0.2)
 
 
@@ -232,15 +267,25 @@ async def test_sort_key_cycles_the_order_and_header_click_sorts(home, runs):
         order = lambda: [k.value for k in table.rows]  # noqa: E731
         assert order() == [runs["queued"], runs["failed"], runs["running"], runs["done"]]  # newest first
         await pilot.press("o")  # status: live first, finished last
-        await wait_until(pilot, lambda: order() == [runs["running"], runs["queued"], runs["failed"], runs["done"]], what="by status")
+        await wait_until(
+            pilot, lambda: order() == [runs["running"], runs["queued"], runs["failed"], runs["done"]], what="by status"
+        )
         assert "sort: status" in screen_text(app)
         await pilot.press("o")  # algorithm
-        await wait_until(pilot, lambda: order() == [runs["running"], runs["done"], runs["failed"], runs["queued"]], what="by algorithm")
+        await wait_until(
+            pilot,
+            lambda: order() == [runs["running"], runs["done"], runs["failed"], runs["queued"]],
+            what="by algorithm",
+        )
         await pilot.press("o")  # key metric: exact match, best first; runs without one last
         await wait_until(pilot, lambda: order()[:2] == [runs["done"], runs["running"]], what="by metric")
         await pilot.press("o")
-        await wait_until(pilot, lambda: order()[0] == runs["queued"] and "sort:" not in screen_text(app), what="back to created")
-        table.post_message(DataTable.HeaderSelected(table, table.columns["status"].key, 1, table.columns["status"].label))
+        await wait_until(
+            pilot, lambda: order()[0] == runs["queued"] and "sort:" not in screen_text(app), what="back to created"
+        )
+        table.post_message(
+            DataTable.HeaderSelected(table, table.columns["status"].key, 1, table.columns["status"].label)
+        )
         await wait_until(pilot, lambda: app.screen.sort_by == "status", what="header click")
 
 
@@ -272,9 +317,13 @@ async def test_run_view_shows_curves_and_latest_values(home, runs, size):
         await wait_until(pilot, lambda: "0.09338" in screen_text(app), what="the last loss value")
         text = screen_text(app)
         assert "train/loss" in text and "40/40" in text and "completed" in text
-        await wait_until(pilot, lambda: any(0x2800 < ord(ch) <= 0x28FF for ch in screen_text(app)), what="braille curves")
+        await wait_until(
+            pilot, lambda: any(0x2800 < ord(ch) <= 0x28FF for ch in screen_text(app)), what="braille curves"
+        )
         await pilot.press("s", "y")
-        await wait_until(pilot, lambda: "smooth 0.6" in screen_text(app) and "log-y on" in screen_text(app), what="toggles")
+        await wait_until(
+            pilot, lambda: "smooth 0.6" in screen_text(app) and "log-y on" in screen_text(app), what="toggles"
+        )
         await pilot.press("4")  # spec and events
         await wait_until(pilot, lambda: "beta: 0.1" in screen_text(app), what="the spec tab")
         await pilot.press("3")  # log tail
@@ -288,8 +337,11 @@ async def test_run_view_shows_system_figures_and_opens_on_a_given_run(home, runs
 
     app = CherryApp(home, poll_live=0.1, poll_idle=0.2, now=lambda: NOW, focus=runs["done"], home_label="~/runs")
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_until(pilot, lambda: app.snapshot and app.snapshot.detail and app.snapshot.detail.run.id == runs["done"],
-                         what="the given run focused")
+        await wait_until(
+            pilot,
+            lambda: app.snapshot and app.snapshot.detail and app.snapshot.detail.run.id == runs["done"],
+            what="the given run focused",
+        )
         assert app.screen.query_one(RunsTable).current_run_id == runs["done"]
         await wait_until(pilot, lambda: "rss 0.44 GB" in screen_text(app), what="system figures")
         assert "(last logged)" in screen_text(app) and "took 3m20s" in screen_text(app)
@@ -318,7 +370,9 @@ async def test_metric_picker_filters_and_chooses_charts(home, runs):
         assert picker.query_one("#picker-list").option_count == 1
         await pilot.press("enter")
         await wait_until(pilot, lambda: not isinstance(app.screen, MetricPicker), what="picker closed")
-        await wait_until(pilot, lambda: [c.title for c in app.screen.query(Chart)] == ["rewards/margin"], what="one chart")
+        await wait_until(
+            pilot, lambda: [c.title for c in app.screen.query(Chart)] == ["rewards/margin"], what="one chart"
+        )
 
 
 @pytest.mark.asyncio
@@ -394,12 +448,18 @@ async def test_compare_samples_of_two_runs_side_by_side(home, runs, size):
 
         await pilot.press("left_curly_bracket")  # B one logged step back
         await wait_until(pilot, lambda: "B ■ dpo-beta05  step 10" in screen_text(app), what="B's older step")
-        await wait_until(pilot, lambda: "1 differ" in screen_text(app) and "only in B" not in screen_text(app),
-                         what="B's rows at step 10")  # 85 vs 75 on 47+38=; 2+2= not logged yet
+        await wait_until(
+            pilot,
+            lambda: "1 differ" in screen_text(app) and "only in B" not in screen_text(app),
+            what="B's rows at step 10",
+        )  # 85 vs 75 on 47+38=; 2+2= not logged yet
         assert app.want.compare_samples == ((runs["done"], None), (runs["running"], 10))
         await pilot.press("left_square_bracket")  # A back to step 20: both say 75
-        await wait_until(pilot, lambda: "A ■ dpo-beta01  step 20" in screen_text(app) and "none differ" in screen_text(app),
-                         what="A's older step")
+        await wait_until(
+            pilot,
+            lambda: "A ■ dpo-beta01  step 20" in screen_text(app) and "none differ" in screen_text(app),
+            what="A's older step",
+        )
         assert "held-out pairs" not in screen_text(app)  # A logged no pairs at step 20
         await pilot.press("b")  # two runs: a / b swap them
         await wait_until(pilot, lambda: "A ■ dpo-beta05" in screen_text(app), what="swapped")
@@ -411,10 +471,19 @@ async def test_compare_samples_of_two_runs_side_by_side(home, runs, size):
 def test_match_samples_by_prompt_text():
     from tuiapp.data import match_samples
 
-    a = [{"prompt": "1+1=", "policy": "2"}, {"prompt": "2+2=", "policy": "4"}, {"prompt": "x", "policy": "y"},
-         {"kind": "preference", "prompt": "p", "chosen": "c", "rejected": "r", "margin": 1.0}]
-    b = [{"prompt": "2+2=", "policy": "5"}, {"prompt": "1+1=", "policy": "2"}, {"prompt": "1+1=", "policy": "late"},
-         {"prompt": "z", "policy": "w"}, {"kind": "preference", "prompt": "p", "chosen": "c", "rejected": "r", "margin": -1.0}]
+    a = [
+        {"prompt": "1+1=", "policy": "2"},
+        {"prompt": "2+2=", "policy": "4"},
+        {"prompt": "x", "policy": "y"},
+        {"kind": "preference", "prompt": "p", "chosen": "c", "rejected": "r", "margin": 1.0},
+    ]
+    b = [
+        {"prompt": "2+2=", "policy": "5"},
+        {"prompt": "1+1=", "policy": "2"},
+        {"prompt": "1+1=", "policy": "late"},
+        {"prompt": "z", "policy": "w"},
+        {"kind": "preference", "prompt": "p", "chosen": "c", "rejected": "r", "margin": -1.0},
+    ]
     m = match_samples(a, b)
     assert [(p, ra["policy"], rb["policy"]) for p, ra, rb in m.shared] == [("1+1=", "2", "2"), ("2+2=", "4", "5")]
     assert (m.only_a, m.only_b, m.differing) == (1, 1, 1)
@@ -428,20 +497,49 @@ def test_system_figures_put_the_gpu_first_and_fall_back_on_rss_and_cpu():
     def detail(series, proc=None):
         from tuiapp.data import RunInfo
 
-        run = RunInfo(id="r", name="r", status="running", algorithm="dpo", model="m", dataset="d", step=3, total_steps=9,
-                      created_at=None, started_at=None, finished_at=None, parent=None, waiting=False,
-                      cancel_requested=False, error=None, out_dir="", spec={})
-        return RunDetail(run, {k: SeriesData([1, 2, 3], v, [0, 1, 2]) for k, v in series.items()}, [], None, [], [], "", proc)
+        run = RunInfo(
+            id="r",
+            name="r",
+            status="running",
+            algorithm="dpo",
+            model="m",
+            dataset="d",
+            step=3,
+            total_steps=9,
+            created_at=None,
+            started_at=None,
+            finished_at=None,
+            parent=None,
+            waiting=False,
+            cancel_requested=False,
+            error=None,
+            out_dir="",
+            spec={},
+        )
+        return RunDetail(
+            run, {k: SeriesData([1, 2, 3], v, [0, 1, 2]) for k, v in series.items()}, [], None, [], [], "", proc
+        )
 
-    gpu = sys_text(detail({"sys/gpu_util": [20.0, 60.0, 87.0], "sys/gpu_mem_gb": [1.5, 1.5, 1.5],
-                           "sys/cpu_percent": [99.0, 101.0, 97.0]})).plain
+    gpu = sys_text(
+        detail(
+            {
+                "sys/gpu_util": [20.0, 60.0, 87.0],
+                "sys/gpu_mem_gb": [1.5, 1.5, 1.5],
+                "sys/cpu_percent": [99.0, 101.0, 97.0],
+            }
+        )
+    ).plain
     assert gpu.startswith("system gpu 87% ") and "gpu mem 1.5 GB" in gpu and "cpu 97%" in gpu
     assert gpu.index("gpu 87%") < gpu.index("gpu mem") < gpu.index("cpu") and gpu.endswith("(last logged)")
     assert "rss" not in gpu
     cpu = sys_text(detail({"sys/rss_gb": [0.4, 0.41, 0.42], "sys/cpu_percent": [50.0, 180.0, 199.6]})).plain
     assert cpu == "system rss 0.42 GB · cpu 200%  (last logged)"
-    live = sys_text(detail({"sys/gpu_mem_gb": [2.0, 2.0, 2.0], "sys/cpu_percent": [5.0, 5.0, 5.0]},
-                           ProcFigures(pid=42, rss_gb=1.25, cpu_pct=150.0, threads=7))).plain
+    live = sys_text(
+        detail(
+            {"sys/gpu_mem_gb": [2.0, 2.0, 2.0], "sys/cpu_percent": [5.0, 5.0, 5.0]},
+            ProcFigures(pid=42, rss_gb=1.25, cpu_pct=150.0, threads=7),
+        )
+    ).plain
     assert live == "system gpu mem 2 GB · rss 1.25 GB · cpu 150% · threads 7  (pid 42, gpu as last logged)"
     assert sys_text(detail({})).plain == ""
 
@@ -489,7 +587,9 @@ async def test_compare_overlays_selected_runs_and_frontier(home, runs):
         await pilot.press("space")
         await focus_run(pilot, runs["running"])
         await pilot.press("space", "v")
-        await wait_until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.query(Chart), what="compare")
+        await wait_until(
+            pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.query(Chart), what="compare"
+        )
         chart = app.screen.query_one(Chart)
         await wait_until(pilot, lambda: len(chart.curves) == 2, what="two curves")
         assert chart.title == "train/loss"
@@ -542,8 +642,11 @@ async def test_new_run_shows_errors_next_to_fields_and_submits(home, size):
     async with app.run_test(size=size) as pilot:
         form = await open_form(pilot)
         assert form.preset == "demo/dpo"
-        await wait_until(pilot, lambda: "2,000 rows" in str(form.query_one("#dataset-preview", Static).render()),
-                         what="dataset preview")
+        await wait_until(
+            pilot,
+            lambda: "2,000 rows" in str(form.query_one("#dataset-preview", Static).render()),
+            what="dataset preview",
+        )
         form.query_one("#f-lr", Input).value = "-1"
         await pilot.pause(0.1)
         msg = str(form.query_one("#msg-lr", Static).render())
@@ -659,7 +762,9 @@ async def test_new_run_saves_and_loads_a_preset_of_your_own(home):
         await pilot.press("escape")
 
         form.query_one("#f-preset", Select).value = "dpo"  # elsewhere, then load it back
-        await wait_until(pilot, lambda: form.preset == "dpo" and form.query_one("#f-beta", Input).value == "0.1", what="dpo preset")
+        await wait_until(
+            pilot, lambda: form.preset == "dpo" and form.query_one("#f-beta", Input).value == "0.1", what="dpo preset"
+        )
         await pilot.press("f3")
         await wait_until(pilot, lambda: isinstance(app.screen, LoadPresetDialog), what="load dialog")
         assert "beta03" in screen_text(app)
@@ -694,8 +799,11 @@ async def test_new_run_bad_dataset_and_unknown_key(home, tmp_path):
         await pilot.pause(0.1)
         assert "does not exist" in str(form.query_one("#msg-dataset", Static).render())
         form.query_one("#f-dataset", Input).value = str(bad)
-        await wait_until(pilot, lambda: "no known dataset format" in str(form.query_one("#dataset-preview", Static).render()),
-                         what="format problem in the preview")
+        await wait_until(
+            pilot,
+            lambda: "no known dataset format" in str(form.query_one("#dataset-preview", Static).render()),
+            what="format problem in the preview",
+        )
         form.query_one("#f-dataset", Input).value = "demo/pairs.jsonl"
         form.query_one("#f-extra", Input).value = "betta=0.2"
         await pilot.pause(0.1)
@@ -725,9 +833,21 @@ async def test_submit_from_the_form_and_watch_a_real_worker_complete_it(home, ti
             form = await open_form(pilot)
             form.query_one("#f-preset", Select).value = "dpo"
             await pilot.pause(0.2)
-            values = {"model": str(tiny_model_dir), "dataset": str(tiny_pairs), "name": "e2e", "lr": "1e-3",
-                      "batch_size": "4", "grad_accum": "1", "max_steps": "3", "eval_steps": "0", "sample_steps": "0",
-                      "save_steps": "5", "num_threads": "1", "max_length": "64", "max_prompt_length": "32"}
+            values = {
+                "model": str(tiny_model_dir),
+                "dataset": str(tiny_pairs),
+                "name": "e2e",
+                "lr": "1e-3",
+                "batch_size": "4",
+                "grad_accum": "1",
+                "max_steps": "3",
+                "eval_steps": "0",
+                "sample_steps": "0",
+                "save_steps": "5",
+                "num_threads": "1",
+                "max_length": "64",
+                "max_prompt_length": "32",
+            }
             for key, value in values.items():
                 form.query_one(f"#f-{key}", Input).value = value
             form.query_one("#f-extra", Input).value = "num_samples=0 kl_samples=0 max_new_tokens=4"
@@ -736,8 +856,10 @@ async def test_submit_from_the_form_and_watch_a_real_worker_complete_it(home, ti
             await pilot.press("ctrl+s")
             await wait_until(pilot, lambda: app.screen is not form, timeout=15, what="submitted")
             await wait_until(
-                pilot, lambda: app.snapshot and any(r.name == "e2e" and r.status == "completed" for r in app.snapshot.runs),
-                timeout=120, what="the run to complete",
+                pilot,
+                lambda: app.snapshot and any(r.name == "e2e" and r.status == "completed" for r in app.snapshot.runs),
+                timeout=120,
+                what="the run to complete",
             )
             await focus_run(pilot, next(r.id for r in app.snapshot.runs if r.name == "e2e"))
             await wait_until(pilot, lambda: "train/loss" in screen_text(app), what="its loss curve")
@@ -793,10 +915,16 @@ async def test_demo_launch_starts_a_detached_worker_that_outlives_the_app(home):
         assert ensure_worker(home) is None  # started a moment ago (not beating yet, maybe): not started twice
         app = CherryApp(home, poll_live=0.1, poll_idle=0.2, focus=run.id)
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: app.screen.query_one(RunsTable).current_run_id == run.id, what="the demo run focused")
+            await wait_until(
+                pilot, lambda: app.screen.query_one(RunsTable).current_run_id == run.id, what="the demo run focused"
+            )
             await wait_until(pilot, lambda: app.snapshot.live_workers == 1, timeout=20, what="the worker in the header")
-            await wait_until(pilot, lambda: run_status(home, run.id) == "completed", timeout=120, what="the demo run to complete")
-            await wait_until(pilot, lambda: "completed" in screen_text(app) and "2/2" in screen_text(app), what="completed on screen")
+            await wait_until(
+                pilot, lambda: run_status(home, run.id) == "completed", timeout=120, what="the demo run to complete"
+            )
+            await wait_until(
+                pilot, lambda: "completed" in screen_text(app) and "2/2" in screen_text(app), what="completed on screen"
+            )
         assert pid_alive(pid), "the worker must keep running after the app quits"
         assert ensure_worker(home) is None  # a live worker: none started
         again, second = launch_demo(home, "dpo", quick)
@@ -870,9 +998,15 @@ async def test_done_when_walkthrough(home, size):
             await wait_until(pilot, lambda: isinstance(app.screen, NewRunScreen), what="the new-run form")
             form = app.screen
             assert form.preset == "demo/dpo"
-            for field, value in (("f-name", "lr-1e-5"), ("f-lr", "1e-5"), ("f-max_steps", "5000"), ("f-eval_steps", "0"),
-                                 ("f-save_steps", "5000"), ("f-num_threads", "1"),
-                                 ("f-extra", "eval_max_examples=8 num_samples=4 kl_samples=4")):
+            for field, value in (
+                ("f-name", "lr-1e-5"),
+                ("f-lr", "1e-5"),
+                ("f-max_steps", "5000"),
+                ("f-eval_steps", "0"),
+                ("f-save_steps", "5000"),
+                ("f-num_threads", "1"),
+                ("f-extra", "eval_max_examples=8 num_samples=4 kl_samples=4"),
+            ):
                 await type_into(pilot, field, value)
             await pilot.pause(0.1)
             assert "--set lr=1e-5" in str(form.query_one("#command").render())
@@ -891,15 +1025,21 @@ async def test_done_when_walkthrough(home, size):
             compare = app.screen
             chart = compare.query_one(Chart)
             # the compare view follows what both have logged: eval/* at step 0, then the loss once the second trains
-            await wait_until(pilot, lambda: chart.title == "train/loss" and len(chart.curves) == 2, timeout=180,
-                             what="both runs' loss curves")
+            await wait_until(
+                pilot,
+                lambda: chart.title == "train/loss" and len(chart.curves) == 2,
+                timeout=180,
+                what="both runs' loss curves",
+            )
             assert [c[0] for c in chart.curves] == [demo.name, "lr-1e-5"] and len({c[3] for c in chart.curves}) == 2
             text = screen_text(app)
             assert demo.name in text and "lr-1e-5" in text and any(0x2800 < ord(ch) <= 0x28FF for ch in text)
 
             # their samples side by side on the same prompts
             await pilot.press("2")
-            await wait_until(pilot, lambda: "shared prompts" in screen_text(app), timeout=60, what="samples side by side")
+            await wait_until(
+                pilot, lambda: "shared prompts" in screen_text(app), timeout=60, what="samples side by side"
+            )
             text = screen_text(app)
             assert f"A ■ {demo.name}" in text and "B ■ lr-1e-5" in text and "4 shared prompts" in text
 

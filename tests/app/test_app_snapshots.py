@@ -49,8 +49,13 @@ def detail_of(app, run_id: str) -> bool:
     from tuiapp.widgets.chart import Chart
 
     snap = app.snapshot
-    return bool(snap and snap.detail and snap.detail.run.id == run_id
-                and all(c.curves for c in app.screen.query(Chart)) and app.screen.query(Chart))
+    return bool(
+        snap
+        and snap.detail
+        and snap.detail.run.id == run_id
+        and all(c.curves for c in app.screen.query(Chart))
+        and app.screen.query(Chart)
+    )
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -72,8 +77,11 @@ def test_run_view(snap_compare, home, runs, size):
     async def run_before(pilot):
         await settle(pilot, lambda: detail_of(pilot.app, runs["done"]), "the completed run's curves")
         await pilot.press("enter")
-        await settle(pilot, lambda: not pilot.app.screen.query_one("#runs-pane").display and detail_of(pilot.app, runs["done"]),
-                     "the full-screen run view")
+        await settle(
+            pilot,
+            lambda: not pilot.app.screen.query_one("#runs-pane").display and detail_of(pilot.app, runs["done"]),
+            "the full-screen run view",
+        )
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 
@@ -100,8 +108,14 @@ def test_new_run_form(snap_compare, home, runs, size):
 
         await settle(pilot, lambda: pilot.app.reads >= 1, "the first read")
         await pilot.press("n")
-        await settle(pilot, lambda: isinstance(pilot.app.screen, NewRunScreen)
-                     and "2,000 rows" in str(pilot.app.screen.query_one("#dataset-preview").render()), "the form")
+        await settle(
+            pilot,
+            lambda: (
+                isinstance(pilot.app.screen, NewRunScreen)
+                and "2,000 rows" in str(pilot.app.screen.query_one("#dataset-preview").render())
+            ),
+            "the form",
+        )
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 
@@ -119,8 +133,11 @@ def test_compare_screen(snap_compare, home, runs, size):
         await pilot.press("space", "up")  # done is the oldest (last row); the running run is above it
         await settle(pilot, lambda: detail_of(pilot.app, runs["running"]), "the running run")
         await pilot.press("space", "v")
-        await settle(pilot, lambda: isinstance(pilot.app.screen, CompareScreen)
-                     and len(pilot.app.screen.query_one(Chart).curves) == 2, "two curves")
+        await settle(
+            pilot,
+            lambda: isinstance(pilot.app.screen, CompareScreen) and len(pilot.app.screen.query_one(Chart).curves) == 2,
+            "two curves",
+        )
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
 

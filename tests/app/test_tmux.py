@@ -30,8 +30,14 @@ class Tmux:
         self.env.pop("TMUX", None)
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([TMUX, "-u", "-S", str(self.socket), "-f", os.devnull, *args], env=self.env,
-                              capture_output=True, text=True, check=check, timeout=30)
+        return subprocess.run(
+            [TMUX, "-u", "-S", str(self.socket), "-f", os.devnull, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+        )
 
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "cherry").stdout
@@ -60,8 +66,17 @@ def test_cherry_in_tmux_filters_opens_the_form_and_quits():
     app = f"cd {shlex.quote(str(ROOT))} && env -u CHERRY_REDIS_URL {env} {shlex.quote(sys.executable)} -m tuiapp.cli"
     tmux = Tmux(where)
     try:
-        tmux("new-session", "-d", "-s", "cherry", "-x", "80", "-y", "24",
-             f"sh -c {shlex.quote(app + f'; echo $? > {shlex.quote(str(rc_file))}')}")
+        tmux(
+            "new-session",
+            "-d",
+            "-s",
+            "cherry",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            f"sh -c {shlex.quote(app + f'; echo $? > {shlex.quote(str(rc_file))}')}",
+        )
         tmux("set-option", "-s", "escape-time", "0")  # escape is escape, not the start of a sequence
         screen = tmux.wait_for(lambda s: "4 of 4 runs" in s, "the runs table")
         for name in ("orpo-next", "kto-try", "dpo-beta05", "dpo-beta01"):

@@ -41,8 +41,15 @@ def snapshot(home: Path) -> dict[str, bytes]:
 def cherry(home: Path, *args: str, preexec=None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "CHERRY_HOME": str(home)}
     env.pop("CHERRY_REDIS_URL", None)
-    return subprocess.run([sys.executable, "-m", "tuiapp.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=preexec, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "tuiapp.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # Every front end that opens the store: the reading commands, submit, the foreground trainer, the
@@ -74,8 +81,13 @@ def test_a_store_overwritten_with_garbage_is_named_and_kept(tmp_path, args):
     db = store_path(home)
     db.write_bytes(b"these are the notes I saved over cherry.db by mistake\n" * 200)
     before = snapshot(home)
-    err = assert_refused(cherry(home, *args), f"the run store {db} is damaged or not a Cherry file",
-                         "file is not a database", "never overwrites it", f"mv {db} {db}.broken")
+    err = assert_refused(
+        cherry(home, *args),
+        f"the run store {db} is damaged or not a Cherry file",
+        "file is not a database",
+        "never overwrites it",
+        f"mv {db} {db}.broken",
+    )
     assert "run directory beside it keeps" in err
     assert snapshot(home) == before  # nothing written, moved or created: no run directory, no -wal file
 
@@ -108,8 +120,12 @@ def test_a_store_from_a_newer_cherry_is_refused_and_never_written(tmp_path, args
     store.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
     store.close()
     before = snapshot(home)
-    assert_refused(cherry(home, *args), f"the run store {store_path(home)} was written by a newer Cherry",
-                   f"schema version {SCHEMA_VERSION + 1}", "Upgrade Cherry")
+    assert_refused(
+        cherry(home, *args),
+        f"the run store {store_path(home)} was written by a newer Cherry",
+        f"schema version {SCHEMA_VERSION + 1}",
+        "Upgrade Cherry",
+    )
     assert snapshot(home) == before
 
 
@@ -122,14 +138,20 @@ def test_a_store_error_in_python_is_a_store_error_with_the_same_message(tmp_path
     assert path.read_bytes() == b"not sqlite" * 50
 
 
-@pytest.mark.parametrize("args", [("submit", "--preset", "demo/dpo", "--model", "demo"), ("worker",)], ids=["submit", "worker"])
+@pytest.mark.parametrize(
+    "args", [("submit", "--preset", "demo/dpo", "--model", "demo"), ("worker",)], ids=["submit", "worker"]
+)
 def test_a_damaged_queue_file_is_named_and_kept(tmp_path, args):
     home = make_home(tmp_path / "home")
     queue = home / "queue.db"
     queue.write_bytes(b"\x89PNG this is a picture, not a queue" * 40)
     before = snapshot(home)
-    err = assert_refused(cherry(home, *args), f"the queue file {queue} is damaged", "never overwrites it",
-                         "cherry cancel RUN` then `cherry resume RUN")
+    err = assert_refused(
+        cherry(home, *args),
+        f"the queue file {queue} is damaged",
+        "never overwrites it",
+        "cherry cancel RUN` then `cherry resume RUN",
+    )
     assert "run store" not in err
     after = snapshot(home)
     assert after == before  # submit refused before writing a run row or a run directory
@@ -163,24 +185,38 @@ def read_only_home(tmp_path):
     for path in [home, *home.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     preexec = _drop_root_override if os.geteuid() == 0 else None
-    probe = subprocess.run([sys.executable, "-c", f"open({str(home / 'probe')!r}, 'w')"], preexec_fn=preexec,
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", f"open({str(home / 'probe')!r}, 'w')"],
+        preexec_fn=preexec,
+        capture_output=True,
+        text=True,
+    )
     try:
         if probe.returncode == 0:
-            pytest.skip("this process can write into a chmod 555 directory (root with capabilities it cannot drop here)")
+            pytest.skip(
+                "this process can write into a chmod 555 directory (root with capabilities it cannot drop here)"
+            )
         yield home, preexec
     finally:
         for path in [home, *home.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-@pytest.mark.parametrize("args", [("ls",), ("submit", "--preset", "demo/dpo", "--model", "demo"), (), ("worker",)],
-                         ids=["ls", "submit", "app", "worker"])
+@pytest.mark.parametrize(
+    "args",
+    [("ls",), ("submit", "--preset", "demo/dpo", "--model", "demo"), (), ("worker",)],
+    ids=["ls", "submit", "app", "worker"],
+)
 def test_a_read_only_home_is_named_with_the_fix(read_only_home, args):
     home, preexec = read_only_home
     before = snapshot(home)
-    assert_refused(cherry(home, *args, preexec=preexec), "cannot be written", f"Cherry's home {home} is read-only",
-                   "chmod u+w", "CHERRY_HOME")
+    assert_refused(
+        cherry(home, *args, preexec=preexec),
+        "cannot be written",
+        f"Cherry's home {home} is read-only",
+        "chmod u+w",
+        "CHERRY_HOME",
+    )
     assert snapshot(home) == before
 
 

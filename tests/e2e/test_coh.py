@@ -27,7 +27,9 @@ class _Tok:
 
 
 def test_sequence_layout_masks_only_completions_and_randomises_block_order():
-    spec = build_spec({"algorithm": "coh", "coh_positive": "+", "coh_negative": "-", "max_length": 64, "max_prompt_length": 32})
+    spec = build_spec(
+        {"algorithm": "coh", "coh_positive": "+", "coh_negative": "-", "max_length": 64, "max_prompt_length": 32}
+    )
     algo = ChainOfHindsight(spec)
     examples = [{"index": i, "prompt_ids": [1, 2], "chosen_ids": [10, 0], "rejected_ids": [20, 0]} for i in range(40)]
     algo.prepare_examples(examples, _Tok())
@@ -43,9 +45,24 @@ def test_sequence_layout_masks_only_completions_and_randomises_block_order():
 
 
 def test_coh_trains_a_tiny_model(tiny_model_dir, tiny_pairs, tmp_path):
-    spec = build_spec({"algorithm": "coh", "model": str(tiny_model_dir), "dataset": str(tiny_pairs), "lr": 5e-3,
-                       "batch_size": 8, "max_steps": 60, "eval_steps": 0, "eval_split": 0.2, "warmup_ratio": 0.0,
-                       "max_length": 64, "max_prompt_length": 32, "num_samples": 2, "max_new_tokens": 4, "num_threads": 1})
+    spec = build_spec(
+        {
+            "algorithm": "coh",
+            "model": str(tiny_model_dir),
+            "dataset": str(tiny_pairs),
+            "lr": 5e-3,
+            "batch_size": 8,
+            "max_steps": 60,
+            "eval_steps": 0,
+            "eval_split": 0.2,
+            "warmup_ratio": 0.0,
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "num_samples": 2,
+            "max_new_tokens": 4,
+            "num_threads": 1,
+        }
+    )
     reporter = MemoryReporter()
     summary = train(spec, tmp_path / "coh", reporter)
     assert summary["final"]["eval/loss"] < summary["before"]["eval/loss"]
@@ -77,11 +94,24 @@ def _chain_batch(tiny_model_dir, **overrides):
     from engine.spec import build_spec
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    values = {"algorithm": "coh", "model": str(tiny_model_dir), "max_length": 64, "max_prompt_length": 32, "batch_size": 4}
+    values = {
+        "algorithm": "coh",
+        "model": str(tiny_model_dir),
+        "max_length": 64,
+        "max_prompt_length": 32,
+        "batch_size": 4,
+    }
     algo = ChainOfHindsight(build_spec({**values, **overrides}))
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    examples = [{"index": i, "prompt_ids": enc(f"say {c}:"), "chosen_ids": enc(f" {c * 3}") + [tokenizer.eos_token_id],
-                 "rejected_ids": enc(" zzz") + [tokenizer.eos_token_id]} for i, c in enumerate("abcd")]
+    examples = [
+        {
+            "index": i,
+            "prompt_ids": enc(f"say {c}:"),
+            "chosen_ids": enc(f" {c * 3}") + [tokenizer.eos_token_id],
+            "rejected_ids": enc(" zzz") + [tokenizer.eos_token_id],
+        }
+        for i, c in enumerate("abcd")
+    ]
     algo.prepare_examples(examples, tokenizer)
     return algo, examples, algo.collate(examples, tokenizer.pad_token_id)
 
@@ -107,7 +137,9 @@ def test_pretraining_nll_is_added_with_its_weight(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
     losses = {}
     for coef in (1.0, 3.0):
-        algo, _, batch = _chain_batch(tiny_model_dir, coh_mask_ratio=0.0, coh_pretrain_dataset=str(text), coh_pretrain_coef=coef)
+        algo, _, batch = _chain_batch(
+            tiny_model_dir, coh_mask_ratio=0.0, coh_pretrain_dataset=str(text), coh_pretrain_coef=coef
+        )
         torch.manual_seed(0)  # the same pretraining rows are drawn for both weights
         losses[coef] = algo.loss(Models(model, None, CPU), batch, [])
     (one, metrics_one), (three, metrics_three) = losses[1.0], losses[3.0]
@@ -117,7 +149,9 @@ def test_pretraining_nll_is_added_with_its_weight(tiny_model_dir, tmp_path):
     assert (three - one).item() == pytest.approx(2 * metrics_one["pretrain_loss"], rel=1e-5)
     off, _, _ = _chain_batch(tiny_model_dir, coh_pretrain_dataset=str(text), coh_pretrain_coef=0.0)
     assert off.pretrain is None  # weight 0: the dataset is not even loaded
-    assert len(algo.pretrain_eval) >= 1 and "pretrain_loss" in algo.eval_metrics(Models(model.eval(), None, CPU), [], None)
+    assert len(algo.pretrain_eval) >= 1 and "pretrain_loss" in algo.eval_metrics(
+        Models(model.eval(), None, CPU), [], None
+    )
 
 
 class _Bigram(torch.nn.Module):
@@ -156,8 +190,18 @@ def test_nll_gap_matches_hand_values():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [{"+": 2, "-": 3}[text]]}
 
-    algo = ChainOfHindsight(build_spec({"algorithm": "coh", "coh_positive": "+", "coh_negative": "-", "max_length": 16,
-                                        "max_prompt_length": 8, "batch_size": 2}))
+    algo = ChainOfHindsight(
+        build_spec(
+            {
+                "algorithm": "coh",
+                "coh_positive": "+",
+                "coh_negative": "-",
+                "max_length": 16,
+                "max_prompt_length": 8,
+                "batch_size": 2,
+            }
+        )
+    )
     examples = [{"index": i, "prompt_ids": [1], "chosen_ids": [4, 0], "rejected_ids": [5, 0]} for i in range(3)]
     algo.prepare_examples(examples, Tok())
     m = algo.eval_metrics(Models(model, None, CPU), examples, None)
@@ -176,7 +220,9 @@ def test_demo_coh_beats_the_demo_models_own_exact_match(tmp_path):
 
     from engine.spec import demo_dir, resolve_spec
 
-    spec = resolve_spec(str(demo_dir() / "coh.yaml"), ["num_threads=1", "num_samples=0", "eval_steps=0", "save_steps=0"])
+    spec = resolve_spec(
+        str(demo_dir() / "coh.yaml"), ["num_threads=1", "num_samples=0", "eval_steps=0", "save_steps=0"]
+    )
     summary = train(spec, tmp_path / "coh", MemoryReporter())
     plain = json.loads((demo_dir() / "info.json").read_text())["held_out_accuracy"]
     assert summary["before"]["eval/exact_match"] < plain  # the phrase is new to the demo model

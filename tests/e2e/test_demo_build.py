@@ -78,7 +78,11 @@ def test_tokenizer_save_load_round_trip(tok, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     text = "reverse: ñandú 🍒"
     assert loaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
-    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.padding_side) == (tok.eos_token_id, tok.pad_token_id, "right")
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.padding_side) == (
+        tok.eos_token_id,
+        tok.pad_token_id,
+        "right",
+    )
     messages = [{"role": "user", "content": "12+34="}]
     assert loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == tok.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False
@@ -124,9 +128,17 @@ def _tiny_model(tok, eos_scale: float):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -177,8 +189,20 @@ def test_build_demo_tiny(tmp_path):
     from engine.demo.build import DemoConfig, build_demo
 
     cfg = DemoConfig(
-        n_eval=12, n_sft_pool=64, n_sft=10, n_pairs=10, n_unpaired=10, n_prompts=10, hidden_size=32,
-        intermediate_size=64, num_layers=1, num_heads=2, batch_size=8, eval_every=2, max_steps=4, sample_tries=2,
+        n_eval=12,
+        n_sft_pool=64,
+        n_sft=10,
+        n_pairs=10,
+        n_unpaired=10,
+        n_prompts=10,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        batch_size=8,
+        eval_every=2,
+        max_steps=4,
+        sample_tries=2,
     )
     lines: list[str] = []
     info = build_demo(tmp_path / "d", seed=1, log=lines.append, cfg=cfg)
@@ -195,7 +219,6 @@ def test_build_demo_tiny(tmp_path):
 
 
 # ----------------------------------------------------------------------------- committed demo
-
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +238,9 @@ def test_demo_model_reproduces_recorded_accuracy(info):
     from engine.data import prepare
     from engine.demo.build import MAX_TOKENS
 
-    examples = prepare(rows, tok, kind="prompt", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0).train
+    examples = prepare(
+        rows, tok, kind="prompt", max_length=MAX_TOKENS, max_prompt_length=MAX_TOKENS - 1, eval_split=0.0
+    ).train
     result = exact_match_accuracy(model, tok, examples)
     assert result["accuracy"] == pytest.approx(info["held_out_accuracy"], abs=0.02)
     assert 0.2 <= result["accuracy"] <= 0.7

@@ -39,7 +39,10 @@ class WorkerProcess:
         self.log = open(home / f"worker-{time.monotonic_ns()}.log", "w")
         env = {**os.environ, "CHERRY_HOME": str(home)}
         self.proc = subprocess.Popen(
-            CLI + ["worker", "--grace", "10", *args], env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            CLI + ["worker", "--grace", "10", *args],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -74,11 +77,24 @@ def start_worker(home):
 
 def tiny_spec(tiny_model_dir, tiny_pairs, **overrides):
     values = dict(
-        lr=1e-3, batch_size=4, max_steps=4, eval_steps=0, sample_steps=0, num_samples=0, kl_samples=0,
-        save_steps=5, logging_steps=1, num_threads=1, max_length=64, max_prompt_length=32, max_new_tokens=4,
+        lr=1e-3,
+        batch_size=4,
+        max_steps=4,
+        eval_steps=0,
+        sample_steps=0,
+        num_samples=0,
+        kl_samples=0,
+        save_steps=5,
+        logging_steps=1,
+        num_threads=1,
+        max_length=64,
+        max_prompt_length=32,
+        max_new_tokens=4,
     )
     values.update(overrides)
-    return resolve_spec("dpo", [f"{k}={v}" for k, v in values.items()], model=str(tiny_model_dir), dataset=str(tiny_pairs))
+    return resolve_spec(
+        "dpo", [f"{k}={v}" for k, v in values.items()], model=str(tiny_model_dir), dataset=str(tiny_pairs)
+    )
 
 
 def status(jobs: Jobs, run_id: str) -> str:
@@ -143,7 +159,9 @@ def test_killed_worker_leaves_an_interrupted_run_that_resumes_with_identical_los
     wait_for(lambda: status(jobs, run.id) == "interrupted", 30, "the orphaned run to be marked interrupted")
     assert "cherry resume" in jobs.store.get_run(run.id).error
 
-    result = subprocess.run(CLI + ["resume", run.id[-12:]], capture_output=True, text=True, env={**os.environ, "CHERRY_HOME": str(home)})
+    result = subprocess.run(
+        CLI + ["resume", run.id[-12:]], capture_output=True, text=True, env={**os.environ, "CHERRY_HOME": str(home)}
+    )
     assert result.returncode == 0, result.stderr
     wait_for(lambda: status(jobs, run.id) == "completed", 120, "the resumed run to complete")
     assert losses(jobs, run.id) == expected  # every step once, equal to an uninterrupted run
@@ -183,7 +201,10 @@ class ForegroundTrain:
         sets = [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
         self.proc = subprocess.Popen(
             CLI + ["train", "--preset", "dpo", "--model", str(tiny_model_dir), "--dataset", str(tiny_pairs), *sets],
-            env={**os.environ, "CHERRY_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "CHERRY_HOME": str(home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             stdin=subprocess.DEVNULL,
         )
 
@@ -201,13 +222,28 @@ class ForegroundTrain:
         raise AssertionError(f"no line with {text!r} in {timeout}s: {lines}")
 
 
-FOREGROUND = dict(lr=1e-3, batch_size=4, max_steps=40, eval_steps=0, sample_steps=0, num_samples=0, kl_samples=0,
-                  logging_steps=1, num_threads=1, max_length=64, max_prompt_length=32, max_new_tokens=4)
+FOREGROUND = dict(
+    lr=1e-3,
+    batch_size=4,
+    max_steps=40,
+    eval_steps=0,
+    sample_steps=0,
+    num_samples=0,
+    kl_samples=0,
+    logging_steps=1,
+    num_threads=1,
+    max_length=64,
+    max_prompt_length=32,
+    max_new_tokens=4,
+)
 
 
 def _the_run(jobs: Jobs, at_least_step: int):
-    return wait_for(lambda: next((r for r in jobs.store.list_runs() if (r.step or 0) >= at_least_step), None), 120,
-                    f"the foreground run to log {at_least_step} steps")
+    return wait_for(
+        lambda: next((r for r in jobs.store.list_runs() if (r.step or 0) >= at_least_step), None),
+        120,
+        f"the foreground run to log {at_least_step} steps",
+    )
 
 
 @pytest.mark.slow
@@ -235,7 +271,9 @@ def test_ctrl_c_in_the_foreground_saves_a_checkpoint_and_a_worker_resumes_it_exa
     assert (Path(stopped.out_dir) / "checkpoints" / f"step-{stopped.step:07d}" / "state.pt").exists()
     assert f"cherry resume {run.id}" in err
 
-    result = subprocess.run(CLI + ["resume", run.id], capture_output=True, text=True, env={**os.environ, "CHERRY_HOME": str(home)})
+    result = subprocess.run(
+        CLI + ["resume", run.id], capture_output=True, text=True, env={**os.environ, "CHERRY_HOME": str(home)}
+    )
     assert result.returncode == 0, result.stderr
     start_worker()
     wait_for(lambda: status(jobs, run.id) == "completed", 120, "the resumed run to complete on the worker")
@@ -281,8 +319,23 @@ def test_a_second_ctrl_c_quits_at_once_and_leaves_the_store_consistent(
 
 def test_after_chains_a_run_onto_the_output_of_another(home, start_worker, tiny_model_dir, tiny_pairs):
     jobs = Jobs(home)
-    sft = jobs.submit(resolve_spec("sft", ["max_steps=3", "num_samples=0", "kl_samples=0", "eval_steps=0", "batch_size=4",
-                                           "max_length=64", "max_prompt_length=32", "num_threads=1"], model=str(tiny_model_dir), dataset=str(tiny_pairs)))
+    sft = jobs.submit(
+        resolve_spec(
+            "sft",
+            [
+                "max_steps=3",
+                "num_samples=0",
+                "kl_samples=0",
+                "eval_steps=0",
+                "batch_size=4",
+                "max_length=64",
+                "max_prompt_length=32",
+                "num_threads=1",
+            ],
+            model=str(tiny_model_dir),
+            dataset=str(tiny_pairs),
+        )
+    )
     dpo = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, max_steps=2), after=sft.id)
     assert dpo.task_id is None and dpo.model == str(Path(sft.out_dir) / "final")
     assert jobs.queue.pending_run_ids() == [sft.id]  # the chained run waits in the store, not on the queue
@@ -311,13 +364,18 @@ def test_a_failing_run_keeps_its_error_and_log(home, start_worker, tiny_model_di
 
 def test_reader_polling_while_a_run_writes_sees_every_step(home):
     writer = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys; from jobs.store import Store, StoreReporter\n"
-            "r = StoreReporter(Store(sys.argv[1]), 'w')\n"
-            "r.store.create_run('w', {'algorithm': 'dpo'}, name='w', out_dir='.')\n"
-            "for step in range(1, 1501):\n"
-            "    r.log_metrics(step, {f'm{i}': float(step) for i in range(8)})\n"
-        ), str(home / "cherry.db")],
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys; from jobs.store import Store, StoreReporter\n"
+                "r = StoreReporter(Store(sys.argv[1]), 'w')\n"
+                "r.store.create_run('w', {'algorithm': 'dpo'}, name='w', out_dir='.')\n"
+                "for step in range(1, 1501):\n"
+                "    r.log_metrics(step, {f'm{i}': float(step) for i in range(8)})\n"
+            ),
+            str(home / "cherry.db"),
+        ],
     )
     jobs = Jobs(home)
     seen: list[int] = []
@@ -346,7 +404,10 @@ def test_a_burst_of_200_submissions_is_stored_and_queued_in_order(home, start_wo
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_submit_many, args=(str(home), str(tiny_model_dir), str(tiny_pairs), f"p{k}", 50)) for k in range(4)]
+    procs = [
+        ctx.Process(target=_submit_many, args=(str(home), str(tiny_model_dir), str(tiny_pairs), f"p{k}", 50))
+        for k in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

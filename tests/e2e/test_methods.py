@@ -20,7 +20,9 @@ KEY_METRICS = {
 
 
 def demo_spec(method: str, *overrides: str):
-    return resolve_spec(str(demo_dir() / f"{method}.yaml"), ["num_threads=1", "num_samples=2", "kl_samples=8", *overrides])
+    return resolve_spec(
+        str(demo_dir() / f"{method}.yaml"), ["num_threads=1", "num_samples=2", "kl_samples=8", *overrides]
+    )
 
 
 @pytest.mark.parametrize("method", sorted(KEY_METRICS))
@@ -61,8 +63,11 @@ def test_kto_data_given_to_dpo_names_the_kto_preset(tmp_path):
 
 def test_kto_accepts_paired_data_by_splitting_it(tmp_path):
     reporter = MemoryReporter()
-    train(demo_spec("kto", f"dataset={demo_dir() / 'pairs.jsonl'}", "max_steps=2", "eval_steps=0", "max_rows=40"),
-          tmp_path / "kto-pairs", reporter)
+    train(
+        demo_spec("kto", f"dataset={demo_dir() / 'pairs.jsonl'}", "max_steps=2", "eval_steps=0", "max_rows=40"),
+        tmp_path / "kto-pairs",
+        reporter,
+    )
     data_event = next(e for e in reporter.events if e["kind"] == "data")
     assert data_event["rows"] == 80  # 40 pairs -> 40 desirable + 40 undesirable rows
     assert reporter.series("kto/desirable_fraction")
@@ -83,7 +88,9 @@ def test_sft_from_random_init_learns_the_demo_tasks(tmp_path):
     init = tmp_path / "random-init"
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_dir() / "model")).save_pretrained(init)
     AutoTokenizer.from_pretrained(demo_dir() / "model").save_pretrained(init)
-    spec = demo_spec("sft", f"model={init}", "lr=2e-3", "batch_size=64", "epochs=16", "eval_steps=0", "warmup_ratio=0.05")
+    spec = demo_spec(
+        "sft", f"model={init}", "lr=2e-3", "batch_size=64", "epochs=16", "eval_steps=0", "warmup_ratio=0.05"
+    )
     summary = train(spec, tmp_path / "sft", MemoryReporter())
     assert summary["before"]["eval/exact_match"] == 0.0
     assert summary["final"]["eval/exact_match"] >= 0.10
@@ -97,18 +104,45 @@ def test_multi_turn_sft_teaches_assistant_turns_only(tiny_model_dir, tmp_path):
     from engine.spec import build_spec
     from tests.conftest import write_jsonl
 
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "yes"},
-                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]} for i in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "no"},
+            ]
+        }
+        for i in range(8)
+    ]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = prepare(str(data), tokenizer, kind="sft", eval_split=0).train
     spec = build_spec({"algorithm": "sft", "model": str(tiny_model_dir), "dataset": str(data)})
     batch = SFT(spec).collate(examples[:2], tokenizer.pad_token_id)
     assert SFT(spec).units(batch) == 2 * len("yes<|end|>no<|end|>".replace("<|end|>", "#"))  # bytes + 2 end tokens each
-    summary = train(build_spec({"algorithm": "sft", "model": str(tiny_model_dir), "dataset": str(data), "lr": 1e-2,
-                                "max_steps": 10, "batch_size": 4, "eval_split": 0.25, "eval_steps": 0, "warmup_ratio": 0,
-                                "max_length": 64, "max_prompt_length": 32, "num_threads": 1, "num_samples": 1,
-                                "max_new_tokens": 4}), tmp_path / "run", MemoryReporter())
+    summary = train(
+        build_spec(
+            {
+                "algorithm": "sft",
+                "model": str(tiny_model_dir),
+                "dataset": str(data),
+                "lr": 1e-2,
+                "max_steps": 10,
+                "batch_size": 4,
+                "eval_split": 0.25,
+                "eval_steps": 0,
+                "warmup_ratio": 0,
+                "max_length": 64,
+                "max_prompt_length": 32,
+                "num_threads": 1,
+                "num_samples": 1,
+                "max_new_tokens": 4,
+            }
+        ),
+        tmp_path / "run",
+        MemoryReporter(),
+    )
     assert summary["final"]["eval/loss"] < summary["before"]["eval/loss"]
 
 
@@ -119,9 +153,13 @@ def test_sft_token_metrics_by_hand():
     from engine.logprobs import CompletionLogps
 
     out = CompletionLogps(
-        sums=torch.tensor([-1.0, -2.0]), counts=torch.tensor([2, 3]), token_logps=torch.zeros(5),
-        token_rows=torch.tensor([0, 0, 1, 1, 1]), token_correct=torch.tensor([True, False, True, True, False]),
-        token_entropy=torch.tensor([1.0, 2.0, 0.5, 0.5, 1.0]), token_logit_mean=torch.zeros(5),
+        sums=torch.tensor([-1.0, -2.0]),
+        counts=torch.tensor([2, 3]),
+        token_logps=torch.zeros(5),
+        token_rows=torch.tensor([0, 0, 1, 1, 1]),
+        token_correct=torch.tensor([True, False, True, True, False]),
+        token_entropy=torch.tensor([1.0, 2.0, 0.5, 0.5, 1.0]),
+        token_logit_mean=torch.zeros(5),
     )
     metrics = token_metrics(out)
     assert metrics["token_accuracy"] == 3  # summed; the loop divides by the 5 scored tokens

@@ -23,8 +23,15 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 # Short runs that still pass through every part of a loop: eval at the start, in the middle and at
 # the end, sample comparisons, a KL estimate, a checkpoint.
 SHORT = [
-    "num_threads=1", "max_steps=4", "eval_steps=2", "sample_steps=2", "save_steps=2",
-    "eval_max_examples=16", "num_samples=4", "kl_samples=4", "max_rows=256",
+    "num_threads=1",
+    "max_steps=4",
+    "eval_steps=2",
+    "sample_steps=2",
+    "save_steps=2",
+    "eval_max_examples=16",
+    "num_samples=4",
+    "kl_samples=4",
+    "max_rows=256",
 ]
 RUNS = {
     "dpo": [],

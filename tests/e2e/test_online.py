@@ -34,10 +34,25 @@ def tiny_prompts(tmp_path_factory):
 
 def online_spec(model_dir, data, algorithm: str, **overrides):
     values = dict(
-        algorithm=algorithm, model=str(model_dir), dataset=str(data), batch_size=4, num_generations=4,
-        max_new_tokens=6, max_length=32, max_prompt_length=16, eval_split=0.25, max_steps=3, lr=1e-3,
-        rewards="length:3", eval_steps=0, sample_steps=0, num_samples=2, kl_samples=2, save_steps=100,
-        logging_steps=1, num_threads=1,
+        algorithm=algorithm,
+        model=str(model_dir),
+        dataset=str(data),
+        batch_size=4,
+        num_generations=4,
+        max_new_tokens=6,
+        max_length=32,
+        max_prompt_length=16,
+        eval_split=0.25,
+        max_steps=3,
+        lr=1e-3,
+        rewards="length:3",
+        eval_steps=0,
+        sample_steps=0,
+        num_samples=2,
+        kl_samples=2,
+        save_steps=100,
+        logging_steps=1,
+        num_threads=1,
     )
     if algorithm == "online_dpo":
         values.update(num_generations=2, judge_tie_margin=0.0)
@@ -49,7 +64,11 @@ def models_for(spec, model_dir):
     tokenizer = load_tokenizer(str(model_dir))
     policy = load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU)
     algo = build_algorithm(spec)
-    reference = Reference(model=freeze(load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU))) if algo.needs_reference else None
+    reference = (
+        Reference(model=freeze(load_causal_lm(str(model_dir), dtype=torch.float32, device=CPU)))
+        if algo.needs_reference
+        else None
+    )
     value = algo.build_value_model(CPU, torch.float32)
     return algo, Models(policy=policy, tokenizer=tokenizer, device=CPU, reference=reference, value=value)
 
@@ -94,7 +113,9 @@ def test_missing_eos_penalty_lowers_only_truncated_samples(tiny_model_dir):
 
 
 def test_micro_batches_cover_every_row_once_in_order():
-    spec = build_spec({"algorithm": "grpo", "batch_size": 3, "num_generations": 4, "num_mini_batches": 2, "grad_accum": 3})
+    spec = build_spec(
+        {"algorithm": "grpo", "batch_size": 3, "num_generations": 4, "num_mini_batches": 2, "grad_accum": 3}
+    )
     rows = list(range(12))
     chunks = micro_batches(rows, spec)
     assert [r for chunk in chunks for r in chunk] == rows and len(chunks) == 6
@@ -108,10 +129,21 @@ def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tiny_prompts, algo
     """Rollout and update forward passes agree (temperature, dropout, padding, positions): ratio == 1 exactly."""
     algorithm, _, loss_type = algorithm.partition(":")
     extra = {"loss_type": loss_type} if loss_type else {}
-    spec = online_spec(tiny_model_dir, tiny_prompts, algorithm, num_iterations=2, num_mini_batches=2, grad_accum=2,
-                       temperature=0.7, beta=0.05, **extra)
+    spec = online_spec(
+        tiny_model_dir,
+        tiny_prompts,
+        algorithm,
+        num_iterations=2,
+        num_mini_batches=2,
+        grad_accum=2,
+        temperature=0.7,
+        beta=0.05,
+        **extra,
+    )
     algo, models = models_for(spec, tiny_model_dir)
-    examples = [{"prompt": f"p{i}", "prompt_ids": models.tokenizer(f"p{i} long" * (i + 1))["input_ids"]} for i in range(4)]
+    examples = [
+        {"prompt": f"p{i}", "prompt_ids": models.tokenizer(f"p{i} long" * (i + 1))["input_ids"]} for i in range(4)
+    ]
     torch.manual_seed(0)
     rollout = sample_rollout(models.policy, models.tokenizer, examples, k=4, max_new_tokens=6, temperature=0.7)
     score_rollout(rollout, build_reward(["length:3"], tokenizer=models.tokenizer))
@@ -146,7 +178,14 @@ def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_
     expected = {
         "grpo": {"frac_reward_zero_std", "advantage/std", "policy/clipfrac", "policy/entropy"},
         "rloo": {"kl/mean", "reward/rlhf", "advantage/mean"},
-        "ppo": {"kl/mean", "value/loss", "value/clipfrac", "value/explained_variance", "ppo/kl_coef", "policy/approx_kl"},
+        "ppo": {
+            "kl/mean",
+            "value/loss",
+            "value/clipfrac",
+            "value/explained_variance",
+            "ppo/kl_coef",
+            "policy/approx_kl",
+        },
         "online_dpo": {"judge/skip_frac", "judge/prob_mean"},
         "best_of_k": {"bon/kl", "reward/max_median_gap"},
         "rest": {"rest/threshold_1", "rest/kept_frac_3"},
@@ -161,8 +200,15 @@ def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_
 @pytest.mark.parametrize("loss_type", ["gspo", "cispo"])
 def test_grpo_loss_variants_train_on_reused_rollouts(tiny_model_dir, tiny_prompts, tmp_path, loss_type):
     """GSPO and CISPO through the GRPO loop, with a second pass over each rollout (ratios away from 1) and a KL term."""
-    spec = online_spec(tiny_model_dir, tiny_prompts, "grpo", loss_type=loss_type, num_iterations=2, beta=0.05,
-                       rewards="regex:.*[a-m].*")
+    spec = online_spec(
+        tiny_model_dir,
+        tiny_prompts,
+        "grpo",
+        loss_type=loss_type,
+        num_iterations=2,
+        beta=0.05,
+        rewards="regex:.*[a-m].*",
+    )
     assert (spec.epsilon, spec.epsilon_high) == {"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)}[loss_type]
     summary = train(spec, tmp_path / "run")
     assert summary["status"] == "completed" and summary["step"] == 3
@@ -174,14 +220,17 @@ def test_grpo_loss_variants_train_on_reused_rollouts(tiny_model_dir, tiny_prompt
         assert max(m["policy/clipfrac"] for m in metrics) > 0
 
 
-def test_grpo_with_lora_uses_the_adapter_disabled_base_as_reference(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
+def test_grpo_with_lora_uses_the_adapter_disabled_base_as_reference(
+    tiny_model_dir, tiny_prompts, tmp_path, monkeypatch
+):
     import engine.loop.core as engine_train
 
     loads = []
     real_load = engine_train.load_causal_lm
     monkeypatch.setattr(engine_train, "load_causal_lm", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    spec = online_spec(tiny_model_dir, tiny_prompts, "grpo", beta=0.04, rewards="regex:.*[a-m].*",
-                       lora={"r": 4, "alpha": 8})
+    spec = online_spec(
+        tiny_model_dir, tiny_prompts, "grpo", beta=0.04, rewards="regex:.*[a-m].*", lora={"r": 4, "alpha": 8}
+    )
     summary = train(spec, tmp_path / "run")
     assert summary["status"] == "completed" and len(loads) == 1  # no second copy for the reference
     assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
@@ -191,8 +240,16 @@ def test_grpo_with_lora_uses_the_adapter_disabled_base_as_reference(tiny_model_d
 
 def test_grpo_learns_a_format_reward(tiny_model_dir, tiny_prompts, tmp_path):
     """A learnable reward on a random model: more samples come to contain a letter a-m."""
-    spec = online_spec(tiny_model_dir, tiny_prompts, "grpo", rewards="regex:.*[a-m].*", max_steps=40, lr=1e-2,
-                       num_generations=8, eval_split=0.0)
+    spec = online_spec(
+        tiny_model_dir,
+        tiny_prompts,
+        "grpo",
+        rewards="regex:.*[a-m].*",
+        max_steps=40,
+        lr=1e-2,
+        num_generations=8,
+        eval_split=0.0,
+    )
     train(spec, tmp_path / "run")
     rewards = [m["reward/mean"] for m in read_metrics(tmp_path / "run") if "reward/mean" in m]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -203,8 +260,16 @@ def test_grpo_learns_a_format_reward(tiny_model_dir, tiny_prompts, tmp_path):
 def test_online_resume_repeats_the_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_path, algorithm):
     """RNG, optimizer, and for PPO the value model and the adaptive KL coefficient come back from the checkpoint."""
     extra = {"beta": 0.05, "kl_target": 1.0, "kl_horizon": 10, "num_iterations": 2} if algorithm == "ppo" else {}
-    spec = online_spec(tiny_model_dir, tiny_prompts, algorithm, max_steps=4, save_steps=2, eval_split=0.0,
-                       rewards="regex:.*[a-m].*", **extra)
+    spec = online_spec(
+        tiny_model_dir,
+        tiny_prompts,
+        algorithm,
+        max_steps=4,
+        save_steps=2,
+        eval_split=0.0,
+        rewards="regex:.*[a-m].*",
+        **extra,
+    )
     train(spec, tmp_path / "straight")
     calls = iter(range(100))
     summary = train(spec, tmp_path / "stopped", should_stop=lambda: next(calls) >= 2)
@@ -238,12 +303,24 @@ def test_online_specs_refuse_impossible_settings():
         ({"algorithm": "online_dpo", "num_generations": 2, "beta": 0}, "beta"),
         ({"algorithm": "grpo", "batch_size": 3, "num_generations": 2, "num_mini_batches": 4}, "num_mini_batches"),
         ({"algorithm": "grpo", "loss_type": "gspo_token"}, "loss_type must be one of grpo, dapo, dr_grpo, gspo, cispo"),
-        ({"algorithm": "grpo", "loss_type": "cispo", "epsilon": 1.5}, r"epsilon must be in \(0, 1\] for loss_type=cispo"),
+        (
+            {"algorithm": "grpo", "loss_type": "cispo", "epsilon": 1.5},
+            r"epsilon must be in \(0, 1\] for loss_type=cispo",
+        ),
         ({"algorithm": "grpo", "loss_type": "gspo", "epsilon": 1.0}, r"epsilon must be in \(0, 1\)"),
-        ({"algorithm": "online_dpo", "num_generations": 2, "judge": "some/judge", "judge_template": "{prompt} {answer_1}"},
-         r"judge_template lacks \{answer_2\}"),
-        ({"algorithm": "online_dpo", "num_generations": 2, "judge_template": "{prompt} {answer_1} {answer_2}"},
-         "judge_template is the prompt of an LLM judge, but judge is 'reward'"),
+        (
+            {
+                "algorithm": "online_dpo",
+                "num_generations": 2,
+                "judge": "some/judge",
+                "judge_template": "{prompt} {answer_1}",
+            },
+            r"judge_template lacks \{answer_2\}",
+        ),
+        (
+            {"algorithm": "online_dpo", "num_generations": 2, "judge_template": "{prompt} {answer_1} {answer_2}"},
+            "judge_template is the prompt of an LLM judge, but judge is 'reward'",
+        ),
     ]:
         with pytest.raises(SpecError, match=field):
             build_spec(values)
@@ -252,6 +329,7 @@ def test_online_specs_refuse_impossible_settings():
 
 def test_clip_range_defaults_follow_the_loss_type():
     """A null epsilon / epsilon_high takes the loss_type's paper values; grpo, dapo, dr_grpo, PPO and RLOO keep 0.2."""
+
     def clip(preset, *overrides):
         spec = resolve_spec(preset, list(overrides), check_paths=False)
         return spec.epsilon, spec.epsilon_high
@@ -301,7 +379,9 @@ def test_online_dpo_with_an_llm_judge_logs_position_consistency(tiny_model_dir, 
     spec = online_spec(tiny_model_dir, tiny_prompts, "online_dpo", judge=str(tiny_model_dir), rewards="regex:.*[a-m].*")
     summary = train(spec, tmp_path / "run")
     assert summary["status"] == "completed"
-    consistency = [m["judge/position_consistency"] for m in read_metrics(tmp_path / "run") if "judge/position_consistency" in m]
+    consistency = [
+        m["judge/position_consistency"] for m in read_metrics(tmp_path / "run") if "judge/position_consistency" in m
+    ]
     assert len(consistency) == 3 and all(0.0 <= c <= 1.0 for c in consistency)
     judged = summary["judge"]  # the whole run's rates, with the template that produced them (None = the built-in one)
     assert judged["judge"] == str(tiny_model_dir) and judged["judge_template"] is None and judged["pairs"] == 3 * 4
@@ -323,12 +403,20 @@ def test_judge_template_changes_the_llm_judges_preferences_on_the_same_pairs(tmp
         return verdict
 
     monkeypatch.setattr(rewards.LLMJudge, "prefer", spy)
-    brevity = ("Prefer the SHORTER answer.\\n\\nRequest:\\n{prompt}\\n\\nAnswer 1:\\n{answer_1}\\n\\nAnswer 2:\\n{answer_2}"
-               "\\n\\nWhich answer is better? Reply with one digit: 1 or 2.")
+    brevity = (
+        "Prefer the SHORTER answer.\\n\\nRequest:\\n{prompt}\\n\\nAnswer 1:\\n{answer_1}\\n\\nAnswer 2:\\n{answer_2}"
+        "\\n\\nWhich answer is better? Reply with one digit: 1 or 2."
+    )
     summaries = {}
     for name, template in (("built-in", None), ("brevity", brevity)):
-        overrides = ["max_steps=1", "batch_size=32", "eval_steps=0", "eval_max_examples=4", f"judge={demo_dir() / 'model'}",
-                     "judge_tie_margin=0"] + ([f"judge_template={template}"] if template else [])
+        overrides = [
+            "max_steps=1",
+            "batch_size=32",
+            "eval_steps=0",
+            "eval_max_examples=4",
+            f"judge={demo_dir() / 'model'}",
+            "judge_tie_margin=0",
+        ] + ([f"judge_template={template}"] if template else [])
         summaries[name] = demo_run("online_dpo", tmp_path / name, "num_threads=1", "sample_steps=0", *overrides)
     assert summaries["brevity"]["judge"]["judge_template"] == brevity.replace("\\n", "\n")
     assert summaries["built-in"]["judge"]["judge_template"] is None
@@ -343,7 +431,9 @@ def test_judge_template_changes_the_llm_judges_preferences_on_the_same_pairs(tmp
 
 def test_online_dpo_with_an_llm_judge_needs_no_reward_columns(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q{i}"} for i in range(8)])  # no answers for exact_match
-    spec = online_spec(tiny_model_dir, data, "online_dpo", judge=str(tiny_model_dir), rewards="exact_match", eval_split=0.0)
+    spec = online_spec(
+        tiny_model_dir, data, "online_dpo", judge=str(tiny_model_dir), rewards="exact_match", eval_split=0.0
+    )
     summary = train(spec, tmp_path / "run")
     assert summary["status"] == "completed"
     metrics = read_metrics(tmp_path / "run")
@@ -366,13 +456,15 @@ def test_recomputed_logps_match_the_samplers_own_for_left_padded_prompts(tiny_mo
     config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    new = out.sequences[:, input_ids.shape[1]:]
+    new = out.sequences[:, input_ids.shape[1] :]
     # EOS ends a sample; the tiny random model rarely samples it: compare rows without one, all tokens.
     keep = [i for i in range(new.shape[0]) if tokenizer.eos_token_id not in new[i].tolist()]
     assert keep
     new, out.scores = new[keep], [s[keep] for s in out.scores]
     prompts = [prompts[i] for i in keep]
-    sampler = torch.stack([s.log_softmax(-1).gather(-1, new[:, i : i + 1]).squeeze(-1) for i, s in enumerate(out.scores)], 1)
+    sampler = torch.stack(
+        [s.log_softmax(-1).gather(-1, new[:, i : i + 1]).squeeze(-1) for i, s in enumerate(out.scores)], 1
+    )
     batch = collate_completions(prompts, new.tolist(), tokenizer.pad_token_id)
     recomputed, mask, _ = token_logps(model, batch, temperature=0.7)
     assert mask.all() and torch.allclose(recomputed, sampler, atol=1e-4)

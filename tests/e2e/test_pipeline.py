@@ -10,8 +10,14 @@ from jobs.runs import Jobs
 from tests.e2e.test_jobs import start_worker, wait_for  # noqa: F401  (fixture)
 
 SMALL = [
-    "max_steps=2", "eval_steps=0", "sample_steps=0", "num_samples=0", "kl_samples=0", "eval_max_examples=8",
-    "num_threads=1", "save_steps=100",
+    "max_steps=2",
+    "eval_steps=0",
+    "sample_steps=0",
+    "num_samples=0",
+    "kl_samples=0",
+    "eval_max_examples=8",
+    "num_threads=1",
+    "save_steps=100",
 ]
 
 
@@ -70,7 +76,9 @@ def test_the_rlhf_pipeline_runs_to_the_end_on_a_worker(home, start_worker):  # n
     runs = submit_pipeline(jobs, "demo_rlhf", SMALL)
     start_worker()
     for run in runs:
-        wait_for(lambda: jobs.store.get_run(run.id).status in ("completed", "failed"), 300, f"{run.spec['algorithm']} to end")
+        wait_for(
+            lambda: jobs.store.get_run(run.id).status in ("completed", "failed"), 300, f"{run.spec['algorithm']} to end"
+        )
         assert jobs.store.get_run(run.id).status == "completed", jobs.store.get_run(run.id).error
     ppo = jobs.store.get_run(runs[2].id)
     names = jobs.store.metric_names(ppo.id)
@@ -80,7 +88,9 @@ def test_the_rlhf_pipeline_runs_to_the_end_on_a_worker(home, start_worker):  # n
 def test_stage_placeholders_work_in_command_line_overrides(home):
     jobs = Jobs(home)
     sft, rm, ppo = submit_pipeline(
-        jobs, "demo_rlhf", SMALL + ["ppo.rewards=[exact_match, 'rm:{rm}', 'regex:\\d{1,3}']", "ppo.reward_weights=1,0.2,0.1"]
+        jobs,
+        "demo_rlhf",
+        SMALL + ["ppo.rewards=[exact_match, 'rm:{rm}', 'regex:\\d{1,3}']", "ppo.reward_weights=1,0.2,0.1"],
     )
     assert ppo.spec["rewards"] == ["exact_match", f"rm:{rm.out_dir}", "regex:\\d{1,3}"]  # a regex's braces stay
     with pytest.raises(SpecError, match="'{ppo}' is not an earlier stage"):

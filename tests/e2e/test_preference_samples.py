@@ -22,8 +22,17 @@ CPU = torch.device("cpu")
 
 
 def _spec(model_dir, data, **overrides):
-    values = dict(algorithm="dpo", model=str(model_dir), dataset=str(data), beta=0.5, batch_size=4, max_length=64,
-                  max_prompt_length=32, num_threads=1, eval_split=0.25)
+    values = dict(
+        algorithm="dpo",
+        model=str(model_dir),
+        dataset=str(data),
+        beta=0.5,
+        batch_size=4,
+        max_length=64,
+        max_prompt_length=32,
+        num_threads=1,
+        eval_split=0.25,
+    )
     values.update(overrides)
     return build_spec(values)
 
@@ -69,7 +78,9 @@ def test_dpo_rows_are_beta_times_the_summed_log_ratio(tiny_model_dir, tiny_pairs
         assert row["kind"] == "preference"
         assert (row["prompt"], row["chosen"], row["rejected"]) == (ex["prompt"], ex["chosen"], ex["rejected"])
         chosen = 0.5 * (_logps(policy, tokenizer, ex, "chosen_ids")[0] - _logps(ref, tokenizer, ex, "chosen_ids")[0])
-        rejected = 0.5 * (_logps(policy, tokenizer, ex, "rejected_ids")[0] - _logps(ref, tokenizer, ex, "rejected_ids")[0])
+        rejected = 0.5 * (
+            _logps(policy, tokenizer, ex, "rejected_ids")[0] - _logps(ref, tokenizer, ex, "rejected_ids")[0]
+        )
         assert row["chosen_reward"] == pytest.approx(chosen, abs=1e-4)
         assert row["rejected_reward"] == pytest.approx(rejected, abs=1e-4)
         assert row["margin"] == pytest.approx(chosen - rejected, abs=1e-4)
@@ -103,7 +114,9 @@ def test_reward_model_rows_are_its_scalar_scores(tiny_model_dir, tiny_pairs):
     model.config.pad_token_id = tokenizer.pad_token_id
     rows = algo.preference_samples(_models(model, tokenizer), examples, collate, None)
     for row, ex in zip(rows, examples):
-        batch = collate_completions([ex["prompt_ids"]] * 2, [ex["chosen_ids"], ex["rejected_ids"]], tokenizer.pad_token_id)
+        batch = collate_completions(
+            [ex["prompt_ids"]] * 2, [ex["chosen_ids"], ex["rejected_ids"]], tokenizer.pad_token_id
+        )
         with torch.no_grad():
             scores = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
         assert row["chosen_reward"] == pytest.approx(scores[0].item(), abs=1e-4)
@@ -119,7 +132,9 @@ def test_kto_rows_are_completions_with_label_and_implicit_reward(tiny_model_dir,
     assert len(rows) == 3
     for row, ex in zip(rows, examples):
         assert row["kind"] == "unpaired" and row["label"] == bool(ex["label"]) and row["completion"] == ex["completion"]
-        expected = 0.5 * (_logps(policy, tokenizer, ex, "completion_ids")[0] - _logps(ref, tokenizer, ex, "completion_ids")[0])
+        expected = 0.5 * (
+            _logps(policy, tokenizer, ex, "completion_ids")[0] - _logps(ref, tokenizer, ex, "completion_ids")[0]
+        )
         assert row["reward"] == pytest.approx(expected, abs=1e-4)
 
 
@@ -134,8 +149,17 @@ def test_train_logs_pairs_beside_the_samples_and_rm_logs_its_scores(tiny_model_d
     from engine.reporting import MemoryReporter
     from engine.train import train
 
-    common = dict(lr=5e-3, max_steps=4, eval_steps=0, sample_steps=2, save_steps=100, num_samples=2, kl_samples=0,
-                  max_new_tokens=4, warmup_ratio=0.0)
+    common = dict(
+        lr=5e-3,
+        max_steps=4,
+        eval_steps=0,
+        sample_steps=2,
+        save_steps=100,
+        num_samples=2,
+        kl_samples=0,
+        max_new_tokens=4,
+        warmup_ratio=0.0,
+    )
     reporter = MemoryReporter()
     train(_spec(tiny_model_dir, tiny_pairs, **common), tmp_path / "dpo", reporter)
     pairs = [s for s in reporter.samples if s.get("kind") == "preference"]

@@ -19,15 +19,29 @@ def test_reward_is_read_at_the_last_attended_token_even_when_pad_equals_eos(tiny
     input_ids = torch.tensor([short + [eos, eos], long])
     attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     rewards = sequence_rewards(model, input_ids, attention_mask)
-    alone = [sequence_rewards(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)) for seq in (short, long)]
+    alone = [
+        sequence_rewards(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)) for seq in (short, long)
+    ]
     assert torch.allclose(rewards, torch.cat(alone), atol=1e-5)
 
 
 def _rm_spec(model_dir, data, **overrides):
     from engine.spec import build_spec
 
-    values = dict(algorithm="rm", model=str(model_dir), dataset=str(data), lr=3e-3, batch_size=8, max_steps=30,
-                  eval_split=0.25, eval_steps=0, warmup_ratio=0.0, max_length=64, max_prompt_length=32, num_threads=1)
+    values = dict(
+        algorithm="rm",
+        model=str(model_dir),
+        dataset=str(data),
+        lr=3e-3,
+        batch_size=8,
+        max_steps=30,
+        eval_split=0.25,
+        eval_steps=0,
+        warmup_ratio=0.0,
+        max_length=64,
+        max_prompt_length=32,
+        num_threads=1,
+    )
     values.update(overrides)
     return build_spec(values)
 
@@ -48,8 +62,18 @@ def test_reward_model_learns_the_pairs_and_scores_them_from_the_cli(tiny_model_d
     assert "eval/exact_match" not in summary["final"]  # a scorer does not generate: its samples are scored pairs
     assert reporter.samples and all(s["kind"] == "preference" and "policy" not in s for s in reporter.samples)
 
-    result = CliRunner().invoke(app, ["score", "--reward-model", str(tmp_path / "rm"), "--dataset", str(tiny_pairs),
-                                      "--out", str(tmp_path / "scores.jsonl")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--reward-model",
+            str(tmp_path / "rm"),
+            "--dataset",
+            str(tiny_pairs),
+            "--out",
+            str(tmp_path / "scores.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["accuracy"] >= 0.9
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
@@ -63,7 +87,9 @@ def test_lora_reward_model_trains_and_saves_its_head(tiny_model_dir, tiny_pairs,
     from engine.train import train
     from tuiapp.cli import app
 
-    summary = train(_rm_spec(tiny_model_dir, tiny_pairs, lr=1e-2, **{"lora.r": 8}), tmp_path / "rm-lora", MemoryReporter())
+    summary = train(
+        _rm_spec(tiny_model_dir, tiny_pairs, lr=1e-2, **{"lora.r": 8}), tmp_path / "rm-lora", MemoryReporter()
+    )
     assert summary["final"]["eval/rewards/accuracy"] >= 0.9
     assert "score" in (tmp_path / "rm-lora" / "final" / "adapter_config.json").read_text()  # modules_to_save
     result = CliRunner().invoke(app, ["score", "-r", str(tmp_path / "rm-lora"), "-d", str(tiny_pairs)])
@@ -114,8 +140,20 @@ def test_cli_scores_with_a_helpful_and_a_safety_model(tiny_model_dir, tiny_pairs
     train(_rm_spec(tiny_model_dir, tiny_pairs, max_steps=5, seed=1), tmp_path / "safety", MemoryReporter())
     rows = [json.loads(line) for line in tiny_pairs.read_text().splitlines()]
     tagged = write_jsonl(tmp_path / "tagged.jsonl", [{**row, "safety": i % 2 == 0} for i, row in enumerate(rows)])
-    result = CliRunner().invoke(app, ["score", "-r", str(tmp_path / "helpful"), "--safety-model", str(tmp_path / "safety"),
-                                      "-d", str(tagged), "--out", str(tmp_path / "s.jsonl")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "-r",
+            str(tmp_path / "helpful"),
+            "--safety-model",
+            str(tmp_path / "safety"),
+            "-d",
+            str(tagged),
+            "--out",
+            str(tmp_path / "s.jsonl"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     scores = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     pooled = [s["chosen_score"] for s in scores] + [s["rejected_score"] for s in scores]
@@ -130,7 +168,9 @@ def test_rm_eval_logs_score_spread_length_correlation_and_margin_buckets(tiny_mo
     from tests.conftest import write_jsonl
 
     rows = [json.loads(line) for line in tiny_pairs.read_text().splitlines()]
-    data = write_jsonl(tmp_path / "rated.jsonl", [{**row, "margin": [0.0, 1.0, 2 / 3][i % 3]} for i, row in enumerate(rows)])
+    data = write_jsonl(
+        tmp_path / "rated.jsonl", [{**row, "margin": [0.0, 1.0, 2 / 3][i % 3]} for i, row in enumerate(rows)]
+    )
     summary = train(_rm_spec(tiny_model_dir, data, max_steps=3), tmp_path / "rm", MemoryReporter())
     final = summary["final"]
     for name in ("mean", "std", "min", "max", "length_corr", "accuracy", "margin"):
@@ -139,7 +179,11 @@ def test_rm_eval_logs_score_spread_length_correlation_and_margin_buckets(tiny_mo
     assert final["eval/rewards/std"] > 0
     assert -1 <= final["eval/rewards/length_corr"] <= 1
     buckets = {name for name in final if name.startswith("eval/rewards/accuracy_margin_")}
-    assert buckets == {"eval/rewards/accuracy_margin_0", "eval/rewards/accuracy_margin_0.667", "eval/rewards/accuracy_margin_1"}
+    assert buckets == {
+        "eval/rewards/accuracy_margin_0",
+        "eval/rewards/accuracy_margin_0.667",
+        "eval/rewards/accuracy_margin_1",
+    }
     assert "eval/rewards/length_corr" in summary["before"]  # every eval logs them, the one before training too
 
 

@@ -16,15 +16,28 @@ from tuiapp.cli import app
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("CHERRY_HOME", str(tmp_path))
     store = Store(store_path(tmp_path))
-    store.create_run("20261121-100000-dpo-demo", {"algorithm": "dpo", "beta": 0.1}, name="dpo-demo", out_dir=str(tmp_path / "r1"))
+    store.create_run(
+        "20261121-100000-dpo-demo", {"algorithm": "dpo", "beta": 0.1}, name="dpo-demo", out_dir=str(tmp_path / "r1")
+    )
     store.set_status("20261121-100000-dpo-demo", "running")
     reporter = StoreReporter(store, "20261121-100000-dpo-demo")
     reporter.log_event("start", "dpo: 4 steps", total_steps=4)
     for step in range(1, 4):
         reporter.log_metrics(step, {"train/loss": 0.7 - 0.1 * step, "rewards/margin": 0.2 * step})
     reporter.log_metrics(3, {"eval/exact_match": 0.5})
-    reporter.log_samples(3, [{"prompt": "1+1=", "reference": "3", "policy": "2", "answer": "2",
-                              "reference_score": 0.0, "policy_score": 1.0}])
+    reporter.log_samples(
+        3,
+        [
+            {
+                "prompt": "1+1=",
+                "reference": "3",
+                "policy": "2",
+                "answer": "2",
+                "reference_score": 0.0,
+                "policy_score": 1.0,
+            }
+        ],
+    )
     store.create_run("20261121-100001-kto-demo", {"algorithm": "kto"}, name="kto-demo", out_dir=str(tmp_path / "r2"))
     return tmp_path
 
@@ -74,13 +87,30 @@ def test_samples_show_preference_pairs_with_rewards_and_margin(home):
     reference vs policy rows; unpaired (KTO) rows with their label; --json keeps every field."""
     store = Store(store_path(home))
     reporter = StoreReporter(store, "20261121-100000-dpo-demo")
-    reporter.log_samples(3, [
-        {"kind": "preference", "prompt": "2+2=", "chosen": "4", "rejected": "5",
-         "chosen_reward": 0.25, "rejected_reward": -0.5, "margin": 0.75},
-        {"kind": "preference", "prompt": "3+3=", "chosen": "6", "rejected": "9",
-         "chosen_reward": -0.1, "rejected_reward": 0.1, "margin": -0.2},
-        {"kind": "unpaired", "prompt": "4+4=", "completion": "8", "label": True, "reward": 0.3},
-    ])
+    reporter.log_samples(
+        3,
+        [
+            {
+                "kind": "preference",
+                "prompt": "2+2=",
+                "chosen": "4",
+                "rejected": "5",
+                "chosen_reward": 0.25,
+                "rejected_reward": -0.5,
+                "margin": 0.75,
+            },
+            {
+                "kind": "preference",
+                "prompt": "3+3=",
+                "chosen": "6",
+                "rejected": "9",
+                "chosen_reward": -0.1,
+                "rejected_reward": 0.1,
+                "margin": -0.2,
+            },
+            {"kind": "unpaired", "prompt": "4+4=", "completion": "8", "label": True, "reward": 0.3},
+        ],
+    )
     store.close()
     code, out = run("samples", "dpo")
     assert code == 0 and "'2' ✓" in out  # the reference vs policy row is still there
@@ -91,8 +121,16 @@ def test_samples_show_preference_pairs_with_rewards_and_margin(home):
     code, out = run("samples", "dpo", "--json")
     rows = json.loads(out)
     assert [r.get("kind") for r in rows] == [None, "preference", "preference", "unpaired"]
-    assert rows[1] == {"step": 3, "prompt": "2+2=", "kind": "preference", "chosen": "4", "rejected": "5",
-                       "chosen_reward": 0.25, "rejected_reward": -0.5, "margin": 0.75}
+    assert rows[1] == {
+        "step": 3,
+        "prompt": "2+2=",
+        "kind": "preference",
+        "chosen": "4",
+        "rejected": "5",
+        "chosen_reward": 0.25,
+        "rejected_reward": -0.5,
+        "margin": 0.75,
+    }
 
 
 def test_cancel_of_a_running_run_is_a_request(home):

@@ -27,8 +27,13 @@ class Host:
         self.name = name
         self.home = root / name
         self.home.mkdir()
-        self.env = {**os.environ, "CHERRY_HOME": str(self.home), "CHERRY_HOST": name, "CHERRY_REDIS_URL": redis_url,
-                    "CHERRY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT)}
+        self.env = {
+            **os.environ,
+            "CHERRY_HOME": str(self.home),
+            "CHERRY_HOST": name,
+            "CHERRY_REDIS_URL": redis_url,
+            "CHERRY_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+        }
         self.env.pop("CHERRY_ARTIFACTS", None)
         self.worker: subprocess.Popen | None = None
 
@@ -42,8 +47,13 @@ class Host:
 
     def start_worker(self) -> None:
         log = open(self.home / f"worker-{time.monotonic_ns()}.log", "w")
-        self.worker = subprocess.Popen(CLI + ["worker", "--grace", "10"], env=self.env, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.worker = subprocess.Popen(
+            CLI + ["worker", "--grace", "10"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def crash(self, child_pid: int) -> None:
         """The machine vanishes: the worker and the run's process die at once, nothing gets to record it."""
@@ -65,8 +75,13 @@ class Follower:
     """`cherry metrics RUN --follow --json` on the laptop, its lines collected as they come."""
 
     def __init__(self, host: Host, run_id: str) -> None:
-        self.proc = subprocess.Popen(CLI + ["metrics", run_id, "--follow", "--json", "--interval", "0.3"],
-                                     env=host.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            CLI + ["metrics", run_id, "--follow", "--json", "--interval", "0.3"],
+            env=host.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.rows: list[dict] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -98,8 +113,10 @@ def test_two_worker_hosts_and_a_laptop_share_only_redis(machines, tiny_model_dir
         if name.startswith("CHERRY_"):
             monkeypatch.setenv(name, value)
     jobs = Jobs(laptop.home)  # submitting in-process is `cherry submit` without a Python start per run
-    long_runs = [jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, name=f"long-{i}", max_steps=100_000, save_steps=50))
-                 for i in range(2)]
+    long_runs = [
+        jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, name=f"long-{i}", max_steps=100_000, save_steps=50))
+        for i in range(2)
+    ]
     gpu_a.start_worker()
     gpu_b.start_worker()
 

@@ -34,8 +34,14 @@ def hosts(tmp_path, redis_url, monkeypatch):
 
 
 def new_run(store: Store, run_id: str = "r1", **fields) -> None:
-    store.create_run(run_id, {"algorithm": "dpo", "model": "m", "dataset": "d"}, name=run_id, out_dir=None,
-                     planned_dir=f"/submitter/{run_id}", **fields)
+    store.create_run(
+        run_id,
+        {"algorithm": "dpo", "model": "m", "dataset": "d"},
+        name=run_id,
+        out_dir=None,
+        planned_dir=f"/submitter/{run_id}",
+        **fields,
+    )
 
 
 def test_without_redis_the_store_is_the_single_machine_sqlite_store(tmp_path, monkeypatch):
@@ -114,7 +120,9 @@ def test_a_front_end_ingests_every_event_once_and_resumes_where_it_stopped(hosts
     assert {r["step"]: r["value"] for r in rows} == expected and len(rows) == 40
     assert submitter.get_run("r1").step == 40
     assert submitter.samples("r1") == []  # the samples at step 50 were rewound away
-    assert [e["kind"] for e in submitter.events("r1")] == ["resume"] and submitter.events("r1")[0]["data"] == {"step": 30}
+    assert [e["kind"] for e in submitter.events("r1")] == ["resume"] and submitter.events("r1")[0]["data"] == {
+        "step": 30
+    }
     assert submitter.log_text("r1") == "line one\nline two\n"
 
     # Re-reading the whole stream (a second process of the same host, its position not yet known to it)
@@ -208,8 +216,9 @@ def test_queued_runs_survive_a_redis_restart(hosts, redis_url, monkeypatch, tiny
     assert jobs.requeue_lost() == []
 
 
-def test_a_wiped_redis_gets_back_the_runs_a_host_knows_and_their_queue(hosts, redis_url, monkeypatch, tiny_model_dir,
-                                                                     tiny_pairs, tmp_path):
+def test_a_wiped_redis_gets_back_the_runs_a_host_knows_and_their_queue(
+    hosts, redis_url, monkeypatch, tiny_model_dir, tiny_pairs, tmp_path
+):
     from jobs.runs import Jobs
     from tests.e2e.test_jobs import tiny_spec
 
@@ -228,8 +237,9 @@ def test_a_wiped_redis_gets_back_the_runs_a_host_knows_and_their_queue(hosts, re
     assert [r.id for r in hosts("other").list_runs()] == [queued.id, done.id]
 
 
-def test_a_chained_run_goes_to_the_host_holding_its_parents_output(hosts, redis_url, monkeypatch, tiny_model_dir,
-                                                                    tiny_pairs, tmp_path):
+def test_a_chained_run_goes_to_the_host_holding_its_parents_output(
+    hosts, redis_url, monkeypatch, tiny_model_dir, tiny_pairs, tmp_path
+):
     from engine.spec import resolve_spec
     from jobs.runs import Jobs
     from tests.e2e.test_jobs import tiny_spec

@@ -14,9 +14,24 @@ from engine.train import train
 
 def dpo_spec(model_dir, data, **overrides):
     values = dict(
-        algorithm="dpo", model=str(model_dir), dataset=str(data), lr=5e-3, beta=0.5, batch_size=8, max_steps=12,
-        eval_split=0.2, eval_steps=6, sample_steps=6, save_steps=4, num_samples=2, kl_samples=4, max_new_tokens=6,
-        max_length=64, max_prompt_length=32, warmup_ratio=0.0, num_threads=1,
+        algorithm="dpo",
+        model=str(model_dir),
+        dataset=str(data),
+        lr=5e-3,
+        beta=0.5,
+        batch_size=8,
+        max_steps=12,
+        eval_split=0.2,
+        eval_steps=6,
+        sample_steps=6,
+        save_steps=4,
+        num_samples=2,
+        kl_samples=4,
+        max_new_tokens=6,
+        max_length=64,
+        max_prompt_length=32,
+        warmup_ratio=0.0,
+        num_threads=1,
     )
     values.update(overrides)
     return build_spec(values)
@@ -89,7 +104,9 @@ class _RunsCode:
 
 
 @pytest.mark.parametrize("damage", ["state_truncated", "state_runs_code", "weights_truncated"])
-def test_a_damaged_checkpoint_is_set_aside_and_resume_continues_from_the_one_before(tiny_model_dir, tiny_pairs, tmp_path, damage):
+def test_a_damaged_checkpoint_is_set_aside_and_resume_continues_from_the_one_before(
+    tiny_model_dir, tiny_pairs, tmp_path, damage
+):
     spec = dpo_spec(tiny_model_dir, tiny_pairs, max_steps=8, save_steps=4, eval_steps=0, sample_steps=0)
     run = tmp_path / "run"
     straight = MemoryReporter()
@@ -127,7 +144,11 @@ def test_checkpoint_state_loads_without_pickle(tiny_model_dir, tiny_pairs, tmp_p
 
     from engine.train import read_checkpoint_state
 
-    train(dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0), tmp_path / "run", MemoryReporter())
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0),
+        tmp_path / "run",
+        MemoryReporter(),
+    )
     saved = read_checkpoint_state(tmp_path / "run" / "checkpoints" / "step-0000002")
     assert saved["state"]["step"] == 2 and saved["optimizer"]["state"] and saved["scheduler"]["last_epoch"] == 2
     random.setstate(saved["rng"]["python"])  # a list anywhere inside would raise TypeError here
@@ -179,24 +200,43 @@ def test_precomputed_reference_logps_are_cached_and_give_the_same_losses(tiny_mo
     train(dpo_spec(tiny_model_dir, tiny_pairs, **common), tmp_path / "live", live)
     cache = tmp_path / "cache"
     first = MemoryReporter()
-    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre1", first, cache_dir=cache)
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common),
+        tmp_path / "pre1",
+        first,
+        cache_dir=cache,
+    )
     files = list((cache / "ref_logps").iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"  # tensors only: reading it runs no code
     stamp = files[0].stat().st_mtime_ns
     second = MemoryReporter()
-    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre2", second, cache_dir=cache)
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common),
+        tmp_path / "pre2",
+        second,
+        cache_dir=cache,
+    )
     assert files[0].stat().st_mtime_ns == stamp  # reused, not recomputed
     assert first.series("train/loss") == pytest.approx(live.series("train/loss"), abs=1e-6)
     assert second.series("train/loss") == first.series("train/loss")
     # a cache cut short (a shared home, a full disk) is computed again and replaced, never trusted
     files[0].write_bytes(files[0].read_bytes()[:40])
     third = MemoryReporter()
-    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre4", third, cache_dir=cache)
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common),
+        tmp_path / "pre4",
+        third,
+        cache_dir=cache,
+    )
     assert third.series("train/loss") == first.series("train/loss")
     assert files[0].stat().st_size > 40
     # different data -> a different key
-    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, max_rows=30, **common), tmp_path / "pre3",
-          MemoryReporter(), cache_dir=cache)
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, max_rows=30, **common),
+        tmp_path / "pre3",
+        MemoryReporter(),
+        cache_dir=cache,
+    )
     assert len(list((cache / "ref_logps").glob("*.safetensors"))) == 2
 
 
@@ -206,8 +246,12 @@ def test_kto_with_precomputed_reference_logps_gives_the_same_losses(tiny_model_d
     common = dict(algorithm="kto", max_steps=3, eval_steps=0, sample_steps=0, save_steps=100)
     live, pre = MemoryReporter(), MemoryReporter()
     train(dpo_spec(tiny_model_dir, tiny_pairs, **common), tmp_path / "live", live)
-    train(dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common), tmp_path / "pre", pre,
-          cache_dir=tmp_path / "cache")
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, precompute_ref_logps=True, **common),
+        tmp_path / "pre",
+        pre,
+        cache_dir=tmp_path / "cache",
+    )
     assert pre.series("train/loss") == pytest.approx(live.series("train/loss"), abs=1e-6)
     assert pre.series("kl") == pytest.approx(live.series("kl"), abs=1e-6)
 
@@ -219,8 +263,15 @@ def test_export_merges_a_lora_adapter_into_full_weights(tiny_model_dir, tiny_pai
 
     from tuiapp.cli import app
 
-    spec = dpo_spec(tiny_model_dir, tiny_pairs, lr=2e-2, max_steps=4, eval_steps=0, sample_steps=0,
-                    **{"lora.r": 4, "lora.target_modules": "q_proj,v_proj"})
+    spec = dpo_spec(
+        tiny_model_dir,
+        tiny_pairs,
+        lr=2e-2,
+        max_steps=4,
+        eval_steps=0,
+        sample_steps=0,
+        **{"lora.r": 4, "lora.target_modules": "q_proj,v_proj"},
+    )
     train(spec, tmp_path / "run", MemoryReporter())
     runner = CliRunner()
     refused = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
@@ -237,26 +288,59 @@ def test_export_merges_a_lora_adapter_into_full_weights(tiny_model_dir, tiny_pai
 
 @pytest.mark.parametrize("algorithm", ["sft", "simpo", "orpo", "kto"])
 def test_every_method_trains_with_lora(algorithm, tiny_model_dir, tiny_pairs, tmp_path):
-    spec = dpo_spec(tiny_model_dir, tiny_pairs, algorithm=algorithm, lr=1e-2, max_steps=3, eval_steps=0, sample_steps=0,
-                    **{"lora.r": 4})
+    spec = dpo_spec(
+        tiny_model_dir,
+        tiny_pairs,
+        algorithm=algorithm,
+        lr=1e-2,
+        max_steps=3,
+        eval_steps=0,
+        sample_steps=0,
+        **{"lora.r": 4},
+    )
     reporter = MemoryReporter()
     summary = train(spec, tmp_path / algorithm, reporter)
     assert summary["status"] == "completed" and len(reporter.series("train/loss")) == 3
     assert (tmp_path / algorithm / "final" / "adapter_config.json").exists()
 
 
-PAIR_METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected",
-                "logits/chosen", "logits/rejected", "policy/entropy", "lengths/chosen", "lengths/rejected"]
+PAIR_METRICS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "policy/entropy",
+    "lengths/chosen",
+    "lengths/rejected",
+]
 SPEC_METRICS = {  # docs/algorithms.md: what the DPO family, KTO and ORPO log
     "dpo": ({}, PAIR_METRICS),
     "ipo": ({"loss_type": "ipo"}, PAIR_METRICS),
     "rpo": ({"rpo_alpha": 1.0}, PAIR_METRICS + ["nll_loss"]),
     "simpo": ({"algorithm": "simpo"}, PAIR_METRICS),
     "orpo": ({"algorithm": "orpo"}, PAIR_METRICS + ["nll_loss", "or_loss", "log_odds_ratio", "log_odds_chosen"]),
-    "kto": ({"algorithm": "kto"}, PAIR_METRICS[:2] + ["rewards/margin", "logps/chosen", "logps/rejected", "kl",
-                                                     "count/desirable", "count/undesirable", "kto/desirable_fraction",
-                                                     "logits/chosen", "logits/rejected", "policy/entropy",
-                                                     "lengths/chosen", "lengths/rejected"]),
+    "kto": (
+        {"algorithm": "kto"},
+        PAIR_METRICS[:2]
+        + [
+            "rewards/margin",
+            "logps/chosen",
+            "logps/rejected",
+            "kl",
+            "count/desirable",
+            "count/undesirable",
+            "kto/desirable_fraction",
+            "logits/chosen",
+            "logits/rejected",
+            "policy/entropy",
+            "lengths/chosen",
+            "lengths/rejected",
+        ],
+    ),
 }
 
 
@@ -268,8 +352,11 @@ def test_each_method_logs_the_metrics_its_paper_section_lists(method, tiny_model
 
     overrides, names = SPEC_METRICS[method]
     reporter = MemoryReporter()
-    train(dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0, save_steps=100, **overrides),
-          tmp_path / method, reporter)
+    train(
+        dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0, save_steps=100, **overrides),
+        tmp_path / method,
+        reporter,
+    )
     for name in names:
         assert len(reporter.series(name)) == 2, f"{method}: train {name}"
         assert len(reporter.series(f"eval/{name}")) == 2, f"{method}: eval/{name} (start and end)"
@@ -287,11 +374,11 @@ def test_inverse_sqrt_schedule_by_hand():
     from engine.loop.schedule import lr_factor
 
     # warmup 4: 1/4, 2/4, 3/4, 1, then sqrt(4 / s) at the 1-based step s; total_steps does not matter
-    expected = [0.25, 0.5, 0.75, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5, (4 / 7) ** 0.5, 0.5 ** 0.5]
+    expected = [0.25, 0.5, 0.75, 1.0, (4 / 5) ** 0.5, (4 / 6) ** 0.5, (4 / 7) ** 0.5, 0.5**0.5]
     for total in (8, 1000):
         assert [lr_factor(step, total, 4, "inverse_sqrt") for step in range(8)] == pytest.approx(expected)
     assert lr_factor(15, 20, 4, "inverse_sqrt") == pytest.approx(0.5)  # half at 4x the warmup
-    assert [lr_factor(step, 10, 0, "inverse_sqrt") for step in range(4)] == pytest.approx([1, 0.5 ** 0.5, 3 ** -0.5, 0.5])
+    assert [lr_factor(step, 10, 0, "inverse_sqrt") for step in range(4)] == pytest.approx([1, 0.5**0.5, 3**-0.5, 0.5])
     # the other kinds are unchanged
     assert [lr_factor(step, 6, 2, "linear") for step in range(6)] == pytest.approx([0.5, 1, 1, 0.75, 0.5, 0.25])
     assert lr_factor(5, 6, 2, "constant") == 1.0
@@ -303,8 +390,19 @@ def test_inverse_sqrt_is_a_valid_setting_and_drives_the_logged_lr(tiny_model_dir
     with pytest.raises(SpecError, match="lr_scheduler must be one of linear, cosine, constant, inverse_sqrt"):
         dpo_spec(tiny_model_dir, tiny_pairs, lr_scheduler="rsqrt")
     reporter = MemoryReporter()
-    spec = dpo_spec(tiny_model_dir, tiny_pairs, algorithm="orpo", lr_scheduler="inverse_sqrt", lr=1e-3, warmup_ratio=0.25,
-                    max_steps=8, eval_steps=0, sample_steps=0, save_steps=100, eval_split=0.0)
+    spec = dpo_spec(
+        tiny_model_dir,
+        tiny_pairs,
+        algorithm="orpo",
+        lr_scheduler="inverse_sqrt",
+        lr=1e-3,
+        warmup_ratio=0.25,
+        max_steps=8,
+        eval_steps=0,
+        sample_steps=0,
+        save_steps=100,
+        eval_split=0.0,
+    )
     train(spec, tmp_path / "run", reporter)
     expected = [0.5, 1.0] + [(2 / s) ** 0.5 for s in range(3, 9)]  # warmup int(0.25 * 8) = 2 steps
     assert reporter.series("train/lr") == pytest.approx([1e-3 * f for f in expected])
@@ -316,8 +414,19 @@ def test_warmup_steps_override_the_ratio(tiny_model_dir, tiny_pairs, tmp_path):
     with pytest.raises(SpecError, match="warmup_steps must be >= 0"):
         dpo_spec(tiny_model_dir, tiny_pairs, warmup_steps=-1)
     reporter = MemoryReporter()
-    spec = dpo_spec(tiny_model_dir, tiny_pairs, lr_scheduler="constant", lr=1e-3, warmup_ratio=0.5, warmup_steps=3,
-                    max_steps=5, eval_steps=0, sample_steps=0, save_steps=100, eval_split=0.0)
+    spec = dpo_spec(
+        tiny_model_dir,
+        tiny_pairs,
+        lr_scheduler="constant",
+        lr=1e-3,
+        warmup_ratio=0.5,
+        warmup_steps=3,
+        max_steps=5,
+        eval_steps=0,
+        sample_steps=0,
+        save_steps=100,
+        eval_split=0.0,
+    )
     train(spec, tmp_path / "run", reporter)
     # 3 warmup steps (not the ratio's int(0.5 * 5) = 2): 1/3, 2/3, 1, then constant
     assert reporter.series("train/lr") == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])

@@ -143,7 +143,7 @@ FILE_KINDS = ["jsonl", "json", "json_lines_in_json", "csv", "tsv", "parquet", "s
 def test_load_rows_reads_every_file_type_as_plain_python(tmp_path, file_kind):
     rows = [
         {"prompt": "2+2=", "completion": "4", "label": True},
-        {"prompt": "say \"hi\",\nplease", "completion": "héllo\u2028world", "label": False},
+        {"prompt": 'say "hi",\nplease', "completion": "héllo\u2028world", "label": False},
     ]
     loaded = load_rows(write_rows(rows, tmp_path, file_kind))
     assert loaded == rows
@@ -196,11 +196,16 @@ def test_csv_and_tsv_text_columns_are_text_even_when_they_look_like_numbers(tmp_
     path = tmp_path / f"sums{suffix}"
     lines = ["prompt,chosen,rejected", "12+53=,65,75", "1+1=,02,2.0", "NA?,NA,null"]
     path.write_text("".join(line.replace(",", sep) + "\n" for line in lines), encoding="utf-8")
-    assert load_rows(str(path))[:2] == [{"prompt": "12+53=", "chosen": "65", "rejected": "75"},
-                                        {"prompt": "1+1=", "chosen": "02", "rejected": "2.0"}]
+    assert load_rows(str(path))[:2] == [
+        {"prompt": "12+53=", "chosen": "65", "rejected": "75"},
+        {"prompt": "1+1=", "chosen": "02", "rejected": "2.0"},
+    ]
     out = prepare(str(path), tok, kind="preference", eval_split=0)
     assert [(ex["prompt"], ex["chosen"], ex["rejected"]) for ex in out.train] == [
-        ("12+53=", "65", "75"), ("1+1=", "02", "2.0"), ("NA?", "NA", "null")]
+        ("12+53=", "65", "75"),
+        ("1+1=", "02", "2.0"),
+        ("NA?", "NA", "null"),
+    ]
 
 
 def test_a_json_number_in_a_text_column_stays_an_error(tmp_path, tok):
@@ -330,15 +335,21 @@ def test_hub_success_goes_through_load_dataset(monkeypatch):
 
 PLAIN_CASES = {
     "preference": (
-        [{"prompt": "Q1", "chosen": "good", "rejected": "bad", "extra": 7},
-         {"prompt": "Q2", "chosen": "yes", "rejected": "no", "extra": 8}],
+        [
+            {"prompt": "Q1", "chosen": "good", "rejected": "bad", "extra": 7},
+            {"prompt": "Q2", "chosen": "yes", "rejected": "no", "extra": 8},
+        ],
         [{"prompt": "Q1", "chosen": "good", "rejected": "bad"}, {"prompt": "Q2", "chosen": "yes", "rejected": "no"}],
     ),
     "preference_implicit": (
-        [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"},
-         {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}],
-        [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello there", "rejected": " Go away"},
-         {"prompt": "\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"}],
+        [
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"},
+            {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"},
+        ],
+        [
+            {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello there", "rejected": " Go away"},
+            {"prompt": "\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"},
+        ],
     ),
     "unpaired": (
         [{"prompt": "Q1", "completion": "good", "label": True}, {"prompt": "Q2", "completion": "bad", "label": False}],
@@ -349,13 +360,27 @@ PLAIN_CASES = {
         [{"prompt": "Q1", "completion": "A1"}, {"prompt": "Q2", "completion": "A2"}],
     ),
     "messages": (
-        [{"messages": [user("hi"), assistant("yo")]},
-         {"messages": [{"role": "system", "content": "be nice"}, user("a"), assistant("b"), user("c"), assistant("d")]}],
-        [{"prompt": "<|user|>hi<|end|><|assistant|>", "completion": "yo<|end|>"},
-         # SFT on a conversation: the completion runs from the first assistant turn (only its
-         # assistant turns carry loss: see test_multi_turn_sft_masks_every_assistant_turn)
-         {"prompt": "<|system|>be nice<|end|><|user|>a<|end|><|assistant|>",
-          "completion": "b<|end|><|user|>c<|end|><|assistant|>d<|end|>"}],
+        [
+            {"messages": [user("hi"), assistant("yo")]},
+            {
+                "messages": [
+                    {"role": "system", "content": "be nice"},
+                    user("a"),
+                    assistant("b"),
+                    user("c"),
+                    assistant("d"),
+                ]
+            },
+        ],
+        [
+            {"prompt": "<|user|>hi<|end|><|assistant|>", "completion": "yo<|end|>"},
+            # SFT on a conversation: the completion runs from the first assistant turn (only its
+            # assistant turns carry loss: see test_multi_turn_sft_masks_every_assistant_turn)
+            {
+                "prompt": "<|system|>be nice<|end|><|user|>a<|end|><|assistant|>",
+                "completion": "b<|end|><|user|>c<|end|><|assistant|>d<|end|>",
+            },
+        ],
     ),
     "text": (
         [{"text": "hello world"}, {"text": "second"}],
@@ -374,8 +399,12 @@ def test_cases_cover_every_format():
 
 @pytest.mark.parametrize(
     "fmt, file_kind",
-    [(fmt, kind) for fmt in PLAIN_CASES for kind in ("jsonl", "json", "csv", "tsv", "parquet", "saved")
-     if not (fmt == "messages" and kind in ("csv", "tsv"))],  # CSV cells cannot hold message lists
+    [
+        (fmt, kind)
+        for fmt in PLAIN_CASES
+        for kind in ("jsonl", "json", "csv", "tsv", "parquet", "saved")
+        if not (fmt == "messages" and kind in ("csv", "tsv"))
+    ],  # CSV cells cannot hold message lists
 )
 def test_every_format_from_every_file_type(tmp_path, tok, fmt, file_kind):
     rows, expected = PLAIN_CASES[fmt]
@@ -383,13 +412,25 @@ def test_every_format_from_every_file_type(tmp_path, tok, fmt, file_kind):
     kind = KIND_OF_FORMAT[fmt]
     out = prepare(path, tok, kind=kind, eval_split=0)
     assert (out.format, out.conversational) == (fmt, fmt == "messages")
-    text_keys = {"preference": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
-                 "sft": ("prompt", "completion"), "prompt": ("prompt", "answer")}[kind]
+    text_keys = {
+        "preference": ("prompt", "chosen", "rejected"),
+        "unpaired": ("prompt", "completion", "label"),
+        "sft": ("prompt", "completion"),
+        "prompt": ("prompt", "answer"),
+    }[kind]
     assert [{k: ex[k] for k in text_keys} for ex in out.train] == expected
     assert [ex["index"] for ex in out.train] == [0, 1]
     assert out.eval == []
-    assert out.stats == {"rows": 2, "kept": 2, "dropped_empty": 0, "dropped_identical": 0,
-                         "dropped_overlong": 0, "truncated": 0, "train": 2, "eval": 0}
+    assert out.stats == {
+        "rows": 2,
+        "kept": 2,
+        "dropped_empty": 0,
+        "dropped_identical": 0,
+        "dropped_overlong": 0,
+        "truncated": 0,
+        "train": 2,
+        "eval": 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,11 +442,15 @@ def test_every_format_from_every_file_type(tmp_path, tok, fmt, file_kind):
     [
         ({"prompt": "p", "chosen": "c", "rejected": "r"}, ("preference", False)),
         ({"prompt": [user("p")], "chosen": [assistant("c")], "rejected": [assistant("r")]}, ("preference", True)),
-        ({"prompt": "p", "chosen": [user("p"), assistant("c")], "rejected": [user("p"), assistant("r")]},
-         ("preference", True)),
+        (
+            {"prompt": "p", "chosen": [user("p"), assistant("c")], "rejected": [user("p"), assistant("r")]},
+            ("preference", True),
+        ),
         ({"chosen": "Human: hi Assistant: a", "rejected": "Human: hi Assistant: b"}, ("preference_implicit", False)),
-        ({"chosen": [user("hi"), assistant("a")], "rejected": [user("hi"), assistant("b")]},
-         ("preference_implicit", True)),
+        (
+            {"chosen": [user("hi"), assistant("a")], "rejected": [user("hi"), assistant("b")]},
+            ("preference_implicit", True),
+        ),
         ({"prompt": "p", "completion": "c", "label": False}, ("unpaired", False)),
         ({"prompt": [user("p")], "completion": [assistant("c")], "label": 1}, ("unpaired", True)),
         ({"prompt": "p", "completion": "c"}, ("sft", False)),
@@ -449,7 +494,9 @@ def test_unknown_columns_and_typo_suggestions():
     with pytest.raises(DataError) as err:
         detect_format([{"foo": 1, "bar": 2}])
     msg = message_error(err)
-    assert msg.startswith("no known dataset format matches the columns found: foo, bar. Expected the columns of one of:")
+    assert msg.startswith(
+        "no known dataset format matches the columns found: foo, bar. Expected the columns of one of:"
+    )
     with pytest.raises(DataError) as err:
         detect_format([{"promt": "p", "completions": "c"}])
     assert "did you mean 'prompt' instead of 'promt', 'completion' instead of 'completions'?" in str(err.value)
@@ -467,8 +514,9 @@ def test_wrong_value_type_names_column_and_row():
     with pytest.raises(DataError, match="column 'messages' holds str 'hi'; expected a list of"):
         detect_format([{"messages": "hi"}])
     with pytest.raises(DataError, match=r"row 1: column 'completion' holds list \['a'\]"):
-        prepare([{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ["a"]}],
-                build_tokenizer(), kind="sft")
+        prepare(
+            [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ["a"]}], build_tokenizer(), kind="sft"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,8 +568,13 @@ def test_implicit_prompt_backs_off_to_a_word_boundary(chosen, rejected, expected
 
 
 def test_conversational_preference_renders_with_chat_template(tok, enc, EOS):
-    rows = [{"prompt": [{"role": "system", "content": "sys"}, user("hi")],
-             "chosen": [assistant("yo")], "rejected": [assistant("go")]}]
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "sys"}, user("hi")],
+            "chosen": [assistant("yo")],
+            "rejected": [assistant("go")],
+        }
+    ]
     out = prepare(rows, tok, kind="preference", eval_split=0)
     ex = out.train[0]
     assert (out.format, out.conversational) == ("preference", True)
@@ -535,8 +588,12 @@ def test_conversational_preference_renders_with_chat_template(tok, enc, EOS):
 
 
 def test_conversational_implicit_pairs(tok):
-    rows = [{"chosen": [user("a"), assistant("b"), user("c"), assistant("good")],
-             "rejected": [user("a"), assistant("b"), user("c"), assistant("bad")]}]
+    rows = [
+        {
+            "chosen": [user("a"), assistant("b"), user("c"), assistant("good")],
+            "rejected": [user("a"), assistant("b"), user("c"), assistant("bad")],
+        }
+    ]
     ex = prepare(rows, tok, kind="preference", eval_split=0).train[0]
     assert ex["prompt"] == "<|user|>a<|end|><|assistant|>b<|end|><|user|>c<|end|><|assistant|>"
     assert (ex["chosen"], ex["rejected"]) == ("good<|end|>", "bad<|end|>")
@@ -544,8 +601,10 @@ def test_conversational_implicit_pairs(tok):
 
 
 def test_conversational_implicit_pairs_with_different_prompts_fail(tok):
-    rows = [{"chosen": [user("a"), assistant("x")], "rejected": [user("a"), assistant("x")]},
-            {"chosen": [user("a"), assistant("x")], "rejected": [user("b"), assistant("y")]}]
+    rows = [
+        {"chosen": [user("a"), assistant("x")], "rejected": [user("a"), assistant("x")]},
+        {"chosen": [user("a"), assistant("x")], "rejected": [user("b"), assistant("y")]},
+    ]
     with pytest.raises(DataError) as err:
         prepare(rows, tok, kind="preference")
     assert message_error(err).startswith("row 1: chosen and rejected conversations differ before their last")
@@ -575,13 +634,23 @@ def test_messages_without_assistant_turn_are_dropped_as_empty(tok):
 
 def test_text_format_prompt_is_bos_only(tok, enc, BOS, EOS):
     ex = prepare([{"text": "hello"}], tok, kind="sft", eval_split=0).train[0]
-    assert ex == {"index": 0, "prompt_ids": [BOS], "completion_ids": enc("hello") + [EOS],
-                  "prompt": "", "completion": "hello", "messages": None}
+    assert ex == {
+        "index": 0,
+        "prompt_ids": [BOS],
+        "completion_ids": enc("hello") + [EOS],
+        "prompt": "",
+        "completion": "hello",
+        "messages": None,
+    }
 
 
 def test_eos_appended_exactly_once(tok, enc, EOS):
-    out = prepare([{"prompt": "p", "completion": "done</s>"}, {"prompt": "p", "completion": "more"}],
-                  tok, kind="sft", eval_split=0)
+    out = prepare(
+        [{"prompt": "p", "completion": "done</s>"}, {"prompt": "p", "completion": "more"}],
+        tok,
+        kind="sft",
+        eval_split=0,
+    )
     assert out.train[0]["completion_ids"] == enc("done") + [EOS]
     assert out.train[1]["completion_ids"] == enc("more") + [EOS]
 
@@ -634,8 +703,14 @@ def test_chat_template_error_is_a_data_error():
 
 
 def test_prompt_truncation_keeps_the_end_and_the_bos(tok, enc, BOS, EOS):
-    out = prepare([{"prompt": "abcdefghij", "completion": "xy"}], tok, kind="sft",
-                  max_prompt_length=5, max_length=100, eval_split=0)
+    out = prepare(
+        [{"prompt": "abcdefghij", "completion": "xy"}],
+        tok,
+        kind="sft",
+        max_prompt_length=5,
+        max_length=100,
+        eval_split=0,
+    )
     ex = out.train[0]
     assert ex["prompt_ids"] == [BOS] + enc("ghij")
     assert ex["completion_ids"] == enc("xy") + [EOS]
@@ -650,8 +725,14 @@ def test_conversational_prompt_truncation_keeps_the_end(tok, enc):
 
 
 def test_completion_truncation_cuts_from_the_right_without_eos(tok, enc, BOS):
-    out = prepare([{"prompt": "ab", "chosen": "0123456789", "rejected": "xyz"}], tok, kind="preference",
-                  max_length=8, max_prompt_length=4, eval_split=0)
+    out = prepare(
+        [{"prompt": "ab", "chosen": "0123456789", "rejected": "xyz"}],
+        tok,
+        kind="preference",
+        max_length=8,
+        max_prompt_length=4,
+        eval_split=0,
+    )
     ex = out.train[0]
     assert ex["prompt_ids"] == [BOS] + enc("ab")
     assert ex["chosen_ids"] == enc("01234")  # 3 prompt + 5 = max_length; EOS cut off
@@ -660,8 +741,14 @@ def test_completion_truncation_cuts_from_the_right_without_eos(tok, enc, BOS):
 
 
 def test_preference_prompt_and_completions_truncated_together(tok, enc, BOS):
-    out = prepare([{"prompt": "abcdefgh", "chosen": "0123456789", "rejected": "ABCDEFGHIJ"}], tok,
-                  kind="preference", max_length=10, max_prompt_length=4, eval_split=0)
+    out = prepare(
+        [{"prompt": "abcdefgh", "chosen": "0123456789", "rejected": "ABCDEFGHIJ"}],
+        tok,
+        kind="preference",
+        max_length=10,
+        max_prompt_length=4,
+        eval_split=0,
+    )
     ex = out.train[0]
     assert ex["prompt_ids"] == [BOS] + enc("fgh")
     assert ex["chosen_ids"] == enc("012345") and ex["rejected_ids"] == enc("ABCDEF")
@@ -669,13 +756,23 @@ def test_preference_prompt_and_completions_truncated_together(tok, enc, BOS):
 
 
 def test_overlong_drop_mode(tok):
-    rows = [{"prompt": "ab", "completion": "0123456789"},     # completion too long
-            {"prompt": "abcdefghij", "completion": "x"},       # prompt too long
-            {"prompt": "ab", "completion": "xy"}]              # fits: 3 + 3
+    rows = [
+        {"prompt": "ab", "completion": "0123456789"},  # completion too long
+        {"prompt": "abcdefghij", "completion": "x"},  # prompt too long
+        {"prompt": "ab", "completion": "xy"},
+    ]  # fits: 3 + 3
     out = prepare(rows, tok, kind="sft", max_length=8, max_prompt_length=4, overlong="drop", eval_split=0)
     assert [ex["completion"] for ex in out.train] == ["xy"]
-    assert out.stats == {"rows": 3, "kept": 1, "dropped_empty": 0, "dropped_identical": 0,
-                         "dropped_overlong": 2, "truncated": 0, "train": 1, "eval": 0}
+    assert out.stats == {
+        "rows": 3,
+        "kept": 1,
+        "dropped_empty": 0,
+        "dropped_identical": 0,
+        "dropped_overlong": 2,
+        "truncated": 0,
+        "train": 1,
+        "eval": 0,
+    }
     out = prepare(rows, tok, kind="sft", max_length=8, max_prompt_length=4, eval_split=0)
     assert out.stats["truncated"] == 2 and out.stats["dropped_overlong"] == 0
 
@@ -688,28 +785,54 @@ def test_row_with_no_room_for_the_completion_is_dropped_when_truncating(tok):
 
 
 def test_drop_counts_and_summary(tok):
-    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
-            {"prompt": "p", "chosen": "same", "rejected": "same"},
-            {"prompt": "  ", "chosen": "a", "rejected": "b"},
-            {"prompt": "p", "chosen": "", "rejected": "b"},
-            {"prompt": "p", "chosen": None, "rejected": "b"},
-            {"prompt": "p", "chosen": "0123456789" * 3, "rejected": "b"},
-            {"prompt": "p" * 20, "chosen": "a", "rejected": "b"},
-            {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+        {"prompt": "  ", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "", "rejected": "b"},
+        {"prompt": "p", "chosen": None, "rejected": "b"},
+        {"prompt": "p", "chosen": "0123456789" * 3, "rejected": "b"},
+        {"prompt": "p" * 20, "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "c", "rejected": "d"},
+    ]
     out = prepare(rows, tok, kind="preference", max_length=12, max_prompt_length=30, eval_split=0)
-    assert out.stats == {"rows": 8, "kept": 3, "dropped_empty": 3, "dropped_identical": 1,
-                         "dropped_overlong": 1, "truncated": 1, "train": 3, "eval": 0}
+    assert out.stats == {
+        "rows": 8,
+        "kept": 3,
+        "dropped_empty": 3,
+        "dropped_identical": 1,
+        "dropped_overlong": 1,
+        "truncated": 1,
+        "train": 3,
+        "eval": 0,
+    }
     assert out.summary() == (
         "preference: 8 rows -> 3 train / 0 eval; dropped 1 identical, 3 empty, 1 over-long; truncated 1"
     )
 
 
 def test_summary_uses_thousands_separators():
-    out = data.PreparedData(format="preference", conversational=True, train=[], eval=[], kind="preference",
-                            stats={"rows": 2000, "kept": 1997, "dropped_empty": 0, "dropped_identical": 3,
-                                   "dropped_overlong": 0, "truncated": 5, "train": 1900, "eval": 97})
-    assert out.summary() == ("preference (conversational): 2,000 rows -> 1,900 train / 97 eval; "
-                             "dropped 3 identical, 0 empty, 0 over-long; truncated 5")
+    out = data.PreparedData(
+        format="preference",
+        conversational=True,
+        train=[],
+        eval=[],
+        kind="preference",
+        stats={
+            "rows": 2000,
+            "kept": 1997,
+            "dropped_empty": 0,
+            "dropped_identical": 3,
+            "dropped_overlong": 0,
+            "truncated": 5,
+            "train": 1900,
+            "eval": 97,
+        },
+    )
+    assert out.summary() == (
+        "preference (conversational): 2,000 rows -> 1,900 train / 97 eval; "
+        "dropped 3 identical, 0 empty, 0 over-long; truncated 5"
+    )
 
 
 def test_text_format_allows_empty_prompt_but_not_empty_text(tok):
@@ -767,36 +890,50 @@ def test_kind_mismatch_mentions_misspelt_label_column(tok):
 
 
 def test_preference_for_unpaired_splits_each_pair(tok, enc, EOS):
-    rows = [{"prompt": "p1", "chosen": "good", "rejected": "bad"},
-            {"prompt": "p2", "chosen": "same", "rejected": "same"},
-            {"prompt": "p3", "chosen": "yes", "rejected": "no"}]
+    rows = [
+        {"prompt": "p1", "chosen": "good", "rejected": "bad"},
+        {"prompt": "p2", "chosen": "same", "rejected": "same"},
+        {"prompt": "p3", "chosen": "yes", "rejected": "no"},
+    ]
     out = prepare(rows, tok, kind="unpaired", eval_split=0)
     assert [(ex["prompt"], ex["completion"], ex["label"]) for ex in out.train] == [
-        ("p1", "good", True), ("p1", "bad", False), ("p3", "yes", True), ("p3", "no", False),
+        ("p1", "good", True),
+        ("p1", "bad", False),
+        ("p3", "yes", True),
+        ("p3", "no", False),
     ]
     assert out.train[1]["completion_ids"] == enc("bad") + [EOS]
     assert [ex["index"] for ex in out.train] == [0, 1, 2, 3]
     assert out.stats["rows"] == 6 and out.stats["dropped_identical"] == 2
-    assert out.summary() == "preference as unpaired: 6 rows -> 4 train / 0 eval; dropped 2 identical, 0 empty, 0 over-long; truncated 0"
+    assert (
+        out.summary()
+        == "preference as unpaired: 6 rows -> 4 train / 0 eval; dropped 2 identical, 0 empty, 0 over-long; truncated 0"
+    )
 
 
 def test_implicit_pairs_for_unpaired(tok):
     rows = [{"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: bye"}]
     out = prepare(rows, tok, kind="unpaired", eval_split=0)
     assert [(ex["prompt"], ex["completion"], ex["label"]) for ex in out.train] == [
-        ("Human: hi Assistant:", " hello", True), ("Human: hi Assistant:", " bye", False),
+        ("Human: hi Assistant:", " hello", True),
+        ("Human: hi Assistant:", " bye", False),
     ]
 
 
 def test_unpaired_labels_accept_bools_and_0_1(tok):
-    rows = [{"prompt": "p", "completion": "a", "label": 1}, {"prompt": "p", "completion": "b", "label": False},
-            {"prompt": "p", "completion": "c", "label": 0}]
+    rows = [
+        {"prompt": "p", "completion": "a", "label": 1},
+        {"prompt": "p", "completion": "b", "label": False},
+        {"prompt": "p", "completion": "c", "label": 0},
+    ]
     out = prepare(rows, tok, kind="unpaired", eval_split=0)
     assert [ex["label"] for ex in out.train] == [True, False, False]
     assert all(type(ex["label"]) is bool for ex in out.train)
 
 
-@pytest.mark.parametrize("value, shown", [("yes", "str 'yes'"), (2, "int 2"), (None, "NoneType None"), (0.5, "float 0.5")])
+@pytest.mark.parametrize(
+    "value, shown", [("yes", "str 'yes'"), (2, "int 2"), (None, "NoneType None"), (0.5, "float 0.5")]
+)
 def test_non_boolean_label_names_row_and_value(tok, value, shown):
     rows = [{"prompt": "p", "completion": "a", "label": True}, {"prompt": "p", "completion": "b", "label": value}]
     with pytest.raises(DataError) as err:
@@ -814,10 +951,19 @@ def test_preference_for_sft_uses_chosen(tok):
 
 def test_prompt_kind_from_other_formats(tok, enc, BOS):
     plain = prepare([{"prompt": "p1", "chosen": "a", "rejected": "a", "answer": 7}], tok, kind="prompt", eval_split=0)
-    assert plain.train == [{"index": 0, "prompt_ids": [BOS] + enc("p1"), "prompt": "p1", "answer": "7", "messages": None}]
+    assert plain.train == [
+        {"index": 0, "prompt_ids": [BOS] + enc("p1"), "prompt": "p1", "answer": "7", "messages": None}
+    ]
 
-    conv = prepare([{"messages": [user("hi"), assistant("yo"), user("more?"), assistant("sure")]},
-                    {"messages": [user("just asking")]}], tok, kind="prompt", eval_split=0)
+    conv = prepare(
+        [
+            {"messages": [user("hi"), assistant("yo"), user("more?"), assistant("sure")]},
+            {"messages": [user("just asking")]},
+        ],
+        tok,
+        kind="prompt",
+        eval_split=0,
+    )
     assert [ex["prompt"] for ex in conv.train] == [
         "<|user|>hi<|end|><|assistant|>yo<|end|><|user|>more?<|end|><|assistant|>",
         "<|user|>just asking<|end|><|assistant|>",
@@ -825,11 +971,17 @@ def test_prompt_kind_from_other_formats(tok, enc, BOS):
     assert conv.train[0]["prompt_ids"] == enc(conv.train[0]["prompt"])
     assert conv.train[1]["messages"] == [user("just asking")] and conv.train[1]["answer"] is None
 
-    hh = prepare([{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}],
-                 tok, kind="prompt", eval_split=0)
+    hh = prepare(
+        [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}],
+        tok,
+        kind="prompt",
+        eval_split=0,
+    )
     assert hh.train[0]["prompt"] == "\n\nHuman: hi\n\nAssistant:"
-    assert hh.summary() == ("preference_implicit as prompt: 1 rows -> 1 train / 0 eval; "
-                            "dropped 0 identical, 0 empty, 0 over-long; truncated 0")
+    assert hh.summary() == (
+        "preference_implicit as prompt: 1 rows -> 1 train / 0 eval; "
+        "dropped 0 identical, 0 empty, 0 over-long; truncated 0"
+    )
 
 
 def test_prompt_kind_truncates_prompts_only(tok, enc, BOS):
@@ -867,8 +1019,17 @@ def test_split_is_deterministic_by_seed(tok):
     assert len(eval_prompts(3)) == 8
 
 
-@pytest.mark.parametrize("n, fraction, expected", [(2, 0.05, (1, 1)), (1, 0.5, (1, 0)), (10, 0.0, (10, 0)),
-                                                    (10, 0.05, (9, 1)), (100, 0.05, (95, 5)), (3, 0.9, (1, 2))])
+@pytest.mark.parametrize(
+    "n, fraction, expected",
+    [
+        (2, 0.05, (1, 1)),
+        (1, 0.5, (1, 0)),
+        (10, 0.0, (10, 0)),
+        (10, 0.05, (9, 1)),
+        (100, 0.05, (95, 5)),
+        (3, 0.9, (1, 2)),
+    ],
+)
 def test_split_edge_sizes(tok, n, fraction, expected):
     out = prepare(_rows(n), tok, kind="sft", eval_split=fraction)
     assert (len(out.train), len(out.eval)) == expected
@@ -897,8 +1058,16 @@ def test_eval_source(tmp_path, tok):
     out = prepare(_rows(6), tok, kind="sft", eval_source=path, eval_split=0.5)
     assert len(out.train) == 6 and [ex["index"] for ex in out.train] == list(range(6))
     assert [(ex["index"], ex["completion"]) for ex in out.eval] == [(0, "r1<|end|>")]
-    assert out.stats == {"rows": 8, "kept": 7, "dropped_empty": 1, "dropped_identical": 0,
-                         "dropped_overlong": 0, "truncated": 0, "train": 6, "eval": 1}
+    assert out.stats == {
+        "rows": 8,
+        "kept": 7,
+        "dropped_empty": 1,
+        "dropped_identical": 0,
+        "dropped_overlong": 0,
+        "truncated": 0,
+        "train": 6,
+        "eval": 1,
+    }
     assert out.format == "sft"
 
 
@@ -929,9 +1098,14 @@ def test_prepare_from_file_path(tmp_path, tok):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"max_length": 1}, "max_length"), ({"max_prompt_length": 0}, "max_prompt_length"),
-     ({"eval_split": 1.0}, "eval_split"), ({"eval_split": -0.1}, "eval_split"),
-     ({"overlong": "cut"}, "overlong"), ({"max_rows": 0}, "max_rows")],
+    [
+        ({"max_length": 1}, "max_length"),
+        ({"max_prompt_length": 0}, "max_prompt_length"),
+        ({"eval_split": 1.0}, "eval_split"),
+        ({"eval_split": -0.1}, "eval_split"),
+        ({"overlong": "cut"}, "overlong"),
+        ({"max_rows": 0}, "max_rows"),
+    ],
 )
 def test_bad_arguments(tok, kwargs, field):
     with pytest.raises(SpecError, match=f"^{field} must be"):
@@ -975,7 +1149,10 @@ def test_tokenisation_is_batched(tok):
 
 
 def test_preference_margin_column_passes_through_and_is_checked(tok):
-    rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "margin": 2}, {"prompt": "Q", "chosen": " c", "rejected": " d", "margin": 0.5}]
+    rows = [
+        {"prompt": "Q", "chosen": " a", "rejected": " b", "margin": 2},
+        {"prompt": "Q", "chosen": " c", "rejected": " d", "margin": 0.5},
+    ]
     out = prepare(rows, tok, kind="preference", eval_split=0)
     assert [ex["margin"] for ex in out.train] == [2.0, 0.5]
     with pytest.raises(DataError, match="row 0: 'margin' must be a number"):
@@ -983,7 +1160,10 @@ def test_preference_margin_column_passes_through_and_is_checked(tok):
 
 
 def test_safety_tag_passes_through_and_is_checked(tok):
-    rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "safety": True}, {"prompt": "R", "chosen": " c", "rejected": " d", "safety": 0}]
+    rows = [
+        {"prompt": "Q", "chosen": " a", "rejected": " b", "safety": True},
+        {"prompt": "R", "chosen": " c", "rejected": " d", "safety": 0},
+    ]
     out = prepare(rows, tok, kind="preference", eval_split=0)
     assert [ex["safety"] for ex in out.train] == [True, False]
     untagged = prepare([{"prompt": "Q", "chosen": " a", "rejected": " b"}], tok, kind="preference", eval_split=0)
@@ -993,8 +1173,14 @@ def test_safety_tag_passes_through_and_is_checked(tok):
 
 
 def test_multi_turn_sft_masks_every_assistant_turn(tok):
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bb"},
-                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "bb"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
     ex = prepare([row], tok, kind="sft", eval_split=0).train[0]
     pieces = [tok.decode([t]) for t in ex["completion_ids"]]
     taught = "".join(p for p, m in zip(pieces, ex["loss_mask"]) if m)

@@ -14,8 +14,15 @@ def model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -31,7 +38,9 @@ def test_matches_full_logits_path_with_padding(model):
     assert torch.allclose(fast.sums, naive.sums, atol=1e-5)
     assert torch.allclose(fast.means, naive.sums / torch.tensor([2.0, 5.0, 1.0]), atol=1e-5)
     # and against a hand-written per-row loop over the unpadded sequences
-    for row, (prompt, completion) in enumerate([([5, 6, 7, 8], [12, 13]), ([9], [14, 15, 16, 17, 18]), ([10, 11], [19])]):
+    for row, (prompt, completion) in enumerate(
+        [([5, 6, 7, 8], [12, 13]), ([9], [14, 15, 16, 17, 18]), ([10, 11], [19])]
+    ):
         ids = torch.tensor([prompt + completion])
         logps = model(ids).logits[0, :-1].log_softmax(-1)
         expected = sum(logps[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(completion))
@@ -40,8 +49,11 @@ def test_matches_full_logits_path_with_padding(model):
 
 def test_temperature_divides_logits(model):
     b = batch()
-    assert torch.allclose(completion_logps(model, **b, temperature=0.7).sums,
-                          full_logits_logps(model, **b, temperature=0.7).sums, atol=1e-5)
+    assert torch.allclose(
+        completion_logps(model, **b, temperature=0.7).sums,
+        full_logits_logps(model, **b, temperature=0.7).sums,
+        atol=1e-5,
+    )
 
 
 def test_lm_head_only_sees_completion_positions(model):
@@ -108,5 +120,7 @@ def test_stats_match_the_full_logits_path_and_change_nothing_else(model):
     # stats follow the temperature
     hot = completion_logps(model, **b, temperature=0.5, stats=True)
     assert torch.allclose(hot.token_logit_mean, fast.token_logit_mean / 0.5, atol=1e-5)
-    assert torch.allclose(hot.token_entropy, full_logits_logps(model, **b, temperature=0.5, stats=True).token_entropy, atol=1e-5)
+    assert torch.allclose(
+        hot.token_entropy, full_logits_logps(model, **b, temperature=0.5, stats=True).token_entropy, atol=1e-5
+    )
     assert fast.row_sums(torch.ones_like(fast.token_logps)).tolist() == [2.0, 5.0, 1.0]

@@ -126,7 +126,9 @@ def test_reward_eval_metrics_accuracy_per_margin_bucket():
     # more than MAX_MARGIN_BUCKETS distinct margins: quartiles by rank (9 pairs -> 3, 2, 2, 2)
     n = 9
     right = _t(*[1.0] * 5 + [0.0] * 4)  # the 5 smallest margins are right, the 4 largest wrong
-    m = reward_eval_metrics(right, _t(*[0.5] * n), torch.ones(n), torch.ones(n), margins=_t(*[0.1 * i for i in range(n)]))
+    m = reward_eval_metrics(
+        right, _t(*[0.5] * n), torch.ones(n), torch.ones(n), margins=_t(*[0.1 * i for i in range(n)])
+    )
     assert m["rewards/accuracy_margin_q1"] == 1.0
     assert m["rewards/accuracy_margin_q2"] == 1.0
     assert m["rewards/accuracy_margin_q3"] == 0.0

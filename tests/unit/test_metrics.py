@@ -15,7 +15,10 @@ def hand_logps() -> CompletionLogps:
     # 4 rows with 2, 1, 3 and 1 completion tokens
     rows = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     return CompletionLogps(
-        sums=torch.zeros(4), counts=torch.tensor([2, 1, 3, 1]), token_logps=torch.zeros(7), token_rows=rows,
+        sums=torch.zeros(4),
+        counts=torch.tensor([2, 1, 3, 1]),
+        token_logps=torch.zeros(7),
+        token_rows=rows,
         token_correct=torch.zeros(7, dtype=torch.bool),
         token_entropy=torch.tensor([0.5, 1.5, 2.0, 1.0, 1.0, 1.0, 3.0]),
         token_logit_mean=torch.tensor([1.0, 3.0, 5.0, -1.0, -2.0, -3.0, 4.0]),
@@ -39,15 +42,29 @@ def test_pairs_chosen_rows_first():
         "policy/entropy": (10.0, 7.0),  # token-weighted over both
     }
     assert averaged(metrics) == pytest.approx(
-        {"lengths/chosen": 1.5, "lengths/rejected": 2.0, "logits/chosen": 3.0, "logits/rejected": -0.5, "policy/entropy": 10 / 7}
+        {
+            "lengths/chosen": 1.5,
+            "lengths/rejected": 2.0,
+            "logits/chosen": 3.0,
+            "logits/rejected": -0.5,
+            "policy/entropy": 10 / 7,
+        }
     )
 
 
 def test_rows_in_neither_class_are_left_out_and_an_empty_class_adds_nothing():
     # KTO: rows 2 and 3 are the mismatched pairs for z0; row 0 desirable, row 1 undesirable
-    metrics = completion_metrics(hand_logps(), torch.tensor([True, False, False, False]), torch.tensor([False, True, False, False]))
+    metrics = completion_metrics(
+        hand_logps(), torch.tensor([True, False, False, False]), torch.tensor([False, True, False, False])
+    )
     assert averaged(metrics) == pytest.approx(
-        {"lengths/chosen": 2.0, "lengths/rejected": 1.0, "logits/chosen": 2.0, "logits/rejected": 5.0, "policy/entropy": 4 / 3}
+        {
+            "lengths/chosen": 2.0,
+            "lengths/rejected": 1.0,
+            "logits/chosen": 2.0,
+            "logits/rejected": 5.0,
+            "policy/entropy": 4 / 3,
+        }
     )
     none = torch.zeros(4, dtype=torch.bool)
     means = averaged(completion_metrics(hand_logps(), torch.tensor([True, True, True, True]), none))

@@ -27,7 +27,9 @@ def tok():
 
 def _ids(tok, prompts, completions, eos=True):
     prompt_ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    completion_ids = [tok(c, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []) for c in completions]
+    completion_ids = [
+        tok(c, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else []) for c in completions
+    ]
     return prompt_ids, completion_ids
 
 
@@ -40,40 +42,46 @@ def _score(reward, tok, prompts, completions, columns=None, eos=True):
 # Parsing
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("exact_match", ("exact_match", "")),
-    (" exact_match ", ("exact_match", "")),
-    ("regex:^\\d+$", ("regex", "^\\d+$")),
-    ("regex:a:b", ("regex", "a:b")),
-    ("length:200", ("length", "200")),
-    ("rm:runs/abc", ("rm", "runs/abc")),
-    ("rm:org/reward-model", ("rm", "org/reward-model")),
-    ("pkg.rewards:fmt", ("python", "pkg.rewards:fmt")),
-    ("path/to/file.py:score", ("python", "path/to/file.py:score")),
-    ("mod:Scorer.score", ("python", "mod:Scorer.score")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("exact_match", ("exact_match", "")),
+        (" exact_match ", ("exact_match", "")),
+        ("regex:^\\d+$", ("regex", "^\\d+$")),
+        ("regex:a:b", ("regex", "a:b")),
+        ("length:200", ("length", "200")),
+        ("rm:runs/abc", ("rm", "runs/abc")),
+        ("rm:org/reward-model", ("rm", "org/reward-model")),
+        ("pkg.rewards:fmt", ("python", "pkg.rewards:fmt")),
+        ("path/to/file.py:score", ("python", "path/to/file.py:score")),
+        ("mod:Scorer.score", ("python", "mod:Scorer.score")),
+    ],
+)
 def test_parse_accepts(text, expected):
     assert parse_reward_source(text) == expected
 
 
-@pytest.mark.parametrize("text, words", [
-    ("", "empty"),
-    ("   ", "empty"),
-    ("exact_match:x", "no argument"),
-    ("regex:(", "invalid regular expression"),
-    ("regex:", "regular expression is empty"),
-    ("length:0", "positive"),
-    ("length:-3", "positive"),
-    ("length:x", "whole number"),
-    ("length", "needs an argument"),
-    ("rm:", "rm needs a reward model"),
-    ("rm: ", "rm needs a reward model"),
-    ("mod:", "function name"),
-    (":fn", "module before the colon"),
-    ("mod:fn-x", "not a Python function name"),
-    ("a/b:fn", "neither an importable module"),
-    ("accuracy", "unknown reward source"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("exact_match:x", "no argument"),
+        ("regex:(", "invalid regular expression"),
+        ("regex:", "regular expression is empty"),
+        ("length:0", "positive"),
+        ("length:-3", "positive"),
+        ("length:x", "whole number"),
+        ("length", "needs an argument"),
+        ("rm:", "rm needs a reward model"),
+        ("rm: ", "rm needs a reward model"),
+        ("mod:", "function name"),
+        (":fn", "module before the colon"),
+        ("mod:fn-x", "not a Python function name"),
+        ("a/b:fn", "neither an importable module"),
+        ("accuracy", "unknown reward source"),
+    ],
+)
 def test_parse_refuses_with_a_message_naming_the_entry(text, words):
     with pytest.raises(SpecError) as err:
         parse_reward_source(text)
@@ -129,7 +137,7 @@ def test_exact_match_without_answer_column_names_it(tok):
 # ----------------------------------------------------------------------------------------------
 # User functions
 
-USER_CODE = textwrap.dedent('''
+USER_CODE = textwrap.dedent("""
     def scored(prompts, completions, **kwargs):
         return [float(len(ids)) + (10.0 if c == a else 0.0) + (100.0 if p == "hello" else 0.0)
                 for p, c, a, ids in zip(prompts, completions, kwargs["answer"], kwargs["completion_ids"])]
@@ -159,7 +167,7 @@ USER_CODE = textwrap.dedent('''
         return []
 
     NOT_A_FUNCTION = 3
-''')
+""")
 
 
 @pytest.fixture
@@ -179,21 +187,26 @@ def test_user_function_from_a_file_gets_columns_and_completion_ids(tok, user_fil
 def test_user_function_from_a_module_on_sys_path(tok, tmp_path, monkeypatch):
     (tmp_path / "cherry_test_user_rewards.py").write_text(USER_CODE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    reward = build_reward(["cherry_test_user_rewards:narrow", "cherry_test_user_rewards:scored"], [1.0, 0.0], tokenizer=tok)
+    reward = build_reward(
+        ["cherry_test_user_rewards:narrow", "cherry_test_user_rewards:scored"], [1.0, 0.0], tokenizer=tok
+    )
     assert reward.names == ["narrow", "scored"] and reward.needs_columns == {"answer"}
     # `narrow` takes no **kwargs: it is given only the column it names
     result = _score(reward, tok, ["q", "q"], ["a", "b"], {"answer": ["a", "c"], "other": [1, 2]})
     assert result.components["narrow"] == [1.0, -1.0] and result.total == [1.0, -1.0]
 
 
-@pytest.mark.parametrize("func, words", [
-    ("short", "returned 1 scores for 2 completions"),
-    ("nothing", "return 0.0 for \"not applicable\""),
-    ("infinite", "finite"),
-    ("text", "returned a str"),
-    ("boom", "raised ZeroDivisionError: oops"),
-    ("needs_topic", "column(s) topic"),
-])
+@pytest.mark.parametrize(
+    "func, words",
+    [
+        ("short", "returned 1 scores for 2 completions"),
+        ("nothing", 'return 0.0 for "not applicable"'),
+        ("infinite", "finite"),
+        ("text", "returned a str"),
+        ("boom", "raised ZeroDivisionError: oops"),
+        ("needs_topic", "column(s) topic"),
+    ],
+)
 def test_user_function_bad_results_are_refused(tok, user_file, func, words):
     reward = build_reward([f"{user_file}:{func}"], tokenizer=tok)
     with pytest.raises(CherryError) as err:
@@ -201,13 +214,16 @@ def test_user_function_bad_results_are_refused(tok, user_file, func, words):
     assert words in str(err.value) and func in str(err.value)
 
 
-@pytest.mark.parametrize("entry, words", [
-    ("{file}:NOT_A_FUNCTION", "is a int, not a function"),
-    ("{file}:missing", "has no attribute 'missing'"),
-    ("{file}:one_arg", "must take (prompts, completions, **kwargs)"),
-    ("{dir}/nope.py:fn", "no such file"),
-    ("cherry_no_such_module_xyz:fn", "no module named 'cherry_no_such_module_xyz'"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ("{file}:NOT_A_FUNCTION", "is a int, not a function"),
+        ("{file}:missing", "has no attribute 'missing'"),
+        ("{file}:one_arg", "must take (prompts, completions, **kwargs)"),
+        ("{dir}/nope.py:fn", "no such file"),
+        ("cherry_no_such_module_xyz:fn", "no module named 'cherry_no_such_module_xyz'"),
+    ],
+)
 def test_user_function_loading_errors(tok, user_file, entry, words):
     entry = entry.format(file=user_file, dir=user_file.parent)
     with pytest.raises(CherryError) as err:
@@ -225,9 +241,16 @@ def _save_rm(path, tok, seed):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, num_labels=1,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        num_labels=1,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     LlamaForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -257,8 +280,10 @@ def _direct(path, prompt_ids, completion_ids):
 
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
     with torch.no_grad():
-        return [sequence_rewards(model, torch.tensor([p + c]), torch.ones(1, len(p) + len(c), dtype=torch.long)).item()
-                for p, c in zip(prompt_ids, completion_ids)]
+        return [
+            sequence_rewards(model, torch.tensor([p + c]), torch.ones(1, len(p) + len(c), dtype=torch.long)).item()
+            for p, c in zip(prompt_ids, completion_ids)
+        ]
 
 
 PROMPTS = ["What is 2+2?", "Say hi", "Name a colour please", "x"]
@@ -305,7 +330,9 @@ def test_helpful_and_safety_gating(tok, rms):
     assert not result.components["rm"] == pytest.approx(untagged, abs=1e-4)  # the tags chose the safety score
     # no safety column: every prompt is untagged
     assert _score(reward, tok, PROMPTS, COMPLETIONS).components["rm"] == pytest.approx(untagged, abs=1e-4)
-    assert result.total == pytest.approx([rm + length for rm, length in zip(result.components["rm"], result.components["length"])])
+    assert result.total == pytest.approx(
+        [rm + length for rm, length in zip(result.components["rm"], result.components["length"])]
+    )
 
 
 def test_safety_model_needs_exactly_one_rm_source(tok, rms):
@@ -322,10 +349,21 @@ def test_judge_tallies_count_what_the_judge_preferred():
     # pair 1: B won, B shorter, rewards equal -> shorter won, no reward comparison
     # pair 2: skipped (a near-tie) -> only counts as undecided
     # pair 3: B won, equal lengths, A's reward higher -> no length comparison, disagrees with the reward
-    tallies = judge_tallies([0, 1, 0, 1], [False, False, True, False], [1, 2, 3, 4], [2, 1, 3, 4],
-                            consistent=[True, False, True, True], rewards_a=[1.0, 0.0, 0.0, 1.0], rewards_b=[0.0, 0.0, 1.0, 0.0])
-    assert tallies == {"decided_frac": (3, 4), "shorter_preferred_frac": (2, 2), "reward_agreement": (1, 2),
-                       "position_consistency": (3, 4)}
+    tallies = judge_tallies(
+        [0, 1, 0, 1],
+        [False, False, True, False],
+        [1, 2, 3, 4],
+        [2, 1, 3, 4],
+        consistent=[True, False, True, True],
+        rewards_a=[1.0, 0.0, 0.0, 1.0],
+        rewards_b=[0.0, 0.0, 1.0, 0.0],
+    )
+    assert tallies == {
+        "decided_frac": (3, 4),
+        "shorter_preferred_frac": (2, 2),
+        "reward_agreement": (1, 2),
+        "position_consistency": (3, 4),
+    }
     # an order-free judge (judge=reward) without rewards to compare: only the first two
     assert judge_tallies([1], [False], [3], [2]) == {"decided_frac": (1, 1), "shorter_preferred_frac": (1, 1)}
 
@@ -374,7 +412,9 @@ def test_llm_judge_scores_both_orders(llm_judge):
 
 @pytest.mark.parametrize("template", [None, "Q {prompt} 1 {answer_1} 2 {answer_2}"])
 def test_llm_judge_batched_equals_one_at_a_time(tiny_model_dir, template):
-    judge = LLMJudge(str(tiny_model_dir), template=template, batch_size=4)  # the short template: padding is a large share
+    judge = LLMJudge(
+        str(tiny_model_dir), template=template, batch_size=4
+    )  # the short template: padding is a large share
     batched = judge.prefer(JQ, JA, JB)
     alone = [judge.prefer([q], [a], [b]) for q, a, b in zip(JQ, JA, JB)]
     assert batched.prob_a == pytest.approx([r.prob_a[0] for r in alone], abs=1e-6)
@@ -383,7 +423,9 @@ def test_llm_judge_batched_equals_one_at_a_time(tiny_model_dir, template):
 
 def test_llm_judge_reads_conversations_from_the_messages_column(llm_judge):
     rendered = ["<|user|>What is 2+2?<|end|><|assistant|>"]
-    with_messages = llm_judge.prefer(rendered, ["4"], ["5"], columns={"messages": [[{"role": "user", "content": "What is 2+2?"}]]})
+    with_messages = llm_judge.prefer(
+        rendered, ["4"], ["5"], columns={"messages": [[{"role": "user", "content": "What is 2+2?"}]]}
+    )
     plain = llm_judge.prefer(["What is 2+2?"], ["4"], ["5"])
     assert with_messages.prob_a == pytest.approx(plain.prob_a, abs=1e-6)
 

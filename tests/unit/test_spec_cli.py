@@ -51,8 +51,11 @@ def test_bad_values_are_refused_naming_the_field(override, message):
 
 
 def test_overrides_are_typed():
-    spec = resolve_spec("dpo", ["lr=1e-5", "beta=0.25", "lora.r=16", "lora.target_modules=q_proj,v_proj", "max_rows=10"],
-                        check_paths=False)
+    spec = resolve_spec(
+        "dpo",
+        ["lr=1e-5", "beta=0.25", "lora.r=16", "lora.target_modules=q_proj,v_proj", "max_rows=10"],
+        check_paths=False,
+    )
     assert spec.lr == 1e-5 and spec.beta == 0.25 and spec.lora.r == 16
     assert spec.lora.target_modules == ["q_proj", "v_proj"] and spec.max_rows == 10
 
@@ -89,12 +92,16 @@ def test_cli_errors_are_one_line_without_traceback(args, message):
 def test_cli_reports_model_and_data_errors_cleanly(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1", "chosen": "2", "rejected": "3"}\n')
-    result = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--dataset", str(bad), "--out", str(tmp_path / "r")])
+    result = runner.invoke(
+        app, ["train", "--model", str(tiny_model_dir), "--dataset", str(bad), "--out", str(tmp_path / "r")]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "question" in result.output and "prompt" in result.output
     empty_dir = tmp_path / "not-a-model"
     empty_dir.mkdir()
-    result = runner.invoke(app, ["train", "--model", str(empty_dir), "--dataset", str(bad), "--out", str(tmp_path / "r2")])
+    result = runner.invoke(
+        app, ["train", "--model", str(empty_dir), "--dataset", str(bad), "--out", str(tmp_path / "r2")]
+    )
     assert result.exit_code == 2 and "could not load a tokenizer" in result.output
 
 
@@ -102,12 +109,36 @@ def test_presets_lists_every_method_and_shows_inherited_values():
     result = runner.invoke(app, ["presets"])
     names = [line.split()[0] for line in result.output.splitlines()]
     assert result.exit_code == 0
-    assert names == ["best_of_k", "cdpo", "coh", "dpo", "grpo", "hinge", "ipo", "kto", "online_dpo", "orpo", "ppo", "rest",
-                     "rloo", "rm", "robust_dpo", "rpo", "sft", "simpo"]
+    assert names == [
+        "best_of_k",
+        "cdpo",
+        "coh",
+        "dpo",
+        "grpo",
+        "hinge",
+        "ipo",
+        "kto",
+        "online_dpo",
+        "orpo",
+        "ppo",
+        "rest",
+        "rloo",
+        "rm",
+        "robust_dpo",
+        "rpo",
+        "sft",
+        "simpo",
+    ]
     shown = runner.invoke(app, ["presets", "ipo"])
-    assert "loss_type: ipo" in shown.output and "inherited from dpo" in shown.output and "inherited from _base" in shown.output
+    assert (
+        "loss_type: ipo" in shown.output
+        and "inherited from dpo" in shown.output
+        and "inherited from _base" in shown.output
+    )
     ipo = load_preset("ipo")
-    assert ipo["loss_type"] == "ipo" and ipo["algorithm"] == "dpo" and ipo["lora"]["r"] == 0  # merged through dpo and _base
+    assert (
+        ipo["loss_type"] == "ipo" and ipo["algorithm"] == "dpo" and ipo["lora"]["r"] == 0
+    )  # merged through dpo and _base
     for name in names:
         assert set(spec_fields()) - WRITTEN_BY_CHERRY <= set(load_preset(name)), name
         build_spec(load_preset(name))  # every preset is valid as shipped
@@ -123,9 +154,29 @@ def test_help_is_fast_and_imports_no_torch():
 
 def test_cli_trains_a_local_model_on_a_local_jsonl(tmp_path, tiny_model_dir, tiny_pairs):
     out = tmp_path / "run"
-    args = ["train", "--preset", "dpo", "--model", str(tiny_model_dir), "--dataset", str(tiny_pairs), "--out", str(out),
-            "--set", "max_steps=4", "--set", "lr=1e-3", "--set", "batch_size=4", "--set", "grad_accum=1",
-            "--set", "max_new_tokens=4", "--set", "num_threads=1"]
+    args = [
+        "train",
+        "--preset",
+        "dpo",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_pairs),
+        "--out",
+        str(out),
+        "--set",
+        "max_steps=4",
+        "--set",
+        "lr=1e-3",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "grad_accum=1",
+        "--set",
+        "max_new_tokens=4",
+        "--set",
+        "num_threads=1",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "completed: 4/4 steps" in result.output and f"run directory: {out}" in result.output
@@ -144,7 +195,8 @@ def test_max_length_alone_brings_the_prompt_budget_along():
     spec = resolve_spec("dpo", ["max_length=128"], check_paths=False)
     assert (spec.max_length, spec.max_prompt_length) == (128, 64)  # the preset's 512 of 1024: half
     assert spec.defaults_followed == [
-        "max_prompt_length=64: 50% of max_length=128, the preset's proportion (set max_prompt_length yourself to choose)"]
+        "max_prompt_length=64: 50% of max_length=128, the preset's proportion (set max_prompt_length yourself to choose)"
+    ]
     demo = resolve_spec("demo/dpo", ["max_length=32"], check_paths=False)
     assert demo.max_prompt_length == 24  # the demo preset's 48 of 64
     longer = resolve_spec("dpo", ["max_prompt_length=2000"], check_paths=False)
@@ -188,7 +240,10 @@ def test_rollout_splits_follow_batch_size_and_num_generations():
     spec = resolve_spec("demo/ppo", ["batch_size=3"], check_paths=False)  # the preset cuts 64 samples in 2
     assert spec.num_mini_batches == 1 and "num_mini_batches=1" in spec.defaults_followed[0]
     spec = resolve_spec("demo/ppo", ["batch_size=6", "grad_accum=2"], check_paths=False)
-    assert (spec.num_mini_batches, spec.grad_accum) == (1, 2)  # your grad_accum stays; the preset's 2 mini-batches of 3 cannot
+    assert (spec.num_mini_batches, spec.grad_accum) == (
+        1,
+        2,
+    )  # your grad_accum stays; the preset's 2 mini-batches of 3 cannot
     with pytest.raises(SpecError, match="num_mini_batches=2 must divide"):
         resolve_spec("demo/ppo", ["batch_size=3", "num_mini_batches=2"], check_paths=False)
 
@@ -206,10 +261,33 @@ def test_the_start_line_says_which_settings_followed(tmp_path):
     line and events.jsonl name the prompt budget Cherry chose."""
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "tuiapp.cli", "train", "--preset", "demo/dpo", "--out", str(out), "--set", "max_length=32",
-         "--set", "max_steps=1", "--set", "num_threads=1", "--set", "eval_steps=0", "--set", "num_samples=0",
-         "--set", "kl_samples=0", "--set", "max_rows=40"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tuiapp.cli",
+            "train",
+            "--preset",
+            "demo/dpo",
+            "--out",
+            str(out),
+            "--set",
+            "max_length=32",
+            "--set",
+            "max_steps=1",
+            "--set",
+            "num_threads=1",
+            "--set",
+            "eval_steps=0",
+            "--set",
+            "num_samples=0",
+            "--set",
+            "kl_samples=0",
+            "--set",
+            "max_rows=40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     note = "max_prompt_length=24: 75% of max_length=32, the preset's proportion"

@@ -31,20 +31,33 @@ def bench_dpo(
 
     if not 0 < prompt_len < seq_len:
         raise CherryError(f"--prompt-len must be between 1 and --seq-len - 1 (got {prompt_len} with seq-len {seq_len})")
-    cfg = BenchConfig(seq_len=seq_len, prompt_len=prompt_len, pairs=pairs, vocab=vocab, hidden=hidden, layers=layers,
-                      steps=steps, threads=threads, device=device)
+    cfg = BenchConfig(
+        seq_len=seq_len,
+        prompt_len=prompt_len,
+        pairs=pairs,
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        steps=steps,
+        threads=threads,
+        device=device,
+    )
     result = compare(cfg)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     c, n = result["cherry"], result["naive"]
-    typer.echo(f"DPO step, {pairs} pairs x {seq_len} tokens (prompt {prompt_len}), vocab {vocab}, "
-               f"hidden {hidden} x {layers} layers, {c['device']}; median of {steps} steps")
+    typer.echo(
+        f"DPO step, {pairs} pairs x {seq_len} tokens (prompt {prompt_len}), vocab {vocab}, "
+        f"hidden {hidden} x {layers} layers, {c['device']}; median of {steps} steps"
+    )
     typer.echo(f"{'path':8s} {'tokens/s':>10s} {'step s':>8s} {'peak GB':>8s}")
     for row in (c, n):
         typer.echo(f"{row['path']:8s} {row['tokens_per_s']:10.0f} {row['step_seconds']:8.3f} {row['peak_mem_gb']:8.3f}")
-    typer.echo(f"speed-up {result['speedup']:.2f}x, memory {result['memory_ratio']:.2f}x less ({c['memory']}); "
-               f"|loss difference| {result['loss_abs_diff']:.2e}")
+    typer.echo(
+        f"speed-up {result['speedup']:.2f}x, memory {result['memory_ratio']:.2f}x less ({c['memory']}); "
+        f"|loss difference| {result['loss_abs_diff']:.2e}"
+    )
 
 
 @bench_app.command("grpo")
@@ -66,22 +79,46 @@ def bench_grpo(
     against a per-prompt generate loop and full-logits log-probs, in the same run."""
     from engine.bench.grpo import GRPOBenchConfig, run
 
-    for name, value in (("--prompts", prompts), ("--k", k), ("--prompt-len", prompt_len), ("--max-new-tokens", max_new_tokens),
-                        ("--repeats", repeats)):
+    for name, value in (
+        ("--prompts", prompts),
+        ("--k", k),
+        ("--prompt-len", prompt_len),
+        ("--max-new-tokens", max_new_tokens),
+        ("--repeats", repeats),
+    ):
         if value < 1:
             raise CherryError(f"{name} must be >= 1 (got {value})")
-    cfg = GRPOBenchConfig(prompts=prompts, k=k, prompt_len=prompt_len, max_new_tokens=max_new_tokens, vocab=vocab,
-                          hidden=hidden, layers=layers, repeats=repeats, threads=threads, device=device)
+    cfg = GRPOBenchConfig(
+        prompts=prompts,
+        k=k,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        repeats=repeats,
+        threads=threads,
+        device=device,
+    )
     result = run(cfg)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    typer.echo(f"GRPO step, {prompts} prompts x {k} samples x {max_new_tokens} new tokens (prompts <= {prompt_len}), "
-               f"vocab {vocab}, hidden {hidden} x {layers} layers, {result['device']}; median of {repeats}")
+    typer.echo(
+        f"GRPO step, {prompts} prompts x {k} samples x {max_new_tokens} new tokens (prompts <= {prompt_len}), "
+        f"vocab {vocab}, hidden {hidden} x {layers} layers, {result['device']}; median of {repeats}"
+    )
     typer.echo(f"{'phase':8s} {'path':8s} {'samples/s':>10s} {'tokens/s':>10s} {'seconds':>8s}")
-    for phase, what in (("rollout", "batched + KV cache vs one sample at a time"), ("update", "completion-only vs full logits")):
+    for phase, what in (
+        ("rollout", "batched + KV cache vs one sample at a time"),
+        ("update", "completion-only vs full logits"),
+    ):
         for path in ("cherry", "naive"):
             row = result[f"{phase}_{path}"]
-            typer.echo(f"{phase:8s} {path:8s} {row['samples_per_s']:10.1f} {row['tokens_per_s']:10.0f} {row['seconds']:8.3f}")
-    typer.echo(f"rollout {result['rollout_speedup']:.1f}x faster, update {result['update_speedup']:.2f}x faster, "
-               f"whole step {result['step_speedup']:.1f}x")
+            typer.echo(
+                f"{phase:8s} {path:8s} {row['samples_per_s']:10.1f} {row['tokens_per_s']:10.0f} {row['seconds']:8.3f}"
+            )
+    typer.echo(
+        f"rollout {result['rollout_speedup']:.1f}x faster, update {result['update_speedup']:.2f}x faster, "
+        f"whole step {result['step_speedup']:.1f}x"
+    )

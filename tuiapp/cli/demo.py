@@ -20,10 +20,19 @@ demo_app = typer.Typer(help="The embedded demo: a tiny model learning verifiable
 @friendly
 def demo(
     ctx: typer.Context,
-    headless: bool = typer.Option(False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory with --headless (default: $CHERRY_HOME/<run-id>)."),
+    headless: bool = typer.Option(
+        False, "--headless", help="Run in this terminal and print the results (for scripts and CI)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Run directory with --headless (default: $CHERRY_HOME/<run-id>)."
+    ),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a demo setting: key=value."),
-    method: str = typer.Option("dpo", "--method", help="Which demo run (presets/demo/NAME.yaml): dpo, ipo, rpo, simpo, orpo, kto, sft, rm, coh; online: grpo, rloo, ppo, online_dpo, best_of_k, rest."),
+    method: str = typer.Option(
+        "dpo",
+        "--method",
+        help="Which demo run (presets/demo/NAME.yaml): dpo, ipo, rpo, simpo, orpo, kto, sft, rm, coh; "
+        "online: grpo, rloo, ppo, online_dpo, best_of_k, rest, gspo, cispo.",
+    ),
 ) -> None:
     """DPO (or --method) on the embedded demo. Opens the app with the run queued and a worker started
     in the background if none is running; --headless trains here and prints before/after accuracy and samples."""
@@ -43,8 +52,10 @@ def demo(
     run_dir, summary = _foreground(spec, out)
     name, before, after = _headline(summary)
     typer.echo("")
-    typer.echo(f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
-               f"in {summary['wall_seconds']:.0f}s")
+    typer.echo(
+        f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
+        f"in {summary['wall_seconds']:.0f}s"
+    )
     samples_file = run_dir / "samples.jsonl"
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.exists() else []
     if samples:
@@ -54,7 +65,9 @@ def demo(
         # Where the policy now differs from the reference is what DPO changed: show those first.
         final.sort(key=lambda s: (s["policy"] == s["reference"], -(s.get("policy_score") or 0)))
         if final:
-            typer.echo(f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):")
+            typer.echo(
+                f"\nside by side at step {final_step} (reference = demo model before training, policy = after; changed first):"
+            )
             _print_samples(final, limit=6)
         pairs = _pairs_line(at_final)
         if pairs:
@@ -76,7 +89,10 @@ def _demo_in_app(method: str, overrides: list[str], out: Optional[Path]) -> None
     home = cherry_home()
     run, worker_pid = launch_demo(home, method, overrides)
     if worker_pid is not None:
-        typer.echo(f"demo: queued {run.id}; started a worker in the background (pid {worker_pid}, log {home / WORKER_LOG})", err=True)
+        typer.echo(
+            f"demo: queued {run.id}; started a worker in the background (pid {worker_pid}, log {home / WORKER_LOG})",
+            err=True,
+        )
     else:
         typer.echo(f"demo: queued {run.id} for the running worker", err=True)
     from tuiapp.app import run_app
@@ -120,8 +136,10 @@ def demo_table(
         typer.echo(f"running {method} ...", err=True)
         _, summary = _foreground(spec, progress=False)
         name, before, after = _headline(summary)
-        rows.append(f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {name.replace('held-out ', '')} | "
-                    f"{before:.1%} | {after:.1%} | {(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |")
+        rows.append(
+            f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {name.replace('held-out ', '')} | "
+            f"{before:.1%} | {after:.1%} | {(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |"
+        )
     typer.echo("| demo run | algorithm | data | held-out metric | before | after | gain (points) | wall time |")
     typer.echo("|---|---|---|---|---|---|---|---|")
     typer.echo("\n".join(rows))

@@ -24,7 +24,13 @@ def friendly(fn):
 
 
 # The flags that describe a run, shared by `train` and `submit` so the two stay the same.
-PRESET_OPTION = typer.Option("dpo", "--preset", "-p", help="Preset name (see `cherry presets`), e.g. dpo or demo/dpo, or a YAML file.")
+PRESET_OPTION = typer.Option(
+    "dpo", "--preset", "-p", help="Preset name (see `cherry presets`), e.g. dpo or demo/dpo, or a YAML file."
+)
 MODEL_OPTION = typer.Option(None, "--model", "-m", help="Local model dir or hub id; `demo` for the demo model.")
-DATASET_OPTION = typer.Option(None, "--dataset", "-d", help="Local jsonl/json/parquet/csv/tsv, a saved datasets dir, or a hub id.")
-SET_OPTION = typer.Option([], "--set", "-s", help="Override a preset value: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16")
+DATASET_OPTION = typer.Option(
+    None, "--dataset", "-d", help="Local jsonl/json/parquet/csv/tsv, a saved datasets dir, or a hub id."
+)
+SET_OPTION = typer.Option(
+    [], "--set", "-s", help="Override a preset value: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16"
+)

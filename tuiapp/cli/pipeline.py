@@ -13,7 +13,9 @@ def register(app: typer.Typer) -> None:
     @app.command("pipeline")
     @friendly
     def pipeline(
-        name: Optional[str] = typer.Argument(None, help="A pipeline in presets/pipelines/ (rlhf, demo_rlhf) or a .yaml file; none lists them."),
+        name: Optional[str] = typer.Argument(
+            None, help="A pipeline in presets/pipelines/ (rlhf, demo_rlhf) or a .yaml file; none lists them."
+        ),
         model: Optional[str] = MODEL_OPTION,
         dataset: Optional[str] = DATASET_OPTION,
         set_: list[str] = SET_OPTION,
@@ -32,5 +34,7 @@ def register(app: typer.Typer) -> None:
         for run in runs:
             waiting = f"  (waits for {run.parent})" if run.parent else ""
             typer.echo(f"{run.id}  {run.spec['algorithm']}{waiting}")
-        typer.echo(f"queued {len(runs)} chained runs in {jobs.home}; start a worker with `cherry worker` if none is running",
-                   err=True)
+        typer.echo(
+            f"queued {len(runs)} chained runs in {jobs.home}; start a worker with `cherry worker` if none is running",
+            err=True,
+        )

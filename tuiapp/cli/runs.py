@@ -17,8 +17,15 @@ import typer
 from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
 from tuiapp.data import KEY_METRICS, sample_lines
 
-FOLLOW_COLUMNS = ("train/loss", "reward/mean", "rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match",
-                  "eval/rewards/accuracy")
+FOLLOW_COLUMNS = (
+    "train/loss",
+    "reward/mean",
+    "rewards/margin",
+    "rewards/accuracy",
+    "kl/mean",
+    "eval/exact_match",
+    "eval/rewards/accuracy",
+)
 
 
 def _jobs():
@@ -69,9 +76,15 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = MODEL_OPTION,
         dataset: Optional[str] = DATASET_OPTION,
         set_: list[str] = SET_OPTION,
-        after: Optional[str] = typer.Option(None, "--after", help="Start when this run completes, with its output as the model (e.g. SFT -> DPO)."),
-        priority: int = typer.Option(0, "--priority", help="Higher runs first; equal priorities run in submission order."),
-        retries: int = typer.Option(0, "--retries", help="Re-run from the last checkpoint after a crash that is not a user error."),
+        after: Optional[str] = typer.Option(
+            None, "--after", help="Start when this run completes, with its output as the model (e.g. SFT -> DPO)."
+        ),
+        priority: int = typer.Option(
+            0, "--priority", help="Higher runs first; equal priorities run in submission order."
+        ),
+        retries: int = typer.Option(
+            0, "--retries", help="Re-run from the last checkpoint after a crash that is not a user error."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the stored run as JSON."),
     ) -> None:
         """Queue a run for `cherry worker` (same flags as `train`); prints the run id."""
@@ -92,7 +105,11 @@ def register(app: typer.Typer) -> None:
     @app.command("ls")
     @friendly
     def list_runs(
-        status: list[str] = typer.Option([], "--status", help="Only runs with this status (repeatable): queued, running, completed, failed, cancelled, interrupted."),
+        status: list[str] = typer.Option(
+            [],
+            "--status",
+            help="Only runs with this status (repeatable): queued, running, completed, failed, cancelled, interrupted.",
+        ),
         text: Optional[str] = typer.Argument(None, help="Only runs whose id or name contains this."),
         as_json: bool = typer.Option(False, "--json", help="One JSON array of runs."),
     ) -> None:
@@ -102,7 +119,9 @@ def register(app: typer.Typer) -> None:
         wanted = [s for item in status for s in item.split(",") if s]
         unknown = [s for s in wanted if s not in STATUSES]
         if unknown:
-            raise typer.BadParameter(f"unknown status {unknown[0]!r}; choose from {', '.join(STATUSES)}", param_hint="--status")
+            raise typer.BadParameter(
+                f"unknown status {unknown[0]!r}; choose from {', '.join(STATUSES)}", param_hint="--status"
+            )
         jobs = _jobs()
         runs = jobs.store.find_runs(text) if text else jobs.store.list_runs()
         runs = [r for r in runs if not wanted or r.status in wanted]
@@ -111,7 +130,10 @@ def register(app: typer.Typer) -> None:
             _emit_json([_run_json(r, latest[r.id]) for r in runs])
             return
         if not runs:
-            typer.echo(f"no runs in {jobs.home}" + (" with that filter" if wanted or text else "; queue one with `cherry submit`"))
+            typer.echo(
+                f"no runs in {jobs.home}"
+                + (" with that filter" if wanted or text else "; queue one with `cherry submit`")
+            )
             return
         workers = jobs.live_workers()
         if workers:
@@ -119,13 +141,17 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"home {jobs.home}  ·  {len(workers)} worker(s), {busy}/{slots} slots busy")
         else:
             waiting = any(r.status == "queued" and r.task_id for r in runs)
-            typer.echo(f"home {jobs.home}  ·  no worker running" + ("; start one with `cherry worker`" if waiting else ""))
+            typer.echo(
+                f"home {jobs.home}  ·  no worker running" + ("; start one with `cherry worker`" if waiting else "")
+            )
         typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}")
         for r in runs:
             progress = f"{r.step or 0}/{r.total_steps or '?'}"
             status_text = r.status + ("*" if r.parent and r.status == "queued" and not r.task_id else "")
-            typer.echo(f"{r.id[:44]:44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
-                       f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}")
+            typer.echo(
+                f"{r.id[:44]:44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
+                f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}"
+            )
         if any(r.parent and r.status == "queued" and not r.task_id for r in runs):
             typer.echo("* waiting for the run it was chained after (--after)")
 
@@ -147,15 +173,19 @@ def register(app: typer.Typer) -> None:
             _emit_json({**_run_json(r, latest), "summary": summary, "log_tail": r.log_tail})
             return
         typer.echo(f"run       {r.id}")
-        typer.echo(f"status    {r.status}" + (" (cancel requested)" if r.cancel_requested and r.status == "running" else ""))
+        typer.echo(
+            f"status    {r.status}" + (" (cancel requested)" if r.cancel_requested and r.status == "running" else "")
+        )
         typer.echo(f"algorithm {r.algorithm}    model {r.model}")
         typer.echo(f"dataset   {r.dataset}")
         if r.parent:
             typer.echo(f"after     {r.parent}")
         typer.echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
         started = r.started_at and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
-        typer.echo(f"created   {_age(r.created_at)} ago    started {started or '-'}    "
-                   f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.row['gpus']}" if r.row.get("gpus") else ""))
+        typer.echo(
+            f"created   {_age(r.created_at)} ago    started {started or '-'}    "
+            f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.row['gpus']}" if r.row.get("gpus") else "")
+        )
         typer.echo(f"directory {location(r)}")
         if r.error:
             typer.secho(f"error     {r.error}", fg="red")
@@ -176,7 +206,9 @@ def register(app: typer.Typer) -> None:
     def metrics(
         run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new metrics until the run ends."),
-        names: Optional[str] = typer.Option(None, "--names", help="Comma-separated metric names (default: the main ones logged)."),
+        names: Optional[str] = typer.Option(
+            None, "--names", help="Comma-separated metric names (default: the main ones logged)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="JSON lines: one object per logged step."),
         interval: float = typer.Option(1.0, help="Seconds between reads with --follow."),
     ) -> None:
@@ -209,7 +241,9 @@ def register(app: typer.Typer) -> None:
                     if now != columns:
                         columns = now
                         typer.echo(f"{'step':>6s}  " + "  ".join(f"{c:>{max(12, len(c))}s}" for c in columns))
-                    cells = [f"{values[c]:{max(12, len(c))}.6g}" if c in values else " " * max(12, len(c)) for c in columns]
+                    cells = [
+                        f"{values[c]:{max(12, len(c))}.6g}" if c in values else " " * max(12, len(c)) for c in columns
+                    ]
                     typer.echo(f"{step:6d}  " + "  ".join(cells))
                 sys.stdout.flush()
             if not follow:
@@ -238,7 +272,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"{r.id} has logged no samples yet", param_hint="RUN")
         chosen = steps[-1] if step is None else step
         if chosen not in steps:
-            raise typer.BadParameter(f"no samples at step {chosen}; logged steps: {', '.join(map(str, steps))}", param_hint="--step")
+            raise typer.BadParameter(
+                f"no samples at step {chosen}; logged steps: {', '.join(map(str, steps))}", param_hint="--step"
+            )
         rows = jobs.store.samples(r.id, chosen)
         if as_json:
             _emit_json(rows)
@@ -252,7 +288,9 @@ def register(app: typer.Typer) -> None:
     def logs(
         run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
         lines: int = typer.Option(60, "--lines", "-n", help="How many of the last lines."),
-        events: bool = typer.Option(False, "--events", help="Show the run's events (start, eval, cancel, errors) instead."),
+        events: bool = typer.Option(
+            False, "--events", help="Show the run's events (start, eval, cancel, errors) instead."
+        ),
     ) -> None:
         """The run's log (its process output) or its events; failures show the error first."""
         from jobs.worker import log_tail
@@ -289,7 +327,9 @@ def register(app: typer.Typer) -> None:
         """Queue again the runs the store knows are queued but no queue holds (after a Redis restart
         without persistence; workers also do this by themselves every sweep)."""
         lost = _jobs().requeue_lost()
-        typer.echo("\n".join(f"{run_id}: queued again" for run_id in lost) or "nothing lost: every queued run is on the queue")
+        typer.echo(
+            "\n".join(f"{run_id}: queued again" for run_id in lost) or "nothing lost: every queued run is on the queue"
+        )
 
     @app.command("rm")
     @friendly
@@ -300,7 +340,9 @@ def register(app: typer.Typer) -> None:
         """Delete a run: its store rows and its run directory (checkpoints, weights, logs)."""
         jobs = _jobs()
         r = jobs.resolve(run)
-        if not yes and not typer.confirm(f"delete {r.id} ({r.status}) and {r.out_dir or 'its store rows'}?", default=False):
+        if not yes and not typer.confirm(
+            f"delete {r.id} ({r.status}) and {r.out_dir or 'its store rows'}?", default=False
+        ):
             raise typer.Exit(1)
         jobs.remove(r.id)
         typer.echo(f"removed {r.id}")
@@ -309,7 +351,9 @@ def register(app: typer.Typer) -> None:
     @friendly
     def worker(
         gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs to use, e.g. 0,1: one run per GPU at a time."),
-        concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Runs at once (default: one per GPU, or 1)."),
+        concurrency: Optional[int] = typer.Option(
+            None, "--concurrency", help="Runs at once (default: one per GPU, or 1)."
+        ),
         grace: float = typer.Option(30.0, help="Seconds a stopping run gets to checkpoint before it is killed."),
     ) -> None:
         """Execute queued runs (Ctrl+C / SIGTERM stops them at their next step, then exits)."""
@@ -321,13 +365,18 @@ def register(app: typer.Typer) -> None:
 
         gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
         if gpu_list and concurrency and concurrency != len(gpu_list):
-            raise typer.BadParameter("must equal the number of --gpus (a GPU runs one job at a time)", param_hint="--concurrency")
+            raise typer.BadParameter(
+                "must equal the number of --gpus (a GPU runs one job at a time)", param_hint="--concurrency"
+            )
         if concurrency is not None and concurrency < 1:
             raise typer.BadParameter("must be at least 1", param_hint="--concurrency")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
         logging.getLogger("huey").setLevel(logging.WARNING)
         home = cherry_home()
         w = Worker(home, gpus=gpu_list, concurrency=concurrency, grace=grace)
-        typer.echo(f"cherry worker: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
-                   + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""), err=True)
+        typer.echo(
+            f"cherry worker: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
+            + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""),
+            err=True,
+        )
         w.run()

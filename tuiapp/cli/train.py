@@ -48,7 +48,9 @@ def train(
     dataset: Optional[str] = DATASET_OPTION,
     set_: list[str] = SET_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint."
+    ),
 ) -> None:
     """Train in this process with a live progress line. Outputs land in runs/<run-id>/."""
     from engine.spec import load_spec_file, resolve_paths, resolve_spec
@@ -66,7 +68,9 @@ def train(
     _print_summary(run_dir, summary)
 
 
-def _foreground(spec, out: Optional[Path] = None, *, resume: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+def _foreground(
+    spec, out: Optional[Path] = None, *, resume: bool = False, progress: bool = True
+) -> tuple[Path, dict[str, Any]]:
     """Run `spec` here with a progress line. Ctrl+C ends the command with code 130 after saying how
     the run was left and how to continue it (jobs.local records it as interrupted)."""
     from jobs.home import cherry_home
@@ -75,14 +79,20 @@ def _foreground(spec, out: Optional[Path] = None, *, resume: bool = False, progr
     try:
         run_dir, summary = run_in_process(spec, out, _progress() if progress else None, resume=resume)
     except KeyboardInterrupt:
-        typer.echo("\nquit at once (second Ctrl+C): the run is recorded as interrupted; `cherry resume RUN` continues "
-                   "from its last saved checkpoint", err=True)
+        typer.echo(
+            "\nquit at once (second Ctrl+C): the run is recorded as interrupted; `cherry resume RUN` continues "
+            "from its last saved checkpoint",
+            err=True,
+        )
         raise typer.Exit(130) from None
     if summary["status"] == "interrupted":
         _print_summary(run_dir, summary)
         run_id = local_run_id(run_dir, cherry_home())
-        typer.echo(f"interrupted at step {summary['step']}: checkpoint saved. Continue with `cherry resume {run_id}` "
-                   f"(needs `cherry worker`) or `cherry train --resume {run_dir}`", err=True)
+        typer.echo(
+            f"interrupted at step {summary['step']}: checkpoint saved. Continue with `cherry resume {run_id}` "
+            f"(needs `cherry worker`) or `cherry train --resume {run_dir}`",
+            err=True,
+        )
         raise typer.Exit(130)
     return run_dir, summary
 
@@ -94,8 +104,10 @@ def _configure_logging() -> None:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    typer.echo(f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps in {summary['wall_seconds']:.0f}s "
-               f"({summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB)")
+    typer.echo(
+        f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps in {summary['wall_seconds']:.0f}s "
+        f"({summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB)"
+    )
     for name in sorted(summary["before"]):
         if name in summary["final"]:
             typer.echo(f"  {name}: {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
@@ -106,10 +118,18 @@ def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 @friendly
 def score(
-    reward_model: str = typer.Option(..., "--reward-model", "-r", help="An earlier `rm` run directory, or a reward model dir / hub id."),
-    safety_model: Optional[str] = typer.Option(None, "--safety-model", help="A safety RM: combine with --reward-model as helpfulness (Llama 2 gating; rows may carry a boolean `safety` tag)."),
+    reward_model: str = typer.Option(
+        ..., "--reward-model", "-r", help="An earlier `rm` run directory, or a reward model dir / hub id."
+    ),
+    safety_model: Optional[str] = typer.Option(
+        None,
+        "--safety-model",
+        help="A safety RM: combine with --reward-model as helpfulness (Llama 2 gating; rows may carry a boolean `safety` tag).",
+    ),
     safety_threshold: float = typer.Option(0.15, help="Use the safety score when its sigmoid falls below this."),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Preference pairs (gives pairwise accuracy) or prompt/completion rows."),
+    dataset: str = typer.Option(
+        ..., "--dataset", "-d", help="Preference pairs (gives pairwise accuracy) or prompt/completion rows."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every row with its score(s) as JSONL."),
     batch_size: int = typer.Option(16, help="Rows per forward pass."),
     max_length: int = typer.Option(1024, help="Truncate prompt + completion to this many tokens."),

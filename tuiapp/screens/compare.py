@@ -146,8 +146,13 @@ class CompareScreen(Screen):
         body = self.query_one("#compare-samples-body", Static)
         a, b = self.run_a, self.run_b
         if a is None or b is None:
-            body.update(Text("select two runs or more (space in the runs list), then v and 2, to read their samples "
-                             "side by side", style="dim"))
+            body.update(
+                Text(
+                    "select two runs or more (space in the runs list), then v and 2, to read their samples "
+                    "side by side",
+                    style="dim",
+                )
+            )
             return
         heading = self._run_heading("A", a, "[ ]")
         heading.append("   ")
@@ -167,10 +172,14 @@ class CompareScreen(Screen):
         colour_a, colour_b = run_colour(self.run_ids.index(a)), run_colour(self.run_ids.index(b))
         summary = Text(f"{len(matched.shared)} shared prompts", style="bold")
         if matched.shared:
-            summary.append(f"   {matched.differing} differ (first)" if matched.differing else "   none differ",
-                           style="yellow" if matched.differing else "dim")
+            summary.append(
+                f"   {matched.differing} differ (first)" if matched.differing else "   none differ",
+                style="yellow" if matched.differing else "dim",
+            )
             for letter, side in (("A", 1), ("B", 2)):
-                scores = [t[side].get("policy_score") for t in matched.shared if t[side].get("policy_score") is not None]
+                scores = [
+                    t[side].get("policy_score") for t in matched.shared if t[side].get("policy_score") is not None
+                ]
                 if scores:
                     summary.append(f"   {letter} {sum(1 for v in scores if v >= 1)}/{len(scores)} ✓")
         for letter, only in (("A", matched.only_a), ("B", matched.only_b)):
@@ -183,11 +192,17 @@ class CompareScreen(Screen):
             parts.append(Text(""))
             ahead = [sum(1 for t in matched.pairs if (t[side].get("margin") or 0) > 0) for side in (1, 2)]
             n = len(matched.pairs)
-            parts.append(Text(f"{n} held-out pairs in both: chosen ahead in A {ahead[0]}/{n}, in B {ahead[1]}/{n}", style="bold"))
+            parts.append(
+                Text(f"{n} held-out pairs in both: chosen ahead in A {ahead[0]}/{n}, in B {ahead[1]}/{n}", style="bold")
+            )
             parts.append(compare_pairs_table(matched.pairs, colour_a, colour_b))
         if not matched.shared and not matched.pairs:
-            parts.append(Text("no prompt appears in both runs' samples at these steps (prompts are matched by their text)",
-                              style="dim"))
+            parts.append(
+                Text(
+                    "no prompt appears in both runs' samples at these steps (prompts are matched by their text)",
+                    style="dim",
+                )
+            )
         body.update(Group(*parts))
 
     def watch_samples(self, samples: bool) -> None:
@@ -259,7 +274,9 @@ class CompareScreen(Screen):
         if self.samples:
             title.append("samples on shared prompts  a/b runs  [ ] { } steps  2 curves", style="dim")
         elif self.frontier:
-            title.append("frontier: x = KL to the reference (kl/mean), y = held-out metric at each eval point", style="")
+            title.append(
+                "frontier: x = KL to the reference (kl/mean), y = held-out metric at each eval point", style=""
+            )
             y_name = None
             for i, rid in enumerate(self.run_ids):
                 points = frontier_points(data.get(rid, {}))
@@ -274,10 +291,16 @@ class CompareScreen(Screen):
             chart.scatter = True
             chart.smoothing = 0.0
             if not curves:
-                table = Text("no run logged both kl/mean and eval/exact_match (or eval/rewards/accuracy) at an eval step yet", style="dim")
+                table = Text(
+                    "no run logged both kl/mean and eval/exact_match (or eval/rewards/accuracy) at an eval step yet",
+                    style="dim",
+                )
         else:
-            title.append(f"metric: {self.metric or '-'} [m]   smooth {self.smoothing:g} [s]   log-y {'on' if self.log_y else 'off'} [y]   "
-                         f"x: {'time' if self.x_by_time else 'step'} [x]   frontier [f]   samples [2]", style="dim")
+            title.append(
+                f"metric: {self.metric or '-'} [m]   smooth {self.smoothing:g} [s]   log-y {'on' if self.log_y else 'off'} [y]   "
+                f"x: {'time' if self.x_by_time else 'step'} [x]   frontier [f]   samples [2]",
+                style="dim",
+            )
             for i, rid in enumerate(self.run_ids):
                 s = data.get(rid, {}).get(self.metric or "")
                 if s is None:
@@ -333,7 +356,9 @@ class CompareScreen(Screen):
                 self.frontier = False
                 self.samples = False
 
-        self.app.push_screen(MetricPicker(names, [self.metric] if self.metric else [], multiple=False, title="Metric"), done)
+        self.app.push_screen(
+            MetricPicker(names, [self.metric] if self.metric else [], multiple=False, title="Metric"), done
+        )
 
     def action_frontier(self) -> None:
         self.frontier = not self.frontier if not self.samples else True

@@ -25,7 +25,13 @@ from tuiapp.widgets.samples import SamplesView
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUS_FILTERS = (None, "live") + STATUSES
 SUMMARY_METRICS = ("rewards/margin", "rewards/accuracy", "kl/mean", "eval/exact_match", "train/tokens_per_s")
-SORT_OF_COLUMN = {"age": "created", "run": "created", "status": "status", "algo": "algorithm", "metric": "metric"}  # header clicks
+SORT_OF_COLUMN = {
+    "age": "created",
+    "run": "created",
+    "status": "status",
+    "algo": "algorithm",
+    "metric": "metric",
+}  # header clicks
 
 
 def matches(run: RunInfo, text: str, status: str | None) -> bool:
@@ -58,8 +64,8 @@ def short_home(path, limit: int = 40) -> str:
     text = str(path)
     home = str(Path.home())
     if text.startswith(home + "/"):
-        text = "~" + text[len(home):]
-    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+        text = "~" + text[len(home) :]
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
 
 
 def run_title(run: RunInfo, now: float | None = None, width: int = 80) -> Text:
@@ -242,10 +248,15 @@ class MainScreen(Screen):
         text = Text()
         text.append(" Cherry ", style="bold reverse red")
         busy, slots = snap.busy_slots
-        workers = (f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} ({busy}/{slots} busy)"
-                   if snap.live_workers else "no worker")
-        text.append(f"  {snap.running} running · {snap.pending} queued · {workers}",
-                    style="green" if snap.running else "yellow" if snap.pending else "dim")
+        workers = (
+            f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} ({busy}/{slots} busy)"
+            if snap.live_workers
+            else "no worker"
+        )
+        text.append(
+            f"  {snap.running} running · {snap.pending} queued · {workers}",
+            style="green" if snap.running else "yellow" if snap.pending else "dim",
+        )
         # Then what fits, most useful first: the cure for a stuck queue, the queue, the home.
         width = self.size.width or self.app.size.width
         home = self.app.home_label or short_home(snap.home, max(12, width - 60))
@@ -261,7 +272,9 @@ class MainScreen(Screen):
     def _render_runs(self) -> None:
         if self._snapshot is None:
             return
-        runs = sort_runs([r for r in self._snapshot.runs if matches(r, self.filter_text, self.status_filter)], self.sort_by)
+        runs = sort_runs(
+            [r for r in self._snapshot.runs if matches(r, self.filter_text, self.status_filter)], self.sort_by
+        )
         self._shown_runs = runs
         table = self.query_one(RunsTable)
         table.show(runs, set(self.selected), self.app.now())
@@ -300,7 +313,9 @@ class MainScreen(Screen):
 
     def _render_charts(self, detail: RunDetail) -> None:
         available = sorted(detail.series)
-        names = [m for m in (self.chosen_metrics or []) if m in detail.series] or default_metrics(detail.run.algorithm, available)
+        names = [m for m in (self.chosen_metrics or []) if m in detail.series] or default_metrics(
+            detail.run.algorithm, available
+        )
         box = self.query_one("#charts", Container)
         if box.size.height:  # as many charts as fit at >= 6 rows each; the rest via m
             cols = 2 if box.size.width >= 90 else 1
@@ -319,7 +334,7 @@ class MainScreen(Screen):
                 self._remounts += 1
                 self.run_worker(self._remount_charts(len(names)), group="charts", exclusive=True)
                 return
-            names, hidden = names[:len(charts)], hidden + names[len(charts):]
+            names, hidden = names[: len(charts)], hidden + names[len(charts) :]
         else:
             self._remounts = 0
         widgets = list(charts.values())
@@ -343,7 +358,10 @@ class MainScreen(Screen):
                 latest.append(f"{fmt_num(values[-1])} ")
                 latest.append(sparkline(values, 8) + "  ", style="cyan")
         if not available:
-            latest = Text("no metrics logged yet" + (" (the run waits for a worker)" if detail.run.status == "queued" else ""), style="dim")
+            latest = Text(
+                "no metrics logged yet" + (" (the run waits for a worker)" if detail.run.status == "queued" else ""),
+                style="dim",
+            )
         self.query_one("#latest", Static).update(latest)
         figures = sys_text(detail)
         sys_line = self.query_one("#sys", Static)
@@ -505,8 +523,12 @@ class MainScreen(Screen):
             if yes:
                 self.app.run_job_action("remove", run.id)
 
-        self.app.push_screen(ConfirmScreen(f"Delete {run.id} ({run.status})?",
-                                           f"Its metrics, samples and its directory {run.out_dir} are removed."), done)
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Delete {run.id} ({run.status})?", f"Its metrics, samples and its directory {run.out_dir} are removed."
+            ),
+            done,
+        )
 
     def action_toggle_select(self) -> None:
         run = self.current_run()
@@ -538,7 +560,9 @@ class MainScreen(Screen):
         from tuiapp.screens.pickers import MetricPicker
 
         available = sorted(snap.detail.series)
-        current = [m for m in (self.chosen_metrics or []) if m in available] or default_metrics(snap.detail.run.algorithm, available)
+        current = [m for m in (self.chosen_metrics or []) if m in available] or default_metrics(
+            snap.detail.run.algorithm, available
+        )
 
         def done(chosen: list[str] | None) -> None:
             if chosen is not None:

@@ -28,9 +28,24 @@ from tuiapp.user_presets import list_user_presets, save_preset
 
 # The hyper-parameters the form shows; anything else goes in "more settings" as key=value.
 FORM_FIELDS = (
-    "name", "lr", "beta", "batch_size", "grad_accum", "epochs", "max_steps", "warmup_ratio", "lr_scheduler",
-    "loss_type", "label_smoothing", "lora.r", "max_length", "max_prompt_length", "eval_steps", "sample_steps",
-    "save_steps", "num_threads",
+    "name",
+    "lr",
+    "beta",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "warmup_ratio",
+    "lr_scheduler",
+    "loss_type",
+    "label_smoothing",
+    "lora.r",
+    "max_length",
+    "max_prompt_length",
+    "eval_steps",
+    "sample_steps",
+    "save_steps",
+    "num_threads",
 )
 EXTRA = "extra"
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
@@ -132,7 +147,9 @@ def show_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return ",".join(map(str, value))
-    return str(value).replace("\n", "\\n")  # a one-line input: a judge_template's line breaks show as \n (read back as such)
+    return str(value).replace(
+        "\n", "\\n"
+    )  # a one-line input: a judge_template's line breaks show as \n (read back as such)
 
 
 def error_field(message: str, keys: list[str]) -> str | None:
@@ -201,14 +218,19 @@ class NewRunScreen(Screen[str | None]):
         return [(f"demo/{p.name}", f"demo/{p.name}") for p in sorted(spec_api().demo_dir().glob("*.jsonl"))]
 
     def _after_choices(self) -> list[tuple[str, str]]:
-        return [(f"{r.name} ({r.status})", r.id) for r in reversed(self.runs)
-                if r.status in ("queued", "running", "completed") and r.algorithm != "rm"]
+        return [
+            (f"{r.name} ({r.status})", r.id)
+            for r in reversed(self.runs)
+            if r.status in ("queued", "running", "completed") and r.algorithm != "rm"
+        ]
 
     def _row(self, key: str, label: str, widget, help_text: str = "") -> Horizontal:
         return Horizontal(
-            Label(label, classes="field-label"), widget,
+            Label(label, classes="field-label"),
+            widget,
             Static(help_text, id=f"msg-{key.replace('.', '_')}", classes="field-msg"),
-            classes="field", id=f"row-{key.replace('.', '_')}",
+            classes="field",
+            id=f"row-{key.replace('.', '_')}",
         )
 
     def compose(self) -> ComposeResult:
@@ -217,18 +239,44 @@ class NewRunScreen(Screen[str | None]):
         with VerticalScroll(id="new-run"):
             home = getattr(self.app, "home_label", None) or str(self.home)
             yield Static(Text("New run", style="bold") + Text(f"   home: {home}", style="dim"), id="new-run-title")
-            yield self._row("preset", "Preset", Select(
-                [(label, value) for label, value in self.presets], value=self.preset, allow_blank=False, id="f-preset"))
-            yield self._row("model", "Model", Input(
-                placeholder="demo, a local dir, or a hub id", id="f-model",
-                suggester=SuggestFromList([v for _, v in models], case_sensitive=False)))
-            yield Horizontal(Label("", classes="field-label"), Select(models, prompt="pick a model…", id="pick-model"),
-                             classes="field picker-row")
-            yield self._row("dataset", "Dataset", Input(
-                placeholder="demo/pairs.jsonl, a local file, or a hub id", id="f-dataset",
-                suggester=SuggestFromList([v for _, v in datasets], case_sensitive=False)))
-            yield Horizontal(Label("", classes="field-label"), Select(datasets, prompt="pick a demo dataset…", id="pick-dataset"),
-                             classes="field picker-row")
+            yield self._row(
+                "preset",
+                "Preset",
+                Select(
+                    [(label, value) for label, value in self.presets],
+                    value=self.preset,
+                    allow_blank=False,
+                    id="f-preset",
+                ),
+            )
+            yield self._row(
+                "model",
+                "Model",
+                Input(
+                    placeholder="demo, a local dir, or a hub id",
+                    id="f-model",
+                    suggester=SuggestFromList([v for _, v in models], case_sensitive=False),
+                ),
+            )
+            yield Horizontal(
+                Label("", classes="field-label"),
+                Select(models, prompt="pick a model…", id="pick-model"),
+                classes="field picker-row",
+            )
+            yield self._row(
+                "dataset",
+                "Dataset",
+                Input(
+                    placeholder="demo/pairs.jsonl, a local file, or a hub id",
+                    id="f-dataset",
+                    suggester=SuggestFromList([v for _, v in datasets], case_sensitive=False),
+                ),
+            )
+            yield Horizontal(
+                Label("", classes="field-label"),
+                Select(datasets, prompt="pick a demo dataset…", id="pick-dataset"),
+                classes="field picker-row",
+            )
             yield Static(id="dataset-preview")
             yield Static(Text("Hyper-parameters (preset defaults; edit any)", style="bold"), classes="section")
             for key in FORM_FIELDS:
@@ -237,8 +285,14 @@ class NewRunScreen(Screen[str | None]):
                 row = self._row(key, key, Input(id=f"f-{key}", classes="hp"))
                 row.add_class("method-field")
                 yield row
-            yield self._row(EXTRA, "more settings", Input(placeholder="key=value key=value (any spec key)", id=f"f-{EXTRA}"))
-            yield self._row("after", "After run", Select(self._after_choices(), prompt="none (start when a worker is free)", id="f-after"))
+            yield self._row(
+                EXTRA, "more settings", Input(placeholder="key=value key=value (any spec key)", id=f"f-{EXTRA}")
+            )
+            yield self._row(
+                "after",
+                "After run",
+                Select(self._after_choices(), prompt="none (start when a worker is free)", id="f-after"),
+            )
             yield Static(id="form-error")
             yield Static(id="command")
             with Horizontal(id="form-buttons"):
@@ -355,15 +409,22 @@ class NewRunScreen(Screen[str | None]):
                 msg.update(Text(helps.get(key, ""), style="dim"))
                 row.remove_class("-invalid")
         self.errors = errors
-        self.query_one("#form-error", Static).update(Text("✗ " + errors["form"], style="red") if "form" in errors else "")
+        self.query_one("#form-error", Static).update(
+            Text("✗ " + errors["form"], style="red") if "form" in errors else ""
+        )
 
     def _update_command(self) -> None:
         try:
             overrides = self.overrides()
         except ValueError:
             overrides = []
-        line = submit_command(self.preset, self._input("model").value.strip(), self._input("dataset").value.strip(),
-                              overrides, self.after())
+        line = submit_command(
+            self.preset,
+            self._input("model").value.strip(),
+            self._input("dataset").value.strip(),
+            overrides,
+            self.after(),
+        )
         self.query_one("#command", Static).update(Text("$ " + line, style="cyan"))
 
     # ------------------------------------------------------------------ events
@@ -485,8 +546,13 @@ class NewRunScreen(Screen[str | None]):
         command = self.query_one("#command", Static)
         self.query_one("#new-run", VerticalScroll).scroll_to_widget(command)
         try:
-            line = submit_command(self.preset, self._input("model").value.strip(), self._input("dataset").value.strip(),
-                                  self.overrides(), self.after())
+            line = submit_command(
+                self.preset,
+                self._input("model").value.strip(),
+                self._input("dataset").value.strip(),
+                self.overrides(),
+                self.after(),
+            )
             self.app.copy_to_clipboard(line)
             self.notify(line, title="command (copied to the clipboard where the terminal allows)")
         except ValueError as err:

@@ -81,12 +81,19 @@ class LoadPresetDialog(ModalScreen[str | None]):
             yield Static("Load a preset", classes="dialog-title")
             if self.saved:
                 yield Static(f"yours, in {presets_home(self.home)}/ (enter loads):", classes="dim")
-                yield OptionList(*[
-                    Option(Text(path.stem, style="bold") + Text(f"  {desc}" if desc else "", style="dim"), id=str(path))
-                    for desc, path in self.saved
-                ], id="saved-presets")
+                yield OptionList(
+                    *[
+                        Option(
+                            Text(path.stem, style="bold") + Text(f"  {desc}" if desc else "", style="dim"), id=str(path)
+                        )
+                        for desc, path in self.saved
+                    ],
+                    id="saved-presets",
+                )
             else:
-                yield Static(f"no presets saved in {presets_home(self.home)}/ yet (f2 in the form saves one)", classes="dim")
+                yield Static(
+                    f"no presets saved in {presets_home(self.home)}/ yet (f2 in the form saves one)", classes="dim"
+                )
             yield Static("or type a path to a .yaml file, or a preset name:", classes="dim")
             yield Input(placeholder="~/presets/mine.yaml", id="preset-source")
             with Horizontal(classes="buttons"):

@@ -92,8 +92,13 @@ def _line(x0: int, y0: int, x1: int, y1: int):
 
 
 def plot(
-    series: Sequence[Series], width: int, height: int, *, log_y: bool = False,
-    x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
+    series: Sequence[Series],
+    width: int,
+    height: int,
+    *,
+    log_y: bool = False,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
 ) -> Plot:
     """Draw `series` on a `width` x `height` cell canvas (each cell 2 x 4 dots), shared axes."""
     width, height = max(1, width), max(1, height)
@@ -136,7 +141,7 @@ def plot(
             owner[r][c] = index
     rows = ["".join(chr(BRAILLE_BASE + b) if b else " " for b in row) for row in bits]
     legend = [(s.label, s.style) for s in series if s.label]
-    return Plot(rows, owner, tuple(x_range), (10 ** y_lo, 10 ** y_hi) if log_y else (y_lo, y_hi), log_y, skipped, legend)
+    return Plot(rows, owner, tuple(x_range), (10**y_lo, 10**y_hi) if log_y else (y_lo, y_hi), log_y, skipped, legend)
 
 
 def fmt_num(value: float) -> str:

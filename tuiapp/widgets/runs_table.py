@@ -11,9 +11,21 @@ from tuiapp.data import GLYPHS, KEY_METRICS, RunInfo, age, duration
 from tuiapp.widgets.plot import fmt_num
 
 # Most telling first: what the pane cannot show scrolls off to the right (ETA is in the run's title too).
-COLUMNS = (("run", "run"), ("status", "status"), ("step", "step"), ("metric", "metric"), ("age", "age"),
-           ("algo", "algo"), ("eta", "ETA"))
-SHORT_METRIC = {"eval/exact_match": "EM", "eval/rewards/accuracy": "acc", "rewards/accuracy": "acc", "train/loss": "loss"}
+COLUMNS = (
+    ("run", "run"),
+    ("status", "status"),
+    ("step", "step"),
+    ("metric", "metric"),
+    ("age", "age"),
+    ("algo", "algo"),
+    ("eta", "ETA"),
+)
+SHORT_METRIC = {
+    "eval/exact_match": "EM",
+    "eval/rewards/accuracy": "acc",
+    "rewards/accuracy": "acc",
+    "train/loss": "loss",
+}
 SORTS = ("created", "status", "algorithm", "metric")  # `o` cycles through these
 # Live runs first, then the ones that need a look, then the finished ones.
 STATUS_ORDER = {"running": 0, "queued": 1, "interrupted": 2, "failed": 3, "cancelled": 4, "completed": 5}
@@ -30,12 +42,14 @@ def sort_runs(runs: list[RunInfo], by: str) -> list[RunInfo]:
     if by == "algorithm":
         return sorted(newest, key=lambda r: r.algorithm)
     if by == "metric":
+
         def metric_key(r: RunInfo):
             if not r.key_metric:
                 return (len(KEY_METRICS), 0.0)
             name, value = r.key_metric
             rank = KEY_METRICS.index(name) if name in KEY_METRICS else len(KEY_METRICS) - 1
             return (rank, value if name in LOWER_IS_BETTER else -value)
+
         return sorted(newest, key=metric_key)
     return newest
 
@@ -59,7 +73,9 @@ def cells(run: RunInfo, selected: bool, now: float) -> tuple:
     eta = duration(run.eta_seconds(now)) if run.status == "running" else ""
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     return (
-        (Text("◆", style="bold yellow") if selected else Text(" ")) + Text(f"{glyph} ", style=colour) + Text(run.name if len(run.name) <= 24 else run.name[:23] + "…"),
+        (Text("◆", style="bold yellow") if selected else Text(" "))
+        + Text(f"{glyph} ", style=colour)
+        + Text(run.name if len(run.name) <= 24 else run.name[:23] + "…"),
         status_text(run),
         Text(progress, justify="right"),
         metric,

@@ -129,9 +129,15 @@ def preference_table(rows: list[dict[str, Any]]) -> Table:
     for row in rows:
         chosen, rejected = diff_texts(row.get("chosen"), row.get("rejected"), CHOSEN_DIFF, CHOSEN_DIFF)
         margin = row.get("margin")
-        chosen.append(f" {fmt_reward(row.get('chosen_reward'))}", style="green" if margin is not None and margin > 0 else "dim")
-        rejected.append(f" {fmt_reward(row.get('rejected_reward'))}", style="red" if margin is not None and margin <= 0 else "dim")
-        table.add_row(Text(one_line(plain_prompt(row.get("prompt"))), style="dim"), chosen, rejected, margin_text(margin))
+        chosen.append(
+            f" {fmt_reward(row.get('chosen_reward'))}", style="green" if margin is not None and margin > 0 else "dim"
+        )
+        rejected.append(
+            f" {fmt_reward(row.get('rejected_reward'))}", style="red" if margin is not None and margin <= 0 else "dim"
+        )
+        table.add_row(
+            Text(one_line(plain_prompt(row.get("prompt"))), style="dim"), chosen, rejected, margin_text(margin)
+        )
     return table
 
 
@@ -144,8 +150,11 @@ def unpaired_table(rows: list[dict[str, Any]]) -> Table:
     for row in rows:
         completion = Text(one_line(row.get("completion")))
         completion += Text(" ✓", style="green") if row.get("label") else Text(" ✗", style="red")
-        table.add_row(Text(one_line(plain_prompt(row.get("prompt"))), style="dim"), completion,
-                      Text(fmt_reward(row.get("reward"))))
+        table.add_row(
+            Text(one_line(plain_prompt(row.get("prompt"))), style="dim"),
+            completion,
+            Text(fmt_reward(row.get("reward"))),
+        )
     return table
 
 
@@ -163,9 +172,16 @@ def samples_body(samples: list[dict[str, Any]], pairs_first: bool = False) -> Gr
         sections.insert(0 if pairs_first else len(sections), section)
     if unpaired:
         desirable = sum(1 for r in unpaired if r.get("label"))
-        sections.append([Text(f"completions with their label on {len(unpaired)} held-out rows "
-                              f"({desirable} desirable ✓)   reward = beta (log pi - log ref)", style="bold"),
-                         unpaired_table(unpaired)])
+        sections.append(
+            [
+                Text(
+                    f"completions with their label on {len(unpaired)} held-out rows "
+                    f"({desirable} desirable ✓)   reward = beta (log pi - log ref)",
+                    style="bold",
+                ),
+                unpaired_table(unpaired),
+            ]
+        )
     parts: list[Any] = []
     for i, section in enumerate(sections):
         if i:
@@ -182,8 +198,9 @@ def compare_table(shared: list[tuple[str, dict[str, Any], dict[str, Any]]], colo
     table.add_column(Text("A", style=f"bold {colour_a}"), ratio=3, overflow="fold")
     table.add_column(Text("B", style=f"bold {colour_b}"), ratio=3, overflow="fold")
     for prompt, a, b in sorted(shared, key=lambda t: (t[1].get("policy") or "") == (t[2].get("policy") or "")):
-        a_text, b_text = diff_texts(a.get("policy") or "", b.get("policy") or "",
-                                    f"bold black on {colour_a}", f"bold black on {colour_b}")
+        a_text, b_text = diff_texts(
+            a.get("policy") or "", b.get("policy") or "", f"bold black on {colour_a}", f"bold black on {colour_b}"
+        )
         a_text += mark(a.get("policy_score"))
         b_text += mark(b.get("policy_score"))
         cell = Text(one_line(plain_prompt(prompt)), style="dim")
@@ -204,8 +221,13 @@ def compare_pairs_table(pairs: list[tuple[str, dict[str, Any], dict[str, Any]]],
     table.add_column(Text("B margin", style=f"bold {colour_b}"), no_wrap=True, justify="right")
     for prompt, a, b in pairs:
         chosen, rejected = diff_texts(a.get("chosen"), a.get("rejected"), CHOSEN_DIFF, CHOSEN_DIFF)
-        table.add_row(Text(one_line(plain_prompt(prompt)), style="dim"), chosen, rejected,
-                      margin_text(a.get("margin")), margin_text(b.get("margin")))
+        table.add_row(
+            Text(one_line(plain_prompt(prompt)), style="dim"),
+            chosen,
+            rejected,
+            margin_text(a.get("margin")),
+            margin_text(b.get("margin")),
+        )
     return table
 
 
