@@ -38,112 +38,142 @@ DEFAULT_EPSILON = 0.2  # the clip range a null `epsilon` takes, unless the metho
 VERBATIM_FIELDS = ("judge_template",)
 
 
+def _base_preset() -> dict[str, Any]:
+    """presets/_base.yaml, the one place each setting's default is written (with a comment that says why);
+    every preset builds on it, and the fields below take their defaults from it."""
+    return yaml.safe_load((REPO_ROOT / "presets" / "_base.yaml").read_text()) or {}
+
+
+_BASE = _base_preset()
+
+
+def default(key: str) -> Any:
+    """The base preset's value of `key` ("lora.r" for a LoRA setting) as a dataclass default."""
+    section, _, name = key.rpartition(".")
+    value = (_BASE.get(section) or {}).get(name) if section else _BASE[key]
+    return field(default_factory=lambda: list(value)) if isinstance(value, list) else value
+
+
 @dataclass
 class LoraSpec:
-    r: int = 0  # adapter rank; 0 = full fine-tuning
-    alpha: int = 16  # scaling numerator (effective scale alpha / r)
-    dropout: float = 0.0  # dropout on the adapter input
-    target_modules: str | list[str] = "all-linear"  # "all-linear" or module names, e.g. [q_proj, v_proj]
+    r: int = default("lora.r")  # adapter rank; 0 = full fine-tuning
+    alpha: int = default("lora.alpha")  # scaling numerator (effective scale alpha / r)
+    dropout: float = default("lora.dropout")  # dropout on the adapter input
+    target_modules: str | list[str] = default(
+        "lora.target_modules"
+    )  # "all-linear" or module names, e.g. [q_proj, v_proj]
 
 
 @dataclass
 class RunSpec:
-    algorithm: str = "dpo"
+    algorithm: str = default("algorithm")
     name: str | None = None  # a label for the run; defaults to algorithm-model-dataset
     # --- models
-    model: str | None = None  # local dir or hub id; "demo" = the embedded demo model
-    ref_model: str | None = None  # frozen reference; default = the policy's starting weights
-    trust_remote_code: bool = False
-    dtype: str = "auto"  # auto = bf16 on a GPU that supports it, else fp32
-    device: str = "auto"  # auto = cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
-    gradient_checkpointing: bool = False
+    model: str | None = default("model")  # local dir or hub id; "demo" = the embedded demo model
+    ref_model: str | None = default("ref_model")  # frozen reference; default = the policy's starting weights
+    trust_remote_code: bool = default("trust_remote_code")
+    dtype: str = default("dtype")  # auto = bf16 on a GPU that supports it, else fp32
+    device: str = default("device")  # auto = cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
+    gradient_checkpointing: bool = default("gradient_checkpointing")
     lora: LoraSpec = field(default_factory=LoraSpec)
     # --- data
-    dataset: str | None = None  # local file (jsonl/json/parquet/csv), saved datasets dir, or hub id
-    eval_dataset: str | None = None  # default: eval_split of `dataset`
-    eval_split: float = 0.05
-    eval_prompts: str | None = None  # prompt + answer rows scored by the exact-match verifier
-    max_length: int = 512
-    max_prompt_length: int = 256
-    overlong: str = "truncate"  # truncate (keep the prompt's end, cut the completion) | drop
-    max_rows: int | None = None  # use only the first N rows (quick trials)
+    dataset: str | None = default("dataset")  # local file (jsonl/json/parquet/csv), saved datasets dir, or hub id
+    eval_dataset: str | None = default("eval_dataset")  # default: eval_split of `dataset`
+    eval_split: float = default("eval_split")
+    eval_prompts: str | None = default("eval_prompts")  # prompt + answer rows scored by the exact-match verifier
+    max_length: int = default("max_length")
+    max_prompt_length: int = default("max_prompt_length")
+    overlong: str = default("overlong")  # truncate (keep the prompt's end, cut the completion) | drop
+    max_rows: int | None = default("max_rows")  # use only the first N rows (quick trials)
     # --- optimisation
-    lr: float = 1e-6
-    batch_size: int = 8  # examples (pairs for DPO) per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0
-    max_steps: int = 0  # optimizer steps; 0 = run `epochs`
-    warmup_ratio: float = 0.1
-    warmup_steps: int = 0  # > 0: this many linear warmup steps, instead of warmup_ratio
-    lr_scheduler: str = "linear"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = 0
-    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    lr: float = default("lr")
+    batch_size: int = default("batch_size")  # examples (pairs for DPO) per micro-batch
+    grad_accum: int = default("grad_accum")  # micro-batches per optimizer step
+    epochs: float = default("epochs")
+    max_steps: int = default("max_steps")  # optimizer steps; 0 = run `epochs`
+    warmup_ratio: float = default("warmup_ratio")
+    warmup_steps: int = default("warmup_steps")  # > 0: this many linear warmup steps, instead of warmup_ratio
+    lr_scheduler: str = default("lr_scheduler")
+    weight_decay: float = default("weight_decay")
+    adam_beta1: float = default("adam_beta1")
+    adam_beta2: float = default("adam_beta2")
+    max_grad_norm: float = default("max_grad_norm")  # 0 = no clipping
+    seed: int = default("seed")
+    num_threads: int = default("num_threads")  # CPU threads for torch; 0 = torch's default
     # --- algorithm (DPO family, KTO, ORPO)
-    beta: float = 0.1  # DPO/KTO KL strength; IPO tau; SimPO reward scale; ORPO lambda
-    loss_type: str = "sigmoid"  # DPO: sigmoid | robust | hinge | ipo
-    label_smoothing: float = 0.0  # cDPO / robust DPO label-flip rate
-    rpo_alpha: float = 0.0  # RPO: weight of the NLL on chosen (0 = off)
-    gamma_beta_ratio: float = 0.5  # SimPO target margin gamma / beta
-    desirable_weight: float = 1.0  # KTO lambda_D
-    undesirable_weight: float = 1.0  # KTO lambda_U
-    center_rewards_coef: float = 0.0  # reward model: eta in eta (r_w + r_l)^2 (TRL 0.01)
-    coh_positive: str = " A good answer: "  # Chain of Hindsight feedback phrases
-    coh_negative: str = " A bad answer: "
-    coh_mask_ratio: float = 0.05  # CoH: hide up to this fraction of earlier tokens from attention (paper 0-5%)
-    coh_pretrain_dataset: str | None = None  # CoH: data for a pretraining NLL regulariser (None = off)
-    coh_pretrain_coef: float = 1.0  # CoH: weight of that NLL
-    precompute_ref_logps: bool = False
+    beta: float = default("beta")  # DPO/KTO KL strength; IPO tau; SimPO reward scale; ORPO lambda
+    loss_type: str = default("loss_type")  # DPO: sigmoid | robust | hinge | ipo
+    label_smoothing: float = default("label_smoothing")  # cDPO / robust DPO label-flip rate
+    rpo_alpha: float = default("rpo_alpha")  # RPO: weight of the NLL on chosen (0 = off)
+    gamma_beta_ratio: float = default("gamma_beta_ratio")  # SimPO target margin gamma / beta
+    desirable_weight: float = default("desirable_weight")  # KTO lambda_D
+    undesirable_weight: float = default("undesirable_weight")  # KTO lambda_U
+    center_rewards_coef: float = default("center_rewards_coef")  # reward model: eta in eta (r_w + r_l)^2 (TRL 0.01)
+    coh_positive: str = default("coh_positive")  # Chain of Hindsight feedback phrases
+    coh_negative: str = default("coh_negative")
+    coh_mask_ratio: float = default(
+        "coh_mask_ratio"
+    )  # CoH: hide up to this fraction of earlier tokens from attention (paper 0-5%)
+    coh_pretrain_dataset: str | None = default(
+        "coh_pretrain_dataset"
+    )  # CoH: data for a pretraining NLL regulariser (None = off)
+    coh_pretrain_coef: float = default("coh_pretrain_coef")  # CoH: weight of that NLL
+    precompute_ref_logps: bool = default("precompute_ref_logps")
     # --- online methods (grpo, rloo, ppo, online_dpo, best_of_k, rest): sample -> score -> update.
     # `batch_size` counts prompts per rollout; each gets `num_generations` samples.
-    num_generations: int = 8  # samples per prompt (GRPO G, RLOO k, best-of-K K; online_dpo uses 2)
-    temperature: float = 1.0  # sampling temperature; the update's log-probs use the same one
-    top_p: float = 1.0
-    rewards: str | list[str] = "exact_match"  # reward sources (engine/rewards/), summed with reward_weights
-    reward_weights: list[float] | None = None  # one per source; None = all 1
-    safety_reward_model: str | None = None  # Llama 2 gating: with an rm: source as helpfulness
-    safety_threshold: float = 0.15
-    judge: str = "reward"  # online_dpo: "reward" (compare the rewards) or a causal LM dir / hub id (LLM judge)
-    judge_tie_margin: float = 0.05  # online_dpo: skip pairs whose preference is within this of 0.5
-    judge_template: str | None = (
-        None  # online_dpo LLM judge prompt with {prompt}, {answer_1}, {answer_2}; None = built-in
-    )
-    missing_eos_penalty: float = 0.0  # subtracted from the reward of a sample that hit max_new_tokens without EOS
-    mask_truncated: bool = False  # leave samples without EOS out of the loss (DAPO overlong filtering)
-    epsilon: float | None = (
-        DEFAULT_EPSILON  # PPO / GRPO / RLOO clip range (low side); None = the loss_type's (CLIP_DEFAULTS)
-    )
-    epsilon_high: float | None = (
-        None  # upper clip (DAPO clip-higher 0.28); None = epsilon, or the loss_type's (gspo, cispo)
-    )
-    num_iterations: int = 1  # passes over each rollout (PPO epochs, GRPO mu)
-    num_mini_batches: int = 1  # optimizer steps per pass over a rollout
-    scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none (Dr. GRPO)
-    kl_target: float | None = None  # PPO adaptive KL: target sequence KL (None = fixed beta)
-    kl_horizon: int = 10000  # PPO adaptive KL horizon (Ziegler et al. 2019)
-    gamma: float = 1.0  # PPO discount
-    lam: float = 0.95  # PPO GAE lambda
-    vf_coef: float = 0.1  # PPO value-loss weight
-    cliprange_value: float = 0.2  # PPO value clip
-    value_model: str | None = (
-        None  # PPO: initialise the value model from this reward model (default: the policy + a fresh head)
-    )
-    whiten_rewards: bool = False  # PPO: rescale scores (no mean shift) before GAE
-    rest_keep_fractions: list[float] | None = None  # ReST Improve steps: top fractions kept (default 0.5, 0.3, 0.1)
-    rest_improve_epochs: float = 1.0  # ReST / best-of-K: SFT epochs over each kept set
+    num_generations: int = default(
+        "num_generations"
+    )  # samples per prompt (GRPO G, RLOO k, best-of-K K; online_dpo uses 2)
+    temperature: float = default("temperature")  # sampling temperature; the update's log-probs use the same one
+    top_p: float = default("top_p")
+    rewards: str | list[str] = default("rewards")  # reward sources (engine/rewards/), summed with reward_weights
+    reward_weights: list[float] | None = default("reward_weights")  # one per source; None = all 1
+    safety_reward_model: str | None = default(
+        "safety_reward_model"
+    )  # Llama 2 gating: with an rm: source as helpfulness
+    safety_threshold: float = default("safety_threshold")
+    judge: str = default("judge")  # online_dpo: "reward" (compare the rewards) or a causal LM dir / hub id (LLM judge)
+    judge_tie_margin: float = default(
+        "judge_tie_margin"
+    )  # online_dpo: skip pairs whose preference is within this of 0.5
+    # online_dpo: the LLM judge's prompt, with {prompt}, {answer_1}, {answer_2}; None = the built-in one
+    judge_template: str | None = default("judge_template")
+    missing_eos_penalty: float = default(
+        "missing_eos_penalty"
+    )  # subtracted from the reward of a sample that hit max_new_tokens without EOS
+    mask_truncated: bool = default(
+        "mask_truncated"
+    )  # leave samples without EOS out of the loss (DAPO overlong filtering)
+    # PPO / GRPO / RLOO clip range (low side); None = the loss type's own (the registry's clip_defaults), else 0.2
+    epsilon: float | None = default("epsilon")
+    # upper clip (DAPO clip-higher 0.28); None = epsilon, or the loss type's own (gspo, cispo)
+    epsilon_high: float | None = default("epsilon_high")
+    num_iterations: int = default("num_iterations")  # passes over each rollout (PPO epochs, GRPO mu)
+    num_mini_batches: int = default("num_mini_batches")  # optimizer steps per pass over a rollout
+    scale_rewards: str = default("scale_rewards")  # GRPO advantage scaling: group | batch | none (Dr. GRPO)
+    kl_target: float | None = default("kl_target")  # PPO adaptive KL: target sequence KL (None = fixed beta)
+    kl_horizon: int = default("kl_horizon")  # PPO adaptive KL horizon (Ziegler et al. 2019)
+    gamma: float = default("gamma")  # PPO discount
+    lam: float = default("lam")  # PPO GAE lambda
+    vf_coef: float = default("vf_coef")  # PPO value-loss weight
+    cliprange_value: float = default("cliprange_value")  # PPO value clip
+    # PPO: initialise the value model from this reward model (default: the policy + a fresh head)
+    value_model: str | None = default("value_model")
+    whiten_rewards: bool = default("whiten_rewards")  # PPO: rescale scores (no mean shift) before GAE
+    rest_keep_fractions: list[float] | None = default(
+        "rest_keep_fractions"
+    )  # ReST Improve steps: top fractions kept (default 0.5, 0.3, 0.1)
+    rest_improve_epochs: float = default("rest_improve_epochs")  # ReST / best-of-K: SFT epochs over each kept set
     # --- logging, eval, checkpoints
-    logging_steps: int = 1
-    eval_steps: int = 50  # 0 = only at the start and the end
-    eval_max_examples: int = 200
-    sample_steps: int = 50
-    num_samples: int = 4
-    kl_samples: int = 16  # policy samples used for the kl/mean estimate
-    max_new_tokens: int = 64
-    save_steps: int = 100
-    save_total_limit: int = 2
+    logging_steps: int = default("logging_steps")
+    eval_steps: int = default("eval_steps")  # 0 = only at the start and the end
+    eval_max_examples: int = default("eval_max_examples")
+    sample_steps: int = default("sample_steps")
+    num_samples: int = default("num_samples")
+    kl_samples: int = default("kl_samples")  # policy samples used for the kl/mean estimate
+    max_new_tokens: int = default("max_new_tokens")
+    save_steps: int = default("save_steps")
+    save_total_limit: int = default("save_total_limit")
     # Written by Cherry, not set by users: settings it chose to follow one you set (resolve_spec), e.g.
     # "max_prompt_length=64: ...". Kept in the spec so the run's start event can say so.
     defaults_followed: list[str] | None = None

@@ -295,3 +295,21 @@ def test_the_start_line_says_which_settings_followed(tmp_path):
     start = next(json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if '"start"' in line)
     assert note in start["message"]
     assert "max_prompt_length: 24" in (out / "spec.yaml").read_text()
+
+
+def test_every_default_is_written_once_in_the_base_preset():
+    """RunSpec's field defaults are read from presets/_base.yaml: the commented file users read is the
+    one source, so code and preset can never disagree."""
+    import dataclasses
+
+    import yaml
+
+    from engine.spec import REPO_ROOT, RunSpec
+
+    base = yaml.safe_load((REPO_ROOT / "presets" / "_base.yaml").read_text())
+    spec = RunSpec()
+    for f in dataclasses.fields(RunSpec):
+        if f.name in ("name", "defaults_followed"):  # a label and a record Cherry writes: not settings
+            continue
+        value = dataclasses.asdict(spec.lora) if f.name == "lora" else getattr(spec, f.name)
+        assert value == base[f.name], f.name
