@@ -142,7 +142,7 @@ def test_checkpoint_state_loads_without_pickle(tiny_model_dir, tiny_pairs, tmp_p
     and Python's RNG state comes back as the tuple random.setstate needs."""
     import random
 
-    from engine.train import read_checkpoint_state
+    from engine.loop.checkpoint import read_checkpoint_state
 
     train(
         dpo_spec(tiny_model_dir, tiny_pairs, max_steps=2, eval_steps=0, sample_steps=0),
