@@ -137,6 +137,14 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.losses.dpo:simpo_loss",
         ),
         AlgorithmInfo(
+            "cpo",
+            "CPO (Xu et al. 2024)",
+            "preference",
+            False,
+            "engine.algorithms.cpo:CPO",
+            "engine.losses.dpo:cpo_loss",
+        ),
+        AlgorithmInfo(
             "orpo",
             "ORPO (Hong et al. 2024)",
             "preference",

@@ -105,6 +105,7 @@ class RunSpec:
     loss_type: str = default("loss_type")  # DPO: sigmoid | robust | hinge | ipo
     label_smoothing: float = default("label_smoothing")  # cDPO / robust DPO label-flip rate
     rpo_alpha: float = default("rpo_alpha")  # RPO: weight of the NLL on chosen (0 = off)
+    cpo_alpha: float = default("cpo_alpha")  # CPO: weight of the NLL on chosen (0 = the preference term alone)
     gamma_beta_ratio: float = default("gamma_beta_ratio")  # SimPO target margin gamma / beta
     desirable_weight: float = default("desirable_weight")  # KTO lambda_D
     undesirable_weight: float = default("undesirable_weight")  # KTO lambda_U
@@ -408,6 +409,7 @@ def check_values(spec: RunSpec) -> None:
         f"label_smoothing applies to loss_type sigmoid (cDPO) and robust only; got {spec.label_smoothing} with "
         f"loss_type={spec.loss_type} (set label_smoothing=0)",
     )
+    need(spec.cpo_alpha >= 0, f"cpo_alpha must be >= 0 (got {spec.cpo_alpha}); 1.0 is the CPO paper's value")
     need(spec.rpo_alpha >= 0, f"rpo_alpha must be >= 0 (got {spec.rpo_alpha}); 1.0 is the RPO paper's value")
     need(
         not (spec.rpo_alpha > 0 and spec.loss_type == "ipo"),

@@ -151,6 +151,34 @@ def simpo_loss(
     return losses, metrics
 
 
+def cpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_token_counts: torch.Tensor,
+    beta: float,
+    alpha: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CPO (Xu et al. 2024, arXiv 2401.08417): DPO's preference term with no reference model, plus
+    behaviour cloning on the chosen answer.
+
+        loss = -log sigmoid(beta * chosen_logps - beta * rejected_logps) + alpha * (-chosen_logps / |y_w|)
+
+    chosen_logps and rejected_logps are SUMS over completion tokens (the paper's log pi(y|x)); the
+    NLL term is the chosen answer's per-token mean (counts below 1 count as 1), so its weight does
+    not grow with length. The paper: beta 0.1, alpha 1.
+    Metrics: rewards/chosen = beta chosen_logps, rewards/rejected = beta rejected_logps,
+    rewards/margin, rewards/accuracy, logps/chosen, logps/rejected (sums), nll_loss (per pair).
+    """
+    _check_beta(beta)
+    chosen_rewards = beta * chosen_logps
+    rejected_rewards = beta * rejected_logps
+    nll = -chosen_logps / chosen_token_counts.clamp(min=1).to(chosen_logps.dtype)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards) + alpha * nll
+    metrics = _preference_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    metrics["nll_loss"] = nll.detach()
+    return losses, metrics
+
+
 def rpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,

@@ -13,6 +13,7 @@ KEY_METRICS = {
     "ipo": ["rewards/margin", "eval/rewards/accuracy", "kl/mean"],
     "rpo": ["nll_loss", "rewards/margin"],
     "simpo": ["rewards/margin", "logps/chosen"],
+    "cpo": ["nll_loss", "rewards/accuracy", "logps/chosen"],
     "orpo": ["nll_loss", "log_odds_ratio", "rewards/accuracy"],
     "kto": ["kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "kto/desirable_fraction"],
     "sft": ["token_accuracy", "eval/perplexity", "eval/token_accuracy", "policy/entropy", "lengths/completion"],
@@ -38,7 +39,7 @@ def test_demo_method_raises_held_out_exact_match(method, tmp_path, monkeypatch):
     assert after >= before + 0.05, (method, before, after)
     for name in KEY_METRICS[method]:
         assert reporter.series(name), f"{method} logged no {name}"
-    reference_free = method in ("simpo", "orpo", "sft")
+    reference_free = method in ("simpo", "cpo", "orpo", "sft")
     assert len(loaded) == (1 if reference_free else 2)  # reference-free methods load no reference
     assert ("kl/mean" in summary["final"]) == (not reference_free)
 

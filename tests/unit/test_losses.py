@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.losses.dpo import DPO_LOSS_TYPES, dpo_loss, rpo_loss, simpo_loss
+from engine.losses.dpo import DPO_LOSS_TYPES, cpo_loss, dpo_loss, rpo_loss, simpo_loss
 
 
 def _t(*values):
@@ -240,3 +240,25 @@ def test_rpo_passes_loss_type_through_and_refuses_ipo():
     assert math.isclose(losses.item(), 0.25, rel_tol=1e-12)
     with pytest.raises(ValueError, match="ipo|IPO"):
         rpo_loss(x, x, x, x, counts, 0.1, 1.0, loss_type="ipo")
+
+
+def test_cpo_is_a_reference_free_sigmoid_on_sums_plus_per_token_nll_on_chosen():
+    # beta 0.5: pair 0 z = 0.5*-2 - 0.5*-4 = 1, pair 1 z = 0.5*-6 - 0.5*-3 = -1.5
+    # -log sigmoid(1) = log(1 + e^-1) = 0.3132617; -log sigmoid(-1.5) = log(1 + e^1.5) = 1.7014133
+    # NLL on chosen per token: 2 / 4 = 0.5 and 6 / 3 = 2
+    chosen, rejected, counts = _t(-2.0, -6.0), _t(-4.0, -3.0), torch.tensor([4, 3])
+    losses, metrics = cpo_loss(chosen, rejected, counts, beta=0.5, alpha=1.0)
+    assert losses.tolist() == pytest.approx([0.3132617 + 0.5, 1.7014133 + 2.0], abs=1e-6)
+    assert metrics["rewards/chosen"].tolist() == [-1.0, -3.0]
+    assert metrics["rewards/rejected"].tolist() == [-2.0, -1.5]
+    assert metrics["rewards/margin"].tolist() == [1.0, -1.5]
+    assert metrics["rewards/accuracy"].tolist() == [1.0, 0.0]
+    assert metrics["nll_loss"].tolist() == [0.5, 2.0]
+    # alpha = 0 is DPO's sigmoid loss against a reference that scores everything 0
+    zero = torch.zeros(2)
+    alone, _ = cpo_loss(chosen, rejected, counts, beta=0.5, alpha=0.0)
+    assert alone.tolist() == pytest.approx(dpo_loss(chosen, rejected, zero, zero, 0.5)[0].tolist(), abs=1e-7)
+    # the NLL term pulls chosen up: d/d chosen_0 = -beta sigmoid(-z) - alpha / |y_w| = -0.5 * 0.2689414 - 0.25
+    chosen = chosen.clone().requires_grad_()
+    cpo_loss(chosen, rejected, counts, beta=0.5, alpha=1.0)[0].sum().backward()
+    assert chosen.grad[0].item() == pytest.approx(-0.5 * 0.2689414 - 0.25, abs=1e-6)

@@ -113,6 +113,7 @@ def test_presets_lists_every_method_and_shows_inherited_values():
         "best_of_k",
         "cdpo",
         "coh",
+        "cpo",
         "dpo",
         "grpo",
         "hinge",
