@@ -35,6 +35,7 @@ import torch
 from engine.algorithms.base import Algorithm
 from engine.algorithms.sft import collate_sft, completion_tokens, perplexity, token_metrics
 from engine.batching import collate_completions, pad_right
+from engine.data import prepare
 from engine.logprobs import completion_logps
 from engine.losses.sft import sft_loss
 
@@ -84,8 +85,6 @@ class ChainOfHindsight(Algorithm):
             ex["coh_ids"], ex["coh_mask"] = ids[: self.spec.max_length], mask[: self.spec.max_length]
 
     def _load_pretrain(self, tokenizer) -> None:
-        from engine.data import prepare
-
         spec = self.spec
         data = prepare(
             spec.coh_pretrain_dataset,

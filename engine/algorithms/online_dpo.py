@@ -28,6 +28,7 @@ from engine.algorithms.online_rows import micro_batches, rollout_metrics
 from engine.batching import collate_completions
 from engine.logprobs import completion_logps
 from engine.losses.dpo import dpo_loss
+from engine.rewards.judge import judge_pairs, judge_tallies
 
 
 class OnlineDPO(Algorithm):
@@ -42,8 +43,6 @@ class OnlineDPO(Algorithm):
         return None if self.spec.judge == "reward" else self.spec.judge
 
     def prepare(self, rollout, models):
-        from engine.rewards import judge_pairs, judge_tallies
-
         spec = self.spec
         metrics = rollout_metrics(rollout)
         a, b = slice(0, None, 2), slice(1, None, 2)  # the two samples of prompt g are rows 2g and 2g + 1

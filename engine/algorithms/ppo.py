@@ -44,6 +44,8 @@ from engine.losses.online import (
     ppo_token_rewards,
     whiten,
 )
+from engine.models import load_reward_model
+from engine.rewards.reward_model import resolve_reward_model
 
 
 class ValueModel(torch.nn.Module):
@@ -75,9 +77,6 @@ class PPO(Algorithm):
         self.kl_controller = AdaptiveKLController(spec.beta, spec.kl_target, spec.kl_horizon)
 
     def build_value_model(self, device, dtype) -> ValueModel:
-        from engine.models import load_reward_model
-        from engine.rewards.reward_model import resolve_reward_model
-
         source = str(resolve_reward_model(self.spec.value_model)) if self.spec.value_model else self.spec.model
         return ValueModel(
             load_reward_model(source, dtype=dtype, device=device, trust_remote_code=self.spec.trust_remote_code)

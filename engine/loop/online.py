@@ -25,6 +25,7 @@ from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_ste
 from engine.loop.evaluation import estimate_kl, evaluate_prompts, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
 from engine.rewards import build_reward, required_columns
+from engine.rewards.judge import LLMJudge
 from engine.rollout import sample_rollout, score_rollout
 
 
@@ -82,8 +83,6 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         # An LLM judge decides online DPO's pairs on its own; the rewards would only be logged.
         reporter.log_event("warning", f"no reward/* metrics: {err}")
     if judge_source is not None:
-        from engine.rewards import LLMJudge
-
         models.judge = LLMJudge(
             judge_source, device=str(device), template=spec.judge_template, trust_remote_code=spec.trust_remote_code
         )
