@@ -395,6 +395,11 @@ class SharedStore(Store):
         self.ingest([run_id])
         return super().metrics(run_id, **kwargs)
 
+    def metric_at_step(self, run_ids: Iterable[str], name: str, step: int) -> dict[str, float]:
+        ids = list(run_ids)
+        self.ingest(ids)
+        return super().metric_at_step(ids, name, step)
+
     def metric_names(self, run_id: str) -> list[str]:
         self.ingest([run_id])
         return super().metric_names(run_id)
