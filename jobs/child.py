@@ -28,6 +28,7 @@ from engine.errors import CherryError
 from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
 from jobs.home import cache_dir, cherry_home
+from jobs.reporters import build_reporters, close_all
 from jobs.shared import open_store
 from jobs.store import Store, StoreReporter
 from jobs.sweep import prune_reason
@@ -95,11 +96,13 @@ def run_child(run_id: str, parent_pid: int) -> int:
     signal.signal(signal.SIGTERM, stop.on_signal)
     signal.signal(signal.SIGINT, stop.on_signal)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout))
+    extra: list = []  # report_to: TensorBoard, W&B
     try:
         from engine.train import train  # the heavy imports happen here, in the run's own process
 
         spec = build_spec(run.spec)
+        extra = build_reporters(spec, run.out_dir, run_id=run_id, group=run.row.get("experiment"))
+        reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout), *extra)
         summary = train(spec, run.out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
     except CherryError as err:
         print(f"error: {err}", flush=True)
@@ -113,6 +116,8 @@ def run_child(run_id: str, parent_pid: int) -> int:
             return 3
         _fail(store, run_id, f"{type(err).__name__}: {err}")
         return 1
+    finally:
+        close_all(extra)
     status = summary["status"]
     if status == "pruned":
         store.add_event(run_id, "pruned", f"stopped early: {stop.prune_reason}; `cherry resume {run_id}` continues it")

@@ -29,6 +29,7 @@ from engine.registry import ALGORITHMS
 from engine.spec import RunSpec, build_spec, resolve_paths
 from jobs.home import artifacts_root, cherry_home, new_run_id
 from jobs.queue import JobQueue
+from jobs.reporters import check_report_to
 from jobs.shared import RunIdTaken, open_store
 from jobs.store import Run, Store, files_host, this_host
 
@@ -121,6 +122,7 @@ class Jobs:
         if spec.eval_dataset:
             check_dataset(spec.eval_dataset, ALGORITHMS[spec.algorithm].data_kind, "eval dataset")
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
+        check_report_to(spec)
         self.queue  # a queue file that cannot be used is refused before a run row points at it
         return spec, parent
 
