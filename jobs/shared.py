@@ -291,9 +291,9 @@ class SharedStore(Store):
         self.sync_runs()
         return super().find_runs(text)
 
-    def list_runs(self, statuses: Iterable[str] | None = None) -> list[Run]:
+    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:
         self.sync_runs()
-        return super().list_runs(statuses)
+        return super().list_runs(statuses, experiment)
 
     def dependents(self, run_id: str) -> list[Run]:
         self.sync_runs()

@@ -297,10 +297,15 @@ class Store:
         )
         return [_run(row) for row in rows]
 
-    def list_runs(self, statuses: Iterable[str] | None = None) -> list[Run]:
+    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:
         statuses = list(statuses or [])
-        where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
-        rows = self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", statuses)
+        clauses = [f"status IN ({', '.join('?' * len(statuses))})"] if statuses else []
+        params: list[Any] = list(statuses)
+        if experiment is not None:
+            clauses.append("experiment = ?")
+            params.append(experiment)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", params)
         return [_run(row) for row in rows]
 
     def update_run(self, run_id: str, **fields: Any) -> None:

@@ -245,7 +245,7 @@ def prune_reason(store: Store, run: Run) -> str | None:
     steps = sorted(mine)
     if len(steps) < rule["after"]:
         return None
-    others = [r.id for r in store.list_runs() if r.row.get("experiment") == run.row["experiment"] and r.id != run.id]
+    others = [r.id for r in store.list_runs(experiment=run.row["experiment"]) if r.id != run.id]
     for step in reversed(steps[rule["after"] - 1 :]):
         values = list(store.metric_at_step(others, rule["metric"], step).values())
         if not values:

@@ -130,3 +130,13 @@ def test_tags_notes_and_sweep_values_are_stored_with_the_run(store):
     assert run.experiment == "e" and run.note == "best so far"
     store.set_tags("r", [])
     assert run_tags(store.get_run("r")) == []
+
+
+def test_every_status_pruned_included_has_a_glyph_and_a_place_in_the_runs_table():
+    from jobs.runs import RESUMABLE
+    from jobs.store import ENDED, STATUSES
+    from tuiapp.data import GLYPHS
+    from tuiapp.widgets.runs_table import STATUS_ORDER
+
+    assert set(STATUSES) == set(GLYPHS) == set(STATUS_ORDER)
+    assert "pruned" in ENDED and "pruned" in RESUMABLE

@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
                 f"unknown status {unknown[0]!r}; choose from {', '.join(STATUSES)}", param_hint="--status"
             )
         jobs = _jobs()
-        runs = jobs.store.find_runs(text) if text else jobs.store.list_runs()
+        runs = jobs.store.find_runs(text) if text else jobs.store.list_runs(experiment=experiment)
         runs = [r for r in runs if (not wanted or r.status in wanted) and _matches(r, experiment, tag)]
         latest = jobs.store.latest_metrics_many([r.id for r in runs])
         if as_json:
