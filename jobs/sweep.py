@@ -76,7 +76,7 @@ def parse_ranges(items: list[str]) -> dict[str, str]:
     """`key=log(a,b)` / `uniform(a,b)` / `int(a,b)` / `choice(x,y)` items -> {key: range text}, checked."""
     ranges: dict[str, str] = {}
     for item in items:
-        key, text = _split(item, "--range")
+        key, text = _split(item, "--grid")
         draw_value(key, text, random.Random(0))  # refuse a malformed range now, not at the first draw
         ranges[key] = text.strip()
     return ranges
@@ -94,20 +94,20 @@ def draw_value(key: str, text: str, rng: random.Random) -> str:
     match = _RANGE.match(text.strip())
     if not match:
         raise SweepError(
-            f"--range {key}={text}: write log(low,high), uniform(low,high), int(low,high) or choice(a,b,...)"
+            f"--grid {key}={text}: write log(low,high), uniform(low,high), int(low,high) or choice(a,b,...)"
         )
     kind, inner = match.groups()
     args = [a.strip() for a in inner.split(",") if a.strip()]
     if kind == "choice":
         if not args:
-            raise SweepError(f"--range {key}={text}: choice needs at least one value")
+            raise SweepError(f"--grid {key}={text}: choice needs at least one value")
         return rng.choice(args)
     try:
         low, high = (float(a) for a in args)
     except ValueError:
-        raise SweepError(f"--range {key}={text}: {kind} takes two numbers, low and high") from None
+        raise SweepError(f"--grid {key}={text}: {kind} takes two numbers, low and high") from None
     if low > high or (kind == "log" and low <= 0):
-        raise SweepError(f"--range {key}={text}: need low <= high" + (" and low > 0 for log" if kind == "log" else ""))
+        raise SweepError(f"--grid {key}={text}: need low <= high" + (" and low > 0 for log" if kind == "log" else ""))
     if kind == "int":
         return str(rng.randint(int(low), int(high)))
     value = math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "log" else rng.uniform(low, high)
