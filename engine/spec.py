@@ -175,6 +175,9 @@ class RunSpec:
     max_new_tokens: int = default("max_new_tokens")
     save_steps: int = default("save_steps")
     save_total_limit: int = default("save_total_limit")
+    # Also log to: tensorboard (event files in the run directory), wandb (when installed). Front ends
+    # build these reporters; the engine only ever sees the Reporter interface.
+    report_to: str | list[str] = default("report_to")
     # Written by Cherry, not set by users: settings it chose to follow one you set (resolve_spec), e.g.
     # "max_prompt_length=64: ...". Kept in the spec so the run's start event can say so.
     defaults_followed: list[str] | None = None
@@ -354,6 +357,15 @@ def clip_defaults(algorithm: str, loss_type: str) -> tuple[float, float | None]:
     return DEFAULT_EPSILON, None
 
 
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(spec: RunSpec) -> list[str]:
+    """`report_to` as a list (a `--set report_to=tensorboard` gives one name)."""
+    value = spec.report_to or []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def check_values(spec: RunSpec) -> None:
     """Refuse impossible values, naming the field."""
 
@@ -361,6 +373,12 @@ def check_values(spec: RunSpec) -> None:
         if not ok:
             raise SpecError(message)
 
+    unknown_reporters = [r for r in report_targets(spec) if r not in REPORT_TARGETS]
+    need(
+        not unknown_reporters,
+        f"report_to: {unknown_reporters[0] if unknown_reporters else ''!r} is not known; choose from "
+        f"{', '.join(REPORT_TARGETS)} (e.g. --set report_to=tensorboard)",
+    )
     need(
         spec.algorithm in ALGORITHMS,
         f"algorithm '{spec.algorithm}' is not available; choose one of: {', '.join(ALGORITHM_NAMES)}",

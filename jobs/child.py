@@ -8,6 +8,7 @@ reporter, and its final status. It stops cooperatively at the next step when
 - the run's `cancel_requested` flag is set (`cherry cancel`)        -> status cancelled
 - it receives SIGTERM/SIGINT (the worker is shutting down)          -> status interrupted
 - its worker dies (parent-death signal, or its parent pid changes)  -> status interrupted
+- its sweep's early-stopping rule judges it weak at an eval point   -> status pruned (jobs/sweep.py)
 Either way it saves a checkpoint first, so `cherry resume` continues with identical losses.
 
 Exit codes: 0 completed, 2 a user error (message in the store), 3 out of memory, 1 a crash.
@@ -27,8 +28,10 @@ from engine.errors import CherryError
 from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
 from jobs.home import cache_dir, cherry_home
+from jobs.reporters import build_reporters, close_all
 from jobs.shared import open_store
 from jobs.store import Store, StoreReporter
+from jobs.sweep import prune_reason
 
 POLL_SECONDS = 0.5  # how often the stop check reads the store (it runs once per step)
 OOM_ADVICE = (
@@ -46,7 +49,8 @@ class StopCheck:
         self.parent_pid = parent_pid
         self.signalled = False
         self._checked_at = 0.0
-        self._cancelled = False
+        self._verdict: str | None = None
+        self.prune_reason: str | None = None
 
     def on_signal(self, signum: int, frame) -> None:
         self.signalled = True
@@ -58,8 +62,12 @@ class StopCheck:
         if now - self._checked_at >= POLL_SECONDS:
             self._checked_at = now
             run = self.store.get_run(self.run_id)
-            self._cancelled = run is None or bool(run.cancel_requested)
-        return "cancelled" if self._cancelled else None
+            if run is None or run.cancel_requested:
+                self._verdict = "cancelled"
+            elif run.row.get("prune"):
+                self.prune_reason = prune_reason(self.store, run)
+                self._verdict = "pruned" if self.prune_reason else None
+        return self._verdict
 
 
 def _die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -88,11 +96,13 @@ def run_child(run_id: str, parent_pid: int) -> int:
     signal.signal(signal.SIGTERM, stop.on_signal)
     signal.signal(signal.SIGINT, stop.on_signal)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout))
+    extra: list = []  # report_to: TensorBoard, W&B
     try:
         from engine.train import train  # the heavy imports happen here, in the run's own process
 
         spec = build_spec(run.spec)
+        extra = build_reporters(spec, run.out_dir, run_id=run_id, group=run.row.get("experiment"))
+        reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout), *extra)
         summary = train(spec, run.out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
     except CherryError as err:
         print(f"error: {err}", flush=True)
@@ -106,7 +116,11 @@ def run_child(run_id: str, parent_pid: int) -> int:
             return 3
         _fail(store, run_id, f"{type(err).__name__}: {err}")
         return 1
+    finally:
+        close_all(extra)
     status = summary["status"]
+    if status == "pruned":
+        store.add_event(run_id, "pruned", f"stopped early: {stop.prune_reason}; `cherry resume {run_id}` continues it")
     store.set_status(run_id, status, only_if=["running"])
     print(f"[{status}] step {summary['step']}/{summary['total_steps']} in {summary['wall_seconds']:.0f}s", flush=True)
     return 0

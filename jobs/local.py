@@ -23,6 +23,7 @@ from engine.errors import CherryError
 from engine.reporting import MultiReporter, Reporter
 from engine.spec import RunSpec
 from jobs.home import cache_dir, cherry_home, new_run_id
+from jobs.reporters import build_reporters, check_report_to, close_all
 from jobs.shared import open_store
 from jobs.store import StoreReporter, this_host
 from jobs.worker import HEARTBEAT_SECONDS
@@ -38,6 +39,7 @@ def run_in_process(
 ) -> tuple[Path, dict[str, Any]]:
     from engine.train import train  # torch is imported only once a run really starts
 
+    check_report_to(spec)  # a missing package is refused before anything is written
     home = cherry_home()
     store = open_store(home)  # a store that cannot be used is refused before a run directory is made
     run_dir = Path(out_dir).resolve() if out_dir else home / new_run_id(spec.display_name, home)
@@ -60,10 +62,12 @@ def run_in_process(
     stopped = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(home, run_id, stopped), daemon=True)
     beat.start()
-    reporters = [StoreReporter(store, run_id)] + ([reporter] if reporter is not None else [])
     ctrl_c = CtrlC()
     status, error = "failed", None
+    extra: list = []  # report_to: TensorBoard, W&B
     try:
+        extra = build_reporters(spec, run_dir, run_id=run_id)
+        reporters = [StoreReporter(store, run_id), *extra] + ([reporter] if reporter is not None else [])
         with ctrl_c:
             summary = train(
                 spec,
@@ -95,6 +99,7 @@ def run_in_process(
         raise
     finally:
         with _ctrl_c_ignored():  # recording how the run ended is not interrupted in turn
+            close_all(extra)
             stopped.set()
             beat.join()
             # A write cut short by Ctrl+C may have left this connection inside a transaction: closing

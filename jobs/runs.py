@@ -1,7 +1,7 @@
 """The run lifecycle as front ends see it: submit, cancel, resume, remove, find.
 
-    queued -> running -> completed | failed | cancelled | interrupted
-                    (resume: failed | cancelled | interrupted -> queued, from the last checkpoint)
+    queued -> running -> completed | failed | cancelled | interrupted | pruned
+                    (resume: failed | cancelled | interrupted | pruned -> queued, from the last checkpoint)
 
 A submission is validated completely before anything is written (spec, paths, dataset format),
 so a bad spec never reaches the queue. The run row is written first, then the task carrying its
@@ -29,10 +29,11 @@ from engine.registry import ALGORITHMS
 from engine.spec import RunSpec, build_spec, resolve_paths
 from jobs.home import artifacts_root, cherry_home, new_run_id
 from jobs.queue import JobQueue
+from jobs.reporters import check_report_to
 from jobs.shared import RunIdTaken, open_store
 from jobs.store import Run, Store, files_host, this_host
 
-RESUMABLE = ("failed", "cancelled", "interrupted")
+RESUMABLE = ("failed", "cancelled", "interrupted", "pruned")
 
 
 class JobError(CherryError):
@@ -69,15 +70,44 @@ class Jobs:
         after: str | None = None,
         retries: int = 0,
         model_from: str | None = None,
+        experiment: str | None = None,
+        swept: dict | None = None,
+        prune: dict | None = None,
     ) -> Run:
         """Validate `spec`, store it as a queued run and queue it (or park it after `after`).
 
         A chained run's model is the output of the run it follows, or of `model_from` (an earlier
         run of the same chain: PPO waits for its reward model but starts from the SFT model).
+        `experiment` groups runs (a sweep's points share one); `swept` is the point's values and
+        `prune` the sweep's early-stopping rule ({rule, metric, after}).
         """
+        spec, parent = self.check(spec, after=after, model_from=model_from)
+        run = self._create(
+            spec,
+            parent=parent.id if parent else None,
+            priority=priority,
+            retries=retries,
+            experiment=experiment,
+            swept=swept,
+            prune=prune,
+        )
+        run_id = run.id
+        if parent is not None and parent.status != "completed":
+            self.store.add_event(
+                run_id, "queued", f"waiting for {parent.id} to complete; its output is this run's model"
+            )
+            return run
+        self._enqueue(run)
+        return self.store.get_run(run_id)
+
+    def check(
+        self, spec: RunSpec, *, after: str | None = None, model_from: str | None = None
+    ) -> tuple[RunSpec, Run | None]:
+        """Every check `submit` makes before it writes anything: the spec as it will be stored (a chained
+        run's model is its source's output) and the run it waits for. Raises a CherryError naming the field."""
         parent = self.resolve(after) if after else None
         if parent is not None:
-            if parent.status in ("failed", "cancelled", "interrupted"):
+            if parent.status in RESUMABLE:
                 raise JobError(
                     f"--after {parent.id}: that run ended {parent.status}; resume it first (`cherry resume {parent.id}`)"
                 )
@@ -92,17 +122,9 @@ class Jobs:
         if spec.eval_dataset:
             check_dataset(spec.eval_dataset, ALGORITHMS[spec.algorithm].data_kind, "eval dataset")
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
+        check_report_to(spec)
         self.queue  # a queue file that cannot be used is refused before a run row points at it
-
-        run = self._create(spec, parent=parent.id if parent else None, priority=priority, retries=retries)
-        run_id = run.id
-        if parent is not None and parent.status != "completed":
-            self.store.add_event(
-                run_id, "queued", f"waiting for {parent.id} to complete; its output is this run's model"
-            )
-            return run
-        self._enqueue(run)
-        return self.store.get_run(run_id)
+        return spec, parent
 
     def _create(self, spec: RunSpec, **fields) -> Run:
         """Store a new queued run under a fresh id (another host may take an id first: try the next)."""
@@ -188,12 +210,12 @@ class Jobs:
         raise JobError(f"{run.id} already ended ({run.status}); nothing to cancel")
 
     def resume(self, text: str) -> Run:
-        """Queue a failed, cancelled or interrupted run again; it continues from its last checkpoint."""
+        """Queue a failed, cancelled, interrupted or pruned run again; it continues from its last checkpoint."""
         run = self.resolve(text)
         if run.status not in RESUMABLE:
             hint = "it is still going" if run.status in ("queued", "running") else "it completed"
             raise JobError(
-                f"{run.id} is {run.status}: only a failed, cancelled or interrupted run can be resumed ({hint})"
+                f"{run.id} is {run.status}: only a failed, cancelled, interrupted or pruned run can be resumed ({hint})"
             )
         if not self.store.change_run(
             run.id,

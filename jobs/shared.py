@@ -291,9 +291,9 @@ class SharedStore(Store):
         self.sync_runs()
         return super().find_runs(text)
 
-    def list_runs(self, statuses: Iterable[str] | None = None) -> list[Run]:
+    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:
         self.sync_runs()
-        return super().list_runs(statuses)
+        return super().list_runs(statuses, experiment)
 
     def dependents(self, run_id: str) -> list[Run]:
         self.sync_runs()
@@ -394,6 +394,11 @@ class SharedStore(Store):
     def metrics(self, run_id: str, **kwargs: Any) -> list[dict[str, Any]]:
         self.ingest([run_id])
         return super().metrics(run_id, **kwargs)
+
+    def metric_at_step(self, run_ids: Iterable[str], name: str, step: int) -> dict[str, float]:
+        ids = list(run_ids)
+        self.ingest(ids)
+        return super().metric_at_step(ids, name, step)
 
     def metric_names(self, run_id: str) -> list[str]:
         self.ingest([run_id])

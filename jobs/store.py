@@ -29,8 +29,9 @@ BUSY_TIMEOUT_S = 30.0
 # What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),
 # a preference pair with the method's reward of each side, or an unpaired completion with its label.
 SAMPLE_KINDS = ("comparison", "preference", "unpaired")
-STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
-ENDED = ("completed", "failed", "cancelled", "interrupted")
+# pruned: stopped early by its sweep's rule (its eval metric stayed below the median of its experiment)
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "pruned")
+ENDED = ("completed", "failed", "cancelled", "interrupted", "pruned")
 
 
 def sample_kind(row: dict[str, Any]) -> str:
@@ -109,7 +110,18 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["logs"].create_index(["run_id"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Experiments: the group a run belongs to (a sweep's runs share one), the values its sweep point
+    set, the early-stopping rule it follows, and the user's tags and note."""
+    db["runs"].add_column("experiment", str)
+    db["runs"].add_column("swept", str)  # JSON {key: value} of the sweep point
+    db["runs"].add_column("prune", str)  # JSON {rule, metric, after} or null
+    db["runs"].add_column("tags", str)  # JSON list of tags
+    db["runs"].add_column("note", str)
+    db["runs"].create_index(["experiment"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -234,6 +246,9 @@ class Store:
         priority: int = 0,
         retries: int = 0,
         planned_dir: str | None = None,
+        experiment: str | None = None,
+        swept: dict[str, Any] | None = None,
+        prune: dict[str, Any] | None = None,
     ) -> Run:
         """A queued run. Without `out_dir` the worker that takes it puts its directory under its own home
         (`planned_dir` then stands for it in the specs of runs chained after it, until it is placed)."""
@@ -256,6 +271,9 @@ class Store:
             "retries": retries,
             "step": 0,
             "total_steps": 0,
+            "experiment": experiment,
+            "swept": json.dumps(swept) if swept else None,
+            "prune": json.dumps(prune) if prune else None,
         }
         self._insert_run(row)
         return self.get_run(run_id)
@@ -279,10 +297,15 @@ class Store:
         )
         return [_run(row) for row in rows]
 
-    def list_runs(self, statuses: Iterable[str] | None = None) -> list[Run]:
+    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:
         statuses = list(statuses or [])
-        where = f"WHERE status IN ({', '.join('?' * len(statuses))})" if statuses else ""
-        rows = self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", statuses)
+        clauses = [f"status IN ({', '.join('?' * len(statuses))})"] if statuses else []
+        params: list[Any] = list(statuses)
+        if experiment is not None:
+            clauses.append("experiment = ?")
+            params.append(experiment)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", params)
         return [_run(row) for row in rows]
 
     def update_run(self, run_id: str, **fields: Any) -> None:
@@ -326,6 +349,18 @@ class Store:
         with self._write():
             moved = self.db.execute(sql, params).rowcount
         return moved > 0
+
+    def set_tags(self, run_id: str, tags: Iterable[str]) -> None:
+        self.change_run(run_id, {"tags": json.dumps(sorted(set(tags))) if tags else None})
+
+    def metric_at_step(self, run_ids: Iterable[str], name: str, step: int) -> dict[str, float]:
+        """Each run's value of metric `name` logged at `step` (runs that have not reached it are left out)."""
+        ids = list(run_ids)
+        if not ids:
+            return {}
+        marks = ", ".join("?" * len(ids))
+        sql = f"SELECT run_id, value FROM metrics WHERE name = ? AND step = ? AND run_id IN ({marks}) ORDER BY rowid"
+        return {run_id: value for run_id, value in self.db.execute(sql, [name, step, *ids]).fetchall()}
 
     def heartbeat(self, run_id: str) -> None:
         self.change_run(run_id, {"heartbeat_at": time.time()})
@@ -498,6 +533,15 @@ class _Transaction:
         if self.nested:
             return
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def run_tags(run: Run) -> list[str]:
+    return json.loads(run.row.get("tags") or "[]")
+
+
+def run_swept(run: Run) -> dict[str, Any]:
+    """The values the run's sweep point set ({} for a run not from a sweep)."""
+    return json.loads(run.row.get("swept") or "{}")
 
 
 def files_host(run: Run | None) -> str | None:

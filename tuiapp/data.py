@@ -28,6 +28,7 @@ GLYPHS = {
     "failed": ("✗", "red"),
     "cancelled": ("⊘", "magenta"),
     "interrupted": ("◌", "orange1"),
+    "pruned": ("✂", "grey62"),  # stopped early by its sweep's rule; resumable
 }
 FRONTIER_Y = ("eval/exact_match", "eval/reward", "eval/rewards/accuracy")
 FRONTIER_X = "kl/mean"

@@ -457,7 +457,7 @@ def test_bad_submissions_are_refused_before_the_queue(home, tiny_model_dir, tiny
     assert ok.returncode == 0
     run_id = ok.stdout.strip()
     assert jobs.queue.pending_run_ids() == [run_id]
-    with pytest.raises(JobError, match="only a failed, cancelled or interrupted"):
+    with pytest.raises(JobError, match="only a failed, cancelled, interrupted or pruned"):
         jobs.resume(run_id)
     listing = json.loads(subprocess.run(CLI + ["ls", "--json"], capture_output=True, text=True, env=env).stdout)
     assert [r["id"] for r in listing] == [run_id] and listing[0]["status"] == "queued"

@@ -137,3 +137,34 @@ def test_cancel_of_a_running_run_is_a_request(home):
     code, out = run("cancel", "dpo-demo")
     assert code == 0 and "next step" in out
     assert Store(store_path(home)).get_run("20261121-100000-dpo-demo").cancel_requested == 1
+
+
+def test_tags_notes_and_experiments_show_and_filter(home):
+    store = Store(store_path(home))
+    store.create_run(
+        "20261121-100002-dpo-sweep",
+        {"algorithm": "dpo"},
+        name="dpo-sweep",
+        out_dir=None,
+        experiment="lr-scan",
+        swept={"lr": "1e-6"},
+    )
+    code, out = run("tag", "dpo-demo", "good", "baseline")
+    assert code == 0 and "baseline, good" in out
+    code, out = run("tag", "kto-demo", "good")
+    assert run("untag", "dpo-demo", "baseline")[0] == 0
+    code, out = run("note", "dpo-demo", "lr too high after step 3")
+    assert code == 0 and "note saved" in out
+    code, out = run("ls", "--tag", "good", "--json")
+    assert [r["name"] for r in json.loads(out)] == ["dpo-demo", "kto-demo"]
+    assert json.loads(out)[0]["tags"] == ["good"] and json.loads(out)[0]["note"] == "lr too high after step 3"
+    code, out = run("ls", "--experiment", "lr-scan")
+    assert code == 0 and "dpo-sweep" in out and "dpo-demo" not in out and "[lr-scan] lr=1e-6" in out
+    code, out = run("ls", "--experiment", "none-such")
+    assert "with that filter" in out
+    code, out = run("show", "dpo-demo")
+    assert "note      lr too high after step 3" in out and "#good" in out
+    code, out = run("show", "dpo-sweep", "--json")
+    assert json.loads(out)["experiment"] == "lr-scan" and json.loads(out)["swept"] == {"lr": "1e-6"}
+    code, out = run("tag", "dpo-demo", "two words")
+    assert code == 2 and "a tag is one word" in out

@@ -3,6 +3,7 @@
 - train.py: `train`, `score`, `export`, `presets` (runs in this terminal);
 - runs.py: `submit`, `ls`, `show`, `metrics`, `samples`, `logs`, `cancel`, `resume`, `rm`, `worker`, ...
   (runs through the queue and the store, jobs/);
+- experiments.py: `sweep`, `tag`, `untag`, `note` (runs grouped as experiments);
 - pipeline.py: `pipeline` (chained runs); demo.py: `demo`; bench.py: `bench`;
 - options.py: the flags shared by commands and the one-line error handling.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from tuiapp.cli import pipeline, runs, train
+from tuiapp.cli import experiments, pipeline, runs, train
 from tuiapp.cli.bench import bench_app
 from tuiapp.cli.demo import demo_app
 from tuiapp.cli.options import friendly
@@ -29,6 +30,7 @@ train.register(app)
 app.add_typer(demo_app, name="demo")
 app.add_typer(bench_app, name="bench")
 runs.register(app)
+experiments.register(app)
 pipeline.register(app)
 
 

@@ -56,14 +56,33 @@ def _key_metric(latest: dict[str, float]) -> str:
 
 
 def _run_json(run, latest: dict[str, float] | None = None) -> dict[str, Any]:
-    from jobs.store import location
+    from jobs.store import location, run_swept, run_tags
 
     row = {k: v for k, v in run.row.items() if k not in ("spec", "log_tail")}
     row["spec"] = run.spec
+    row["tags"] = run_tags(run)
+    row["swept"] = run_swept(run)
+    row["prune"] = json.loads(run.row.get("prune") or "null")
     row["location"] = location(run)  # host:path when only that worker's disk holds the run's files
     if latest is not None:
         row["latest_metrics"] = latest
     return row
+
+
+def _matches(run, experiment: str | None, tags: list[str]) -> bool:
+    from jobs.store import run_tags
+
+    return (experiment is None or run.row.get("experiment") == experiment) and set(tags) <= set(run_tags(run))
+
+
+def _labels(run) -> str:
+    """The run's experiment, swept values and tags, for one table cell."""
+    from jobs.store import run_swept, run_tags
+
+    parts = [f"[{run.row['experiment']}]"] if run.row.get("experiment") else []
+    parts += [f"{k}={v}" for k, v in run_swept(run).items()]
+    parts += [f"#{t}" for t in run_tags(run)]
+    return " ".join(parts)
 
 
 def register(app: typer.Typer) -> None:
@@ -108,8 +127,10 @@ def register(app: typer.Typer) -> None:
         status: list[str] = typer.Option(
             [],
             "--status",
-            help="Only runs with this status (repeatable): queued, running, completed, failed, cancelled, interrupted.",
+            help="Only runs with this status (repeatable): queued, running, completed, failed, cancelled, interrupted, pruned.",
         ),
+        experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="Only the runs of this experiment."),
+        tag: list[str] = typer.Option([], "--tag", "-t", help="Only runs with this tag (repeatable: all of them)."),
         text: Optional[str] = typer.Argument(None, help="Only runs whose id or name contains this."),
         as_json: bool = typer.Option(False, "--json", help="One JSON array of runs."),
     ) -> None:
@@ -123,8 +144,8 @@ def register(app: typer.Typer) -> None:
                 f"unknown status {unknown[0]!r}; choose from {', '.join(STATUSES)}", param_hint="--status"
             )
         jobs = _jobs()
-        runs = jobs.store.find_runs(text) if text else jobs.store.list_runs()
-        runs = [r for r in runs if not wanted or r.status in wanted]
+        runs = jobs.store.find_runs(text) if text else jobs.store.list_runs(experiment=experiment)
+        runs = [r for r in runs if (not wanted or r.status in wanted) and _matches(r, experiment, tag)]
         latest = jobs.store.latest_metrics_many([r.id for r in runs])
         if as_json:
             _emit_json([_run_json(r, latest[r.id]) for r in runs])
@@ -132,7 +153,7 @@ def register(app: typer.Typer) -> None:
         if not runs:
             typer.echo(
                 f"no runs in {jobs.home}"
-                + (" with that filter" if wanted or text else "; queue one with `cherry submit`")
+                + (" with that filter" if wanted or text or experiment or tag else "; queue one with `cherry submit`")
             )
             return
         workers = jobs.live_workers()
@@ -144,13 +165,13 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 f"home {jobs.home}  ·  no worker running" + ("; start one with `cherry worker`" if waiting else "")
             )
-        typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}")
+        typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}  labels")
         for r in runs:
             progress = f"{r.step or 0}/{r.total_steps or '?'}"
             status_text = r.status + ("*" if r.parent and r.status == "queued" and not r.task_id else "")
             typer.echo(
                 f"{r.id[:44]:44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
-                f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}"
+                f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}  {_labels(r)}".rstrip()
             )
         if any(r.parent and r.status == "queued" and not r.task_id for r in runs):
             typer.echo("* waiting for the run it was chained after (--after)")
@@ -180,6 +201,12 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"dataset   {r.dataset}")
         if r.parent:
             typer.echo(f"after     {r.parent}")
+        if r.row.get("experiment"):
+            typer.echo(f"experiment {r.row['experiment']}    {_labels(r).partition(' ')[2] or '-'}")
+        elif _labels(r):
+            typer.echo(f"tags      {_labels(r)}")
+        if r.row.get("note"):
+            typer.echo(f"note      {r.row['note']}")
         typer.echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
         started = r.started_at and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
         typer.echo(
@@ -317,7 +344,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @friendly
     def resume(run: str = typer.Argument(..., help="Run id (or a unique part of it).")) -> None:
-        """Queue a failed, cancelled or interrupted run again; it continues from its last checkpoint."""
+        """Queue a failed, cancelled, interrupted or pruned run again; it continues from its last checkpoint."""
         r = _jobs().resume(run)
         typer.echo(f"{r.id}: queued to resume from its last checkpoint")
 

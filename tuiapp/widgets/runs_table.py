@@ -28,7 +28,7 @@ SHORT_METRIC = {
 }
 SORTS = ("created", "status", "algorithm", "metric")  # `o` cycles through these
 # Live runs first, then the ones that need a look, then the finished ones.
-STATUS_ORDER = {"running": 0, "queued": 1, "interrupted": 2, "failed": 3, "cancelled": 4, "completed": 5}
+STATUS_ORDER = {"running": 0, "queued": 1, "interrupted": 2, "failed": 3, "cancelled": 4, "pruned": 5, "completed": 6}
 LOWER_IS_BETTER = ("train/loss",)
 
 

@@ -1,0 +1,130 @@
+"""CLI commands for experiments: `sweep` (one run per point of a grid or of random draws, grouped as
+one experiment, optionally with early stopping), `tag`, `untag` and `note`. Nothing here imports torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
+
+
+def _jobs():
+    from jobs.runs import Jobs
+
+    return Jobs()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the experiment commands to the `cherry` app."""
+
+    @app.command()
+    @friendly
+    def sweep(
+        file: Optional[Path] = typer.Argument(
+            None, help="A YAML sweep file (preset, model, dataset, set, grid, random, prune)."
+        ),
+        preset: Optional[str] = typer.Option(None, "--preset", "-p", help="Preset name or YAML file (default dpo)."),
+        model: Optional[str] = MODEL_OPTION,
+        dataset: Optional[str] = DATASET_OPTION,
+        set_: list[str] = SET_OPTION,
+        grid: list[str] = typer.Option(
+            [],
+            "--grid",
+            "-g",
+            help="key=v1,v2 (every combination of the grids is a point), or a range for --random: "
+            "key=log(1e-7,1e-5), uniform(0.05,0.5), int(1,4), choice(a,b).",
+        ),
+        draws: int = typer.Option(0, "--random", help="Draw this many points from the ranges (per grid point)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random draws (the same seed gives the same points)."),
+        name: Optional[str] = typer.Option(None, "--name", help="The experiment's name (default: preset-date)."),
+        prune: Optional[str] = typer.Option(
+            None, "--prune", help="Stop weak runs early: median (worse than the median of the others at an eval point)."
+        ),
+        prune_metric: Optional[str] = typer.Option(None, "--prune-metric", help="The eval metric the rule compares."),
+        prune_after: int = typer.Option(
+            1, "--prune-after", help="Eval points (after the start) before a run can be pruned."
+        ),
+        prune_mode: Optional[str] = typer.Option(
+            None, "--prune-mode", help="max (higher is better) or min; default min for losses and KL, else max."
+        ),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Check and print the points; queue nothing."),
+    ) -> None:
+        """Queue one run per point of a sweep, all in one experiment; every point is checked first."""
+        from jobs.sweep import Sweep, load_sweep_file, parse_grid, parse_ranges, prune_rule, split_grid, submit_sweep
+
+        values, ranges = split_grid(grid)
+        plan = load_sweep_file(file) if file else Sweep()
+        plan.preset = preset or plan.preset
+        plan.model = model or plan.model
+        plan.dataset = dataset or plan.dataset
+        plan.sets = [*plan.sets, *set_]
+        plan.grid.update(parse_grid(values))
+        plan.random.update(parse_ranges(ranges))
+        plan.count = draws or plan.count
+        plan.seed = seed if seed else plan.seed
+        plan.name = name or plan.name
+        if prune:
+            plan.prune = prune_rule(prune, prune_metric, prune_after, prune_mode)
+        jobs = _jobs()
+        if dry_run:
+            from jobs.sweep import plan as check_points
+
+            checked = check_points(plan, jobs)
+            typer.echo(f"experiment {plan.experiment}: {len(checked)} point(s), all valid; nothing queued (--dry-run)")
+            for index, (point, _spec) in enumerate(checked, 1):
+                typer.echo(f"{index:3d}  " + "  ".join(f"{k}={v}" for k, v in point.items()))
+            return
+        runs = submit_sweep(plan, jobs)
+        typer.echo(f"experiment {runs[0].row['experiment']}: queued {len(runs)} run(s)", err=True)
+        for run in runs:
+            typer.echo(run.id)
+        typer.echo(f"follow them with `cherry ls --experiment {runs[0].row['experiment']}`", err=True)
+
+    @app.command()
+    @friendly
+    def tag(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        tags: list[str] = typer.Argument(..., help="Tags to add, e.g. good baseline."),
+    ) -> None:
+        """Add tags to a run (`cherry ls --tag NAME` filters by them)."""
+        _retag(run, tags, add=True)
+
+    @app.command()
+    @friendly
+    def untag(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        tags: list[str] = typer.Argument(..., help="Tags to remove."),
+    ) -> None:
+        """Remove tags from a run."""
+        _retag(run, tags, add=False)
+
+    @app.command()
+    @friendly
+    def note(
+        run: str = typer.Argument(..., help="Run id (or a unique part of it)."),
+        text: str = typer.Argument(..., help='The note (replaces the previous one; "" clears it).'),
+    ) -> None:
+        """Attach a note to a run (`cherry show` prints it)."""
+        jobs = _jobs()
+        r = jobs.resolve(run)
+        jobs.store.update_run(r.id, note=text or None)
+        typer.echo(f"{r.id}: note " + ("saved" if text else "cleared"))
+
+
+def _retag(run: str, tags: list[str], *, add: bool) -> None:
+    from jobs.runs import JobError
+    from jobs.store import run_tags
+
+    cleaned = [t.strip() for t in tags if t.strip()]
+    bad = [t for t in cleaned if any(c.isspace() or c == "," for c in t)]
+    if bad or not cleaned:
+        raise JobError(f"tag {bad[0] if bad else ''!r}: a tag is one word (no spaces or commas), e.g. good baseline")
+    jobs = _jobs()
+    r = jobs.resolve(run)
+    now = set(run_tags(r))
+    now = now | set(cleaned) if add else now - set(cleaned)
+    jobs.store.set_tags(r.id, now)
+    typer.echo(f"{r.id}: tags " + (", ".join(sorted(now)) or "(none)"))
