@@ -15,7 +15,7 @@ from typing import Any, Optional
 import typer
 
 from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
-from tuiapp.data import KEY_METRICS, sample_lines
+from tuiapp.text import KEY_METRICS, sample_lines
 
 FOLLOW_COLUMNS = (
     "train/loss",

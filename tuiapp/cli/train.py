@@ -11,7 +11,7 @@ import typer
 
 from jobs import CherryError
 from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
-from tuiapp.data import margin_stats
+from tuiapp.text import margin_stats
 
 
 def _progress():

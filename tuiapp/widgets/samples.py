@@ -19,7 +19,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from jobs.store import sample_kind
-from tuiapp.data import margin_stats
+from tuiapp.text import margin_stats
 
 
 def mark(score: Any) -> Text:
