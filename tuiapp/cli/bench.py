@@ -192,7 +192,8 @@ def queue_report(result: dict) -> list[str]:
     app = result["app"]
     lines += [
         f"app with {app['runs_shown']} runs, {result['config']['streams']} streaming: frame {ms(app['frame_s'])}; "
-        f"snapshot applied on the UI thread {ms(app['snapshot_apply_s'])}",
+        f"snapshot applied on the UI thread {ms(app['snapshot_apply_s'])}; read by the app's reader thread "
+        f"{ms(app['snapshot_read_s'])}; the first two snapshots took {app['first_snapshots_s']:.1f}s",
         f"metric point shown {ms(app['ingest_lag_s'])} after it was logged ({app['snapshots']} snapshots read)",
     ]
     return lines
