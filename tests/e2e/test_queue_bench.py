@@ -44,7 +44,8 @@ def test_a_small_burst_from_two_front_ends_is_stored_once_and_run_once():
     assert result["runs"] == 10 and result["completed"] == 10
     assert result["in_redis"] == 10 and result["redis_equals_submitted"]
     assert result["lost"] == 0 and result["run_twice"] == [] and result["unknown_executed"] == []
-    assert sum(result["taken_by_worker"].values()) == 10
+    # A task can be taken twice (the lost-run sweep re-queues a run popped a moment ago); it runs once.
+    assert sum(result["taken_by_worker"].values()) >= 10
     for front in result["front_ends"]:
         assert front["submitted"] == 5 and front["stored"] == 10 and front["stored_equals_submitted"]
         assert front["metric_rows"] == result["expected_metric_rows"] and front["ingest_again_adds_nothing"]

@@ -1,4 +1,5 @@
-"""`cherry bench`: the engine against naive baselines, measured side by side in one run."""
+"""`cherry bench`: the engine against naive baselines, measured side by side in one run; and the
+several-machines queue under load (jobs/loadbench.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 from jobs import CherryError
 from tuiapp.cli.options import friendly
 
-bench_app = typer.Typer(help="Benchmarks of the engine against naive baselines, measured in one run.")
+bench_app = typer.Typer(help="Benchmarks: the engine against naive baselines, and the queue under load.")
 
 
 @bench_app.command("dpo")
