@@ -184,7 +184,7 @@ class Worker:
             log.info("run %s started (%s)", run_id, where)
             with open(out_dir / "log.txt", "ab") as log_file:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "jobs.child", run_id, str(os.getpid())],
+                    self.child_command(run_id),
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -202,6 +202,10 @@ class Worker:
         finally:
             self.slots.put(slot)
         self._record_end(store, run_id, proc.returncode)
+
+    def child_command(self, run_id: str) -> list[str]:
+        """The process that runs `run_id` (jobs/child.py: the engine, for every real run)."""
+        return [sys.executable, "-m", "jobs.child", run_id, str(os.getpid())]
 
     def _watch(self, store: Store, run_id: str, proc: subprocess.Popen, log_path: Path) -> None:
         kill_at = None

@@ -87,21 +87,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def require_redis_server() -> None:
+    """Skip the calling test where redis-server is missing, except in CI (CI=true): there it fails."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis")
+
+
 @pytest.fixture
 def redis_url(tmp_path):
     """A real redis-server on a free port for one test (AOF on, as the README advises); its URL.
 
     Skipped where redis-server is missing, except in CI (CI=true), where that is a failure: the
     several-machines tests must run there."""
-    import shutil
     import subprocess
     import time
 
-    if not shutil.which("redis-server"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    redis = pytest.importorskip("redis")
+    require_redis_server()
+    import redis
+
     port = _free_port()
     data = tmp_path / "redis"
     data.mkdir()

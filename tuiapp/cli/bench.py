@@ -1,4 +1,5 @@
-"""`cherry bench`: the engine against naive baselines, measured side by side in one run."""
+"""`cherry bench`: the engine against naive baselines, measured side by side in one run; and the
+several-machines queue under load (jobs/loadbench.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 from jobs import CherryError
 from tuiapp.cli.options import friendly
 
-bench_app = typer.Typer(help="Benchmarks of the engine against naive baselines, measured in one run.")
+bench_app = typer.Typer(help="Benchmarks: the engine against naive baselines, and the queue under load.")
 
 
 @bench_app.command("dpo")
@@ -122,3 +123,78 @@ def bench_grpo(
         f"rollout {result['rollout_speedup']:.1f}x faster, update {result['update_speedup']:.2f}x faster, "
         f"whole step {result['step_speedup']:.1f}x"
     )
+
+
+@bench_app.command("queue")
+@friendly
+def bench_queue(
+    runs: int = typer.Option(200, help="Runs submitted in one burst, split over the front ends."),
+    front_ends: int = typer.Option(2, help="Front ends submitting at the same moment (separate processes)."),
+    workers: int = typer.Option(2, help="Workers draining the queue (separate processes, one slot each)."),
+    streams: int = typer.Option(8, help="Live runs streaming metrics while the app is measured."),
+    interval: float = typer.Option(0.1, help="Seconds between the metric rows of each live run."),
+    app_seconds: float = typer.Option(20.0, help="How long the app's frame time is measured."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """Several machines on one: a private redis-server, two workers, two front ends submitting a burst
+    of runs at once (stub runs: no training), then the app's frame time while runs stream metrics."""
+    from jobs.loadbench import QueueBenchConfig, redis_server_missing, run_queue_bench
+
+    missing = redis_server_missing()
+    if missing:
+        typer.echo(f"cherry bench queue needs a local redis-server to start: {missing}. Nothing was measured.")
+        return
+    for name, value in (("--runs", runs), ("--front-ends", front_ends), ("--workers", workers)):
+        if value < 1:
+            raise CherryError(f"{name} must be >= 1 (got {value})")
+    if runs < front_ends:
+        raise CherryError(f"--runs ({runs}) must be at least --front-ends ({front_ends})")
+    if streams < 1 or interval <= 0 or app_seconds <= 0:
+        raise CherryError("--streams must be >= 1 and --interval, --app-seconds > 0")
+    cfg = QueueBenchConfig(
+        runs=runs,
+        front_ends=front_ends,
+        workers=workers,
+        streams=streams,
+        stream_interval=interval,
+        app_seconds=app_seconds,
+    )
+    result = run_queue_bench(cfg, echo=(lambda line: None) if as_json else typer.echo)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for line in queue_report(result):
+        typer.echo(line)
+
+
+def queue_report(result: dict) -> list[str]:
+    """The figures of `cherry bench queue`, one line each."""
+
+    def ms(s: dict) -> str:
+        return f"median {s['median'] * 1000:.0f} ms, p95 {s['p95'] * 1000:.0f} ms, max {s['max'] * 1000:.0f} ms"
+
+    lines = []
+    for front in result["front_ends"]:
+        lines.append(
+            f"{front['host']}: submitted {front['submitted']} in {front['submit_seconds']:.1f}s "
+            f"({front['submit_runs_per_s']:.1f} runs/s); its store holds {front['stored']} runs "
+            f"({'all' if front['stored_equals_submitted'] else 'NOT the'} submitted ones), "
+            f"{front['metric_rows']} metric rows, caught up in {front['catch_up_ingest_seconds']:.2f}s, "
+            f"re-ingest {'adds nothing' if front['ingest_again_adds_nothing'] else 'ADDED ROWS'}"
+        )
+    lines += [
+        f"drained {result['completed']}/{result['runs']} runs in {result['drain_seconds']:.1f}s from the first submit "
+        f"({result['runs_per_s_drained']:.1f} runs/s), taken per worker {result['taken_by_worker']}",
+        f"Redis holds {result['in_redis']} runs; lost {result['lost']}, run twice {len(result['run_twice'])}; "
+        f"priority inversions per worker {result['priority_inversions']}",
+        f"a front end polling every 0.25s saw each run end {ms(result['status_lag_s'])} after it ended; "
+        f"its events ingested {ms(result['ingest_lag_s'])} after",
+    ]
+    app = result["app"]
+    lines += [
+        f"app with {app['runs_shown']} runs, {result['config']['streams']} streaming: frame {ms(app['frame_s'])}; "
+        f"snapshot applied on the UI thread {ms(app['snapshot_apply_s'])}; read by the app's reader thread "
+        f"{ms(app['snapshot_read_s'])}; the first two snapshots took {app['first_snapshots_s']:.1f}s",
+        f"metric point shown {ms(app['ingest_lag_s'])} after it was logged ({app['snapshots']} snapshots read)",
+    ]
+    return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import DataTable
 
@@ -85,6 +86,13 @@ def cells(run: RunInfo, selected: bool, now: float) -> tuple:
     )
 
 
+def same_cell(old: object, new: object) -> bool:
+    """Whether a cell would look the same (rich's Text equality ignores the style)."""
+    if isinstance(old, Text) and isinstance(new, Text):
+        return (old.plain, str(old.style), old.spans) == (new.plain, str(new.style), new.spans)
+    return type(old) is type(new) and old == new
+
+
 class RunsTable(DataTable):
     """Rows keyed by run id; `show()` updates cells in place so the cursor stays on its run."""
 
@@ -115,9 +123,14 @@ class RunsTable(DataTable):
         keys = [r.id for r in runs]
         existing = [k.value for k in self.rows]
         if keys == existing:
+            # Only the cells that changed, and a column re-measured only when a value outgrows it: each
+            # width update measures the whole column, so updating every cell each snapshot froze the
+            # app for seconds with a few hundred runs (cherry bench queue).
             for run in runs:
                 for (col, _), value in zip(COLUMNS, cells(run, run.id in selected, now)):
-                    self.update_cell(run.id, col, value, update_width=True)
+                    if not same_cell(self.get_cell(run.id, col), value):
+                        wider = cell_len(str(value)) > self.columns[col].content_width
+                        self.update_cell(run.id, col, value, update_width=wider)
             return
         self.clear()
         for run in runs:
