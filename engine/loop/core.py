@@ -131,9 +131,13 @@ class Run:
             self.algo.load_state_dict(extra.get("algorithm", {}))
             if self.models.value is not None and "value" in extra:
                 self.models.value.load_state_dict(extra["value"])
+            if self.precision.scaler is not None and "grad_scaler" in extra:
+                self.precision.scaler.load_state_dict(extra["grad_scaler"])
 
     def save_checkpoint(self) -> None:
         extra = {"algorithm": self.algo.state_dict()}
+        if self.precision.scaler is not None:  # fp16: the loss scale it has grown or shrunk to
+            extra["grad_scaler"] = self.precision.scaler.state_dict()
         if self.models.value is not None:
             extra["value"] = self.models.value.state_dict()
         save_checkpoint(

@@ -72,15 +72,3 @@ def test_fp16_on_a_cpu_is_refused_at_submit(tiny_model_dir, tiny_pairs):
         dpo_spec(tiny_model_dir, tiny_pairs, dtype="fp16", device="cpu")
     with pytest.raises(CherryError, match="save_dtype must be auto or one of fp32, bf16, fp16"):
         dpo_spec(tiny_model_dir, tiny_pairs, save_dtype="int8")
-
-
-def test_pick_dtype_refuses_what_the_device_cannot_do(monkeypatch):
-    from engine.models import pick_dtype
-
-    with pytest.raises(CherryError, match=r"fp16 needs a CUDA GPU.*--set dtype=bf16"):
-        pick_dtype("fp16", torch.device("cpu"))  # device auto that ended up on the CPU
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(CherryError, match=r"bf16 is not supported on this GPU.*--set dtype=fp16"):
-        pick_dtype("bf16", torch.device("cuda"))
-    assert pick_dtype("auto", torch.device("cuda")) == torch.float32
-    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
