@@ -72,9 +72,18 @@ def _completion_logits(
     """
     predicting = torch.zeros_like(input_ids, dtype=torch.bool)
     predicting[:, :-1] = target_mask
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting
-    ).logits
+    n_positions = int(predicting.sum())
+    try:
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting
+        ).logits
+    except TypeError as err:  # a model whose forward has no logits_to_keep (older remote code)
+        if "logits_to_keep" not in str(err):
+            raise
+        logits = None
+    if logits is None or logits.shape[0] != n_positions or logits.dim() != 2:
+        # Still the model's own logits, computed at every position first (the memory the mask saves).
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[predicting]
     return logits.float()
 
 

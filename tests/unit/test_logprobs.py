@@ -172,3 +172,21 @@ def test_logit_scaling_changes_cherrys_logps(family, setting, values):
     # Same weights, only the scale differs: the models' log-probs differ, so Cherry's must too.
     plain, scaled = (completion_logps(_tiny(family, **{setting: v}), **batch()).sums for v in values)
     assert not torch.allclose(plain, scaled, atol=1e-3)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A model whose forward predates logits_to_keep (as some remote-code models do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_a_forward_without_logits_to_keep_still_gets_its_own_logits(model):
+    b = batch()
+    assert torch.allclose(
+        completion_logps(_NoLogitsToKeep(model), **b).sums, full_logits_logps(model, **b).sums, atol=1e-5
+    )
