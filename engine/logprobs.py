@@ -1,8 +1,8 @@
 """Per-sequence log-probabilities of completions.
 
-`completion_logps` is the engine's hot path. It runs the transformer body once, keeps the hidden
-states of the positions that predict completion tokens, and applies the LM head and the
-log-softmax to those rows only. A full `[batch, seq, vocab]` logits tensor is never built for
+`completion_logps` is the engine's hot path. It runs the model's own forward once with
+`logits_to_keep` set to the positions that predict completion tokens, so the model's LM head and
+its own logit post-processing run on those rows only. A full `[batch, seq, vocab]` logits tensor is never built for
 prompt and padding positions, which on long prompts and large vocabularies is most of the
 work and most of the memory of a naive implementation (`full_logits_logps`, kept for the
 benchmark and for tests that check both paths agree).
@@ -59,13 +59,32 @@ def token_entropy(log_probs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden).float()
-    # Gemma-2-style models cap logits after the head; the decoder-only path must do it too.
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+def _completion_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+) -> torch.Tensor:
+    """[N, V] fp32 logits of the positions that predict completion tokens, from the model's own forward.
+
+    The model's forward applies its head *and* its logit post-processing (Gemma-2 soft-capping,
+    Granite `logits_scaling`, Cohere `logit_scale`, ...), so Cherry never re-implements them. A
+    boolean `[batch, seq]` `logits_to_keep` makes the model slice its hidden states to the True
+    positions before the head (flattened, row-major), so each row's own completion positions are
+    kept even though right padding puts them at different columns in different rows.
+    """
+    predicting = torch.zeros_like(input_ids, dtype=torch.bool)
+    predicting[:, :-1] = target_mask
+    n_positions = int(predicting.sum())
+    try:
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=predicting
+        ).logits
+    except TypeError as err:  # a model whose forward has no logits_to_keep (older remote code)
+        if "logits_to_keep" not in str(err):
+            raise
+        logits = None
+    if logits is None or logits.shape[0] != n_positions or logits.dim() != 2:
+        # Still the model's own logits, computed at every position first (the memory the mask saves).
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[predicting]
+    return logits.float()
 
 
 def _gather_completion(
@@ -108,10 +127,8 @@ def completion_logps(
 
     stats=True adds per-token entropy and mean logit (of logits / temperature), detached.
     """
-    body = model.get_decoder()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
-    logits = _head_logits(model, hidden[:, :-1][target_mask])
+    logits = _completion_logits(model, input_ids, attention_mask, target_mask)
     if temperature != 1.0:
         logits = logits / temperature
     # log_softmax + gather is bitwise what cross_entropy computes, and leaves the log-probs for the entropy.

@@ -6,8 +6,10 @@ same text differently and the DPO log-ratio starts non-zero (docs/algorithms.md,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,13 +42,87 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The compute dtype a run asks for (its matmuls); trainable weights stay fp32 whatever this is (`Precision`)."""
     if requested == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ModelError("dtype bf16 is not supported on this GPU; use --set dtype=fp16 or fp32")
+        raise ModelError(
+            "dtype bf16 is not supported on this GPU; use --set dtype=fp16 (mixed precision with loss scaling) "
+            "or --set dtype=fp32"
+        )
+    if requested == "fp16" and device.type != "cuda":
+        raise ModelError(
+            f"dtype fp16 needs a CUDA GPU (its loss scaling is GPU-only) and this run is on {device.type}; "
+            "use --set dtype=bf16 (mixed precision, works on the CPU) or --set dtype=fp32"
+        )
     return DTYPE_NAMES[requested]
+
+
+@dataclass
+class Precision:
+    """Mixed precision as training frameworks do it: trainable weights and optimizer state in fp32,
+    forward passes under autocast in `compute` (bf16 or fp16), fp16 with a gradient scaler so small
+    gradients do not underflow. A bf16 copy of a weight cannot take an Adam step at usual learning
+    rates (1e-6 is far below bf16's spacing near 0.02), which is why weights are never trained in bf16.
+    """
+
+    compute: torch.dtype
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.compute == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """Models that never train (reference, LoRA base) may live in bf16 to save memory; fp16 weights
+        of a model trained in bf16 can overflow, so fp16 runs keep them in fp32 under autocast."""
+        return torch.bfloat16 if self.compute == torch.bfloat16 else torch.float32
+
+    def autocast(self):
+        if self.compute == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer) -> None:
+        """Before clipping: gradients back to their true scale (fp16 only)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)  # skipped when a gradient is inf/NaN; the scale then shrinks
+        self.scaler.update()
+
+
+def upcast_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Trainable parameters in fp32 (a LoRA adapter or a fresh head on a bf16 base included)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def source_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a model's config says its weights are in (fp32 when it does not say)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise load_error("a model config", source, err) from None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in DTYPE_NAMES.values() else torch.float32
 
 
 def _quiet_transformers() -> None:

@@ -72,7 +72,8 @@ class RunSpec:
     model: str | None = default("model")  # local dir or hub id; "demo" = the embedded demo model
     ref_model: str | None = default("ref_model")  # frozen reference; default = the policy's starting weights
     trust_remote_code: bool = default("trust_remote_code")
-    dtype: str = default("dtype")  # auto = bf16 on a GPU that supports it, else fp32
+    dtype: str = default("dtype")  # compute precision (autocast); trainable weights stay fp32
+    save_dtype: str = default("save_dtype")  # auto = the dtype the model came in
     device: str = default("device")  # auto = cuda > mps > cpu; or "cpu", "cuda", "cuda:1", "mps"
     gradient_checkpointing: bool = default("gradient_checkpointing")
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -408,6 +409,15 @@ def check_values(spec: RunSpec) -> None:
     need(0 <= spec.adam_beta1 < 1 and 0 <= spec.adam_beta2 < 1, "adam_beta1 and adam_beta2 must be in [0, 1)")
     need(spec.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {spec.max_grad_norm}); 0 disables clipping")
     need(spec.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got '{spec.dtype}')")
+    need(
+        not (spec.dtype == "fp16" and spec.device in ("cpu", "mps")),
+        f"dtype fp16 needs a CUDA GPU (its loss scaling is GPU-only) and device is {spec.device}; "
+        "use --set dtype=bf16 (mixed precision, works on the CPU) or --set dtype=fp32",
+    )
+    need(
+        spec.save_dtype in ("auto", *DTYPES[1:]),
+        f"save_dtype must be auto or one of {', '.join(DTYPES[1:])} (got '{spec.save_dtype}')",
+    )
     need(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec.device) is not None,
         f"device must be auto, cpu, mps, cuda or cuda:N (got '{spec.device}')",

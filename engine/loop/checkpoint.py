@@ -44,6 +44,25 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name))
 
 
+def rng_states() -> dict:
+    """Every random generator a run draws from: CPU torch, Python, and each visible GPU's (online methods
+    sample completions on the GPU, so a resume without them would draw different completions)."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    cuda = states.get("cuda")
+    if cuda and torch.cuda.is_available():
+        # A checkpoint from a machine with more GPUs restores the ones this machine has.
+        for index, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device=index)
+
+
 def save_checkpoint(
     out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int, extra: dict | None = None
 ) -> Path:
@@ -62,7 +81,7 @@ def save_checkpoint(
             "state": asdict(state),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": rng_states(),
             "extra": extra or {},
         },
         tmp / "state.pt",
@@ -135,8 +154,7 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
     try:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        random.setstate(saved["rng"]["python"])
+        set_rng_states(saved["rng"])
         return TrainState(**saved["state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(

@@ -27,6 +27,8 @@ from engine.loop.checkpoint import TrainState, load_extra_state, restore, resume
 from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
 from engine.loop.schedule import Schedule, build_optimizer
 from engine.models import (
+    DTYPE_NAMES,
+    Precision,
     count_parameters,
     freeze,
     load_causal_lm,
@@ -34,6 +36,8 @@ from engine.models import (
     load_tokenizer,
     pick_device,
     pick_dtype,
+    source_dtype,
+    upcast_trainable,
     wrap_lora,
 )
 from engine.reference import Reference
@@ -43,11 +47,16 @@ from engine.reporting import MultiReporter, Reporter, RunDirReporter
 StopCheck = Callable[[], "bool | str | None"]
 
 
-def build_models(spec, device: torch.device, dtype: torch.dtype, checkpoint: Path | None, algo: Algorithm):
-    """(policy, reference or None). A checkpoint replaces the starting weights of the policy."""
+def build_models(spec, device: torch.device, precision: Precision, checkpoint: Path | None, algo: Algorithm):
+    """(policy, reference or None). A checkpoint replaces the starting weights of the policy.
+
+    What trains is in fp32 (a full fine-tune's weights, LoRA adapters); what is frozen (the LoRA base,
+    the reference) is in `precision.frozen_dtype`.
+    """
     use_lora = spec.lora.r > 0
     reward = algorithm_info(spec.algorithm).model_kind == "reward"
     load = load_reward_model if reward else load_causal_lm
+    dtype = precision.frozen_dtype
     if use_lora:
         policy = load(spec.model, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
         if checkpoint is not None:
@@ -58,7 +67,8 @@ def build_models(spec, device: torch.device, dtype: torch.dtype, checkpoint: Pat
             policy = wrap_lora(policy, spec, reward_head=reward)
     else:
         source = str(checkpoint / "model") if checkpoint is not None else spec.model
-        policy = load(source, dtype=dtype, device=device, trust_remote_code=spec.trust_remote_code)
+        policy = load(source, dtype=torch.float32, device=device, trust_remote_code=spec.trust_remote_code)
+    upcast_trainable(policy)
     if spec.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         if use_lora:
@@ -82,7 +92,9 @@ class Run:
     out_dir: Path
     reporter: Reporter
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the compute dtype (autocast); trainable weights are fp32
+    precision: Precision
+    save_dtype: torch.dtype  # the final weights' dtype
     algo: Algorithm
     models: Models
     checkpoint: Path | None
@@ -119,9 +131,13 @@ class Run:
             self.algo.load_state_dict(extra.get("algorithm", {}))
             if self.models.value is not None and "value" in extra:
                 self.models.value.load_state_dict(extra["value"])
+            if self.precision.scaler is not None and "grad_scaler" in extra:
+                self.precision.scaler.load_state_dict(extra["grad_scaler"])
 
     def save_checkpoint(self) -> None:
         extra = {"algorithm": self.algo.state_dict()}
+        if self.precision.scaler is not None:  # fp16: the loss scale it has grown or shrunk to
+            extra["grad_scaler"] = self.precision.scaler.state_dict()
         if self.models.value is not None:
             extra["value"] = self.models.value.state_dict()
         save_checkpoint(
@@ -156,12 +172,16 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     random.seed(spec.seed)
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
+    precision = Precision(dtype, device)
     algo = build_algorithm(spec)
     checkpoint = resume_checkpoint(out_dir, reporter) if resume else None
     cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
 
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
-    policy, reference = build_models(spec, device, dtype, checkpoint, algo)
+    policy, reference = build_models(spec, device, precision, checkpoint, algo)
+    save_dtype = (
+        source_dtype(spec.model, spec.trust_remote_code) if spec.save_dtype == "auto" else DTYPE_NAMES[spec.save_dtype]
+    )
     models = Models(policy=policy, tokenizer=tokenizer, device=device, reference=reference)
     return Run(
         spec=spec,
@@ -169,6 +189,8 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
         reporter=reporter,
         device=device,
         dtype=dtype,
+        precision=precision,
+        save_dtype=save_dtype,
         algo=algo,
         models=models,
         checkpoint=checkpoint,
@@ -185,26 +207,31 @@ def accumulate(
     micro_batches: list[tuple[dict, list[dict]]],
     sums: MetricSums,
     reference_logps: Callable[[dict], torch.Tensor] | None = None,
+    precision: Precision | None = None,
 ) -> int:
     """Forward and backward over one optimizer step's micro-batches (batch, rows); returns the tokens seen.
 
     Each micro-batch adds its share of the step's loss (its sum over the step's units), so
     accumulation equals one big batch whatever the split. `reference_logps(batch)` adds the frozen
-    reference's log-probs as batch["ref_logps"] (offline methods that need a reference).
+    reference's log-probs as batch["ref_logps"] (offline methods that need a reference). Forward passes
+    run under the run's autocast; backward outside it, through the fp16 gradient scaler when there is one.
     """
+    precision = precision or Precision(torch.float32, models.device)
     total_units = sum(algo.units(batch) for batch, _ in micro_batches)
     tokens = 0
     for batch, rows in micro_batches:
-        if reference_logps is not None:
-            batch["ref_logps"] = reference_logps(batch)
-        loss_sum, metric_sums = algo.loss(models, batch, rows)
-        (loss_sum / max(total_units, 1e-9)).backward()
+        with precision.autocast():
+            if reference_logps is not None:
+                batch["ref_logps"] = reference_logps(batch)
+            loss_sum, metric_sums = algo.loss(models, batch, rows)
+        precision.backward(loss_sum / max(total_units, 1e-9))
         sums.add({"loss": loss_sum.item(), **metric_sums}, algo.units(batch))
         tokens += int(batch["attention_mask"].sum())
     return tokens
 
 
 def clip_gradients(run: Run) -> float:
+    run.precision.unscale(run.optimizer)
     return float(torch.nn.utils.clip_grad_norm_(run.trainable, run.spec.max_grad_norm or float("inf")))
 
 
@@ -226,8 +253,9 @@ def run_steps(
     """
     spec, state, total = run.spec, run.state, run.schedule.total_steps
     if state.step == 0:
-        evaluate(0)
-        log_samples(0)
+        with run.precision.autocast():
+            evaluate(0)
+            log_samples(0)
     before = dict(run.metric_log.last)
 
     status = "completed"
@@ -250,10 +278,11 @@ def run_steps(
                 metrics["train/epoch"] = run.schedule.epoch(state.step)
                 metrics.update(sys_metrics(run.device, run.cpu_meter))
                 run.metric_log.emit(state.step, metrics)
-            if run.due(spec.eval_steps) and not last:
-                evaluate(state.step)
-            if run.due(spec.sample_steps) and not last:
-                log_samples(state.step)
+            with run.precision.autocast():
+                if run.due(spec.eval_steps) and not last:
+                    evaluate(state.step)
+                if run.due(spec.sample_steps) and not last:
+                    log_samples(state.step)
             if run.due(spec.save_steps) and not last:
                 run.save_checkpoint()
     except KeyboardInterrupt:
@@ -262,9 +291,12 @@ def run_steps(
 
     run.save_checkpoint()
     if status == "completed":
-        evaluate(state.step)
-        log_samples(state.step)
+        with run.precision.autocast():
+            evaluate(state.step)
+            log_samples(state.step)
         final = run.out_dir / "final"
+        if run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
+            run.models.policy.to(run.save_dtype)
         run.models.policy.save_pretrained(final)
         run.models.tokenizer.save_pretrained(final)
         if run.models.value is not None:
@@ -288,6 +320,8 @@ def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "peak_memory_gb": round(peak_memory_gb(run.device), 3),
         "device": str(run.device),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "save_dtype": str(run.save_dtype).removeprefix("torch."),
         "before": {k: v for k, v in before.items() if k.startswith("eval/")},
         "final": run.metric_log.last,
         "best": run.metric_log.best,

@@ -125,10 +125,10 @@ def train_offline(
         chunks = [[data.train[i] for i in idx] for idx in run.schedule.micro_batches(index)]
         micro = [(to_device(collate(rows)), rows) for rows in chunks]
         sums = MetricSums()
-        tokens = accumulate(algo, models, micro, sums, train_reference)
+        tokens = accumulate(algo, models, micro, sums, train_reference, run.precision)
         grad_norm = clip_gradients(run)
         lr = run.scheduler.get_last_lr()[0]
-        run.optimizer.step()
+        run.precision.step(run.optimizer)
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         means = sums.means()

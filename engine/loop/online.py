@@ -47,7 +47,7 @@ def check_columns(spec, examples: list[dict], what: str) -> None:
 def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str, Any]:
     spec, algo, models, reporter, device = run.spec, run.algo, run.models, run.reporter, run.device
     policy, tokenizer, reference = models.policy, models.tokenizer, models.reference
-    models.value = algo.build_value_model(device, run.dtype)
+    models.value = algo.build_value_model(device, torch.float32)  # it trains: fp32 weights
     params = run.parameter_counts()
 
     # --- prompts and how samples are scored
@@ -123,25 +123,24 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         step_started = time.time()
         examples = [data.train[i] for i in run.schedule.micro_batches(index)[0]]
 
-        # sample
-        rollout = sample_rollout(
-            policy,
-            tokenizer,
-            examples,
-            k=spec.num_generations,
-            max_new_tokens=spec.max_new_tokens,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-        )
-        # score
-        scoring_started = time.time()
-        if reward is not None:
-            score_rollout(rollout, reward, spec.missing_eos_penalty)
-        score_seconds = time.time() - scoring_started
+        with run.precision.autocast():  # sampling, scoring and preparing are forward passes only
+            rollout = sample_rollout(
+                policy,
+                tokenizer,
+                examples,
+                k=spec.num_generations,
+                max_new_tokens=spec.max_new_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+            )
+            scoring_started = time.time()
+            if reward is not None:
+                score_rollout(rollout, reward, spec.missing_eos_penalty)
+            score_seconds = time.time() - scoring_started
 
-        # prepare: advantages, pairs or kept samples, with what they need computed once without gradients
-        update_started = time.time()
-        rows, metrics = algo.prepare(rollout, models)
+            # prepare: advantages, pairs or kept samples, with what they need computed once without gradients
+            update_started = time.time()
+            rows, metrics = algo.prepare(rollout, models)
 
         # update: each phase's rows, `passes` passes of mini-batches, one optimizer step per mini-batch
         sums, optimizer_steps, tokens, grad_norm = MetricSums(), 0, 0, 0.0
@@ -152,9 +151,9 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
                     ({k: v.to(device) for k, v in algo.collate(chunk, tokenizer.pad_token_id).items()}, chunk)
                     for chunk in split(mini_batch, spec.grad_accum)
                 ]
-                tokens += accumulate(algo, models, micro, sums)
+                tokens += accumulate(algo, models, micro, sums, precision=run.precision)
                 grad_norm = clip_gradients(run)
-                run.optimizer.step()
+                run.precision.step(run.optimizer)
                 run.optimizer.zero_grad(set_to_none=True)
                 optimizer_steps += 1
         update_seconds = time.time() - update_started

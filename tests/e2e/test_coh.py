@@ -4,6 +4,7 @@ attention masking of earlier tokens, the pretraining regulariser and the NLL-gap
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,18 +161,11 @@ class _Bigram(torch.nn.Module):
     def __init__(self, probs: torch.Tensor):
         super().__init__()
         self.log_table = torch.nn.Parameter(probs.log())
-        self.config = type("Config", (), {"final_logit_softcapping": None})()
 
-    def get_decoder(self):
-        vocab = self.log_table.shape[0]
-
-        def body(input_ids, attention_mask=None, use_cache=False):
-            return type("Out", (), {"last_hidden_state": torch.nn.functional.one_hot(input_ids, vocab).float()})()
-
-        return body
-
-    def get_output_embeddings(self):
-        return lambda hidden: hidden @ self.log_table
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=None):
+        # logits_to_keep: the [batch, seq] boolean mask completion_logps passes, as transformers models take it
+        one_hot = torch.nn.functional.one_hot(input_ids, self.log_table.shape[0]).float()
+        return SimpleNamespace(logits=one_hot[logits_to_keep] @ self.log_table)
 
 
 def test_nll_gap_matches_hand_values():

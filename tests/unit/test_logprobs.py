@@ -9,21 +9,31 @@ from engine.batching import collate_completions, collate_preference, left_pad
 from engine.logprobs import completion_logps, full_logits_logps
 
 
-@pytest.fixture(scope="module")
-def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny(family: str, **post_processing):
+    """A tiny random-init causal LM of `family`, with the family's logit post-processing settings."""
+    import transformers
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    config = config_class(
         vocab_size=97,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=64,
+        pad_token_id=0,
+        **post_processing,
     )
-    return LlamaForCausalLM(config).eval()
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny("Llama")
 
 
 def batch():
@@ -124,3 +134,59 @@ def test_stats_match_the_full_logits_path_and_change_nothing_else(model):
         hot.token_entropy, full_logits_logps(model, **b, temperature=0.5, stats=True).token_entropy, atol=1e-5
     )
     assert fast.row_sums(torch.ones_like(fast.token_logps)).tolist() == [2.0, 5.0, 1.0]
+
+
+# Every family with its own logit post-processing in transformers, each at a setting that changes the logits.
+ARCHITECTURES = {
+    "llama": ("Llama", {}),
+    "qwen2": ("Qwen2", {}),
+    "gemma2-softcap": ("Gemma2", {"final_logit_softcapping": 0.5}),
+    "granite-scale-1": ("Granite", {"logits_scaling": 1.0}),
+    "granite-scale-8": ("Granite", {"logits_scaling": 8.0}),
+    "cohere-scale-1": ("Cohere", {"logit_scale": 1.0}),
+    "cohere-scale-0.125": ("Cohere", {"logit_scale": 0.125}),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_logps_equal_the_models_own_log_softmax(name):
+    family, post_processing = ARCHITECTURES[name]
+    model = _tiny(family, **post_processing)
+    b = batch()
+    for temperature in (1.0, 0.7):
+        got = completion_logps(model, **b, temperature=temperature, stats=True)
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        own = (logits / temperature).log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+        target_mask = b["completion_mask"][:, 1:].bool()
+        assert torch.allclose(got.token_logps, own[target_mask], atol=1e-5), name
+        assert torch.equal(got.token_correct, logits.argmax(-1)[target_mask] == b["input_ids"][:, 1:][target_mask])
+        assert torch.allclose(got.token_logit_mean, (logits / temperature)[target_mask].mean(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "setting", "values"),
+    [("Granite", "logits_scaling", (1.0, 8.0)), ("Cohere", "logit_scale", (1.0, 0.125))],
+)
+def test_logit_scaling_changes_cherrys_logps(family, setting, values):
+    # Same weights, only the scale differs: the models' log-probs differ, so Cherry's must too.
+    plain, scaled = (completion_logps(_tiny(family, **{setting: v}), **batch()).sums for v in values)
+    assert not torch.allclose(plain, scaled, atol=1e-3)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A model whose forward predates logits_to_keep (as some remote-code models do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_a_forward_without_logits_to_keep_still_gets_its_own_logits(model):
+    b = batch()
+    assert torch.allclose(
+        completion_logps(_NoLogitsToKeep(model), **b).sums, full_logits_logps(model, **b).sums, atol=1e-5
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.errors import ModelError
-from engine.models import load_causal_lm, load_tokenizer, pick_device, pick_dtype
+from engine.errors import CherryError, ModelError
+from engine.models import Precision, load_causal_lm, load_tokenizer, pick_device, pick_dtype
 
 
 def test_tokenizer_without_pad_token_reuses_eos(tmp_path):
@@ -39,3 +39,43 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_dropout_is_switched_off(tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_pick_dtype_refuses_what_the_device_cannot_do(monkeypatch):
+    with pytest.raises(CherryError, match=r"fp16 needs a CUDA GPU.*--set dtype=bf16"):
+        pick_dtype("fp16", torch.device("cpu"))  # device auto that ended up on the CPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(CherryError, match=r"bf16 is not supported on this GPU.*--set dtype=fp16"):
+        pick_dtype("bf16", torch.device("cuda"))
+    assert pick_dtype("auto", torch.device("cuda")) == torch.float32
+    assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights():
+    layer = torch.nn.Linear(4, 4)
+    with Precision(torch.bfloat16, torch.device("cpu")).autocast():
+        out = layer(torch.ones(1, 4))
+    assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+    with Precision(torch.float32, torch.device("cpu")).autocast():
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+
+
+def test_fp16_loss_scaling_unscales_before_the_step_and_skips_overflow():
+    # Users get fp16 on CUDA only; the scaler's arithmetic is the same on the CPU, where it can be tested.
+    precision = Precision(torch.float16, torch.device("cpu"))
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scale = precision.scaler.get_scale()
+    precision.backward((2 * weight).sum())
+    assert weight.grad.tolist() == [2 * scale] * 3  # scaled, so small fp16 gradients do not underflow
+    precision.unscale(optimizer)
+    assert weight.grad.tolist() == [2.0] * 3  # clipping sees true gradients
+    precision.step(optimizer)
+    assert weight.tolist() == pytest.approx([0.8] * 3)
+    optimizer.zero_grad()
+    precision.backward((weight * float("inf")).sum())
+    precision.unscale(optimizer)
+    precision.step(optimizer)
+    assert weight.tolist() == pytest.approx([0.8] * 3)  # an overflowing step is skipped
+    assert precision.scaler.get_scale() == scale / 2  # and the scale backs off
+    assert Precision(torch.bfloat16, torch.device("cpu")).scaler is None

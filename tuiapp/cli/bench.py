@@ -198,3 +198,60 @@ def queue_report(result: dict) -> list[str]:
         f"metric point shown {ms(app['ingest_lag_s'])} after it was logged ({app['snapshots']} snapshots read)",
     ]
     return lines
+
+
+@bench_app.command("gpu")
+@friendly
+def bench_gpu(
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Run the same code on a tiny model (on the CPU when there is no GPU): a quick self-test.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+) -> None:
+    """DPO and GRPO steps on a random-init model with Qwen2-0.5B's shape (151k vocabulary) in bf16 mixed
+    precision: tokens/s, MFU, peak GPU memory and the bf16-vs-fp32 weight-update check (a few minutes)."""
+    import torch
+
+    from engine.bench.gpu import GPUBenchConfig, run
+
+    if not dry_run and not torch.cuda.is_available():
+        typer.echo(
+            "cherry bench gpu: SKIPPED: no CUDA GPU is visible, so nothing was measured. "
+            "`cherry bench gpu --dry-run` runs the same code on the CPU with a tiny model."
+        )
+        return
+    result = run(GPUBenchConfig.dry_run() if dry_run else GPUBenchConfig())
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    cfg, dpo, grpo, check = result["config"], result["dpo"], result["grpo"], result["weight_update_check"]
+    shape = "tiny dry-run model" if cfg["tiny"] else "Qwen2-0.5B shape"
+    typer.echo(
+        f"GPU check on {result['device']}: random-init {shape}, {result['params'] / 1e6:.1f}M parameters, bf16 mixed precision"
+    )
+    peak = result["peak_bf16_flops"]
+    typer.echo(
+        "MFU = 6 x params x trained tokens/s / peak dense bf16 FLOP/s"
+        + (f" ({peak / 1e12:.0f} TFLOP/s)" if peak else " (peak unknown for this device: MFU not given)")
+    )
+
+    def pct(value) -> str:
+        return f"{100 * value:.1f}%" if value is not None else "n/a"
+
+    typer.echo(
+        f"DPO   {cfg['pairs']} pairs x {cfg['seq_len']} tokens: {dpo['tokens_per_s']:,.0f} tokens/s, "
+        f"{dpo['step_seconds']:.3f} s/step, MFU {pct(dpo['mfu'])}"
+    )
+    typer.echo(
+        f"GRPO  {cfg['prompts']} prompts x {cfg['k']} samples x {cfg['max_new_tokens']} new tokens: rollout "
+        f"{grpo['rollout_tokens_per_s']:,.0f} sampled tokens/s; update {grpo['update_tokens_per_s']:,.0f} tokens/s, "
+        f"MFU {pct(grpo['update_mfu'])}"
+    )
+    memory = result["peak_memory_gb"]
+    typer.echo(f"peak GPU memory: {memory:.2f} GB" if memory is not None else "peak GPU memory: n/a (no GPU)")
+    typer.echo(
+        f"weight update, bf16 mixed vs fp32, {check['steps']} DPO steps at lr {check['lr']:g}: "
+        f"cosine {check['cosine']:.4f}, norm ratio {check['norm_ratio']:.4f} (1 and 1 = the same update)"
+    )
