@@ -29,11 +29,33 @@ def test_headless_demo_raises_held_out_accuracy_by_ten_points(tmp_path):
     assert summary["final"]["rewards/accuracy"] > 0 and "kl/mean" in summary["final"]
 
 
+def _built_with_other_versions() -> str | None:
+    """Why a rebuild cannot match the committed demo bit for bit here, or None when it can: the model's
+    random initialisation and sampling belong to the torch and transformers versions it was built with
+    (presets/demo/info.json records them): measured, transformers 5.24 builds a different model from the
+    same seed than 5.23 did (held-out accuracy 35% instead of 47.5%)."""
+    import torch
+    import transformers
+
+    committed = json.loads((DEMO / "info.json").read_text())
+    installed = {"torch": torch.__version__, "transformers": transformers.__version__}
+    differ = [
+        f"{name} {installed[name]} (built with {committed.get(name)})"
+        for name in installed
+        if installed[name] != committed.get(name)
+    ]
+    return ", ".join(differ) or None
+
+
 @pytest.mark.slow
 def test_demo_build_is_reproducible(tmp_path):
-    """Rebuilding from the seed gives the committed data and the same held-out accuracy (~90 s)."""
+    """Rebuilding from the seed gives the committed data and the same held-out accuracy (~90 s), with the
+    library versions the demo was built with."""
     from engine.demo.build import build_demo
 
+    other = _built_with_other_versions()
+    if other:
+        pytest.skip(f"the committed demo was built with other library versions: {other}")
     info = build_demo(tmp_path / "demo", seed=0, log=lambda line: None)
     committed = json.loads((DEMO / "info.json").read_text())
     assert info["held_out_accuracy"] == committed["held_out_accuracy"]
