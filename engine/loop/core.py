@@ -13,6 +13,7 @@ checkpoints/step-NNNNNNN/ (weights or adapter + optimizer, scheduler, RNG, step)
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
+from engine.data import prepare
 from engine.loop.checkpoint import TrainState, load_extra_state, restore, resume_checkpoint, save_checkpoint
 from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
 from engine.loop.schedule import Schedule, build_optimizer
@@ -44,6 +46,7 @@ from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, Reporter, RunDirReporter
 
+log = logging.getLogger("cherry.engine")
 StopCheck = Callable[[], "bool | str | None"]
 
 
@@ -133,6 +136,39 @@ class Run:
                 self.models.value.load_state_dict(extra["value"])
             if self.precision.scaler is not None and "grad_scaler" in extra:
                 self.precision.scaler.load_state_dict(extra["grad_scaler"])
+
+    def load_data(self, kind: str):
+        """The run's dataset as `kind` examples (engine.data.prepare), its train/eval split and stats."""
+        spec = self.spec
+        data = prepare(
+            spec.dataset,
+            self.models.tokenizer,
+            kind=kind,
+            max_length=spec.max_length,
+            max_prompt_length=spec.max_prompt_length,
+            eval_split=spec.eval_split,
+            eval_source=spec.eval_dataset,
+            seed=spec.seed,
+            overlong=spec.overlong,
+            max_rows=spec.max_rows,
+        )
+        self.data_stats = data.stats
+        self.reporter.log_event("data", data.summary(), **data.stats)
+        log.info("data: %s", data.summary())
+        return data
+
+    def load_eval_prompts(self) -> list[dict]:
+        """`eval_prompts` rows (prompt + answer) for greedy exact match, reward and samples."""
+        spec = self.spec
+        return prepare(
+            spec.eval_prompts,
+            self.models.tokenizer,
+            kind="prompt",
+            max_length=spec.max_length,
+            max_prompt_length=spec.max_prompt_length,
+            eval_split=0.0,
+            seed=spec.seed,
+        ).train[: spec.eval_max_examples]
 
     def save_checkpoint(self) -> None:
         extra = {"algorithm": self.algo.state_dict()}

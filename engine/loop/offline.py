@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from engine.data import prepare
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
 from engine.loop.evaluation import estimate_kl, exact_match_accuracy, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
@@ -36,21 +35,7 @@ def train_offline(
     params = run.parameter_counts()
 
     # --- data: the training examples, the eval split, and prompts for greedy answers and samples
-    data = prepare(
-        spec.dataset,
-        tokenizer,
-        kind=info.data_kind,
-        max_length=spec.max_length,
-        max_prompt_length=spec.max_prompt_length,
-        eval_split=spec.eval_split,
-        eval_source=spec.eval_dataset,
-        seed=spec.seed,
-        overlong=spec.overlong,
-        max_rows=spec.max_rows,
-    )
-    run.data_stats = data.stats
-    reporter.log_event("data", data.summary(), **data.stats)
-    log.info("data: %s", data.summary())
+    data = run.load_data(info.data_kind)
     eval_split = data.eval[: spec.eval_max_examples]
     algo.prepare_examples(data.train, tokenizer)
     algo.prepare_examples(eval_split, tokenizer)
@@ -60,15 +45,7 @@ def train_offline(
     if not info.generates:
         prompt_set = []
     elif spec.eval_prompts:
-        prompt_set = prepare(
-            spec.eval_prompts,
-            tokenizer,
-            kind="prompt",
-            max_length=spec.max_length,
-            max_prompt_length=spec.max_prompt_length,
-            eval_split=0.0,
-            seed=spec.seed,
-        ).train[: spec.eval_max_examples]
+        prompt_set = run.load_eval_prompts()
     else:
         prompt_set = [{"prompt_ids": ex["prompt_ids"], "prompt": ex["prompt"]} for ex in eval_split]
     prompt_set = [{**p, "prompt_ids": algo.generation_prompt(p["prompt_ids"])} for p in prompt_set]

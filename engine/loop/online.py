@@ -19,7 +19,6 @@ import torch
 
 from engine.algorithms.base import Phase
 from engine.algorithms.online_rows import split
-from engine.data import prepare
 from engine.errors import CherryError
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
 from engine.loop.evaluation import estimate_kl, evaluate_prompts, reference_completions, sample_comparisons
@@ -51,20 +50,7 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
     params = run.parameter_counts()
 
     # --- prompts and how samples are scored
-    data = prepare(
-        spec.dataset,
-        tokenizer,
-        kind="prompt",
-        max_length=spec.max_length,
-        max_prompt_length=spec.max_prompt_length,
-        eval_split=spec.eval_split,
-        eval_source=spec.eval_dataset,
-        seed=spec.seed,
-        overlong=spec.overlong,
-        max_rows=spec.max_rows,
-    )
-    run.data_stats = data.stats
-    reporter.log_event("data", data.summary(), **data.stats)
+    data = run.load_data("prompt")
     judge_source = algo.llm_judge()
     reward = None
     try:
@@ -87,18 +73,7 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
             judge_source, device=str(device), template=spec.judge_template, trust_remote_code=spec.trust_remote_code
         )
 
-    if spec.eval_prompts:
-        eval_prompts = prepare(
-            spec.eval_prompts,
-            tokenizer,
-            kind="prompt",
-            max_length=spec.max_length,
-            max_prompt_length=spec.max_prompt_length,
-            eval_split=0.0,
-            seed=spec.seed,
-        ).train[: spec.eval_max_examples]
-    else:
-        eval_prompts = data.eval[: spec.eval_max_examples]
+    eval_prompts = run.load_eval_prompts() if spec.eval_prompts else data.eval[: spec.eval_max_examples]
     eval_reward = reward is not None
     try:
         check_columns(spec, eval_prompts, "eval prompts")
