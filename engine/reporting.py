@@ -24,6 +24,22 @@ class Reporter(Protocol):
         """On resume: forget metrics and samples logged after `step` (the last checkpoint)."""
 
 
+class NullReporter:
+    """Reports nothing: the ranks of a data-parallel run other than rank 0 (which reports for all)."""
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def log_event(self, kind: str, message: str, **data: Any) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
+
 class MemoryReporter:
     """Collects everything in lists (tests, notebooks)."""
 

@@ -51,6 +51,26 @@ class Rollout:
         return reward_columns(self.examples)
 
 
+def merge_rollouts(parts: list[Rollout]) -> Rollout:
+    """The ranks' rollouts of one data-parallel step joined in rank order (each rank sampled and scored
+    its shard of the step's prompts), so every batch statistic is computed over the whole step."""
+    if len(parts) == 1:
+        return parts[0]
+    filled = [part for part in parts if part.examples]
+    rewards = [part.rewards for part in filled]
+    names = filled[0].components if filled else {}
+    return Rollout(
+        examples=[ex for part in filled for ex in part.examples],
+        completion_ids=[ids for part in filled for ids in part.completion_ids],
+        texts=[text for part in filled for text in part.texts],
+        truncated=[t for part in filled for t in part.truncated],
+        group_size=parts[0].group_size,
+        seconds=max(part.seconds for part in parts),
+        rewards=torch.cat(rewards) if rewards and all(r is not None for r in rewards) else None,
+        components={name: [v for part in filled for v in part.components[name]] for name in names},
+    )
+
+
 def reward_columns(examples: list[dict]) -> dict[str, list]:
     """Dataset columns reward functions may use (`answer`, `safety`, the prompt's `messages`), one value per row."""
     return {

@@ -101,6 +101,7 @@ class RunSpec:
     max_grad_norm: float = default("max_grad_norm")  # 0 = no clipping
     seed: int = default("seed")
     num_threads: int = default("num_threads")  # CPU threads for torch; 0 = torch's default
+    num_processes: int = default("num_processes")  # data-parallel ranks (one per GPU); batch_size is per rank
     # --- algorithm (DPO family, KTO, ORPO)
     beta: float = default("beta")  # DPO/KTO KL strength; IPO tau; SimPO reward scale; ORPO lambda
     loss_type: str = default("loss_type")  # DPO: sigmoid | robust | hinge | ipo
@@ -421,6 +422,15 @@ def check_values(spec: RunSpec) -> None:
     need(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", spec.device) is not None,
         f"device must be auto, cpu, mps, cuda or cuda:N (got '{spec.device}')",
+    )
+    need(
+        spec.num_processes >= 1,
+        f"num_processes must be >= 1 (got {spec.num_processes}); 1 = one process, N = one process per GPU",
+    )
+    need(
+        spec.num_processes == 1 or spec.device in ("auto", "cpu", "cuda"),
+        f"num_processes={spec.num_processes} needs device auto, cpu or cuda (got '{spec.device}'): rank r uses "
+        "GPU r of those the run sees (CUDA_VISIBLE_DEVICES picks them); mps runs one process",
     )
     need(
         spec.lr_scheduler in SCHEDULERS,

@@ -2,7 +2,8 @@
 
 The method's registry row (engine/registry.py) says whether it trains on a fixed dataset (the
 offline loop, engine/loop/offline.py) or on its own samples (the online loop,
-engine/loop/online.py); both stand on one loop core (engine/loop/core.py).
+engine/loop/online.py); both stand on one loop core (engine/loop/core.py). With `num_processes: N`
+the run is N data-parallel processes (engine/distributed.py); this process is rank 0.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.distributed import World, start_ranks
 from engine.loop.core import StopCheck, start_run
 from engine.loop.offline import train_offline
 from engine.loop.online import train_online
@@ -33,7 +35,27 @@ def train(
     `resume=True` continues from the newest checkpoint, or starts over when there is none.
     `cache_dir` keeps precomputed reference log-probs between runs.
     """
-    run = start_run(spec, out_dir, reporter, resume=resume)
+    if spec.num_processes <= 1:
+        return train_rank(spec, out_dir, World(), reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
+    world, ranks = start_ranks(spec, Path(out_dir), resume=resume, cache_dir=cache_dir)
+    try:
+        return train_rank(spec, out_dir, world, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
+    finally:
+        ranks.stop()
+
+
+def train_rank(
+    spec,
+    out_dir: str | Path,
+    world: World,
+    reporter: Reporter | None = None,
+    *,
+    should_stop: StopCheck | None = None,
+    cache_dir: str | Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """One process's part of a run (the whole run when `world` is one process)."""
+    run = start_run(spec, out_dir, reporter, resume=resume, world=world)
     if algorithm_info(spec.algorithm).online:
         return train_online(run, should_stop=should_stop)
     return train_offline(run, should_stop=should_stop, cache_dir=cache_dir)

@@ -30,6 +30,8 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    world_size: int = 1  # processes of the data-parallel run that wrote it
+    global_batch: int = 0  # examples (prompts online) per optimizer step over all ranks; 0 = not recorded
 
 
 _CHECKPOINT_NAME = re.compile(r"step-\d+")

@@ -8,12 +8,18 @@ run and its summary). The offline loop (engine/loop/offline.py) and the online l
 
 A run directory holds: spec.yaml, metrics.jsonl, samples.jsonl, events.jsonl, summary.json,
 checkpoints/step-NNNNNNN/ (weights or adapter + optimizer, scheduler, RNG, step) and final/.
+
+A data-parallel run (`num_processes: N`, engine/distributed.py) runs this same code in every rank:
+`run.world` says which rank this is; the schedule cuts global batches (N x `batch_size` per micro-batch)
+that each rank shards; `accumulate` divides by the step's global units; `clip_gradients` first sums
+the gradients over the ranks; rank 0 alone evaluates, reports and writes files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +31,17 @@ import torch
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
-from engine.loop.checkpoint import TrainState, load_extra_state, restore, resume_checkpoint, save_checkpoint
+from engine.distributed import World, rank_device
+from engine.errors import CherryError
+from engine.loop.checkpoint import (
+    TrainState,
+    load_extra_state,
+    restore,
+    resume_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
 from engine.loop.schedule import Schedule, build_optimizer
 from engine.models import (
@@ -44,7 +60,7 @@ from engine.models import (
 )
 from engine.reference import Reference
 from engine.registry import algorithm_info
-from engine.reporting import MultiReporter, Reporter, RunDirReporter
+from engine.reporting import MultiReporter, NullReporter, Reporter, RunDirReporter
 
 log = logging.getLogger("cherry.engine")
 StopCheck = Callable[[], "bool | str | None"]
@@ -105,6 +121,7 @@ class Run:
     started: float
     cpu_meter: CpuMeter
     metric_log: MetricLog
+    world: World = field(default_factory=World)
     data_stats: dict = field(default_factory=dict)
     schedule: Schedule | None = None
     trainable: list = field(default_factory=list)
@@ -115,10 +132,10 @@ class Run:
     def set_up_optimisation(self, n_examples: int, chunks_per_step: int) -> None:
         """The schedule over `n_examples`, AdamW over what trains (the policy, and a value model when
         there is one), and the state to continue from (a checkpoint's, on resume)."""
-        spec = self.spec
+        spec, world = self.spec, self.world
         self.schedule = Schedule(
             n_examples,
-            batch_size=spec.batch_size,
+            batch_size=spec.batch_size * world.size,  # a global micro-batch: each rank takes its shard
             chunks_per_step=chunks_per_step,
             seed=spec.seed,
             epochs=spec.epochs,
@@ -136,6 +153,38 @@ class Run:
                 self.models.value.load_state_dict(extra["value"])
             if self.precision.scaler is not None and "grad_scaler" in extra:
                 self.precision.scaler.load_state_dict(extra["grad_scaler"])
+        self._continue_world(chunks_per_step, extra if self.checkpoint is not None else {})
+
+    def _continue_world(self, chunks_per_step: int, extra: dict) -> None:
+        """Check the global batch against the checkpoint's and give each rank its random generators.
+
+        A resume may change `num_processes` (and `batch_size` / `grad_accum` with it) when the global
+        batch stays the same: every step then sees the same examples. Another global batch would change
+        which examples each step sees, so it is refused."""
+        spec, world, state = self.spec, self.world, self.state
+        global_batch = spec.batch_size * world.size * chunks_per_step
+        if self.checkpoint is not None and state.global_batch and state.global_batch != global_batch:
+            raise CherryError(
+                f"this run's checkpoints were written with a global batch of {state.global_batch} "
+                f"(batch_size x num_processes x grad_accum) and the resume asks for {global_batch} "
+                f"(batch_size={spec.batch_size}, num_processes={world.size}, grad_accum={spec.grad_accum}); "
+                "keep the product the same (e.g. halve batch_size when doubling num_processes)"
+            )
+        if self.checkpoint is not None and state.world_size != world.size:
+            self.reporter.log_event(
+                "resume",
+                f"resumed with {world.size} process(es); the checkpoint was written by {state.world_size} "
+                f"(the same global batch of {global_batch}: every step sees the same examples)",
+                world_size=world.size,
+            )
+        same_world = self.checkpoint is not None and state.world_size == world.size and "rank_rng" in extra
+        if world.rank > 0:
+            if same_world:
+                set_rng_states(extra["rank_rng"][world.rank])
+            else:  # each rank samples its own completions: its own stream, reproducible from the seed
+                torch.manual_seed(spec.seed + 1000 * world.rank + state.step)
+                random.seed(spec.seed + 1000 * world.rank + state.step)
+        state.world_size, state.global_batch = world.size, global_batch
 
     def load_data(self, kind: str):
         """The run's dataset as `kind` examples (engine.data.prepare), its train/eval split and stats."""
@@ -171,7 +220,13 @@ class Run:
         ).train[: spec.eval_max_examples]
 
     def save_checkpoint(self) -> None:
+        """Every rank calls this (their random generators are gathered); rank 0 writes."""
+        rank_rng = self.world.gather(rng_states())
+        if not self.world.is_main:
+            return
         extra = {"algorithm": self.algo.state_dict()}
+        if self.world.active:
+            extra["rank_rng"] = rank_rng
         if self.precision.scaler is not None:  # fp16: the loss scale it has grown or shrunk to
             extra["grad_scaler"] = self.precision.scaler.state_dict()
         if self.models.value is not None:
@@ -194,23 +249,33 @@ class Run:
         return every > 0 and self.state.step % every == 0
 
 
-def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: bool) -> Run:
-    """Seed, device and precision, the algorithm, the tokenizer, the policy and its reference."""
+def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: bool, world: World = World()) -> Run:
+    """Seed, device and precision, the algorithm, the tokenizer, the policy and its reference.
+
+    Every rank seeds the same way, so each builds the same starting weights (LoRA adapters, a value
+    head); rank 0 alone writes the run directory's files."""
     started = time.time()
     out_dir = Path(out_dir)
-    run_files = RunDirReporter(out_dir)
-    reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
-    (out_dir / "spec.yaml").write_text(spec.to_yaml())
+    if world.is_main:
+        run_files = RunDirReporter(out_dir)
+        reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
+        (out_dir / "spec.yaml").write_text(spec.to_yaml())
+    else:
+        reporter = NullReporter()
 
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
+    elif world.active:  # CPU ranks share the machine's cores rather than each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
-    device = pick_device(spec.device)
+    device = rank_device(pick_device(spec.device), world)
     dtype = pick_dtype(spec.dtype, device)
     precision = Precision(dtype, device)
     algo = build_algorithm(spec)
-    checkpoint = resume_checkpoint(out_dir, reporter) if resume else None
+    # rank 0 checks the checkpoints (moving an unreadable one aside); every rank resumes from its pick
+    checkpoint = resume_checkpoint(out_dir, reporter) if resume and world.is_main else None
+    checkpoint = world.broadcast(checkpoint)
     cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
 
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
@@ -234,6 +299,7 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
         started=started,
         cpu_meter=cpu_meter,
         metric_log=MetricLog(reporter),
+        world=world,
     )
 
 
@@ -244,16 +310,17 @@ def accumulate(
     sums: MetricSums,
     reference_logps: Callable[[dict], torch.Tensor] | None = None,
     precision: Precision | None = None,
+    world: World = World(),
 ) -> int:
     """Forward and backward over one optimizer step's micro-batches (batch, rows); returns the tokens seen.
 
-    Each micro-batch adds its share of the step's loss (its sum over the step's units), so
-    accumulation equals one big batch whatever the split. `reference_logps(batch)` adds the frozen
+    Each micro-batch adds its share of the step's loss (its sum over the step's units, counted over
+    every rank), so accumulation equals one big batch whatever the split into micro-batches and ranks. `reference_logps(batch)` adds the frozen
     reference's log-probs as batch["ref_logps"] (offline methods that need a reference). Forward passes
     run under the run's autocast; backward outside it, through the fp16 gradient scaler when there is one.
     """
     precision = precision or Precision(torch.float32, models.device)
-    total_units = sum(algo.units(batch) for batch, _ in micro_batches)
+    total_units = world.sum([sum(algo.units(batch) for batch, _ in micro_batches)])[0]
     tokens = 0
     for batch, rows in micro_batches:
         with precision.autocast():
@@ -267,6 +334,9 @@ def accumulate(
 
 
 def clip_gradients(run: Run) -> float:
+    """Sum the gradients over the ranks (each rank's loss was already divided by the global units), then
+    clip; returns the norm before clipping, the same on every rank."""
+    run.world.reduce_gradients(run.trainable)
     run.precision.unscale(run.optimizer)
     return float(torch.nn.utils.clip_grad_norm_(run.trainable, run.spec.max_grad_norm or float("inf")))
 
@@ -287,8 +357,8 @@ def run_steps(
     it may land mid-step, so the last checkpoint saved stays the one to resume from (a polite stop,
     such as the foreground's first Ctrl+C, goes through `should_stop`).
     """
-    spec, state, total = run.spec, run.state, run.schedule.total_steps
-    if state.step == 0:
+    spec, state, total, world = run.spec, run.state, run.schedule.total_steps, run.world
+    if state.step == 0 and world.is_main:
         with run.precision.autocast():
             evaluate(0)
             log_samples(0)
@@ -297,7 +367,8 @@ def run_steps(
     status = "completed"
     try:
         while state.step < total:
-            stop = should_stop() if should_stop is not None else None
+            stop = should_stop() if should_stop is not None and world.is_main else None
+            stop = world.broadcast(stop)  # every rank stops at the same step
             if stop:
                 status = stop if isinstance(stop, str) else "cancelled"
                 break
@@ -309,6 +380,10 @@ def run_steps(
             state.train_seconds += step_seconds
 
             last = state.step == total
+            if not world.is_main:
+                if run.due(spec.save_steps) and not last:
+                    run.save_checkpoint()
+                continue
             if run.due(spec.logging_steps) or last:
                 metrics.setdefault("train/tokens_per_s", tokens / max(step_seconds, 1e-9))
                 metrics["train/epoch"] = run.schedule.epoch(state.step)
@@ -322,10 +397,13 @@ def run_steps(
             if run.due(spec.save_steps) and not last:
                 run.save_checkpoint()
     except KeyboardInterrupt:
-        write_summary(run, "interrupted", before)
+        if world.is_main:
+            write_summary(run, "interrupted", before)
         raise
 
     run.save_checkpoint()
+    if not world.is_main:
+        return {"status": status, "step": state.step}
     if status == "completed":
         with run.precision.autocast():
             evaluate(state.step)
@@ -356,6 +434,7 @@ def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "peak_memory_gb": round(peak_memory_gb(run.device), 3),
         "device": str(run.device),
+        "world_size": run.world.size,
         "dtype": str(run.dtype).removeprefix("torch."),
         "save_dtype": str(run.save_dtype).removeprefix("torch."),
         "before": {k: v for k, v in before.items() if k.startswith("eval/")},

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from engine.distributed import World, merge_metric_sums
 from engine.reporting import Reporter
 
 
@@ -29,6 +30,17 @@ class MetricSums:
             total, count = value if isinstance(value, tuple) else (value, units)
             self.sums[name] += total
             self.counts[name] += count
+
+    def merged(self, world: World) -> "MetricSums":
+        """The sums and counts of every rank added together (the same on every rank); itself in a
+        one-process run."""
+        if not world.active:
+            return self
+        merged = MetricSums()
+        sums, counts = merge_metric_sums(world.gather((dict(self.sums), dict(self.counts))))
+        merged.sums.update(sums)
+        merged.counts.update(counts)
+        return merged
 
     def means(self) -> dict[str, float]:
         return {name: total / self.counts[name] for name, total in self.sums.items() if self.counts[name] > 0}

@@ -27,7 +27,7 @@ log = logging.getLogger("cherry.engine")
 def train_offline(
     run: Run, *, should_stop: StopCheck | None = None, cache_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    spec, algo, models, reporter = run.spec, run.algo, run.models, run.reporter
+    spec, algo, models, reporter, world = run.spec, run.algo, run.models, run.reporter, run.world
     policy, tokenizer, reference, device = models.policy, models.tokenizer, models.reference, run.device
     info = algorithm_info(spec.algorithm)
     if info.model_kind == "reward":
@@ -70,6 +70,8 @@ def train_offline(
             ]
         )
         cache_file = Path(cache_dir) / "ref_logps" / f"{key}.safetensors" if cache_dir else None
+        if not world.is_main:
+            world.barrier()  # rank 0 fills the cache first; the other ranks then read it
         ref_table = PrecomputedReference.build(
             {"train": data.train, "eval": eval_split},
             collate,
@@ -79,6 +81,8 @@ def train_offline(
             device=device,
             cache_file=cache_file,
         )
+        if world.is_main:
+            world.barrier()
 
     def reference_logps(batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         if ref_table is not None:
@@ -95,27 +99,29 @@ def train_offline(
         **params,
     )
 
-    # --- one step: the step's micro-batches -> loss -> backward -> clip -> optimizer step
+    # --- one step: the step's micro-batches (this rank's shard of each) -> loss -> backward -> clip -> step
     train_reference = partial(reference_logps, split="train") if algo.needs_reference else None
 
     def step(index: int) -> tuple[dict[str, float], int]:
-        chunks = [[data.train[i] for i in idx] for idx in run.schedule.micro_batches(index)]
-        micro = [(to_device(collate(rows)), rows) for rows in chunks]
+        chunks = [[data.train[i] for i in world.shard(idx)] for idx in run.schedule.micro_batches(index)]
+        micro = [(to_device(collate(rows)), rows) for rows in chunks if rows]
         sums = MetricSums()
-        tokens = accumulate(algo, models, micro, sums, train_reference, run.precision)
+        tokens = accumulate(algo, models, micro, sums, train_reference, run.precision, world)
         grad_norm = clip_gradients(run)
         lr = run.scheduler.get_last_lr()[0]
         run.precision.step(run.optimizer)
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        means = sums.means()
+        means = sums.merged(world).means()
         means.update(algo.derived_metrics(means))
         metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr})
-        return metrics, tokens
+        return metrics, int(world.sum([tokens])[0])
 
     # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
-    reference_texts = reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+    reference_texts = (  # rank 0 alone evaluates and logs samples
+        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens) if world.is_main else []
+    )
 
     @torch.no_grad()
     def evaluate(step_index: int) -> None:

@@ -7,6 +7,11 @@ preference pairs or kept samples), then trained on for `num_iterations` passes o
 `num_mini_batches` optimizer steps, each accumulating `grad_accum` micro-batches. The lr schedule
 moves once per step. Set-up, the step clock, checkpoints and the summary are the loop core
 (engine/loop/core.py), shared with the offline loop; a run directory has the same files.
+
+Data-parallel (`num_processes: N`): each rank samples and scores its shard of the step's prompts; the
+rollouts are gathered so that `prepare` sees the whole step on every rank (group and batch statistics,
+PPO's whitening and ReST's thresholds are those of the global batch), and each mini-batch is sharded
+again for the update. Everything after sampling draws rank 0's random numbers on every rank.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from engine.loop.evaluation import estimate_kl, evaluate_prompts, reference_comp
 from engine.loop.metrics import MetricSums
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
-from engine.rollout import sample_rollout, score_rollout
+from engine.rollout import merge_rollouts, sample_rollout, score_rollout
 
 
 def reward_sources(spec) -> list[str]:
@@ -44,7 +49,7 @@ def check_columns(spec, examples: list[dict], what: str) -> None:
 
 
 def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str, Any]:
-    spec, algo, models, reporter, device = run.spec, run.algo, run.models, run.reporter, run.device
+    spec, algo, models, reporter, device, world = run.spec, run.algo, run.models, run.reporter, run.device, run.world
     policy, tokenizer, reference = models.policy, models.tokenizer, models.reference
     models.value = algo.build_value_model(device, torch.float32)  # it trains: fp32 weights
     params = run.parameter_counts()
@@ -96,7 +101,7 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
 
     def step(index: int) -> tuple[dict[str, float], int]:
         step_started = time.time()
-        examples = [data.train[i] for i in run.schedule.micro_batches(index)[0]]
+        examples = [data.train[i] for i in world.shard(run.schedule.micro_batches(index)[0])]
 
         with run.precision.autocast():  # sampling, scoring and preparing are forward passes only
             rollout = sample_rollout(
@@ -109,29 +114,35 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
                 top_p=spec.top_p,
             )
             scoring_started = time.time()
-            if reward is not None:
+            if reward is not None and rollout.texts:
                 score_rollout(rollout, reward, spec.missing_eos_penalty)
             score_seconds = time.time() - scoring_started
+            rollout = merge_rollouts(world.gather(rollout))
 
+        with world.shared_random(), run.precision.autocast():
             # prepare: advantages, pairs or kept samples, with what they need computed once without gradients
             update_started = time.time()
             rows, metrics = algo.prepare(rollout, models)
 
-        # update: each phase's rows, `passes` passes of mini-batches, one optimizer step per mini-batch
+        # update: each phase's rows, `passes` passes of mini-batches (this rank's shard of each), one
+        # optimizer step per mini-batch
         sums, optimizer_steps, tokens, grad_norm = MetricSums(), 0, 0, 0.0
-        for phase in algo.phases(rows):
-            metrics.update(phase.metrics)
-            for mini_batch in mini_batches(phase, spec):
-                micro = [
-                    ({k: v.to(device) for k, v in algo.collate(chunk, tokenizer.pad_token_id).items()}, chunk)
-                    for chunk in split(mini_batch, spec.grad_accum)
-                ]
-                tokens += accumulate(algo, models, micro, sums, precision=run.precision)
-                grad_norm = clip_gradients(run)
-                run.precision.step(run.optimizer)
-                run.optimizer.zero_grad(set_to_none=True)
-                optimizer_steps += 1
+        with world.shared_random():
+            for phase in algo.phases(rows):
+                metrics.update(phase.metrics)
+                for mini_batch in mini_batches(phase, spec):
+                    micro = [
+                        ({k: v.to(device) for k, v in algo.collate(chunk, tokenizer.pad_token_id).items()}, chunk)
+                        for chunk in split(world.shard(mini_batch), spec.grad_accum)
+                    ]
+                    tokens += accumulate(algo, models, micro, sums, precision=run.precision, world=world)
+                    grad_norm = clip_gradients(run)
+                    run.precision.step(run.optimizer)
+                    run.optimizer.zero_grad(set_to_none=True)
+                    optimizer_steps += 1
         update_seconds = time.time() - update_started
+        tokens = int(world.sum([tokens])[0])
+        sums = sums.merged(world)
         lr = run.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():  # a step with nothing to train on still moves the schedule
             warnings.simplefilter("ignore", UserWarning)
@@ -155,7 +166,9 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         return metrics, tokens
 
     # --- evaluation: greedy exact match and reward on the eval prompts, KL, sample comparisons
-    reference_texts = reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+    reference_texts = (  # rank 0 alone evaluates and logs samples
+        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens) if world.is_main else []
+    )
 
     @torch.no_grad()
     def evaluate(step_index: int) -> None:

@@ -1,0 +1,165 @@
+"""Data-parallel runs (`num_processes: N`) on the CPU with gloo: two processes with batch B each are the same
+run as one process with batch 2B (per-step loss and final weights), for a pair-mean loss (DPO) and a
+token-mean loss whose ranks hold different token counts (SFT); online methods run sharded end to end;
+cancel and resume work, across world sizes when the global batch is kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.distributed import World, merge_metric_sums
+from engine.errors import CherryError
+from engine.reporting import MemoryReporter
+from engine.rollout import Rollout, merge_rollouts
+from engine.spec import build_spec
+from engine.train import train
+from tests.conftest import write_jsonl
+from tests.e2e.test_online import online_spec
+from tests.e2e.test_train import dpo_spec
+
+# lr 1e-4: the gradients of one and two processes differ only by float summation order (~1e-7), but Adam
+# divides by sqrt(v), so at a large lr a weight whose gradient is near zero moves by ~lr either way and
+# the final weights differ by that rounding (measured: 9e-5 at lr 5e-3, 2e-6 at lr 1e-4).
+QUIET = dict(eval_steps=0, sample_steps=0, eval_split=0.0, warmup_ratio=0.0, save_steps=100, lr=1e-4)
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def _assert_same_run(one: tuple, two: tuple) -> None:
+    (losses_1, weights_1), (losses_2, weights_2) = one, two
+    assert len(losses_1) == len(losses_2) > 0
+    assert losses_2 == pytest.approx(losses_1, abs=1e-5)
+    assert weights_1.keys() == weights_2.keys()
+    for name in weights_1:
+        assert torch.allclose(weights_1[name], weights_2[name], atol=1e-5), name
+
+
+def _run(spec, out_dir, **kwargs) -> tuple[list[float], dict[str, torch.Tensor], MemoryReporter, dict]:
+    reporter = MemoryReporter()
+    summary = train(spec, out_dir, reporter, **kwargs)
+    return reporter.series("train/loss"), _final_weights(out_dir), reporter, summary
+
+
+def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(tiny_model_dir, tiny_pairs, tmp_path):
+    one = _run(dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=5, **QUIET), tmp_path / "one")
+    two = _run(
+        dpo_spec(tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, max_steps=5, **QUIET), tmp_path / "two"
+    )
+    _assert_same_run(one[:2], two[:2])
+    assert one[3]["world_size"] == 1 and two[3]["world_size"] == 2
+    assert two[3]["tokens"] == one[3]["tokens"]  # tokens are counted over both ranks
+    assert one[0][-1] < one[0][0] - 0.01  # it trained: the equality is not between two runs that did nothing
+    assert (tmp_path / "two" / "ranks" / "rank-1.log").exists()
+    assert not (tmp_path / "two" / "ranks" / "metrics.jsonl").exists()  # rank 1 writes no run files
+
+
+@pytest.fixture(scope="module")
+def uneven_sft(tmp_path_factory):
+    """Completions from 1 to 12 tokens long, so the two ranks of a step hold different token counts: a mean
+    of per-rank token means would differ from the token mean of the global batch."""
+    rows = [{"prompt": f"say {'abcdef'[i % 6]}:", "completion": " " + "xyzw"[i % 4] * (1 + (i * 5) % 12)} for i in range(32)]
+    return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", rows)
+
+
+def test_sft_token_mean_is_global_across_processes(tiny_model_dir, uneven_sft, tmp_path):
+    def spec(**overrides):
+        return dpo_spec(tiny_model_dir, uneven_sft, algorithm="sft", max_steps=4, **QUIET, **overrides)
+
+    one = _run(spec(batch_size=8), tmp_path / "one")
+    two = _run(spec(batch_size=4, num_processes=2), tmp_path / "two")
+    _assert_same_run(one[:2], two[:2])
+    # and with gradient accumulation on top: 2 processes x 2 micro-batches x 2 rows = 1 process x 8 rows
+    accumulated = _run(spec(batch_size=2, grad_accum=2, num_processes=2), tmp_path / "accumulated")
+    _assert_same_run(one[:2], accumulated[:2])
+
+
+def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tmp_path):
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"say {c}{i}:", "answer": c * 2} for i, c in enumerate("abcdefghijkl")]
+    )
+    names, rows = {}, {}
+    for processes in (1, 2):
+        reporter = MemoryReporter()
+        spec = online_spec(tiny_model_dir, prompts, "grpo", batch_size=2 if processes == 2 else 4, num_processes=processes)
+        summary = train(spec, tmp_path / f"p{processes}", reporter)
+        assert summary["status"] == "completed" and summary["world_size"] == processes
+        names[processes] = {name for row in reporter.metrics for name in row}
+        rows[processes] = reporter.series("train/rows")
+    assert names[1] == names[2]
+    # every step trains on all the step's samples (9 train prompts: 4 + 4 + 1, x 4 samples), gathered
+    # from both ranks, including the last step, where one rank had no prompt at all
+    assert rows[1] == rows[2] == [16, 16, 4]
+
+
+def test_a_two_process_run_cancels_and_resumes_across_world_sizes(tiny_model_dir, tiny_pairs, tmp_path):
+    whole = _run(dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=6, **QUIET), tmp_path / "whole")
+
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return len(calls) > 3
+
+    run_dir = tmp_path / "run"
+    two = dpo_spec(tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, max_steps=6, **QUIET)
+    first = MemoryReporter()
+    summary = train(two, run_dir, first, should_stop=stop_after_three)
+    assert summary["status"] == "cancelled" and summary["step"] == 3
+
+    # another global batch would change which examples each step sees: refused, naming the settings
+    wrong = dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, num_processes=2, max_steps=6, **QUIET)
+    with pytest.raises(CherryError, match="global batch of 8"):
+        train(wrong, run_dir, MemoryReporter(), resume=True)
+
+    # the same global batch on one process continues the run exactly
+    one = dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=6, **QUIET)
+    rest = MemoryReporter()
+    summary = train(one, run_dir, rest, resume=True)
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert any("resumed with 1 process" in e["message"] for e in rest.events)
+    losses = first.series("train/loss") + rest.series("train/loss")
+    assert losses == pytest.approx(whole[0], abs=1e-5)
+    weights = _final_weights(run_dir)
+    assert all(torch.allclose(weights[n], whole[1][n], atol=1e-5) for n in weights)
+
+
+def test_num_processes_is_checked_at_submit():
+    with pytest.raises(CherryError, match="num_processes must be >= 1"):
+        build_spec({"algorithm": "dpo", "model": "m", "dataset": "d", "num_processes": 0})
+    with pytest.raises(CherryError, match="num_processes=2 needs device"):
+        build_spec({"algorithm": "dpo", "model": "m", "dataset": "d", "num_processes": 2, "device": "mps"})
+
+
+def test_shards_cover_every_item_once():
+    items = list(range(7))
+    for size in (1, 2, 3, 8):
+        shards = [World(rank, size).shard(items) for rank in range(size)]
+        assert sum(shards, []) == items
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_metric_sums_and_rollouts_merge_across_ranks():
+    sums, counts = merge_metric_sums([({"loss": 2.0, "kto/r": 1.0}, {"loss": 4, "kto/r": 1}), ({"loss": 1.0}, {"loss": 2})])
+    assert sums == {"loss": 3.0, "kto/r": 1.0} and counts == {"loss": 6, "kto/r": 1}
+
+    def part(prompt: str, rewards: list[float]) -> Rollout:
+        n = len(rewards)
+        return Rollout(
+            examples=[{"prompt": prompt, "prompt_ids": [1]}] * n,
+            completion_ids=[[2, 3]] * n,
+            texts=["x"] * n,
+            truncated=[False] * n,
+            group_size=n,
+            seconds=float(n),
+            rewards=torch.tensor(rewards),
+            components={"length": rewards},
+        )
+
+    empty = Rollout(examples=[], completion_ids=[], texts=[], truncated=[], group_size=2)
+    merged = merge_rollouts([part("a", [1.0, 2.0]), empty, part("b", [3.0, 4.0])])
+    assert merged.prompts == ["a", "a", "b", "b"] and merged.rewards.tolist() == [1, 2, 3, 4]
+    assert merged.components == {"length": [1.0, 2.0, 3.0, 4.0]} and merged.seconds == 2.0
