@@ -120,7 +120,9 @@ def train_offline(
 
     # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
     reference_texts = (  # rank 0 alone evaluates and logs samples
-        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens) if world.is_main else []
+        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+        if world.is_main
+        else []
     )
 
     @torch.no_grad()

@@ -167,7 +167,9 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
 
     # --- evaluation: greedy exact match and reward on the eval prompts, KL, sample comparisons
     reference_texts = (  # rank 0 alone evaluates and logs samples
-        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens) if world.is_main else []
+        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+        if world.is_main
+        else []
     )
 
     @torch.no_grad()

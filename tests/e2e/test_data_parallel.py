@@ -61,7 +61,9 @@ def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(tiny_mode
 def uneven_sft(tmp_path_factory):
     """Completions from 1 to 12 tokens long, so the two ranks of a step hold different token counts: a mean
     of per-rank token means would differ from the token mean of the global batch."""
-    rows = [{"prompt": f"say {'abcdef'[i % 6]}:", "completion": " " + "xyzw"[i % 4] * (1 + (i * 5) % 12)} for i in range(32)]
+    rows = [
+        {"prompt": f"say {'abcdef'[i % 6]}:", "completion": " " + "xyzw"[i % 4] * (1 + (i * 5) % 12)} for i in range(32)
+    ]
     return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", rows)
 
 
@@ -84,7 +86,9 @@ def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tm
     names, rows = {}, {}
     for processes in (1, 2):
         reporter = MemoryReporter()
-        spec = online_spec(tiny_model_dir, prompts, "grpo", batch_size=2 if processes == 2 else 4, num_processes=processes)
+        spec = online_spec(
+            tiny_model_dir, prompts, "grpo", batch_size=2 if processes == 2 else 4, num_processes=processes
+        )
         summary = train(spec, tmp_path / f"p{processes}", reporter)
         assert summary["status"] == "completed" and summary["world_size"] == processes
         names[processes] = {name for row in reporter.metrics for name in row}
@@ -143,7 +147,9 @@ def test_shards_cover_every_item_once():
 
 
 def test_metric_sums_and_rollouts_merge_across_ranks():
-    sums, counts = merge_metric_sums([({"loss": 2.0, "kto/r": 1.0}, {"loss": 4, "kto/r": 1}), ({"loss": 1.0}, {"loss": 2})])
+    sums, counts = merge_metric_sums(
+        [({"loss": 2.0, "kto/r": 1.0}, {"loss": 4, "kto/r": 1}), ({"loss": 1.0}, {"loss": 2})]
+    )
     assert sums == {"loss": 3.0, "kto/r": 1.0} and counts == {"loss": 6, "kto/r": 1}
 
     def part(prompt: str, rewards: list[float]) -> Rollout:
