@@ -677,6 +677,27 @@ def resolve_spec(
     return spec
 
 
+# What a resumed run may change: the split of its global batch over processes and micro-batches.
+RESUME_SETTINGS = ("num_processes", "batch_size", "grad_accum")
+
+
+def with_resume_settings(spec: RunSpec, overrides: list[str]) -> RunSpec:
+    """A resumed run's spec with `--set` values for RESUME_SETTINGS (the engine then checks that the global
+    batch, batch_size x num_processes x grad_accum, is the checkpoint's); any other setting is refused."""
+    values = spec.to_dict()
+    for item in overrides:
+        key, value = _parse_override(item)
+        if key not in RESUME_SETTINGS:
+            raise SpecError(
+                f"--set {key}: a resumed run keeps its settings; only {', '.join(RESUME_SETTINGS)} may change "
+                "(with the same global batch). Start a new run to change the rest"
+            )
+        values[key] = value
+    resumed = _typed_spec(values)
+    check_values(resumed)
+    return resumed
+
+
 def follow_explicit(spec: RunSpec, explicit: set[str], preset: RunSpec) -> list[str]:
     """Move settings the user did not set so they agree with those the user did; returns one note per
     change ("max_prompt_length=64: ..."). `preset` holds the preset's own values (for proportions).

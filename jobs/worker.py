@@ -1,9 +1,11 @@
 """`cherry worker`: a Huey consumer that executes queued runs, each in its own child process.
 
-One consumer thread per GPU slot (`--gpus 0,1` gives two, each child sees only its GPU through
-CUDA_VISIBLE_DEVICES; without GPUs, `--concurrency` slots share the machine). For each run the
-thread:
-1. moves it queued -> running (a run cancelled meanwhile is skipped),
+One consumer thread per GPU (`--gpus 0,1` gives two; without GPUs, `--concurrency` slots share the
+machine). A run asks for `num_processes` GPUs: it starts when that many of the worker's GPUs are free
+(`GpuPool`: single-GPU runs are packed onto the lowest free GPUs, nothing is ever oversubscribed, and a
+run asking for more GPUs than the worker has fails at once, saying so); its processes see only its
+GPUs through CUDA_VISIBLE_DEVICES. For each run the thread:
+1. waits for its GPUs, then moves it queued -> running (a run cancelled meanwhile is skipped),
 2. starts `python -m jobs.child RUN_ID` in a new process group, its output in `runs/<id>/log.txt`,
 3. heartbeats the run row while the child lives, and enforces stops: a cancel request or a
    worker shutdown gives the child `grace` seconds to stop at its next step (it checkpoints),
@@ -51,6 +53,34 @@ OOM_EXIT = 3
 log = logging.getLogger("cherry.worker")
 
 
+class GpuPool:
+    """Which of a worker's GPUs are free. `acquire(n)` waits until n are free and takes the lowest-numbered
+    ones (so single-GPU runs pack together and leave whole blocks free); `release` gives them back."""
+
+    def __init__(self, gpus: list[str]) -> None:
+        self.gpus = list(gpus)
+        self.free = list(gpus)
+        self.changed = threading.Condition()
+
+    def acquire(self, count: int, give_up: threading.Event) -> list[str] | None:
+        """`count` free GPUs, or None when `give_up` is set first (the worker shuts down)."""
+        if count > len(self.gpus):
+            raise ValueError(f"{count} GPUs asked of a pool of {len(self.gpus)}")
+        with self.changed:
+            while len(self.free) < count:
+                if give_up.is_set():
+                    return None
+                self.changed.wait(timeout=0.5)
+            taken = sorted(self.free, key=self.gpus.index)[:count]
+            self.free = [g for g in self.free if g not in taken]
+            return taken
+
+    def release(self, gpus: list[str]) -> None:
+        with self.changed:
+            self.free += gpus
+            self.changed.notify_all()
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         with open(path, "rb") as f:
@@ -87,11 +117,11 @@ class Worker:
         self.grace = grace
         if gpus and concurrency and concurrency != len(gpus):
             raise ValueError("--concurrency must equal the number of --gpus (a GPU runs one job at a time)")
-        slots: list[str | None] = list(gpus) if gpus else [None] * (concurrency or 1)
-        self.slots: stdlib_queue.Queue[str | None] = stdlib_queue.Queue()
-        for slot in slots:
-            self.slots.put(slot)
-        self.concurrency = len(slots)
+        self.gpu_pool = GpuPool(gpus) if gpus else None
+        self.slots: stdlib_queue.Queue[None] = stdlib_queue.Queue()  # CPU slots (a worker without GPUs)
+        for _ in range(0 if gpus else concurrency or 1):
+            self.slots.put(None)
+        self.concurrency = len(gpus) if gpus else concurrency or 1
         self.host = this_host()
         self.pid = os.getpid()
         self.shutting_down = threading.Event()
@@ -149,8 +179,27 @@ class Worker:
         run = store.get_run(run_id)
         if run is None or run.status != "queued" or self.shutting_down.is_set():
             return  # removed, cancelled while queued, or a duplicate task
-        slot = self.slots.get()
+        wanted = int(run.spec.get("num_processes") or 1)
+        if self.gpu_pool is not None and wanted > len(self.gpu_pool.gpus):
+            message = (
+                f"num_processes={wanted} asks for {wanted} GPUs and the worker on {self.host} has "
+                f"{len(self.gpu_pool.gpus)} (--gpus {','.join(self.gpu_pool.gpus)}); submit again with "
+                f"--set num_processes={len(self.gpu_pool.gpus)} or start a worker with more --gpus"
+            )
+            if store.set_status(run_id, "failed", only_if=["queued"], error=message):
+                store.add_event(run_id, "failed", message)
+            return
+        if self.gpu_pool is not None:
+            gpus = self.gpu_pool.acquire(wanted, self.shutting_down)
+            if gpus is None:
+                return  # the worker shut down while the run waited for GPUs: it stays queued
+            slot = ",".join(gpus)
+        else:
+            gpus, slot = [], self.slots.get()
         try:
+            run = store.get_run(run_id)
+            if run is None or run.status != "queued":
+                return  # cancelled or taken while it waited for GPUs
             jobs = Jobs(self.home)
             try:
                 placed = jobs.place(run, self.home, self.host)
@@ -179,7 +228,7 @@ class Worker:
             env = {**os.environ, "CHERRY_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
             if slot is not None:
                 env["CUDA_VISIBLE_DEVICES"] = slot
-            where = f"GPU {slot}" if slot is not None else "CPU"
+            where = f"GPU {slot}" if slot is not None else "CPU" + (f", {wanted} processes" if wanted > 1 else "")
             store.add_event(run_id, "worker", f"started on {self.host} ({where}), attempt {(run.attempts or 0) + 1}")
             log.info("run %s started (%s)", run_id, where)
             with open(out_dir / "log.txt", "ab") as log_file:
@@ -200,7 +249,10 @@ class Worker:
                 with self.children_lock:
                     self.children.pop(run_id, None)
         finally:
-            self.slots.put(slot)
+            if self.gpu_pool is not None:
+                self.gpu_pool.release(gpus)
+            else:
+                self.slots.put(slot)
         self._record_end(store, run_id, proc.returncode)
 
     def child_command(self, run_id: str) -> list[str]:

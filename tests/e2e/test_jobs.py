@@ -490,3 +490,25 @@ def test_two_workers_share_one_redis_queue(home, start_worker, tiny_model_dir, t
     wait_for(lambda: all(status(jobs, r.id) == "completed" for r in runs), 180, "four runs over two workers")
     assert all(jobs.store.get_run(r.id).attempts == 1 for r in runs)  # each ran exactly once
     assert all(jobs.store.get_run(r.id).out_dir == str(home / r.id) for r in runs)
+
+
+def test_a_gpu_worker_gives_each_run_its_gpus_and_refuses_more_than_it_has(
+    home, start_worker, tiny_model_dir, tiny_pairs
+):
+    """`--gpus 0,1` on this CPU-only machine: the worker allocates the GPU ids (the children see them in
+    CUDA_VISIBLE_DEVICES, find no CUDA, and run on the CPU), so the allocation is what is checked here."""
+    jobs = Jobs(home)
+    too_many = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, name="three", num_processes=3))
+    pair = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, name="pair", num_processes=2, batch_size=2))
+    single = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, name="single"))
+    start_worker("--gpus", "0,1")
+    wait_for(lambda: status(jobs, too_many.id) == "failed", 60, "the 3-GPU run to be refused")
+    error = jobs.store.get_run(too_many.id).error
+    assert "num_processes=3" in error and "has 2" in error and "--set num_processes=2" in error
+    wait_for(lambda: status(jobs, pair.id) == "completed" and status(jobs, single.id) == "completed", 240, "both runs")
+    assert jobs.store.get_run(pair.id).row["gpus"] == "0,1"
+    assert jobs.store.get_run(single.id).row["gpus"] == "0"
+    summary = json.loads((Path(jobs.store.get_run(pair.id).out_dir) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 4
+    shown = subprocess.run(CLI + ["ls"], env={**os.environ, "CHERRY_HOME": str(home)}, capture_output=True, text=True)
+    assert "GPU 0,1" in shown.stdout

@@ -76,10 +76,11 @@ def _matches(run, experiment: str | None, tags: list[str]) -> bool:
 
 
 def _labels(run) -> str:
-    """The run's experiment, swept values and tags, for one table cell."""
+    """The run's GPUs, experiment, swept values and tags, for one table cell."""
     from jobs.store import run_swept, run_tags
 
-    parts = [f"[{run.row['experiment']}]"] if run.row.get("experiment") else []
+    parts = [f"GPU {run.row['gpus']}"] if run.row.get("gpus") else []  # the GPUs it holds (held, once ended)
+    parts += [f"[{run.row['experiment']}]"] if run.row.get("experiment") else []
     parts += [f"{k}={v}" for k, v in run_swept(run).items()]
     parts += [f"#{t}" for t in run_tags(run)]
     return " ".join(parts)

@@ -49,16 +49,19 @@ def train(
     set_: list[str] = SET_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
     resume: Optional[Path] = typer.Option(
-        None, "--resume", help="Continue the run in this directory from its last checkpoint."
+        None,
+        "--resume",
+        help="Continue the run in this directory from its last checkpoint (--set may change num_processes, "
+        "batch_size and grad_accum when their product stays the same).",
     ),
 ) -> None:
     """Train in this process with a live progress line. Outputs land in runs/<run-id>/."""
-    from engine.spec import load_spec_file, resolve_paths, resolve_spec
+    from engine.spec import load_spec_file, resolve_paths, resolve_spec, with_resume_settings
 
     if resume is not None:
         if not (resume / "spec.yaml").exists():
             raise CherryError(f"--resume {resume}: no spec.yaml there; give the directory of an earlier run")
-        spec = resolve_paths(load_spec_file(resume / "spec.yaml"))
+        spec = with_resume_settings(resolve_paths(load_spec_file(resume / "spec.yaml")), set_)
         out = resume
     else:
         spec = resolve_spec(preset, set_, model=model, dataset=dataset)
