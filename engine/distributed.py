@@ -45,6 +45,7 @@ log = logging.getLogger("cherry.engine")
 
 RANK_ENV = "CHERRY_RANK"  # set in ranks 1..N-1 (rank 0 is the process train() runs in)
 TIMEOUT_SECONDS = float(os.environ.get("CHERRY_DIST_TIMEOUT") or 1800)  # rank 0 evaluates while others wait
+USER_ERROR_EXIT, OOM_EXIT = 2, 3  # the exit codes a worker reads (as jobs/child.py uses them)
 GRADIENT_BUCKET = 2**24  # elements summed in one collective (64 MB of fp32)
 
 
@@ -270,7 +271,8 @@ def _watch_ranks(ranks: Ranks) -> None:
                 for other in ranks.processes:
                     if other.poll() is None:
                         other.kill()
-                os._exit(1)
+                # a user error (2) or out of memory (3) in a rank is the run's: the worker reads the exit code
+                os._exit(code if code in (USER_ERROR_EXIT, OOM_EXIT) else 1)
         if all(proc.poll() is not None for proc in ranks.processes):
             return
         time.sleep(0.5)
@@ -296,6 +298,12 @@ def _rank_main(argv: list[str]) -> None:
     world = join(int(rank), int(size), "127.0.0.1", int(port), backend)
     try:
         train_rank(spec, Path(out_dir), world, resume=resume == "1", cache_dir=cache_dir or None)
+    except CherryError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
+    except torch.OutOfMemoryError as err:
+        print(f"out of memory on rank {rank}: {err}", file=sys.stderr, flush=True)
+        sys.exit(OOM_EXIT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -169,3 +169,35 @@ def test_metric_sums_and_rollouts_merge_across_ranks():
     merged = merge_rollouts([part("a", [1.0, 2.0]), empty, part("b", [3.0, 4.0])])
     assert merged.prompts == ["a", "a", "b", "b"] and merged.rewards.tolist() == [1, 2, 3, 4]
     assert merged.components == {"length": [1.0, 2.0, 3.0, 4.0]} and merged.seconds == 2.0
+
+
+def test_a_rank_that_dies_ends_the_run_instead_of_leaving_it_waiting(tiny_model_dir, tiny_pairs, tmp_path):
+    """Killing rank 1 mid-run (as the kernel's OOM killer would) ends rank 0 within seconds with rank 1's
+    log, instead of leaving it blocked in a collective; the run keeps its metrics and checkpoints."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "tuiapp.cli", "train", "--preset", "dpo", "--model", str(tiny_model_dir)]
+    command += ["--dataset", str(tiny_pairs), "--out", str(out)]
+    for setting in ("num_processes=2", "batch_size=4", "max_steps=100000", "save_steps=2", "eval_steps=0"):
+        command += ["--set", setting]
+    env = {**os.environ, "CHERRY_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert list((out / "checkpoints").glob("step-*")), "the run did not reach its first checkpoint"
+        found = subprocess.run(["pgrep", "-f", f"engine.distributed .*{out}"], capture_output=True, text=True)
+        os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank process rank-1 ended with exit code -9" in output
+    assert (out / "metrics.jsonl").read_text().strip() and list((out / "checkpoints").glob("step-*"))
