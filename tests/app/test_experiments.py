@@ -267,4 +267,3 @@ async def test_new_run_form_queues_a_sweep_from_a_list(home):
         assert [r.name for r in runs] == ["from-form-lr1e-5", "from-form-lr2e-5"]
         store.close()
         await wait_until(pilot, lambda: "▾ from-form (2)" in screen_text(app), what="the experiment in the table")
-

@@ -196,10 +196,10 @@ class ExperimentScreen(Screen):
 
         frontier = self.query_one("#exp-frontier", Chart)
         points = [r for r in rows if r.kl is not None and r.reward is not None]
-        dots = [(short_name(r.run), [r.kl], [r.reward], by_run[r.run.id]) for r in points]
         front = sorted((r for r in points if r.on_front), key=lambda r: r.kl)
-        if len(front) > 1:
-            dots.append((FRONT, [r.kl for r in front], [r.reward for r in front], "grey70"))
+        # the front's line first, so each run's point is drawn over it in the run's colour
+        dots = [(FRONT, [r.kl for r in front], [r.reward for r in front], "grey50")] if len(front) > 1 else []
+        dots += [(short_name(r.run), [r.kl], [r.reward], by_run[r.run.id]) for r in points]
         frontier.title = f"{y_name or 'eval metric'} vs KL (final; ★ Pareto)"
         frontier.curves = dots
 
