@@ -200,8 +200,10 @@ def test_experiment_view(snap_compare, home, runs, size):
         await pilot.press("e")
         await settle(
             pilot,
-            lambda: isinstance(pilot.app.screen, ExperimentScreen)
-            and len(pilot.app.screen.query_one("#exp-curves").curves) == 6,
+            lambda: (
+                isinstance(pilot.app.screen, ExperimentScreen)
+                and len(pilot.app.screen.query_one("#exp-curves").curves) == 6
+            ),
             "six curves",
         )
 
