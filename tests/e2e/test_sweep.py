@@ -115,3 +115,16 @@ def test_successive_halving_prunes_the_bad_learning_rate_at_its_first_rung(
     assert bad.step < 12  # rungs at 3, 6, 12, 24: stopped at its first (a stop check can lag a few steps)
     reason = next(e["message"] for e in jobs.store.events(bad.id) if e["kind"] == "pruned")
     assert "at rung step 3 ranks 2 of 2" in reason and "keeps the best 1" in reason
+
+
+def test_worker_flag_starts_a_background_worker_when_none_runs(home, tiny_model_dir, tiny_pairs, monkeypatch):
+    import tuiapp.launch
+
+    started = []
+    monkeypatch.setattr(tuiapp.launch, "ensure_worker", lambda at: started.append(at) or 4242)
+    code, out = cli(
+        "sweep", "--model", tiny_model_dir, "--dataset", tiny_pairs, *TINY, "--grid", "beta=0.1,0.3", "--worker",
+    )  # fmt: skip
+    assert code == 0, out
+    assert started == [home] and "started a worker in the background (pid 4242" in out
+    assert len(Jobs(home).store.list_runs()) == 2
