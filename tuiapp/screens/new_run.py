@@ -50,6 +50,7 @@ FORM_FIELDS = (
     "num_threads",
 )
 EXTRA = "extra"
+LIVE_POINT_CHECKS = 64  # sweep points checked on each keystroke; submit checks every point
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
 
@@ -438,11 +439,11 @@ class NewRunScreen(Screen[str | None]):
         return spec_api().resolve_spec(self.preset, overrides, model=model, dataset=dataset, check_paths=False)
 
     def _check_points(self) -> None:
-        """Every sweep point, as `cherry sweep` checks them (the submit checks them all again); the first bad
-        one raises, naming its values."""
+        """The sweep's points (the first LIVE_POINT_CHECKS), as `cherry sweep` checks them; submit checks them
+        all again. The first bad one raises, naming its values."""
         from jobs.sweep import points
 
-        for point in points(self.sweep()):
+        for point in points(self.sweep())[:LIVE_POINT_CHECKS]:
             try:
                 self.build(point)
             except CherryError as err:
