@@ -197,7 +197,7 @@ SWEEP_POINTS = (
 
 def add_experiment(home: Path, name: str = "lr-beta", now: float = NOW) -> list[str]:
     """The sweep above as experiment `name` (created after the fixture's runs, so it sorts first);
-    the best run is tagged good. Returns the run ids in sweep order."""
+    the best run is tagged good and has a note. Returns the run ids in sweep order."""
     store = Store(store_path(home))
     ids = []
     rule = {"rule": "median", "metric": "eval/exact_match", "after": 1, "mode": "max"}
@@ -226,5 +226,6 @@ def add_experiment(home: Path, name: str = "lr-beta", now: float = NOW) -> list[
         store.db.execute("UPDATE events SET time = ? WHERE run_id = ?", [created + 5, run_id])
         ids.append(run_id)
     store.set_tags(ids[5], ["good"])
+    store.update_run(ids[5], note="best so far: try 2e-4")
     store.close()
     return ids

@@ -150,6 +150,9 @@ async def test_runs_table_groups_an_experiment_best_first_and_folds(home, sweep,
         assert "▾ lr-beta (6)" in text and "lr1e-4-beta0.3 #good" in text and "4✓" in text and "2✂" in text
         # the group row shows its best run in the detail pane
         await wait_until(pilot, lambda: app.snapshot.detail and app.snapshot.detail.run.id == sweep[5], what="best")
+        await pilot.press("4")  # its spec tab: experiment, swept values, tags and note
+        await wait_until(pilot, lambda: "note      best so far: try 2e-4" in screen_text(app), what="the note")
+        assert "experiment lr-beta  lr=1e-4  beta=0.3" in screen_text(app) and "tags      #good" in screen_text(app)
         await pilot.press("enter")  # enter on the group row folds it
         await wait_until(pilot, lambda: sweep[0] not in table_keys(app), what="folded")
         assert "▸ lr-beta (6)" in screen_text(app) and GROUP_KEY + "lr-beta" in table_keys(app)

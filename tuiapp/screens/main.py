@@ -147,6 +147,13 @@ def spec_text(run: RunInfo, events: list[dict]) -> Text:
     text.append(f"id        {run.id}\ndirectory {run.location or run.out_dir}\n", style="dim")
     if run.parent:
         text.append(f"after     {run.parent}\n", style="dim")
+    if run.experiment:
+        swept = "  ".join(f"{k}={v}" for k, v in run.swept.items())
+        text.append(f"experiment {run.experiment}  {swept}\n")
+    if run.tags:
+        text.append("tags      " + " ".join(f"#{t}" for t in run.tags) + "\n", style="cyan")
+    if run.note:
+        text.append(f"note      {run.note}\n", style="yellow")
     text.append("\nspec\n", style="bold")
     text.append(yaml.safe_dump(run.spec, sort_keys=False, default_flow_style=False, width=100))
     text.append("\nevents\n", style="bold")
