@@ -6,10 +6,14 @@ listed values) and/or random draws over ranges (`lr=log(1e-7,1e-5)`, `beta=unifo
 points. Every point is resolved and passes `Jobs.check` (the checks `submit` makes) before any
 run is queued: one bad point refuses the whole sweep, naming the point and the field.
 
-Early stopping (`prune`): at each of its eval points a run of the sweep compares its metric with
-the median of the other runs of its experiment at the same step; after `after` eval points, a run
-worse than that median ends as `pruned` (metrics and checkpoint kept, resumable). The run's own
-process asks (jobs/child.py's stop check), so it stops cooperatively like a cancel.
+Early stopping (`prune`), two rules. `median`: at each of its eval points a run of the sweep compares
+its metric with the median of the other runs of its experiment at the same step; after `after` eval
+points, a run worse than that median ends as `pruned`. `halving` (successive halving, judged as each
+run arrives, as asynchronous successive halving does): rungs sit at steps `rung`, `rung*eta`,
+`rung*eta^2`, ...; at the highest rung a run has reached, it goes on only while it ranks among the
+best ceil(n/eta) of the n runs of its experiment that reached that rung. A pruned run keeps its
+metrics and checkpoint and can be resumed. The run's own process asks (jobs/child.py's stop check),
+so it stops cooperatively like a cancel.
 
 Torch-free: the CLI imports this module.
 """
@@ -32,7 +36,7 @@ import yaml
 from engine.errors import CherryError
 from jobs.store import Run, Store
 
-PRUNE_RULES = ("median",)
+PRUNE_RULES = ("median", "halving")
 _RANGE = re.compile(r"^(log|uniform|int|choice)\((.*)\)$")
 
 
@@ -51,7 +55,7 @@ class Sweep:
     count: int = 0  # random draws (per grid point)
     seed: int = 0
     name: str | None = None  # the experiment; default preset-date
-    prune: dict[str, Any] | None = None  # {rule, metric, after, mode}
+    prune: dict[str, Any] | None = None  # {rule, metric, after, mode} (+ eta, rung for halving)
 
     @property
     def experiment(self) -> str:
@@ -142,7 +146,7 @@ def split_grid(items: list[str]) -> tuple[list[str], list[str]]:
 
 def load_sweep_file(path: Path) -> Sweep:
     """A YAML sweep: preset, model, dataset, set (mapping or list), grid (key: list), random (count,
-    seed, ranges: key: text), name, prune (rule, metric, after, mode)."""
+    seed, ranges: key: text), name, prune (rule, metric, after, mode; eta and rung for halving)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -176,7 +180,12 @@ def load_sweep_file(path: Path) -> Sweep:
     if data.get("prune"):
         prune = data["prune"]
         sweep.prune = prune_rule(
-            prune.get("rule", "median"), prune.get("metric"), int(prune.get("after", 1)), prune.get("mode")
+            prune.get("rule", "median"),
+            prune.get("metric"),
+            int(prune.get("after", 1)),
+            prune.get("mode"),
+            eta=int(prune.get("eta", 3)),
+            rung=int(prune["rung"]) if prune.get("rung") is not None else None,
         )
     return sweep
 
@@ -185,8 +194,12 @@ def _text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
-def prune_rule(rule: str, metric: str | None, after: int, mode: str | None = None) -> dict[str, Any]:
-    """The stored early-stopping rule; `mode` max (higher is better) or min, by default min for losses and KL."""
+def prune_rule(
+    rule: str, metric: str | None, after: int, mode: str | None = None, *, eta: int = 3, rung: int | None = None
+) -> dict[str, Any]:
+    """The stored early-stopping rule; `mode` max (higher is better) or min, by default min for losses and KL.
+    Halving keeps the best 1/`eta` at each rung; its first rung is step `rung` (default: the run's first
+    eval point after the start)."""
     if rule not in PRUNE_RULES:
         raise SweepError(f"--prune {rule}: choose from {', '.join(PRUNE_RULES)}")
     if not metric:
@@ -196,6 +209,12 @@ def prune_rule(rule: str, metric: str | None, after: int, mode: str | None = Non
     mode = mode or ("min" if "loss" in metric or "kl" in metric else "max")
     if mode not in ("max", "min"):
         raise SweepError(f"--prune-mode {mode}: choose max (higher is better) or min")
+    if rule == "halving":
+        if eta < 2:
+            raise SweepError(f"--prune-eta {eta}: the reduction factor must be at least 2 (3 keeps the best third)")
+        if rung is not None and rung < 1:
+            raise SweepError(f"--prune-rung {rung}: the first rung is a step >= 1 (e.g. the first eval step)")
+        return {"rule": rule, "metric": metric, "after": after, "mode": mode, "eta": eta, "rung": rung}
     return {"rule": rule, "metric": metric, "after": after, "mode": mode}
 
 
@@ -242,6 +261,8 @@ def prune_reason(store: Store, run: Run) -> str | None:
         return None
     logged = store.metrics(run.id, names=[rule["metric"]])
     mine = {row["step"]: row["value"] for row in logged if row["step"] > 0}  # step 0: before any training
+    if rule["rule"] == "halving":
+        return _halving_reason(store, run, rule, mine)
     steps = sorted(mine)
     if len(steps) < rule["after"]:
         return None
@@ -260,3 +281,71 @@ def prune_reason(store: Store, run: Run) -> str | None:
             f"{len(values)} other run(s) of experiment {run.row['experiment']}"
         )
     return None
+
+
+def _halving_reason(store: Store, run: Run, rule: dict[str, Any], mine: dict[int, float]) -> str | None:
+    others = {}
+    for other in store.list_runs(experiment=run.row["experiment"]):
+        if other.id != run.id:
+            rows = store.metrics(other.id, names=[rule["metric"]])
+            others[other.id] = {row["step"]: row["value"] for row in rows if row["step"] > 0}
+    verdict = halving_verdict(mine, list(others.values()), eta=rule["eta"], rung=rule.get("rung"), mode=rule["mode"])
+    if verdict is None or verdict.kept:
+        return None
+    return (
+        f"{rule['metric']} {verdict.value:.4g} at rung step {verdict.step} ranks {verdict.rank} of {verdict.reached} "
+        f"run(s) of experiment {run.row['experiment']} there; successive halving (eta {rule['eta']}) keeps the "
+        f"best {verdict.keep}"
+    )
+
+
+@dataclass
+class Rung:
+    """Where a run stands at the highest halving rung it has reached."""
+
+    step: int  # the rung's step
+    value: float  # the run's metric there
+    rank: int  # 1 = best among the runs that reached the rung
+    reached: int  # runs (this one included) that reached the rung
+    keep: int  # how many of them go on: ceil(reached / eta)
+
+    @property
+    def kept(self) -> bool:
+        return self.rank <= self.keep
+
+
+def rung_steps(first: int, eta: int, last: int) -> list[int]:
+    """The rungs first, first*eta, first*eta^2, ... up to `last`."""
+    steps = []
+    step = first
+    while step <= last:
+        steps.append(step)
+        step *= eta
+    return steps
+
+
+def value_at(history: dict[int, float], step: int) -> float | None:
+    """A run's metric at rung `step`: its first eval point at or past the rung (None before it got there)."""
+    past = [s for s in history if s >= step]
+    return history[min(past)] if past else None
+
+
+def halving_verdict(
+    mine: dict[int, float], others: list[dict[int, float]], *, eta: int, rung: int | None, mode: str
+) -> Rung | None:
+    """Successive halving over eval histories ({step: value}, steps > 0): the run's standing at the highest
+    rung it has reached (None before the first rung). Ties rank in the run's favour."""
+    if not mine:
+        return None
+    first = rung or min(mine)
+    rungs = rung_steps(first, eta, max(mine))
+    if not rungs:
+        return None
+    step = rungs[-1]
+    value = value_at(mine, step)
+    if value is None:
+        return None
+    peers = [v for v in (value_at(h, step) for h in others) if v is not None]
+    better = sum(1 for v in peers if (v > value if mode == "max" else v < value))
+    reached = len(peers) + 1
+    return Rung(step, value, better + 1, reached, math.ceil(reached / eta))

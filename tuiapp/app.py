@@ -157,11 +157,14 @@ class CherryApp(App):
 
     def action_help(self) -> None:
         self.notify(
-            "n new run · enter open/close · / filter · f status filter · o sort · space select · v compare · "
+            "n new run · enter open/close (on a group row: fold) · g fold experiment · e experiment view · "
+            "/ filter (#tag, lr=1e-6) · f status filter · o sort · space select · v compare · "
             "c cancel · r resume · d delete · m metrics · s smoothing · y log-y · x step/time · "
             "[ ] sample steps · p preference pairs first · 1-4 tabs · ctrl+p all commands · q quit.  "
             "In compare: 2 samples side by side · a/b pick runs A/B · [ ] A's step · { } B's step · f frontier.  "
-            "In the new-run form: ctrl+s submit · ctrl+o command · f2 save preset · f3 load preset",
+            "In an experiment: m metric · c colour by · f frontier.  "
+            "In the new-run form: a list (1e-6,2e-6) sweeps a field · ctrl+s submit · ctrl+o command · "
+            "f2 save preset · f3 load preset",
             title="keys",
             timeout=10,
         )
@@ -209,6 +212,12 @@ class CherryApp(App):
             ("Sort runs", "Cycle the runs' order: created, status, algorithm, key metric (o)", "sort"),
             ("Select run", "Add / remove the highlighted run to the comparison (space)", "toggle_select"),
             ("Compare runs", "Overlay the selected runs' curves; frontier view (v)", "compare"),
+            (
+                "Experiment view",
+                "The highlighted experiment: curves coloured by a swept value, results table, frontier (e)",
+                "experiment",
+            ),
+            ("Fold experiment", "Fold or unfold the highlighted experiment's runs under its group row (g)", "fold"),
             ("Pick metrics", "Choose the charts of the run view (m)", "pick_metrics"),
             ("Smoothing", "Cycle the EMA smoothing of the curves (s)", "smoothing"),
             ("Log-Y", "Toggle a logarithmic y axis (y)", "log_y"),

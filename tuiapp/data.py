@@ -8,6 +8,7 @@ plain data the UI renders without touching SQLite.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 from jobs.queue import queue_backend
 from jobs.shared import open_store
-from jobs.store import ENDED, Run, location, sample_kind, this_host
+from jobs.store import ENDED, Run, location, run_swept, run_tags, sample_kind, this_host
 from tuiapp.text import KEY_METRICS
 
 LIVE = ("queued", "running")
@@ -68,6 +69,11 @@ class RunInfo:
     pid: int | None = None  # the run's own process (while it runs)
     worker_host: str | None = None
     location: str = ""  # host:path when only that worker's disk holds the run's files
+    experiment: str | None = None  # the sweep (or group) the run belongs to
+    swept: dict[str, Any] = field(default_factory=dict)  # the values its sweep point set
+    tags: list[str] = field(default_factory=list)
+    note: str | None = None
+    prune: dict[str, Any] | None = None  # its sweep's early-stopping rule {rule, metric, mode, ...}
 
     @property
     def ended(self) -> bool:
@@ -108,6 +114,11 @@ class RunInfo:
             pid=r.get("pid"),
             worker_host=r.get("worker_host"),
             location=location(run),
+            experiment=r.get("experiment"),
+            swept=run_swept(run),
+            tags=run_tags(run),
+            note=r.get("note"),
+            prune=json.loads(r.get("prune") or "null"),
         )
 
 
@@ -233,8 +244,10 @@ def default_metrics(algorithm: str, available: list[str]) -> list[str]:
     return wanted or available[:4]
 
 
-def key_metric(latest: dict[str, float]) -> tuple[str, float] | None:
-    for name in KEY_METRICS:
+def key_metric(latest: dict[str, float], prefer: str | None = None) -> tuple[str, float] | None:
+    """The metric a run is summarised by: `prefer` (its sweep's pruning metric) when logged, else the first
+    of KEY_METRICS it has."""
+    for name in ((prefer,) if prefer else ()) + KEY_METRICS:
         if name in latest:
             return name, latest[name]
     return None
@@ -321,7 +334,7 @@ class StoreReader:
         stamp = (run.step, run.status)
         hit = self._latest.get(run.id)
         if hit is None or hit[0] != stamp:
-            hit = (stamp, key_metric(self.store.latest_metrics(run.id)))
+            hit = (stamp, key_metric(self.store.latest_metrics(run.id), (run.prune or {}).get("metric")))
             self._latest[run.id] = hit
         return hit[1]
 

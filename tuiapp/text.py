@@ -64,3 +64,54 @@ def sample_lines(rows: list[dict], limit: int) -> list[str]:
             out.append(f"  completion {row.get('completion')!r}   {label}   reward {_num(row.get('reward'))}")
             out.append("")
     return out
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and KL go down as a run improves; accuracies, rewards and margins go up (the sweep rules'
+    default too)."""
+    return "loss" in metric or "kl" in metric
+
+
+# Settings that differ between any two runs without saying anything about how they train.
+NOT_SETTINGS = ("name",)
+
+
+def flat_spec(spec: dict, prefix: str = "") -> dict:
+    """A spec with nested sections as dotted keys (lora.r)."""
+    out: dict = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            out.update(flat_spec(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def spec_diff(specs: list[dict], ignore: tuple[str, ...] = NOT_SETTINGS) -> list[tuple[str, list]]:
+    """The settings whose values are not the same in every spec: (dotted key, each spec's value, None where
+    a spec lacks it), in the order the keys first appear."""
+    flat = [flat_spec(s) for s in specs]
+    keys: dict[str, None] = {}
+    for f in flat:
+        keys.update(dict.fromkeys(f))
+    out = []
+    for key in keys:
+        if key in ignore:
+            continue
+        values = [f.get(key) for f in flat]
+        if any(v != values[0] for v in values[1:]):
+            out.append((key, values))
+    return out
+
+
+def setting_text(value) -> str:
+    """A spec value as a short cell: 1e-06, true, a,b, - for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)

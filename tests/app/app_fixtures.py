@@ -180,3 +180,52 @@ def add_compare_samples(home: Path, ids: dict[str, str]) -> None:
         + pair_rows([0.2, 0.4, -0.1]),
     )
     store.close()
+
+
+# A 6-point sweep: lr x beta, scored by eval/exact_match (higher is better) at steps 0, 10, 20, 30.
+# lr 1e-6 barely moves, 1e-5 learns, 1e-4 learns fast but drifts far (high KL); two runs were pruned.
+SWEEP_POINTS = (
+    # lr, beta, final exact match, final KL, status, steps run
+    ("1e-6", "0.1", 0.49, 0.02, "completed", 30),
+    ("1e-6", "0.3", 0.48, 0.01, "pruned", 10),
+    ("1e-5", "0.1", 0.62, 0.30, "completed", 30),
+    ("1e-5", "0.3", 0.58, 0.12, "completed", 30),
+    ("1e-4", "0.1", 0.55, 1.50, "pruned", 20),
+    ("1e-4", "0.3", 0.66, 0.90, "completed", 30),
+)
+
+
+def add_experiment(home: Path, name: str = "lr-beta", now: float = NOW) -> list[str]:
+    """The sweep above as experiment `name` (created after the fixture's runs, so it sorts first);
+    the best run is tagged good and has a note. Returns the run ids in sweep order."""
+    store = Store(store_path(home))
+    ids = []
+    rule = {"rule": "median", "metric": "eval/exact_match", "after": 1, "mode": "max"}
+    for i, (lr, beta, final_em, final_kl, status, steps) in enumerate(SWEEP_POINTS):
+        run_name = f"{name}-lr{lr}-beta{beta}"
+        run_id = f"20260102-00000{i}-{run_name}"
+        spec = {**DEMO_SPEC, "name": run_name, "lr": float(lr), "beta": float(beta)}
+        store.create_run(
+            run_id, spec, name=run_name, out_dir=str(home / run_id), experiment=name,
+            swept={"lr": lr, "beta": beta}, prune=rule,
+        )  # fmt: skip
+        rep = StoreReporter(store, run_id)
+        rep.log_event("start", "dpo: 30 steps", total_steps=30)
+        for step in range(1, steps + 1):
+            progress = step / 30
+            rep.log_metrics(step, {"train/loss": 0.69 - (0.69 - 0.2) * progress * (0.2 + i / 8)})
+        for step in range(0, steps + 1, 10):
+            progress = step / 30
+            rep.log_metrics(
+                step, {"eval/exact_match": 0.475 + (final_em - 0.475) * progress, "kl/mean": final_kl * progress}
+            )
+        store.set_status(run_id, status)
+        created = now - 1800 + i * 10
+        store.update_run(run_id, created_at=created, started_at=created + 5, finished_at=created + 5 + steps * 2)
+        store.db.execute("UPDATE metrics SET time = ? + step * 2 WHERE run_id = ?", [created + 5, run_id])
+        store.db.execute("UPDATE events SET time = ? WHERE run_id = ?", [created + 5, run_id])
+        ids.append(run_id)
+    store.set_tags(ids[5], ["good"])
+    store.update_run(ids[5], note="best so far: try 2e-4")
+    store.close()
+    return ids

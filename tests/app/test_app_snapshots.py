@@ -177,3 +177,50 @@ def test_compare_samples(snap_compare, home, runs, size):
         await settle(pilot, lambda: "2 shared prompts" in screen_text(pilot.app), "samples side by side")
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_experiment_view(snap_compare, home, runs, size):
+    """A 6-point sweep opened from its group row (e): curves coloured by lr with the legend, the runs
+    ranked by their best exact match with the Pareto runs starred, the settings that differ; the
+    reward-vs-KL frontier beside the curves at 120x40."""
+    from tests.app.app_fixtures import add_experiment
+
+    add_experiment(home)
+    app = make_app(home)
+
+    async def run_before(pilot):
+        from tuiapp.screens.experiment import ExperimentScreen
+        from tuiapp.widgets.runs_table import RunsTable
+
+        await settle(pilot, lambda: pilot.app.reads >= 1, "the first read")
+        table = pilot.app.screen.query_one(RunsTable)
+        await settle(pilot, lambda: "experiment:lr-beta" in [k.value for k in table.rows], "the group row")
+        table.move_cursor(row=[k.value for k in table.rows].index("experiment:lr-beta"))
+        await pilot.press("e")
+        await settle(
+            pilot,
+            lambda: (
+                isinstance(pilot.app.screen, ExperimentScreen)
+                and len(pilot.app.screen.query_one("#exp-curves").curves) == 6
+            ),
+            "six curves",
+        )
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_runs_grouped_by_experiment(snap_compare, home, runs, size):
+    """The runs table with a sweep's group row, its runs best first (the best one tagged #good)."""
+    from tests.app.app_fixtures import add_experiment
+
+    add_experiment(home)
+    app = make_app(home, focus="experiment:lr-beta")
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: pilot.app.reads >= 1, "the first read")
+        await settle(pilot, lambda: pilot.app.screen.query_one("#runs").row_count == 11, "the runs")
+        await settle(pilot, lambda: detail_of(pilot.app, pilot.app.screen._rows[1].best.id), "the best run")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)

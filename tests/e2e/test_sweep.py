@@ -87,3 +87,44 @@ def test_a_bad_learning_rate_is_pruned_early_and_can_resume(home, start_worker, 
     code, out = cli("ls", "--status", "pruned")
     assert bad.id in out and good.id not in out
     assert jobs.resume(bad.id).status == "queued"
+
+
+def test_successive_halving_prunes_the_bad_learning_rate_at_its_first_rung(
+    home,
+    start_worker,  # noqa: F811
+    tiny_model_dir,
+    tiny_pairs,
+):
+    code, out = cli(
+        "sweep", "--model", tiny_model_dir, "--dataset", tiny_pairs, *TINY,
+        "--set", "max_steps=30", "--set", "eval_steps=3", "--set", "save_steps=100",
+        "--grid", "lr=1e-3,1e-9", "--name", "halving-demo",
+        "--prune", "halving", "--prune-metric", "eval/loss", "--prune-eta", "2", "--prune-rung", "3",
+    )  # fmt: skip
+    assert code == 0, out
+    jobs = Jobs(home)
+    good, bad = jobs.store.list_runs()
+    assert json.loads(bad.row["prune"]) == {
+        "rule": "halving", "metric": "eval/loss", "after": 1, "mode": "min", "eta": 2, "rung": 3,
+    }  # fmt: skip
+    start_worker()  # one slot: the good run reaches every rung first; the bad one ranks last of 2 at rung 3
+    wait_for(lambda: jobs.store.get_run(bad.id).status in ("pruned", "completed", "failed"), 240, "the sweep to end")
+    good, bad = jobs.store.get_run(good.id), jobs.store.get_run(bad.id)
+    assert good.status == "completed" and good.step == 30
+    assert bad.status == "pruned", bad.error
+    assert bad.step < 12  # rungs at 3, 6, 12, 24: stopped at its first (a stop check can lag a few steps)
+    reason = next(e["message"] for e in jobs.store.events(bad.id) if e["kind"] == "pruned")
+    assert "at rung step 3 ranks 2 of 2" in reason and "keeps the best 1" in reason
+
+
+def test_worker_flag_starts_a_background_worker_when_none_runs(home, tiny_model_dir, tiny_pairs, monkeypatch):
+    import tuiapp.launch
+
+    started = []
+    monkeypatch.setattr(tuiapp.launch, "ensure_worker", lambda at: started.append(at) or 4242)
+    code, out = cli(
+        "sweep", "--model", tiny_model_dir, "--dataset", tiny_pairs, *TINY, "--grid", "beta=0.1,0.3", "--worker",
+    )  # fmt: skip
+    assert code == 0, out
+    assert started == [home] and "started a worker in the background (pid 4242" in out
+    assert len(Jobs(home).store.list_runs()) == 2

@@ -11,12 +11,14 @@ from jobs.store import Store, run_swept, run_tags
 from jobs.sweep import (
     Sweep,
     SweepError,
+    halving_verdict,
     load_sweep_file,
     parse_grid,
     parse_ranges,
     points,
     prune_reason,
     prune_rule,
+    rung_steps,
     split_grid,
 )
 
@@ -85,7 +87,7 @@ def test_prune_rule_checks_its_settings():
     with pytest.raises(SweepError, match="--prune-metric"):
         prune_rule("median", None, 1)
     with pytest.raises(SweepError, match="choose from median"):
-        prune_rule("halving", "eval/loss", 1)
+        prune_rule("hyperband", "eval/loss", 1)
 
 
 @pytest.fixture
@@ -119,6 +121,44 @@ def test_the_median_rule_prunes_a_run_worse_than_the_others_at_the_same_step(sto
     assert prune_reason(store, ahead) is None  # at step 4 only `a` is there: 0.30 < 0.40
     # higher is better for accuracy-like metrics
     assert prune_reason(store, _run(store, "lonely", {2: 0.1}, rule=rule, experiment="solo")) is None
+
+
+def test_successive_halving_keeps_the_best_third_at_each_rung():
+    assert rung_steps(10, 3, 100) == [10, 30, 90] and rung_steps(10, 2, 9) == []
+    # accuracy (max): at rung 10 the run's 0.4 is third of 3 -> ceil(3/3) = 1 kept: pruned
+    others = [{10: 0.6, 20: 0.65}, {10: 0.5}]
+    verdict = halving_verdict({10: 0.4}, others, eta=3, rung=10, mode="max")
+    assert (verdict.step, verdict.rank, verdict.reached, verdict.keep, verdict.kept) == (10, 3, 3, 1, False)
+    # the best run goes on; with eta 2, second of 3 is kept too (ceil(3/2) = 2)
+    assert halving_verdict({10: 0.7}, others, eta=3, rung=10, mode="max").kept
+    assert halving_verdict({10: 0.55}, others, eta=2, rung=10, mode="max").kept
+    # before its first rung, and alone at a rung, a run goes on
+    assert halving_verdict({5: 0.1}, others, eta=3, rung=10, mode="max") is None
+    assert halving_verdict({}, others, eta=3, rung=10, mode="max") is None
+    assert halving_verdict({10: 0.1}, [], eta=3, rung=10, mode="max").kept
+    # judged at the highest rung reached (30), among the runs that got there; losses: lower is better
+    late = halving_verdict({10: 0.3, 30: 0.35}, [{10: 0.5, 30: 0.2}, {10: 0.6}], eta=3, rung=10, mode="min")
+    assert (late.step, late.rank, late.reached, late.kept) == (30, 2, 2, False)
+    # eval points between rungs: a rung takes the first eval at or past it; default first rung = first eval
+    assert halving_verdict({4: 0.9, 8: 0.2}, [{4: 0.5, 8: 0.1}], eta=2, rung=None, mode="min").step == 8
+    assert halving_verdict({6: 0.9}, [{4: 0.5, 8: 0.1}], eta=2, rung=5, mode="min").value == 0.9
+    # ties rank in the run's favour
+    assert halving_verdict({10: 0.5}, [{10: 0.5}], eta=2, rung=10, mode="max").kept
+
+
+def test_the_halving_rule_reads_the_experiment_from_the_store(store):
+    rule = prune_rule("halving", "eval/loss", 1, eta=2, rung=2)
+    assert rule == {"rule": "halving", "metric": "eval/loss", "after": 1, "mode": "min", "eta": 2, "rung": 2}
+    _run(store, "a", {0: 0.69, 2: 0.50, 4: 0.40})
+    _run(store, "b", {0: 0.69, 2: 0.55})
+    _run(store, "elsewhere", {2: 0.01}, experiment="other")
+    assert prune_reason(store, _run(store, "good", {0: 0.69, 2: 0.45}, rule=rule)) is None
+    reason = prune_reason(store, _run(store, "bad", {0: 0.69, 2: 0.60}, rule=rule))
+    assert "eval/loss 0.6 at rung step 2 ranks 4 of 4" in reason and "keeps the best 2" in reason
+    with pytest.raises(SweepError, match="--prune-eta"):
+        prune_rule("halving", "eval/loss", 1, eta=1)
+    with pytest.raises(SweepError, match="--prune-rung"):
+        prune_rule("halving", "eval/loss", 1, rung=0)
 
 
 def test_tags_notes_and_sweep_values_are_stored_with_the_run(store):

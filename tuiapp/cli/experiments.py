@@ -41,7 +41,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the random draws (the same seed gives the same points)."),
         name: Optional[str] = typer.Option(None, "--name", help="The experiment's name (default: preset-date)."),
         prune: Optional[str] = typer.Option(
-            None, "--prune", help="Stop weak runs early: median (worse than the median of the others at an eval point)."
+            None,
+            "--prune",
+            help="Stop weak runs early: median (worse than the median of the others at an eval point) or halving "
+            "(successive halving: only the best 1/eta of the runs at each rung go on).",
         ),
         prune_metric: Optional[str] = typer.Option(None, "--prune-metric", help="The eval metric the rule compares."),
         prune_after: int = typer.Option(
@@ -50,7 +53,14 @@ def register(app: typer.Typer) -> None:
         prune_mode: Optional[str] = typer.Option(
             None, "--prune-mode", help="max (higher is better) or min; default min for losses and KL, else max."
         ),
+        prune_eta: int = typer.Option(3, "--prune-eta", help="halving: the reduction factor (3 keeps the best third)."),
+        prune_rung: Optional[int] = typer.Option(
+            None, "--prune-rung", help="halving: the first rung's step (default: a run's first eval point); then x eta."
+        ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check and print the points; queue nothing."),
+        worker: bool = typer.Option(
+            False, "--worker", help="Start `cherry worker` in the background when none is running (log: worker.log)."
+        ),
     ) -> None:
         """Queue one run per point of a sweep, all in one experiment; every point is checked first."""
         from jobs.sweep import Sweep, load_sweep_file, parse_grid, parse_ranges, prune_rule, split_grid, submit_sweep
@@ -67,7 +77,7 @@ def register(app: typer.Typer) -> None:
         plan.seed = seed if seed else plan.seed
         plan.name = name or plan.name
         if prune:
-            plan.prune = prune_rule(prune, prune_metric, prune_after, prune_mode)
+            plan.prune = prune_rule(prune, prune_metric, prune_after, prune_mode, eta=prune_eta, rung=prune_rung)
         jobs = _jobs()
         if dry_run:
             from jobs.sweep import plan as check_points
@@ -81,7 +91,19 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"experiment {runs[0].row['experiment']}: queued {len(runs)} run(s)", err=True)
         for run in runs:
             typer.echo(run.id)
-        typer.echo(f"follow them with `cherry ls --experiment {runs[0].row['experiment']}`", err=True)
+        if worker:
+            from tuiapp.launch import WORKER_LOG, ensure_worker
+
+            pid = ensure_worker(jobs.home)
+            typer.echo(
+                f"started a worker in the background (pid {pid}, log {jobs.home / WORKER_LOG})"
+                if pid
+                else "a worker is already running: it takes them",
+                err=True,
+            )
+        typer.echo(
+            f"follow them with `cherry ls --experiment {runs[0].row['experiment']}`, or `cherry` (the app)", err=True
+        )
 
     @app.command()
     @friendly

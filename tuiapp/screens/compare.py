@@ -1,5 +1,5 @@
 """Compare runs: one metric of each on shared axes, the reward-vs-KL frontier, or two runs'
-samples side by side on the same prompts (2)."""
+samples side by side on the same prompts (2); under the chart, the settings that differ between them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tuiapp.data import FRONTIER_X, SampleSet, SeriesData, Snapshot, frontier_po
 from tuiapp.widgets.chart import Chart, run_colour
 from tuiapp.widgets.plot import fmt_num
 from tuiapp.widgets.samples import compare_pairs_table, compare_table
+from tuiapp.widgets.spec_diff import SpecDiff
 
 SMOOTHING_STEPS = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 
@@ -71,6 +72,7 @@ class CompareScreen(Screen):
         yield Static(id="compare-legend")
         yield Chart(id="compare-chart")
         yield Static(id="compare-table")
+        yield SpecDiff(id="compare-diff")
         with VerticalScroll(id="compare-samples"):
             yield Static(id="compare-samples-body")
         yield Footer()
@@ -212,6 +214,7 @@ class CompareScreen(Screen):
             box.focus()  # up/down/page keys scroll the rows
         self.query_one("#compare-chart").display = not samples
         self.query_one("#compare-table").display = not samples
+        self.query_one("#compare-diff").display = not samples
         self._want_samples()
         self._redraw()
         if samples:
@@ -325,6 +328,10 @@ class CompareScreen(Screen):
         legend_box.update(legend)
         legend_box.display = not self.samples or len(self.run_ids) > 2  # two runs: the samples heading names them
         self.query_one("#compare-table", Static).update(table)
+        runs = {r.id: r for r in snap.runs} if snap else {}
+        self.query_one(SpecDiff).runs = [
+            (names[rid], run_colour(i), runs[rid].spec) for i, rid in enumerate(self.run_ids) if rid in runs
+        ]
 
     def watch_metric(self) -> None:
         self._redraw()

@@ -17,6 +17,7 @@ from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, Tab
 
 from jobs.store import STATUSES
 from tuiapp.data import GLYPHS, RunDetail, RunInfo, Snapshot, default_metrics, duration, move_step, sys_metrics
+from tuiapp.experiment import Group, group_name, grouped
 from tuiapp.widgets.chart import Chart
 from tuiapp.widgets.plot import fmt_num, sparkline
 from tuiapp.widgets.runs_table import SORTS, RunsTable, sort_runs
@@ -41,7 +42,10 @@ def matches(run: RunInfo, text: str, status: str | None) -> bool:
         return False
     if not text:
         return True
-    hay = " ".join((run.id, run.name, run.algorithm, run.model, run.dataset, run.status)).lower()
+    # `#good` finds runs tagged good, `lr=1e-6` a swept value, an experiment's name its runs.
+    words = [run.id, run.name, run.algorithm, run.model, run.dataset, run.status, run.experiment or ""]
+    words += [f"#{t}" for t in run.tags] + [f"{k}={v}" for k, v in run.swept.items()]
+    hay = " ".join(words).lower()
     return all(word in hay for word in text.lower().split())
 
 
@@ -143,6 +147,13 @@ def spec_text(run: RunInfo, events: list[dict]) -> Text:
     text.append(f"id        {run.id}\ndirectory {run.location or run.out_dir}\n", style="dim")
     if run.parent:
         text.append(f"after     {run.parent}\n", style="dim")
+    if run.experiment:
+        swept = "  ".join(f"{k}={v}" for k, v in run.swept.items())
+        text.append(f"experiment {run.experiment}  {swept}\n")
+    if run.tags:
+        text.append("tags      " + " ".join(f"#{t}" for t in run.tags) + "\n", style="cyan")
+    if run.note:
+        text.append(f"note      {run.note}\n", style="yellow")
     text.append("\nspec\n", style="bold")
     text.append(yaml.safe_dump(run.spec, sort_keys=False, default_flow_style=False, width=100))
     text.append("\nevents\n", style="bold")
@@ -163,6 +174,8 @@ class MainScreen(Screen):
         Binding("d", "delete_run", "delete"),
         Binding("space", "toggle_select", "select", show=True),
         Binding("v", "compare", "compare"),
+        Binding("e", "experiment", "experiment"),
+        Binding("g", "fold", "fold group", show=False),
         Binding("m", "pick_metrics", "metrics"),
         Binding("slash", "filter", "filter", key_display="/"),
         Binding("f", "status_filter", "status"),
@@ -195,6 +208,8 @@ class MainScreen(Screen):
         self.chosen_metrics: list[str] | None = None  # None = the algorithm's default set
         self._snapshot: Snapshot | None = None
         self._shown_runs: list[RunInfo] = []
+        self._rows: list[RunInfo | Group] = []  # the table's rows: runs and experiment group rows
+        self.collapsed: set[str] = set()  # experiments whose runs are folded under their group row
         self._n_charts = 0
         self._remounting = False  # charts being replaced (see _remount_charts)
         self._remounts = 0  # remounts since the charts last matched what should be shown
@@ -276,12 +291,14 @@ class MainScreen(Screen):
             [r for r in self._snapshot.runs if matches(r, self.filter_text, self.status_filter)], self.sort_by
         )
         self._shown_runs = runs
+        self._rows = grouped(runs, self.collapsed)
         table = self.query_one(RunsTable)
-        table.show(runs, set(self.selected), self.app.now())
+        table.show(self._rows, set(self.selected), self.app.now())
         wanted = self.app.initial_focus
-        if wanted is not None and wanted in (r.id for r in runs):
+        keys = [r.key if isinstance(r, Group) else r.id for r in self._rows]
+        if wanted is not None and wanted in keys:
             self.app.initial_focus = None  # once: afterwards the cursor is the user's
-            table.move_cursor(row=[r.id for r in runs].index(wanted), animate=False)
+            table.move_cursor(row=keys.index(wanted), animate=False)
         parts = []
         if self.filter_text:
             parts.append(f"filter: /{self.filter_text}")
@@ -293,7 +310,7 @@ class MainScreen(Screen):
         if self.selected:
             parts.append(f"{len(self.selected)} selected (v compare)")
         self.query_one("#filter-status", Static).update(Text("  ".join(parts), style="dim"))
-        focus = table.current_run_id
+        focus = self._run_of(table.current_key)
         if focus != self.app.want.focus:
             self.app.focus_run(focus)
 
@@ -426,9 +443,20 @@ class MainScreen(Screen):
 
     # ------------------------------------------------------------------ events
 
+    def _group(self, name: str | None) -> Group | None:
+        return next((r for r in self._rows if isinstance(r, Group) and r.name == name), None)
+
+    def _run_of(self, key: str | None) -> str | None:
+        """The run a row stands for: itself, or on a group row the experiment's best run."""
+        name = group_name(key)
+        if name is None:
+            return key
+        group = self._group(name)
+        return group.best.id if group is not None and group.best is not None else None
+
     @on(DataTable.RowHighlighted, "#runs")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:
-        run_id = event.row_key.value if event.row_key is not None else None
+        run_id = self._run_of(event.row_key.value if event.row_key is not None else None)
         if run_id != self.app.want.focus:
             self.app.focus_run(run_id)
             self.query_one(SamplesView).show([], None, [])
@@ -442,7 +470,11 @@ class MainScreen(Screen):
 
     @on(DataTable.RowSelected, "#runs")
     def _selected(self, event: DataTable.RowSelected) -> None:
-        self.full = True
+        name = group_name(event.row_key.value if event.row_key is not None else None)
+        if name is not None:  # enter or a click on a group row folds or unfolds it
+            self.fold(name)
+        else:
+            self.full = True
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
@@ -463,6 +495,41 @@ class MainScreen(Screen):
     def current_run(self) -> RunInfo | None:
         run_id = self.query_one(RunsTable).current_run_id
         return next((r for r in self._shown_runs if r.id == run_id), None)
+
+    def current_experiment(self) -> str | None:
+        """The experiment of the highlighted row (a group row, or a run of an experiment)."""
+        key = self.query_one(RunsTable).current_key
+        name = group_name(key)
+        if name is not None:
+            return name
+        run = self.current_run()
+        return run.experiment if run is not None else None
+
+    def fold(self, name: str) -> None:
+        """Fold an experiment's runs under its group row, or unfold them; the cursor stays on the group."""
+        self.collapsed ^= {name}
+        self._render_runs()
+        table = self.query_one(RunsTable)
+        keys = [r.key if isinstance(r, Group) else r.id for r in self._rows]
+        group = self._group(name)
+        if group is not None and group.key in keys:
+            table.move_cursor(row=keys.index(group.key), animate=False)
+
+    def action_fold(self) -> None:
+        name = self.current_experiment()
+        if name is None:
+            self.notify("this run belongs to no experiment (cherry sweep makes them)", severity="warning")
+            return
+        self.fold(name)
+
+    def action_experiment(self) -> None:
+        name = self.current_experiment()
+        if name is None:
+            self.notify("highlight an experiment's row (or one of its runs), then press e", severity="warning")
+            return
+        from tuiapp.screens.experiment import ExperimentScreen
+
+        self.app.push_screen(ExperimentScreen(name))
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

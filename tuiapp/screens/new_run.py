@@ -2,8 +2,10 @@
 
 Every change is validated at once (torch-free: engine.spec); an error shows next to the field it
 names. Submit goes through `Jobs.submit`, exactly like `cherry submit`, whose equivalent command
-line the form shows. The settings can be saved as a preset of your own (YAML under
-$CHERRY_HOME/presets/, or any path) and loaded back.
+line the form shows. A list in a numeric field (`lr` = `5e-7,1e-6,2e-6`) makes the form a sweep: one
+run per combination of the lists, queued as one experiment through jobs.sweep like `cherry sweep`.
+The settings can be saved as a preset of your own (YAML under $CHERRY_HOME/presets/, or any path)
+and loaded back.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ FORM_FIELDS = (
     "num_threads",
 )
 EXTRA = "extra"
+LIVE_POINT_CHECKS = 64  # sweep points checked on each keystroke; submit checks every point
 _KEY_LINE = re.compile(r"^(\s*)([A-Za-z_][\w.]*):\s*(.*?)\s*(?:#\s*(.*))?$")
 
 
@@ -169,17 +172,53 @@ def error_field(message: str, keys: list[str]) -> str | None:
     return None
 
 
-def submit_command(preset: str, model: str, dataset: str, overrides: list[str], after: str | None) -> str:
-    parts = ["cherry", "submit", "--preset", preset]
+def submit_command(
+    preset: str,
+    model: str,
+    dataset: str,
+    overrides: list[str],
+    after: str | None,
+    grid: dict[str, list[str]] | None = None,
+    experiment: str = "",
+) -> str:
+    """The `cherry submit` line of the form, or its `cherry sweep` line when fields hold lists."""
+    parts = ["cherry", "sweep" if grid else "submit", "--preset", preset]
     if model:
         parts += ["--model", model]
     if dataset:
         parts += ["--dataset", dataset]
     for item in overrides:
         parts += ["--set", item]
+    for key, values in (grid or {}).items():
+        parts += ["--grid", f"{key}={','.join(values)}"]
+    if grid and experiment:
+        parts += ["--name", experiment]
     if after:
         parts += ["--after", after]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def sweep_grid(values: dict[str, str], defaults: dict[str, Any]) -> dict[str, list[str]]:
+    """The numeric fields given as comma-separated lists (lr `5e-7,1e-6,2e-6`): key -> the values to sweep.
+    A field is numeric when its default is a number, or it has none and every listed value is one."""
+    grid = {}
+    for key, value in values.items():
+        if "," not in value:
+            continue
+        parts = [v.strip() for v in value.split(",") if v.strip()]
+        default = defaults.get(key)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if (numeric or default is None) and parts and all(_number(v) for v in parts):
+            grid[key] = parts
+    return grid
 
 
 class NewRunScreen(Screen[str | None]):
@@ -288,6 +327,14 @@ class NewRunScreen(Screen[str | None]):
             yield self._row(
                 EXTRA, "more settings", Input(placeholder="key=value key=value (any spec key)", id=f"f-{EXTRA}")
             )
+            experiment = self._row(
+                "experiment",
+                "Experiment",
+                Input(placeholder="the sweep's name (default: preset-date)", id="f-experiment"),
+                "a list in a numeric field sweeps it: one run per value, grouped as this experiment",
+            )
+            experiment.display = False  # shown once a field holds a list
+            yield experiment
             yield self._row(
                 "after",
                 "After run",
@@ -343,12 +390,35 @@ class NewRunScreen(Screen[str | None]):
         self.validate()
         return True
 
+    def grid(self) -> dict[str, list[str]]:
+        """The fields swept (a list in a numeric field): key -> values; empty for a single run."""
+        values = {key: self._input(key).value.strip() for key in self.fields}
+        return sweep_grid({k: v for k, v in values.items() if v != show_value(self.defaults.get(k))}, self.defaults)
+
+    def experiment(self) -> str:
+        return self.query_one("#f-experiment", Input).value.strip()
+
+    def sweep(self):
+        """The form as a jobs.sweep.Sweep (its fixed settings, the swept lists, the experiment's name)."""
+        from jobs.sweep import Sweep
+
+        return Sweep(
+            preset=self.preset,
+            model=self._input("model").value.strip() or None,
+            dataset=self._input("dataset").value.strip() or None,
+            sets=self.overrides(),
+            grid=self.grid(),
+            name=self.experiment() or None,
+        )
+
     def overrides(self) -> list[str]:
-        """`key=value` for each field that differs from the preset (what `--set` would carry)."""
+        """`key=value` for each field that differs from the preset (what `--set` would carry); swept
+        fields are left to the grid."""
         items = []
+        grid = self.grid()
         for key in self.fields:
             value = self._input(key).value.strip()
-            if value == "" or value == show_value(self.defaults.get(key)):
+            if value == "" or value == show_value(self.defaults.get(key)) or key in grid:
                 continue
             items.append(f"{key}={value}")
         items += shlex.split(self._input(EXTRA).value) if self._input(EXTRA).value.strip() else []
@@ -358,17 +428,37 @@ class NewRunScreen(Screen[str | None]):
         value = self.query_one("#f-after", Select).value
         return value if isinstance(value, str) else None  # the blank choice is a sentinel object
 
-    def build(self):
-        """The RunSpec of the form, or raise CherryError (paths are checked at submit)."""
+    def build(self, point: dict[str, str] | None = None):
+        """The RunSpec of the form (of one sweep point when fields hold lists: the first by default), or
+        raise CherryError (paths are checked at submit)."""
         model = self._input("model").value.strip() or None
         dataset = self._input("dataset").value.strip() or None
-        return spec_api().resolve_spec(self.preset, self.overrides(), model=model, dataset=dataset, check_paths=False)
+        if point is None:
+            point = {key: values[0] for key, values in self.grid().items()}
+        overrides = self.overrides() + [f"{k}={v}" for k, v in point.items()]
+        return spec_api().resolve_spec(self.preset, overrides, model=model, dataset=dataset, check_paths=False)
+
+    def _check_points(self) -> None:
+        """The sweep's points (the first LIVE_POINT_CHECKS), as `cherry sweep` checks them; submit checks them
+        all again. The first bad one raises, naming its values."""
+        from jobs.sweep import points
+
+        for point in points(self.sweep())[:LIVE_POINT_CHECKS]:
+            try:
+                self.build(point)
+            except CherryError as err:
+                shown = ", ".join(f"{k}={v}" for k, v in point.items())
+                raise CherryError(f"{err} (sweep point {shown})") from None
 
     def validate(self) -> bool:
         """Check the form now; show each error next to its field. True when it would submit."""
         errors: dict[str, str] = {}
+        grid = self.grid()
+        self.query_one("#row-experiment").display = bool(grid)
         try:
             spec = self.build()
+            if grid:
+                self._check_points()
         except ValueError as err:  # shlex on a half-typed quote
             errors[EXTRA] = str(err)
             spec = None
@@ -388,6 +478,8 @@ class NewRunScreen(Screen[str | None]):
                     spec_api().resolve_path(value, key, kind="model" if key == "model" else "data")
                 except CherryError as err:
                     errors[key] = str(err)
+        if grid and self.after():
+            errors["after"] = "a sweep's runs start on their own: clear After run, or the lists, to chain a run"
         self._set_errors(errors)
         self._update_command()
         return not errors and spec is not None
@@ -413,18 +505,23 @@ class NewRunScreen(Screen[str | None]):
             Text("✗ " + errors["form"], style="red") if "form" in errors else ""
         )
 
-    def _update_command(self) -> None:
-        try:
-            overrides = self.overrides()
-        except ValueError:
-            overrides = []
-        line = submit_command(
+    def command(self) -> str:
+        """The form as one command line: `cherry submit`, or `cherry sweep` when fields hold lists."""
+        return submit_command(
             self.preset,
             self._input("model").value.strip(),
             self._input("dataset").value.strip(),
-            overrides,
+            self.overrides(),
             self.after(),
+            self.grid(),
+            self.experiment(),
         )
+
+    def _update_command(self) -> None:
+        try:
+            line = self.command()
+        except ValueError:
+            line = submit_command(self.preset, "", "", [], None)
         self.query_one("#command", Static).update(Text("$ " + line, style="cyan"))
 
     # ------------------------------------------------------------------ events
@@ -546,13 +643,7 @@ class NewRunScreen(Screen[str | None]):
         command = self.query_one("#command", Static)
         self.query_one("#new-run", VerticalScroll).scroll_to_widget(command)
         try:
-            line = submit_command(
-                self.preset,
-                self._input("model").value.strip(),
-                self._input("dataset").value.strip(),
-                self.overrides(),
-                self.after(),
-            )
+            line = self.command()
             self.app.copy_to_clipboard(line)
             self.notify(line, title="command (copied to the clipboard where the terminal allows)")
         except ValueError as err:
@@ -567,7 +658,10 @@ class NewRunScreen(Screen[str | None]):
             return
         self.submitting = True
         self.query_one("#submit", Button).disabled = True
-        self._submit(self.build(), self.after())
+        if self.grid():
+            self._submit_sweep(self.sweep())
+        else:
+            self._submit(self.build(), self.after())
 
     @work(thread=True, exclusive=True, group="submit")
     def _submit(self, spec, after: str | None) -> None:
@@ -582,6 +676,24 @@ class NewRunScreen(Screen[str | None]):
         finally:
             jobs.close()
         self.app.call_from_thread(self._submitted_ok, run.id, bool(run.parent and not run.task_id))
+
+    @work(thread=True, exclusive=True, group="submit")
+    def _submit_sweep(self, sweep) -> None:
+        """Every point checked as `cherry sweep` checks them, then one run per point in one experiment."""
+        from jobs.runs import Jobs
+        from jobs.sweep import submit_sweep
+
+        jobs = Jobs(self.home)
+        try:
+            runs = submit_sweep(sweep, jobs)
+        except CherryError as err:
+            self.app.call_from_thread(self._submit_failed, str(err))
+            return
+        finally:
+            jobs.close()
+        message = f"experiment {sweep.experiment}: queued {len(runs)} runs (e in the runs list opens it)"
+        self.app.call_from_thread(self.notify, message, title="sweep submitted")
+        self.app.call_from_thread(self.dismiss, runs[0].id)
 
     def _submit_failed(self, message: str) -> None:
         self.submitting = False

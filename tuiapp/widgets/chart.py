@@ -54,7 +54,8 @@ def render_plot(p: Plot, series: list[Series], title: Text, x_label: str) -> Tex
 class Chart(Widget):
     """One metric (or one metric of several runs) as a braille line plot.
 
-    `curves` holds (label, xs, ys, colour) tuples; `smoothing` (EMA) and `log_y` apply to all.
+    `curves` holds (label, xs, ys, colour) tuples; `smoothing` (EMA) and `log_y` apply to all. In a
+    scatter, the curves labelled in `lines` are still drawn as lines (a frontier through the points).
     """
 
     curves: reactive[list[tuple[str, list[float], list[float], str]]] = reactive(list, always_update=True)
@@ -63,6 +64,8 @@ class Chart(Widget):
     log_y: reactive[bool] = reactive(False)
     x_label: reactive[str] = reactive("step")
     scatter: reactive[bool] = reactive(False)
+    lines: reactive[tuple[str, ...]] = reactive(tuple)
+    title_values: reactive[bool] = reactive(True)  # each curve's last value after the title
 
     def render(self) -> Text:
         width = max(4, self.size.width - LABEL_W)
@@ -73,9 +76,10 @@ class Chart(Widget):
                 series.append(Series(list(xs), list(ys), "", f"{colour} dim"))
                 series.append(Series(list(xs), ema(ys, self.smoothing), label, colour))
             else:
-                series.append(Series(list(xs), list(ys), label, colour, points_only=self.scatter))
+                points_only = self.scatter and label not in self.lines
+                series.append(Series(list(xs), list(ys), label, colour, points_only=points_only))
         title = Text(self.title, style="bold")
-        for label, xs, ys, colour in self.curves:
+        for label, xs, ys, colour in self.curves if self.title_values else ():
             if ys:
                 shown = f"{label} " if len(self.curves) > 1 else "  last "
                 title.append(f"  {shown}", style=colour if len(self.curves) > 1 else "dim")

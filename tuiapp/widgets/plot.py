@@ -137,7 +137,8 @@ def plot(
             path = [d for a, b in zip(dots, dots[1:]) for d in _line(*a, *b)]
         for dx, dy in path:
             r, c = dy // 4, dx // 2
-            bits[r][c] |= _DOT[dx % 2][dy % 4]
+            # a scatter's point fills its whole cell: one dot of 2 x 4 is too small to see
+            bits[r][c] |= 0xFF if series[index].points_only else _DOT[dx % 2][dy % 4]
             owner[r][c] = index
     rows = ["".join(chr(BRAILLE_BASE + b) if b else " " for b in row) for row in bits]
     legend = [(s.label, s.style) for s in series if s.label]

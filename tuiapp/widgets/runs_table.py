@@ -1,4 +1,5 @@
-"""The runs list: status glyph and colour, id, algorithm, progress, key metric, age; sortable."""
+"""The runs list: status glyph and colour, id, algorithm, progress, key metric, age; sortable. Runs of an
+experiment sit under its group row (collapsible), best point first."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from tuiapp.data import GLYPHS, KEY_METRICS, RunInfo, age, duration
+from tuiapp.experiment import GROUP_KEY, Group
 from tuiapp.widgets.plot import fmt_num
 
 # Most telling first: what the pane cannot show scrolls off to the right (ETA is in the run's title too).
@@ -65,24 +67,55 @@ def status_text(run: RunInfo) -> Text:
     return Text(label, style=colour)
 
 
-def cells(run: RunInfo, selected: bool, now: float) -> tuple:
+def metric_cell(name: str, value: float) -> str:
+    return f"{SHORT_METRIC.get(name, name.split('/')[-1][:6])} {fmt_num(value)}"
+
+
+def run_label(run: RunInfo, grouped: bool) -> Text:
+    """The run's name (under its group row: without the experiment's prefix) and its tags."""
+    name = run.name
+    if grouped and run.experiment and name.startswith(run.experiment + "-"):
+        name = name[len(run.experiment) + 1 :]
+    text = Text(name if len(name) <= 24 else name[:23] + "…")
+    for tag in run.tags:
+        text.append(f" #{tag}", style="dim cyan")
+    return text
+
+
+def cells(run: RunInfo, selected: bool, now: float, grouped: bool = False) -> tuple:
     progress = f"{run.step}/{run.total_steps}" if run.total_steps else (f"{run.step}/?" if run.step else "")
-    metric = ""
-    if run.key_metric:
-        name, value = run.key_metric
-        metric = f"{SHORT_METRIC.get(name, name.split('/')[-1][:6])} {fmt_num(value)}"
+    metric = metric_cell(*run.key_metric) if run.key_metric else ""
     eta = duration(run.eta_seconds(now)) if run.status == "running" else ""
     glyph, colour = GLYPHS.get(run.status, ("?", "white"))
     return (
         (Text("◆", style="bold yellow") if selected else Text(" "))
-        + Text(f"{glyph} ", style=colour)
-        + Text(run.name if len(run.name) <= 24 else run.name[:23] + "…"),
+        + Text(("  " if grouped else "") + f"{glyph} ", style=colour)
+        + run_label(run, grouped),
         status_text(run),
         Text(progress, justify="right"),
         metric,
         Text(age(run.created_at, now), justify="right"),
         run.algorithm,
         eta,
+    )
+
+
+def group_cells(group: Group, now: float) -> tuple:
+    """An experiment's row: fold mark, name and size, its runs' statuses, the best key metric."""
+    status = Text()
+    for name, count in sorted(group.counts().items(), key=lambda item: STATUS_ORDER.get(item[0], 9)):
+        glyph, colour = GLYPHS.get(name, ("?", "white"))
+        status.append(f"{count}{glyph} ", style=colour)
+    best = group.best_value
+    newest = max((r.created_at or 0.0 for r in group.runs), default=0.0)
+    return (
+        Text(f"{'▸' if group.collapsed else '▾'} {group.name} ({len(group.runs)})", style="bold"),
+        status,
+        Text(""),
+        Text("best " + metric_cell(group.metric, best), style="bold") if best is not None and group.metric else "",
+        Text(age(newest, now), justify="right"),
+        group.runs[0].algorithm if group.runs else "",
+        "",
     )
 
 
@@ -94,7 +127,8 @@ def same_cell(old: object, new: object) -> bool:
 
 
 class RunsTable(DataTable):
-    """Rows keyed by run id; `show()` updates cells in place so the cursor stays on its run."""
+    """Rows keyed by run id (a group row by GROUP_KEY + experiment); `show()` updates cells in place so
+    the cursor stays on its row."""
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
@@ -108,7 +142,8 @@ class RunsTable(DataTable):
                 self.add_column(label, key=key)
 
     @property
-    def current_run_id(self) -> str | None:
+    def current_key(self) -> str | None:
+        """The highlighted row's key: a run id, or GROUP_KEY + experiment on a group row."""
         if not self.row_count:
             return None
         try:
@@ -116,24 +151,33 @@ class RunsTable(DataTable):
         except Exception:
             return None
 
-    def show(self, runs: list[RunInfo], selected: set[str], now: float | None = None) -> None:
+    @property
+    def current_run_id(self) -> str | None:
+        key = self.current_key
+        return None if key is None or key.startswith(GROUP_KEY) else key
+
+    def show(self, rows: list[RunInfo | Group], selected: set[str], now: float | None = None) -> None:
         self._ensure_columns()
         now = time.time() if now is None else now
-        current = self.current_run_id
-        keys = [r.id for r in runs]
+        current = self.current_key
+        keys = [r.key if isinstance(r, Group) else r.id for r in rows]
+        row_cells = [
+            group_cells(r, now) if isinstance(r, Group) else cells(r, r.id in selected, now, bool(r.experiment))
+            for r in rows
+        ]
         existing = [k.value for k in self.rows]
         if keys == existing:
             # Only the cells that changed, and a column re-measured only when a value outgrows it: each
             # width update measures the whole column, so updating every cell each snapshot froze the
             # app for seconds with a few hundred runs (cherry bench queue).
-            for run in runs:
-                for (col, _), value in zip(COLUMNS, cells(run, run.id in selected, now)):
-                    if not same_cell(self.get_cell(run.id, col), value):
+            for key, values in zip(keys, row_cells):
+                for (col, _), value in zip(COLUMNS, values):
+                    if not same_cell(self.get_cell(key, col), value):
                         wider = cell_len(str(value)) > self.columns[col].content_width
-                        self.update_cell(run.id, col, value, update_width=wider)
+                        self.update_cell(key, col, value, update_width=wider)
             return
         self.clear()
-        for run in runs:
-            self.add_row(*cells(run, run.id in selected, now), key=run.id)
+        for key, values in zip(keys, row_cells):
+            self.add_row(*values, key=key)
         if current in keys:
             self.move_cursor(row=keys.index(current), animate=False)
