@@ -68,6 +68,7 @@ class RunInfo:
     key_metric: tuple[str, float] | None = None
     pid: int | None = None  # the run's own process (while it runs)
     worker_host: str | None = None
+    gpus: str | None = None  # the GPUs the worker gave the run ("0,1"), while it runs and after
     location: str = ""  # host:path when only that worker's disk holds the run's files
     experiment: str | None = None  # the sweep (or group) the run belongs to
     swept: dict[str, Any] = field(default_factory=dict)  # the values its sweep point set
@@ -113,6 +114,7 @@ class RunInfo:
             spec=run.spec,
             pid=r.get("pid"),
             worker_host=r.get("worker_host"),
+            gpus=r.get("gpus"),
             location=location(run),
             experiment=r.get("experiment"),
             swept=run_swept(run),

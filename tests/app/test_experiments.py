@@ -270,3 +270,11 @@ async def test_new_run_form_queues_a_sweep_from_a_list(home):
         assert [r.name for r in runs] == ["from-form-lr1e-5", "from-form-lr2e-5"]
         store.close()
         await wait_until(pilot, lambda: "▾ from-form (2)" in screen_text(app), what="the experiment in the table")
+
+
+def test_the_spec_tab_says_which_host_and_gpus_a_run_holds():
+    from tuiapp.screens.main import spec_text
+
+    shown = spec_text(_run("r1", worker_host="gpu-box", gpus="0,1"), []).plain
+    assert "ran on    gpu-box  GPU 0,1" in shown
+    assert "ran on" not in spec_text(_run("r2"), []).plain  # queued: no worker yet
