@@ -214,6 +214,25 @@ class Ranks:
     logs: list[Path]
     stopping: threading.Event = field(default_factory=threading.Event)
 
+    def failure(self, wait: float = 10.0) -> str | None:
+        """A line on the first rank that ended with an error, and its last log lines (None if none did
+        within `wait` seconds: rank 0's own error then stands)."""
+        deadline = time.monotonic() + wait
+        while True:
+            for proc, log_path in zip(self.processes, self.logs):
+                code = proc.poll()
+                if code is not None and code != 0:
+                    tail = log_path.read_text(errors="replace").splitlines()[-20:] if log_path.exists() else []
+                    return f"rank process {log_path.stem} ended with exit code {code}; its log ends:\n" + "\n".join(
+                        tail
+                    )
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)
+
+    def exit_code(self) -> int | None:
+        return next((p.returncode for p in self.processes if p.returncode not in (None, 0)), None)
+
     def stop(self, grace: float = 10.0) -> None:
         self.stopping.set()  # from here on a rank that ends is rank 0's doing, not a failure
         deadline = time.monotonic() + grace
@@ -258,24 +277,25 @@ def start_ranks(spec, out_dir: Path, *, resume: bool, cache_dir) -> tuple[World,
 
 
 def _watch_ranks(ranks: Ranks) -> None:
-    """A rank that dies (a crash, out of memory, killed) would leave rank 0 waiting in a collective for
-    the group's timeout: end rank 0 too, with the rank's last log lines. Its metrics, logs and last
-    checkpoint stay; `cherry resume` continues the run."""
-    while not ranks.stopping.is_set():
-        for proc, log_path in zip(ranks.processes, ranks.logs):
-            code = proc.poll()
-            if code is not None and code != 0 and not ranks.stopping.is_set():
-                tail = log_path.read_text(errors="replace").splitlines()[-20:] if log_path.exists() else []
-                print(f"rank process {log_path.stem} ended with exit code {code}; its log:", file=sys.stderr)
-                print("\n".join(tail), file=sys.stderr, flush=True)
-                for other in ranks.processes:
-                    if other.poll() is None:
-                        other.kill()
-                # a user error (2) or out of memory (3) in a rank is the run's: the worker reads the exit code
-                os._exit(code if code in (USER_ERROR_EXIT, OOM_EXIT) else 1)
-        if all(proc.poll() is not None for proc in ranks.processes):
+    """A rank that dies (a crash, out of memory, killed) usually makes rank 0's next collective fail at once
+    (`train` then says which rank and why). Where it would instead leave rank 0 waiting for the group's
+    timeout (rank 0 busy evaluating, an NCCL hang), end rank 0 too, with the rank's last log lines. The
+    run's metrics, logs and last checkpoint stay; `cherry resume` continues it."""
+    while not ranks.stopping.wait(0.5):
+        failure = ranks.failure(wait=0)
+        if failure is None:
+            if all(proc.poll() is not None for proc in ranks.processes):
+                return
+            continue
+        if ranks.stopping.wait(30):  # rank 0 noticed by itself and is ending the run
             return
-        time.sleep(0.5)
+        print(failure, file=sys.stderr, flush=True)
+        for proc in ranks.processes:
+            if proc.poll() is None:
+                proc.kill()
+        # a user error (2) or out of memory (3) in a rank is the run's: the worker reads the exit code
+        code = ranks.exit_code()
+        os._exit(code if code in (USER_ERROR_EXIT, OOM_EXIT) else 1)
 
 
 def _die_with_parent() -> None:

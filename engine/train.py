@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.distributed import World, start_ranks
+import torch
+
+from engine.distributed import OOM_EXIT, USER_ERROR_EXIT, World, start_ranks
+from engine.errors import CherryError
 from engine.loop.core import StopCheck, start_run
 from engine.loop.offline import train_offline
 from engine.loop.online import train_online
@@ -40,6 +43,17 @@ def train(
     world, ranks = start_ranks(spec, Path(out_dir), resume=resume, cache_dir=cache_dir)
     try:
         return train_rank(spec, out_dir, world, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
+    except torch.distributed.DistError as err:
+        # another rank died (its collective failed here): say which and why, as the run's own error
+        failure = ranks.failure()
+        if failure is None:
+            raise
+        code = ranks.exit_code()
+        if code == OOM_EXIT:
+            raise torch.OutOfMemoryError(failure) from err
+        if code == USER_ERROR_EXIT:
+            raise CherryError(failure) from err
+        raise RuntimeError(failure) from err
     finally:
         ranks.stop()
 
