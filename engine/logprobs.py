@@ -1,21 +1,33 @@
 """Per-sequence log-probabilities of completions.
 
-`completion_logps` is the engine's hot path. It runs the model's own forward once with
-`logits_to_keep` set to the positions that predict completion tokens, so the model's LM head and
-its own logit post-processing run on those rows only. A full `[batch, seq, vocab]` logits tensor is never built for
-prompt and padding positions, which on long prompts and large vocabularies is most of the
-work and most of the memory of a naive implementation (`full_logits_logps`, kept for the
-benchmark and for tests that check both paths agree).
+`completion_logps` is the engine's hot path. It runs the model's body (its decoder) once, keeps the
+hidden states of the positions that predict completion tokens, and applies the LM head to them in
+row chunks inside one autograd function (`_ChunkedHeadLogps`) that saves only those hidden states
+and the target ids and recomputes each chunk's logits in backward. No `[tokens, vocab]` tensor is
+kept between forward and backward, and the largest one alive at any time is a chunk
+(`HEAD_CHUNK_ELEMENTS`), so the LM-head memory does not grow with vocabulary x completion length.
+Logits for prompt and padding positions are never computed at all.
 
-With `stats=True` both paths also return, per completion token and detached, the entropy of the
+The head is the model's own output-embedding module (called with the chunk's parameters, so tied
+embeddings and LoRA-wrapped heads work) followed by the family's own logit post-processing, read
+from the config (`LOGIT_POST_PROCESSING`: Gemma-2 soft-capping, Granite `logits_scaling`, Cohere
+`logit_scale`). Whether that reproduces the model's own forward is checked once per model on a
+short probe; a model whose forward does something else (an unknown family, remote code, a wrapper
+without a decoder) takes `model_forward_logps` instead: the model's own forward with a boolean
+`logits_to_keep`, which is exact for any model but holds `[tokens, vocab]` logits and their
+log-softmax for backward. `full_logits_logps` (logits at every position) is kept for the
+benchmark and for tests that check the paths agree.
+
+With `stats=True` every path also returns, per completion token and detached, the entropy of the
 policy's next-token distribution and the mean logit over the vocabulary (the `policy/entropy`
-and `logits/chosen` / `logits/rejected` metrics). Both come from the completion-position logits
-the log-probs already need; the entropy is computed in row chunks under no_grad, so it adds
-at most a bounded temporary (`ENTROPY_CHUNK_ELEMENTS`) and nothing to the backward graph.
+and `logits/chosen` / `logits/rejected` metrics), from the same logits the log-probs use (in the
+chunked path: the same chunks, in the forward, under no_grad).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +127,191 @@ def _reduce(
     return out
 
 
+# Rows x vocabulary elements of one LM-head chunk (64 MiB of fp32 logits; the backward holds a few
+# such temporaries). Bounds the head's memory whatever the vocabulary and the completion length.
+HEAD_CHUNK_ELEMENTS = 2**24
+
+
+def _softcap(cap: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda logits: torch.tanh(logits / cap) * cap
+
+
+# Each family's logit post-processing after the LM head, keyed by the config attribute that sets it,
+# in the order transformers applies it (Granite divides, Cohere multiplies, Gemma 2/3 soft-cap).
+LOGIT_POST_PROCESSING: dict[str, Callable[[float], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "logits_scaling": lambda s: (lambda logits: logits / s),
+    "logit_scale": lambda s: (lambda logits: logits * s),
+    "final_logit_softcapping": _softcap,
+}
+
+
+def _post_processing(config: object) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    steps = []
+    for attr, make in LOGIT_POST_PROCESSING.items():
+        value = getattr(config, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            steps.append(make(float(value)))
+    return steps
+
+
+@dataclass
+class _Head:
+    """The model's body and head, split so the head can run in chunks."""
+
+    decoder: torch.nn.Module
+    module: torch.nn.Module
+    names: list[str]  # the head module's parameter names, in the order they are passed to the function
+    post: list[Callable[[torch.Tensor], torch.Tensor]]
+    vocab: int = 0  # logits per row, from the probe; sets the chunk's rows
+
+    @property
+    def chunk_rows(self) -> int:
+        return max(1, HEAD_CHUNK_ELEMENTS // max(1, self.vocab))
+
+    def logits(self, hidden: torch.Tensor, params: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
+        """fp32 logits / temperature of `hidden` rows, with the given head parameters."""
+        logits = torch.func.functional_call(self.module, dict(zip(self.names, params)), (hidden,))
+        for step in self.post:
+            logits = step(logits)
+        logits = logits.float()
+        return logits / temperature if temperature != 1.0 else logits
+
+
+# model -> its _Head, or None when the chunked head does not reproduce the model's own logits.
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _split_head(model: torch.nn.Module) -> _Head | None:
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None  # e.g. a DistributedDataParallel wrapper: its forward must run (gradient sync)
+    try:
+        decoder, module = get_decoder(), get_head()
+    except Exception:  # noqa: BLE001 - a model without the standard split takes the model's own forward
+        return None
+    if decoder is None or decoder is model or not isinstance(module, torch.nn.Module):
+        return None
+    names = [name for name, _ in module.named_parameters()]
+    # FSDP-sharded parameters are gathered by the wrapped model's own forward hooks only.
+    if any(cls.__name__ == "DTensor" for _, p in module.named_parameters() for cls in type(p).__mro__):
+        return None
+    return _Head(decoder, module, names, _post_processing(getattr(model, "config", None)))
+
+
+@torch.no_grad()
+def _reproduces_own_logits(model: torch.nn.Module, head: _Head) -> bool:
+    """Whether body + head + post-processing give the model's own logits, on a short probe."""
+    device = next(model.parameters()).device
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    probe = torch.arange(1, 9, device=device)[None] % max(2, vocab)
+    was_training = model.training
+    model.eval()  # dropout off for the comparison
+    try:
+        own = model(input_ids=probe, use_cache=False).logits
+        hidden = getattr(head.decoder(input_ids=probe, use_cache=False), "last_hidden_state", None)
+        if hidden is None or not torch.is_tensor(own):
+            return False
+        params = tuple(p for _, p in head.module.named_parameters())
+        ours = head.logits(hidden, params, 1.0)
+    except Exception:  # noqa: BLE001 - anything unusual: use the model's own forward
+        return False
+    finally:
+        model.train(was_training)
+    own = own.float()
+    if own.shape != ours.shape:
+        return False
+    head.vocab = own.shape[-1]
+    scale = float(own.abs().max().clamp(min=1.0))
+    return bool(torch.allclose(ours, own, rtol=1e-3, atol=1e-4 * scale))
+
+
+def chunked_head(model: torch.nn.Module) -> _Head | None:
+    """The model's body/head split when the chunked head reproduces its logits, else None (cached per model)."""
+    if model in _HEADS:
+        return _HEADS[model]
+    head = _split_head(model)
+    if head is not None and not _reproduces_own_logits(model, head):
+        head = None
+    _HEADS[model] = head
+    return head
+
+
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """[N, H] hidden states -> [N] log pi(target) (and detached stats), the LM head in row chunks.
+
+    Saves only the hidden states, the targets and the head's parameters (no copies); backward
+    recomputes each chunk's logits and backpropagates through it with autograd, so the chunk's
+    gradient uses the very ops of the forward, and frees it before the next chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, temperature, stats, *params):
+        n = hidden.shape[0]
+        device_type = hidden.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.head, ctx.temperature = head, temperature
+        token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        entropy = torch.empty(n if stats else 0, dtype=torch.float32, device=hidden.device)
+        logit_mean = torch.empty_like(entropy)
+        step = ctx.step = head.chunk_rows
+        for start in range(0, n, step):
+            end = min(n, start + step)
+            logits = head.logits(hidden[start:end], params, temperature)
+            all_logps = logits.log_softmax(-1)
+            token_logps[start:end] = all_logps.gather(-1, targets[start:end, None]).squeeze(-1)
+            correct[start:end] = logits.argmax(-1) == targets[start:end]
+            if stats:
+                entropy[start:end] = token_entropy(all_logps)
+                logit_mean[start:end] = logits.mean(-1)
+            del logits, all_logps
+        ctx.save_for_backward(hidden, targets, *params)
+        ctx.mark_non_differentiable(correct, entropy, logit_mean)
+        return token_logps, correct, entropy, logit_mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, *_unused):
+        hidden, targets, *params = ctx.saved_tensors
+        need_hidden = ctx.needs_input_grad[0]
+        need_params = ctx.needs_input_grad[5:]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        device_type, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            for start in range(0, hidden.shape[0], ctx.step):
+                h = hidden[start : start + ctx.step].detach().requires_grad_(need_hidden)
+                ps = tuple(p.detach().requires_grad_(need) for p, need in zip(params, need_params))
+                logits = ctx.head.logits(h, ps, ctx.temperature)
+                logps = logits.log_softmax(-1).gather(-1, targets[start : start + ctx.step, None]).squeeze(-1)
+                wrt = ([h] if need_hidden else []) + [p for p, need in zip(ps, need_params) if need]
+                grads = list(torch.autograd.grad(logps, wrt, grad_logps[start : start + ctx.step]))
+                if need_hidden:
+                    grad_hidden[start : start + ctx.step] = grads.pop(0)
+                for i, need in enumerate(need_params):
+                    if need:
+                        g = grads.pop(0)
+                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+                del logits, logps, grads
+        return (grad_hidden, None, None, None, None, *grad_params)
+
+
+def chunked_head_logps(
+    head: _Head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """[N, H] hidden states of completion-predicting positions -> ([N] log-probs, [N] argmax == target,
+    [N] entropy or None, [N] mean logit or None), the head applied in bounded chunks."""
+    params = tuple(p for _, p in head.module.named_parameters())
+    token_logps, correct, entropy, logit_mean = _ChunkedHeadLogps.apply(
+        hidden, targets, head, float(temperature), stats, *params
+    )
+    return token_logps, correct, (entropy if stats else None), (logit_mean if stats else None)
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -123,9 +320,36 @@ def completion_logps(
     temperature: float = 1.0,
     stats: bool = False,
 ) -> CompletionLogps:
-    """Log-probs of the completion tokens only (fp32), without full-vocabulary logits elsewhere.
+    """Log-probs of the completion tokens only (fp32), the LM head in bounded chunks.
 
-    stats=True adds per-token entropy and mean logit (of logits / temperature), detached.
+    stats=True adds per-token entropy and mean logit (of logits / temperature), detached. A model
+    whose body/head split does not reproduce its own logits takes `model_forward_logps`.
+    """
+    head = chunked_head(model)
+    if head is None:
+        return model_forward_logps(model, input_ids, attention_mask, completion_mask, temperature, stats)
+    target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
+    hidden = head.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    token_logps, correct, entropy, logit_mean = chunked_head_logps(
+        head, hidden[:, :-1][target_mask], targets, temperature, stats
+    )
+    out = _reduce(token_logps, rows, input_ids.shape[0], correct)
+    out.token_entropy, out.token_logit_mean = entropy, logit_mean
+    return out
+
+
+def model_forward_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    stats: bool = False,
+) -> CompletionLogps:
+    """Log-probs of the completion tokens (fp32) from the model's own forward, any model.
+
+    The head runs on completion positions only, but their `[N, V]` logits and log-softmax are kept
+    for backward. stats=True adds per-token entropy and mean logit (of logits / temperature), detached.
     """
     target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
     logits = _completion_logits(model, input_ids, attention_mask, target_mask)
