@@ -130,6 +130,10 @@ def _reduce(
 # Rows x vocabulary elements of one LM-head chunk (64 MiB of fp32 logits; the backward holds a few
 # such temporaries). Bounds the head's memory whatever the vocabulary and the completion length.
 HEAD_CHUNK_ELEMENTS = 2**24
+# Chunks whose graphs the forward keeps for backward, up to this many logits in all (128 MiB fp32):
+# those are not recomputed, so small shapes cost what the unchunked head costs; only the rest of
+# a long completion x large vocabulary is recomputed, and the kept part stays bounded.
+HEAD_KEEP_ELEMENTS = 2**25
 
 
 def _softcap(cap: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -160,7 +164,6 @@ class _Head:
 
     decoder: torch.nn.Module
     module: torch.nn.Module
-    names: list[str]  # the head module's parameter names, in the order they are passed to the function
     post: list[Callable[[torch.Tensor], torch.Tensor]]
     vocab: int = 0  # logits per row, from the probe; sets the chunk's rows
 
@@ -168,13 +171,24 @@ class _Head:
     def chunk_rows(self) -> int:
         return max(1, HEAD_CHUNK_ELEMENTS // max(1, self.vocab))
 
-    def logits(self, hidden: torch.Tensor, params: tuple[torch.Tensor, ...], temperature: float) -> torch.Tensor:
-        """fp32 logits / temperature of `hidden` rows, with the given head parameters."""
-        logits = torch.func.functional_call(self.module, dict(zip(self.names, params)), (hidden,))
+    @property
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.module.parameters())
+
+    def logits(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+        """fp32 logits / temperature of `hidden` rows: the model's own head module, then its post-processing."""
+        logits = self.module(hidden)
         for step in self.post:
             logits = step(logits)
         logits = logits.float()
         return logits / temperature if temperature != 1.0 else logits
+
+    def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
+        """(log pi(target) [n], fp32 logits [n, V], log-softmax [n, V]) of a chunk of rows."""
+        logits = self.logits(hidden, temperature)
+        # log_softmax + gather is bitwise what cross_entropy computes, and leaves the log-probs for the entropy.
+        all_logps = logits.log_softmax(-1)
+        return all_logps.gather(-1, targets[:, None]).squeeze(-1), logits, all_logps
 
 
 # model -> its _Head, or None when the chunked head does not reproduce the model's own logits.
@@ -191,11 +205,10 @@ def _split_head(model: torch.nn.Module) -> _Head | None:
         return None
     if decoder is None or decoder is model or not isinstance(module, torch.nn.Module):
         return None
-    names = [name for name, _ in module.named_parameters()]
     # FSDP-sharded parameters are gathered by the wrapped model's own forward hooks only.
-    if any(cls.__name__ == "DTensor" for _, p in module.named_parameters() for cls in type(p).__mro__):
+    if any(cls.__name__ == "DTensor" for p in module.parameters() for cls in type(p).__mro__):
         return None
-    return _Head(decoder, module, names, _post_processing(getattr(model, "config", None)))
+    return _Head(decoder, module, _post_processing(getattr(model, "config", None)))
 
 
 @torch.no_grad()
@@ -211,8 +224,7 @@ def _reproduces_own_logits(model: torch.nn.Module, head: _Head) -> bool:
         hidden = getattr(head.decoder(input_ids=probe, use_cache=False), "last_hidden_state", None)
         if hidden is None or not torch.is_tensor(own):
             return False
-        params = tuple(p for _, p in head.module.named_parameters())
-        ours = head.logits(hidden, params, 1.0)
+        ours = head.logits(hidden, 1.0)
     except Exception:  # noqa: BLE001 - anything unusual: use the model's own forward
         return False
     finally:
@@ -239,31 +251,37 @@ def chunked_head(model: torch.nn.Module) -> _Head | None:
 class _ChunkedHeadLogps(torch.autograd.Function):
     """[N, H] hidden states -> [N] log pi(target) (and detached stats), the LM head in row chunks.
 
-    Saves only the hidden states, the targets and the head's parameters (no copies); backward
-    recomputes each chunk's logits and backpropagates through it with autograd, so the chunk's
-    gradient uses the very ops of the forward, and frees it before the next chunk.
+    Saves the hidden states, the targets and the head's parameters (no copies), and the graphs of
+    the first chunks up to `keep_elements` logits. Backward runs each kept graph, and for every other
+    chunk recomputes its logits and backpropagates through them, so each chunk's gradient comes
+    from the very ops of the forward, one chunk at a time.
     """
 
     @staticmethod
-    def forward(ctx, hidden, targets, head, temperature, stats, *params):
+    def forward(ctx, hidden, targets, head, temperature, stats, keep_elements, *params):
         n = hidden.shape[0]
         device_type = hidden.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.head, ctx.temperature = head, temperature
+        ctx.head, ctx.temperature, ctx.step = head, temperature, head.chunk_rows
+        ctx.kept = {}  # chunk start -> (hidden leaf, its log-probs with their graph)
         token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         correct = torch.empty(n, dtype=torch.bool, device=hidden.device)
         entropy = torch.empty(n if stats else 0, dtype=torch.float32, device=hidden.device)
         logit_mean = torch.empty_like(entropy)
-        step = ctx.step = head.chunk_rows
-        for start in range(0, n, step):
-            end = min(n, start + step)
-            logits = head.logits(hidden[start:end], params, temperature)
-            all_logps = logits.log_softmax(-1)
-            token_logps[start:end] = all_logps.gather(-1, targets[start:end, None]).squeeze(-1)
-            correct[start:end] = logits.argmax(-1) == targets[start:end]
+        for start in range(0, n, ctx.step):
+            end = min(n, start + ctx.step)
+            keep = (end - start) * head.vocab <= keep_elements
+            with torch.enable_grad() if keep else torch.no_grad():
+                h = hidden[start:end].detach().requires_grad_(keep and ctx.needs_input_grad[0])
+                chunk_logps, logits, all_logps = head.token_logps(h, targets[start:end], temperature)
+            if keep:
+                keep_elements -= (end - start) * head.vocab
+                ctx.kept[start] = (h, chunk_logps)
+            token_logps[start:end] = chunk_logps.detach()
+            correct[start:end] = logits.detach().argmax(-1) == targets[start:end]
             if stats:
                 entropy[start:end] = token_entropy(all_logps)
-                logit_mean[start:end] = logits.mean(-1)
+                logit_mean[start:end] = logits.detach().mean(-1)
             del logits, all_logps
         ctx.save_for_backward(hidden, targets, *params)
         ctx.mark_non_differentiable(correct, entropy, logit_mean)
@@ -273,27 +291,28 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, *_unused):
         hidden, targets, *params = ctx.saved_tensors
-        need_hidden = ctx.needs_input_grad[0]
-        need_params = ctx.needs_input_grad[5:]
+        need_hidden, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         device_type, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            for start in range(0, hidden.shape[0], ctx.step):
-                h = hidden[start : start + ctx.step].detach().requires_grad_(need_hidden)
-                ps = tuple(p.detach().requires_grad_(need) for p, need in zip(params, need_params))
-                logits = ctx.head.logits(h, ps, ctx.temperature)
-                logps = logits.log_softmax(-1).gather(-1, targets[start : start + ctx.step, None]).squeeze(-1)
-                wrt = ([h] if need_hidden else []) + [p for p, need in zip(ps, need_params) if need]
-                grads = list(torch.autograd.grad(logps, wrt, grad_logps[start : start + ctx.step]))
-                if need_hidden:
-                    grad_hidden[start : start + ctx.step] = grads.pop(0)
-                for i, need in enumerate(need_params):
-                    if need:
-                        g = grads.pop(0)
-                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
-                del logits, logps, grads
-        return (grad_hidden, None, None, None, None, *grad_params)
+        for start in range(0, hidden.shape[0], ctx.step):
+            end = start + ctx.step
+            if start in ctx.kept:
+                h, chunk_logps = ctx.kept.pop(start)
+            else:
+                with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    h = hidden[start:end].detach().requires_grad_(need_hidden)
+                    chunk_logps = ctx.head.token_logps(h, targets[start:end], ctx.temperature)[0]
+            wrt = ([h] if need_hidden else []) + [p for p, need in zip(params, need_params) if need]
+            grads = list(torch.autograd.grad(chunk_logps, wrt, grad_logps[start:end]))
+            del chunk_logps
+            if need_hidden:
+                grad_hidden[start:end] = grads.pop(0)
+            for i, need in enumerate(need_params):
+                if need:
+                    g = grads.pop(0)
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+        return (grad_hidden, None, None, None, None, None, *grad_params)
 
 
 def chunked_head_logps(
@@ -305,9 +324,11 @@ def chunked_head_logps(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """[N, H] hidden states of completion-predicting positions -> ([N] log-probs, [N] argmax == target,
     [N] entropy or None, [N] mean logit or None), the head applied in bounded chunks."""
-    params = tuple(p for _, p in head.module.named_parameters())
+    params = head.params
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+    keep = HEAD_KEEP_ELEMENTS if needs_grad else 0  # nothing to keep when there is no backward
     token_logps, correct, entropy, logit_mean = _ChunkedHeadLogps.apply(
-        hidden, targets, head, float(temperature), stats, *params
+        hidden, targets, head, float(temperature), stats, keep, *params
     )
     return token_logps, correct, (entropy if stats else None), (logit_mean if stats else None)
 

@@ -219,14 +219,18 @@ def _grads(model, fn, b, temperature):
 
 
 @pytest.mark.parametrize("name", list(CHUNKED))
-@pytest.mark.parametrize("chunk_rows", [1, 3, 1000])
-def test_chunked_head_equals_the_models_own_forward_values_and_gradients(name, chunk_rows, monkeypatch):
+@pytest.mark.parametrize(
+    ("chunk_rows", "kept_rows"),
+    [(1, 0), (3, 0), (3, 4), (1000, 1000)],  # all recomputed in backward, some chunks' graphs kept, all kept
+)
+def test_chunked_head_equals_the_models_own_forward_values_and_gradients(name, chunk_rows, kept_rows, monkeypatch):
     import engine.logprobs as logprobs
 
     family, post_processing = CHUNKED[name]
     model = _tiny(family, **post_processing)
     assert chunked_head(model) is not None, f"{name}: the chunked head does not reproduce the model's logits"
-    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 97 * chunk_rows)  # 1, 3 or all rows per chunk
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 97 * chunk_rows)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 97 * kept_rows)
     b = batch()
     for temperature in (1.0, 0.7):
         new, new_grads, new_input_grad = _grads(model, completion_logps, b, temperature)
@@ -276,23 +280,31 @@ def test_chunked_head_under_bf16_autocast_matches_the_models_own_forward(model):
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
 
 
-def _largest_tensor_allocated(fn) -> int:
-    """The largest number of elements of any tensor an op creates while fn() runs (forward and backward)."""
+def _peak_measures(forward) -> tuple[int, int]:
+    """The most elements of any one tensor an op creates in forward() and the backward of what it
+    returns, and the elements the forward saves for backward (parameters left out)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Largest(TorchDispatchMode):
-        numel = 0
+    largest, saved = [0], [0]
 
+    class Largest(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if torch.is_tensor(t):
-                    Largest.numel = max(Largest.numel, t.numel())
+                    largest[0] = max(largest[0], t.numel())
             return out
 
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved[0] += t.numel()
+        return t
+
     with Largest():
-        fn()
-    return Largest.numel
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+        loss.backward()
+    return largest[0], saved[0]
 
 
 def test_lm_head_peak_does_not_grow_with_completion_length(monkeypatch):
@@ -300,23 +312,28 @@ def test_lm_head_peak_does_not_grow_with_completion_length(monkeypatch):
 
     vocab, width = 512, 8
     head_module = torch.nn.Linear(width, vocab, bias=False)
-    head = logprobs._Head(decoder=torch.nn.Identity(), module=head_module, names=["weight"], post=[], vocab=vocab)
+    head = logprobs._Head(decoder=torch.nn.Identity(), module=head_module, post=[], vocab=vocab)
     monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 16 * vocab)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 32 * vocab)  # two chunks' graphs kept
 
-    def run(path: str, tokens: int) -> int:
+    def run(path: str, tokens: int) -> tuple[int, int]:
         hidden = torch.randn(tokens, width, requires_grad=True)
         targets = torch.randint(0, vocab, (tokens,))
 
-        def step():
+        def forward():
             if path == "chunked":
                 token_logps = chunked_head_logps(head, hidden, targets, stats=True)[0]
             else:  # what the model-forward path does with the head's output
                 token_logps = head_module(hidden).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-            token_logps.sum().backward()
+            return token_logps.sum()
 
-        return _largest_tensor_allocated(step)
+        largest, saved = _peak_measures(forward)
+        return largest, saved - tokens * (width + 1)  # less the hidden states and targets, which are O(tokens)
 
-    # Chunked: the largest tensor is one chunk's logits (16 rows), at 64 and at 1024 tokens alike.
-    assert run("chunked", 64) == run("chunked", 1024) == 16 * vocab
-    # The measure sees the [tokens, vocab] logits of the unchunked head, which grow with the tokens.
-    assert run("full", 1024) == 1024 * vocab > run("full", 64)
+    # Chunked: the largest tensor is one chunk's logits (16 rows), and what is kept for backward
+    # beyond the hidden states is the same, at 64 and at 1024 tokens alike.
+    assert run("chunked", 64) == run("chunked", 1024)
+    assert run("chunked", 1024)[0] == 16 * vocab
+    # The measures see the [tokens, vocab] logits of the unchunked head, which grow with the tokens.
+    full_64, full_1024 = run("full", 64), run("full", 1024)
+    assert full_1024[0] == 1024 * vocab > full_64[0] and full_1024[1] > 1024 * vocab > full_64[1]
