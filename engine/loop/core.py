@@ -112,9 +112,9 @@ class Run:
     scheduler: Any = None
     state: TrainState = field(default_factory=TrainState)
 
-    def set_up_optimisation(self, n_examples: int, chunks_per_step: int) -> None:
-        """The schedule over `n_examples`, AdamW over what trains (the policy, and a value model when
-        there is one), and the state to continue from (a checkpoint's, on resume)."""
+    def set_up_optimisation(self, n_examples: int, chunks_per_step: int, lengths: list[int] | None = None) -> None:
+        """The schedule over `n_examples` (length-grouped when given their `lengths`), AdamW over what
+        trains (the policy, and a value model when there is one), and the state to continue from."""
         spec = self.spec
         self.schedule = Schedule(
             n_examples,
@@ -123,6 +123,7 @@ class Run:
             seed=spec.seed,
             epochs=spec.epochs,
             max_steps=spec.max_steps,
+            lengths=lengths,
         )
         self.trainable = [p for p in self.models.policy.parameters() if p.requires_grad]
         if self.models.value is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from engine.batching import example_length, pad_fraction
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
 from engine.loop.evaluation import estimate_kl, exact_match_accuracy, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
@@ -85,7 +86,8 @@ def train_offline(
             return ref_table.lookup(split, batch["index"].cpu()).to(device)
         return reference.logps(batch)
 
-    run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum)
+    lengths = [example_length(ex) for ex in data.train] if spec.group_by_length else None
+    run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum, lengths=lengths)
     reporter.log_event(
         "start",
         f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})"
@@ -112,6 +114,7 @@ def train_offline(
         means.update(algo.derived_metrics(means))
         metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr})
+        metrics["batch/pad_fraction"] = pad_fraction([batch for batch, _ in micro])
         return metrics, tokens
 
     # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
