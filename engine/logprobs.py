@@ -143,8 +143,8 @@ def _softcap(cap: float) -> Callable[[torch.Tensor], torch.Tensor]:
 # Each family's logit post-processing after the LM head, keyed by the config attribute that sets it,
 # in the order transformers applies it (Granite divides, Cohere multiplies, Gemma 2/3 soft-cap).
 LOGIT_POST_PROCESSING: dict[str, Callable[[float], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "logits_scaling": lambda s: (lambda logits: logits / s),
-    "logit_scale": lambda s: (lambda logits: logits * s),
+    "logits_scaling": lambda s: lambda logits: logits / s,
+    "logit_scale": lambda s: lambda logits: logits * s,
     "final_logit_softcapping": _softcap,
 }
 
@@ -248,6 +248,14 @@ def chunked_head(model: torch.nn.Module) -> _Head | None:
     return head
 
 
+def _chunk_stats(logits: torch.Tensor, all_logps: torch.Tensor, targets: torch.Tensor, stats: bool):
+    """Detached ([n] argmax == target, [n] entropy or None, [n] mean logit or None) of a chunk's logits."""
+    correct = logits.detach().argmax(-1) == targets
+    if not stats:
+        return correct, None, None
+    return correct, token_entropy(all_logps), logits.detach().mean(-1)
+
+
 class _ChunkedHeadLogps(torch.autograd.Function):
     """[N, H] hidden states -> [N] log pi(target) (and detached stats), the LM head in row chunks.
 
@@ -278,10 +286,9 @@ class _ChunkedHeadLogps(torch.autograd.Function):
                 keep_elements -= (end - start) * head.vocab
                 ctx.kept[start] = (h, chunk_logps)
             token_logps[start:end] = chunk_logps.detach()
-            correct[start:end] = logits.detach().argmax(-1) == targets[start:end]
+            correct[start:end], chunk_entropy, chunk_mean = _chunk_stats(logits, all_logps, targets[start:end], stats)
             if stats:
-                entropy[start:end] = token_entropy(all_logps)
-                logit_mean[start:end] = logits.detach().mean(-1)
+                entropy[start:end], logit_mean[start:end] = chunk_entropy, chunk_mean
             del logits, all_logps
         ctx.save_for_backward(hidden, targets, *params)
         ctx.mark_non_differentiable(correct, entropy, logit_mean)
@@ -326,6 +333,10 @@ def chunked_head_logps(
     [N] entropy or None, [N] mean logit or None), the head applied in bounded chunks."""
     params = head.params
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+    if needs_grad and hidden.shape[0] * head.vocab <= HEAD_KEEP_ELEMENTS:
+        # Small enough to keep whole: plain autograd through the head, the graph the function would keep.
+        token_logps, logits, all_logps = head.token_logps(hidden, targets, float(temperature))
+        return token_logps, *_chunk_stats(logits, all_logps, targets, stats)
     keep = HEAD_KEEP_ELEMENTS if needs_grad else 0  # nothing to keep when there is no backward
     token_logps, correct, entropy, logit_mean = _ChunkedHeadLogps.apply(
         hidden, targets, head, float(temperature), stats, keep, *params

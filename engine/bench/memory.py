@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # path:tokens, run in this process (the child)
     args = parser.parse_args(argv)
-    shape = {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers, "rows": args.rows, "device": args.device}
+    shape = {
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "rows": args.rows,
+        "device": args.device,
+    }
     if args.case:
         path, tokens = args.case.split(":")
         print(json.dumps(run_case(path, int(tokens), **shape)))

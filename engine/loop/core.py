@@ -138,8 +138,9 @@ class Run:
             if self.precision.scaler is not None and "grad_scaler" in extra:
                 self.precision.scaler.load_state_dict(extra["grad_scaler"])
 
-    def load_data(self, kind: str):
-        """The run's dataset as `kind` examples (engine.data.prepare), its train/eval split and stats."""
+    def load_data(self, kind: str, cache_dir: str | Path | None = None):
+        """The run's dataset as `kind` examples (engine.data.prepare), its train/eval split and stats;
+        with `cache_dir`, tokenised once and loaded from `cache_dir/tokenised/` by later runs."""
         spec = self.spec
         data = prepare(
             spec.dataset,
@@ -152,9 +153,12 @@ class Run:
             seed=spec.seed,
             overlong=spec.overlong,
             max_rows=spec.max_rows,
+            cache_dir=cache_dir,
         )
         self.data_stats = data.stats
         self.reporter.log_event("data", data.summary(), **data.stats)
+        if data.cache_file:
+            self.reporter.log_event("data", f"tokenised data loaded from the cache ({data.cache_file})")
         log.info("data: %s", data.summary())
         return data
 

@@ -36,7 +36,7 @@ def train_offline(
     params = run.parameter_counts()
 
     # --- data: the training examples, the eval split, and prompts for greedy answers and samples
-    data = run.load_data(info.data_kind)
+    data = run.load_data(info.data_kind, cache_dir=cache_dir)
     eval_split = data.eval[: spec.eval_max_examples]
     algo.prepare_examples(data.train, tokenizer)
     algo.prepare_examples(eval_split, tokenizer)

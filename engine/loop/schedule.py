@@ -6,7 +6,6 @@ import math
 
 import torch
 
-
 # Length grouping sorts rows within mega-batches of this many micro-batches (the usual factor: big
 # enough that neighbours have similar lengths, small enough that the order stays random).
 GROUP_MEGA_BATCHES = 50

@@ -250,7 +250,9 @@ def test_chunked_head_equals_the_models_own_forward_values_and_gradients(name, c
 def test_a_model_with_unknown_logit_post_processing_takes_its_own_forward():
     import transformers
 
-    class DoubledLogits(transformers.LlamaForCausalLM):  # a family whose forward scales logits in a way Cherry does not know
+    class DoubledLogits(
+        transformers.LlamaForCausalLM
+    ):  # a family whose forward scales logits in a way Cherry does not know
         def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
             out.logits = out.logits * 2.0
