@@ -7,7 +7,7 @@ vocabulary, merges, normaliser, added and special tokens, chat template, class),
 changes the examples (data kind, max lengths, over-long policy, eval split and seed, max rows,
 splits) and `CACHE_VERSION`, raised whenever the example layout changes.
 
-One file per key, `<key>.npz`: every token-id list flattened into int32 arrays with their lengths,
+One file per key, `<key>.npz`: every token-id list flattened into an int32 array with the lengths,
 the rest of each example as JSON. Loaded with `allow_pickle=False` (no code runs on load). Written
 to a temporary file in the same directory and renamed into place, so concurrent runs never read a
 half-written file (the last writer wins; both wrote the same thing).
@@ -102,7 +102,7 @@ def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> 
             lists = [ex.get(key) or [] for ex in examples]
             arrays[f"{name}/{key}/lengths"] = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
             flat = [token for ids in lists for token in ids]
-            arrays[f"{name}/{key}/ids"] = np.asarray(flat, dtype=np.int64)
+            arrays[f"{name}/{key}/ids"] = np.asarray(flat, dtype=np.int32)  # token ids and 0/1 masks fit
         arrays[f"{name}/rest"] = np.frombuffer(json.dumps(rest).encode(), dtype=np.uint8)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,7 @@ def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> 
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache reads like the home's other files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
