@@ -347,3 +347,20 @@ def test_lm_head_peak_does_not_grow_with_completion_length(monkeypatch):
     # The measures see the [tokens, vocab] logits of the unchunked head, which grow with the tokens.
     full_64, full_1024 = run("full", 64), run("full", 1024)
     assert full_1024[0] == 1024 * vocab > full_64[0] and full_1024[1] > 1024 * vocab > full_64[1]
+
+
+def test_a_lora_model_takes_the_chunked_head_with_and_without_its_adapter():
+    import peft
+
+    model = peft.get_peft_model(_tiny("Llama"), peft.LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter, so that disabling it changes the log-probs
+            torch.nn.init.normal_(param, std=0.1)
+    assert chunked_head(model) is not None
+    b = batch()
+    with_adapter = completion_logps(model, **b).sums
+    assert torch.allclose(with_adapter, model_forward_logps(model, **b).sums, atol=1e-6)
+    with model.disable_adapter():  # the reference under LoRA
+        without = completion_logps(model, **b).sums
+        assert torch.allclose(without, model_forward_logps(model, **b).sums, atol=1e-6)
+    assert not torch.allclose(with_adapter, without, atol=1e-3)
