@@ -2,14 +2,15 @@
 
 `completion_logps` is the engine's hot path. It runs the model's body (its decoder) once, keeps the
 hidden states of the positions that predict completion tokens, and applies the LM head to them in
-row chunks inside one autograd function (`_ChunkedHeadLogps`) that saves only those hidden states
-and the target ids and recomputes each chunk's logits in backward. No `[tokens, vocab]` tensor is
-kept between forward and backward, and the largest one alive at any time is a chunk
-(`HEAD_CHUNK_ELEMENTS`), so the LM-head memory does not grow with vocabulary x completion length.
-Logits for prompt and padding positions are never computed at all.
+row chunks inside one autograd function (`_ChunkedHeadLogps`) that saves the hidden states and the
+target ids, keeps the graphs of the first chunks up to `HEAD_KEEP_ELEMENTS` logits, and recomputes
+every other chunk's logits in backward. What is kept between forward and backward is bounded, and
+the largest temporary is a chunk (`HEAD_CHUNK_ELEMENTS`), so the LM-head memory does not grow with
+vocabulary x completion length; a head small enough to keep whole simply runs under autograd, at
+the unchunked path's cost. Logits for prompt and padding positions are never computed at all.
 
-The head is the model's own output-embedding module (called with the chunk's parameters, so tied
-embeddings and LoRA-wrapped heads work) followed by the family's own logit post-processing, read
+The head is the model's own output-embedding module (called as it is, so tied embeddings, hooks
+and LoRA-wrapped heads work; its parameters are the function's inputs) followed by the family's own logit post-processing, read
 from the config (`LOGIT_POST_PROCESSING`: Gemma-2 soft-capping, Granite `logits_scaling`, Cohere
 `logit_scale`). Whether that reproduces the model's own forward is checked once per model on a
 short probe; a model whose forward does something else (an unknown family, remote code, a wrapper
