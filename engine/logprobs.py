@@ -176,9 +176,17 @@ class _Head:
     def params(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.module.parameters())
 
+    @property
+    def plain_linear(self) -> bool:
+        """A bare nn.Linear head (no hooks): its backward can accumulate the weight gradient in place."""
+        m = self.module
+        return type(m) is torch.nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
+
     def logits(self, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
         """fp32 logits / temperature of `hidden` rows: the model's own head module, then its post-processing."""
-        logits = self.module(hidden)
+        return self.post_process(self.module(hidden), temperature)
+
+    def post_process(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         for step in self.post:
             logits = step(logits)
         logits = logits.float()
@@ -186,7 +194,10 @@ class _Head:
 
     def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
         """(log pi(target) [n], fp32 logits [n, V], log-softmax [n, V]) of a chunk of rows."""
-        logits = self.logits(hidden, temperature)
+        return self.logps_of(self.logits(hidden, temperature), targets)
+
+    @staticmethod
+    def logps_of(logits: torch.Tensor, targets: torch.Tensor):
         # log_softmax + gather is bitwise what cross_entropy computes, and leaves the log-probs for the entropy.
         all_logps = logits.log_softmax(-1)
         return all_logps.gather(-1, targets[:, None]).squeeze(-1), logits, all_logps
@@ -307,6 +318,28 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             end = start + ctx.step
             if start in ctx.kept:
                 h, chunk_logps = ctx.kept.pop(start)
+            elif ctx.head.plain_linear and not enabled:
+                # Backpropagate to the head's output only, then do the linear's backward by hand so the
+                # weight gradient accumulates in place (no [V, H] temporary per chunk).
+                h = hidden[start:end]
+                raw = torch.nn.functional.linear(h, ctx.head.module.weight, ctx.head.module.bias).requires_grad_()
+                with torch.enable_grad():
+                    logits = ctx.head.post_process(raw, ctx.temperature)
+                    chunk_logps = ctx.head.logps_of(logits, targets[start:end])[0]
+                (grad_raw,) = torch.autograd.grad(chunk_logps, raw, grad_logps[start:end])
+                del logits, chunk_logps, raw
+                if need_hidden:
+                    grad_hidden[start:end] = grad_raw @ ctx.head.module.weight
+                for i, (p, need) in enumerate(zip(params, need_params)):
+                    if not need:
+                        continue
+                    if grad_params[i] is None:
+                        grad_params[i] = torch.zeros_like(p)
+                    if i == 0:  # nn.Linear registers its weight first, then its bias
+                        grad_params[i].addmm_(grad_raw.t(), h)
+                    else:  # the bias
+                        grad_params[i].add_(grad_raw.sum(0))
+                continue
             else:
                 with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                     h = hidden[start:end].detach().requires_grad_(need_hidden)

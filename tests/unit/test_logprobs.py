@@ -364,3 +364,29 @@ def test_a_lora_model_takes_the_chunked_head_with_and_without_its_adapter():
         without = completion_logps(model, **b).sums
         assert torch.allclose(without, model_forward_logps(model, **b).sums, atol=1e-6)
     assert not torch.allclose(with_adapter, without, atol=1e-3)
+
+
+def test_a_biased_linear_head_gets_the_same_gradients_from_the_in_place_backward(monkeypatch):
+    import engine.logprobs as logprobs
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 50, bias=True)
+    head = logprobs._Head(decoder=torch.nn.Identity(), module=module, post=[lambda x: x * 0.5], vocab=50)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 0)  # every chunk recomputed in backward
+    hidden, targets, weights = torch.randn(10, 8, requires_grad=True), torch.randint(0, 50, (10,)), torch.rand(10)
+    results = []
+    for path in ("chunked", "autograd"):
+        module.zero_grad()
+        hidden.grad = None
+        if path == "chunked":
+            token_logps = chunked_head_logps(head, hidden, targets, temperature=0.7)[0]
+        else:
+            logits = (module(hidden) * 0.5).float() / 0.7
+            token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        (token_logps * weights).sum().backward()
+        results.append(
+            (token_logps.detach(), hidden.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone())
+        )
+    for got, expected in zip(*results):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
