@@ -42,6 +42,12 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Ten
     return batch
 
 
+def example_length(example: dict) -> int:
+    """The width an example takes in a right-padded batch: its prompt and its longest completion."""
+    completions = [example[key] for key in ("chosen_ids", "rejected_ids", "completion_ids") if key in example]
+    return len(example["prompt_ids"]) + max((len(ids) for ids in completions), default=0)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts for generation, with their attention mask."""
     width = max(len(s) for s in sequences)

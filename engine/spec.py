@@ -86,6 +86,7 @@ class RunSpec:
     max_prompt_length: int = default("max_prompt_length")
     overlong: str = default("overlong")  # truncate (keep the prompt's end, cut the completion) | drop
     max_rows: int | None = default("max_rows")  # use only the first N rows (quick trials)
+    group_by_length: bool = default("group_by_length")  # offline methods: batch rows of similar length together
     # --- optimisation
     lr: float = default("lr")
     batch_size: int = default("batch_size")  # examples (pairs for DPO) per micro-batch

@@ -3,6 +3,7 @@ train and eval; `check_dataset`, the cheap submit-time check of a local file."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -11,11 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.data import cache
 from engine.data.formats import KIND_OF_FORMAT, PRESETS_FOR_KIND, check_kind, detect_format
 from engine.data.load import load_rows, plain
 from engine.data.normalise import Item, normalise
 from engine.data.tokenise import Options, TokenQueue, appends_eos, build_example, render
 from engine.errors import DataError, ModelError, SpecError
+
+log = logging.getLogger("cherry.engine")
 
 STAT_KEYS = ("rows", "kept", "dropped_empty", "dropped_identical", "dropped_overlong", "truncated", "train", "eval")
 
@@ -28,6 +32,7 @@ class PreparedData:
     eval: list[dict]
     stats: dict[str, int]  # STAT_KEYS
     kind: str = ""  # the kind the examples were built for (may differ from the format's own kind)
+    cache_file: str | None = None  # the tokenised-data cache file these examples were loaded from, if any
 
     def summary(self) -> str:
         s = self.stats
@@ -145,6 +150,7 @@ def prepare(
     max_rows: int | None = None,
     source_split: str = "train",
     eval_source_split: str = "test",
+    cache_dir: str | Path | None = None,
 ) -> PreparedData:
     """Load, detect, normalise and tokenise a dataset for an algorithm that needs `kind` data.
 
@@ -158,8 +164,68 @@ def prepare(
     not depend on the length limits, and both halves of a split preference pair stay together.
     `source_split` / `eval_source_split` pick the split of a hub id or saved DatasetDict.
     `max_prompt_length=None` means no separate prompt limit (only `max_length`).
+
+    With `cache_dir`, the result for local files is kept under `cache_dir/tokenised/` (engine.data.cache)
+    and a later call with the same data contents, tokenizer and settings loads it instead of tokenising.
     """
     _check_args(kind, max_length, max_prompt_length, eval_split, overlong, max_rows)
+    settings = {
+        "kind": kind,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "eval_split": eval_split,
+        "seed": seed,
+        "overlong": overlong,
+        "max_rows": max_rows,
+        "source_split": source_split,
+        "eval_source_split": eval_source_split if eval_source is not None else None,
+    }
+    key = cache.cache_key([source, eval_source], tokenizer, settings) if cache_dir is not None else None
+    cache_file = Path(cache_dir) / "tokenised" / f"{key}.npz" if key else None
+    if cache_file is not None:
+        hit = cache.load(cache_file)
+        if hit is not None:
+            payload, splits = hit
+            log.info("tokenised data: loaded from the cache %s", cache_file)
+            return PreparedData(**payload, train=splits["train"], eval=splits["eval"], cache_file=str(cache_file))
+    data = _prepare(
+        source,
+        tokenizer,
+        kind,
+        max_length,
+        max_prompt_length,
+        eval_split,
+        eval_source,
+        seed,
+        overlong,
+        max_rows,
+        source_split,
+        eval_source_split,
+    )
+    if cache_file is not None:
+        payload = {"format": data.format, "conversational": data.conversational, "stats": data.stats, "kind": kind}
+        try:
+            cache.save(cache_file, payload, {"train": data.train, "eval": data.eval})
+            log.info("tokenised data: saved to the cache %s", cache_file)
+        except OSError as err:  # a full or read-only disk costs the next run's time, not this run
+            log.warning("tokenised data: could not write the cache %s (%s)", cache_file, err)
+    return data
+
+
+def _prepare(
+    source: str | list[dict],
+    tokenizer: Any,
+    kind: str,
+    max_length: int,
+    max_prompt_length: int | None,
+    eval_split: float,
+    eval_source: str | list[dict] | None,
+    seed: int,
+    overlong: str,
+    max_rows: int | None,
+    source_split: str,
+    eval_source_split: str,
+) -> PreparedData:
     rows = _rows_of(source, source_split, max_rows, "dataset")
     fmt, conversational = detect_format(rows)
     check_kind(fmt, kind, list(rows[0]), "dataset")

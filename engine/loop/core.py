@@ -129,9 +129,9 @@ class Run:
     scheduler: Any = None
     state: TrainState = field(default_factory=TrainState)
 
-    def set_up_optimisation(self, n_examples: int, chunks_per_step: int) -> None:
-        """The schedule over `n_examples`, AdamW over what trains (the policy, and a value model when
-        there is one), and the state to continue from (a checkpoint's, on resume)."""
+    def set_up_optimisation(self, n_examples: int, chunks_per_step: int, lengths: list[int] | None = None) -> None:
+        """The schedule over `n_examples` (length-grouped when given their `lengths`), AdamW over what
+        trains (the policy, and a value model when there is one), and the state to continue from."""
         spec, world = self.spec, self.world
         self.schedule = Schedule(
             n_examples,
@@ -140,6 +140,7 @@ class Run:
             seed=spec.seed,
             epochs=spec.epochs,
             max_steps=spec.max_steps,
+            lengths=lengths,
         )
         self.trainable = [p for p in self.models.policy.parameters() if p.requires_grad]
         if self.models.value is not None:
@@ -186,8 +187,9 @@ class Run:
                 random.seed(spec.seed + 1000 * world.rank + state.step)
         state.world_size, state.global_batch = world.size, global_batch
 
-    def load_data(self, kind: str):
-        """The run's dataset as `kind` examples (engine.data.prepare), its train/eval split and stats."""
+    def load_data(self, kind: str, cache_dir: str | Path | None = None):
+        """The run's dataset as `kind` examples (engine.data.prepare), its train/eval split and stats;
+        with `cache_dir`, tokenised once and loaded from `cache_dir/tokenised/` by later runs."""
         spec = self.spec
         data = prepare(
             spec.dataset,
@@ -200,9 +202,12 @@ class Run:
             seed=spec.seed,
             overlong=spec.overlong,
             max_rows=spec.max_rows,
+            cache_dir=cache_dir,
         )
         self.data_stats = data.stats
         self.reporter.log_event("data", data.summary(), **data.stats)
+        if data.cache_file:
+            self.reporter.log_event("data", f"tokenised data loaded from the cache ({data.cache_file})")
         log.info("data: %s", data.summary())
         return data
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from engine.batching import example_length
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
 from engine.loop.evaluation import estimate_kl, exact_match_accuracy, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
@@ -35,7 +36,7 @@ def train_offline(
     params = run.parameter_counts()
 
     # --- data: the training examples, the eval split, and prompts for greedy answers and samples
-    data = run.load_data(info.data_kind)
+    data = run.load_data(info.data_kind, cache_dir=cache_dir)
     eval_split = data.eval[: spec.eval_max_examples]
     algo.prepare_examples(data.train, tokenizer)
     algo.prepare_examples(eval_split, tokenizer)
@@ -89,7 +90,8 @@ def train_offline(
             return ref_table.lookup(split, batch["index"].cpu()).to(device)
         return reference.logps(batch)
 
-    run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum)
+    lengths = [example_length(ex) for ex in data.train] if spec.group_by_length else None
+    run.set_up_optimisation(len(data.train), chunks_per_step=spec.grad_accum, lengths=lengths)
     reporter.log_event(
         "start",
         f"{spec.algorithm}: {run.schedule.total_steps} steps on {len(data.train)} examples ({device}, {run.dtype})"
@@ -116,7 +118,10 @@ def train_offline(
         means.update(algo.derived_metrics(means))
         metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr})
-        return metrics, int(world.sum([tokens])[0])
+        positions = sum(batch["attention_mask"].numel() for batch, _ in micro)
+        tokens, positions = world.sum([tokens, positions])  # over every rank's shard
+        metrics["batch/pad_fraction"] = 1.0 - tokens / positions if positions else 0.0  # tokens: the real positions
+        return metrics, int(tokens)
 
     # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
     reference_texts = (  # rank 0 alone evaluates and logs samples

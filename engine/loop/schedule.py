@@ -6,6 +6,10 @@ import math
 
 import torch
 
+# Length grouping sorts rows within mega-batches of this many micro-batches (the usual factor: big
+# enough that neighbours have similar lengths, small enough that the order stays random).
+GROUP_MEGA_BATCHES = 50
+
 
 class Schedule:
     """Which examples each step sees. A pure function of the step, so resume is exact.
@@ -13,32 +17,63 @@ class Schedule:
     Each epoch is a seeded permutation of the examples, cut into chunks of `batch_size`; a step
     takes `chunks_per_step` consecutive chunks (the micro-batches of gradient accumulation; an
     online step takes one chunk of prompts).
+
+    With `lengths` (one per example: its padded width's driver, e.g. prompt + longest completion),
+    the permutation is cut into mega-batches of `GROUP_MEGA_BATCHES` chunks, each sorted by length
+    so a chunk holds rows of similar length (less padding), and the full chunks are then shuffled
+    (same seed) so the step order does not run from long to short. Still a function of
+    (seed, epoch), so resume stays exact.
     """
 
     def __init__(
-        self, n_examples: int, *, batch_size: int, chunks_per_step: int, seed: int, epochs: float, max_steps: int
+        self,
+        n_examples: int,
+        *,
+        batch_size: int,
+        chunks_per_step: int,
+        seed: int,
+        epochs: float,
+        max_steps: int,
+        lengths: list[int] | None = None,
     ):
         self.n = n_examples
         self.batch_size = batch_size
         self.chunks_per_step = chunks_per_step
         self.seed = seed
+        self.lengths = lengths
         self.chunks_per_epoch = math.ceil(n_examples / batch_size)
         self.steps_per_epoch = math.ceil(self.chunks_per_epoch / chunks_per_step)
         self.total_steps = max_steps or max(1, math.ceil(epochs * self.steps_per_epoch))
-        self._order: tuple[int, list[int]] | None = None
+        self._chunks: tuple[int, list[list[int]]] | None = None
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._order is None or self._order[0] != epoch:
+    def _epoch_chunks(self, epoch: int) -> list[list[int]]:
+        if self._chunks is None or self._chunks[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(self.n, generator=generator).tolist())
-        return self._order[1]
+            order = torch.randperm(self.n, generator=generator).tolist()
+            if self.lengths is not None:
+                order = self._grouped(order)
+            chunks = [order[start : start + self.batch_size] for start in range(0, self.n, self.batch_size)]
+            if self.lengths is not None:
+                # Shuffle the full chunks; a short last chunk stays last, as without grouping.
+                full = len(chunks) - (self.n % self.batch_size != 0)
+                chunks = [chunks[i] for i in torch.randperm(full, generator=generator).tolist()] + chunks[full:]
+            self._chunks = (epoch, chunks)
+        return self._chunks[1]
+
+    def _grouped(self, order: list[int]) -> list[int]:
+        """The permutation with each mega-batch sorted longest first (ties keep the random order)."""
+        lengths = self.lengths or []
+        mega = self.batch_size * GROUP_MEGA_BATCHES
+        out: list[int] = []
+        for start in range(0, len(order), mega):
+            out += sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        return out
 
     def micro_batches(self, step: int) -> list[list[int]]:
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = self._epoch_order(epoch)
+        chunks = self._epoch_chunks(epoch)
         first = position * self.chunks_per_step
-        last = min(first + self.chunks_per_step, self.chunks_per_epoch)
-        return [order[c * self.batch_size : (c + 1) * self.batch_size] for c in range(first, last)]
+        return chunks[first : min(first + self.chunks_per_step, self.chunks_per_epoch)]
 
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.batching import collate_completions, collate_preference, left_pad
-from engine.logprobs import completion_logps, full_logits_logps
+from engine.logprobs import chunked_head, chunked_head_logps, completion_logps, full_logits_logps, model_forward_logps
 
 
 def _tiny(family: str, **post_processing):
@@ -67,6 +67,7 @@ def test_temperature_divides_logits(model):
 
 
 def test_lm_head_only_sees_completion_positions(model):
+    completion_logps(model, **batch())  # the first call also checks the head on a short probe
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
     try:
@@ -190,3 +191,202 @@ def test_a_forward_without_logits_to_keep_still_gets_its_own_logits(model):
     assert torch.allclose(
         completion_logps(_NoLogitsToKeep(model), **b).sums, full_logits_logps(model, **b).sums, atol=1e-5
     )
+
+
+# The chunked head against the model's own forward: every family above, tied embeddings too.
+CHUNKED = {**ARCHITECTURES, "llama-tied": ("Llama", {"tie_word_embeddings": True})}
+
+
+def _grads(model, fn, b, temperature):
+    """(token log-probs, stats, gradients w.r.t. every parameter and w.r.t. the input embeddings)."""
+    model.zero_grad()
+    embeddings = model.get_input_embeddings()
+    captured = []
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        captured.append(out)
+
+    handle = embeddings.register_forward_hook(keep)
+    try:
+        out = fn(model, **b, temperature=temperature, stats=True)
+        # a loss that weights tokens differently, so row and token mix-ups show
+        (out.token_logps * torch.linspace(0.5, 2.0, out.token_logps.shape[0])).sum().backward()
+    finally:
+        handle.remove()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads, captured[-1].grad.clone()
+
+
+@pytest.mark.parametrize("name", list(CHUNKED))
+@pytest.mark.parametrize(
+    ("chunk_rows", "kept_rows"),
+    [(1, 0), (3, 0), (3, 4), (1000, 1000)],  # all recomputed in backward, some chunks' graphs kept, all kept
+)
+def test_chunked_head_equals_the_models_own_forward_values_and_gradients(name, chunk_rows, kept_rows, monkeypatch):
+    import engine.logprobs as logprobs
+
+    family, post_processing = CHUNKED[name]
+    model = _tiny(family, **post_processing)
+    assert chunked_head(model) is not None, f"{name}: the chunked head does not reproduce the model's logits"
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 97 * chunk_rows)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 97 * kept_rows)
+    b = batch()
+    for temperature in (1.0, 0.7):
+        new, new_grads, new_input_grad = _grads(model, completion_logps, b, temperature)
+        old, old_grads, old_input_grad = _grads(model, model_forward_logps, b, temperature)
+        assert torch.allclose(new.token_logps, old.token_logps, atol=1e-6), name
+        assert torch.equal(new.token_correct, old.token_correct)
+        assert torch.allclose(new.token_entropy, old.token_entropy, atol=1e-6)
+        assert torch.allclose(new.token_logit_mean, old.token_logit_mean, atol=1e-6)
+        assert new_grads.keys() == old_grads.keys() and len(new_grads) == len(list(model.parameters()))
+        for param, grad in old_grads.items():
+            # 1e-5: a tied embedding's gradient sums the head's and the lookup's parts in another order
+            difference = (new_grads[param] - grad).abs().max()
+            assert torch.allclose(new_grads[param], grad, atol=1e-5, rtol=1e-5), (name, param, difference)
+        assert torch.allclose(new_input_grad, old_input_grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_a_model_with_unknown_logit_post_processing_takes_its_own_forward():
+    import transformers
+
+    class DoubledLogits(
+        transformers.LlamaForCausalLM
+    ):  # a family whose forward scales logits in a way Cherry does not know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    base = _tiny("Llama")
+    model = DoubledLogits(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    assert chunked_head(model) is None
+    b = batch()
+    with torch.no_grad():
+        own = (model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]).log_softmax(-1)
+    own = own.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)[b["completion_mask"][:, 1:].bool()]
+    assert torch.allclose(completion_logps(model, **b).token_logps, own, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_chunked_head_under_bf16_autocast_matches_the_models_own_forward(model, recompute, monkeypatch):
+    import engine.logprobs as logprobs
+
+    if recompute:  # 2-row chunks, none kept: backward recomputes every chunk under the forward's autocast
+        monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 97 * 2)
+        monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 0)
+    b = batch()
+    results = []
+    for fn in (completion_logps, model_forward_logps):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(model, **b)
+        out.sums.sum().backward()
+        results.append((out.token_logps.detach(), model.lm_head.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    # Recomputed chunks sum per-chunk bf16 weight gradients in fp32: equal to bf16's own precision.
+    tolerance = {"atol": 2e-3, "rtol": 2e-2} if recompute else {"atol": 1e-6, "rtol": 1e-5}
+    assert torch.allclose(results[0][1], results[1][1], **tolerance)
+
+
+def _peak_measures(forward) -> tuple[int, int]:
+    """The most elements of any one tensor an op creates in forward() and the backward of what it
+    returns, and the elements the forward saves for backward (parameters left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    largest, saved = [0], [0]
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if torch.is_tensor(t):
+                    largest[0] = max(largest[0], t.numel())
+            return out
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved[0] += t.numel()
+        return t
+
+    with Largest():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+        loss.backward()
+    return largest[0], saved[0]
+
+
+def test_lm_head_peak_does_not_grow_with_completion_length(monkeypatch):
+    import engine.logprobs as logprobs
+
+    vocab, width = 512, 8
+    head_module = torch.nn.Linear(width, vocab, bias=False)
+    head = logprobs._Head(decoder=torch.nn.Identity(), module=head_module, post=[], vocab=vocab)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 16 * vocab)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 32 * vocab)  # two chunks' graphs kept
+
+    def run(path: str, tokens: int) -> tuple[int, int]:
+        hidden = torch.randn(tokens, width, requires_grad=True)
+        targets = torch.randint(0, vocab, (tokens,))
+
+        def forward():
+            if path == "chunked":
+                token_logps = chunked_head_logps(head, hidden, targets, stats=True)[0]
+            else:  # what the model-forward path does with the head's output
+                token_logps = head_module(hidden).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+            return token_logps.sum()
+
+        largest, saved = _peak_measures(forward)
+        return largest, saved - tokens * (width + 1)  # less the hidden states and targets, which are O(tokens)
+
+    # Chunked: the largest tensor is one chunk's logits (16 rows), and what is kept for backward
+    # beyond the hidden states is the same, at 64 and at 1024 tokens alike.
+    assert run("chunked", 64) == run("chunked", 1024)
+    assert run("chunked", 1024)[0] == 16 * vocab
+    # The measures see the [tokens, vocab] logits of the unchunked head, which grow with the tokens.
+    full_64, full_1024 = run("full", 64), run("full", 1024)
+    assert full_1024[0] == 1024 * vocab > full_64[0] and full_1024[1] > 1024 * vocab > full_64[1]
+
+
+def test_a_lora_model_takes_the_chunked_head_with_and_without_its_adapter():
+    import peft
+
+    model = peft.get_peft_model(_tiny("Llama"), peft.LoraConfig(r=4, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter, so that disabling it changes the log-probs
+            torch.nn.init.normal_(param, std=0.1)
+    assert chunked_head(model) is not None
+    b = batch()
+    with_adapter = completion_logps(model, **b).sums
+    assert torch.allclose(with_adapter, model_forward_logps(model, **b).sums, atol=1e-6)
+    with model.disable_adapter():  # the reference under LoRA
+        without = completion_logps(model, **b).sums
+        assert torch.allclose(without, model_forward_logps(model, **b).sums, atol=1e-6)
+    assert not torch.allclose(with_adapter, without, atol=1e-3)
+
+
+def test_a_biased_linear_head_gets_the_same_gradients_from_the_in_place_backward(monkeypatch):
+    import engine.logprobs as logprobs
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 50, bias=True)
+    head = logprobs._Head(decoder=torch.nn.Identity(), module=module, post=[lambda x: x * 0.5], vocab=50)
+    monkeypatch.setattr(logprobs, "HEAD_CHUNK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(logprobs, "HEAD_KEEP_ELEMENTS", 0)  # every chunk recomputed in backward
+    hidden, targets, weights = torch.randn(10, 8, requires_grad=True), torch.randint(0, 50, (10,)), torch.rand(10)
+    results = []
+    for path in ("chunked", "autograd"):
+        module.zero_grad()
+        hidden.grad = None
+        if path == "chunked":
+            token_logps = chunked_head_logps(head, hidden, targets, temperature=0.7)[0]
+        else:
+            logits = (module(hidden) * 0.5).float() / 0.7
+            token_logps = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        (token_logps * weights).sum().backward()
+        results.append(
+            (token_logps.detach(), hidden.grad.clone(), module.weight.grad.clone(), module.bias.grad.clone())
+        )
+    for got, expected in zip(*results):
+        assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)

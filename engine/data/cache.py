@@ -1,0 +1,144 @@
+"""The tokenised-data cache: `prepare`'s result kept on disk, so a second run on the same data starts
+without re-tokenising.
+
+The key hashes everything the examples depend on: the data files' contents (a local file or a
+saved `datasets` directory; hub ids are not cached), the tokenizer (its full serialised state:
+vocabulary, merges, normaliser, added and special tokens, chat template, class), every setting that
+changes the examples (data kind, max lengths, over-long policy, eval split and seed, max rows,
+splits) and `CACHE_VERSION`, raised whenever the example layout changes.
+
+One file per key, `<key>.npz`: every token-id list flattened into an int32 array with the lengths,
+the rest of each example as JSON. Loaded with `allow_pickle=False` (no code runs on load). Written
+to a temporary file in the same directory and renamed into place, so concurrent runs never read a
+half-written file (the last writer wins; both wrote the same thing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("cherry.engine")
+
+CACHE_VERSION = 1
+_HASH_BLOCK = 2**22
+
+
+def _hash_file(digest: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+
+
+def source_fingerprint(source: Any) -> str | None:
+    """sha256 of a local data file's or directory's contents (names included); None for anything else."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(os.fspath(source)).expanduser()
+    digest = hashlib.sha256()
+    if path.is_file():
+        _hash_file(digest, path)
+    elif path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+            _hash_file(digest, file)
+    else:
+        return None  # a hub id: its content is not known without fetching it
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of everything about a tokenizer that changes token ids or rendered text."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        digest.update(backend.to_str().encode())  # the whole tokenizer.json: model, merges, normaliser, ...
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for name in ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "padding_side"):
+        digest.update(f"\0{name}={getattr(tokenizer, name, None)!r}".encode())
+    digest.update(json.dumps(getattr(tokenizer, "init_kwargs", {}), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(sources: list[Any], tokenizer: Any, settings: dict[str, Any]) -> str | None:
+    """The cache key of `prepare(sources..., tokenizer, **settings)`, or None when a source cannot be hashed."""
+    parts = []
+    for source in sources:
+        if source is None:
+            parts.append("none")
+            continue
+        fingerprint = source_fingerprint(source)
+        if fingerprint is None:
+            return None
+        parts.append(fingerprint)
+    parts.append(tokenizer_fingerprint(tokenizer))
+    parts.append(json.dumps({**settings, "cache_version": CACHE_VERSION}, sort_keys=True))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _id_keys(examples: list[dict]) -> list[str]:
+    return sorted({key for ex in examples for key, value in ex.items() if key.endswith("_ids") or key == "loss_mask"})
+
+
+def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> None:
+    """Write `payload` (JSON-able) and the example lists atomically to `path`."""
+    import numpy as np
+
+    arrays: dict[str, Any] = {}
+    meta = {"payload": payload, "splits": {}}
+    for name, examples in splits.items():
+        keys = _id_keys(examples)
+        rest = []
+        for ex in examples:
+            rest.append({key: value for key, value in ex.items() if key not in keys})
+        meta["splits"][name] = {"keys": keys, "present": [[key in ex for key in keys] for ex in examples]}
+        for key in keys:
+            lists = [ex.get(key) or [] for ex in examples]
+            arrays[f"{name}/{key}/lengths"] = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
+            flat = [token for ids in lists for token in ids]
+            arrays[f"{name}/{key}/ids"] = np.asarray(flat, dtype=np.int32)  # token ids and 0/1 masks fit
+        arrays[f"{name}/rest"] = np.frombuffer(json.dumps(rest).encode(), dtype=np.uint8)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache reads like the home's other files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path) -> tuple[dict[str, Any], dict[str, list[dict]]] | None:
+    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt)."""
+    import numpy as np
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            meta = json.loads(arrays["meta"].tobytes())
+            splits = {}
+            for name, layout in meta["splits"].items():
+                examples = json.loads(arrays[f"{name}/rest"].tobytes())
+                for column, key in enumerate(layout["keys"]):
+                    ends = np.cumsum(arrays[f"{name}/{key}/lengths"]).tolist()
+                    flat = arrays[f"{name}/{key}/ids"].tolist()
+                    start = 0
+                    for ex, end, present in zip(examples, ends, layout["present"]):
+                        if present[column]:
+                            ex[key] = flat[start:end]
+                        start = end
+                splits[name] = examples
+    except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
+        log.warning("tokenised-data cache %s is unreadable (%s); tokenising again", path, exc)
+        return None
+    return meta["payload"], splits
