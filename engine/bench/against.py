@@ -13,8 +13,8 @@ allocations count against the other:
 Both sides: fp32, the same threads, batch, lengths, learning rate, constant schedule, gradient
 clipping at 1.0, beta, loss type, no label smoothing, no truncation (every row fits `max_length`).
 Timing is step to step (the end of one optimizer step to the end of the next: batching, forward,
-backward, optimizer, logging), after `warmup` steps that are not timed; the median of the timed
-steps is reported. Memory: the child's peak RSS at the end of its last step, above its RSS once its
+backward, optimizer, logging), after `warmup` steps that are not timed (at least the first step,
+which has no step end before it); the median of the timed steps is reported. Memory: the child's peak RSS at the end of its last step, above its RSS once its
 libraries were imported (on a GPU: peak allocated). Offline methods report the first step's loss of
 each side, computed before any update, which must agree: it shows both sides train on the same
 tokens with the same objective. Online methods (GRPO, RLOO) report sampled completions per second,
@@ -108,8 +108,13 @@ class Case:
         return str(Path(self.dir) / "data.jsonl")
 
     @property
+    def first_end(self) -> int:
+        """The step end the first timed interval starts from: the last warm-up step's (the first step's without one)."""
+        return max(self.warmup, 1) - 1
+
+    @property
     def total_steps(self) -> int:
-        return self.warmup + self.steps + 1  # +1: the first timed interval starts at the end of a warm-up step
+        return self.first_end + 1 + self.steps
 
 
 # --- the case: model, reference, tokenizer and rows, written once and read by both sides
@@ -119,7 +124,9 @@ def build_model(shape: Shape, seed: int, tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if shape.family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config_class, model_class = (
+        (Qwen2Config, Qwen2ForCausalLM) if shape.family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
     config = config_class(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
@@ -245,11 +252,11 @@ class StepClock:
             self.peak_gb = self.peak_rss_gb - self.baseline_gb
 
     def result(self, case: Case) -> dict:
-        intervals = [b - a for a, b in zip(self.ends[case.warmup :], self.ends[case.warmup + 1 :])]
+        intervals = [b - a for a, b in zip(self.ends[case.first_end :], self.ends[case.first_end + 1 :])]
         if not intervals:
             raise RuntimeError(f"only {len(self.ends)} steps ended; {case.total_steps} were asked for")
         step_seconds = sorted(intervals)[len(intervals) // 2]  # median: robust to a noisy neighbour
-        timed_rollouts = self.rollout_seconds[case.warmup + 1 : case.total_steps]
+        timed_rollouts = self.rollout_seconds[case.first_end + 1 : case.total_steps]
         out = {
             "step_seconds": step_seconds,
             "timed_steps": len(intervals),
@@ -380,7 +387,16 @@ def trl_missing() -> str | None:
     return None
 
 
-def compare(method: str, shape: str, *, steps: int = 3, warmup: int = 1, threads: int = 1, device: str = "cpu", new_tokens: int | None = None) -> dict:
+def compare(
+    method: str,
+    shape: str,
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    threads: int = 1,
+    device: str = "cpu",
+    new_tokens: int | None = None,
+) -> dict:
     """Build the case, run Cherry then TRL in fresh processes, and return both results and their ratios."""
     geometry = SHAPES[shape]
     online = method in ONLINE

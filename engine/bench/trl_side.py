@@ -104,9 +104,9 @@ def _load(path: str, device: str):
 
 def run_trl(case, clock_class) -> dict:
     # TRL's trainers imported before the clock starts (trl loads them lazily): their memory is not the run's.
-    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer  # noqa: F401
     from datasets import load_dataset
     from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RLOOTrainer, SFTTrainer  # noqa: F401
 
     clock = clock_class(case.device)
     tokenizer = AutoTokenizer.from_pretrained(case.model_dir)
