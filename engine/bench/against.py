@@ -3,8 +3,9 @@
 The parent process builds one case in a temporary directory: a random-init model (and, for DPO and
 KTO, a second random-init model as the frozen reference) saved with `save_pretrained`, the demo's
 byte-level tokenizer saved beside it, and a JSONL data file. Each side then trains on it in a fresh
-child process (`python -m engine.bench.against SIDE CASE_JSON`), so neither side's imports or
-allocations count against the other:
+child process (`python -m engine.bench.against SIDE CASES_JSON`), so neither side's imports or
+allocations count against the other (`compare_in_one_process_per_side` runs several methods per child,
+importing the libraries once: the test suite's quick check):
 
 - cherry: `engine.train.train` with a spec that turns off evaluation, samples and the reference
   precompute (TRL computes the reference per batch by default too);
@@ -14,8 +15,9 @@ Both sides: fp32, the same threads, batch, lengths, learning rate, constant sche
 clipping at 1.0, beta, loss type, no label smoothing, no truncation (every row fits `max_length`).
 Timing is step to step (the end of one optimizer step to the end of the next: batching, forward,
 backward, optimizer, logging), after `warmup` steps that are not timed (at least the first step,
-which has no step end before it); the median of the timed steps is reported. Memory: the child's peak RSS at the end of its last step, above its RSS once its
-libraries were imported (on a GPU: peak allocated). Offline methods report the first step's loss of
+which has no step end before it); the median of the timed steps is reported. Memory: the child's
+peak RSS at the end of its last step, above its RSS once its libraries were imported (on a GPU:
+peak allocated). Offline methods report the first step's loss of
 each side, computed before any update, which must agree: it shows both sides train on the same
 tokens with the same objective. Online methods (GRPO, RLOO) report sampled completions per second,
 with the rollout (sampling) and the rest of the step timed separately.
@@ -61,7 +63,7 @@ class Shape:
 
 SHAPES = {
     # Seconds per side: what the test suite runs.
-    "tiny": Shape("llama", 512, 64, 2, 2, 2, 128, False, 4, 24, 8, 4, (8,), "a 0.1M-parameter Llama (tests)"),
+    "tiny": Shape("llama", 512, 64, 2, 2, 2, 128, False, 4, 24, 8, 4, (8,), "a 0.15M-parameter Llama (tests)"),
     # Qwen2-0.5B's vocabulary and tied head on a small body: the LM head is most of the work.
     "head-heavy": Shape(
         "qwen2", 151936, 256, 2, 4, 2, 1024, True, 4, 96, 32, 8, (8, 64), "151,936 vocabulary, hidden 256 x 2 layers"
@@ -365,16 +367,16 @@ def run_cherry(case: Case) -> dict:
 # --- the parent: build the case, run both sides, compare
 
 
-def side_command(side: str, case: Case) -> list[str]:
-    return [sys.executable, "-m", "engine.bench.against", side, json.dumps(asdict(case))]
-
-
-def run_side(side: str, case: Case) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(case.threads), "TOKENIZERS_PARALLELISM": "false"}
+def run_side(side: str, cases: list[Case]) -> list[dict]:
+    """Run `cases` one after another in one fresh child process for `side`; their results in order."""
+    threads = cases[0].threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run(side_command(side, case), capture_output=True, text=True, check=False, env=env)
+    command = [sys.executable, "-m", "engine.bench.against", side, json.dumps([asdict(c) for c in cases])]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {side} side of `bench {case.method}` failed:\n{proc.stderr[-3000:]}")
+        methods = ", ".join(c.method for c in cases)
+        raise RuntimeError(f"the {side} side of `bench {methods}` failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -387,41 +389,33 @@ def trl_missing() -> str | None:
     return None
 
 
-def compare(
-    method: str,
-    shape: str,
-    *,
-    steps: int = 3,
-    warmup: int = 1,
-    threads: int = 1,
-    device: str = "cpu",
-    new_tokens: int | None = None,
-) -> dict:
-    """Build the case, run Cherry then TRL in fresh processes, and return both results and their ratios."""
-    geometry = SHAPES[shape]
-    online = method in ONLINE
+def make_case(
+    method: str, shape: str, tmp: str, *, steps: int, warmup: int, threads: int, device: str, new_tokens: int | None
+) -> Case:
+    geometry, online = SHAPES[shape], method in ONLINE
     new = new_tokens if new_tokens is not None else geometry.new_tokens[0]
-    with tempfile.TemporaryDirectory(prefix="cherry-bench-") as tmp:
-        case = Case(
-            method=method,
-            shape=shape,
-            dir=tmp,
-            steps=steps,
-            warmup=warmup,
-            threads=threads,
-            device=device,
-            new_tokens=new if online else 0,
-            # Room for every row with its EOS (and, online, every sample): nothing is truncated on either side.
-            max_length=geometry.prompt_len + (new if online else geometry.completion_len) + 8,
-        )
-        write_case(case)
-        results = {side: run_side(side, case) for side in ("cherry", "trl")}
-    cherry, trl = results["cherry"], results["trl"]
+    return Case(
+        method=method,
+        shape=shape,
+        dir=tmp,
+        steps=steps,
+        warmup=warmup,
+        threads=threads,
+        device=device,
+        new_tokens=new if online else 0,
+        # Room for every row with its EOS (and, online, every sample): nothing is truncated on either side.
+        max_length=geometry.prompt_len + (new if online else geometry.completion_len) + 8,
+    )
+
+
+def pair(case: Case, cherry: dict, trl: dict) -> dict:
+    """Both sides' results on one case, with their ratios and (offline) whether the first-step losses agree."""
+    online = case.method in ONLINE
     rate = "completions_per_s" if online else "tokens_per_s"
     out = {
-        "method": method,
-        "shape": shape,
-        "about": geometry.about,
+        "method": case.method,
+        "shape": case.shape,
+        "about": case.geometry.about,
         "case": {k: v for k, v in asdict(case).items() if k not in ("dir", "extra")},
         "cherry": cherry,
         "trl": trl,
@@ -433,6 +427,46 @@ def compare(
         out["loss_abs_diff"] = abs(cherry["first_loss"] - trl["first_loss"])
         out["losses_agree"] = out["loss_abs_diff"] <= LOSS_TOLERANCE
     return out
+
+
+def compare(
+    method: str,
+    shape: str,
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    threads: int = 1,
+    device: str = "cpu",
+    new_tokens: int | None = None,
+) -> dict:
+    """Build the case, run Cherry then TRL, each in its own fresh process, and return both results and their ratios."""
+    return compare_in_one_process_per_side(
+        [method], shape, steps=steps, warmup=warmup, threads=threads, device=device, new_tokens=new_tokens
+    )[0]
+
+
+def compare_in_one_process_per_side(
+    methods: list[str],
+    shape: str,
+    *,
+    steps: int = 3,
+    warmup: int = 1,
+    threads: int = 1,
+    device: str = "cpu",
+    new_tokens: int | None = None,
+) -> list[dict]:
+    """Several methods with one child process per side, which runs them one after another: the libraries
+    are imported once per side instead of once per method (the test suite's quick check of every method).
+    Peak memory then is each side's peak so far, not each method's own; `compare` measures one method alone."""
+    with tempfile.TemporaryDirectory(prefix="cherry-bench-") as tmp:
+        cases = []
+        for method in methods:
+            (Path(tmp) / method).mkdir()
+            settings = dict(steps=steps, warmup=warmup, threads=threads, device=device, new_tokens=new_tokens)
+            cases.append(make_case(method, shape, str(Path(tmp) / method), **settings))
+            write_case(cases[-1])
+        cherry, trl = run_side("cherry", cases), run_side("trl", cases)
+    return [pair(case, c, t) for case, c, t in zip(cases, cherry, trl)]
 
 
 def versions() -> dict[str, str]:
@@ -492,19 +526,23 @@ def preload_common() -> None:
 
 
 def main(argv: list[str]) -> None:
-    side, case = argv[0], Case(**json.loads(argv[1]))
+    side, loaded = argv[0], json.loads(argv[1])
+    single = isinstance(loaded, dict)
+    cases = [Case(**fields) for fields in ([loaded] if single else loaded)]
     import torch
 
-    torch.set_num_threads(case.threads)
+    torch.set_num_threads(cases[0].threads)
     preload_common()
-    if side == "cherry":
-        result = run_cherry(case)
-    else:
-        from engine.bench.trl_side import run_trl
+    results = []
+    for case in cases:
+        if side == "cherry":
+            results.append(run_cherry(case))
+        else:
+            from engine.bench.trl_side import run_trl
 
-        result = run_trl(case, StepClock)
-    print(json.dumps(result))
+            results.append(run_trl(case, StepClock))
+    print(json.dumps(results[0] if single else results))
 
 
-if __name__ == "__main__":  # child-process entry: python -m engine.bench.against SIDE CASE_JSON
+if __name__ == "__main__":  # child-process entry: python -m engine.bench.against SIDE CASES_JSON
     main(sys.argv[1:])

@@ -17,7 +17,7 @@ from engine.bench.against import (
     ONLINE,
     Case,
     build_rows,
-    compare,
+    compare_in_one_process_per_side,
     report_lines,
     run_side,
     write_case,
@@ -29,10 +29,17 @@ needs_trl = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def tiny_results():
+    """All five methods at the tiny shape, one child process per side (libraries imported once per side)."""
+    results = compare_in_one_process_per_side(list(METHODS), "tiny", steps=2, warmup=1)
+    return {result["method"]: result for result in results}
+
+
 @needs_trl
 @pytest.mark.parametrize("method", METHODS)
-def test_tiny_shape_against_trl(method):
-    result = compare(method, "tiny", steps=2, warmup=1)
+def test_tiny_shape_against_trl(method, tiny_results):
+    result = tiny_results[method]
     cherry, trl = result["cherry"], result["trl"]
     rate = "completions_per_s" if method in ONLINE else "tokens_per_s"
     for side in (cherry, trl):
@@ -57,7 +64,7 @@ def test_the_first_step_loss_is_not_a_constant(tmp_path):
     on it shows that both sides scored the same tokens, not merely that every log-ratio was 0."""
     case = Case(method="dpo", shape="tiny", dir=str(tmp_path), steps=1, warmup=0, max_length=48)
     write_case(case)
-    result = run_side("cherry", case)
+    [result] = run_side("cherry", [case])
     assert result["tokens_per_s"] > 0 and result["timed_steps"] == 1 and result["peak_mem_gb"] >= 0
     assert abs(result["first_loss"] - 0.693147) > 1e-3, result["first_loss"]
     rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
