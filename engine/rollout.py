@@ -83,6 +83,19 @@ def _split_at_eos(row: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return row, True
 
 
+def _repeat_rows(states: torch.Tensor, k: int) -> torch.Tensor:
+    """[batch, heads, seq, dim] cached keys or values -> each row k times, in the memory layout they came in.
+
+    Attention projections leave keys as a transposed view ([batch, seq, heads, dim] in memory); each
+    decoding step concatenates the new token's keys onto the cache, and a cache made contiguous by a plain
+    `repeat_interleave` no longer matches that layout, which made the concatenation 2-3x slower (profiled:
+    most of a 64-token rollout's extra time).
+    """
+    if states.transpose(1, 2).is_contiguous():
+        return states.transpose(1, 2).repeat_interleave(k, dim=0).transpose(1, 2)
+    return states.repeat_interleave(k, dim=0)
+
+
 @torch.no_grad()
 def generate_groups(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, config: GenerationConfig
@@ -109,7 +122,8 @@ def generate_groups(
         use_cache=True,
         logits_to_keep=1,  # the prefix's logits are never used
     )
-    cache.batch_repeat_interleave(k)
+    for layer in cache.layers:
+        layer.keys, layer.values = _repeat_rows(layer.keys, k), _repeat_rows(layer.values, k)
     return model.generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=config)
 
 
