@@ -266,7 +266,7 @@ class StepClock:
             "peak_mem_gb": self.peak_gb,
             "peak_rss_gb": self.peak_rss_gb,
             "memory": "peak CUDA allocated" if self.cuda else "peak RSS above the RSS after imports",
-            "tokens_per_step": self.tokens[0] if self.tokens else None,
+            "tokens_per_step": self.tokens[0] if self.tokens and case.method not in ONLINE else None,
         }
         shape = case.geometry
         if case.method in ONLINE:
@@ -526,9 +526,7 @@ def preload_common() -> None:
 
 
 def main(argv: list[str]) -> None:
-    side, loaded = argv[0], json.loads(argv[1])
-    single = isinstance(loaded, dict)
-    cases = [Case(**fields) for fields in ([loaded] if single else loaded)]
+    side, cases = argv[0], [Case(**fields) for fields in json.loads(argv[1])]
     import torch
 
     torch.set_num_threads(cases[0].threads)
@@ -541,7 +539,7 @@ def main(argv: list[str]) -> None:
             from engine.bench.trl_side import run_trl
 
             results.append(run_trl(case, StepClock))
-    print(json.dumps(results[0] if single else results))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":  # child-process entry: python -m engine.bench.against SIDE CASES_JSON
