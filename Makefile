@@ -28,8 +28,10 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "slow or not slow"
 
+# Cherry against TRL (the bench extra installs it) on the tiny shape; README "Benchmark" has the others.
 bench: $(VENV)/.installed
-	$(VENV)/bin/cherry bench dpo
+	$(PY) -m pip install -q -e ".[bench]"
+	$(VENV)/bin/cherry bench dpo --against trl --shape tiny
 
 clean-venv:
 	rm -rf $(VENV)

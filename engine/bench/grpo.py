@@ -1,17 +1,15 @@
-"""`cherry bench grpo`: where the time of an online step goes, Cherry's paths against naive ones.
+"""`cherry bench grpo --against ablation`: one optimisation switched off, not a comparison with another tool.
 
 A GRPO step is a rollout (sample k completions for each prompt) and an update (recompute the
-samples' log-probs with gradients, loss, backward, AdamW). Both halves are timed on the same
-tiny Llama-architecture model, prompts and samples, in one process:
+samples' log-probs with gradients, loss, backward, AdamW). On the same tiny Llama-architecture
+model, prompts and samples, in one process: the rollout (Cherry's `sample_rollout`, all prompts x k
+in one left-padded batch with the KV cache) is timed once, and the update twice: with the engine's
+completion-only log-probs (`completion_logps`, the LM head on completion positions only) and with
+that optimisation removed (`full_logits_logps`, logits and log-softmax at every position).
 
-- rollout: Cherry's `sample_rollout` (all prompts x k samples left-padded into one batch, KV cache)
-  against `naive_rollout`, the per-prompt, per-sample generate loop many RL scripts start from;
-- update: the GRPO loss on `completion_logps` (LM head on completion positions only) against
-  the same loss on `full_logits_logps` (logits and log-softmax over every position).
-
-A random model seldom samples EOS, so every sample runs to max_new_tokens and the token counts
-of the two rollout paths match. Times are medians of `repeats`; the report gives samples/s and
-tokens/s of each half and the ratios measured in the same run.
+A random model seldom samples EOS, so every sample runs to max_new_tokens. Times are medians of
+`repeats`. What Cherry's online step is worth against what users run instead is
+`cherry bench grpo --against trl` (engine/bench/against.py).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from engine.batching import collate_completions
 from engine.bench import bench_device
 from engine.logprobs import completion_logps, full_logits_logps
 from engine.losses.online import aggregate_token_loss, clipped_policy_loss, group_advantages
-from engine.rollout import naive_rollout, sample_rollout
+from engine.rollout import sample_rollout
 
 
 @dataclass
@@ -115,30 +113,21 @@ def run(cfg: GRPOBenchConfig) -> dict:
     model, tokenizer, examples = build_case(cfg, device)
     sampling = dict(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=1.0)
     results: dict[str, dict] = {}
-    rollout = None
-    for name, sample in (
-        ("cherry", lambda: sample_rollout(model, tokenizer, examples, **sampling)),
-        ("naive", lambda: naive_rollout(model, tokenizer, examples, **sampling)),
-    ):
-        times, tokens = [], 0
-        for _ in range(cfg.repeats):
-            torch.manual_seed(cfg.seed)
-            _sync(device)
-            started = time.perf_counter()
-            result = sample()
-            _sync(device)
-            times.append(time.perf_counter() - started)
-            tokens = sum(result.lengths)
-            rollout = rollout or result
-        seconds = _median(times)
-        samples = cfg.prompts * cfg.k
-        results[f"rollout_{name}"] = {
-            "seconds": seconds,
-            "samples_per_s": samples / seconds,
-            "tokens_per_s": tokens / seconds,
-        }
+    times, tokens, rollout = [], 0, None
+    for _ in range(cfg.repeats):
+        torch.manual_seed(cfg.seed)
+        _sync(device)
+        started = time.perf_counter()
+        result = sample_rollout(model, tokenizer, examples, **sampling)
+        _sync(device)
+        times.append(time.perf_counter() - started)
+        tokens = sum(result.lengths)
+        rollout = rollout or result
+    seconds = _median(times)
+    samples = cfg.prompts * cfg.k
+    results["rollout"] = {"seconds": seconds, "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    for name, logps_fn in (("cherry", completion_logps), ("naive", full_logits_logps)):
+    for name, logps_fn in (("completion_only", completion_logps), ("full_logits", full_logits_logps)):
         times, tokens = [], 0
         grpo_update(logps_fn, model, optimizer, rollout, cfg.k, device)  # warm-up
         if device.type == "cuda":
@@ -158,8 +147,7 @@ def run(cfg: GRPOBenchConfig) -> dict:
         "config": asdict(cfg),
         "device": str(device),
         **results,
-        "rollout_speedup": results["rollout_cherry"]["samples_per_s"] / results["rollout_naive"]["samples_per_s"],
-        "update_speedup": results["update_cherry"]["tokens_per_s"] / results["update_naive"]["tokens_per_s"],
-        "step_speedup": (results["rollout_naive"]["seconds"] + results["update_naive"]["seconds"])
-        / (results["rollout_cherry"]["seconds"] + results["update_cherry"]["seconds"]),
+        # what switching the optimisation off costs, in this ablation only
+        "update_ratio": results["update_completion_only"]["tokens_per_s"]
+        / results["update_full_logits"]["tokens_per_s"],
     }

@@ -98,6 +98,29 @@ def test_rollout_groups_samples_keeps_eos_and_flags_truncation(tiny_model_dir):
     assert model.training  # generation restores the mode it found
 
 
+def test_a_group_shares_its_prompt_cache_and_draws_the_same_tokens(tiny_model_dir):
+    """Each prompt runs through the model once for its k samples; they are the tokens `generate` draws
+    from the prompt repeated k times (same RNG draws, the same cache contents up to float rounding)."""
+    from engine.batching import left_pad
+    from engine.generation import _eos_ids
+    from engine.rollout import _sampling_config, generate_groups
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU).eval()
+    prompts = [tokenizer(t)["input_ids"] for t in ("a", "a longer prompt here", "xyz")]  # left padding too
+    config = _sampling_config(tokenizer, _eos_ids(model, tokenizer), 8, 1.0, 1.0)
+    input_ids, mask = left_pad(prompts, config.pad_token_id)
+    torch.manual_seed(3)
+    shared = generate_groups(model, input_ids, mask, 4, config)
+    torch.manual_seed(3)
+    repeated = model.generate(
+        input_ids=input_ids.repeat_interleave(4, 0),
+        attention_mask=mask.repeat_interleave(4, 0),
+        generation_config=config,
+    )
+    assert shared.shape[0] == 12 and torch.equal(shared, repeated)
+
+
 def test_missing_eos_penalty_lowers_only_truncated_samples(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=CPU)

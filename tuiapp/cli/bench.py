@@ -1,5 +1,6 @@
-"""`cherry bench`: the engine against naive baselines, measured side by side in one run; and the
-several-machines queue under load (jobs/loadbench.py)."""
+"""`cherry bench`: Cherry against TRL on the same model, rows and settings (`--against trl`, each side
+in a fresh process, engine/bench/against.py); ablations that switch one engine optimisation off
+(`--against ablation`); the several-machines queue under load (jobs/loadbench.py); a GPU check."""
 
 from __future__ import annotations
 
@@ -10,24 +11,104 @@ import typer
 from jobs import CherryError
 from tuiapp.cli.options import friendly
 
-bench_app = typer.Typer(help="Benchmarks: the engine against naive baselines, and the queue under load.")
+bench_app = typer.Typer(
+    help="Benchmarks: Cherry against TRL (same model, rows and settings), ablations, the queue under load."
+)
+
+SHAPE_OPTION = typer.Option(
+    "tiny",
+    "--shape",
+    help="tiny (seconds) | head-heavy (151,936 vocabulary, small body) | body-heavy (32k vocabulary, 8 layers x 512).",
+)
+STEPS_OPTION = typer.Option(3, "--steps", help="Timed steps per side (median reported), after the warm-up.")
+WARMUP_OPTION = typer.Option(1, "--warmup", help="Untimed warm-up steps per side.")
+THREADS_OPTION = typer.Option(1, "--threads", help="CPU threads, the same on both sides.")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
+JSON_OPTION = typer.Option(False, "--json", help="Print the full result as JSON.")
+
+
+def against_trl(
+    method: str,
+    shape: str,
+    steps: int,
+    warmup: int,
+    threads: int,
+    device: str,
+    as_json: bool,
+    new_tokens: int | None = None,
+) -> None:
+    """Run `method` on Cherry and on TRL at `shape` (online: at each completion length) and print the table."""
+    from engine.bench import bench_device
+    from engine.bench.against import ONLINE, SHAPES, compare, report_lines, trl_missing, versions
+
+    if shape not in SHAPES:
+        raise CherryError(f"--shape must be one of {', '.join(SHAPES)} (got {shape!r})")
+    for name, value in (("--steps", steps), ("--threads", threads)):
+        if value < 1:
+            raise CherryError(f"{name} must be >= 1 (got {value})")
+    if warmup < 0:
+        raise CherryError(f"--warmup must be >= 0 (got {warmup})")
+    if new_tokens is not None and new_tokens < 1:
+        raise CherryError(f"--new-tokens must be >= 1 (got {new_tokens})")
+    missing = trl_missing()
+    if missing:
+        raise CherryError(f"cherry bench {method} --against trl: {missing}; nothing was measured")
+    lengths = [new_tokens] if new_tokens else list(SHAPES[shape].new_tokens) if method in ONLINE else [None]
+    results = []
+    for length in lengths:
+        try:
+            result = compare(
+                method,
+                shape,
+                steps=steps,
+                warmup=warmup,
+                threads=threads,
+                device=str(bench_device(device)),
+                new_tokens=length,
+            )
+        except RuntimeError as err:
+            raise CherryError(str(err)) from None
+        results.append(result)
+        if not as_json:
+            for line in report_lines(result):
+                typer.echo(line)
+    if as_json:
+        typer.echo(json.dumps({"versions": versions(), "results": results}, indent=2))
+    else:
+        typer.echo(", ".join(f"{name} {version}" for name, version in versions().items()))
+
+
+def check_against(against: str, ablation: bool) -> None:
+    allowed = ("trl", "ablation") if ablation else ("trl",)
+    if against not in allowed:
+        raise CherryError(f"--against must be {' or '.join(allowed)} (got {against!r})")
 
 
 @bench_app.command("dpo")
 @friendly
 def bench_dpo(
-    seq_len: int = typer.Option(256, help="Tokens per sequence (prompt + completion)."),
-    prompt_len: int = typer.Option(192, help="Prompt tokens per sequence."),
-    pairs: int = typer.Option(8, help="Preference pairs per step."),
-    vocab: int = typer.Option(32000, help="Vocabulary size of the tiny model."),
-    hidden: int = typer.Option(256, help="Hidden size of the tiny model."),
-    layers: int = typer.Option(2, help="Transformer layers."),
-    steps: int = typer.Option(5, help="Timed steps per path (median reported)."),
-    threads: int = typer.Option(0, help="CPU threads (0 = torch default)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+    against: str = typer.Option(
+        "trl", "--against", help="trl: Cherry vs TRL's DPOTrainer | ablation: completion-only log-probs switched off."
+    ),
+    shape: str = SHAPE_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    threads: int = THREADS_OPTION,
+    device: str = DEVICE_OPTION,
+    seq_len: int = typer.Option(256, help="Ablation only: tokens per sequence (prompt + completion)."),
+    prompt_len: int = typer.Option(192, help="Ablation only: prompt tokens per sequence."),
+    pairs: int = typer.Option(8, help="Ablation only: preference pairs per step."),
+    vocab: int = typer.Option(32000, help="Ablation only: vocabulary size of the tiny model."),
+    hidden: int = typer.Option(256, help="Ablation only: hidden size of the tiny model."),
+    layers: int = typer.Option(2, help="Ablation only: transformer layers."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Time DPO steps: Cherry's completion-only log-probs vs the naive full-logits path."""
+    """DPO: Cherry vs TRL's DPOTrainer (tokens/s, step time, peak memory, first-step losses), or the
+    completion-only log-prob ablation."""
+    check_against(against, ablation=True)
+    if against == "trl":
+        against_trl("dpo", shape, steps, warmup, threads, device, as_json)
+        return
     from engine.bench.dpo import BenchConfig, compare
 
     if not 0 < prompt_len < seq_len:
@@ -40,6 +121,7 @@ def bench_dpo(
         hidden=hidden,
         layers=layers,
         steps=steps,
+        warmup=warmup,
         threads=threads,
         device=device,
     )
@@ -47,57 +129,101 @@ def bench_dpo(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    c, n = result["cherry"], result["naive"]
+    kept, full = result["completion_only"], result["full_logits"]
     typer.echo(
-        f"DPO step, {pairs} pairs x {seq_len} tokens (prompt {prompt_len}), vocab {vocab}, "
-        f"hidden {hidden} x {layers} layers, {c['device']}; median of {steps} steps"
+        f"Ablation (not a comparison with another tool): a DPO step with the LM head on completion positions only, "
+        f"then with full logits at every position; {pairs} pairs x {seq_len} tokens (prompt {prompt_len}), "
+        f"vocab {vocab}, hidden {hidden} x {layers} layers, {kept['device']}; median of {steps} steps"
     )
-    typer.echo(f"{'path':8s} {'tokens/s':>10s} {'step s':>8s} {'peak GB':>8s}")
-    for row in (c, n):
-        typer.echo(f"{row['path']:8s} {row['tokens_per_s']:10.0f} {row['step_seconds']:8.3f} {row['peak_mem_gb']:8.3f}")
+    typer.echo(f"{'path':16s} {'tokens/s':>10s} {'step s':>8s} {'peak GB':>8s}")
+    for row in (kept, full):
+        typer.echo(
+            f"{row['path']:16s} {row['tokens_per_s']:10.0f} {row['step_seconds']:8.3f} {row['peak_mem_gb']:8.3f}"
+        )
     typer.echo(
-        f"speed-up {result['speedup']:.2f}x, memory {result['memory_ratio']:.2f}x less ({c['memory']}); "
-        f"|loss difference| {result['loss_abs_diff']:.2e}"
+        f"full logits: {1 / result['throughput_ratio']:.2f}x the completion-only tokens/s, "
+        f"{result['memory_ratio']:.2f}x its memory ({kept['memory']}); |loss difference| {result['loss_abs_diff']:.2e}"
     )
+
+
+@bench_app.command("kto")
+@friendly
+def bench_kto(
+    against: str = typer.Option("trl", "--against", help="trl: Cherry vs TRL's KTOTrainer."),
+    shape: str = SHAPE_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    threads: int = THREADS_OPTION,
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """KTO: Cherry vs TRL's KTOTrainer (the mismatched KL rows are trained tokens on both sides)."""
+    check_against(against, ablation=False)
+    against_trl("kto", shape, steps, warmup, threads, device, as_json)
+
+
+@bench_app.command("sft")
+@friendly
+def bench_sft(
+    against: str = typer.Option("trl", "--against", help="trl: Cherry vs TRL's SFTTrainer (completion-only loss)."),
+    shape: str = SHAPE_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    threads: int = THREADS_OPTION,
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """SFT: Cherry vs TRL's SFTTrainer, loss on completion tokens."""
+    check_against(against, ablation=False)
+    against_trl("sft", shape, steps, warmup, threads, device, as_json)
+
+
+NEW_TOKENS_OPTION = typer.Option(
+    None, "--new-tokens", help="Tokens sampled per completion; default: each of the shape's (8, and 64 past tiny)."
+)
 
 
 @bench_app.command("grpo")
 @friendly
 def bench_grpo(
-    prompts: int = typer.Option(8, help="Prompts per step."),
-    k: int = typer.Option(8, "--k", help="Samples per prompt."),
-    prompt_len: int = typer.Option(64, help="Longest prompt (prompts are drawn from half of it to it)."),
-    max_new_tokens: int = typer.Option(32, help="Tokens sampled per completion."),
-    vocab: int = typer.Option(32000, help="Vocabulary size of the tiny model."),
-    hidden: int = typer.Option(256, help="Hidden size of the tiny model."),
-    layers: int = typer.Option(2, help="Transformer layers."),
-    repeats: int = typer.Option(3, help="Timed repeats of each path (median reported)."),
-    threads: int = typer.Option(0, help="CPU threads (0 = torch default)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
+    against: str = typer.Option(
+        "trl", "--against", help="trl: Cherry vs TRL's GRPOTrainer | ablation: completion-only log-probs switched off."
+    ),
+    shape: str = SHAPE_OPTION,
+    new_tokens: int | None = NEW_TOKENS_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    threads: int = THREADS_OPTION,
+    device: str = DEVICE_OPTION,
+    prompts: int = typer.Option(8, help="Ablation only: prompts per step."),
+    k: int = typer.Option(8, "--k", help="Ablation only: samples per prompt."),
+    prompt_len: int = typer.Option(64, help="Ablation only: longest prompt."),
+    vocab: int = typer.Option(32000, help="Ablation only: vocabulary size of the tiny model."),
+    hidden: int = typer.Option(256, help="Ablation only: hidden size of the tiny model."),
+    layers: int = typer.Option(2, help="Ablation only: transformer layers."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
-    """Time a GRPO step's rollout and update: Cherry's batched sampling and completion-only log-probs
-    against a per-prompt generate loop and full-logits log-probs, in the same run."""
+    """GRPO: Cherry vs TRL's GRPOTrainer (completions/s, rollout and update timed apart), or the
+    completion-only log-prob ablation of the update."""
+    check_against(against, ablation=True)
+    if against == "trl":
+        against_trl("grpo", shape, steps, warmup, threads, device, as_json, new_tokens)
+        return
     from engine.bench.grpo import GRPOBenchConfig, run
 
-    for name, value in (
-        ("--prompts", prompts),
-        ("--k", k),
-        ("--prompt-len", prompt_len),
-        ("--max-new-tokens", max_new_tokens),
-        ("--repeats", repeats),
-    ):
+    max_new = new_tokens or 32
+    for name, value in (("--prompts", prompts), ("--k", k), ("--prompt-len", prompt_len), ("--steps", steps)):
         if value < 1:
             raise CherryError(f"{name} must be >= 1 (got {value})")
     cfg = GRPOBenchConfig(
         prompts=prompts,
         k=k,
         prompt_len=prompt_len,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new,
         vocab=vocab,
         hidden=hidden,
         layers=layers,
-        repeats=repeats,
+        repeats=steps,
         threads=threads,
         device=device,
     )
@@ -106,23 +232,32 @@ def bench_grpo(
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(
-        f"GRPO step, {prompts} prompts x {k} samples x {max_new_tokens} new tokens (prompts <= {prompt_len}), "
-        f"vocab {vocab}, hidden {hidden} x {layers} layers, {result['device']}; median of {repeats}"
+        f"Ablation (not a comparison with another tool): a GRPO update with the LM head on completion positions "
+        f"only, then with full logits; {prompts} prompts x {k} samples x {max_new} new tokens, vocab {vocab}, "
+        f"hidden {hidden} x {layers} layers, {result['device']}; median of {steps}"
     )
-    typer.echo(f"{'phase':8s} {'path':8s} {'samples/s':>10s} {'tokens/s':>10s} {'seconds':>8s}")
-    for phase, what in (
-        ("rollout", "batched + KV cache vs one sample at a time"),
-        ("update", "completion-only vs full logits"),
-    ):
-        for path in ("cherry", "naive"):
-            row = result[f"{phase}_{path}"]
-            typer.echo(
-                f"{phase:8s} {path:8s} {row['samples_per_s']:10.1f} {row['tokens_per_s']:10.0f} {row['seconds']:8.3f}"
-            )
-    typer.echo(
-        f"rollout {result['rollout_speedup']:.1f}x faster, update {result['update_speedup']:.2f}x faster, "
-        f"whole step {result['step_speedup']:.1f}x"
-    )
+    typer.echo(f"{'phase':24s} {'samples/s':>10s} {'tokens/s':>10s} {'seconds':>8s}")
+    for name in ("rollout", "update_completion_only", "update_full_logits"):
+        row = result[name]
+        typer.echo(f"{name:24s} {row['samples_per_s']:10.1f} {row['tokens_per_s']:10.0f} {row['seconds']:8.3f}")
+    typer.echo(f"update with full logits: {1 / result['update_ratio']:.2f}x the completion-only tokens/s")
+
+
+@bench_app.command("rloo")
+@friendly
+def bench_rloo(
+    against: str = typer.Option("trl", "--against", help="trl: Cherry vs TRL's RLOOTrainer."),
+    shape: str = SHAPE_OPTION,
+    new_tokens: int | None = NEW_TOKENS_OPTION,
+    steps: int = STEPS_OPTION,
+    warmup: int = WARMUP_OPTION,
+    threads: int = THREADS_OPTION,
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """RLOO: Cherry vs TRL's RLOOTrainer (completions/s, rollout and update timed apart)."""
+    check_against(against, ablation=False)
+    against_trl("rloo", shape, steps, warmup, threads, device, as_json, new_tokens)
 
 
 @bench_app.command("queue")
