@@ -43,8 +43,8 @@ def train(
     world, ranks = start_ranks(spec, Path(out_dir), resume=resume, cache_dir=cache_dir)
     try:
         return train_rank(spec, out_dir, world, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
-    except torch.distributed.DistError as err:
-        # another rank died (its collective failed here): say which and why, as the run's own error
+    except RuntimeError as err:
+        # another rank died (gloo and NCCL fail the collective rank 0 waits in): say which and why
         failure = ranks.failure()
         if failure is None:
             raise
