@@ -35,8 +35,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-METHODS = ("dpo", "kto", "sft", "grpo", "rloo")
-ONLINE = ("grpo", "rloo")
+from engine.registry import is_online
+
+# The methods this benchmark drives, each with the TRL trainer it is measured against.
+TRL_TRAINERS = {
+    "dpo": "DPOTrainer",
+    "kto": "KTOTrainer",
+    "sft": "SFTTrainer",
+    "grpo": "GRPOTrainer",
+    "rloo": "RLOOTrainer",
+}
+METHODS = tuple(TRL_TRAINERS)
 LOSS_TOLERANCE = 1e-4
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "  # one byte = one token with the byte-level tokenizer
 
@@ -266,10 +275,10 @@ class StepClock:
             "peak_mem_gb": self.peak_gb,
             "peak_rss_gb": self.peak_rss_gb,
             "memory": "peak CUDA allocated" if self.cuda else "peak RSS above the RSS after imports",
-            "tokens_per_step": self.tokens[0] if self.tokens and case.method not in ONLINE else None,
+            "tokens_per_step": self.tokens[0] if self.tokens and not is_online(case.method) else None,
         }
         shape = case.geometry
-        if case.method in ONLINE:
+        if is_online(case.method):
             completions = shape.batch * shape.group
             out["completions_per_s"] = completions / step_seconds
             if timed_rollouts:
@@ -317,7 +326,7 @@ def cherry_spec(case: Case):
         values.update(ref_model=case.ref_dir, beta=case.beta)
     if case.method == "dpo":
         values.update(loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0)
-    if case.method in ONLINE:
+    if is_online(case.method):
         values.update(
             num_generations=shape.group,
             max_new_tokens=case.new_tokens,
@@ -360,7 +369,7 @@ def run_cherry(case: Case) -> dict:
 
     with tempfile.TemporaryDirectory() as out_dir:
         summary = train(cherry_spec(case), out_dir, reporter=Hook())
-    clock.tokens = [summary["tokens"] // max(summary["step"], 1)] if case.method not in ONLINE else []
+    clock.tokens = [summary["tokens"] // max(summary["step"], 1)] if not is_online(case.method) else []
     return clock.result(case)
 
 
@@ -392,7 +401,7 @@ def trl_missing() -> str | None:
 def make_case(
     method: str, shape: str, tmp: str, *, steps: int, warmup: int, threads: int, device: str, new_tokens: int | None
 ) -> Case:
-    geometry, online = SHAPES[shape], method in ONLINE
+    geometry, online = SHAPES[shape], is_online(method)
     new = new_tokens if new_tokens is not None else geometry.new_tokens[0]
     return Case(
         method=method,
@@ -410,7 +419,7 @@ def make_case(
 
 def pair(case: Case, cherry: dict, trl: dict) -> dict:
     """Both sides' results on one case, with their ratios and (offline) whether the first-step losses agree."""
-    online = case.method in ONLINE
+    online = is_online(case.method)
     rate = "completions_per_s" if online else "tokens_per_s"
     out = {
         "method": case.method,
@@ -483,7 +492,7 @@ def versions() -> dict[str, str]:
 
 def report_lines(result: dict) -> list[str]:
     """The table `cherry bench METHOD --against trl` prints."""
-    case, online = result["case"], result["method"] in ONLINE
+    case, online = result["case"], is_online(result["method"])
     rate = result["rate"]
     unit = "completions/s" if online else "tokens/s"
     shape = SHAPES[result["shape"]]

@@ -39,7 +39,8 @@ def against_trl(
 ) -> None:
     """Run `method` on Cherry and on TRL at `shape` (online: at each completion length) and print the table."""
     from engine.bench import bench_device
-    from engine.bench.against import ONLINE, SHAPES, compare, report_lines, trl_missing, versions
+    from engine.bench.against import SHAPES, compare, report_lines, trl_missing, versions
+    from engine.registry import is_online
 
     if shape not in SHAPES:
         raise CherryError(f"--shape must be one of {', '.join(SHAPES)} (got {shape!r})")
@@ -53,7 +54,7 @@ def against_trl(
     missing = trl_missing()
     if missing:
         raise CherryError(f"cherry bench {method} --against trl: {missing}; nothing was measured")
-    lengths = [new_tokens] if new_tokens else list(SHAPES[shape].new_tokens) if method in ONLINE else [None]
+    lengths = [new_tokens] if new_tokens else list(SHAPES[shape].new_tokens) if is_online(method) else [None]
     results = []
     for length in lengths:
         try:
