@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 from engine.bench.against import (
     LOSS_TOLERANCE,
     METHODS,
-    ONLINE,
     Case,
     build_rows,
     compare_in_one_process_per_side,
@@ -22,6 +21,7 @@ from engine.bench.against import (
     run_side,
     write_case,
 )
+from engine.registry import is_online
 from tuiapp.cli import app as cli
 
 needs_trl = pytest.mark.skipif(
@@ -41,13 +41,13 @@ def tiny_results():
 def test_tiny_shape_against_trl(method, tiny_results):
     result = tiny_results[method]
     cherry, trl = result["cherry"], result["trl"]
-    rate = "completions_per_s" if method in ONLINE else "tokens_per_s"
+    rate = "completions_per_s" if is_online(method) else "tokens_per_s"
     for side in (cherry, trl):
         assert side["timed_steps"] == 2, side
         assert side[rate] > 0 and side["step_seconds"] > 0, side
         assert side["first_loss"] is not None
     assert result["speed_ratio"] > 0 and result["memory_ratio"] > 0
-    if method in ONLINE:
+    if is_online(method):
         for side in (cherry, trl):  # sampling and the rest of the step are timed apart on both sides
             assert 0 < side["rollout_seconds"] < side["step_seconds"], side
     else:
