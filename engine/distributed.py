@@ -13,7 +13,8 @@ What is the same as one process with an N-times larger batch (`World`):
   same global batch (not a mean of per-rank means), and the logged metrics are global sums / counts;
 - the stop check is rank 0's, broadcast every step, so all ranks stop at the same step.
 Rank 0 alone evaluates, logs, samples and writes checkpoints and the final model. Checkpoints keep
-every rank's random generators and the world size.
+every rank's random generators and the world size. `parallelism: fsdp` shards the model instead of
+copying it (engine/sharding.py); the rest of this holds as it is.
 
 The gradient sum runs after the step's backward passes, not overlapped with them as DDP's bucketed
 hooks are: simpler to read and exact, at the cost of the overlap on fast interconnects.
@@ -73,6 +74,19 @@ class World:
         start = self.rank * size + min(self.rank, extra)
         return items[start : start + size + (1 if self.rank < extra else 0)]
 
+    def micro_shards(self, global_chunks: list[list], lockstep: bool = False) -> list[tuple[list, bool]]:
+        """This rank's share of each of a step's global micro-batches, as (rows, counts). An empty share is
+        left out; under `lockstep` (a sharded model, whose every pass is a collective all ranks call)
+        it becomes a filler instead: the micro-batch's first row, with counts False (its loss times zero)."""
+        out = []
+        for chunk in global_chunks:
+            rows = self.shard(chunk)
+            if rows:
+                out.append((rows, True))
+            elif lockstep and chunk:
+                out.append((chunk[:1], False))
+        return out
+
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks (float64, so counts and sums stay exact)."""
         if not self.active:
@@ -100,9 +114,10 @@ class World:
     def reduce_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         """Sum the gradients of `parameters` over the ranks, in flat buckets. A parameter a rank did not
         reach (no rows this step, a branch not taken) contributes zeros, so every rank calls the same
-        collectives in the same order."""
+        collectives in the same order. Sharded parameters (parallelism fsdp) were summed in backward."""
         if not self.active:
             return
+        parameters = [p for p in parameters if not _is_shard(p)]
         for p in parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -144,6 +159,12 @@ class World:
         return (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         )
+
+
+def _is_shard(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
 
 
 def _sum_bucket(grads: list[torch.Tensor]) -> None:

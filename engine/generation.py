@@ -81,6 +81,7 @@ def generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
+                    synced_gpus=False,  # a sharded model generates inside full_weights: no collective per token
                 )
                 new = sequences[:, input_ids.shape[1] :].tolist()
                 out.extend(_cut(row, eos_set) for row in new)

@@ -249,6 +249,12 @@ def _reproduces_own_logits(model: torch.nn.Module, head: _Head) -> bool:
     return bool(torch.allclose(ours, own, rtol=1e-3, atol=1e-4 * scale))
 
 
+def use_model_forward(model: torch.nn.Module) -> None:
+    """From now on `completion_logps(model, ...)` takes the model's own forward (a sharded model: its
+    root unit gathers the head's weights only inside that forward)."""
+    _HEADS[model] = None
+
+
 def chunked_head(model: torch.nn.Module) -> _Head | None:
     """The model's body/head split when the chunked head reproduces its logits, else None (cached per model)."""
     if model in _HEADS:

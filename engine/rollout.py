@@ -130,7 +130,7 @@ def generate_groups(
     """
     ids, mask = input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0)
     if k == 1 or input_ids.shape[1] < 2:
-        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False)
     prefix_mask = attention_mask[:, :-1]
     positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
     cache = DynamicCache(config=model.config)
@@ -144,7 +144,8 @@ def generate_groups(
     )
     for layer in cache.layers:
         layer.keys, layer.values = _repeat_rows(layer.keys, k), _repeat_rows(layer.values, k)
-    return model.generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=config)
+    # synced_gpus=False: a sharded model generates inside full_weights, with no collective per token
+    return model.generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=config, synced_gpus=False)
 
 
 @torch.no_grad()

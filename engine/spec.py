@@ -30,6 +30,7 @@ def presets_dir() -> Path:
 
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+PARALLELISM = ("ddp", "fsdp")
 SCHEDULERS = ("linear", "cosine", "constant", "inverse_sqrt")  # engine.loop.schedule.lr_factor
 OVERLONG = ("truncate", "drop")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -103,6 +104,7 @@ class RunSpec:
     seed: int = default("seed")
     num_threads: int = default("num_threads")  # CPU threads for torch; 0 = torch's default
     num_processes: int = default("num_processes")  # data-parallel ranks (one per GPU); batch_size is per rank
+    parallelism: str = default("parallelism")  # ddp: every rank holds the model | fsdp: each holds 1/N of it
     # --- algorithm (DPO family, KTO, ORPO)
     beta: float = default("beta")  # DPO/KTO KL strength; IPO tau; SimPO reward scale; ORPO lambda
     loss_type: str = default("loss_type")  # DPO: sigmoid | robust | hinge | ipo
@@ -434,6 +436,26 @@ def check_values(spec: RunSpec) -> None:
         "GPU r of those the run sees (CUDA_VISIBLE_DEVICES picks them); mps runs one process",
     )
     need(
+        spec.parallelism in PARALLELISM,
+        f"parallelism must be one of {', '.join(PARALLELISM)} (got '{spec.parallelism}')",
+    )
+    if spec.parallelism == "fsdp":
+        need(
+            spec.num_processes >= 2,
+            f"parallelism fsdp shards the model over num_processes ranks, and num_processes is {spec.num_processes}; "
+            "set --set num_processes=N (N >= 2 GPUs) or --set parallelism=ddp",
+        )
+        need(
+            spec.lora.r == 0,
+            f"parallelism fsdp shards a full fine-tune; LoRA (lora.r={spec.lora.r}) trains an adapter small enough "
+            "to keep whole on every rank: use --set parallelism=ddp, or --set lora.r=0 to shard a full fine-tune",
+        )
+        need(
+            spec.dtype != "fp16",
+            "parallelism fsdp runs in bf16 or fp32 mixed precision (fp16's loss scaler does not unscale shards); "
+            "use --set dtype=bf16 (or fp32)",
+        )
+    need(
         spec.lr_scheduler in SCHEDULERS,
         f"lr_scheduler must be one of {', '.join(SCHEDULERS)} (got '{spec.lr_scheduler}')",
     )
@@ -679,7 +701,7 @@ def resolve_spec(
 
 
 # What a resumed run may change: the split of its global batch over processes and micro-batches.
-RESUME_SETTINGS = ("num_processes", "batch_size", "grad_accum")
+RESUME_SETTINGS = ("num_processes", "batch_size", "grad_accum", "parallelism")
 
 
 def with_resume_settings(spec: RunSpec, overrides: list[str]) -> RunSpec:

@@ -66,9 +66,20 @@ def set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(
-    out_dir: Path, policy, optimizer, scheduler, state: TrainState, keep: int, extra: dict | None = None
+    out_dir: Path,
+    policy,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    keep: int,
+    extra: dict | None = None,
+    *,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """`extra`: more state to restore on resume (an online method's value model, KL coefficient).
+    `model_state` / `optimizer_state`: a sharded run's full state, gathered (else the model's and the
+    optimizer's own); either way the checkpoint has one format, whatever the run's parallelism.
 
     state.pt holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so it
     loads with `torch.load(weights_only=True)`: reading a checkpoint never runs code from the file.
@@ -77,11 +88,11 @@ def save_checkpoint(
     final = folder / f"step-{state.step:07d}"
     tmp = folder / f"step-{state.step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "model")
+    policy.save_pretrained(tmp / "model", state_dict=model_state)
     torch.save(
         {
             "state": asdict(state),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_states(),
             "extra": extra or {},
@@ -151,10 +162,11 @@ def load_extra_state(checkpoint: Path) -> dict:
     return read_checkpoint_state(checkpoint)["extra"]
 
 
-def load_training_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
+def load_training_state(checkpoint: Path, optimizer, scheduler, load_optimizer=None) -> TrainState:
+    """`load_optimizer(state)`: how this run loads the saved optimizer state (a sharded run keeps its shard)."""
     saved = read_checkpoint_state(checkpoint)
     try:
-        optimizer.load_state_dict(saved["optimizer"])
+        (load_optimizer or optimizer.load_state_dict)(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         set_rng_states(saved["rng"])
         return TrainState(**saved["state"])
@@ -165,10 +177,10 @@ def load_training_state(checkpoint: Path, optimizer, scheduler) -> TrainState:
         ) from None
 
 
-def restore(checkpoint: Path | None, resume: bool, optimizer, scheduler, reporter) -> TrainState:
+def restore(checkpoint: Path | None, resume: bool, optimizer, scheduler, reporter, load_optimizer=None) -> TrainState:
     """The state to continue from: the checkpoint's (metrics after it are dropped), or a fresh start."""
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler)
+        state = load_training_state(checkpoint, optimizer, scheduler, load_optimizer)
         reporter.rewind(state.step)
         reporter.log_event("resume", f"resumed from {checkpoint.name}", step=state.step)
         return state

@@ -12,7 +12,9 @@ checkpoints/step-NNNNNNN/ (weights or adapter + optimizer, scheduler, RNG, step)
 A data-parallel run (`num_processes: N`, engine/distributed.py) runs this same code in every rank:
 `run.world` says which rank this is; the schedule cuts global batches (N x `batch_size` per micro-batch)
 that each rank shards; `accumulate` divides by the step's global units; `clip_gradients` first sums
-the gradients over the ranks; rank 0 alone evaluates, reports and writes files.
+the gradients over the ranks; rank 0 alone evaluates, reports and writes files. With `parallelism: fsdp`
+(engine/sharding.py) each rank holds a shard of the policy: every rank then runs the same passes (filler
+micro-batches where its share is empty), and gathers the full weights around what rank 0 runs alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +64,15 @@ from engine.models import (
 from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, NullReporter, Reporter, RunDirReporter
+from engine.sharding import (
+    clip_sharded_gradients,
+    full_model_state,
+    full_optimizer_state,
+    full_weights,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_model,
+)
 
 log = logging.getLogger("cherry.engine")
 StopCheck = Callable[[], "bool | str | None"]
@@ -146,7 +158,14 @@ class Run:
         if self.models.value is not None:
             self.trainable += [p for p in self.models.value.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(spec, self.trainable, self.schedule.total_steps)
-        self.state = restore(self.checkpoint, self.resume, self.optimizer, self.scheduler, self.reporter)
+        load_optimizer = (
+            (lambda state: load_full_optimizer_state(self.trained_models, self.optimizer, state))
+            if self.sharded
+            else None
+        )
+        self.state = restore(
+            self.checkpoint, self.resume, self.optimizer, self.scheduler, self.reporter, load_optimizer
+        )
         if self.checkpoint is not None:
             extra = load_extra_state(self.checkpoint)
             self.algo.load_state_dict(extra.get("algorithm", {}))
@@ -224,9 +243,26 @@ class Run:
             seed=spec.seed,
         ).train[: spec.eval_max_examples]
 
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.models.policy)
+
+    @property
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        return {"policy": self.models.policy, "value": self.models.value}
+
+    def full_weights(self):
+        """Every rank enters it; inside, rank 0 (or each rank) may run the policy alone (engine.sharding)."""
+        return full_weights(self.models.policy)
+
     def save_checkpoint(self) -> None:
-        """Every rank calls this (their random generators are gathered); rank 0 writes."""
+        """Every rank calls this (their random generators are gathered, a sharded model's shards too);
+        rank 0 writes."""
         rank_rng = self.world.gather(rng_states())
+        model_state = optimizer_state = None
+        if self.sharded:
+            model_state = full_model_state(self.models.policy)
+            optimizer_state = full_optimizer_state(self.trained_models, self.optimizer)
         if not self.world.is_main:
             return
         extra = {"algorithm": self.algo.state_dict()}
@@ -244,6 +280,8 @@ class Run:
             self.state,
             self.spec.save_total_limit,
             extra,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
 
     def parameter_counts(self) -> dict[str, int]:
@@ -285,6 +323,8 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
 
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
     policy, reference = build_models(spec, device, precision, checkpoint, algo)
+    if spec.parallelism == "fsdp":
+        shard_model(policy, world)
     save_dtype = (
         source_dtype(spec.model, spec.trust_remote_code) if spec.save_dtype == "auto" else DTYPE_NAMES[spec.save_dtype]
     )
@@ -311,27 +351,34 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
 def accumulate(
     algo: Algorithm,
     models: Models,
-    micro_batches: list[tuple[dict, list[dict]]],
+    micro_batches: list[tuple[dict, list[dict], bool]],
     sums: MetricSums,
     reference_logps: Callable[[dict], torch.Tensor] | None = None,
     precision: Precision | None = None,
     world: World = World(),
 ) -> int:
-    """Forward and backward over one optimizer step's micro-batches (batch, rows); returns the tokens seen.
+    """Forward and backward over one optimizer step's micro-batches (batch, rows, counts); returns the
+    tokens seen.
 
     Each micro-batch adds its share of the step's loss (its sum over the step's units, counted over
-    every rank), so accumulation equals one big batch whatever the split into micro-batches and ranks. `reference_logps(batch)` adds the frozen
-    reference's log-probs as batch["ref_logps"] (offline methods that need a reference). Forward passes
-    run under the run's autocast; backward outside it, through the fp16 gradient scaler when there is one.
+    every rank), so accumulation equals one big batch whatever the split into micro-batches and ranks.
+    A filler (counts False: a sharded run's stand-in for an empty share, `World.micro_shards`) runs its
+    passes with its loss times zero and adds no units, metrics or tokens. `reference_logps(batch)` adds
+    the frozen reference's log-probs as batch["ref_logps"] (offline methods that need a reference).
+    Forward passes run under the run's autocast; backward outside it, through the fp16 gradient scaler
+    when there is one.
     """
     precision = precision or Precision(torch.float32, models.device)
-    total_units = world.sum([sum(algo.units(batch) for batch, _ in micro_batches)])[0]
+    total_units = world.sum([sum(algo.units(batch) for batch, _, counts in micro_batches if counts)])[0]
     tokens = 0
-    for batch, rows in micro_batches:
+    for batch, rows, counts in micro_batches:
         with precision.autocast():
             if reference_logps is not None:
                 batch["ref_logps"] = reference_logps(batch)
             loss_sum, metric_sums = algo.loss(models, batch, rows)
+        if not counts:
+            precision.backward(loss_sum * 0.0)
+            continue
         precision.backward(loss_sum / max(total_units, 1e-9))
         sums.add({"loss": loss_sum.item(), **metric_sums}, algo.units(batch))
         tokens += int(batch["attention_mask"].sum())
@@ -340,10 +387,14 @@ def accumulate(
 
 def clip_gradients(run: Run) -> float:
     """Sum the gradients over the ranks (each rank's loss was already divided by the global units), then
-    clip; returns the norm before clipping, the same on every rank."""
+    clip; returns the norm before clipping, the same on every rank. A sharded policy's gradients were
+    summed and scattered in backward; the norm then adds every rank's shard."""
     run.world.reduce_gradients(run.trainable)
     run.precision.unscale(run.optimizer)
-    return float(torch.nn.utils.clip_grad_norm_(run.trainable, run.spec.max_grad_norm or float("inf")))
+    max_norm = run.spec.max_grad_norm or float("inf")
+    if run.sharded:
+        return clip_sharded_gradients(run.trainable, max_norm, run.world)
+    return float(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
 
 
 def run_steps(
@@ -363,10 +414,8 @@ def run_steps(
     such as the foreground's first Ctrl+C, goes through `should_stop`).
     """
     spec, state, total, world = run.spec, run.state, run.schedule.total_steps, run.world
-    if state.step == 0 and world.is_main:
-        with run.precision.autocast():
-            evaluate(0)
-            log_samples(0)
+    if state.step == 0:
+        on_rank_zero(run, partial(evaluate, 0), partial(log_samples, 0))
     before = dict(run.metric_log.last)
 
     status = "completed"
@@ -385,20 +434,15 @@ def run_steps(
             state.train_seconds += step_seconds
 
             last = state.step == total
-            if not world.is_main:
-                if run.due(spec.save_steps) and not last:
-                    run.save_checkpoint()
-                continue
-            if run.due(spec.logging_steps) or last:
+            if world.is_main and (run.due(spec.logging_steps) or last):
                 metrics.setdefault("train/tokens_per_s", tokens / max(step_seconds, 1e-9))
                 metrics["train/epoch"] = run.schedule.epoch(state.step)
                 metrics.update(sys_metrics(run.device, run.cpu_meter))
                 run.metric_log.emit(state.step, metrics)
-            with run.precision.autocast():
-                if run.due(spec.eval_steps) and not last:
-                    evaluate(state.step)
-                if run.due(spec.sample_steps) and not last:
-                    log_samples(state.step)
+            work = [partial(evaluate, state.step)] if run.due(spec.eval_steps) and not last else []
+            if run.due(spec.sample_steps) and not last:
+                work.append(partial(log_samples, state.step))
+            on_rank_zero(run, *work)
             if run.due(spec.save_steps) and not last:
                 run.save_checkpoint()
     except KeyboardInterrupt:
@@ -407,21 +451,40 @@ def run_steps(
         raise
 
     run.save_checkpoint()
+    final_state = None
+    if status == "completed":
+        on_rank_zero(run, partial(evaluate, state.step), partial(log_samples, state.step))
+        if run.sharded:
+            final_state = full_model_state(run.models.policy)
     if not world.is_main:
         return {"status": status, "step": state.step}
     if status == "completed":
-        with run.precision.autocast():
-            evaluate(state.step)
-            log_samples(state.step)
         final = run.out_dir / "final"
-        if run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
-            run.models.policy.to(run.save_dtype)
-        run.models.policy.save_pretrained(final)
+        if final_state is not None:  # the gathered weights, in the model's own dtype
+            final_state = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in final_state.items()}
+            run.models.policy.save_pretrained(final, state_dict=final_state)
+        else:
+            if run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
+                run.models.policy.to(run.save_dtype)
+            run.models.policy.save_pretrained(final)
         run.models.tokenizer.save_pretrained(final)
         if run.models.value is not None:
             run.models.value.save_pretrained(run.out_dir / "final_value")
     run.reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
     return write_summary(run, status, before)
+
+
+def on_rank_zero(run: Run, *work: Callable[[], None]) -> None:
+    """Rank 0 runs `work` (evaluation, samples) alone, under the run's autocast, while the other ranks wait.
+    Every rank calls it: with a sharded policy every rank first gathers the full weights, which rank 0's
+    lone forwards need."""
+    if not work:
+        return
+    with run.full_weights():
+        if run.world.is_main:
+            with run.precision.autocast():
+                for job in work:
+                    job()
 
 
 def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:

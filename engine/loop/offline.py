@@ -105,8 +105,8 @@ def train_offline(
     train_reference = partial(reference_logps, split="train") if algo.needs_reference else None
 
     def step(index: int) -> tuple[dict[str, float], int]:
-        chunks = [[data.train[i] for i in world.shard(idx)] for idx in run.schedule.micro_batches(index)]
-        micro = [(to_device(collate(rows)), rows) for rows in chunks if rows]
+        chunks = [[data.train[i] for i in idx] for idx in run.schedule.micro_batches(index)]
+        micro = [(to_device(collate(rows)), rows, counts) for rows, counts in world.micro_shards(chunks, run.sharded)]
         sums = MetricSums()
         tokens = accumulate(algo, models, micro, sums, train_reference, run.precision, world)
         grad_norm = clip_gradients(run)
@@ -118,17 +118,18 @@ def train_offline(
         means.update(algo.derived_metrics(means))
         metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr})
-        positions = sum(batch["attention_mask"].numel() for batch, _ in micro)
+        positions = sum(batch["attention_mask"].numel() for batch, _, counts in micro if counts)
         tokens, positions = world.sum([tokens, positions])  # over every rank's shard
         metrics["batch/pad_fraction"] = 1.0 - tokens / positions if positions else 0.0  # tokens: the real positions
         return metrics, int(tokens)
 
     # --- evaluation: the eval split's loss, exact match, KL, and sample comparisons
-    reference_texts = (  # rank 0 alone evaluates and logs samples
-        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
-        if world.is_main
-        else []
-    )
+    with run.full_weights():  # rank 0 alone evaluates and logs samples
+        reference_texts = (
+            reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+            if world.is_main
+            else []
+        )
 
     @torch.no_grad()
     def evaluate(step_index: int) -> None:

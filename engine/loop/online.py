@@ -103,7 +103,9 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         step_started = time.time()
         examples = [data.train[i] for i in world.shard(run.schedule.micro_batches(index)[0])]
 
-        with run.precision.autocast():  # sampling, scoring and preparing are forward passes only
+        # sampling, scoring and preparing are forward passes only; each rank samples its own prompts, to its
+        # own lengths, so a sharded policy samples with its full weights gathered
+        with run.precision.autocast(), run.full_weights():
             rollout = sample_rollout(
                 policy,
                 tokenizer,
@@ -132,8 +134,8 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
                 metrics.update(phase.metrics)
                 for mini_batch in mini_batches(phase, spec):
                     micro = [
-                        ({k: v.to(device) for k, v in algo.collate(chunk, tokenizer.pad_token_id).items()}, chunk)
-                        for chunk in split(world.shard(mini_batch), spec.grad_accum)
+                        ({k: v.to(device) for k, v in algo.collate(rows, tokenizer.pad_token_id).items()}, rows, counts)
+                        for rows, counts in world.micro_shards(split(mini_batch, spec.grad_accum), run.sharded)
                     ]
                     tokens += accumulate(algo, models, micro, sums, precision=run.precision, world=world)
                     grad_norm = clip_gradients(run)
@@ -166,11 +168,12 @@ def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str,
         return metrics, tokens
 
     # --- evaluation: greedy exact match and reward on the eval prompts, KL, sample comparisons
-    reference_texts = (  # rank 0 alone evaluates and logs samples
-        reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
-        if world.is_main
-        else []
-    )
+    with run.full_weights():  # rank 0 alone evaluates and logs samples
+        reference_texts = (
+            reference_completions(policy, reference, tokenizer, sample_prompts, spec.max_new_tokens)
+            if world.is_main
+            else []
+        )
 
     @torch.no_grad()
     def evaluate(step_index: int) -> None:

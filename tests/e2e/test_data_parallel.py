@@ -1,7 +1,8 @@
 """Data-parallel runs (`num_processes: N`) on the CPU with gloo: two processes with batch B each are the same
 run as one process with batch 2B (per-step loss and final weights), for a pair-mean loss (DPO) and a
 token-mean loss whose ranks hold different token counts (SFT); online methods run sharded end to end;
-cancel and resume work, across world sizes when the global batch is kept."""
+cancel and resume work, across world sizes when the global batch is kept. Each runs with every rank holding
+the whole model (`parallelism: ddp`) and with each holding a shard of it (`fsdp`)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,19 @@ def _run(spec, out_dir, **kwargs) -> tuple[list[float], dict[str, torch.Tensor],
     return reporter.series("train/loss"), _final_weights(out_dir), reporter, summary
 
 
-def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(tiny_model_dir, tiny_pairs, tmp_path):
+PARALLELISM = pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+
+
+@PARALLELISM
+def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(
+    tiny_model_dir, tiny_pairs, tmp_path, parallelism
+):
     one = _run(dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=5, **QUIET), tmp_path / "one")
     two = _run(
-        dpo_spec(tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, max_steps=5, **QUIET), tmp_path / "two"
+        dpo_spec(
+            tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, parallelism=parallelism, max_steps=5, **QUIET
+        ),
+        tmp_path / "two",
     )
     _assert_same_run(one[:2], two[:2])
     assert one[3]["world_size"] == 1 and two[3]["world_size"] == 2
@@ -67,19 +77,42 @@ def uneven_sft(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl", rows)
 
 
-def test_sft_token_mean_is_global_across_processes(tiny_model_dir, uneven_sft, tmp_path):
+@PARALLELISM
+def test_sft_token_mean_is_global_across_processes(tiny_model_dir, uneven_sft, tmp_path, parallelism):
     def spec(**overrides):
         return dpo_spec(tiny_model_dir, uneven_sft, algorithm="sft", max_steps=4, **QUIET, **overrides)
 
     one = _run(spec(batch_size=8), tmp_path / "one")
-    two = _run(spec(batch_size=4, num_processes=2), tmp_path / "two")
+    two = _run(spec(batch_size=4, num_processes=2, parallelism=parallelism), tmp_path / "two")
     _assert_same_run(one[:2], two[:2])
     # and with gradient accumulation on top: 2 processes x 2 micro-batches x 2 rows = 1 process x 8 rows
-    accumulated = _run(spec(batch_size=2, grad_accum=2, num_processes=2), tmp_path / "accumulated")
+    accumulated = _run(
+        spec(batch_size=2, grad_accum=2, num_processes=2, parallelism=parallelism), tmp_path / "accumulated"
+    )
     _assert_same_run(one[:2], accumulated[:2])
 
 
-def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tmp_path):
+def test_a_sharded_rank_with_an_empty_share_runs_a_filler_and_the_run_stays_exact(tiny_model_dir, tmp_path):
+    """7 rows, global micro-batches of 2, 2 per step: the second step's last micro-batch has one row, so rank
+    1's share is empty. Under fsdp it must still run that micro-batch's passes (each is a collective); the
+    filler adds nothing, so the run equals one process's."""
+    rows = [{"prompt": f"say {c}:", "completion": " " + c * (1 + i % 4)} for i, c in enumerate("abcdefg")]
+    data = write_jsonl(tmp_path / "seven.jsonl", rows)
+
+    def spec(**overrides):
+        return dpo_spec(
+            tiny_model_dir, data, algorithm="sft", epochs=1, max_steps=0, grad_accum=2, **QUIET, **overrides
+        )
+
+    one = _run(spec(batch_size=2), tmp_path / "one")
+    sharded = _run(spec(batch_size=1, num_processes=2, parallelism="fsdp"), tmp_path / "sharded")
+    assert len(one[0]) == 2
+    _assert_same_run(one[:2], sharded[:2])
+    assert sharded[3]["tokens"] == one[3]["tokens"]  # the filler's tokens are not counted
+
+
+@PARALLELISM
+def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tmp_path, parallelism):
     prompts = write_jsonl(
         tmp_path / "prompts.jsonl", [{"prompt": f"say {c}{i}:", "answer": c * 2} for i, c in enumerate("abcdefghijkl")]
     )
@@ -87,7 +120,12 @@ def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tm
     for processes in (1, 2):
         reporter = MemoryReporter()
         spec = online_spec(
-            tiny_model_dir, prompts, "grpo", batch_size=2 if processes == 2 else 4, num_processes=processes
+            tiny_model_dir,
+            prompts,
+            "grpo",
+            batch_size=2 if processes == 2 else 4,
+            num_processes=processes,
+            **({"parallelism": parallelism} if processes == 2 else {}),
         )
         summary = train(spec, tmp_path / f"p{processes}", reporter)
         assert summary["status"] == "completed" and summary["world_size"] == processes
@@ -99,7 +137,9 @@ def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tm
     assert rows[1] == rows[2] == [16, 16, 4]
 
 
-def test_a_two_process_run_cancels_and_resumes_across_world_sizes(tiny_model_dir, tiny_pairs, tmp_path):
+@PARALLELISM
+def test_a_two_process_run_cancels_and_resumes_across_world_sizes(tiny_model_dir, tiny_pairs, tmp_path, parallelism):
+    """A sharded run's checkpoint has the same format as a one-process run's: it resumes on one process."""
     whole = _run(dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=6, **QUIET), tmp_path / "whole")
 
     calls = []
@@ -109,13 +149,17 @@ def test_a_two_process_run_cancels_and_resumes_across_world_sizes(tiny_model_dir
         return len(calls) > 3
 
     run_dir = tmp_path / "run"
-    two = dpo_spec(tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, max_steps=6, **QUIET)
+    two = dpo_spec(
+        tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, parallelism=parallelism, max_steps=6, **QUIET
+    )
     first = MemoryReporter()
     summary = train(two, run_dir, first, should_stop=stop_after_three)
     assert summary["status"] == "cancelled" and summary["step"] == 3
 
     # another global batch would change which examples each step sees: refused, naming the settings
-    wrong = dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, num_processes=2, max_steps=6, **QUIET)
+    wrong = dpo_spec(
+        tiny_model_dir, tiny_pairs, batch_size=8, num_processes=2, parallelism=parallelism, max_steps=6, **QUIET
+    )
     with pytest.raises(CherryError, match="global batch of 8"):
         train(wrong, run_dir, MemoryReporter(), resume=True)
 
@@ -131,11 +175,42 @@ def test_a_two_process_run_cancels_and_resumes_across_world_sizes(tiny_model_dir
     assert all(torch.allclose(weights[n], whole[1][n], atol=1e-5) for n in weights)
 
 
+def test_a_one_process_checkpoint_resumes_sharded(tiny_model_dir, tiny_pairs, tmp_path):
+    """The other way: a run that outgrew one GPU continues from its checkpoint with fsdp on two processes,
+    the optimizer state split between them, and the run is the same as an uninterrupted one."""
+    whole = _run(dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=6, **QUIET), tmp_path / "whole")
+    calls = []
+    run_dir = tmp_path / "run"
+    first = MemoryReporter()
+    one = dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, max_steps=6, **QUIET)
+    train(one, run_dir, first, should_stop=lambda: calls.append(1) or len(calls) > 3)
+    sharded = dpo_spec(
+        tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, parallelism="fsdp", max_steps=6, **QUIET
+    )
+    rest = MemoryReporter()
+    summary = train(sharded, run_dir, rest, resume=True)
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert first.series("train/loss") + rest.series("train/loss") == pytest.approx(whole[0], abs=1e-5)
+    weights = _final_weights(run_dir)
+    assert all(torch.allclose(weights[n], whole[1][n], atol=1e-5) for n in weights)
+    config = (run_dir / "final" / "config.json").read_text()
+    assert '"LlamaForCausalLM"' in config  # saved as the model's own class, not the sharding wrapper's
+
+
 def test_num_processes_is_checked_at_submit():
     with pytest.raises(CherryError, match="num_processes must be >= 1"):
         build_spec({"algorithm": "dpo", "model": "m", "dataset": "d", "num_processes": 0})
     with pytest.raises(CherryError, match="num_processes=2 needs device"):
         build_spec({"algorithm": "dpo", "model": "m", "dataset": "d", "num_processes": 2, "device": "mps"})
+    base = {"algorithm": "dpo", "model": "m", "dataset": "d", "parallelism": "fsdp"}
+    with pytest.raises(CherryError, match="parallelism fsdp shards the model over num_processes"):
+        build_spec(base)
+    with pytest.raises(CherryError, match="use --set parallelism=ddp, or --set lora.r=0"):
+        build_spec({**base, "num_processes": 2, "lora": {"r": 8}})
+    with pytest.raises(CherryError, match="use --set dtype=bf16"):
+        build_spec({**base, "num_processes": 2, "dtype": "fp16", "device": "cuda"})
+    with pytest.raises(CherryError, match="parallelism must be one of ddp, fsdp"):
+        build_spec({**base, "parallelism": "zero3"})
 
 
 def test_shards_cover_every_item_once():

@@ -1,0 +1,164 @@
+"""Fully sharded data parallel (`parallelism: fsdp`): each rank keeps 1/N of the policy's weights, gradients
+and optimizer state, for models whose training state does not fit on one GPU.
+
+Built on PyTorch's `fully_shard` (FSDP2): every decoder layer is a unit (the model's own
+`_no_split_modules` name them), and the rest (embeddings, final norm, LM head) is the root unit. A unit
+gathers its full weights for its forward and backward and frees them after; its gradient is summed
+over the ranks and scattered so each rank keeps its shard (`reduce_scatter` with a plain sum: each
+rank's loss is already divided by the step's global units, as in the ddp mode).
+
+What this asks of the loops, because every gather is a collective that all ranks must call:
+- every rank runs the same number of forward and backward passes per step: a rank whose shard of a
+  micro-batch is empty runs a *filler* (real rows of the step, loss x 0), see `micro_shards`;
+- a forward that one rank runs alone (rank 0's evaluation and samples, each rank's own rollouts of
+  different lengths) runs inside `full_weights`: every rank gathers the whole model first, after which
+  forwards need no collective. The full weights are then held on every rank for that time, as the
+  ddp mode holds them always;
+- checkpoints and the final model are gathered to rank 0 as one full state dict, in the same format
+  as a one-process run's, so a run may resume with another `num_processes` or `parallelism`.
+The frozen models (reference, reward model, judge) and a value model stay whole on every rank; a value
+model's gradients are summed as in the ddp mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from engine.distributed import World
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules to shard one by one: the model's transformer blocks (the classes its `_no_split_modules`
+    names), or failing that, the entries of its longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if units:
+        return units
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """Shard `model` in place over the world's ranks (every rank calls it with the same weights)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from engine.logprobs import use_model_forward
+
+    for unit in _units(model):
+        fully_shard(unit)
+    fully_shard(model)
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            # Sum, not mean, across ranks; forced to a plain sum because gloo lacks the scaled-sum op.
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
+    # The chunked LM head calls the body and the head apart, around the root unit's gather: sharded
+    # models take their own forward (logits at completion positions only).
+    use_model_forward(model)
+    return model
+
+
+def _fsdp_units(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every unit of a sharded `model` holds its full weights, so any rank may run forwards alone
+    (generation, evaluation). Every rank must enter it. A model that is not sharded: nothing to do."""
+    if not is_sharded(model):
+        yield
+        return
+    units = _fsdp_units(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True)
+
+
+def _container(models: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """One module holding what the optimizer trains (`{"policy": ..., "value": ...}`), so state-dict names
+    and the optimizer's parameter order agree."""
+    return torch.nn.ModuleDict({name: m for name, m in models.items() if m is not None})
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded `model`'s full state dict on rank 0's CPU ({} on other ranks). Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (an LM head sharing the embedding) come back gathered twice, as two tensors that
+    # `save_pretrained` cannot see are one: keep the name the model itself lists first.
+    first = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {name: value for name, value in state.items() if name not in tied}
+
+
+def _trainable_names(models: dict[str, torch.nn.Module]) -> list[str]:
+    return [name for name, p in _container(models).named_parameters() if p.requires_grad]
+
+
+def full_optimizer_state(models: dict[str, torch.nn.Module], optimizer) -> dict:
+    """The optimizer's full state on rank 0 ({} elsewhere), keyed as `optimizer.state_dict()` keys it (by
+    position), so a checkpoint reads the same whatever wrote it. Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(
+        _container(models), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not by_name:
+        return {}
+    index = {name: i for i, name in enumerate(_trainable_names(models))}
+    return {
+        "state": {index[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]} for group in by_name["param_groups"]
+        ],
+    }
+
+
+def load_full_optimizer_state(models: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
+    """Load a position-keyed full optimizer state (any checkpoint's) into a sharded run's optimizer: each
+    rank keeps its shard. Every rank calls it with the same `state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _trainable_names(models)
+    by_name = {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(
+        _container(models), optimizer, optim_state_dict=by_name, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def clip_sharded_gradients(parameters: list[torch.nn.Parameter], max_norm: float, world: World) -> float:
+    """Clip by the global norm when some gradients are shards (summed squares over the ranks) and others are
+    whole and equal on every rank (a value model's): returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    shard_squares = sum(float(g.to_local().double().pow(2).sum()) for g in grads if isinstance(g, DTensor))
+    whole_squares = sum(float(g.double().pow(2).sum()) for g in grads if not isinstance(g, DTensor))
+    norm = (world.sum([shard_squares])[0] + whole_squares) ** 0.5
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return norm
