@@ -45,7 +45,7 @@ from engine.loop.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, peak_memory_gb, sys_metrics
+from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, held_state_gb, peak_memory_gb, sys_metrics
 from engine.loop.schedule import Schedule, build_optimizer
 from engine.models import (
     DTYPE_NAMES,
@@ -456,7 +456,15 @@ def run_steps(
         on_rank_zero(run, partial(evaluate, state.step), partial(log_samples, state.step))
         if run.sharded:
             final_state = full_model_state(run.models.policy)
-    if not world.is_main:
+    if not world.is_main:  # its log (<run dir>/ranks/rank-N.log) says what this rank's process held at most
+        log.info(
+            "rank %d: %s at step %d, peak memory %.3f GB, weights and optimizer state held %.3f GB",
+            world.rank,
+            status,
+            state.step,
+            peak_memory_gb(run.device),
+            held_state_gb(run.trainable, run.optimizer),
+        )
         return {"status": status, "step": state.step}
     if status == "completed":
         final = run.out_dir / "final"
@@ -501,8 +509,10 @@ def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
         "tokens": state.tokens,
         "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
         "peak_memory_gb": round(peak_memory_gb(run.device), 3),
+        "held_state_gb": round(held_state_gb(run.trainable, run.optimizer), 6),  # weights + optimizer state, per rank
         "device": str(run.device),
         "world_size": run.world.size,
+        "parallelism": spec.parallelism,
         "dtype": str(run.dtype).removeprefix("torch."),
         "save_dtype": str(run.save_dtype).removeprefix("torch."),
         "before": {k: v for k, v in before.items() if k.startswith("eval/")},

@@ -131,3 +131,17 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def held_state_gb(parameters: list[torch.Tensor], optimizer) -> float:
+    """GiB of trained weights and optimizer state this process holds (a sharded run: its shards only). The
+    part of memory that `parallelism: fsdp` divides by the ranks; gradients add the weights' size again
+    while a step runs, activations depend on the batch."""
+
+    def local_bytes(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's own shard
+        return local.numel() * local.element_size()
+
+    held = sum(local_bytes(p) for p in parameters)
+    held += sum(local_bytes(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    return held / 2**30

@@ -61,6 +61,9 @@ def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(
     )
     _assert_same_run(one[:2], two[:2])
     assert one[3]["world_size"] == 1 and two[3]["world_size"] == 2
+    # weights + AdamW state per rank: whole under ddp, half (give or take a row of padding) under fsdp
+    held = two[3]["held_state_gb"] / one[3]["held_state_gb"]
+    assert held == pytest.approx(1.0 if parallelism == "ddp" else 0.5, abs=0.02)
     assert two[3]["tokens"] == one[3]["tokens"]  # tokens are counted over both ranks
     assert one[0][-1] < one[0][0] - 0.01  # it trained: the equality is not between two runs that did nothing
     assert (tmp_path / "two" / "ranks" / "rank-1.log").exists()
