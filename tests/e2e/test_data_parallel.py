@@ -224,6 +224,14 @@ def test_shards_cover_every_item_once():
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
+def test_micro_shards_give_an_empty_share_a_filler_only_in_lockstep():
+    chunks = [[1, 2], [3]]
+    assert World(1, 2).micro_shards(chunks) == [([2], True)]
+    assert World(1, 2).micro_shards(chunks, lockstep=True) == [([2], True), ([3], False)]
+    assert World(0, 2).micro_shards(chunks, lockstep=True) == [([1], True), ([3], True)]
+    assert World().micro_shards(chunks, lockstep=True) == [([1, 2], True), ([3], True)]
+
+
 def test_metric_sums_and_rollouts_merge_across_ranks():
     sums, counts = merge_metric_sums(
         [({"loss": 2.0, "kto/r": 1.0}, {"loss": 4, "kto/r": 1}), ({"loss": 1.0}, {"loss": 2})]

@@ -314,3 +314,14 @@ def test_every_default_is_written_once_in_the_base_preset():
             continue
         value = dataclasses.asdict(spec.lora) if f.name == "lora" else getattr(spec, f.name)
         assert value == base[f.name], f.name
+
+def test_a_resume_may_change_only_the_batch_split_and_the_parallelism():
+    from engine.spec import with_resume_settings
+
+    spec = build_spec({"algorithm": "dpo", "model": "m", "dataset": "d", "batch_size": 8})
+    sharded = with_resume_settings(spec, ["parallelism=fsdp", "num_processes=2", "batch_size=4"])
+    assert (sharded.parallelism, sharded.num_processes, sharded.batch_size) == ("fsdp", 2, 4)
+    with pytest.raises(SpecError, match="--set lr: a resumed run keeps its settings"):
+        with_resume_settings(spec, ["lr=1e-3"])
+    with pytest.raises(SpecError, match="parallelism fsdp shards the model over num_processes"):
+        with_resume_settings(spec, ["parallelism=fsdp"])
