@@ -315,6 +315,7 @@ def test_every_default_is_written_once_in_the_base_preset():
         value = dataclasses.asdict(spec.lora) if f.name == "lora" else getattr(spec, f.name)
         assert value == base[f.name], f.name
 
+
 def test_a_resume_may_change_only_the_batch_split_and_the_parallelism():
     from engine.spec import with_resume_settings
 
