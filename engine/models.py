@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.errors import ModelError
+from engine.sharding import is_sharded
 
 if TYPE_CHECKING:  # wrap_lora reads a RunSpec but needs nothing of engine.spec at run time
     from engine.spec import RunSpec
@@ -242,7 +243,20 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     head = getattr(inner, "score", None)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    last = attention_mask.sum(-1) - 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    if is_sharded(model):
+        # A sharded model's root unit gathers the head's weights only inside the model's own forward: run
+        # it, and read the head's per-position scores as they leave the head. The model's own (pooled)
+        # output joins the graph at zero weight: the root unit gathers its weights again for backward
+        # when the gradient reaches its outputs.
+        scores: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda _module, _inputs, out: scores.append(out))
+        try:
+            pooled = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            handle.remove()
+        return scores[0][rows, last].squeeze(-1).float() + 0.0 * pooled.sum()
     body = getattr(inner, inner.base_model_prefix)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    last = attention_mask.sum(-1) - 1
-    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+    return head(hidden[rows, last]).squeeze(-1).float()

@@ -70,6 +70,27 @@ def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(
     assert not (tmp_path / "two" / "ranks" / "metrics.jsonl").exists()  # rank 1 writes no run files
 
 
+def test_a_sharded_reward_model_equals_one_process(tiny_model_dir, tiny_pairs, tmp_path):
+    """A reward model reads its score head at each row's last token; sharded, the head's weights live in
+    the root unit, gathered only inside the model's own forward and again for its backward."""
+    one = _run(dpo_spec(tiny_model_dir, tiny_pairs, algorithm="rm", batch_size=8, max_steps=4, **QUIET), tmp_path / "1")
+    sharded = _run(
+        dpo_spec(
+            tiny_model_dir,
+            tiny_pairs,
+            algorithm="rm",
+            batch_size=4,
+            num_processes=2,
+            parallelism="fsdp",
+            max_steps=4,
+            **QUIET,
+        ),
+        tmp_path / "2",
+    )
+    _assert_same_run(one[:2], sharded[:2])
+    assert one[0][-1] < one[0][0]
+
+
 @pytest.fixture(scope="module")
 def uneven_sft(tmp_path_factory):
     """Completions from 1 to 12 tokens long, so the two ranks of a step hold different token counts: a mean
@@ -287,3 +308,28 @@ def test_a_rank_that_dies_ends_the_run_instead_of_leaving_it_waiting(tiny_model_
     assert proc.returncode != 0
     assert "rank process rank-1 ended with exit code -9" in output
     assert (out / "metrics.jsonl").read_text().strip() and list((out / "checkpoints").glob("step-*"))
+
+
+def _one_demo_preset_per_algorithm() -> list[str]:
+    from engine.spec import demo_dir, resolve_spec
+
+    by_algorithm: dict[str, str] = {}
+    for preset in sorted(demo_dir().glob("*.yaml")):
+        by_algorithm.setdefault(resolve_spec(str(preset), []).algorithm, preset.stem)
+    return sorted(by_algorithm.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", _one_demo_preset_per_algorithm())
+def test_every_method_runs_sharded_on_two_processes(preset, tmp_path, monkeypatch):
+    """Every algorithm's passes stay in lockstep under fsdp (a rank that ran one pass more or less would
+    wait in a collective until the watchdog): two steps with evaluation, samples and checkpoints."""
+    from engine.spec import demo_dir, resolve_spec
+
+    monkeypatch.setenv("CHERRY_DIST_TIMEOUT", "120")
+    settings = ["num_samples=2", "kl_samples=2", "max_steps=2", "eval_steps=1", "sample_steps=1", "save_steps=1"]
+    settings += ["eval_max_examples=8", "batch_size=2", "num_processes=2", "parallelism=fsdp"]
+    reporter = MemoryReporter()
+    summary = train(resolve_spec(str(demo_dir() / f"{preset}.yaml"), settings), tmp_path / preset, reporter)
+    assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["parallelism"] == "fsdp"
+    assert len(reporter.series("train/loss")) == 2 and reporter.samples
