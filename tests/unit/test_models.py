@@ -79,3 +79,31 @@ def test_fp16_loss_scaling_unscales_before_the_step_and_skips_overflow():
     assert weight.tolist() == pytest.approx([0.8] * 3)  # an overflowing step is skipped
     assert precision.scaler.get_scale() == scale / 2  # and the scale backs off
     assert Precision(torch.bfloat16, torch.device("cpu")).scaler is None
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
+def test_adamw_is_fused_on_gpus_only(device):
+    from types import SimpleNamespace
+
+    from engine.loop.schedule import build_optimizer
+
+    spec = SimpleNamespace(
+        lr=1e-3,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        weight_decay=0.0,
+        warmup_steps=0,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+    )
+    optimizer, _ = build_optimizer(spec, [torch.nn.Parameter(torch.ones(3, device=device))], total_steps=1)
+    assert bool(optimizer.defaults["fused"]) == (device == "cuda")
