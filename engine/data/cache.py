@@ -7,9 +7,9 @@ vocabulary, merges, normaliser, added and special tokens, chat template, class),
 changes the examples (data kind, max lengths, over-long policy, eval split and seed, max rows,
 splits) and `CACHE_VERSION`, raised whenever the example layout changes.
 
-One file per key, `<key>.npz`: every token-id list flattened into an int32 array with the lengths,
-the rest of each example as JSON. Loaded with `allow_pickle=False` (no code runs on load). Written
-to a temporary file in the same directory and renamed into place, so concurrent runs never read a
+One file per key, `<key>.npz`: the examples' columns (engine.data.examples: every token-id list of a
+key flattened into an int32 array with offsets, the rest of each example as a JSON document).
+Loaded with `allow_pickle=False` (no code runs on load). Written to a temporary file in the same directory and renamed into place, so concurrent runs never read a
 half-written file (the last writer wins; both wrote the same thing).
 """
 
@@ -23,9 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from engine.data.examples import Examples, IdColumn
+
 log = logging.getLogger("cherry.engine")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _HASH_BLOCK = 2**22
 
 
@@ -82,28 +84,20 @@ def cache_key(sources: list[Any], tokenizer: Any, settings: dict[str, Any]) -> s
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def _id_keys(examples: list[dict]) -> list[str]:
-    return sorted({key for ex in examples for key, value in ex.items() if key.endswith("_ids") or key == "loss_mask"})
-
-
-def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> None:
-    """Write `payload` (JSON-able) and the example lists atomically to `path`."""
+def save(path: Path, payload: dict[str, Any], splits: dict[str, Examples]) -> None:
+    """Write `payload` (JSON-able) and the splits' columns atomically to `path`."""
     import numpy as np
 
     arrays: dict[str, Any] = {}
     meta = {"payload": payload, "splits": {}}
     for name, examples in splits.items():
-        keys = _id_keys(examples)
-        rest = []
-        for ex in examples:
-            rest.append({key: value for key, value in ex.items() if key not in keys})
-        meta["splits"][name] = {"keys": keys, "present": [[key in ex for key in keys] for ex in examples]}
-        for key in keys:
-            lists = [ex.get(key) or [] for ex in examples]
-            arrays[f"{name}/{key}/lengths"] = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
-            flat = [token for ids in lists for token in ids]
-            arrays[f"{name}/{key}/ids"] = np.asarray(flat, dtype=np.int32)  # token ids and 0/1 masks fit
-        arrays[f"{name}/rest"] = np.frombuffer(json.dumps(rest).encode(), dtype=np.uint8)
+        meta["splits"][name] = list(examples.ids)
+        for key, column in examples.ids.items():
+            arrays[f"{name}/{key}/ids"] = column.values
+            arrays[f"{name}/{key}/offsets"] = column.offsets
+            arrays[f"{name}/{key}/present"] = column.present
+        arrays[f"{name}/rest"] = examples.rest
+        arrays[f"{name}/rest_offsets"] = examples.rest_offsets
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
@@ -117,8 +111,9 @@ def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> 
         raise
 
 
-def load(path: Path) -> tuple[dict[str, Any], dict[str, list[dict]]] | None:
-    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt)."""
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Examples]] | None:
+    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt).
+    The examples stay columns (engine.data.examples): a dict is built only when an example is read."""
     import numpy as np
 
     if not path.is_file():
@@ -127,17 +122,12 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, list[dict]]] | None:
         with np.load(path, allow_pickle=False) as arrays:
             meta = json.loads(arrays["meta"].tobytes())
             splits = {}
-            for name, layout in meta["splits"].items():
-                examples = json.loads(arrays[f"{name}/rest"].tobytes())
-                for column, key in enumerate(layout["keys"]):
-                    ends = np.cumsum(arrays[f"{name}/{key}/lengths"]).tolist()
-                    flat = arrays[f"{name}/{key}/ids"].tolist()
-                    start = 0
-                    for ex, end, present in zip(examples, ends, layout["present"]):
-                        if present[column]:
-                            ex[key] = flat[start:end]
-                        start = end
-                splits[name] = examples
+            for name, keys in meta["splits"].items():
+                ids = {
+                    key: IdColumn(*(arrays[f"{name}/{key}/{part}"] for part in ("ids", "offsets", "present")))
+                    for key in keys
+                }
+                splits[name] = Examples(ids, arrays[f"{name}/rest"], arrays[f"{name}/rest_offsets"])
     except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
         log.warning("tokenised-data cache %s is unreadable (%s); tokenising again", path, exc)
         return None
