@@ -277,7 +277,9 @@ def run_side(side: str, case: StartCase) -> dict:
     return out
 
 
-def compare_start(rows: int, *, against_trl: bool, threads: int = 1, seed: int = 0, directory: str | None = None) -> dict:
+def compare_start(
+    rows: int, *, against_trl: bool, threads: int = 1, seed: int = 0, directory: str | None = None
+) -> dict:
     """Write the case, then time Cherry cold, Cherry warm and (with `against_trl`) TRL cold and warm."""
     from engine.data.prepare import tokenise_processes
 

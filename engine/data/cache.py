@@ -9,8 +9,9 @@ splits) and `CACHE_VERSION`, raised whenever the example layout changes.
 
 One file per key, `<key>.npz`: the examples' columns (engine.data.examples: every token-id list of a
 key flattened into an int32 array with offsets, the rest of each example as a JSON document).
-Loaded with `allow_pickle=False` (no code runs on load). Written to a temporary file in the same directory and renamed into place, so concurrent runs never read a
-half-written file (the last writer wins; both wrote the same thing).
+Loaded with `allow_pickle=False` (no code runs on load). Written to a temporary file in the same
+directory and renamed into place, so concurrent runs never read a half-written file (the last writer
+wins; both wrote the same thing).
 """
 
 from __future__ import annotations

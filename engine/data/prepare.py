@@ -106,7 +106,6 @@ def _process(rows: list[dict], fmt: str, tokenizer: Any, opts: Options, where: s
     """All rows of one source tokenised with `datasets`' batched map (several processes for large data):
     an Arrow table with a row per item (see `_tokenise_batch`), and the counts."""
     import datasets
-    import numpy as np
 
     id_keys = ID_KEYS[opts.kind]
     features = datasets.Features(
