@@ -29,6 +29,11 @@ from engine.data.examples import Examples, IdColumn
 log = logging.getLogger("cherry.engine")
 
 CACHE_VERSION = 2
+# init_kwargs that say where and how a tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only), not
+# what it does: the same tokenizer loaded from another path or offline keeps its key.
+_WHERE_LOADED_FROM = frozenset(
+    {"name_or_path", "is_local", "local_files_only", "cache_dir", "revision", "token", "_commit_hash", "vocab_file"}
+)
 _HASH_BLOCK = 2**22
 
 
@@ -65,7 +70,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     for name in ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "padding_side"):
         digest.update(f"\0{name}={getattr(tokenizer, name, None)!r}".encode())
-    digest.update(json.dumps(getattr(tokenizer, "init_kwargs", {}), sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _WHERE_LOADED_FROM}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
