@@ -9,7 +9,7 @@ splits) and `CACHE_VERSION`, raised whenever the example layout changes.
 
 One file per key, `<key>.npz`: the examples' columns (engine.data.examples: every token-id list of a
 key flattened into an int32 array with offsets, the rest of each example as a JSON document).
-Loaded with `allow_pickle=False` (no code runs on load). Written to a temporary file in the same
+Loaded memory-mapped, never unpickled (no code runs on load). Written to a temporary file in the same
 directory and renamed into place, so concurrent runs never read a half-written file (the last writer
 wins; both wrote the same thing).
 """
@@ -118,23 +118,58 @@ def save(path: Path, payload: dict[str, Any], splits: dict[str, Examples]) -> No
         raise
 
 
-def load(path: Path) -> tuple[dict[str, Any], dict[str, Examples]] | None:
-    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt).
-    The examples stay columns (engine.data.examples): a dict is built only when an example is read."""
+def _mapped_members(path: Path) -> dict[str, Any]:
+    """The arrays of an uncompressed .npz (what `save` writes) memory-mapped where they lie in the file:
+    a run reads only the pages of the examples it trains on, and loading costs no copy of the file."""
+    import struct
+    import zipfile
+
     import numpy as np
 
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"unexpected member {info.filename}")
+            f.seek(info.header_offset)
+            header = f.read(30)  # the local file header: its name and extra field lengths end it
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError(f"no local header for {info.filename}")
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            f.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{info.filename} holds Python objects")  # never unpickled
+            order = "F" if fortran_order else "C"
+            if int(np.prod(shape)) == 0:
+                arrays[info.filename[:-4]] = np.empty(shape, dtype=dtype, order=order)
+            else:
+                arrays[info.filename[:-4]] = np.memmap(
+                    path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order
+                )
+    return arrays
+
+
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Examples]] | None:
+    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt).
+    The examples stay columns (engine.data.examples), memory-mapped: a dict is built only when an
+    example is read."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            meta = json.loads(arrays["meta"].tobytes())
-            splits = {}
-            for name, keys in meta["splits"].items():
-                ids = {
-                    key: IdColumn(*(arrays[f"{name}/{key}/{part}"] for part in ("ids", "offsets", "present")))
-                    for key in keys
-                }
-                splits[name] = Examples(ids, arrays[f"{name}/rest"], arrays[f"{name}/rest_offsets"])
+        arrays = _mapped_members(path)
+        meta = json.loads(arrays["meta"].tobytes())
+        splits = {}
+        for name, keys in meta["splits"].items():
+            ids = {
+                key: IdColumn(*(arrays[f"{name}/{key}/{part}"] for part in ("ids", "offsets", "present")))
+                for key in keys
+            }
+            splits[name] = Examples(ids, arrays[f"{name}/rest"], arrays[f"{name}/rest_offsets"])
     except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
         log.warning("tokenised-data cache %s is unreadable (%s); tokenising again", path, exc)
         return None
