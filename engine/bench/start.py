@@ -125,7 +125,11 @@ def train_tokenizer(texts, vocab_size: int = 4096):
 
 
 def write_case(case: StartCase) -> None:
+    from transformers.utils import logging as hf_logging
+
     from engine.bench.against import Shape, build_model
+
+    hf_logging.disable_progress_bar()  # save_pretrained's bar would land in `--json` output
 
     sample: list[str] = []
     with open(case.data_file, "w") as f:

@@ -49,6 +49,7 @@ def test_cherry_cold_writes_the_cache_and_warm_loads_it(tmp_path):
     _check_sides(result, ("cherry-cold", "cherry-warm"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(find_spec("trl") is None, reason='TRL is not installed (pip install -e ".[bench]")')
 def test_against_trl_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the case is written there
