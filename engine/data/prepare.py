@@ -119,7 +119,7 @@ def _process(rows: list[dict], fmt: str, tokenizer: Any, opts: Options, where: s
     )
     source = datasets.Dataset.from_dict({"src": list(range(len(rows))), "row": [json.dumps(row) for row in rows]})
     processes = tokenise_processes(len(rows))
-    bars_were_on = not datasets.utils.logging.is_progress_bar_enabled()
+    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()  # no progress bars in a run's log
     try:
         mapped = source.map(
