@@ -315,7 +315,10 @@ def report_lines(result: dict) -> list[str]:
         f"Time to the first DPO step: {result['rows']:,} conversational preference rows ({result['file_mb']:.0f} MB "
         f"JSONL), a small Llama, CPU, {result['threads']} thread(s), {result['num_proc']} tokenising process(es); "
         "each side a fresh process",
-        f"{'side':12s} {'first step s':>12s} {'python':>7s} {'imports':>8s} {'data':>7s} {'set-up':>7s} {'step 1':>7s}",
+        "phases (s): python = interpreter start; imports = torch, transformers (and TRL); load = tokenizer, models "
+        "and data (Cherry: tokenised or from the cache; TRL: the JSON file read); set-up = until the loop starts "
+        "(TRL: its tokenising); step 1 = the first optimizer step",
+        f"{'side':12s} {'first step s':>12s} {'python':>7s} {'imports':>8s} {'load':>7s} {'set-up':>7s} {'step 1':>7s}",
     ]
     for side, row in result["sides"].items():
         cells = [f"{row.get(k, float('nan')):7.2f}" for k in ("python_s", "imports_s", "to_data_s", "to_loop_s")]

@@ -41,7 +41,7 @@ def _check_sides(result: dict, sides: tuple[str, ...]) -> None:
     assert [result["sides"][s]["cache_hit"] for s in ("cherry-cold", "cherry-warm")] == [False, True]
     for row in result["sides"].values():
         assert 0 < row["first_step_only_s"] < row["first_step_s"]
-    assert len(report_lines(result)) == 2 + len(sides) + ("cold_vs_trl" in result)
+    assert len(report_lines(result)) == 3 + len(sides) + ("cold_vs_trl" in result)
 
 
 def test_cherry_cold_writes_the_cache_and_warm_loads_it(tmp_path):
