@@ -36,7 +36,7 @@ def train(
     `should_stop` is polled once per step (cooperative cancel): the run then saves a checkpoint
     and ends with status "cancelled" (or the status string it returned, e.g. "interrupted").
     `resume=True` continues from the newest checkpoint, or starts over when there is none.
-    `cache_dir` keeps precomputed reference log-probs between runs.
+    `cache_dir` keeps tokenised data and precomputed reference log-probs between runs.
     """
     if spec.num_processes <= 1:
         return train_rank(spec, out_dir, World(), reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
@@ -71,5 +71,5 @@ def train_rank(
     """One process's part of a run (the whole run when `world` is one process)."""
     run = start_run(spec, out_dir, reporter, resume=resume, world=world)
     if algorithm_info(spec.algorithm).online:
-        return train_online(run, should_stop=should_stop)
+        return train_online(run, should_stop=should_stop, cache_dir=cache_dir)
     return train_offline(run, should_stop=should_stop, cache_dir=cache_dir)

@@ -482,7 +482,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "transformers", "trl"):
+    for name in ("torch", "transformers", "datasets", "trl"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -4,8 +4,10 @@ Pipeline: `load.load_rows` (local file, saved `datasets` directory or hub id -> 
 `formats.detect_format` (from the column names and the first row's value types) ->
 `normalise.normalise` each row to a prompt and its completion(s) -> `tokenise`: render
 conversational rows with the tokenizer's chat template, tokenise prompts and completions
-separately, in batches, truncate / drop -> `prepare.prepare` ties them together and splits
-train/eval.
+separately, in batches, truncate / drop (run by `datasets`' batched map, in several processes for
+large files) -> `prepare.prepare` ties them together, splits train/eval and keeps the result in the
+tokenised-data cache (`cache`). Examples come back as `examples.Examples`: flat columns whose dicts
+are built when read.
 
 Examples are plain dicts (see `prepare`); every completion ends with the tokenizer's EOS unless it
 was truncated. `engine.batching` turns them into padded tensors.

@@ -7,10 +7,11 @@ vocabulary, merges, normaliser, added and special tokens, chat template, class),
 changes the examples (data kind, max lengths, over-long policy, eval split and seed, max rows,
 splits) and `CACHE_VERSION`, raised whenever the example layout changes.
 
-One file per key, `<key>.npz`: every token-id list flattened into an int32 array with the lengths,
-the rest of each example as JSON. Loaded with `allow_pickle=False` (no code runs on load). Written
-to a temporary file in the same directory and renamed into place, so concurrent runs never read a
-half-written file (the last writer wins; both wrote the same thing).
+One file per key, `<key>.npz`: the examples' columns (engine.data.examples: every token-id list of a
+key flattened into an int32 array with offsets, the rest of each example as a JSON document).
+Loaded memory-mapped, never unpickled (no code runs on load). Written to a temporary file in the same
+directory and renamed into place, so concurrent runs never read a half-written file (the last writer
+wins; both wrote the same thing).
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from engine.data.examples import Examples, IdColumn
+
 log = logging.getLogger("cherry.engine")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# init_kwargs that say where and how a tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only), not
+# what it does: the same tokenizer loaded from another path or offline keeps its key.
+_WHERE_LOADED_FROM = frozenset(
+    {"name_or_path", "is_local", "local_files_only", "cache_dir", "revision", "token", "_commit_hash", "vocab_file"}
+)
 _HASH_BLOCK = 2**22
 
 
@@ -62,7 +70,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     for name in ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "padding_side"):
         digest.update(f"\0{name}={getattr(tokenizer, name, None)!r}".encode())
-    digest.update(json.dumps(getattr(tokenizer, "init_kwargs", {}), sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in _WHERE_LOADED_FROM}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -82,28 +91,20 @@ def cache_key(sources: list[Any], tokenizer: Any, settings: dict[str, Any]) -> s
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def _id_keys(examples: list[dict]) -> list[str]:
-    return sorted({key for ex in examples for key, value in ex.items() if key.endswith("_ids") or key == "loss_mask"})
-
-
-def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> None:
-    """Write `payload` (JSON-able) and the example lists atomically to `path`."""
+def save(path: Path, payload: dict[str, Any], splits: dict[str, Examples]) -> None:
+    """Write `payload` (JSON-able) and the splits' columns atomically to `path`."""
     import numpy as np
 
     arrays: dict[str, Any] = {}
     meta = {"payload": payload, "splits": {}}
     for name, examples in splits.items():
-        keys = _id_keys(examples)
-        rest = []
-        for ex in examples:
-            rest.append({key: value for key, value in ex.items() if key not in keys})
-        meta["splits"][name] = {"keys": keys, "present": [[key in ex for key in keys] for ex in examples]}
-        for key in keys:
-            lists = [ex.get(key) or [] for ex in examples]
-            arrays[f"{name}/{key}/lengths"] = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
-            flat = [token for ids in lists for token in ids]
-            arrays[f"{name}/{key}/ids"] = np.asarray(flat, dtype=np.int32)  # token ids and 0/1 masks fit
-        arrays[f"{name}/rest"] = np.frombuffer(json.dumps(rest).encode(), dtype=np.uint8)
+        meta["splits"][name] = list(examples.ids)
+        for key, column in examples.ids.items():
+            arrays[f"{name}/{key}/ids"] = column.values
+            arrays[f"{name}/{key}/offsets"] = column.offsets
+            arrays[f"{name}/{key}/present"] = column.present
+        arrays[f"{name}/rest"] = examples.rest
+        arrays[f"{name}/rest_offsets"] = examples.rest_offsets
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
@@ -117,27 +118,58 @@ def save(path: Path, payload: dict[str, Any], splits: dict[str, list[dict]]) -> 
         raise
 
 
-def load(path: Path) -> tuple[dict[str, Any], dict[str, list[dict]]] | None:
-    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt)."""
+def _mapped_members(path: Path) -> dict[str, Any]:
+    """The arrays of an uncompressed .npz (what `save` writes) memory-mapped where they lie in the file:
+    a run reads only the pages of the examples it trains on, and loading costs no copy of the file."""
+    import struct
+    import zipfile
+
     import numpy as np
 
+    arrays = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"unexpected member {info.filename}")
+            f.seek(info.header_offset)
+            header = f.read(30)  # the local file header: its name and extra field lengths end it
+            if header[:4] != b"PK\x03\x04":
+                raise ValueError(f"no local header for {info.filename}")
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            f.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{info.filename} holds Python objects")  # never unpickled
+            order = "F" if fortran_order else "C"
+            if int(np.prod(shape)) == 0:
+                arrays[info.filename[:-4]] = np.empty(shape, dtype=dtype, order=order)
+            else:
+                arrays[info.filename[:-4]] = np.memmap(
+                    path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order
+                )
+    return arrays
+
+
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Examples]] | None:
+    """(payload, splits) from `path`, or None when it is missing or unreadable (then it is rebuilt).
+    The examples stay columns (engine.data.examples), memory-mapped: a dict is built only when an
+    example is read."""
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as arrays:
-            meta = json.loads(arrays["meta"].tobytes())
-            splits = {}
-            for name, layout in meta["splits"].items():
-                examples = json.loads(arrays[f"{name}/rest"].tobytes())
-                for column, key in enumerate(layout["keys"]):
-                    ends = np.cumsum(arrays[f"{name}/{key}/lengths"]).tolist()
-                    flat = arrays[f"{name}/{key}/ids"].tolist()
-                    start = 0
-                    for ex, end, present in zip(examples, ends, layout["present"]):
-                        if present[column]:
-                            ex[key] = flat[start:end]
-                        start = end
-                splits[name] = examples
+        arrays = _mapped_members(path)
+        meta = json.loads(arrays["meta"].tobytes())
+        splits = {}
+        for name, keys in meta["splits"].items():
+            ids = {
+                key: IdColumn(*(arrays[f"{name}/{key}/{part}"] for part in ("ids", "offsets", "present")))
+                for key in keys
+            }
+            splits[name] = Examples(ids, arrays[f"{name}/rest"], arrays[f"{name}/rest_offsets"])
     except Exception as exc:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
         log.warning("tokenised-data cache %s is unreadable (%s); tokenising again", path, exc)
         return None

@@ -3,6 +3,7 @@ train and eval; `check_dataset`, the cheap submit-time check of a local file."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.data import cache
+from engine.data.examples import ID_KEYS, Examples, from_arrow
 from engine.data.formats import KIND_OF_FORMAT, PRESETS_FOR_KIND, check_kind, detect_format
 from engine.data.load import load_rows, plain
 from engine.data.normalise import Item, normalise
@@ -28,8 +30,8 @@ STAT_KEYS = ("rows", "kept", "dropped_empty", "dropped_identical", "dropped_over
 class PreparedData:
     format: str  # one of FORMATS (of the training source)
     conversational: bool
-    train: list[dict]
-    eval: list[dict]
+    train: Examples
+    eval: Examples
     stats: dict[str, int]  # STAT_KEYS
     kind: str = ""  # the kind the examples were built for (may differ from the format's own kind)
     cache_file: str | None = None  # the tokenised-data cache file these examples were loaded from, if any
@@ -61,28 +63,101 @@ def check_dataset(source: str, kind: str, what: str = "dataset", *, sample_rows:
     return fmt
 
 
-def _process(
-    rows: list[dict], fmt: str, tokenizer: Any, opts: Options, where: str
-) -> tuple[list[tuple[int, dict]], dict[str, int]]:
-    """(source row number, example) pairs and the counts, for all rows of one source."""
-    stats = dict.fromkeys(STAT_KEYS, 0)
+# Tokenising processes: one below this many rows (starting processes costs more than it saves).
+PARALLEL_ROWS = 10_000
+MAX_PROCESSES = 8
+BATCH_ROWS = 1000  # rows per batched call: the tokenizer encodes a batch's texts in one call
+
+
+def tokenise_processes(rows: int) -> int:
+    """How many processes tokenise `rows` rows: one per usable core (at most MAX_PROCESSES) from PARALLEL_ROWS."""
+    if rows < PARALLEL_ROWS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_PROCESSES))
+
+
+def _tokenise_batch(batch: dict[str, list], *, fmt: str, tokenizer: Any, opts: Options, where: str) -> dict[str, list]:
+    """One batch of source rows (JSON text) -> one output row per item: its source row, why it was
+    dropped ("" when kept), whether it was truncated, its id lists and the rest of the example as JSON."""
     items: list[Item] = []
-    for i, row in enumerate(rows):
-        items.extend(normalise(row, i, fmt, opts.kind, where))
-    stats["rows"] = len(items)
+    for src, text in zip(batch["src"], batch["row"]):
+        items.extend(normalise(json.loads(text), src, fmt, opts.kind, where))
     queue = TokenQueue(tokenizer)
     render(items, tokenizer, queue, where)
     queue.run()
-    out = []
+    id_keys = ID_KEYS[opts.kind]
+    out: dict[str, list] = {name: [] for name in ("src", "drop", "truncated", "rest", *id_keys)}
     for item in items:
-        if item.drop:
-            stats[f"dropped_{item.drop}"] += 1
-            continue
-        ex = build_example(item, queue, opts, stats)
+        counts = {"dropped_overlong": 0, "truncated": 0}
+        ex = None if item.drop else build_example(item, queue, opts, counts)
+        out["src"].append(item.src)
+        out["drop"].append(item.drop or ("overlong" if ex is None else ""))
+        out["truncated"].append(bool(counts["truncated"]))
+        for key in id_keys:
+            out[key].append(ex.pop(key, None) if ex is not None else None)
         if ex is not None:
-            out.append((item.src, ex))
-    stats["kept"] = len(out)
-    return out, stats
+            del ex["index"]  # an example's index is its position in its split (Examples)
+        out["rest"].append(json.dumps(ex) if ex is not None else "")
+    return out
+
+
+def _process(rows: list[dict], fmt: str, tokenizer: Any, opts: Options, where: str) -> tuple[Any, dict[str, int]]:
+    """All rows of one source tokenised with `datasets`' batched map (several processes for large data):
+    an Arrow table with a row per item (see `_tokenise_batch`), and the counts."""
+    import datasets
+
+    id_keys = ID_KEYS[opts.kind]
+    features = datasets.Features(
+        {
+            "src": datasets.Value("int64"),
+            "drop": datasets.Value("string"),
+            "truncated": datasets.Value("bool"),
+            "rest": datasets.Value("large_string"),
+            **{key: datasets.List(datasets.Value("int32")) for key in id_keys},
+        }
+    )
+    source = datasets.Dataset.from_dict({"src": list(range(len(rows))), "row": [json.dumps(row) for row in rows]})
+    processes = tokenise_processes(len(rows))
+    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()  # no progress bars in a run's log
+    try:
+        mapped = source.map(
+            _tokenise_batch,
+            batched=True,
+            batch_size=BATCH_ROWS,
+            num_proc=processes if processes > 1 else None,
+            remove_columns=source.column_names,
+            features=features,
+            fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "opts": opts, "where": where},
+            keep_in_memory=True,
+            new_fingerprint="cherry-tokenise",  # nothing is cached by `datasets` itself: no need to hash the tokenizer
+        )
+    finally:
+        if bars_were_on:
+            datasets.utils.logging.enable_progress_bar()
+    table = mapped.data.table
+    drop = _drop_reasons(table)
+    stats = dict.fromkeys(STAT_KEYS, 0)
+    stats["rows"] = len(table)
+    for reason in ("empty", "identical", "overlong"):
+        stats[f"dropped_{reason}"] = int((drop == reason).sum())
+    stats["truncated"] = int(table.column("truncated").to_numpy().sum())
+    stats["kept"] = int((drop == "").sum())
+    return table, stats
+
+
+def _drop_reasons(table: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(table.column("drop").to_pylist(), dtype=object)
+
+
+def _split(table: Any, keep: Any, kind: str) -> Examples:
+    import numpy as np
+    import pyarrow as pa
+
+    return from_arrow(table.take(pa.array(np.flatnonzero(keep))), ID_KEYS[kind])
 
 
 def _rows_of(source: Any, split: str, max_rows: int | None, what: str) -> list[dict]:
@@ -241,24 +316,25 @@ def _prepare(
     bos_id = getattr(tokenizer, "bos_token_id", None)
     opts = Options(kind, max_length, max_prompt_length, overlong, eos_id, bos_id, appends_eos(tokenizer))
 
+    import numpy as np
+
     built, stats = _process(rows, fmt, tokenizer, opts, "row")
+    kept = _drop_reasons(built) == ""
     if eval_rows is None:
         n_eval = _eval_count(len(rows), float(eval_split))
-        eval_src = set(random.Random(seed).sample(range(len(rows)), n_eval))
-        train = [ex for src, ex in built if src not in eval_src]
-        evals = [ex for src, ex in built if src in eval_src]
+        in_eval = np.zeros(len(rows), dtype=bool)
+        in_eval[random.Random(seed).sample(range(len(rows)), n_eval)] = True
+        in_eval = in_eval[built.column("src").to_numpy()]
+        train, evals = _split(built, kept & ~in_eval, kind), _split(built, kept & in_eval, kind)
     else:
         eval_built, eval_stats = _process(eval_rows, eval_fmt, tokenizer, opts, "eval row")
-        if not eval_built:
+        if not eval_stats["kept"]:
             raise _nothing_left(eval_stats, "eval", opts)
         for key in STAT_KEYS:
             stats[key] += eval_stats[key]
-        train = [ex for _, ex in built]
-        evals = [ex for _, ex in eval_built]
-    if not train:
+        eval_kept = _drop_reasons(eval_built) == ""
+        train, evals = _split(built, kept, kind), _split(eval_built, eval_kept, kind)
+    if not len(train):
         raise _nothing_left(stats, "training", opts)
-    for part in (train, evals):
-        for index, ex in enumerate(part):
-            ex["index"] = index
     stats["train"], stats["eval"] = len(train), len(evals)
     return PreparedData(format=fmt, conversational=conversational, train=train, eval=evals, stats=stats, kind=kind)

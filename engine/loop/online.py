@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,14 +49,16 @@ def check_columns(spec, examples: list[dict], what: str) -> None:
             )
 
 
-def train_online(run: Run, *, should_stop: StopCheck | None = None) -> dict[str, Any]:
+def train_online(
+    run: Run, *, should_stop: StopCheck | None = None, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
     spec, algo, models, reporter, device, world = run.spec, run.algo, run.models, run.reporter, run.device, run.world
     policy, tokenizer, reference = models.policy, models.tokenizer, models.reference
     models.value = algo.build_value_model(device, torch.float32)  # it trains: fp32 weights
     params = run.parameter_counts()
 
-    # --- prompts and how samples are scored
-    data = run.load_data("prompt")
+    # --- prompts (tokenised once, then loaded from the cache by later runs) and how samples are scored
+    data = run.load_data("prompt", cache_dir=cache_dir)
     judge_source = algo.llm_judge()
     reward = None
     try:

@@ -21,21 +21,35 @@ def _short(**overrides):
     }
 
 
-def test_second_run_on_the_same_data_starts_from_the_tokenised_cache(tiny_model_dir, tiny_pairs, tmp_path):
+def _twice_with_one_cache(spec, tmp_path) -> list[list[dict]]:
+    """Run `spec` twice with the same cache directory (the same losses); each run's "loaded from the cache" events."""
     from engine.train import train
 
     reporters = []
     for name in ("first", "second"):
         reporter = MemoryReporter()
-        train(dpo_spec(tiny_model_dir, tiny_pairs, **_short()), tmp_path / name, reporter, cache_dir=tmp_path / "cache")
+        train(spec, tmp_path / name, reporter, cache_dir=tmp_path / "cache")
         reporters.append(reporter)
-    cached = [[e for e in r.events if "loaded from the cache" in e["message"]] for r in reporters]
-    assert cached[0] == [] and len(cached[1]) == 1
     assert len(list((tmp_path / "cache" / "tokenised").glob("*.npz"))) == 1
     # the same numbers from cached examples
     first, second = ((tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("first", "second"))
     loss = lambda lines: [json.loads(line).get("train/loss") for line in lines]  # noqa: E731
     assert loss(first) == loss(second)
+    return [[e for e in r.events if "loaded from the cache" in e["message"]] for r in reporters]
+
+
+def test_second_run_on_the_same_data_starts_from_the_tokenised_cache(tiny_model_dir, tiny_pairs, tmp_path):
+    cached = _twice_with_one_cache(dpo_spec(tiny_model_dir, tiny_pairs, **_short()), tmp_path)
+    assert cached[0] == [] and len(cached[1]) == 1
+
+
+def test_second_online_run_loads_its_prompts_from_the_tokenised_cache(tiny_model_dir, tmp_path):
+    from tests.conftest import write_jsonl
+    from tests.e2e.test_online import online_spec
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {c}:", "answer": c} for c in "abcdefgh"])
+    cached = _twice_with_one_cache(online_spec(tiny_model_dir, prompts, "grpo", max_steps=1), tmp_path)
+    assert cached[0] == [] and len(cached[1]) == 1
 
 
 def test_group_by_length_logs_less_padding(tiny_model_dir, tmp_path):

@@ -120,3 +120,23 @@ def test_a_damaged_cache_file_is_rebuilt_and_row_lists_are_not_cached(tmp_path, 
     rows = _conversations()
     prepare(rows, tokenizer, kind="preference", max_length=32, cache_dir=tmp_path / "cache2")
     assert not (tmp_path / "cache2").exists()
+
+
+def test_the_same_tokenizer_loaded_offline_or_from_another_path_keeps_its_key(tmp_path, tokenizer):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from engine.data.cache import tokenizer_fingerprint
+
+    tokenizer.save_pretrained(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    online = AutoTokenizer.from_pretrained(tmp_path / "a")
+    moved = AutoTokenizer.from_pretrained(tmp_path / "b")
+    offline = AutoTokenizer.from_pretrained(tmp_path / "a")
+    # transformers records how a tokenizer was loaded: local_files_only is True under HF_HUB_OFFLINE=1
+    offline.init_kwargs["local_files_only"] = not online.init_kwargs["local_files_only"]
+    assert moved.init_kwargs["name_or_path"] != online.init_kwargs["name_or_path"]
+    assert tokenizer_fingerprint(online) == tokenizer_fingerprint(offline) == tokenizer_fingerprint(moved)
+    online.chat_template = online.chat_template + " "
+    assert tokenizer_fingerprint(online) != tokenizer_fingerprint(offline)

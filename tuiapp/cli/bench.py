@@ -1,6 +1,7 @@
 """`cherry bench`: Cherry against TRL on the same model, rows and settings (`--against trl`, each side
 in a fresh process, engine/bench/against.py); ablations that switch one engine optimisation off
-(`--against ablation`); the several-machines queue under load (jobs/loadbench.py); a GPU check."""
+(`--against ablation`); time to the first step, cold and warm (`start`, engine/bench/start.py); the
+several-machines queue under load (jobs/loadbench.py); a GPU check."""
 
 from __future__ import annotations
 
@@ -259,6 +260,41 @@ def bench_rloo(
     """RLOO: Cherry vs TRL's RLOOTrainer (completions/s, rollout and update timed apart)."""
     check_against(against, ablation=False)
     against_trl("rloo", shape, steps, warmup, threads, device, as_json, new_tokens)
+
+
+@bench_app.command("start")
+@friendly
+def bench_start(
+    against: str = typer.Option(
+        "trl", "--against", help="trl: also TRL's DPOTrainer set-up on the same file | none: Cherry cold and warm only."
+    ),
+    rows: int = typer.Option(60000, "--rows", help="Rows of the generated conversational preference file."),
+    threads: int = THREADS_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Time from process start to the first DPO step on a large conversational preference file: Cherry
+    with an empty tokenised-data cache (cold), with it filled (warm), and TRL's DPOTrainer (each a fresh process)."""
+    from engine.bench.against import trl_missing, versions
+    from engine.bench.start import compare_start, report_lines
+
+    if against not in ("trl", "none"):
+        raise CherryError(f"--against must be trl or none (got {against!r})")
+    for name, value in (("--rows", rows), ("--threads", threads)):
+        if value < 1:
+            raise CherryError(f"{name} must be >= 1 (got {value})")
+    missing = trl_missing() if against == "trl" else None
+    if missing:
+        raise CherryError(f"cherry bench start --against trl: {missing}; or use --against none")
+    try:
+        result = compare_start(rows, against_trl=against == "trl", threads=threads)
+    except RuntimeError as err:
+        raise CherryError(str(err)) from None
+    if as_json:
+        typer.echo(json.dumps({"versions": versions(), "result": result}, indent=2))
+        return
+    for line in report_lines(result):
+        typer.echo(line)
+    typer.echo(", ".join(f"{name} {version}" for name, version in versions().items()))
 
 
 @bench_app.command("queue")
