@@ -394,10 +394,13 @@ def demo_run(method: str, tmp_path, *overrides: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "gspo", "cispo", "rloo"])
-def test_demo_grpo_its_loss_variants_and_rloo_gain_at_least_15_points(method, tmp_path):
+def test_demo_grpo_its_loss_variants_and_rloo_gain_at_least_10_points(method, tmp_path):
+    # Seed to seed the demo's gain moves by about 10 points (GRPO +15.0 / +23.0 / +12.5 and RLOO
+    # +13.5 / +10.5 / +22.5 with seeds 0, 1, 2; the seed picks the samples): 10 points is what every
+    # seed reached, far above a run that does not learn (about 0).
     summary = demo_run(method, tmp_path)
     before, after = summary["before"]["eval/exact_match"], summary["final"]["eval/exact_match"]
-    assert after - before >= 0.15, (before, after)
+    assert after - before >= 0.10, (before, after)
 
 
 @pytest.mark.slow
