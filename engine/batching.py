@@ -30,6 +30,30 @@ def collate_completions(prompts: list[list[int]], completions: list[list[int]], 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def collate_shared_prompts(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """`collate_completions` plus each distinct prompt once, for scoring the rows of a group (samples of
+    one prompt) with one pass over their prompt (`engine.logprobs.shared_prompt_logps`):
+
+    - `prompt_ids`, `prompt_mask` [G, Lp]: the distinct prompts, left-padded, in order of first use;
+    - `prompt_index` [B]: each row's prompt;
+    - `completion_ids`, `completion_ids_mask` [B, Lc]: each row's completion, right-padded.
+
+    Without a prompt that two rows share, only `collate_completions`' keys.
+    """
+    batch = collate_completions(prompts, completions, pad_id)
+    distinct: dict[tuple[int, ...], int] = {}
+    index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    if len(distinct) == len(prompts) or any(len(p) == 0 for p in prompts) or any(len(c) == 0 for c in completions):
+        return batch
+    batch["prompt_ids"], batch["prompt_mask"] = left_pad([list(p) for p in distinct], pad_id)
+    batch["prompt_index"] = torch.tensor(index, dtype=torch.long)
+    batch["completion_ids"] = pad_right(completions, pad_id)
+    batch["completion_ids_mask"] = pad_right([[1] * len(c) for c in completions], 0)
+    return batch
+
+
 def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows, padded together so one forward pass scores both."""
     prompts = [ex["prompt_ids"] for ex in examples]

@@ -50,7 +50,7 @@ class GRPO(Algorithm):
         self.needs_reference = spec.beta > 0  # beta = 0: no KL term, no reference model loaded
 
     def collate(self, rows, pad_id):
-        return collate_rows(rows, pad_id)
+        return collate_rows(rows, pad_id, share_prompts=True)
 
     def prepare(self, rollout, models: Models):
         spec = self.spec

@@ -13,8 +13,8 @@ import contextlib
 import torch
 
 from engine.algorithms.base import Models
-from engine.batching import collate_completions
-from engine.logprobs import CompletionLogps, completion_logps
+from engine.batching import collate_completions, collate_shared_prompts
+from engine.logprobs import CompletionLogps, completion_logps, shared_prompt_logps
 from engine.rollout import Rollout
 
 
@@ -39,10 +39,16 @@ def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
 def token_logps(
     model, batch: dict[str, torch.Tensor], temperature: float, stats: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, CompletionLogps]:
-    """Completion-token log-probs of `logits / temperature` as ([B, T], mask [B, T], the flat result)."""
-    out = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats=stats
-    )
+    """Completion-token log-probs of `logits / temperature` as ([B, T], mask [B, T], the flat result).
+
+    A batch whose rows share prompts (`collate_rows(..., share_prompts=True)`) runs each prompt through
+    the model once (`shared_prompt_logps`); prepare and the update both come here with the same
+    micro-batches, so they still compute exactly the same numbers."""
+    out = shared_prompt_logps(model, batch, temperature, stats=stats)
+    if out is None:
+        out = completion_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats=stats
+        )
     values, mask = padded(out.token_logps, out.counts)
     return values, mask, out
 
@@ -75,9 +81,11 @@ def policy_ctx(models: Models):
     return lambda: contextlib.nullcontext(models.policy)
 
 
-def collate_rows(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + completion rows (the completion includes its EOS when it has one)."""
-    return collate_completions([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+def collate_rows(rows: list[dict], pad_id: int, share_prompts: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows (the completion includes its EOS when it has one); with
+    `share_prompts`, each distinct prompt once as well (`collate_shared_prompts`), for `token_logps`."""
+    collate = collate_shared_prompts if share_prompts else collate_completions
+    return collate([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
 
 
 def micro_batches(rows: list[dict], spec) -> list[list[dict]]:

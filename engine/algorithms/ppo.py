@@ -125,7 +125,7 @@ class PPO(Algorithm):
         return [r for r in rows if r["loss_mask"].any()], metrics
 
     def collate(self, rows, pad_id):
-        return collate_rows(rows, pad_id)
+        return collate_rows(rows, pad_id, share_prompts=True)
 
     def units(self, batch):
         return float(batch["completion_mask"][:, 1:].sum())

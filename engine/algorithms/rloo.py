@@ -30,15 +30,19 @@ class RLOO(Algorithm):
         self.needs_reference = spec.beta > 0  # beta = 0: no KL in the reward, no reference model loaded
 
     def collate(self, rows, pad_id):
-        return collate_rows(rows, pad_id)
+        return collate_rows(rows, pad_id, share_prompts=True)
 
     def prepare(self, rollout, models):
         spec = self.spec
         metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, spec.num_generations)}
         rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-        old = sample_logps(self, policy_ctx(models), rows, models)
-        old_sums = torch.stack([o.sum() for o in old])
         rewards = rollout.rewards.clone()
+        # The rollout policy's log-probs enter the KL penalty (beta > 0) and the clipped ratio of later
+        # passes (num_iterations > 1). Otherwise the loss is -A log pi, whose ratio against the rollout
+        # policy is exactly 1 in the one pass (as in GRPO): no extra forward pass over the samples.
+        needs_old = self.needs_reference or spec.num_iterations > 1
+        if needs_old:
+            old_sums = torch.stack([o.sum() for o in sample_logps(self, policy_ctx(models), rows, models)])
         if self.needs_reference:
             ref_sums = torch.stack([r.sum() for r in sample_logps(self, models.reference.model, rows, models)])
             kl = old_sums - ref_sums
@@ -49,8 +53,8 @@ class RLOO(Algorithm):
         metrics.update(
             {"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()}
         )
-        for row, a, o in zip(rows, advantages.tolist(), old_sums.tolist()):
-            row.update(advantage=a, old_logp=o)
+        for i, (row, a) in enumerate(zip(rows, advantages.tolist())):
+            row.update(advantage=a, **({"old_logp": float(old_sums[i])} if needs_old else {}))
         rows = [r for r, cut in zip(rows, rollout.truncated) if not (spec.mask_truncated and cut)]
         return rows, metrics
 
@@ -59,6 +63,7 @@ class RLOO(Algorithm):
         seq_logps = (logps * mask).sum(-1)
         as_tensor = lambda key: torch.tensor([r[key] for r in rows], dtype=seq_logps.dtype, device=seq_logps.device)  # noqa: E731
         clip = self.spec.epsilon if self.spec.num_iterations > 1 else None
-        losses, metrics = sequence_policy_loss(seq_logps, as_tensor("old_logp"), as_tensor("advantage"), clip)
+        old = as_tensor("old_logp") if "old_logp" in rows[0] else seq_logps.detach()
+        losses, metrics = sequence_policy_loss(seq_logps, old, as_tensor("advantage"), clip)
         metrics["policy/entropy"] = (out.token_entropy.sum().item(), float(mask.sum()))
         return losses.sum(), metrics

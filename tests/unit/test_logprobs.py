@@ -390,3 +390,57 @@ def test_a_biased_linear_head_gets_the_same_gradients_from_the_in_place_backward
         )
     for got, expected in zip(*results):
         assert torch.allclose(got, expected, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- shared prompts (online groups)
+
+
+def _group_rows():
+    """Two groups of samples (one prompt each, the second shorter: left padding) and a lone prompt."""
+    prompts = [[5, 6, 7, 8]] * 3 + [[9, 10]] * 2 + [[11, 12, 13]]
+    completions = [[12, 13], [14, 15, 16, 17, 18], [19], [20, 21, 22], [23], [24, 25]]
+    return prompts, completions
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2"])
+def test_shared_prompts_give_the_full_rows_logps_and_gradients(family):
+    from engine.batching import collate_shared_prompts
+    from engine.logprobs import shared_prompt_logps
+
+    model = _tiny(family).train()
+    prompts, completions = _group_rows()
+    b = collate_shared_prompts(prompts, completions, pad_id=0)
+    assert b["prompt_ids"].shape[0] == 3 and b["prompt_index"].tolist() == [0, 0, 0, 1, 1, 2]
+    weights = torch.linspace(-1.0, 2.0, 14)  # a loss that weighs every token differently
+
+    shared = shared_prompt_logps(model, b, temperature=0.7, stats=True)
+    assert shared is not None
+    (shared.token_logps * weights).sum().backward()
+    shared_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = completion_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], 0.7, stats=True)
+    (full.token_logps * weights).sum().backward()
+
+    assert torch.equal(shared.token_rows, full.token_rows) and torch.equal(shared.counts, full.counts)
+    assert torch.allclose(shared.token_logps, full.token_logps, atol=1e-5)
+    assert torch.allclose(shared.token_entropy, full.token_entropy, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(shared_grads[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_rows_without_a_shared_prompt_take_the_full_rows_path(model):
+    from engine.batching import collate_shared_prompts
+    from engine.logprobs import shared_prompt_logps
+
+    b = collate_shared_prompts([[5, 6], [7, 8]], [[9], [10]], pad_id=0)
+    assert "prompt_index" not in b and shared_prompt_logps(model, b) is None
+
+
+def test_a_body_that_ignores_the_cache_is_not_given_shared_prompts(model, monkeypatch):
+    """Activation checkpointing switches the cache off in training: the full rows are scored instead."""
+    from engine.batching import collate_shared_prompts
+    from engine.logprobs import shared_prompt_logps
+
+    b = collate_shared_prompts(*_group_rows(), pad_id=0)
+    monkeypatch.setattr(model.model, "gradient_checkpointing", True, raising=False)
+    assert shared_prompt_logps(model, b) is None
