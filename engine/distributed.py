@@ -117,7 +117,7 @@ class World:
         collectives in the same order. Sharded parameters (parallelism fsdp) were summed in backward."""
         if not self.active:
             return
-        parameters = [p for p in parameters if not _is_shard(p)]
+        parameters = [p for p in parameters if not is_shard(p)]
         for p in parameters:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -161,7 +161,8 @@ class World:
         )
 
 
-def _is_shard(p: torch.Tensor) -> bool:
+def is_shard(p: torch.Tensor) -> bool:
+    """Whether `p` is one rank's shard of a tensor (a sharded model's parameter or gradient)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(p, DTensor)

@@ -217,9 +217,6 @@ def _split_head(model: torch.nn.Module) -> _Head | None:
         return None
     if decoder is None or decoder is model or not isinstance(module, torch.nn.Module):
         return None
-    # FSDP-sharded parameters are gathered by the wrapped model's own forward hooks only.
-    if any(cls.__name__ == "DTensor" for p in module.parameters() for cls in type(p).__mro__):
-        return None
     return _Head(decoder, module, _post_processing(getattr(model, "config", None)))
 
 

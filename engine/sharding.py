@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.distributed import World
+from engine.distributed import World, is_shard
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -151,11 +151,9 @@ def load_full_optimizer_state(models: dict[str, torch.nn.Module], optimizer, sta
 def clip_sharded_gradients(parameters: list[torch.nn.Parameter], max_norm: float, world: World) -> float:
     """Clip by the global norm when some gradients are shards (summed squares over the ranks) and others are
     whole and equal on every rank (a value model's): returns the norm before clipping."""
-    from torch.distributed.tensor import DTensor
-
     grads = [p.grad for p in parameters if p.grad is not None]
-    shard_squares = sum(float(g.to_local().double().pow(2).sum()) for g in grads if isinstance(g, DTensor))
-    whole_squares = sum(float(g.double().pow(2).sum()) for g in grads if not isinstance(g, DTensor))
+    shard_squares = sum(float(g.to_local().double().pow(2).sum()) for g in grads if is_shard(g))
+    whole_squares = sum(float(g.double().pow(2).sum()) for g in grads if not is_shard(g))
     norm = (world.sum([shard_squares])[0] + whole_squares) ** 0.5
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:

@@ -255,16 +255,16 @@ class Run:
         """Every rank enters it; inside, rank 0 (or each rank) may run the policy alone (engine.sharding)."""
         return full_weights(self.models.policy)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> dict | None:
         """Every rank calls this (their random generators are gathered, a sharded model's shards too);
-        rank 0 writes."""
+        rank 0 writes. Returns a sharded model's gathered full state (rank 0's; None when not sharded)."""
         rank_rng = self.world.gather(rng_states())
         model_state = optimizer_state = None
         if self.sharded:
             model_state = full_model_state(self.models.policy)
             optimizer_state = full_optimizer_state(self.trained_models, self.optimizer)
         if not self.world.is_main:
-            return
+            return model_state
         extra = {"algorithm": self.algo.state_dict()}
         if self.world.active:
             extra["rank_rng"] = rank_rng
@@ -283,6 +283,7 @@ class Run:
             model_state=model_state,
             optimizer_state=optimizer_state,
         )
+        return model_state
 
     def parameter_counts(self) -> dict[str, int]:
         total, trainable = count_parameters(self.models.policy)
@@ -450,12 +451,9 @@ def run_steps(
             write_summary(run, "interrupted", before)
         raise
 
-    run.save_checkpoint()
-    final_state = None
+    final_state = run.save_checkpoint()  # a sharded policy's full weights, gathered once for both
     if status == "completed":
         on_rank_zero(run, partial(evaluate, state.step), partial(log_samples, state.step))
-        if run.sharded:
-            final_state = full_model_state(run.models.policy)
     if not world.is_main:  # its log (<run dir>/ranks/rank-N.log) says what this rank's process held at most
         log.info(
             "rank %d: %s at step %d, peak memory %.3f GB, weights and optimizer state held %.3f GB",

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from engine.distributed import World, merge_metric_sums
+from engine.distributed import World, is_shard, merge_metric_sums
 from engine.reporting import Reporter
 
 
@@ -139,7 +139,7 @@ def held_state_gb(parameters: list[torch.Tensor], optimizer) -> float:
     while a step runs, activations depend on the batch."""
 
     def local_bytes(tensor: torch.Tensor) -> int:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor's own shard
+        local = tensor.to_local() if is_shard(tensor) else tensor
         return local.numel() * local.element_size()
 
     held = sum(local_bytes(p) for p in parameters)
