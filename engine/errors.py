@@ -11,7 +11,12 @@ class CherryError(Exception):
 
 
 class SpecError(CherryError):
-    """A run spec or preset field is unknown, mistyped or impossible."""
+    """A run spec or preset field is unknown, mistyped or impossible; `field` names the setting when one is to blame
+    (the app's form shows the message beside that field)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(CherryError):

@@ -29,6 +29,29 @@ ONLINE_CHARTS = (
 # The new-run form's extra fields for methods that sample while training: how they sample, what rewards them.
 SAMPLING_FIELDS = ("num_generations", "temperature", "max_new_tokens", "rewards")
 
+# The settings a method reads beyond the common core (model, data, optimiser, schedule, logging, eval,
+# checkpoints, precision, parallelism). A setting no row lists is core; one a run's row does not list is refused
+# at submit when set (engine.spec), so a value that would do nothing never passes silently.
+OFFLINE = ("group_by_length",)  # batches of similar length from a fixed dataset
+REFERENCE = ("ref_model",)  # a frozen reference model (the starting weights by default)
+PRECOMPUTED_REFERENCE = REFERENCE + ("precompute_ref_logps",)
+ROLLOUT = (  # sample -> score -> update
+    "num_generations",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "rewards",
+    "reward_weights",
+    "safety_reward_model",
+    "safety_threshold",
+    "missing_eos_penalty",
+    "num_iterations",
+    "num_mini_batches",
+)
+POLICY_GRADIENT = ROLLOUT + REFERENCE + ("beta", "epsilon", "mask_truncated")
+
 # A check takes the spec and returns None, or the message that names the field and the fix.
 Check = Callable[[Any], "str | None"]
 
@@ -47,6 +70,7 @@ class AlgorithmInfo:
     generates: bool = True  # a causal LM whose samples can be compared and verified
     beta_may_be_zero: bool = False  # beta = 0 means "no KL term, no reference model" instead of an error
     charts: tuple[str, ...] = PREFERENCE_CHARTS
+    settings: tuple[str, ...] = ()  # the settings it reads beyond the common core
     form_fields: tuple[str, ...] = ()  # fields the app's new-run form shows beyond the common ones
     checks: tuple[Check, ...] = field(default=())
     # (epsilon, epsilon_high) a spec that leaves them null gets, per loss type with its own paper's clip range
@@ -107,6 +131,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.sft:SFT",
             "engine.losses.sft:sft_loss",
             charts=SFT_CHARTS,
+            settings=OFFLINE,
         ),
         AlgorithmInfo(
             "rm",
@@ -118,6 +143,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             model_kind="reward",
             generates=False,
             charts=REWARD_MODEL_CHARTS,
+            settings=OFFLINE + ("center_rewards_coef",),
         ),
         AlgorithmInfo(
             "dpo",
@@ -127,6 +153,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.dpo:DPO",
             "engine.losses.dpo:dpo_loss",
             loss_types=("sigmoid", "robust", "hinge", "ipo"),
+            settings=OFFLINE + PRECOMPUTED_REFERENCE + ("beta", "loss_type", "label_smoothing", "rpo_alpha"),
         ),
         AlgorithmInfo(
             "simpo",
@@ -135,6 +162,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             False,
             "engine.algorithms.simpo:SimPO",
             "engine.losses.dpo:simpo_loss",
+            settings=OFFLINE + ("beta", "label_smoothing", "gamma_beta_ratio"),
         ),
         AlgorithmInfo(
             "cpo",
@@ -143,6 +171,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             False,
             "engine.algorithms.cpo:CPO",
             "engine.losses.dpo:cpo_loss",
+            settings=OFFLINE + ("beta", "cpo_alpha"),
         ),
         AlgorithmInfo(
             "orpo",
@@ -151,6 +180,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             False,
             "engine.algorithms.orpo:ORPO",
             "engine.losses.orpo:orpo_loss",
+            settings=OFFLINE + ("beta",),
         ),
         AlgorithmInfo(
             "kto",
@@ -160,6 +190,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.kto:KTO",
             "engine.losses.kto:kto_loss",
             checks=(_kto_batch,),
+            settings=OFFLINE + PRECOMPUTED_REFERENCE + ("beta", "desirable_weight", "undesirable_weight"),
         ),
         AlgorithmInfo(
             "coh",
@@ -169,6 +200,8 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.coh:ChainOfHindsight",
             "engine.losses.sft:sft_loss",
             charts=SFT_CHARTS,
+            settings=OFFLINE
+            + ("coh_positive", "coh_negative", "coh_mask_ratio", "coh_pretrain_dataset", "coh_pretrain_coef"),
         ),
         AlgorithmInfo(
             "grpo",
@@ -184,6 +217,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             form_fields=SAMPLING_FIELDS,
             checks=(_compares_samples,),
             clip_defaults={"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0)},
+            settings=POLICY_GRADIENT + ("loss_type", "epsilon_high", "scale_rewards"),
         ),
         AlgorithmInfo(
             "rloo",
@@ -196,6 +230,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             charts=ONLINE_CHARTS,
             form_fields=SAMPLING_FIELDS,
             checks=(_rloo_baseline,),
+            settings=POLICY_GRADIENT,
         ),
         AlgorithmInfo(
             "ppo",
@@ -207,6 +242,18 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             beta_may_be_zero=True,
             charts=ONLINE_CHARTS,
             form_fields=SAMPLING_FIELDS,
+            settings=POLICY_GRADIENT
+            + (
+                "epsilon_high",
+                "kl_target",
+                "kl_horizon",
+                "gamma",
+                "lam",
+                "vf_coef",
+                "cliprange_value",
+                "value_model",
+                "whiten_rewards",
+            ),
         ),
         AlgorithmInfo(
             "online_dpo",
@@ -219,6 +266,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             charts=ONLINE_CHARTS + ("judge/position_consistency", "judge/shorter_preferred_frac"),
             form_fields=SAMPLING_FIELDS + ("judge", "judge_template"),
             checks=(_two_samples,),
+            settings=ROLLOUT + REFERENCE + ("beta", "loss_type", "judge", "judge_tie_margin", "judge_template"),
         ),
         AlgorithmInfo(
             "best_of_k",
@@ -231,6 +279,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             charts=ONLINE_CHARTS,
             form_fields=SAMPLING_FIELDS,
             checks=(_compares_samples,),
+            settings=ROLLOUT + ("rest_improve_epochs",),
         ),
         AlgorithmInfo(
             "rest",
@@ -242,6 +291,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             beta_may_be_zero=True,
             charts=ONLINE_CHARTS,
             form_fields=SAMPLING_FIELDS,
+            settings=ROLLOUT + ("rest_keep_fractions", "rest_improve_epochs"),
         ),
     )
 }
