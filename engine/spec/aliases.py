@@ -174,15 +174,18 @@ def translate(
     def put(target: str, value: Any, name: str) -> None:
         if target in out and out[target] != value:
             raise SpecError(
-                f"{came_from[target]}={out[target]!r} and {name}={value!r} both set {target}: give only one"
+                f"{came_from[target]}={out[target]} and {name}={value} both set {target}: give only one"
             )
         out[target] = value
         came_from[target] = name
         if name != target:
             notes.append(f"{name} -> {target}")
 
+    peft_off = "use_peft" in values and not _flag("use_peft", values["use_peft"])
     for name, value in values.items():
-        if name in ALIASES:
+        if peft_off and name == "lora_r":  # TRL reads lora_r only with use_peft
+            notes.append("lora_r ignored (use_peft=false)")
+        elif name in ALIASES:
             alias = ALIASES[name]
             put(alias.target, alias.convert(value) if alias.convert else value, name)
         elif name in NO_EQUIVALENT:

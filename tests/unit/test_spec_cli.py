@@ -16,7 +16,7 @@ from tuiapp.cli import app
 
 runner = CliRunner()
 # Fields a preset does not list: a run's own label, and the notes Cherry writes on defaults it moved.
-WRITTEN_BY_CHERRY = {"name", "defaults_followed"}
+WRITTEN_BY_CHERRY = {"name", "defaults_followed", "aliases_used"}
 
 
 def test_dpo_preset_holds_every_field_and_is_valid():
