@@ -49,6 +49,7 @@ class Sweep:
     preset: str = "dpo"
     model: str | None = None
     dataset: str | None = None
+    config: str | None = None  # a config file (TRL's shape or a preset's) under the fixed overrides
     sets: list[str] = field(default_factory=list)  # fixed `key=value` overrides shared by every point
     grid: dict[str, list[str]] = field(default_factory=dict)
     random: dict[str, str] = field(default_factory=dict)  # key -> range text, e.g. log(1e-7,1e-5)
@@ -153,7 +154,7 @@ def load_sweep_file(path: Path) -> Sweep:
         raise SweepError(f"sweep file {path}: cannot read it ({err})") from None
     if not isinstance(data, dict):
         raise SweepError(f"sweep file {path}: write a mapping with preset, model, dataset, grid and/or random")
-    known = {"preset", "model", "dataset", "set", "grid", "random", "name", "prune"}
+    known = {"preset", "config", "model", "dataset", "set", "grid", "random", "name", "prune"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise SweepError(f"sweep file {path}: unknown key {unknown[0]!r}; use {', '.join(sorted(known))}")
@@ -168,6 +169,7 @@ def load_sweep_file(path: Path) -> Sweep:
         raise SweepError(f"sweep file {path}: random is a mapping: count, seed, ranges")
     sweep = Sweep(
         preset=str(data.get("preset") or "dpo"),
+        config=str(Path(path).parent / data["config"]) if data.get("config") else None,
         model=data.get("model"),
         dataset=data.get("dataset"),
         sets=[str(s) for s in sets],
@@ -235,7 +237,14 @@ def plan(sweep: Sweep, jobs) -> list[tuple[dict[str, str], Any]]:
             overrides.append(f"name={run_name(experiment, point)}")
         shown = ", ".join(f"{k}={v}" for k, v in point.items())
         try:
-            spec = resolve_spec(sweep.preset, overrides, model=sweep.model, dataset=sweep.dataset, check_paths=False)
+            spec = resolve_spec(
+                sweep.preset,
+                overrides,
+                model=sweep.model,
+                dataset=sweep.dataset,
+                config=sweep.config,
+                check_paths=False,
+            )
             spec, _ = jobs.check(spec)
         except CherryError as err:
             raise SweepError(f"sweep point {index}/{len(all_points)} ({shown}): {err}; nothing was queued") from None

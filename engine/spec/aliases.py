@@ -173,9 +173,7 @@ def translate(
 
     def put(target: str, value: Any, name: str) -> None:
         if target in out and out[target] != value:
-            raise SpecError(
-                f"{came_from[target]}={out[target]} and {name}={value} both set {target}: give only one"
-            )
+            raise SpecError(f"{came_from[target]}={out[target]} and {name}={value} both set {target}: give only one")
         out[target] = value
         came_from[target] = name
         if name != target:

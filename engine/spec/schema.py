@@ -63,7 +63,7 @@ class RunSpec:
     """Every setting of a run; the help of each is its comment in presets/_base.yaml."""
 
     algorithm: str = default("algorithm")
-    name: str | None = None
+    name: str | None = default("name")
     # --- models
     model: str | None = default("model")
     ref_model: str | None = default("ref_model")

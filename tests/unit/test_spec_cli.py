@@ -130,12 +130,17 @@ def test_presets_lists_every_method_and_shows_inherited_values():
         "sft",
         "simpo",
     ]
-    shown = runner.invoke(app, ["presets", "ipo"])
+    shown = runner.invoke(app, ["presets", "ipo", "--yaml"])
     assert (
         "loss_type: ipo" in shown.output
         and "inherited from dpo" in shown.output
         and "inherited from _base" in shown.output
     )
+    settings = runner.invoke(app, ["presets", "ipo"]).output  # every setting dpo reads, with its help
+    assert 'loss_type: "ipo"' in settings and "# --- dpo's own" in settings and "(TRL: learning_rate)" in settings
+    assert "num_generations" not in settings and "desirable_weight" not in settings
+    kto = runner.invoke(app, ["presets", "kto"]).output
+    assert "desirable_weight" in kto and "label_smoothing" not in kto
     ipo = load_preset("ipo")
     assert (
         ipo["loss_type"] == "ipo" and ipo["algorithm"] == "dpo" and ipo["lora"]["r"] == 0

@@ -20,8 +20,21 @@ from tuiapp.cli.bench import bench_app
 from tuiapp.cli.demo import demo_app
 from tuiapp.cli.options import friendly
 
+
+def _flags_show_no_type() -> None:
+    """typer's help prints `<bool>` beside a flag such as --json, which reads as if it took a value
+    (`cherry ls --json true`); a flag shows no type."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     help="Cherry: preference training of language models from the terminal.",
+    context_settings={"help_option_names": ["-h", "--help"]},
     invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,9 +47,22 @@ experiments.register(app)
 pipeline.register(app)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"cherry {version('cherry-rlhf')}")
+        raise typer.Exit()
+
+
 @app.callback()
 @friendly
-def _open_app(ctx: typer.Context) -> None:
+def _open_app(
+    ctx: typer.Context,
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
     """With no command, open the Textual app."""
     if ctx.invoked_subcommand is None:
         from tuiapp.app import run_app

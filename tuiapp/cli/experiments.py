@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
 
 
 def _jobs():
@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = MODEL_OPTION,
         dataset: Optional[str] = DATASET_OPTION,
         set_: list[str] = SET_OPTION,
+        config: Optional[Path] = CONFIG_OPTION,
         grid: list[str] = typer.Option(
             [],
             "--grid",
@@ -70,6 +71,7 @@ def register(app: typer.Typer) -> None:
         plan.preset = preset or plan.preset
         plan.model = model or plan.model
         plan.dataset = dataset or plan.dataset
+        plan.config = str(config) if config else plan.config
         plan.sets = [*plan.sets, *set_]
         plan.grid.update(parse_grid(values))
         plan.random.update(parse_ranges(ranges))

@@ -31,6 +31,17 @@ MODEL_OPTION = typer.Option(None, "--model", "-m", help="Local model dir or hub 
 DATASET_OPTION = typer.Option(
     None, "--dataset", "-d", help="Local jsonl/json/parquet/csv/tsv, a saved datasets dir, or a hub id."
 )
+CONFIG_OPTION = typer.Option(
+    None,
+    "--config",
+    "-c",
+    help="A YAML config in TRL's shape (learning_rate, per_device_train_batch_size, ...) or a preset's; it overrides "
+    "the preset, and --set, --model and --dataset override it.",
+)
 SET_OPTION = typer.Option(
-    [], "--set", "-s", help="Override a preset value: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16"
+    [],
+    "--set",
+    "-s",
+    help="Override a setting: key=value (repeatable), e.g. --set beta=0.2 --set lora.r=16; TRL's names work too "
+    "(--set learning_rate=1e-6). `cherry presets METHOD` lists the settings a method reads.",
 )

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
 from tuiapp.text import KEY_METRICS, sample_lines
 
 FOLLOW_COLUMNS = (
@@ -96,6 +96,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = MODEL_OPTION,
         dataset: Optional[str] = DATASET_OPTION,
         set_: list[str] = SET_OPTION,
+        config: Optional[Path] = CONFIG_OPTION,
         after: Optional[str] = typer.Option(
             None, "--after", help="Start when this run completes, with its output as the model (e.g. SFT -> DPO)."
         ),
@@ -110,8 +111,8 @@ def register(app: typer.Typer) -> None:
         """Queue a run for `cherry worker` (same flags as `train`); prints the run id."""
         from engine.spec import resolve_spec
 
-        spec = resolve_spec(preset, set_, model=model, dataset=dataset, check_paths=False)
-        for note in spec.defaults_followed or []:
+        spec = resolve_spec(preset, set_, model=model, dataset=dataset, config=config, check_paths=False)
+        for note in [*(spec.aliases_used or []), *(spec.defaults_followed or [])]:
             typer.echo(f"note: {note}", err=True)
         jobs = _jobs()
         run = jobs.submit(spec, priority=priority, after=after, retries=retries)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from jobs import CherryError
-from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
 from tuiapp.text import margin_stats
 
 
@@ -47,7 +47,10 @@ def train(
     model: Optional[str] = MODEL_OPTION,
     dataset: Optional[str] = DATASET_OPTION,
     set_: list[str] = SET_OPTION,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: $CHERRY_HOME/<run-id>)."),
+    config: Optional[Path] = CONFIG_OPTION,
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Run directory (default: a config's output_dir, else $CHERRY_HOME/<run-id>)."
+    ),
     resume: Optional[Path] = typer.Option(
         None,
         "--resume",
@@ -64,7 +67,10 @@ def train(
         spec = with_resume_settings(resolve_paths(load_spec_file(resume / "spec.yaml")), set_)
         out = resume
     else:
-        spec = resolve_spec(preset, set_, model=model, dataset=dataset)
+        launch: dict[str, Any] = {}
+        spec = resolve_spec(preset, set_, model=model, dataset=dataset, config=config, launch=launch)
+        if out is None and launch.get("output_dir"):
+            out = Path(launch["output_dir"])
     _configure_logging()
     run_dir, summary = _foreground(spec, out, resume=resume is not None)
     typer.echo("")
@@ -174,19 +180,48 @@ def export(
 
 
 @friendly
-def presets(name: Optional[str] = typer.Argument(None, help="Show this preset's YAML.")) -> None:
-    """List the algorithm presets, or show one with its commented defaults."""
+def presets(
+    name: Optional[str] = typer.Argument(None, help="A preset (or method): show its settings."),
+    yaml_files: bool = typer.Option(False, "--yaml", help="Print the preset's YAML files as written instead."),
+) -> None:
+    """List the algorithm presets, or show one: every setting its method reads, with its value and help."""
     from engine.spec import list_presets, preset_chain
 
-    if name:
-        chain = preset_chain(name)
-        for i, path in enumerate(chain):
+    if name and yaml_files:
+        for i, path in enumerate(preset_chain(name)):
             if i:
                 typer.echo(f"\n# ---- inherited from {path.stem} (values above take precedence) ----")
             typer.echo(path.read_text().rstrip())
-        return
-    for preset_name, description in list_presets():
-        typer.echo(f"{preset_name:12s} {description}")
+    elif name:
+        _print_settings(name)
+    else:
+        for preset_name, description in list_presets():
+            typer.echo(f"{preset_name:12s} {description}")
+
+
+def _print_settings(preset: str) -> None:
+    """`key: value  # help` for each setting a run of the preset reads: the core, then its method's own."""
+    from engine.registry import ALGORITHMS
+    from engine.spec import ALIASES, resolve_spec, setting_help
+
+    spec = resolve_spec(preset, check_paths=False)
+    values = spec.to_dict()
+    helps = setting_help()
+    field_names: dict[str, str] = {}
+    for name, alias in ALIASES.items():  # the first (most used) of the field's names for each setting
+        field_names.setdefault(alias.target, name)
+    own = ALGORITHMS[spec.algorithm].settings
+    typer.echo(f"# {preset}: {ALGORITHMS[spec.algorithm].title}")
+    for title, keys in (("common settings", [k for k in values if k not in own]), (f"{spec.algorithm}'s own", own)):
+        typer.echo(f"# --- {title}")
+        for key in keys:
+            if key in ("defaults_followed", "aliases_used"):
+                continue
+            items = values[key].items() if key == "lora" else [(None, values[key])]
+            for sub, value in items:
+                full = f"{key}.{sub}" if sub else key
+                also = f" (TRL: {field_names[full]})" if full in field_names else ""
+                typer.echo(f"{full}: {json.dumps(value)}".ljust(40) + f"# {helps.get(full, '')}{also}")
 
 
 # ----------------------------------------------------------------------------- demo

@@ -72,6 +72,15 @@ def method_fields(algorithm: str | None = None) -> tuple[str, ...]:
     return row.form_fields if row is not None else ()
 
 
+def reads(algorithm: str | None, key: str) -> bool:
+    """Whether a run of `algorithm` reads setting `key` (the form hides the ones it does not)."""
+    from engine.registry import ALGORITHMS
+
+    if algorithm not in ALGORITHMS:
+        return True
+    return key.split(".")[0] in spec_api().method_settings(algorithm)
+
+
 def preset_choices(home: Path | None = None) -> list[tuple[str, str]]:
     """(label, preset) of the presets, the demo runs (`demo/dpo` etc.), then your saved ones (by path)."""
     out = [(f"{name}  {desc.split(':')[0][:30]}", name) for name, desc in spec_api().list_presets()]
@@ -107,7 +116,7 @@ def preset_help(name: str) -> dict[str, str]:
         if algorithm and algorithm != name:  # a demo run: fall back on its algorithm's preset
             chain += [p for p in spec_api().preset_chain(algorithm) if p not in chain]
     except CherryError:
-        return found
+        return dict(spec_api().setting_help())
     for path in chain:
         parent = None
         for line in path.read_text().splitlines():
@@ -121,7 +130,7 @@ def preset_help(name: str) -> dict[str, str]:
                 key = f"{parent}.{key}"
             if comment and key not in found:
                 found[key] = comment.strip()
-    return found
+    return {**spec_api().setting_help(), **found}
 
 
 def flat_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -358,8 +367,9 @@ class NewRunScreen(Screen[str | None]):
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The common fields and those of the preset's method (an online method's sampling and rewards)."""
-        return FORM_FIELDS + method_fields(self.defaults.get("algorithm"))
+        """The common fields the preset's method reads and its own (an online method's sampling and rewards)."""
+        algorithm = self.defaults.get("algorithm")
+        return tuple(key for key in FORM_FIELDS if reads(algorithm, key)) + method_fields(algorithm)
 
     def _input(self, key: str) -> Input:
         return self.query_one(f"#f-{key.replace('.', '_')}", Input)
@@ -373,9 +383,9 @@ class NewRunScreen(Screen[str | None]):
             return False
         self.preset = preset
         helps = preset_help(preset)
-        shown = method_fields(self.defaults.get("algorithm"))
-        for key in method_fields():
-            self.query_one(f"#row-{key}").display = key in shown
+        shown = self.fields
+        for key in FORM_FIELDS + method_fields():
+            self.query_one(f"#row-{key.replace('.', '_')}").display = key in shown
         for key in self.fields:
             box = self._input(key)
             box.value = show_value(self.defaults.get(key))
@@ -463,7 +473,9 @@ class NewRunScreen(Screen[str | None]):
             errors[EXTRA] = str(err)
             spec = None
         except CherryError as err:
-            key = error_field(str(err), list(FORM_FIELDS + method_fields()) + ["model", "dataset"])
+            shown = list(self.fields) + ["model", "dataset"]
+            named = getattr(err, "field", None)  # a SpecError names its setting
+            key = named if named in shown else error_field(str(err), shown)
             errors[key or "form"] = str(err)
             spec = None
         for key in ("model", "dataset"):
