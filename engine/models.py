@@ -148,7 +148,8 @@ def load_error(what: str, source: str, err: Exception) -> ModelError:
     )
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False):
+def load_tokenizer(source: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer of `source`, with a pad token, and `chat_template` (the setting's value) in place of its own."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
@@ -161,6 +162,10 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so reusing EOS as the pad token is safe.
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        from engine.chat_templates import template_text
+
+        tokenizer.chat_template = template_text(chat_template)
     return tokenizer
 
 

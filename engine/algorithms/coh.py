@@ -156,8 +156,8 @@ class ChainOfHindsight(Algorithm):
         if examples:
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
-            for start in range(0, len(examples), self.spec.batch_size):
-                chunk = examples[start : start + self.spec.batch_size]
+            for start in range(0, len(examples), self.spec.eval_rows):
+                chunk = examples[start : start + self.spec.eval_rows]
                 for side in ("chosen", "rejected"):
                     for sign, phrase in (("+", self.positive_ids), ("-", self.negative_ids)):
                         nll_sum, count = self._conditioned_nll(model, chunk, phrase, side)
@@ -174,8 +174,8 @@ class ChainOfHindsight(Algorithm):
             )
         if self.pretrain_eval:
             parts = [
-                self._nll(model, self.pretrain_eval[i : i + self.spec.batch_size])
-                for i in range(0, len(self.pretrain_eval), self.spec.batch_size)
+                self._nll(model, self.pretrain_eval[i : i + self.spec.eval_rows])
+                for i in range(0, len(self.pretrain_eval), self.spec.eval_rows)
             ]
             metrics["pretrain_loss"] = sum(s.item() for s, _ in parts) / max(1, sum(c for _, c in parts))
         return metrics

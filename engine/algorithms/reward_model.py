@@ -47,8 +47,8 @@ class RewardModel(Algorithm):
             return {}
         model, device = models.policy, models.device
         rewards, lengths, margins = [], [], []
-        for start in range(0, len(examples), self.spec.batch_size):
-            batch = collate(examples[start : start + self.spec.batch_size])
+        for start in range(0, len(examples), self.spec.eval_rows):
+            batch = collate(examples[start : start + self.spec.eval_rows])
             rewards.append(
                 sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
             )

@@ -98,8 +98,8 @@ def render(items: list[Item], tokenizer: Any, queue: TokenQueue, where: str) -> 
                 if not getattr(tokenizer, "chat_template", None):
                     raise DataError(
                         "the dataset is conversational (lists of {role, content} messages) but the tokenizer "
-                        "has no chat template; use a chat model's tokenizer, set tokenizer.chat_template, "
-                        "or give plain-text prompt/completion columns"
+                        "has no chat template; set one with --set chat_template=chatml (or llama3, a .jinja file, an "
+                        "inline template), use a chat model's tokenizer, or give plain-text prompt/completion columns"
                     )
                 checked_template = True
             prompt_text = _render_chat(tokenizer, item.prompt, True, item.src, where)

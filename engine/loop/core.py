@@ -322,7 +322,7 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     checkpoint = world.broadcast(checkpoint)
     cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
 
-    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code)
+    tokenizer = load_tokenizer(spec.model, spec.trust_remote_code, spec.chat_template)
     policy, reference = build_models(spec, device, precision, checkpoint, algo)
     if spec.parallelism == "fsdp":
         shard_model(policy, world)
@@ -407,7 +407,8 @@ def run_steps(
 ) -> dict[str, Any]:
     """The step clock: `step(i)` does step i and returns (its metrics, tokens trained on).
 
-    Evaluates and logs samples at the start, every `eval_steps` / `sample_steps` and at the end;
+    Evaluates (unless eval_strategy is no) and logs samples at the start, every `eval_steps` / `sample_steps`
+    and at the end;
     checkpoints every `save_steps` and when the run stops. `should_stop` is polled before each step
     (cooperative cancel): a string names the ending ("interrupted" when a worker shuts down), True
     means cancelled. Ctrl+C (KeyboardInterrupt) writes the summary and re-raises without a checkpoint:
@@ -415,6 +416,11 @@ def run_steps(
     such as the foreground's first Ctrl+C, goes through `should_stop`).
     """
     spec, state, total, world = run.spec, run.state, run.schedule.total_steps, run.world
+    if spec.eval_strategy == "no":  # no eval/ metric at all, not even at the start and the end
+
+        def evaluate(step: int) -> None:
+            return None
+
     if state.step == 0:
         on_rank_zero(run, partial(evaluate, 0), partial(log_samples, 0))
     before = dict(run.metric_log.last)

@@ -137,8 +137,8 @@ def train_offline(
         metrics: dict[str, float] = {}
         if eval_split:
             sums = MetricSums()
-            for start in range(0, len(eval_split), spec.batch_size):
-                rows = eval_split[start : start + spec.batch_size]
+            for start in range(0, len(eval_split), spec.eval_rows):
+                rows = eval_split[start : start + spec.eval_rows]
                 batch = to_device(collate(rows))
                 if algo.needs_reference:
                     batch["ref_logps"] = reference_logps(batch, "eval")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from engine.chat_templates import check_chat_template
 from engine.errors import SpecError
 from engine.registry import is_online
 from engine.rewards.sources import parse_reward_source
@@ -78,6 +79,8 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
         spec.safety_reward_model = resolve_path(spec.safety_reward_model, "safety_reward_model", kind="model")
     if spec.algorithm == "online_dpo" and spec.judge != "reward":
         spec.judge = resolve_path(spec.judge, "judge", kind="model")
+    if spec.chat_template:
+        spec.chat_template = check_chat_template(spec.chat_template)
     if spec.coh_pretrain_dataset:
         spec.coh_pretrain_dataset = resolve_path(spec.coh_pretrain_dataset, "coh_pretrain_dataset", kind="data")
     return spec

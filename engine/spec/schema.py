@@ -184,6 +184,11 @@ class RunSpec:
         return "".join(f"; {note}" for note in notes + list(self.defaults_followed or []))
 
     @property
+    def eval_rows(self) -> int:
+        """Rows per eval forward pass: eval_batch_size, else batch_size."""
+        return self.eval_batch_size or self.batch_size
+
+    @property
     def display_name(self) -> str:
         if self.name:
             return self.name
