@@ -40,9 +40,11 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    stop: list[str] | None = None,
     batch_size: int = 64,
 ) -> list[list[int]]:
-    """Completion token ids for each prompt (greedy when temperature is 0), cut before the first EOS.
+    """Completion token ids for each prompt (greedy when temperature is 0), cut before the first EOS; a
+    completion also ends at a stop string (`stop`, kept in its text).
 
     Sampling draws from the whole distribution (`top_k` 0) unless `top_k` > 0 keeps only the k most likely tokens.
 
@@ -65,6 +67,7 @@ def generate(
         top_k=top_k if sample else None,  # 0, not None: None means transformers' default top-k 50
         pad_token_id=pad_id,
         eos_token_id=eos,
+        stop_strings=list(stop) if stop else None,
         use_cache=True,
     )
     device = next(model.parameters()).device
@@ -81,6 +84,7 @@ def generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
+                    tokenizer=tokenizer if stop else None,  # generate matches stop strings through it
                     synced_gpus=False,  # a sharded model generates inside full_weights: no collective per token
                 )
                 new = sequences[:, input_ids.shape[1] :].tolist()

@@ -11,6 +11,7 @@ like any other token); one that ran into `max_new_tokens` has none and is marked
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -88,6 +89,34 @@ def _split_at_eos(row: list[int], eos: set[int]) -> tuple[list[int], bool]:
     return row, True
 
 
+class StopStrings:
+    """Stop strings for the decoding loop: a row ends once its completion's text holds one (the stop is kept)."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        # the last tokens that can hold a stop: a token decodes to at least one character, or part of one
+        self.window = max(len(s) for s in self.stop) + 4
+
+    def _holds(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(s in text for s in self.stop)
+
+    def reached(self, tokens: list[torch.Tensor], ended: torch.Tensor) -> torch.Tensor:
+        """Which rows' latest tokens complete a stop string (rows already ended are left alone)."""
+        recent = torch.stack(tokens[-self.window :], dim=1).tolist()
+        done = ended.tolist()
+        hit = [not finished and self._holds(row) for row, finished in zip(recent, done)]
+        return torch.tensor(hit, device=ended.device)
+
+    def cut(self, ids: list[int]) -> tuple[list[int], bool]:
+        """(the tokens up to the one that completes the first stop string, truncated) of a row without EOS."""
+        if not self._holds(ids):
+            return ids, True
+        end = next(i for i in range(1, len(ids) + 1) if self._holds(ids[:i]))
+        return ids[:end], False
+
+
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """`scores` [rows, vocab] with every token outside the top-p nucleus set to -inf.
 
@@ -104,11 +133,41 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
+def truncate(scores: torch.Tensor, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """`scores` [rows, vocab] with the tokens sampling leaves out set to -inf: all but the `top_k` most likely
+    (0 = off), those less likely than `min_p` times the most likely one (0 = off), then those outside the top-p
+    nucleus. The most likely token always stays."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if min_p > 0:
+        # p_i < min_p * p_max  <=>  s_i - s_max < log(min_p): no softmax needed
+        scores = scores.masked_fill(scores - scores.amax(-1, keepdim=True) < math.log(min_p), float("-inf"))
+    return nucleus(scores, top_p)
+
+
+def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019): the logit of each token already in the row (`seen`, a
+    [rows, vocab] bool mask of prompt and completion so far) divided by `penalty` when positive, multiplied
+    when negative, so it becomes less likely for penalty > 1. 1 leaves the logits as they are."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    top_k: int = 0,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab], drawn from softmax(logits / temperature) restricted
-    to the top-p nucleus (and renormalised): the distribution the update scores samples under.
+    to the top-k / min-p / top-p truncation (and renormalised). The update scores samples at the
+    temperature alone, as TRL does: truncation shapes what is sampled, not the log-probs trained on.
 
     Inverse-CDF sampling: one uniform number per row, located in the row's cumulative (unnormalised)
     probabilities. `torch.multinomial` (what `generate` calls) draws one exponential variate per
@@ -117,7 +176,7 @@ def sample_next(
     float64 on the CPU (torch's cumsum accumulator for float32) and stored in float32, so each token's
     probability is exact up to float32 rounding of the running sum (at most 2^-24 of the row's total).
     """
-    scores = nucleus(logits.float() / temperature, top_p)
+    scores = truncate(logits.float() / temperature, top_p, top_k, min_p)
     weights = (scores - scores.amax(-1, keepdim=True)).exp_()  # the row's largest weight is 1: no overflow
     cdf = weights.cumsum_(-1)
     total = cdf[:, -1:]
@@ -186,6 +245,10 @@ def decode_groups(
     top_p: float,
     eos_ids: list[int],
     pad_id: int,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stops: StopStrings | None = None,
 ) -> torch.Tensor:
     """k sampled continuations of each left-padded prompt row, in rows g*k .. g*k+k-1: [rows * k, new]
     tokens, `pad_id` after a row's first EOS.
@@ -196,6 +259,7 @@ def decode_groups(
     this divides it by k). Each step feeds every row's last token with position ids that follow the
     attention mask, as `generate` does, and samples with `sample_next`. Rows that have ended keep
     being fed padding (the batch keeps its shape) until every row has ended or `max_new_tokens` is reached.
+    A row also ends at a stop string (`stops`); its tokens after that are padding too.
     """
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     cache = DynamicCache(config=model.config)
@@ -213,11 +277,21 @@ def decode_groups(
     position = positions[:, -1:].repeat_interleave(k, dim=0)
     eos = torch.tensor(eos_ids, device=logits.device)
     ended = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    seen = None
+    if repetition_penalty != 1.0:  # the tokens of each row's prompt, then of its completion as it grows
+        counts = torch.zeros_like(logits, dtype=torch.int32)
+        seen = counts.scatter_add_(1, input_ids.repeat_interleave(k, dim=0), mask.int()) > 0
     tokens = []
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p).masked_fill_(ended, pad_id)
+        if seen is not None:
+            logits = penalise_repeats(logits, seen, repetition_penalty)
+        token = sample_next(logits, temperature, top_p, top_k=top_k, min_p=min_p).masked_fill_(ended, pad_id)
         tokens.append(token)
         ended |= torch.isin(token, eos)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        if stops is not None:
+            ended |= stops.reached(tokens, ended)
         if step + 1 == max_new_tokens or bool(ended.all()):  # the one host sync per token
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -243,9 +317,14 @@ def sample_rollout(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
     batch_size: int = 256,
 ) -> Rollout:
-    """k samples per example (`prompt_ids`), drawn from the global torch RNG in chunks of about `batch_size` rows."""
+    """k samples per example (`prompt_ids`), drawn from the global torch RNG in chunks of about `batch_size` rows.
+    A sample ends at EOS or at a stop string (kept in its text); one that reaches `max_new_tokens` is truncated."""
     eos = _eos_ids(model, tokenizer)
     if not eos:
         raise ValueError("sampling needs an EOS token: neither the tokenizer nor the generation config names one")
@@ -253,6 +332,7 @@ def sample_rollout(
         raise ValueError(f"sampling needs temperature > 0 (got {temperature})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     eos_set = set(eos)
+    stops = StopStrings(tokenizer, stop) if stop else None
     rows = [ex for ex in examples for _ in range(k)]
     device = next(model.parameters()).device
     was_training = model.training
@@ -275,9 +355,15 @@ def sample_rollout(
                 top_p=top_p,
                 eos_ids=eos,
                 pad_id=pad_id,
+                top_k=top_k,
+                min_p=min_p,
+                repetition_penalty=repetition_penalty,
+                stops=stops,
             )
             for new in new_tokens.tolist():
                 ids, cut = _split_at_eos(new, eos_set)
+                if cut and stops is not None:
+                    ids, cut = stops.cut(ids)
                 completions.append(ids)
                 truncated.append(cut)
     finally:

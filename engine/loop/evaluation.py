@@ -16,7 +16,7 @@ from engine.rollout import reward_columns
 
 
 def exact_match_accuracy(
-    model, tokenizer, examples: list[dict], *, max_new_tokens: int = 16, batch_size: int = 64
+    model, tokenizer, examples: list[dict], *, max_new_tokens: int = 16, batch_size: int = 64, stop=None
 ) -> dict:
     """Greedy completions of `examples` (each with `prompt_ids` and `answer`) scored by exact match.
 
@@ -28,6 +28,7 @@ def exact_match_accuracy(
         [ex["prompt_ids"] for ex in examples],
         max_new_tokens=max_new_tokens,
         temperature=0.0,
+        stop=stop,
         batch_size=batch_size,
     )
     completions = decode_completions(tokenizer, ids)
@@ -42,7 +43,9 @@ def estimate_kl(policy, reference: Reference, tokenizer, prompts: list[dict], sp
     prompt_ids = [p["prompt_ids"] for p in prompts]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(spec.seed)
-        completions = generate(policy, tokenizer, prompt_ids, max_new_tokens=spec.max_new_tokens, temperature=1.0)
+        completions = generate(
+            policy, tokenizer, prompt_ids, max_new_tokens=spec.max_new_tokens, temperature=1.0, stop=spec.stop
+        )
     eos = tokenizer.eos_token_id
     # A completion shorter than the limit stopped at EOS, which is part of what was sampled.
     completions = [c + [eos] if len(c) < spec.max_new_tokens else c for c in completions]
@@ -78,7 +81,9 @@ def reference_completions(
 
 def sample_comparisons(policy, tokenizer, prompts: list[dict], reference_texts: list[str], spec) -> list[dict]:
     """Greedy policy completions beside the reference's, with verifier scores when answers exist."""
-    ids = generate(policy, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=spec.max_new_tokens)
+    ids = generate(
+        policy, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=spec.max_new_tokens, stop=spec.stop
+    )
     policy_texts = decode_completions(tokenizer, ids)
     rows = []
     for prompt, ref_text, pol_text in zip(prompts, reference_texts, policy_texts):
@@ -96,7 +101,9 @@ def evaluate_prompts(policy, tokenizer, prompts: list[dict], with_reward: bool, 
     reward sources have what they need (`with_reward`), eval/length_mean."""
     if not prompts:
         return {}
-    ids = generate(policy, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=spec.max_new_tokens)
+    ids = generate(
+        policy, tokenizer, [p["prompt_ids"] for p in prompts], max_new_tokens=spec.max_new_tokens, stop=spec.stop
+    )
     texts = decode_completions(tokenizer, ids)
     # Scored as sampled completions are: a completion that stopped keeps its EOS (a reward model reads it).
     ids = [i + [tokenizer.eos_token_id] if len(i) < spec.max_new_tokens else i for i in ids]

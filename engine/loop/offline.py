@@ -149,7 +149,9 @@ def train_offline(
             means.update(algo.eval_metrics(models, eval_split, collate))
             metrics.update({f"eval/{name}": value for name, value in means.items()})
         if scored_prompts:
-            result = exact_match_accuracy(policy, tokenizer, scored_prompts, max_new_tokens=spec.max_new_tokens)
+            result = exact_match_accuracy(
+                policy, tokenizer, scored_prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop
+            )
             metrics["eval/exact_match"] = result["accuracy"]
         if reference is not None and kl_prompts and spec.kl_samples:
             metrics.update(estimate_kl(policy, reference, tokenizer, kl_prompts, spec, device))

@@ -117,6 +117,10 @@ def train_online(
                 max_new_tokens=spec.max_new_tokens,
                 temperature=spec.temperature,
                 top_p=spec.top_p,
+                top_k=spec.top_k,
+                min_p=spec.min_p,
+                repetition_penalty=spec.repetition_penalty,
+                stop=spec.stop,
             )
             scoring_started = time.time()
             if reward is not None and rollout.texts:

@@ -86,3 +86,47 @@ def test_rows_draw_independently_and_a_seed_repeats_them():
     counts = torch.bincount(first, minlength=8).double()
     statistic, dof = _chi_square(counts, torch.full((8,), 1 / 8))
     assert statistic < 24.32  # 7 degrees of freedom, p = 0.001
+
+
+def test_top_k_and_min_p_keep_only_the_likely_tokens():
+    from engine.rollout import truncate
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    top2 = truncate(scores, top_k=2)
+    assert torch.isfinite(top2).tolist() == [[True, True, False, False]]
+    # min_p 0.2: keep tokens with p >= 0.2 * 0.5 = 0.1
+    assert torch.isfinite(truncate(scores, min_p=0.2)).tolist() == [[True, True, True, False]]
+    assert torch.equal(truncate(scores), scores)
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_next(scores.expand(4000, -1), 1.0, generator=generator, top_k=2)
+    counts = torch.bincount(draws, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0 and abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03
+
+
+def test_repetition_penalty_follows_ctrl():
+    from engine.rollout import penalise_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert penalise_repeats(logits, seen, 2.0).tolist() == [[1.0, -2.0, 3.0]]
+    assert torch.equal(penalise_repeats(logits, seen, 1.0), logits)
+
+
+def test_a_sample_ends_at_a_stop_string_and_keeps_it(tiny_model_dir):
+    from engine.models import load_causal_lm, load_tokenizer
+    from engine.rollout import sample_rollout
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    examples = [{"prompt_ids": tokenizer("ab")["input_ids"], "prompt": "ab"}]
+    torch.manual_seed(0)
+    free = sample_rollout(model, tokenizer, examples, k=16, max_new_tokens=12, temperature=1.0)
+    # a stop string that some free samples hold: each first character that appears after the first token
+    stop = next(t[1] for t in free.texts if len(t) > 2 and t[1].strip())
+    torch.manual_seed(0)
+    stopped = sample_rollout(model, tokenizer, examples, k=16, max_new_tokens=12, temperature=1.0, stop=[stop])
+    held = [i for i, t in enumerate(stopped.texts) if stop in t]
+    assert held
+    for i in held:
+        text = stopped.texts[i]
+        assert text.index(stop) + len(stop) == len(text) and not stopped.truncated[i]  # ends at the stop, kept
