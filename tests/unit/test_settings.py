@@ -184,3 +184,14 @@ def test_config_file_in_trl_shape(tmp_path):
     assert launch == {"output_dir": "out/dpo"}
     with pytest.raises(SpecError, match="no such file"):
         resolve_spec("demo/dpo", config=tmp_path / "missing.yaml")
+
+
+def test_runs_of_one_name_are_told_apart():
+    from tuiapp.cli.runs import _fit
+    from tuiapp.widgets.runs_table import id_hint
+
+    assert id_hint("20261207-194501-dpo-Qwen2.5-0.5B-Instruct-pairs-2") == "19:45:01 #2"
+    assert id_hint("20261207-194501-dpo-demo") == "19:45:01"
+    long_a = "20261207-194501-dpo-Qwen2.5-0.5B-Instruct-ultrafeedback_binarized"
+    assert _fit(long_a, 44) != _fit(long_a + "-2", 44) and _fit(long_a + "-2", 44).endswith("-2")
+    assert len(_fit(long_a, 44)) == 44 and _fit("short", 44) == "short"

@@ -86,6 +86,14 @@ def _labels(run) -> str:
     return " ".join(parts)
 
 
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` in the middle, so a run id keeps its time and its `-2` suffix."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[: keep - keep // 2] + "…" + text[-(keep // 2) :]
+
+
 def register(app: typer.Typer) -> None:
     """Add the run-management commands to the `cherry` app."""
 
@@ -172,7 +180,7 @@ def register(app: typer.Typer) -> None:
             progress = f"{r.step or 0}/{r.total_steps or '?'}"
             status_text = r.status + ("*" if r.parent and r.status == "queued" and not r.task_id else "")
             typer.echo(
-                f"{r.id[:44]:44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
+                f"{_fit(r.id, 44):44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
                 f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}  {_labels(r)}".rstrip()
             )
         if any(r.parent and r.status == "queued" and not r.task_id for r in runs):

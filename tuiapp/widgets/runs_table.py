@@ -3,7 +3,9 @@ experiment sit under its group row (collapsible), best point first."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 
 from rich.cells import cell_len
 from rich.text import Text
@@ -71,18 +73,30 @@ def metric_cell(name: str, value: float) -> str:
     return f"{SHORT_METRIC.get(name, name.split('/')[-1][:6])} {fmt_num(value)}"
 
 
-def run_label(run: RunInfo, grouped: bool) -> Text:
-    """The run's name (under its group row: without the experiment's prefix) and its tags."""
+def id_hint(run_id: str) -> str:
+    """What tells two runs of one name apart: the time in their id (`20261207-194501-dpo-demo-2` -> `19:45:01 #2`)."""
+    match = re.match(r"\d{8}-(\d\d)(\d\d)(\d\d)-.*?(?:-(\d+))?$", run_id)
+    if not match:
+        return run_id[-8:]
+    hours, minutes, seconds, n = match.groups()
+    return f"{hours}:{minutes}:{seconds}" + (f" #{n}" if n else "")
+
+
+def run_label(run: RunInfo, grouped: bool, shared_name: bool = False) -> Text:
+    """The run's name (under its group row: without the experiment's prefix), what tells it from runs of the
+    same name (`shared_name`), and its tags."""
     name = run.name
     if grouped and run.experiment and name.startswith(run.experiment + "-"):
         name = name[len(run.experiment) + 1 :]
     text = Text(name if len(name) <= 24 else name[:23] + "…")
+    if shared_name:
+        text.append(f" {id_hint(run.id)}", style="dim")
     for tag in run.tags:
         text.append(f" #{tag}", style="dim cyan")
     return text
 
 
-def cells(run: RunInfo, selected: bool, now: float, grouped: bool = False) -> tuple:
+def cells(run: RunInfo, selected: bool, now: float, grouped: bool = False, shared_name: bool = False) -> tuple:
     progress = f"{run.step}/{run.total_steps}" if run.total_steps else (f"{run.step}/?" if run.step else "")
     metric = metric_cell(*run.key_metric) if run.key_metric else ""
     eta = duration(run.eta_seconds(now)) if run.status == "running" else ""
@@ -90,7 +104,7 @@ def cells(run: RunInfo, selected: bool, now: float, grouped: bool = False) -> tu
     return (
         (Text("◆", style="bold yellow") if selected else Text(" "))
         + Text(("  " if grouped else "") + f"{glyph} ", style=colour)
-        + run_label(run, grouped),
+        + run_label(run, grouped, shared_name),
         status_text(run),
         Text(progress, justify="right"),
         metric,
@@ -161,8 +175,11 @@ class RunsTable(DataTable):
         now = time.time() if now is None else now
         current = self.current_key
         keys = [r.key if isinstance(r, Group) else r.id for r in rows]
+        names = Counter(r.name for r in rows if not isinstance(r, Group))
         row_cells = [
-            group_cells(r, now) if isinstance(r, Group) else cells(r, r.id in selected, now, bool(r.experiment))
+            group_cells(r, now)
+            if isinstance(r, Group)
+            else cells(r, r.id in selected, now, bool(r.experiment), names[r.name] > 1)
             for r in rows
         ]
         existing = [k.value for k in self.rows]
