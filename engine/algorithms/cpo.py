@@ -15,26 +15,10 @@ preference method logs (lengths/*, logits/*, policy/entropy).
 
 from __future__ import annotations
 
-from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.pairs import PairMethod
 from engine.losses.dpo import cpo_loss
 
 
-class CPO(Algorithm):
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
-
-    def collate(self, rows, pad_id):
-        return collate_preference(rows, pad_id)
-
-    def loss(self, models, batch, rows):
-        out = completion_logps(
-            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
-        )
-        pairs = self.units(batch)
-        losses, metrics = cpo_loss(
-            out.sums[:pairs], out.sums[pairs:], out.counts[:pairs], self.spec.beta, self.spec.cpo_alpha
-        )
-        return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
-
-    preference_samples = pair_samples  # chosen vs rejected with their implicit rewards
+class CPO(PairMethod):
+    def pair_loss(self, out, pairs, batch):
+        return cpo_loss(out.sums[:pairs], out.sums[pairs:], out.counts[:pairs], self.spec.beta, self.spec.cpo_alpha)

@@ -16,54 +16,28 @@ logits/rejected (mean logit over vocabulary and completion tokens) and policy/en
 
 from __future__ import annotations
 
-from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.pairs import PairMethod
 from engine.losses.dpo import dpo_loss, rpo_loss
 
 
-class DPO(Algorithm):
+class DPO(PairMethod):
     needs_reference = True
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
 
-    def collate(self, rows, pad_id):
-        return collate_preference(rows, pad_id)
-
-    def loss(self, models, batch, rows):
-        spec = self.spec
-        out = completion_logps(
-            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
-        )
-        pairs, ref_logps = self.units(batch), batch["ref_logps"]
+    def pair_loss(self, out, pairs, batch):
+        spec, ref_logps = self.spec, batch["ref_logps"]
         if spec.loss_type == "ipo":
             # IPO works on per-token means: divide the reference sums by the same token counts.
             policy_scores, ref_scores = out.means, ref_logps / out.counts.clamp(min=1)
         else:
             policy_scores, ref_scores = out.sums, ref_logps
-        chosen, rejected = policy_scores[:pairs], policy_scores[pairs:]
-        ref_chosen, ref_rejected = ref_scores[:pairs], ref_scores[pairs:]
+        scores = (policy_scores[:pairs], policy_scores[pairs:], ref_scores[:pairs], ref_scores[pairs:])
         if spec.rpo_alpha > 0:
-            losses, metrics = rpo_loss(
-                chosen,
-                rejected,
-                ref_chosen,
-                ref_rejected,
+            return rpo_loss(
+                *scores,
                 out.counts[:pairs],
                 spec.beta,
                 spec.rpo_alpha,
                 loss_type=spec.loss_type,
                 label_smoothing=spec.label_smoothing,
             )
-        else:
-            losses, metrics = dpo_loss(
-                chosen,
-                rejected,
-                ref_chosen,
-                ref_rejected,
-                spec.beta,
-                label_smoothing=spec.label_smoothing,
-                loss_type=spec.loss_type,
-            )
-        return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
-
-    preference_samples = pair_samples  # chosen vs rejected with their implicit rewards
+        return dpo_loss(*scores, spec.beta, label_smoothing=spec.label_smoothing, loss_type=spec.loss_type)

@@ -7,25 +7,10 @@ as in TRL. Trained from a base model: no separate SFT stage, no reference model 
 
 from __future__ import annotations
 
-from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.pairs import PairMethod
 from engine.losses.orpo import orpo_loss
 
 
-class ORPO(Algorithm):
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
-
-    def collate(self, rows, pad_id):
-        return collate_preference(rows, pad_id)
-
-    def loss(self, models, batch, rows):
-        out = completion_logps(
-            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
-        )
-        pairs = self.units(batch)
-        means = out.means
-        losses, metrics = orpo_loss(means[:pairs], means[pairs:], self.spec.beta)
-        return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
-
-    preference_samples = pair_samples  # chosen vs rejected with their implicit rewards
+class ORPO(PairMethod):
+    def pair_loss(self, out, pairs, batch):
+        return orpo_loss(out.means[:pairs], out.means[pairs:], self.spec.beta)

@@ -7,31 +7,16 @@ No reference model is loaded.
 
 from __future__ import annotations
 
-from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
-from engine.batching import collate_preference
-from engine.logprobs import completion_logps
+from engine.algorithms.pairs import PairMethod
 from engine.losses.dpo import simpo_loss
 
 
-class SimPO(Algorithm):
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
-
-    def collate(self, rows, pad_id):
-        return collate_preference(rows, pad_id)
-
-    def loss(self, models, batch, rows):
-        out = completion_logps(
-            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
-        )
-        pairs = self.units(batch)
-        means = out.means
-        losses, metrics = simpo_loss(
-            means[:pairs],
-            means[pairs:],
+class SimPO(PairMethod):
+    def pair_loss(self, out, pairs, batch):
+        return simpo_loss(
+            out.means[:pairs],
+            out.means[pairs:],
             self.spec.beta,
             self.spec.gamma_beta_ratio,
             label_smoothing=self.spec.label_smoothing,
         )
-        return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
-
-    preference_samples = pair_samples  # chosen vs rejected with their implicit rewards
