@@ -70,6 +70,7 @@ class AlgorithmInfo:
     generates: bool = True  # a causal LM whose samples can be compared and verified
     beta_may_be_zero: bool = False  # beta = 0 means "no KL term, no reference model" instead of an error
     charts: tuple[str, ...] = PREFERENCE_CHARTS
+    logs: tuple[str, ...] = ()  # metrics it logs beyond train/loss (a demo run of it is checked to log each)
     settings: tuple[str, ...] = ()  # the settings it reads beyond the common core
     form_fields: tuple[str, ...] = ()  # fields the app's new-run form shows beyond the common ones
     checks: tuple[Check, ...] = field(default=())
@@ -132,6 +133,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.losses.sft:sft_loss",
             charts=SFT_CHARTS,
             settings=OFFLINE,
+            logs=("token_accuracy", "eval/perplexity", "eval/token_accuracy", "policy/entropy", "lengths/completion"),
         ),
         AlgorithmInfo(
             "rm",
@@ -154,6 +156,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.losses.dpo:dpo_loss",
             loss_types=("sigmoid", "robust", "hinge", "ipo"),
             settings=OFFLINE + PRECOMPUTED_REFERENCE + ("beta", "loss_type", "label_smoothing", "rpo_alpha"),
+            logs=("rewards/margin", "rewards/accuracy", "logps/chosen", "eval/rewards/accuracy", "kl/mean"),
         ),
         AlgorithmInfo(
             "simpo",
@@ -163,6 +166,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.simpo:SimPO",
             "engine.losses.dpo:simpo_loss",
             settings=OFFLINE + ("beta", "label_smoothing", "gamma_beta_ratio"),
+            logs=("rewards/margin", "logps/chosen"),
         ),
         AlgorithmInfo(
             "cpo",
@@ -172,6 +176,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.cpo:CPO",
             "engine.losses.dpo:cpo_loss",
             settings=OFFLINE + ("beta", "cpo_alpha"),
+            logs=("nll_loss", "rewards/accuracy", "logps/chosen"),
         ),
         AlgorithmInfo(
             "orpo",
@@ -181,6 +186,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.algorithms.orpo:ORPO",
             "engine.losses.orpo:orpo_loss",
             settings=OFFLINE + ("beta",),
+            logs=("nll_loss", "log_odds_ratio", "rewards/accuracy"),
         ),
         AlgorithmInfo(
             "kto",
@@ -191,6 +197,7 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
             "engine.losses.kto:kto_loss",
             checks=(_kto_batch,),
             settings=OFFLINE + PRECOMPUTED_REFERENCE + ("beta", "desirable_weight", "undesirable_weight"),
+            logs=("kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "kto/desirable_fraction"),
         ),
         AlgorithmInfo(
             "coh",

@@ -30,8 +30,8 @@ def demo(
     method: str = typer.Option(
         "dpo",
         "--method",
-        help="Which demo run (presets/demo/NAME.yaml): dpo, ipo, rpo, simpo, orpo, kto, sft, rm, coh; "
-        "online: grpo, rloo, ppo, online_dpo, best_of_k, rest, gspo, cispo.",
+        help="Which demo run: NAME of presets/demo/NAME.yaml (one per method, and variants such as ipo, "
+        "gspo); a name that has none lists those that do.",
     ),
 ) -> None:
     """DPO (or --method) on the embedded demo. Opens the app with the run queued and a worker started
