@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import os
 import re
@@ -88,6 +89,12 @@ class RunSpec:
     overlong: str = default("overlong")  # truncate (keep the prompt's end, cut the completion) | drop
     max_rows: int | None = default("max_rows")  # use only the first N rows (quick trials)
     group_by_length: bool = default("group_by_length")  # offline methods: batch rows of similar length together
+    # --- data sources: the Hub's configs and splits, mixtures, column maps (engine/data/sources.py)
+    dataset_config: str | None = default("dataset_config")  # the dataset's config (subset), e.g. main
+    dataset_train_split: str = default("dataset_train_split")  # the split trained on
+    dataset_test_split: str | None = default("dataset_test_split")  # eval rows from this split, not eval_split
+    dataset_mixture: dict | None = default("dataset_mixture")  # {datasets: [{path, name, split, weight, ...}]}
+    column_map: dict | None = default("column_map")  # standard column -> yours, e.g. {prompt: question}
     # --- optimisation
     lr: float = default("lr")
     batch_size: int = default("batch_size")  # examples (pairs for DPO) per micro-batch
@@ -400,6 +407,7 @@ def check_values(spec: RunSpec) -> None:
     need(spec.epochs > 0, f"epochs must be > 0 (got {spec.epochs})")
     need(spec.max_steps >= 0, f"max_steps must be >= 0 (got {spec.max_steps}); 0 means 'run epochs'")
     need(0 <= spec.eval_split < 1, f"eval_split must be in [0, 1) (got {spec.eval_split})")
+    importlib.import_module("engine.data.sources").check_data_settings(spec)
     need(0 <= spec.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {spec.warmup_ratio})")
     need(spec.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {spec.warmup_steps}); 0 uses warmup_ratio")
     need(0 <= spec.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {spec.label_smoothing})")
@@ -881,13 +889,14 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
     """
     if check_model and not spec.model:
         raise SpecError("model is not set: pass --model PATH_OR_HUB_ID (or --model demo)")
-    if not spec.dataset:
+    if not spec.dataset and not spec.dataset_mixture:
         raise SpecError("dataset is not set: pass --dataset PATH_OR_HUB_ID (e.g. --dataset demo/pairs.jsonl)")
     if check_model:
         spec.model = resolve_path(spec.model, "model", kind="model")
     if spec.ref_model:
         spec.ref_model = resolve_path(spec.ref_model, "ref_model", kind="model")
-    spec.dataset = resolve_path(spec.dataset, "dataset", kind="data")
+    spec.dataset = resolve_path(spec.dataset, "dataset", kind="data") if spec.dataset else None
+    importlib.import_module("engine.data.sources").resolve_mixture_paths(spec)
     if spec.eval_dataset:
         spec.eval_dataset = resolve_path(spec.eval_dataset, "eval_dataset", kind="data")
     if spec.eval_prompts:

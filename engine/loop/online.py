@@ -119,6 +119,8 @@ def train_online(
                 top_p=spec.top_p,
             )
             scoring_started = time.time()
+            if reward is not None:  # reward functions get step= and epoch= (TRL's trainer state)
+                reward.step, reward.epoch = index, run.schedule.epoch(index)
             if reward is not None and rollout.texts:
                 score_rollout(rollout, reward, spec.missing_eos_penalty)
             score_seconds = time.time() - scoring_started
