@@ -92,6 +92,8 @@ def train_online(
 
     # --- optimisation: one step = one rollout of `batch_size` prompts; the value model trains with the policy
     run.set_up_optimisation(len(data.train), chunks_per_step=1)
+    if reward is not None:  # reward functions get step= and epoch= (TRL's trainer state); the start's eval sees these
+        reward.step, reward.epoch = run.state.step, run.schedule.epoch(run.state.step)
     reporter.log_event(
         "start",
         f"{spec.algorithm}: {run.schedule.total_steps} steps x {spec.batch_size} prompts x {spec.num_generations} samples "
@@ -119,7 +121,7 @@ def train_online(
                 top_p=spec.top_p,
             )
             scoring_started = time.time()
-            if reward is not None:  # reward functions get step= and epoch= (TRL's trainer state)
+            if reward is not None:
                 reward.step, reward.epoch = index, run.schedule.epoch(index)
             if reward is not None and rollout.texts:
                 score_rollout(rollout, reward, spec.missing_eos_penalty)
