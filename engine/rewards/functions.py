@@ -1,21 +1,19 @@
 """Reward functions of your own: load `module:function` or `path/to/file.py:function`, check its
 signature, call it the way the loop does and check what it returns.
 
-Every source except `rm:` is (and the built-ins themselves are) a function with this signature::
+A function is called by keyword, as TRL calls reward functions (docs/data.md)::
 
-    def my_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        answers = kwargs["answer"]            # a dataset column, one value per completion
-        lengths = [len(ids) for ids in kwargs["completion_ids"]]
-        return [...]                          # one finite number per completion
+    def my_reward(completions, answer, **kwargs) -> list[float | None]:
+        ...                                   # one number per completion, or None: no reward here
 
-`kwargs` holds the dataset's extra columns as lists aligned with `completions` (e.g. `answer`,
-`safety`, `messages`), plus `completion_ids` (the completion token ids). Take `**kwargs` so new
-columns never break the function; a function without `**kwargs` is passed only the keyword
-arguments it names, and one that requires a column the data does not have is refused with a
-message naming it. The result must be a list (or tuple / array) with one finite number per
-completion; None is refused: return 0.0 for "not applicable". An exception raised inside the
-function stops the run with a message naming the reward entry (the original traceback is kept
-as the cause).
+It gets `prompts`, `completions`, `completion_ids`, `step`, `epoch` and every dataset column by
+name, values as in the data (for conversational data prompts and completions are message lists).
+A function without `**kwargs` is passed only what it names; a named parameter other than the
+standard ones is a column it needs. An older fn(p, c, ...) naming neither `prompts` nor
+`completions` gets those two by position. `async def` functions are awaited together (combine.py).
+A wrong length, a non-number or a non-finite score is refused naming the function; an exception
+raised inside names the function and the first sample that fails on its own (the original
+traceback is kept as the cause).
 """
 
 from __future__ import annotations

@@ -177,6 +177,7 @@ def test_dpo_trains_on_a_hub_layout_directory_by_split(hub_dir, tiny_model_dir, 
         dataset_train_split="train_prefs",
         dataset_test_split="test_prefs",
     )
+    check_run_data(resolve_paths(spec), "preference")  # the first rows, streamed, pass the submit check
     reporter = trains(spec, tmp_path / "run")
     data_event = next(e for e in reporter.events if e["kind"] == "data")
     assert (data_event["train"], data_event["eval"]) == (10, 3)
