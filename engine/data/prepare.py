@@ -387,7 +387,9 @@ def _prepare(
         built, own = _process(rows, fmt, tokenizer, opts, "row" if len(sources) == 1 else f"{source.name} row")
         kept = _drop_reasons(built) == ""
         if source.test_split is not None:
-            table, test_stats = _eval_table(source, source.test_split, tokenizer, opts, f"{what} split {source.test_split}")
+            table, test_stats = _eval_table(
+                source, source.test_split, tokenizer, opts, f"{what} split {source.test_split}"
+            )
             train, evaluation = _take(built, kept), table
             for key in ("rows", "kept", "dropped_empty", "dropped_identical", "dropped_overlong", "truncated"):
                 own[key] += test_stats[key]

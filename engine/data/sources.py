@@ -46,7 +46,9 @@ class DataSource:
         if not isinstance(self.path, (str, os.PathLike)):
             return "rows"
         text = os.fspath(self.path)
-        return text + (f" ({self.config})" if self.config else "") + (f" [{self.split}]" if self.split != "train" else "")
+        return (
+            text + (f" ({self.config})" if self.config else "") + (f" [{self.split}]" if self.split != "train" else "")
+        )
 
     def describe(self) -> dict[str, Any]:
         """What the cache key and the data report say about this source (JSON-able)."""
