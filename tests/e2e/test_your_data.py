@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from engine.data import detect_format, prepare
+from engine.data import detect_format, load_rows, prepare
 from engine.data.checks import check_run_data
 from engine.data.sources import DataSource, load_split, spec_sources
 from engine.errors import CherryError, DataError, SpecError
@@ -167,6 +167,7 @@ def test_a_hub_layout_directory_loads_by_split_and_config_and_stays_arrow(hub_di
         load_split(DataSource(str(hub_dir)), "train")
     with pytest.raises(DataError, match=r"has no config 'mian'; its configs are: default, main"):
         load_split(DataSource(str(hub_dir), config="mian"), "train")
+    assert len(load_rows(str(hub_dir), "train_prefs")) == 10  # the app's preview and `cherry score` read it too
 
 
 def test_dpo_trains_on_a_hub_layout_directory_by_split(hub_dir, tiny_model_dir, tmp_path):
