@@ -147,6 +147,10 @@ def check_data_settings(spec: Any) -> None:
     _check_split(spec.dataset_train_split, "dataset_train_split")
     _check_split(spec.dataset_test_split, "dataset_test_split", optional=True)
     _check_column_map(spec.column_map, "column_map")
+    if spec.dataset_test_split is not None and spec.eval_dataset:
+        raise SpecError(
+            "dataset_test_split and eval_dataset both give the eval rows; keep one (--set dataset_test_split=null)"
+        )
     if spec.dataset_mixture is not None:
         if spec.dataset:
             raise SpecError(

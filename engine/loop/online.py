@@ -31,7 +31,7 @@ from engine.loop.evaluation import estimate_kl, evaluate_prompts, reference_comp
 from engine.loop.metrics import MetricSums
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
-from engine.rollout import merge_rollouts, sample_rollout, score_rollout
+from engine.rollout import merge_rollouts, reward_columns, sample_rollout, score_rollout
 
 
 def reward_sources(spec) -> list[str]:
@@ -87,6 +87,10 @@ def train_online(
         check_columns(spec, eval_prompts, "eval prompts")
     except CherryError:
         eval_reward = False  # no eval/reward without the columns; exact match still runs where answers exist
+    lacking = sorted(reward.needs_columns - set(reward_columns(eval_prompts))) if reward and eval_prompts else []
+    if eval_reward and lacking:  # eval prompts from another file may lack a column a reward function reads
+        eval_reward = False
+        reporter.log_event("warning", f"no eval/reward: the eval prompts have no {', '.join(lacking)} column")
     sample_prompts = eval_prompts[: spec.num_samples]
     kl_prompts = eval_prompts[: spec.kl_samples]
 

@@ -217,6 +217,12 @@ def test_mixture_and_column_map_mistakes_are_refused_naming_the_field(tiny_model
     for weight in (0, 1.5):
         with pytest.raises(SpecError, match=r"dataset_mixture.datasets\[0\].weight must be in \(0, 1\]"):
             run_spec(tiny_model_dir, "dpo", dataset_mixture={"datasets": [{"path": str(data), "weight": weight}]})
+    with pytest.raises(SpecError, match="dataset and dataset_mixture are both set"):
+        run_spec(tiny_model_dir, "dpo", dataset=str(data), dataset_mixture={"datasets": [{"path": str(data)}]})
+    with pytest.raises(SpecError, match="dataset_test_split and eval_dataset both give the eval rows"):
+        run_spec(tiny_model_dir, "dpo", dataset=str(data), dataset_test_split="test", eval_dataset=str(data))
+    with pytest.raises(SpecError, match="column_map must map the standard column names"):
+        run_spec(tiny_model_dir, "dpo", dataset=str(data), column_map="prompt:question")
     wrong = run_spec(tiny_model_dir, "dpo", dataset=str(data), column_map={"prompt": "query", "chosen": "good"})
     with pytest.raises(DataError, match="names the column 'query', which the data does not have"):
         check_run_data(resolve_paths(wrong), "preference")
@@ -295,6 +301,15 @@ def test_grpo_with_trl_style_reward_functions(tiny_model_dir, tmp_path, reward_f
     means = reporter.series("reward/slow_b/mean")
     assert means and means[0] == 1.0  # None = no reward from that function for the sample, not 0
     assert reporter.series("eval/reward")  # eval prompts carry the same columns as training
+
+
+def test_eval_prompts_without_a_functions_column_skip_eval_reward(tiny_model_dir, tmp_path, reward_file):
+    data = write_jsonl(tmp_path / "m.jsonl", [{"prompt": f"add {i}:", "target": i, "tags": []} for i in range(8)])
+    other = write_jsonl(tmp_path / "e.jsonl", [{"prompt": f"e{i}:", "answer": "1"} for i in range(2)])
+    spec = run_spec(tiny_model_dir, "grpo", dataset=str(data), eval_prompts=str(other), rewards=f"{reward_file}:digits")
+    reporter = trains(spec, tmp_path / "run")
+    assert any("no eval/reward: the eval prompts have no tags, target column" in e["message"] for e in reporter.events)
+    assert reporter.series("reward/mean") and not reporter.series("eval/reward")
 
 
 def test_conversational_prompts_and_completions_reach_reward_functions_as_messages(
