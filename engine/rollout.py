@@ -73,12 +73,18 @@ def merge_rollouts(parts: list[Rollout]) -> Rollout:
 
 
 def reward_columns(examples: list[dict]) -> dict[str, list]:
-    """Dataset columns reward functions may use (`answer`, `safety`, the prompt's `messages`), one value per row."""
-    return {
-        name: [ex.get(name) for ex in examples]
-        for name in ("answer", "safety", "messages")
-        if any(ex.get(name) is not None for ex in examples)
-    }
+    """What reward functions get besides prompts and completions, one value per row: every dataset column
+    as it is in the data (`columns` of a prompt example: lists stay lists, numbers stay numbers), with
+    `safety` as a boolean and `messages` the prompt as a message list (conversational data)."""
+    names: dict[str, None] = {}
+    for ex in examples:
+        names.update(dict.fromkeys(ex.get("columns") or {}))
+    out = {name: [(ex.get("columns") or {}).get(name) for ex in examples] for name in names}
+    for name in ("answer", "safety", "messages"):
+        if name in ("safety", "messages") or name not in out:
+            if any(ex.get(name) is not None for ex in examples):
+                out[name] = [ex.get(name) for ex in examples]
+    return out
 
 
 def _split_at_eos(row: list[int], eos: set[int]) -> tuple[list[int], bool]:

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.data import check_dataset
+from engine.data.checks import check_run_data
 from engine.errors import CherryError
 from engine.registry import ALGORITHMS
 from engine.spec import RunSpec, build_spec, resolve_paths
@@ -118,9 +118,7 @@ class Jobs:
                 )
             spec = dataclasses.replace(spec, model=str(Path(run_dir(source)) / "final"))
         resolve_paths(spec, check_model=parent is None)
-        check_dataset(spec.dataset, ALGORITHMS[spec.algorithm].data_kind)
-        if spec.eval_dataset:
-            check_dataset(spec.eval_dataset, ALGORITHMS[spec.algorithm].data_kind, "eval dataset")
+        check_run_data(spec, ALGORITHMS[spec.algorithm].data_kind)  # and the reward functions
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
         check_report_to(spec)
         self.queue  # a queue file that cannot be used is refused before a run row points at it

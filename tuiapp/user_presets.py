@@ -62,8 +62,8 @@ def preset_values(spec: Any) -> dict[str, Any]:
     for key, value in spec.to_dict().items():
         if key in NEVER:
             continue
-        if isinstance(value, dict):
-            changed = {k: v for k, v in value.items() if v != defaults.get(key, {}).get(k)}
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            changed = {k: v for k, v in value.items() if v != defaults[key].get(k)}
             if changed:
                 values[key] = changed
         elif key in ALWAYS or value != defaults.get(key):

@@ -132,5 +132,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
             }
         )
     for name, values in rollout.components.items():
-        metrics[f"reward/{name}/mean"] = sum(values) / len(values)
+        scored = [v for v in values if v is not None]  # None: the function gave that sample no reward
+        if scored:
+            metrics[f"reward/{name}/mean"] = sum(scored) / len(scored)
     return metrics

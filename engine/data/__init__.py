@@ -1,6 +1,8 @@
 """Load, detect, normalise and tokenise datasets.
 
-Pipeline: `load.load_rows` (local file, saved `datasets` directory or hub id -> plain dicts) ->
+Pipeline: `sources` (a dataset or a weighted mixture, read by config and split: a local file -> plain
+dicts via `load.load_rows`; a hub id, a Hub-layout or saved directory -> an Arrow-backed
+`datasets.Dataset`; columns kept and renamed by a column map) ->
 `formats.detect_format` (from the column names and the first row's value types) ->
 `normalise.normalise` each row to a prompt and its completion(s) -> `tokenise`: render
 conversational rows with the tokenizer's chat template, tokenise prompts and completions
@@ -15,7 +17,7 @@ was truncated. `engine.batching` turns them into padded tensors.
 Errors a user can cause are `DataError`s (bad parameter values: `SpecError`) with one-line messages;
 row numbers in them count from 0, like `dataset[i]`; file line numbers count from 1, like an editor.
 
-Nothing here imports torch or transformers: front ends call `check_dataset` at submit time.
+Nothing here imports torch or transformers: front ends call `checks.check_run_data` at submit time.
 """
 
 from engine.data.formats import FORMAT_COLUMNS, FORMATS, KIND_OF_FORMAT, PRESETS_FOR_KIND, detect_format

@@ -1,8 +1,9 @@
 """The tokenised-data cache: `prepare`'s result kept on disk, so a second run on the same data starts
 without re-tokenising.
 
-The key hashes everything the examples depend on: the data files' contents (a local file or a
-saved `datasets` directory; hub ids are not cached), the tokenizer (its full serialised state:
+The key hashes everything the examples depend on: the data files' contents (a local file or
+directory) or a hub dataset's `datasets` fingerprint, what is taken of each source (config, splits,
+columns, column map, weight), the tokenizer (its full serialised state:
 vocabulary, merges, normaliser, added and special tokens, chat template, class), every setting that
 changes the examples (data kind, max lengths, over-long policy, eval split and seed, max rows,
 splits) and `CACHE_VERSION`, raised whenever the example layout changes.
@@ -28,7 +29,7 @@ from engine.data.examples import Examples, IdColumn
 
 log = logging.getLogger("cherry.engine")
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # init_kwargs that say where and how a tokenizer was loaded (HF_HUB_OFFLINE sets local_files_only), not
 # what it does: the same tokenizer loaded from another path or offline keeps its key.
 _WHERE_LOADED_FROM = frozenset(
@@ -75,17 +76,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def cache_key(sources: list[Any], tokenizer: Any, settings: dict[str, Any]) -> str | None:
-    """The cache key of `prepare(sources..., tokenizer, **settings)`, or None when a source cannot be hashed."""
-    parts = []
-    for source in sources:
-        if source is None:
-            parts.append("none")
-            continue
-        fingerprint = source_fingerprint(source)
-        if fingerprint is None:
-            return None
-        parts.append(fingerprint)
+def cache_key(fingerprints: list[str | None], tokenizer: Any, settings: dict[str, Any]) -> str | None:
+    """The cache key of `prepare`'s result from its sources' fingerprints (engine.data.sources.fingerprint,
+    with what each source takes), the tokenizer and the settings; None when a source has no fingerprint."""
+    if any(part is None for part in fingerprints):
+        return None
+    parts = [str(part) for part in fingerprints]
     parts.append(tokenizer_fingerprint(tokenizer))
     parts.append(json.dumps({**settings, "cache_version": CACHE_VERSION}, sort_keys=True))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]

@@ -77,15 +77,15 @@ def _load_dir(path: Path, split: str, max_rows: int | None) -> list[dict]:
         return _dataset_rows(obj, max_rows)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES)
     named = [p for p in files if p.stem == split]
-    if len(named) == 1:
+    hub_layout = (path / "README.md").is_file() or (path / "data").is_dir()
+    if len(named) == 1 and not hub_layout:
         return _load_file(named[0])
-    if len(files) == 1:
+    if len(files) == 1 and not hub_layout:
         return _load_file(files[0])
-    found = ", ".join(p.name for p in files) or "no data files"
-    raise DataError(
-        f"directory {path} is not a saved dataset (no dataset_dict.json or state.json) and has no single "
-        f"data file for split '{split}' (found: {found}); pass the data file itself"
-    )
+    # The Hub's repository layout (README configs, per-split files): read as its hub id would be.
+    from engine.data.sources import load_with_datasets
+
+    return _dataset_rows(load_with_datasets(str(path), None, split), max_rows)
 
 
 def _load_file(path: Path) -> list[dict]:

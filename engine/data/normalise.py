@@ -116,6 +116,7 @@ class Item:
     drop: str | None = None  # "identical" | "empty"
     texts: tuple = ()  # filled when rendering: (prompt_text, [completion texts])
     refs: tuple = ()  # token refs: (prompt_ref, [completion refs])
+    columns: dict | None = None  # prompt data: the row's other columns, as they are (reward functions read them)
 
 
 def _with_prompt(prompt: str | list, comps: list, i: int, where: str) -> tuple[str | list, list]:
@@ -196,7 +197,8 @@ def normalise(row: Mapping, i: int, fmt: str, kind: str, where: str) -> list[Ite
 
     if kind == "prompt":
         answer = row.get("answer")
-        items = [Item(i, prompt, [], answer=None if answer is None else str(answer))]
+        columns = {str(k): v for k, v in row.items() if k != "prompt"}
+        items = [Item(i, prompt, [], answer=None if answer is None else str(answer), columns=columns)]
     elif kind == "unpaired" and fmt != "unpaired":
         items = [Item(i, prompt, [comps[0]], label=True), Item(i, prompt, [comps[1]], label=False)]
     elif kind == "unpaired":

@@ -206,6 +206,7 @@ def build_example(item: Item, queue: TokenQueue, opts: Options, stats: dict[str,
             ex["loss_mask"] = loss_mask  # 1 on assistant tokens of a multi-turn completion
     else:
         ex["answer"] = item.answer
+        ex["columns"] = item.columns or {}
     ex["messages"] = item.prompt if conversational else None
     if item.safety is not None:  # only data that carries the tag has the field
         ex["safety"] = item.safety

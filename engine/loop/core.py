@@ -34,6 +34,7 @@ import torch
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
+from engine.data.sources import mixture_eval_split, spec_sources
 from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
@@ -211,12 +212,12 @@ class Run:
         with `cache_dir`, tokenised once and loaded from `cache_dir/tokenised/` by later runs."""
         spec = self.spec
         data = prepare(
-            spec.dataset,
+            spec_sources(spec),
             self.models.tokenizer,
             kind=kind,
             max_length=spec.max_length,
             max_prompt_length=spec.max_prompt_length,
-            eval_split=spec.eval_split,
+            eval_split=mixture_eval_split(spec),
             eval_source=spec.eval_dataset,
             seed=spec.seed,
             overlong=spec.overlong,
@@ -225,6 +226,10 @@ class Run:
         )
         self.data_stats = data.stats
         self.reporter.log_event("data", data.summary(), **data.stats)
+        if len(data.sources) > 1 or any(s["column_map"] or s["weight"] < 1 for s in data.sources):
+            for line in data.source_lines():
+                self.reporter.log_event("data", f"source {line}")
+                log.info("data: source %s", line)
         if data.cache_file:
             self.reporter.log_event("data", f"tokenised data loaded from the cache ({data.cache_file})")
         log.info("data: %s", data.summary())

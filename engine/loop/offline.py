@@ -48,7 +48,8 @@ def train_offline(
     elif spec.eval_prompts:
         prompt_set = run.load_eval_prompts()
     else:
-        prompt_set = [{"prompt_ids": ex["prompt_ids"], "prompt": ex["prompt"]} for ex in eval_split]
+        # Language-modeling rows ({"text": ...}) have no prompt: nothing to answer, so no greedy samples of them.
+        prompt_set = [{"prompt_ids": ex["prompt_ids"], "prompt": ex["prompt"]} for ex in eval_split if ex["prompt_ids"]]
     prompt_set = [{**p, "prompt_ids": algo.generation_prompt(p["prompt_ids"])} for p in prompt_set]
     scored_prompts = [p for p in prompt_set if p.get("answer") is not None]
     sample_prompts = prompt_set[: spec.num_samples]

@@ -31,7 +31,7 @@ from engine.loop.evaluation import estimate_kl, evaluate_prompts, reference_comp
 from engine.loop.metrics import MetricSums
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
-from engine.rollout import merge_rollouts, sample_rollout, score_rollout
+from engine.rollout import merge_rollouts, reward_columns, sample_rollout, score_rollout
 
 
 def reward_sources(spec) -> list[str]:
@@ -87,11 +87,17 @@ def train_online(
         check_columns(spec, eval_prompts, "eval prompts")
     except CherryError:
         eval_reward = False  # no eval/reward without the columns; exact match still runs where answers exist
+    lacking = sorted(reward.needs_columns - set(reward_columns(eval_prompts))) if reward and eval_prompts else []
+    if eval_reward and lacking:  # eval prompts from another file may lack a column a reward function reads
+        eval_reward = False
+        reporter.log_event("warning", f"no eval/reward: the eval prompts have no {', '.join(lacking)} column")
     sample_prompts = eval_prompts[: spec.num_samples]
     kl_prompts = eval_prompts[: spec.kl_samples]
 
     # --- optimisation: one step = one rollout of `batch_size` prompts; the value model trains with the policy
     run.set_up_optimisation(len(data.train), chunks_per_step=1)
+    if reward is not None:  # reward functions get step= and epoch= (TRL's trainer state); the start's eval sees these
+        reward.step, reward.epoch = run.state.step, run.schedule.epoch(run.state.step)
     reporter.log_event(
         "start",
         f"{spec.algorithm}: {run.schedule.total_steps} steps x {spec.batch_size} prompts x {spec.num_generations} samples "
@@ -123,6 +129,8 @@ def train_online(
                 stop=spec.stop,
             )
             scoring_started = time.time()
+            if reward is not None:
+                reward.step, reward.epoch = index, run.schedule.epoch(index)
             if reward is not None and rollout.texts:
                 score_rollout(rollout, reward, spec.missing_eos_penalty)
             score_seconds = time.time() - scoring_started

@@ -3,15 +3,23 @@ safety model, the `rm:` source's score becomes Llama 2's helpfulness + safety re
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import CherryError
 from engine.rewards.builtin import exact_match_reward, length_reward, regex_reward
-from engine.rewards.functions import call_reward_function, function_needs, load_reward_function
+from engine.rewards.functions import (
+    call_async_reward_function,
+    call_reward_function,
+    function_needs,
+    is_async,
+    load_reward_function,
+)
 from engine.rewards.reward_model import RewardModelScorer, helpful_safety_scores
 from engine.rewards.sources import GRAMMAR, base_name, parse_reward_source
 
@@ -19,7 +27,7 @@ from engine.rewards.sources import GRAMMAR, base_name, parse_reward_source
 @dataclass
 class RewardResult:
     total: list[float]  # weighted sum of the components, one per completion
-    components: dict[str, list[float]]  # each source's (unweighted) score, keyed by Reward.names
+    components: dict[str, list[float | None]]  # each source's (unweighted) score (None: none for that one)
     extras: dict[str, list[float]] = field(default_factory=dict)  # raw helpful/safety scores when combined
 
 
@@ -36,13 +44,38 @@ class RewardSource:
     needs: set[str] = field(default_factory=set)
 
 
-def _function_source(entry: str, fn: Callable[..., Any]) -> ScoreFn:
+def _conversational(columns: dict[str, list], n: int) -> bool:
+    messages = columns.get("messages")
+    return bool(n) and messages is not None and all(isinstance(m, list) for m in messages)
+
+
+def _function_source(entry: str, fn: Callable[..., Any], *, as_trl: bool = False) -> ScoreFn:
+    """A reward function as a source. `as_trl` (a function of yours): for conversational data the prompts
+    are message lists and the completions [{"role": "assistant", "content": ...}], as TRL passes them;
+    an `async def` one returns an awaitable, which `Reward.reward` awaits with the others."""
+    asynchronous = is_async(fn)
+
     def score(prompts, completions, prompt_ids, completion_ids, columns):
-        kwargs = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
-        kwargs["completion_ids"] = completion_ids
-        return call_reward_function(entry, fn, prompts, completions, kwargs)
+        if as_trl and _conversational(columns, len(completions)):
+            prompts = list(columns["messages"])
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
+        available = {**columns, "prompts": list(prompts), "completions": list(completions)}
+        available["completion_ids"] = completion_ids
+        if asynchronous:
+            return call_async_reward_function(entry, fn, available)
+        return call_reward_function(entry, fn, available)
 
     return score
+
+
+async def _gather(pending: dict[str, Awaitable]) -> dict[str, Any]:
+    results = await asyncio.gather(*pending.values())
+    return dict(zip(pending, results))
+
+
+def _weighted_total(sources: list[RewardSource], components: dict[str, list], i: int) -> float:
+    """The weighted sum of the sources that scored completion i (a None score: no reward from that source)."""
+    return sum(s.weight * components[s.name][i] for s in sources if components[s.name][i] is not None)
 
 
 class Reward:
@@ -54,6 +87,8 @@ class Reward:
         if not sources:
             raise CherryError(f"rewards is empty: name at least one reward source; {GRAMMAR}")
         self.sources = sources
+        self.step: int | None = None  # the loop sets these before scoring; reward functions get them as step=, epoch=
+        self.epoch: float | None = None
         self.safety = safety
         self.safety_threshold = safety_threshold
 
@@ -87,17 +122,26 @@ class Reward:
         ):
             if len(values) != n:
                 raise ValueError(f"reward: {what} has {len(values)} rows for {n} completions")
-        components: dict[str, list[float]] = {}
+        components: dict[str, list] = {}
         extras: dict[str, list[float]] = {}
+        progress = {"step": self.step, "epoch": self.epoch}
+        pending = {}
         for source in self.sources:
-            scores = source.score(list(prompts), list(completions), prompt_ids, completion_ids, columns) if n else []
+            given = columns if source.kind == "rm" else {**columns, **progress}
+            scores = source.score(list(prompts), list(completions), prompt_ids, completion_ids, given) if n else []
+            if inspect.isawaitable(scores):
+                pending[source.name] = scores  # async functions run together, below
+                continue
             if source.kind == "rm" and self.safety is not None and n:
                 safety = self.safety(list(prompts), list(completions), prompt_ids, completion_ids, columns)
                 tags = [bool(v) for v in columns.get("safety", [False] * n)]
                 extras["rm/helpful"], extras["rm/safety"] = scores, safety
                 scores = helpful_safety_scores(scores, safety, tags, self.safety_threshold)
-            components[source.name] = [float(s) for s in scores]
-        total = [sum(s.weight * components[s.name][i] for s in self.sources) for i in range(n)]
+            components[source.name] = [None if s is None else float(s) for s in scores]
+        if pending:
+            components.update(asyncio.run(_gather(pending)))
+        components = {s.name: components[s.name] for s in self.sources}
+        total = [_weighted_total(self.sources, components, i) for i in range(n)]
         return RewardResult(total=total, components=components, extras=extras)
 
     __call__ = reward
@@ -170,7 +214,7 @@ def build_reward(
             else:
                 fn = load_reward_function(arg)
                 needs = function_needs(fn)
-            score = _function_source(entry, fn)
+            score = _function_source(entry, fn, as_trl=kind == "python")
         built.append(RewardSource(entry=entry, kind=kind, name=name, weight=float(weight), score=score, needs=needs))
     safety = None
     if safety_model:

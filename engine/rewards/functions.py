@@ -1,25 +1,24 @@
 """Reward functions of your own: load `module:function` or `path/to/file.py:function`, check its
 signature, call it the way the loop does and check what it returns.
 
-Every source except `rm:` is (and the built-ins themselves are) a function with this signature::
+A function is called by keyword, as TRL calls reward functions (docs/data.md)::
 
-    def my_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        answers = kwargs["answer"]            # a dataset column, one value per completion
-        lengths = [len(ids) for ids in kwargs["completion_ids"]]
-        return [...]                          # one finite number per completion
+    def my_reward(completions, answer, **kwargs) -> list[float | None]:
+        ...                                   # one number per completion, or None: no reward here
 
-`kwargs` holds the dataset's extra columns as lists aligned with `completions` (e.g. `answer`,
-`safety`, `messages`), plus `completion_ids` (the completion token ids). Take `**kwargs` so new
-columns never break the function; a function without `**kwargs` is passed only the keyword
-arguments it names, and one that requires a column the data does not have is refused with a
-message naming it. The result must be a list (or tuple / array) with one finite number per
-completion; None is refused: return 0.0 for "not applicable". An exception raised inside the
-function stops the run with a message naming the reward entry (the original traceback is kept
-as the cause).
+It gets `prompts`, `completions`, `completion_ids`, `step`, `epoch` and every dataset column by
+name, values as in the data (for conversational data prompts and completions are message lists).
+A function without `**kwargs` is passed only what it names; a named parameter other than the
+standard ones is a column it needs. An older fn(p, c, ...) naming neither `prompts` nor
+`completions` gets those two by position. `async def` functions are awaited together (combine.py).
+A wrong length, a non-number or a non-finite score is refused naming the function; an exception
+raised inside names the function and the first sample that fails on its own (the original
+traceback is kept as the cause).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -32,9 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import CherryError
-
-# Keyword arguments a reward function gets from the loop itself, never from a dataset column.
-_LOOP_KWARGS = ("completion_ids",)
 
 
 def load_reward_function(entry: str) -> Callable[..., Any]:
@@ -102,42 +98,93 @@ def _signature_check(entry: str, fn: Callable[..., Any]) -> None:
     sig = _signature(fn)
     if sig is None:
         return
-    try:
-        sig.bind_partial([], [])
-    except TypeError:
-        raise CherryError(
-            f"rewards entry '{entry}': the function must take (prompts, completions, **kwargs) and return one number "
-            f"per completion; its signature is {sig}"
-        ) from None
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if _positional_call(sig):
+        try:
+            sig.bind_partial([], [])
+            return
+        except TypeError:
+            pass
+    elif takes_any or "completions" in sig.parameters:
+        return
+    raise CherryError(
+        f"rewards entry '{entry}': the function must take its arguments by keyword, e.g. "
+        f"fn(completions, **kwargs) or fn(prompts, completions, answer, **kwargs), and return one number per "
+        f"completion; its signature is {sig}"
+    )
+
+
+# Keyword arguments a reward function gets from the loop itself, never from a dataset column.
+STANDARD_KWARGS = ("prompts", "completions", "completion_ids", "step", "epoch")
+
+
+def _positional_call(sig: inspect.Signature) -> bool:
+    """An older fn(p, c, ...) that names neither `prompts` nor `completions`: the first two go by position."""
+    params = sig.parameters
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if "prompts" in params or "completions" in params:
+        return False
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params.values())
 
 
 def function_needs(fn: Callable[..., Any]) -> set[str]:
-    """Keyword arguments a function requires beyond (prompts, completions): the columns it reads."""
+    """The dataset columns a function reads: its required named parameters other than the standard ones."""
     sig = _signature(fn)
     if sig is None:
         return set()
     params = list(sig.parameters.values())
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    skipped = params[:2] if _positional_call(sig) else []
     return {
         p.name
         for p in params
-        if p not in positional
+        if p not in skipped
         and p.default is p.empty
         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and p.name not in _LOOP_KWARGS
+        and p.name not in STANDARD_KWARGS
     }
 
 
-def _kwargs_for(fn: Callable[..., Any], available: dict[str, list]) -> dict[str, list]:
+def reward_call(fn: Callable[..., Any], available: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) of a call: everything by keyword, as TRL calls reward functions; a function
+    without **kwargs gets only what it names; an older fn(p, c, ...) gets prompts and completions by position."""
     sig = _signature(fn)
-    if sig is None or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return available
+    if sig is None:
+        return (), available
+    args: tuple = ()
+    if _positional_call(sig):
+        args = (available["prompts"], available["completions"])
+        available = {k: v for k, v in available.items() if k not in ("prompts", "completions")}
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return args, available
     names = {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in available.items() if k in names}
+    return args, {k: v for k, v in available.items() if k in names}
 
 
-def check_scores(entry: str, scores: Any, n: int) -> list[float]:
-    """A reward function's output as floats, or CherryError saying what is wrong with it."""
+def check_call(entry: str, fn: Callable[..., Any], available: set[str]) -> None:
+    """CherryError unless fn can be called with the keyword arguments named in `available`."""
+    sig = _signature(fn)
+    if sig is None:
+        return
+    args, kwargs = reward_call(fn, dict.fromkeys(available | {"prompts", "completions"}))
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as err:
+        missing = sorted(function_needs(fn) - available)
+        what = (
+            f"the column(s) {', '.join(missing)}, which the data does not have"
+            if missing
+            else f"arguments it cannot be given ({err})"
+        )
+        columns = sorted(available - set(STANDARD_KWARGS))
+        raise CherryError(
+            f"reward '{entry}' needs {what} (data columns: {', '.join(columns) or 'none'}); add the column, "
+            "rename one to it with column_map, or write it as fn(completions, **kwargs) and read kwargs.get(...)"
+        ) from None
+
+
+def check_scores(entry: str, scores: Any, n: int) -> list[float | None]:
+    """A reward function's output as floats (None: no reward from it for that completion), or CherryError
+    saying what is wrong with it."""
     if hasattr(scores, "tolist") and not isinstance(scores, (list, tuple)):
         scores = scores.tolist()  # numpy arrays, torch tensors
     if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
@@ -148,45 +195,92 @@ def check_scores(entry: str, scores: Any, n: int) -> list[float]:
         raise CherryError(
             f"reward '{entry}' returned {len(scores)} scores for {n} completions; return exactly one per completion"
         )
-    out: list[float] = []
+    out: list[float | None] = []
     for i, value in enumerate(scores):
         if value is None:
-            raise CherryError(f"reward '{entry}' returned None for completion {i}; return 0.0 for \"not applicable\"")
-        if not isinstance(value, numbers.Real):
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise CherryError(
-                f"reward '{entry}' returned {value!r} ({type(value).__name__}) for completion {i}; scores must be numbers"
+                f"reward '{entry}' returned {value!r} ({type(value).__name__}) for completion {i}; scores must be "
+                "numbers (or None for no reward from this function)"
             )
         value = float(value)
         if not math.isfinite(value):
-            raise CherryError(f"reward '{entry}' returned {value} for completion {i}; scores must be finite numbers")
+            raise CherryError(
+                f"reward '{entry}' returned {value} for completion {i}; scores must be finite numbers "
+                "(return None where this function has no reward for a completion)"
+            )
         out.append(value)
     return out
 
 
-def call_reward_function(
-    entry: str, fn: Callable[..., Any], prompts: list[str], completions: list[str], kwargs: dict[str, list]
-) -> list[float]:
-    """Call fn(prompts, completions, **kwargs) the way the loop does and check what it returns."""
-    passed = _kwargs_for(fn, kwargs)
-    sig = _signature(fn)
-    if sig is not None:
-        try:
-            sig.bind(prompts, completions, **passed)
-        except TypeError:
-            missing = sorted(function_needs(fn) - set(kwargs))
-            what = (
-                f"column(s) {', '.join(missing)}, which the data does not have"
-                if missing
-                else f"arguments it cannot be given ({sig})"
-            )
-            raise CherryError(
-                f"reward '{entry}' needs {what}; available: {', '.join(sorted(kwargs)) or 'none'}. "
-                "Write it as fn(prompts, completions, **kwargs)"
-            ) from None
+def _one_sample(available: dict[str, Any], i: int, n: int) -> dict[str, Any]:
+    return {k: v[i : i + 1] if isinstance(v, list) and len(v) == n else v for k, v in available.items()}
+
+
+def _sample_text(available: dict[str, Any], i: int) -> str:
+    prompt = available["prompts"][i]
+    text = prompt if isinstance(prompt, str) else repr(prompt)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _raised(entry: str, err: Exception, where: str) -> CherryError:
+    return CherryError(f"reward '{entry}' raised {type(err).__name__}: {err} ({where})")
+
+
+def call_reward_function(entry: str, fn: Callable[..., Any], available: dict[str, Any]) -> list[float | None]:
+    """Call fn by keyword (`available`: prompts, completions, completion_ids, the dataset's columns, step,
+    epoch) the way the loop does and check what it returns. An exception is re-raised naming the
+    function and the first sample it fails on alone."""
+    n = len(available["completions"])
+    check_call(entry, fn, set(available))
+    args, kwargs = reward_call(fn, available)
     try:
-        scores = fn(list(prompts), list(completions), **passed)
+        scores = fn(*args, **kwargs)
     except CherryError:
         raise
     except Exception as err:
-        raise CherryError(f"reward '{entry}' raised {type(err).__name__}: {err}") from err
-    return check_scores(entry, scores, len(completions))
+        raise _raised(entry, err, _failing_sample(fn, available, n)) from err
+    return check_scores(entry, scores, n)
+
+
+def _failing_sample(fn: Callable[..., Any], available: dict[str, Any], n: int) -> str:
+    """Where a batch call failed: the first sample that fails alone, or the batch when none does."""
+    for i in range(n):
+        args, kwargs = reward_call(fn, _one_sample(available, i, n))
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                asyncio.run(result)
+        except Exception:  # noqa: BLE001 - looking for the sample that fails
+            return f"on sample {i}, prompt {_sample_text(available, i)!r}"
+    return f"on the batch of {n} samples; each alone passes"
+
+
+async def call_async_reward_function(
+    entry: str, fn: Callable[..., Any], available: dict[str, Any]
+) -> list[float | None]:
+    """`call_reward_function` for an `async def` function (the loop awaits all of them together)."""
+    n = len(available["completions"])
+    check_call(entry, fn, set(available))
+    args, kwargs = reward_call(fn, available)
+    try:
+        scores = await fn(*args, **kwargs)
+    except CherryError:
+        raise
+    except Exception as err:
+        where = f"on the batch of {n} samples"
+        for i in range(n):
+            one_args, one_kwargs = reward_call(fn, _one_sample(available, i, n))
+            try:
+                await fn(*one_args, **one_kwargs)
+            except Exception:  # noqa: BLE001
+                where = f"on sample {i}, prompt {_sample_text(available, i)!r}"
+                break
+        raise _raised(entry, err, where) from err
+    return check_scores(entry, scores, n)
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))

@@ -6,6 +6,7 @@ registry row's `settings`), so a run is never refused over a value it would not 
 
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Callable
 
@@ -80,6 +81,8 @@ def _check_optimisation(spec: RunSpec) -> None:
 
 def _check_data_and_logging(spec: RunSpec) -> None:
     need(0 <= spec.eval_split < 1, f"eval_split must be in [0, 1) (got {spec.eval_split})", "eval_split")
+    # engine.data imports engine.spec (looks_local): its checks are looked up when called
+    importlib.import_module("engine.data.sources").check_data_settings(spec)
     need(spec.max_length >= 2, f"max_length must be >= 2 (got {spec.max_length})", "max_length")
     need(
         0 < spec.max_prompt_length < spec.max_length,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -60,13 +61,14 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
     """
     if check_model and not spec.model:
         raise SpecError("model is not set: pass --model PATH_OR_HUB_ID (or --model demo)")
-    if not spec.dataset:
+    if not spec.dataset and not spec.dataset_mixture:
         raise SpecError("dataset is not set: pass --dataset PATH_OR_HUB_ID (e.g. --dataset demo/pairs.jsonl)")
     if check_model:
         spec.model = resolve_path(spec.model, "model", kind="model")
     if spec.ref_model:
         spec.ref_model = resolve_path(spec.ref_model, "ref_model", kind="model")
-    spec.dataset = resolve_path(spec.dataset, "dataset", kind="data")
+    spec.dataset = resolve_path(spec.dataset, "dataset", kind="data") if spec.dataset else None
+    importlib.import_module("engine.data.sources").resolve_mixture_paths(spec)
     if spec.eval_dataset:
         spec.eval_dataset = resolve_path(spec.eval_dataset, "eval_dataset", kind="data")
     if spec.eval_prompts:

@@ -84,6 +84,12 @@ class RunSpec:
     overlong: str = default("overlong")
     max_rows: int | None = default("max_rows")
     group_by_length: bool = default("group_by_length")
+    # --- data sources: the Hub's configs and splits, mixtures, column maps (engine/data/sources.py)
+    dataset_config: str | None = default("dataset_config")
+    dataset_train_split: str = default("dataset_train_split")
+    dataset_test_split: str | None = default("dataset_test_split")
+    dataset_mixture: dict | None = default("dataset_mixture")
+    column_map: dict | None = default("column_map")
     # --- optimisation
     lr: float = default("lr")
     batch_size: int = default("batch_size")

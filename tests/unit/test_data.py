@@ -952,7 +952,15 @@ def test_preference_for_sft_uses_chosen(tok):
 def test_prompt_kind_from_other_formats(tok, enc, BOS):
     plain = prepare([{"prompt": "p1", "chosen": "a", "rejected": "a", "answer": 7}], tok, kind="prompt", eval_split=0)
     assert plain.train == [
-        {"index": 0, "prompt_ids": [BOS] + enc("p1"), "prompt": "p1", "answer": "7", "messages": None}
+        {
+            "index": 0,
+            "prompt_ids": [BOS] + enc("p1"),
+            "prompt": "p1",
+            "answer": "7",
+            "messages": None,
+            # every other column as it is in the data, for reward functions (the answer stays a number here)
+            "columns": {"chosen": "a", "rejected": "a", "answer": 7},
+        }
     ]
 
     conv = prepare(

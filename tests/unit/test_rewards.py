@@ -151,8 +151,8 @@ USER_CODE = textwrap.dedent("""
     def short(prompts, completions, **kwargs):
         return [1.0]
 
-    def nothing(prompts, completions, **kwargs):
-        return [None for _ in completions]
+    def not_a_number(prompts, completions, **kwargs):
+        return [float("nan") for _ in completions]
 
     def infinite(prompts, completions, **kwargs):
         return [float("inf") for _ in completions]
@@ -200,7 +200,7 @@ def test_user_function_from_a_module_on_sys_path(tok, tmp_path, monkeypatch):
     "func, words",
     [
         ("short", "returned 1 scores for 2 completions"),
-        ("nothing", 'return 0.0 for "not applicable"'),
+        ("not_a_number", "returned nan for completion 0; scores must be finite"),
         ("infinite", "finite"),
         ("text", "returned a str"),
         ("boom", "raised ZeroDivisionError: oops"),
@@ -219,7 +219,7 @@ def test_user_function_bad_results_are_refused(tok, user_file, func, words):
     [
         ("{file}:NOT_A_FUNCTION", "is a int, not a function"),
         ("{file}:missing", "has no attribute 'missing'"),
-        ("{file}:one_arg", "must take (prompts, completions, **kwargs)"),
+        ("{file}:one_arg", "must take its arguments by keyword, e.g. fn(completions, **kwargs)"),
         ("{dir}/nope.py:fn", "no such file"),
         ("cherry_no_such_module_xyz:fn", "no module named 'cherry_no_such_module_xyz'"),
     ],

@@ -136,7 +136,7 @@ def preset_help(name: str) -> dict[str, str]:
 def flat_values(values: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key == "lora":  # settings such as column_map hold a mapping as their value
             for sub, sub_value in value.items():
                 out[f"{key}.{sub}"] = sub_value
         else:
