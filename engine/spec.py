@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from engine.errors import SpecError
+from engine.nonfinite import check_nonfinite_settings
 from engine.registry import ALGORITHM_NAMES, ALGORITHMS, is_online
 from engine.rewards.sources import JUDGE_PLACEHOLDERS, parse_reward_source  # torch-free: the grammar only
 
@@ -183,6 +184,8 @@ class RunSpec:
     # Also log to: tensorboard (event files in the run directory), wandb (when installed). Front ends
     # build these reporters; the engine only ever sees the Reporter interface.
     report_to: str | list[str] = default("report_to")
+    # --- faults
+    skip_nonfinite_steps: int = default("skip_nonfinite_steps")  # NaN/inf steps skipped before the run fails
     # Written by Cherry, not set by users: settings it chose to follow one you set (resolve_spec), e.g.
     # "max_prompt_length=64: ...". Kept in the spec so the run's start event can say so.
     defaults_followed: list[str] | None = None
@@ -598,6 +601,7 @@ def check_online_values(spec: RunSpec, need) -> None:
         f"rest_keep_fractions must be fractions in (0, 1], e.g. 0.5,0.3,0.1 (got {fractions})",
     )
     need(spec.rest_improve_epochs > 0, f"rest_improve_epochs must be > 0 (got {spec.rest_improve_epochs})")
+    check_nonfinite_settings(spec)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -701,7 +705,7 @@ def resolve_spec(
 
 
 # What a resumed run may change: the split of its global batch over processes and micro-batches.
-RESUME_SETTINGS = ("num_processes", "batch_size", "grad_accum", "parallelism")
+RESUME_SETTINGS = ("num_processes", "batch_size", "grad_accum", "parallelism", "skip_nonfinite_steps")
 
 
 def with_resume_settings(spec: RunSpec, overrides: list[str]) -> RunSpec:

@@ -29,7 +29,7 @@ from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
 from jobs.home import cache_dir, cherry_home
 from jobs.reporters import build_reporters, close_all
-from jobs.shared import open_store
+from jobs.shared import open_store, ride_out_outages
 from jobs.store import Store, StoreReporter
 from jobs.sweep import prune_reason
 
@@ -80,6 +80,7 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def run_child(run_id: str, parent_pid: int) -> int:
+    ride_out_outages()  # a run's writes to Redis ride out a restart, as its worker's do
     try:
         store = open_store(cherry_home())
     except CherryError as err:  # the worker records the failure from the exit code and this log line

@@ -19,11 +19,13 @@ micro-batches where its share is empty), and gathers the full weights around wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,10 +36,12 @@ import torch
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
+from engine.diskspace import write_folder, write_text
 from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
     TrainState,
+    checkpoints,
     load_extra_state,
     restore,
     resume_checkpoint,
@@ -61,6 +65,7 @@ from engine.models import (
     upcast_trainable,
     wrap_lora,
 )
+from engine.nonfinite import NonFiniteError, first_nonfinite
 from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, NullReporter, Reporter, RunDirReporter
@@ -265,6 +270,10 @@ class Run:
             optimizer_state = full_optimizer_state(self.trained_models, self.optimizer)
         if not self.world.is_main:
             return model_state
+        weights = model_state.items() if model_state is not None else self.models.policy.named_parameters()
+        found = first_nonfinite((name, w) for name, w in weights if model_state is not None or w.requires_grad)
+        if found is not None:  # never reached through the step checks; a checkpoint must stay a good one
+            raise NonFiniteError(f"weight {found[0]} holds {found[1]}; no checkpoint was written from it")
         extra = {"algorithm": self.algo.state_dict()}
         if self.world.active:
             extra["rank_rng"] = rank_rng
@@ -285,6 +294,31 @@ class Run:
         )
         return model_state
 
+    def skip_nonfinite(self, err: NonFiniteError) -> str | None:
+        """After a NaN/inf in a step (its optimizer step not taken): skip the step while
+        `skip_nonfinite_steps` allows (None), else return the run's failure message."""
+        step, skipped, limit = self.state.step + 1, self.state.skipped_nonfinite, self.spec.skip_nonfinite_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.precision.scaler is not None:  # forget an unscale_ of this step (nothing to forget: no-op)
+            with contextlib.suppress(AssertionError):
+                self.precision.scaler.update()
+        if len(skipped) >= limit:
+            last = checkpoints(self.out_dir)
+            return (
+                f"step {step}: {err}. The run stopped before that optimizer step, so no weights were changed by it "
+                f"and no checkpoint was written from it; a resume continues from "
+                f"{last[-1].name if last else 'the start'}. Lower lr, or let up to N such steps be skipped "
+                f"(--set skip_nonfinite_steps=N; {len(skipped)} skipped so far)"
+            )
+        skipped.append(step)
+        with warnings.catch_warnings():  # the lr schedule still moves once per step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        message = f"step {step} skipped: {err} (optimizer step not taken; {len(skipped)} of {limit} skips used)"
+        self.reporter.log_event("nonfinite", message, step=step, skipped=len(skipped))
+        log.warning("warning: %s", message)
+        return None
+
     def parameter_counts(self) -> dict[str, int]:
         total, trainable = count_parameters(self.models.policy)
         return {"params": total, "trainable_params": trainable}
@@ -303,7 +337,7 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     if world.is_main:
         run_files = RunDirReporter(out_dir)
         reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
-        (out_dir / "spec.yaml").write_text(spec.to_yaml())
+        write_text(out_dir / "spec.yaml", spec.to_yaml())
     else:
         reporter = NullReporter()
 
@@ -419,7 +453,7 @@ def run_steps(
         on_rank_zero(run, partial(evaluate, 0), partial(log_samples, 0))
     before = dict(run.metric_log.last)
 
-    status = "completed"
+    status, failure = "completed", None
     try:
         while state.step < total:
             stop = should_stop() if should_stop is not None and world.is_main else None
@@ -428,7 +462,14 @@ def run_steps(
                 status = stop if isinstance(stop, str) else "cancelled"
                 break
             step_started = time.time()
-            metrics, tokens = step(state.step)
+            try:
+                metrics, tokens = step(state.step)
+            except NonFiniteError as err:  # raised on every rank alike, before the optimizer step
+                failure = run.skip_nonfinite(err)
+                if failure is not None:
+                    status = "failed"
+                    break
+                metrics, tokens = {"train/skipped_nonfinite_steps": float(len(state.skipped_nonfinite))}, 0
             state.step += 1
             state.tokens += tokens
             step_seconds = time.time() - step_started
@@ -450,6 +491,16 @@ def run_steps(
         if world.is_main:
             write_summary(run, "interrupted", before)
         raise
+    except CherryError as err:  # a full disk, a reward function's error: the summary says how the run ended
+        if world.is_main:
+            with contextlib.suppress(OSError, CherryError):  # the disk may be the one that is full
+                write_summary(run, "failed", before, error=str(err))
+        raise
+    if failure is not None:  # a NaN/inf: the last checkpoint saved stays the one to resume from
+        if world.is_main:
+            run.reporter.log_event("end", f"failed at step {state.step + 1}: {failure}", status="failed")
+            write_summary(run, "failed", before, error=failure)
+        raise NonFiniteError(failure)
 
     final_state = run.save_checkpoint()  # a sharded policy's full weights, gathered once for both
     if status == "completed":
@@ -465,19 +516,25 @@ def run_steps(
         )
         return {"status": status, "step": state.step}
     if status == "completed":
-        final = run.out_dir / "final"
-        if final_state is not None:  # the gathered weights, in the model's own dtype
-            final_state = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in final_state.items()}
-            run.models.policy.save_pretrained(final, state_dict=final_state)
-        else:
-            if run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
-                run.models.policy.to(run.save_dtype)
-            run.models.policy.save_pretrained(final)
-        run.models.tokenizer.save_pretrained(final)
-        if run.models.value is not None:
-            run.models.value.save_pretrained(run.out_dir / "final_value")
+        save_final(run, final_state)
     run.reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
     return write_summary(run, status, before)
+
+
+def save_final(run: Run, final_state: dict | None) -> None:
+    """final/ (and final_value/), each written whole to a .tmp folder and renamed (engine.diskspace)."""
+    if final_state is not None:  # the gathered weights, in the model's own dtype
+        final_state = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in final_state.items()}
+    elif run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
+        run.models.policy.to(run.save_dtype)
+
+    def write(folder: Path) -> None:
+        run.models.policy.save_pretrained(folder, state_dict=final_state)
+        run.models.tokenizer.save_pretrained(folder)
+
+    write_folder(run.out_dir / "final", write, "the final model")
+    if run.models.value is not None:
+        write_folder(run.out_dir / "final_value", run.models.value.save_pretrained, "the final value model")
 
 
 def on_rank_zero(run: Run, *work: Callable[[], None]) -> None:
@@ -493,7 +550,7 @@ def on_rank_zero(run: Run, *work: Callable[[], None]) -> None:
                     job()
 
 
-def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
+def write_summary(run: Run, status: str, before: dict[str, float], error: str | None = None) -> dict:
     spec, state = run.spec, run.state
     summary = {
         "status": status,
@@ -519,7 +576,9 @@ def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
         "data": run.data_stats,
         "final_dir": str(run.out_dir / "final") if status == "completed" else None,
         "adapter_base": spec.model if spec.lora.r > 0 else None,
+        "skipped_nonfinite_steps": state.skipped_nonfinite,  # steps skipped for a NaN/inf (skip_nonfinite_steps)
+        "error": error,
         **run.algo.summary(),  # an algorithm's own run-level figures (online DPO's judge block)
     }
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

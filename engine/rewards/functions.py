@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import CherryError
+from engine.nonfinite import NonFiniteError
 
 # Keyword arguments a reward function gets from the loop itself, never from a dataset column.
 _LOOP_KWARGS = ("completion_ids",)
@@ -158,7 +159,9 @@ def check_scores(entry: str, scores: Any, n: int) -> list[float]:
             )
         value = float(value)
         if not math.isfinite(value):
-            raise CherryError(f"reward '{entry}' returned {value} for completion {i}; scores must be finite numbers")
+            raise NonFiniteError(  # the loop skips the step (skip_nonfinite_steps) or ends the run
+                f"reward '{entry}' returned {value} for completion {i}; scores must be finite numbers"
+            )
         out.append(value)
     return out
 

@@ -1,0 +1,79 @@
+"""NaN and inf: refused in a model's weights at load, caught in a run before they reach its weights.
+
+A run checks each optimizer step's loss (already on the host: the loop reads it for its metrics)
+and gradient norm (already computed for clipping), and each online step's rewards and advantages
+(on the host after `prepare`), so the check adds no host sync of its own on one process. A
+non-finite value raises `NonFiniteError` before the optimizer steps: the weights stay finite, and
+the loop core then skips the step (`skip_nonfinite_steps`) or ends the run as failed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Iterable
+
+from engine.errors import CherryError, SpecError
+
+if TYPE_CHECKING:  # engine.spec reads `check_nonfinite_settings` and stays torch-free
+    import torch
+
+
+class NonFiniteError(CherryError):
+    """A loss, gradient norm, reward, advantage or weight is NaN or infinite."""
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, float] | None:
+    """The first floating-point tensor holding a NaN or an inf, with one such value; None when all are finite."""
+    import torch
+
+    for name, tensor in named:
+        if not torch.is_tensor(tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            return name, float(tensor.detach()[~finite].flatten()[0])
+    return None
+
+
+def check_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse a model whose weights hold a NaN or an inf (a diverged or damaged checkpoint)."""
+    found = first_nonfinite(model.state_dict().items())
+    if found is not None:
+        name, value = found
+        raise NonFiniteError(
+            f"the model '{source}' has non-finite weights: tensor {name} holds {value}. It cannot be trained or "
+            "scored; use an earlier checkpoint of it (or the model it was trained from)"
+        )
+
+
+def check_step(loss: float, grad_norm: float, *, scaled: bool, world=None) -> None:
+    """Raise NonFiniteError when an optimizer step's loss (this rank's sum so far) or gradient norm is NaN
+    or inf. With fp16 loss scaling (`scaled`) an inf gradient norm is the scaler's business: it skips that
+    step and lowers its scale. Several ranks agree on the loss's verdict (one small all-reduce)."""
+    bad_loss = not math.isfinite(loss)
+    if world is not None and world.active:
+        bad_loss = world.sum([float(bad_loss)])[0] > 0
+    if bad_loss:
+        raise NonFiniteError(f"the loss is {loss if not math.isfinite(loss) else 'non-finite on another rank'}")
+    if not scaled and not math.isfinite(grad_norm):
+        raise NonFiniteError(f"the gradient norm is {grad_norm}")
+
+
+def check_rollout(rewards: torch.Tensor | None, metrics: dict[str, float]) -> None:
+    """An online step's rewards (a CPU tensor) and what `prepare` made of them (advantages, KL-shaped
+    rewards: host floats in its metrics)."""
+    if rewards is not None and rewards.numel():
+        found = first_nonfinite([("reward", rewards)])
+        if found is not None:
+            raise NonFiniteError(f"a reward is {found[1]}")
+    for name, value in metrics.items():
+        if name.startswith(("reward", "advantage", "kl/")) and isinstance(value, float) and not math.isfinite(value):
+            raise NonFiniteError(f"{name} is {value}")
+
+
+def check_nonfinite_settings(spec) -> None:
+    if not isinstance(spec.skip_nonfinite_steps, int) or spec.skip_nonfinite_steps < 0:
+        raise SpecError(
+            f"skip_nonfinite_steps={spec.skip_nonfinite_steps!r}: give a whole number >= 0 (how many steps with a "
+            "NaN/inf loss, gradient norm, reward or advantage a run may skip before it fails; 0 = fail at the first)"
+        )
