@@ -446,12 +446,25 @@ def run_steps(
     (cooperative cancel): a string names the ending ("interrupted" when a worker shuts down), True
     means cancelled. Ctrl+C (KeyboardInterrupt) writes the summary and re-raises without a checkpoint:
     it may land mid-step, so the last checkpoint saved stays the one to resume from (a polite stop,
-    such as the foreground's first Ctrl+C, goes through `should_stop`).
+    such as the foreground's first Ctrl+C, goes through `should_stop`). A NaN/inf in a step
+    (engine.nonfinite) skips it while `skip_nonfinite_steps` allows, else ends the run as failed without
+    a checkpoint from that step; a full disk (engine.diskspace) ends it as failed too.
     """
+    before: dict[str, float] = {}  # the eval metrics before training, filled by `_run_steps`
+    try:
+        return _run_steps(run, step, evaluate, log_samples, should_stop, before)
+    except CherryError as err:  # NaN/inf, a full disk, a reward function's error: the summary says so
+        if run.world.is_main:
+            with contextlib.suppress(OSError, CherryError):  # the disk may be the one that is full
+                write_summary(run, "failed", before, error=str(err))
+        raise
+
+
+def _run_steps(run: Run, step, evaluate, log_samples, should_stop: StopCheck | None, before: dict) -> dict[str, Any]:
     spec, state, total, world = run.spec, run.state, run.schedule.total_steps, run.world
     if state.step == 0:
         on_rank_zero(run, partial(evaluate, 0), partial(log_samples, 0))
-    before = dict(run.metric_log.last)
+    before.update(run.metric_log.last)
 
     status, failure = "completed", None
     try:
@@ -491,15 +504,9 @@ def run_steps(
         if world.is_main:
             write_summary(run, "interrupted", before)
         raise
-    except CherryError as err:  # a full disk, a reward function's error: the summary says how the run ended
-        if world.is_main:
-            with contextlib.suppress(OSError, CherryError):  # the disk may be the one that is full
-                write_summary(run, "failed", before, error=str(err))
-        raise
     if failure is not None:  # a NaN/inf: the last checkpoint saved stays the one to resume from
         if world.is_main:
-            run.reporter.log_event("end", f"failed at step {state.step + 1}: {failure}", status="failed")
-            write_summary(run, "failed", before, error=failure)
+            run.reporter.log_event("end", f"failed: {failure}", status="failed", step=state.step)
         raise NonFiniteError(failure)
 
     final_state = run.save_checkpoint()  # a sharded policy's full weights, gathered once for both
