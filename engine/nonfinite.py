@@ -9,13 +9,18 @@ the loop core then skips the step (`skip_nonfinite_steps`) or ends the run as fa
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
 from typing import TYPE_CHECKING, Iterable
 
 from engine.errors import CherryError, SpecError
 
 if TYPE_CHECKING:  # engine.spec reads `check_nonfinite_settings` and stays torch-free
     import torch
+
+log = logging.getLogger("cherry.engine")
 
 
 class NonFiniteError(CherryError):
@@ -69,6 +74,34 @@ def check_rollout(rewards: torch.Tensor | None, metrics: dict[str, float]) -> No
     for name, value in metrics.items():
         if name.startswith(("reward", "advantage", "kl/")) and isinstance(value, float) and not math.isfinite(value):
             raise NonFiniteError(f"{name} is {value}")
+
+
+def skip_step(run, err: NonFiniteError) -> str | None:
+    """After a NaN/inf in a step (an engine.loop.core.Run's; the optimizer step that met it not taken):
+    skip the step while `skip_nonfinite_steps` allows (returns None), else return the run's failure message."""
+    from engine.loop.checkpoint import checkpoints
+
+    step, skipped, limit = run.state.step + 1, run.state.skipped_nonfinite, run.spec.skip_nonfinite_steps
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.precision.scaler is not None:  # fp16: forget this step's unscale_ (none yet: nothing to forget)
+        with contextlib.suppress(AssertionError):
+            run.precision.scaler.update()
+    if len(skipped) >= limit:
+        last = checkpoints(run.out_dir)
+        return (
+            f"step {step}: {err}. The run stopped before an optimizer step took it, so the weights stay finite "
+            f"and no checkpoint was written from this step; a resume continues from "
+            f"{last[-1].name if last else 'the start'}. Lower lr, or let up to N such steps be skipped "
+            f"(--set skip_nonfinite_steps=N; {len(skipped)} skipped so far)"
+        )
+    skipped.append(step)
+    with warnings.catch_warnings():  # the lr schedule still moves once per step
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()
+    message = f"step {step} skipped: {err} (optimizer step not taken; {len(skipped)} of {limit} skips used)"
+    run.reporter.log_event("nonfinite", message, step=step, skipped=len(skipped))
+    log.warning("warning: %s", message)
+    return None
 
 
 def check_nonfinite_settings(spec) -> None:

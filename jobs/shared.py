@@ -115,7 +115,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-_clients: dict[tuple[int, str], Any] = {}
+_clients: dict[tuple[int, str, bool], Any] = {}
 _patient = False  # see `ride_out_outages`
 FRONT_END_CONNECT_S = 2.0  # a front end hears of an unreachable Redis within about twice this
 
@@ -187,7 +187,7 @@ class RedisState:
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
-        key = (os.getpid(), url)  # a forked process must not share its parent's sockets
+        key = (os.getpid(), url, _patient)  # a forked process must not share its parent's sockets
         client = _clients.get(key)
         if client is None:
             _first_contact(url)

@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,7 +40,6 @@ from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
     TrainState,
-    checkpoints,
     load_extra_state,
     restore,
     resume_checkpoint,
@@ -65,7 +63,7 @@ from engine.models import (
     upcast_trainable,
     wrap_lora,
 )
-from engine.nonfinite import NonFiniteError, first_nonfinite
+from engine.nonfinite import NonFiniteError, first_nonfinite, skip_step
 from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, NullReporter, Reporter, RunDirReporter
@@ -294,31 +292,6 @@ class Run:
         )
         return model_state
 
-    def skip_nonfinite(self, err: NonFiniteError) -> str | None:
-        """After a NaN/inf in a step (its optimizer step not taken): skip the step while
-        `skip_nonfinite_steps` allows (None), else return the run's failure message."""
-        step, skipped, limit = self.state.step + 1, self.state.skipped_nonfinite, self.spec.skip_nonfinite_steps
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.precision.scaler is not None:  # forget an unscale_ of this step (nothing to forget: no-op)
-            with contextlib.suppress(AssertionError):
-                self.precision.scaler.update()
-        if len(skipped) >= limit:
-            last = checkpoints(self.out_dir)
-            return (
-                f"step {step}: {err}. The run stopped before that optimizer step, so no weights were changed by it "
-                f"and no checkpoint was written from it; a resume continues from "
-                f"{last[-1].name if last else 'the start'}. Lower lr, or let up to N such steps be skipped "
-                f"(--set skip_nonfinite_steps=N; {len(skipped)} skipped so far)"
-            )
-        skipped.append(step)
-        with warnings.catch_warnings():  # the lr schedule still moves once per step
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
-        message = f"step {step} skipped: {err} (optimizer step not taken; {len(skipped)} of {limit} skips used)"
-        self.reporter.log_event("nonfinite", message, step=step, skipped=len(skipped))
-        log.warning("warning: %s", message)
-        return None
-
     def parameter_counts(self) -> dict[str, int]:
         total, trainable = count_parameters(self.models.policy)
         return {"params": total, "trainable_params": trainable}
@@ -478,7 +451,7 @@ def _run_steps(run: Run, step, evaluate, log_samples, should_stop: StopCheck | N
             try:
                 metrics, tokens = step(state.step)
             except NonFiniteError as err:  # raised on every rank alike, before the optimizer step
-                failure = run.skip_nonfinite(err)
+                failure = skip_step(run, err)
                 if failure is not None:
                     status = "failed"
                     break

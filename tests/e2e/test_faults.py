@@ -241,3 +241,48 @@ def test_a_worker_waits_out_an_unreachable_redis_and_says_so(caplog):
     text = caplog.text
     assert "unreachable" in text and "keeps retrying" in text and "reachable again" in text
     assert math.isfinite(waits[-1])
+
+
+def test_a_worker_started_before_redis_waits_for_it_then_serves(tmp_path):
+    from tests.conftest import require_redis_server
+
+    require_redis_server()
+    import redis
+
+    port = _closed_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    env = {**os.environ, "CHERRY_HOME": str(tmp_path / "home"), "CHERRY_REDIS_URL": url}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tuiapp.cli", "worker"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    server = None
+    try:
+        deadline = time.monotonic() + 30
+        while "unreachable" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "unreachable" in log_path.read_text() and "trying again" in log_path.read_text()
+        assert worker.poll() is None  # waiting, not gone
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(url, decode_responses=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if client.hlen("cherry:workers"):
+                    break
+            except redis.exceptions.ConnectionError:
+                pass
+            time.sleep(0.2)
+        assert client.hlen("cherry:workers") == 1, log_path.read_text()  # it announced itself: serving
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        if server is not None:
+            server.terminate()
+            server.wait(10)
