@@ -48,9 +48,16 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def disk_full_error(what: str, path: Path, needed: int | None = None) -> DiskFullError:
+RUN_ADVICE = (
+    "The last complete checkpoint is kept: free space there and resume the run (`cherry resume RUN`, or "
+    "`cherry train --resume DIR`), or move the run directory to a disk with room and resume it there "
+    "(new runs go elsewhere with `--out DIR`)"
+)
+
+
+def disk_full_error(what: str, path: Path, needed: int | None = None, advice: str = RUN_ADVICE) -> DiskFullError:
     """The one message for a full disk: what was being written where, how much it needs (when known),
-    how much is free, and the two ways on."""
+    how much is free, and the ways on (`advice`; a run's by default)."""
     free = free_bytes(path)
     room = []
     if needed:
@@ -58,10 +65,7 @@ def disk_full_error(what: str, path: Path, needed: int | None = None) -> DiskFul
     if free is not None:
         room.append(f"{size_text(free)} is free there")
     return DiskFullError(
-        f"the disk is full: writing {what} to {path} failed" + (f" ({', '.join(room)})" if room else "") + ". "
-        "The last complete checkpoint is kept: free space there and resume the run (`cherry resume RUN`, or "
-        "`cherry train --resume DIR`), or move the run directory to a disk with room and resume it there "
-        "(new runs go elsewhere with `--out DIR`)"
+        f"the disk is full: writing {what} to {path} failed" + (f" ({', '.join(room)})" if room else "") + ". " + advice
     )
 
 

@@ -286,3 +286,24 @@ def test_a_worker_started_before_redis_waits_for_it_then_serves(tmp_path):
         if server is not None:
             server.terminate()
             server.wait(10)
+
+
+def test_export_into_a_full_disk_says_so_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import shutil
+
+    import engine.export
+    from engine.export import export_run
+
+    final = tmp_path / "run" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"\0" * 4096)
+
+    def copy_into_a_full_disk(src, dst, **kwargs):
+        os.makedirs(dst, exist_ok=True)
+        (dst / "model.safetensors").write_bytes(b"\0" * 10)
+        raise shutil.Error([(str(src), str(dst), "[Errno 28] No space left on device")])
+
+    monkeypatch.setattr(engine.export.shutil, "copytree", copy_into_a_full_disk)
+    with pytest.raises(DiskFullError, match=r"exported model .*it needs about 4\.0 KB.*another --out"):
+        export_run(tmp_path / "run", tmp_path / "out", merge=False)
+    assert not (tmp_path / "out").exists()
