@@ -16,18 +16,24 @@ from typing import Callable
 from engine.errors import CherryError
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_FULL_WORDS = ("no space left", "storagefull", "quota exceeded", "file write failed")
+# torch.save says "file write failed" or "unexpected pos N vs M" when a write comes up short
+_FULL_WORDS = ("no space left", "storagefull", "disk quota exceeded", "file write failed", "unexpected pos")
 
 
 class DiskFullError(CherryError):
     """A run's file could not be written: its disk (or quota) is full."""
 
 
-def is_disk_full(err: BaseException) -> bool:
+def is_disk_full(err: BaseException, path: Path | None = None, needed: int | None = None) -> bool:
+    """Whether `err` says the disk is full; or, for a write of about `needed` bytes into `path` that
+    failed with a message that does not say, whether `path` has less room than that."""
     if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
         return True
     text = str(err).lower()
-    return any(words in text for words in _FULL_WORDS)
+    if any(words in text for words in _FULL_WORDS):
+        return True
+    free = free_bytes(path) if path is not None and needed else None
+    return free is not None and free < needed
 
 
 def free_bytes(path: Path) -> int | None:
@@ -79,7 +85,7 @@ def write_folder(folder: Path, write: Callable[[Path], None], what: str, needed:
         write(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(err):
+        if is_disk_full(err, folder.parent, needed):
             raise disk_full_error(what, folder.parent, needed) from None
         raise
     shutil.rmtree(folder, ignore_errors=True)

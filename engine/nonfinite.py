@@ -28,15 +28,25 @@ class NonFiniteError(CherryError):
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, float] | None:
-    """The first floating-point tensor holding a NaN or an inf, with one such value; None when all are finite."""
+    """The first floating-point tensor holding a NaN or an inf, with one such value; None when all are finite.
+
+    Each tensor's min and max (NaN propagates through both) are reduced where it lives, with no
+    tensor-sized temporary, and read back in one host sync per device."""
     import torch
 
+    extremes: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     for name, tensor in named:
-        if not torch.is_tensor(tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        finite = torch.isfinite(tensor.detach())
-        if not bool(finite.all()):
-            return name, float(tensor.detach()[~finite].flatten()[0])
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel():
+            t = tensor.detach()
+            extremes.append((name, t, torch.stack([t.min(), t.max()]).float()))
+    finite: dict[str, bool] = {}
+    for device in {str(pair.device) for _, _, pair in extremes}:
+        rows = [(name, pair) for name, _, pair in extremes if str(pair.device) == device]
+        verdicts = torch.isfinite(torch.stack([pair for _, pair in rows])).all(dim=1).tolist()
+        finite.update((name, ok) for (name, _), ok in zip(rows, verdicts))
+    for name, t, _ in extremes:
+        if not finite[name]:
+            return name, float(t[~torch.isfinite(t)].flatten()[0])
     return None
 
 

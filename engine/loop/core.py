@@ -35,7 +35,7 @@ import torch
 from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
-from engine.diskspace import write_folder, write_text
+from engine.diskspace import tensor_bytes, write_folder, write_text
 from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
@@ -455,14 +455,16 @@ def _run_steps(run: Run, step, evaluate, log_samples, should_stop: StopCheck | N
                 if failure is not None:
                     status = "failed"
                     break
-                metrics, tokens = {"train/skipped_nonfinite_steps": float(len(state.skipped_nonfinite))}, 0
+                metrics, tokens = {}, 0
+                if world.is_main:  # the skipped step's one row, whatever logging_steps is
+                    run.metric_log.emit(state.step + 1, {"train/skipped_nonfinite_steps": len(state.skipped_nonfinite)})
             state.step += 1
             state.tokens += tokens
             step_seconds = time.time() - step_started
             state.train_seconds += step_seconds
 
             last = state.step == total
-            if world.is_main and (run.due(spec.logging_steps) or last):
+            if world.is_main and metrics and (run.due(spec.logging_steps) or last):
                 metrics.setdefault("train/tokens_per_s", tokens / max(step_seconds, 1e-9))
                 metrics["train/epoch"] = run.schedule.epoch(state.step)
                 metrics.update(sys_metrics(run.device, run.cpu_meter))
@@ -512,7 +514,9 @@ def save_final(run: Run, final_state: dict | None) -> None:
         run.models.policy.save_pretrained(folder, state_dict=final_state)
         run.models.tokenizer.save_pretrained(folder)
 
-    write_folder(run.out_dir / "final", write, "the final model")
+    policy = run.models.policy
+    needed = tensor_bytes(final_state or [p for p in policy.parameters() if p.requires_grad or run.spec.lora.r == 0])
+    write_folder(run.out_dir / "final", write, "the final model", needed)
     if run.models.value is not None:
         write_folder(run.out_dir / "final_value", run.models.value.save_pretrained, "the final value model")
 

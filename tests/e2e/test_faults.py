@@ -307,3 +307,38 @@ def test_export_into_a_full_disk_says_so_and_leaves_nothing_behind(tmp_path, mon
     with pytest.raises(DiskFullError, match=r"exported model .*it needs about 4\.0 KB.*another --out"):
         export_run(tmp_path / "run", tmp_path / "out", merge=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 600 KB tmpfs (room for one checkpoint of the tiny model, not two); skipped where mounting is not
+    permitted (it needs root). `grow()` frees space: the same mount, remounted at 8 MB."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip() or mounted.returncode}")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mount_point)], check=True)
+
+    try:
+        yield mount_point, grow
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+def test_a_run_on_a_small_tmpfs_fails_with_the_message_and_resumes_once_it_grows(
+    tiny_model_dir, tiny_pairs, small_tmpfs
+):
+    mount_point, grow = small_tmpfs
+    run = mount_point / "run"
+    with pytest.raises(DiskFullError, match=r"writing checkpoint step-0000008 .* is free there"):
+        train(dpo_spec(tiny_model_dir, tiny_pairs, save_steps=4), run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004"]
+    assert summary_of(run)["status"] == "failed"
+    grow()
+    summary = train(dpo_spec(tiny_model_dir, tiny_pairs, save_steps=4), run, resume=True)
+    assert summary["status"] == "completed" and summary["step"] == 8
