@@ -16,6 +16,7 @@ Exit codes: 0 completed, 2 a user error (message in the store), 3 out of memory,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -106,8 +107,9 @@ def run_child(run_id: str, parent_pid: int) -> int:
         reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout), *extra)
         summary = train(spec, run.out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
     except CherryError as err:
-        print(f"error: {err}", flush=True)
-        _fail(store, run_id, str(err))
+        _fail(store, run_id, str(err))  # first: the log below may be on the disk that is full
+        with contextlib.suppress(OSError):
+            print(f"error: {err}", flush=True)
         return 2
     except Exception as err:  # a crash: the traceback goes to the run's log, the gist to the store
         traceback.print_exc()

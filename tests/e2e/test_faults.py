@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -289,8 +290,6 @@ def test_a_worker_started_before_redis_waits_for_it_then_serves(tmp_path):
 
 
 def test_export_into_a_full_disk_says_so_and_leaves_nothing_behind(tmp_path, monkeypatch):
-    import shutil
-
     import engine.export
     from engine.export import export_run
 
@@ -342,3 +341,31 @@ def test_a_run_on_a_small_tmpfs_fails_with_the_message_and_resumes_once_it_grows
     grow()
     summary = train(dpo_spec(tiny_model_dir, tiny_pairs, save_steps=4), run, resume=True)
     assert summary["status"] == "completed" and summary["step"] == 8
+
+
+@pytest.mark.slow  # two runs through a worker's child processes
+def test_a_worker_survives_a_run_that_fills_its_disk_and_resumes_it_once_space_is_freed(
+    home, tiny_model_dir, tiny_pairs, small_tmpfs
+):
+    from jobs.runs import Jobs
+    from tests.e2e.test_jobs import WorkerProcess, tiny_spec, wait_for
+
+    mount_point, grow = small_tmpfs
+    jobs = Jobs(home)
+    run = jobs.submit(tiny_spec(tiny_model_dir, tiny_pairs, max_steps=8, save_steps=4, batch_size=8))
+    shutil.move(home / run.id, mount_point / "run")  # the run's directory (made at submit) moves to the small disk
+    (home / run.id).symlink_to(mount_point / "run")
+    worker = WorkerProcess(home)
+    try:
+        wait_for(lambda: jobs.store.get_run(run.id).status == "failed", 120, "the run to fail")
+        failed = jobs.store.get_run(run.id)
+        assert failed.error.startswith("the disk is full: writing checkpoint step-0000008"), failed.error
+        assert sorted(p.name for p in (mount_point / "run" / "checkpoints").iterdir()) == ["step-0000004"]
+        assert worker.proc.poll() is None  # the worker goes on
+        grow()
+        jobs.resume(run.id)
+        wait_for(lambda: jobs.store.get_run(run.id).status == "completed", 120, "the resumed run to complete")
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        jobs.close()
