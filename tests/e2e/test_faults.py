@@ -143,9 +143,15 @@ def test_skip_nonfinite_steps_skips_logs_and_counts_them(tiny_model_dir, nan_rew
     assert len(skipped) == 1 and "step 2 skipped" in skipped[0]["message"]
 
 
-def test_skip_nonfinite_steps_must_be_a_count():
-    with pytest.raises(Exception, match="skip_nonfinite_steps"):
+def test_skip_nonfinite_steps_is_a_count_a_resume_may_change():
+    from engine.errors import SpecError
+    from engine.spec import with_resume_settings
+
+    with pytest.raises(SpecError, match="skip_nonfinite_steps"):
         build_spec({"algorithm": "dpo", "model": "m", "dataset": "d", "skip_nonfinite_steps": -1})
+    spec = build_spec({"algorithm": "dpo", "model": "m", "dataset": "d"})
+    assert spec.skip_nonfinite_steps == 0
+    assert with_resume_settings(spec, ["skip_nonfinite_steps=3"]).skip_nonfinite_steps == 3
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_resume_works_once_space_is_freed(
