@@ -165,7 +165,8 @@ def _first_contact(url: str) -> None:
             except redis.exceptions.RedisError as err:
                 if not _patient or not redis_unreachable(err):
                     raise _unreachable_error(url, err) from None
-                log.warning("Redis at %s is unreachable (%s): trying again in %.0fs", url, err, delay)
+                # not the URL itself: it may hold a password
+                log.warning("Redis (CHERRY_REDIS_URL) is unreachable (%s): trying again in %.0fs", err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
     finally:
