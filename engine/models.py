@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.errors import ModelError
+from engine.nonfinite import check_weights
 from engine.sharding import is_sharded
 
 if TYPE_CHECKING:  # wrap_lora reads a RunSpec but needs nothing of engine.spec at run time
@@ -183,6 +184,7 @@ def load_causal_lm(source: str, *, dtype: torch.dtype, device: torch.device, tru
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise load_error("a causal LM", source, err) from None
+    check_weights(model, source)  # a NaN here would surface later as a traceback from the first forward
     disable_dropout(model)
     return model.to(device)
 
@@ -232,6 +234,7 @@ def load_reward_model(source: str, *, dtype: torch.dtype, device: torch.device, 
         )
     except Exception as err:
         raise load_error("a reward model", source, err) from None
+    check_weights(model, source)
     disable_dropout(model)
     return model.to(device)
 

@@ -73,8 +73,15 @@ class RunDirReporter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _append(self, name: str, row: dict[str, Any]) -> None:
-        with open(self.run_dir / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        with open(self.run_dir / name, "ab") as f:
+            start = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as err:
+                f.truncate(start)  # no half line for a resume to trip over
+                raise _write_error(self.run_dir / name, err, len(line)) from None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._append("metrics.jsonl", {"step": step, "time": round(time.time(), 3), **metrics})
@@ -91,12 +98,25 @@ class RunDirReporter:
             path = self.run_dir / name
             if not path.exists():
                 continue
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line and json.loads(line)["step"] <= step
-            ]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+            try:
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            except OSError as err:
+                raise _write_error(path, err) from None
+
+
+def _step_of(line: str) -> float:
+    """A JSON line's step; a line cut short (a crash mid-write) counts as after every step: it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _write_error(path: Path, err: OSError, needed: int | None = None) -> Exception:
+    from engine.diskspace import disk_full_error, is_disk_full
+
+    return disk_full_error(path.name, path.parent, needed) if is_disk_full(err) else err
 
 
 class MultiReporter:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from engine.diskspace import disk_full_error, is_disk_full
 from engine.distributed import OOM_EXIT, USER_ERROR_EXIT, World, start_ranks
 from engine.errors import CherryError
 from engine.loop.core import StopCheck, start_run
@@ -38,6 +39,15 @@ def train(
     `resume=True` continues from the newest checkpoint, or starts over when there is none.
     `cache_dir` keeps tokenised data and precomputed reference log-probs between runs.
     """
+    try:
+        return _train(spec, out_dir, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
+    except OSError as err:  # a full disk met outside the writes that say so themselves (a log line, a cache)
+        if is_disk_full(err):
+            raise disk_full_error(err.filename or "the run's files", Path(out_dir)) from None
+        raise
+
+
+def _train(spec, out_dir, reporter, *, should_stop, cache_dir, resume) -> dict[str, Any]:
     if spec.num_processes <= 1:
         return train_rank(spec, out_dir, World(), reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
     world, ranks = start_ranks(spec, Path(out_dir), resume=resume, cache_dir=cache_dir)

@@ -16,6 +16,7 @@ Exit codes: 0 completed, 2 a user error (message in the store), 3 out of memory,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -29,7 +30,7 @@ from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
 from jobs.home import cache_dir, cherry_home
 from jobs.reporters import build_reporters, close_all
-from jobs.shared import open_store
+from jobs.shared import open_store, ride_out_outages
 from jobs.store import Store, StoreReporter
 from jobs.sweep import prune_reason
 
@@ -80,6 +81,7 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def run_child(run_id: str, parent_pid: int) -> int:
+    ride_out_outages()  # a run's writes to Redis ride out a restart, as its worker's do
     try:
         store = open_store(cherry_home())
     except CherryError as err:  # the worker records the failure from the exit code and this log line
@@ -105,8 +107,9 @@ def run_child(run_id: str, parent_pid: int) -> int:
         reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout), *extra)
         summary = train(spec, run.out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
     except CherryError as err:
-        print(f"error: {err}", flush=True)
-        _fail(store, run_id, str(err))
+        _fail(store, run_id, str(err))  # first: the log below may be on the disk that is full
+        with contextlib.suppress(OSError):
+            print(f"error: {err}", flush=True)
         return 2
     except Exception as err:  # a crash: the traceback goes to the run's log, the gist to the store
         traceback.print_exc()

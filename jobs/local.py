@@ -24,7 +24,7 @@ from engine.reporting import MultiReporter, Reporter
 from engine.spec import RunSpec
 from jobs.home import cache_dir, cherry_home, new_run_id
 from jobs.reporters import build_reporters, check_report_to, close_all
-from jobs.shared import open_store
+from jobs.shared import open_store, ride_out_outages
 from jobs.store import StoreReporter, this_host
 from jobs.worker import HEARTBEAT_SECONDS
 
@@ -42,6 +42,10 @@ def run_in_process(
     check_report_to(spec)  # a missing package is refused before anything is written
     home = cherry_home()
     store = open_store(home)  # a store that cannot be used is refused before a run directory is made
+    if store.shared:  # reached: from here on this process runs a run, which rides out a Redis restart
+        ride_out_outages()
+        store.close()
+        store = open_store(home)
     run_dir = Path(out_dir).resolve() if out_dir else home / new_run_id(spec.display_name, home)
     run_id = local_run_id(run_dir, home)
     if store.get_run(run_id) is None:

@@ -21,6 +21,7 @@ SQLite on a network filesystem is never involved: each SQLite file is written by
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -30,6 +31,8 @@ from typing import Any, Iterable
 from engine.errors import CherryError
 from jobs.home import cherry_home, store_path
 from jobs.store import Run, Store, fresh_workers
+
+log = logging.getLogger("cherry.worker")
 
 PREFIX = "cherry"
 STREAM_MAXLEN = int(os.environ.get("CHERRY_STREAM_MAXLEN", "20000"))  # entries kept per run in Redis
@@ -112,7 +115,62 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-_clients: dict[tuple[int, str], Any] = {}
+_clients: dict[tuple[int, str, bool], Any] = {}
+_patient = False  # see `ride_out_outages`
+FRONT_END_CONNECT_S = 2.0  # a front end hears of an unreachable Redis within about twice this
+
+
+def ride_out_outages() -> None:
+    """This process (a worker, a run's child) waits for Redis: its first contact retries with backoff,
+    saying so in its log, and its commands retry for about a minute. Front ends (the CLI, the app) do not:
+    a refused or unreachable Redis is an error within seconds."""
+    global _patient
+    _patient = True
+
+
+def redis_unreachable(err: BaseException) -> bool:
+    """Whether `err` says Redis cannot be reached (refused, timed out, connection lost)."""
+    try:
+        import redis
+    except ImportError:
+        return False
+    return isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+
+
+def _unreachable_error(url: str, err: BaseException) -> CherryError:
+    return CherryError(
+        f"cannot reach Redis at {url} (CHERRY_REDIS_URL): {err}; start redis-server there, or unset "
+        "CHERRY_REDIS_URL to use this machine's own queue and store"
+    )
+
+
+def _first_contact(url: str) -> None:
+    """Ping once, failing fast; a patient process keeps trying with backoff, one log line per try."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    probe = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=FRONT_END_CONNECT_S,
+        socket_timeout=FRONT_END_CONNECT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    delay = 1.0
+    try:
+        while True:
+            try:
+                probe.ping()
+                return
+            except redis.exceptions.RedisError as err:
+                if not _patient or not redis_unreachable(err):
+                    raise _unreachable_error(url, err) from None
+                # not the URL itself: it may hold a password
+                log.warning("Redis (CHERRY_REDIS_URL) is unreachable (%s): trying again in %.0fs", err, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+    finally:
+        probe.close()
 
 
 class RedisState:
@@ -130,25 +188,20 @@ class RedisState:
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
-        key = (os.getpid(), url)  # a forked process must not share its parent's sockets
+        key = (os.getpid(), url, _patient)  # a forked process must not share its parent's sockets
         client = _clients.get(key)
         if client is None:
-            # A Redis restart is ridden out: commands retry for about a minute before failing.
+            _first_contact(url)
+            # A worker or a run rides out a Redis restart: commands retry for about a minute before failing.
+            # A front end tries once more, so that it answers within seconds.
             client = redis.Redis.from_url(
                 url,
                 decode_responses=True,
-                socket_connect_timeout=5,
+                socket_connect_timeout=5 if _patient else FRONT_END_CONNECT_S,
                 health_check_interval=30,
-                retry=Retry(ExponentialBackoff(cap=4.0, base=0.2), 20),
+                retry=Retry(ExponentialBackoff(cap=4.0, base=0.2), 20 if _patient else 1),
                 retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
             )
-            try:
-                client.ping()
-            except redis.exceptions.RedisError as err:
-                raise CherryError(
-                    f"cannot reach Redis at {url} (CHERRY_REDIS_URL): {err}; start redis-server there, or unset "
-                    "CHERRY_REDIS_URL to use this machine's own queue and store"
-                ) from None
             _clients[key] = client
         return cls(client, url)
 

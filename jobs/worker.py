@@ -39,7 +39,7 @@ from huey.consumer import Consumer
 
 from jobs.queue import JobQueue, queue_backend
 from jobs.runs import Jobs, run_dir
-from jobs.shared import open_store, redis_url
+from jobs.shared import open_store, redis_unreachable, redis_url, ride_out_outages
 from jobs.store import Store, pid_alive, this_host
 
 HEARTBEAT_SECONDS = 2.0
@@ -113,6 +113,8 @@ class Worker:
         grace: float = 30.0,
     ) -> None:
         self.home = Path(home).resolve()
+        ride_out_outages()  # an unreachable Redis is waited for (with backoff, in the log), not an error
+        self.redis = RedisWatch()
         open_store(self.home).close()  # a store that cannot be used stops the worker before it takes a task
         self.grace = grace
         if gpus and concurrency and concurrency != len(gpus):
@@ -129,6 +131,23 @@ class Worker:
         self.children_lock = threading.Lock()
         self.stale_seconds = float(os.environ.get("CHERRY_HEARTBEAT_TIMEOUT") or STALE_SECONDS)
         self.queue = JobQueue(self.home, handler=self.execute, host=self.host)
+        self.queue.huey.dequeue = self._patient_dequeue(self.queue.huey.dequeue)
+
+    def _patient_dequeue(self, dequeue):
+        """Huey's dequeue, waiting out an unreachable Redis with backoff (one log line each try, no traceback)."""
+
+        def patient():
+            try:
+                task = dequeue()
+            except Exception as err:
+                if not redis_unreachable(err):
+                    raise
+                self.shutting_down.wait(self.redis.failed(err))
+                return None
+            self.redis.reached()
+            return task
+
+        return patient
 
     # ------------------------------------------------------------------ orphans
 
@@ -267,10 +286,17 @@ class Worker:
             now = time.monotonic()
             if now - beat_at >= HEARTBEAT_SECONDS:
                 beat_at = now
-                store.heartbeat(run_id)
-                if store.shared:
-                    log_offset = _stream_log(store, run_id, log_path, log_offset)
-                run = store.get_run(run_id)
+                try:
+                    store.heartbeat(run_id)
+                    if store.shared:
+                        log_offset = _stream_log(store, run_id, log_path, log_offset)
+                    run = store.get_run(run_id)
+                    self.redis.reached()
+                except Exception as err:  # Redis away: the run goes on; its beats and stop checks resume with it
+                    if not redis_unreachable(err):
+                        raise
+                    self.redis.failed(err)
+                    run = RUN_UNKNOWN
                 stop_asked = run is None or bool(run.cancel_requested)
                 if kill_at is None and (stop_asked or self.shutting_down.is_set()):
                     kill_at = now + self.grace
@@ -363,8 +389,11 @@ class Worker:
                         busy=busy,
                         queue=queue_backend(),
                     )
-                except Exception:  # Redis restarting, a locked store: beat again next time
-                    log.exception("worker heartbeat failed")
+                except Exception as err:  # Redis restarting, a locked store: beat again next time
+                    if redis_unreachable(err):
+                        self.redis.failed(err)
+                    else:
+                        log.exception("worker heartbeat failed")
                 if self.shutting_down.wait(HEARTBEAT_SECONDS):
                     break
         finally:
@@ -415,6 +444,47 @@ class Worker:
                 log.warning("run %s was queued but no queue held it (Redis restarted?): queued again", run_id)
         finally:
             jobs.close()
+
+
+class RedisWatch:
+    """A worker's view of its Redis: one log line when it becomes unreachable and at each retry (with a
+    growing wait), one when it is back. Thread-safe: consumer threads and the heartbeat share it."""
+
+    MAX_WAIT_S = 30.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.down_since: float | None = None
+        self.wait = 1.0
+
+    def failed(self, err: BaseException) -> float:
+        """Record a failed contact; returns how long the caller waits before trying again."""
+        with self.lock:
+            now = time.monotonic()
+            if self.down_since is None:
+                self.down_since, self.wait = now, 1.0
+            wait = self.wait
+            self.wait = min(self.wait * 2, self.MAX_WAIT_S)
+            log.warning(
+                "Redis (CHERRY_REDIS_URL) unreachable for %.0fs (%s): the worker keeps retrying, next in %.0fs",
+                now - self.down_since,
+                str(err).splitlines()[0][:160],
+                wait,
+            )
+            return wait
+
+    def reached(self) -> None:
+        with self.lock:
+            if self.down_since is not None:
+                log.warning("Redis reachable again after %.0fs", time.monotonic() - self.down_since)
+                self.down_since = None
+
+
+class _RunUnknown:
+    cancel_requested = 0  # Redis unreachable: no stop request can be read, so none is assumed
+
+
+RUN_UNKNOWN = _RunUnknown()
 
 
 class _Consumer(Consumer):

@@ -53,6 +53,7 @@ class CherryApp(App):
         self.want = Want(focus=focus)
         self.snapshot: Snapshot | None = None
         self.reads = 0  # snapshots applied (tests wait on this)
+        self.store_problem: str | None = None  # "Redis unreachable" while the shared store cannot be read
         self._wake = threading.Event()
 
     def get_default_screen(self) -> Screen:
@@ -83,8 +84,11 @@ class CherryApp(App):
                             tuple(self.want.compare_samples),
                         )
                     )
-                except Exception as err:  # a locked or damaged store: say so, keep trying
-                    self.call_from_thread(self.notify, f"reading the run store failed: {err}", severity="error")
+                except Exception as err:  # a locked or damaged store, Redis away: say so, keep trying
+                    try:
+                        self.call_from_thread(self._store_failed, err)
+                    except RuntimeError:  # the app is shutting down
+                        break
                     self._wake.wait(self.poll_idle)
                     continue
                 if worker.is_cancelled:
@@ -98,7 +102,29 @@ class CherryApp(App):
             if reader is not None:
                 reader.close()
 
+    def _store_failed(self, err: Exception) -> None:
+        """A read that failed: an unreachable Redis shows in the header (once as a toast); other errors toast."""
+        from jobs.shared import redis_unreachable
+
+        if not (redis_unreachable(err) or "cannot reach Redis" in str(err)):
+            self.notify(f"reading the run store failed: {err}", severity="error")
+            return
+        if self.store_problem is None:
+            self.notify(f"{err}; showing the last runs read, retrying", title="Redis unreachable", severity="error")
+        self.store_problem = "Redis unreachable"
+        self._show_problem()
+
+    def _show_problem(self) -> None:
+        for screen in self.screen_stack:
+            render = getattr(screen, "render_topbar", None)
+            if render is not None and screen.is_mounted:
+                try:
+                    render()
+                except NoMatches:
+                    pass
+
     def _apply_snapshot(self, snap: Snapshot) -> None:
+        self.store_problem = None  # read again: Redis is back
         self.snapshot = snap
         self.reads += 1
         for screen in self.screen_stack:

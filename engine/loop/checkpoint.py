@@ -10,11 +10,12 @@ import logging
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from engine.diskspace import tensor_bytes, write_folder
 from engine.errors import CherryError
 from engine.reporting import Reporter
 
@@ -32,6 +33,7 @@ class TrainState:
     train_seconds: float = 0.0
     world_size: int = 1  # processes of the data-parallel run that wrote it
     global_batch: int = 0  # examples (prompts online) per optimizer step over all ranks; 0 = not recorded
+    skipped_nonfinite: list = field(default_factory=list)  # steps skipped for a NaN/inf (skip_nonfinite_steps)
 
 
 _CHECKPOINT_NAME = re.compile(r"step-\d+")
@@ -85,22 +87,26 @@ def save_checkpoint(
     loads with `torch.load(weights_only=True)`: reading a checkpoint never runs code from the file.
     """
     folder = Path(out_dir) / "checkpoints"
-    final = folder / f"step-{state.step:07d}"
-    tmp = folder / f"step-{state.step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "model", state_dict=model_state)
-    torch.save(
-        {
-            "state": asdict(state),
-            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_states(),
-            "extra": extra or {},
-        },
-        tmp / "state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)  # a save killed half-way leaves only a .tmp folder, never a broken checkpoint
+    optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+
+    def write(tmp: Path) -> None:
+        policy.save_pretrained(tmp / "model", state_dict=model_state)
+        torch.save(
+            {
+                "state": asdict(state),
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_states(),
+                "extra": extra or {},
+            },
+            tmp / "state.pt",
+        )
+
+    # written to step-N.tmp and renamed: a save killed half-way or cut short by a full disk leaves no
+    # broken checkpoint, and the ones before it are removed only once it is complete
+    trained = model_state if model_state is not None else [p for p in policy.parameters() if p.requires_grad]
+    needed = tensor_bytes(trained) + tensor_bytes(optimizer_state)
+    final = write_folder(folder / f"step-{state.step:07d}", write, f"checkpoint step-{state.step:07d}", needed)
     for old in checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -19,6 +19,7 @@ micro-batches where its share is empty), and gathers the full weights around wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
 from engine.data.sources import mixture_eval_split, spec_sources
+from engine.diskspace import tensor_bytes, write_folder, write_text
 from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
@@ -62,6 +64,7 @@ from engine.models import (
     upcast_trainable,
     wrap_lora,
 )
+from engine.nonfinite import NonFiniteError, first_nonfinite, skip_step
 from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, NullReporter, Reporter, RunDirReporter
@@ -270,6 +273,10 @@ class Run:
             optimizer_state = full_optimizer_state(self.trained_models, self.optimizer)
         if not self.world.is_main:
             return model_state
+        weights = model_state.items() if model_state is not None else self.models.policy.named_parameters()
+        found = first_nonfinite((name, w) for name, w in weights if model_state is not None or w.requires_grad)
+        if found is not None:  # never reached through the step checks; a checkpoint must stay a good one
+            raise NonFiniteError(f"weight {found[0]} holds {found[1]}; no checkpoint was written from it")
         extra = {"algorithm": self.algo.state_dict()}
         if self.world.active:
             extra["rank_rng"] = rank_rng
@@ -308,7 +315,7 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     if world.is_main:
         run_files = RunDirReporter(out_dir)
         reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
-        (out_dir / "spec.yaml").write_text(spec.to_yaml())
+        write_text(out_dir / "spec.yaml", spec.to_yaml())
     else:
         reporter = NullReporter()
 
@@ -418,8 +425,21 @@ def run_steps(
     (cooperative cancel): a string names the ending ("interrupted" when a worker shuts down), True
     means cancelled. Ctrl+C (KeyboardInterrupt) writes the summary and re-raises without a checkpoint:
     it may land mid-step, so the last checkpoint saved stays the one to resume from (a polite stop,
-    such as the foreground's first Ctrl+C, goes through `should_stop`).
+    such as the foreground's first Ctrl+C, goes through `should_stop`). A NaN/inf in a step
+    (engine.nonfinite) skips it while `skip_nonfinite_steps` allows, else ends the run as failed without
+    a checkpoint from that step; a full disk (engine.diskspace) ends it as failed too.
     """
+    before: dict[str, float] = {}  # the eval metrics before training, filled by `_run_steps`
+    try:
+        return _run_steps(run, step, evaluate, log_samples, should_stop, before)
+    except CherryError as err:  # NaN/inf, a full disk, a reward function's error: the summary says so
+        if run.world.is_main:
+            with contextlib.suppress(OSError, CherryError):  # the disk may be the one that is full
+                write_summary(run, "failed", before, error=str(err))
+        raise
+
+
+def _run_steps(run: Run, step, evaluate, log_samples, should_stop: StopCheck | None, before: dict) -> dict[str, Any]:
     spec, state, total, world = run.spec, run.state, run.schedule.total_steps, run.world
     if spec.eval_strategy == "no":  # no eval/ metric at all, not even at the start and the end
 
@@ -428,9 +448,9 @@ def run_steps(
 
     if state.step == 0:
         on_rank_zero(run, partial(evaluate, 0), partial(log_samples, 0))
-    before = dict(run.metric_log.last)
+    before.update(run.metric_log.last)
 
-    status = "completed"
+    status, failure = "completed", None
     try:
         while state.step < total:
             stop = should_stop() if should_stop is not None and world.is_main else None
@@ -439,14 +459,23 @@ def run_steps(
                 status = stop if isinstance(stop, str) else "cancelled"
                 break
             step_started = time.time()
-            metrics, tokens = step(state.step)
+            try:
+                metrics, tokens = step(state.step)
+            except NonFiniteError as err:  # raised on every rank alike, before the optimizer step
+                failure = skip_step(run, err)
+                if failure is not None:
+                    status = "failed"
+                    break
+                metrics, tokens = {}, 0
+                if world.is_main:  # the skipped step's one row, whatever logging_steps is
+                    run.metric_log.emit(state.step + 1, {"train/skipped_nonfinite_steps": len(state.skipped_nonfinite)})
             state.step += 1
             state.tokens += tokens
             step_seconds = time.time() - step_started
             state.train_seconds += step_seconds
 
             last = state.step == total
-            if world.is_main and (run.due(spec.logging_steps) or last):
+            if world.is_main and metrics and (run.due(spec.logging_steps) or last):
                 metrics.setdefault("train/tokens_per_s", tokens / max(step_seconds, 1e-9))
                 metrics["train/epoch"] = run.schedule.epoch(state.step)
                 metrics.update(sys_metrics(run.device, run.cpu_meter))
@@ -461,6 +490,10 @@ def run_steps(
         if world.is_main:
             write_summary(run, "interrupted", before)
         raise
+    if failure is not None:  # a NaN/inf: the last checkpoint saved stays the one to resume from
+        if world.is_main:
+            run.reporter.log_event("end", f"failed: {failure}", status="failed", step=state.step)
+        raise NonFiniteError(failure)
 
     final_state = run.save_checkpoint()  # a sharded policy's full weights, gathered once for both
     if status == "completed":
@@ -476,19 +509,27 @@ def run_steps(
         )
         return {"status": status, "step": state.step}
     if status == "completed":
-        final = run.out_dir / "final"
-        if final_state is not None:  # the gathered weights, in the model's own dtype
-            final_state = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in final_state.items()}
-            run.models.policy.save_pretrained(final, state_dict=final_state)
-        else:
-            if run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
-                run.models.policy.to(run.save_dtype)
-            run.models.policy.save_pretrained(final)
-        run.models.tokenizer.save_pretrained(final)
-        if run.models.value is not None:
-            run.models.value.save_pretrained(run.out_dir / "final_value")
+        save_final(run, final_state)
     run.reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
     return write_summary(run, status, before)
+
+
+def save_final(run: Run, final_state: dict | None) -> None:
+    """final/ (and final_value/), each written whole to a .tmp folder and renamed (engine.diskspace)."""
+    if final_state is not None:  # the gathered weights, in the model's own dtype
+        final_state = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in final_state.items()}
+    elif run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
+        run.models.policy.to(run.save_dtype)
+
+    def write(folder: Path) -> None:
+        run.models.policy.save_pretrained(folder, state_dict=final_state)
+        run.models.tokenizer.save_pretrained(folder)
+
+    policy = run.models.policy
+    needed = tensor_bytes(final_state or [p for p in policy.parameters() if p.requires_grad or run.spec.lora.r == 0])
+    write_folder(run.out_dir / "final", write, "the final model", needed)
+    if run.models.value is not None:
+        write_folder(run.out_dir / "final_value", run.models.value.save_pretrained, "the final value model")
 
 
 def on_rank_zero(run: Run, *work: Callable[[], None]) -> None:
@@ -504,7 +545,7 @@ def on_rank_zero(run: Run, *work: Callable[[], None]) -> None:
                     job()
 
 
-def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
+def write_summary(run: Run, status: str, before: dict[str, float], error: str | None = None) -> dict:
     spec, state = run.spec, run.state
     summary = {
         "status": status,
@@ -530,7 +571,9 @@ def write_summary(run: Run, status: str, before: dict[str, float]) -> dict:
         "data": run.data_stats,
         "final_dir": str(run.out_dir / "final") if status == "completed" else None,
         "adapter_base": spec.model if spec.lora.r > 0 else None,
+        "skipped_nonfinite_steps": state.skipped_nonfinite,  # steps skipped for a NaN/inf (skip_nonfinite_steps)
+        "error": error,
         **run.algo.summary(),  # an algorithm's own run-level figures (online DPO's judge block)
     }
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

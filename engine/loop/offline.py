@@ -19,6 +19,7 @@ from engine.batching import example_length
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
 from engine.loop.evaluation import estimate_kl, exact_match_accuracy, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
+from engine.nonfinite import check_step
 from engine.reference import PrecomputedReference, fingerprint_examples, fingerprint_model
 from engine.registry import algorithm_info
 
@@ -111,6 +112,7 @@ def train_offline(
         sums = MetricSums()
         tokens = accumulate(algo, models, micro, sums, train_reference, run.precision, world)
         grad_norm = clip_gradients(run)
+        check_step(sums.sums.get("loss", 0.0), grad_norm, scaled=run.precision.scaler is not None, world=world)
         lr = run.scheduler.get_last_lr()[0]
         run.precision.step(run.optimizer)
         run.scheduler.step()

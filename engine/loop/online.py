@@ -29,6 +29,7 @@ from engine.errors import CherryError
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
 from engine.loop.evaluation import estimate_kl, evaluate_prompts, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
+from engine.nonfinite import check_rollout, check_step
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
 from engine.rollout import merge_rollouts, reward_columns, sample_rollout, score_rollout
@@ -140,6 +141,7 @@ def train_online(
             # prepare: advantages, pairs or kept samples, with what they need computed once without gradients
             update_started = time.time()
             rows, metrics = algo.prepare(rollout, models)
+        check_rollout(rollout.rewards, metrics)  # host values: no sync of its own
 
         # update: each phase's rows, `passes` passes of mini-batches (this rank's shard of each), one
         # optimizer step per mini-batch
@@ -154,6 +156,9 @@ def train_online(
                     ]
                     tokens += accumulate(algo, models, micro, sums, precision=run.precision, world=world)
                     grad_norm = clip_gradients(run)
+                    check_step(
+                        sums.sums.get("loss", 0.0), grad_norm, scaled=run.precision.scaler is not None, world=world
+                    )
                     run.precision.step(run.optimizer)
                     run.optimizer.zero_grad(set_to_none=True)
                     optimizer_steps += 1

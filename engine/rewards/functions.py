@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import CherryError
+from engine.nonfinite import NonFiniteError
 
 
 def load_reward_function(entry: str) -> Callable[..., Any]:
@@ -207,7 +208,7 @@ def check_scores(entry: str, scores: Any, n: int) -> list[float | None]:
             )
         value = float(value)
         if not math.isfinite(value):
-            raise CherryError(
+            raise NonFiniteError(  # the loop skips the step (skip_nonfinite_steps) or ends the run
                 f"reward '{entry}' returned {value} for completion {i}; scores must be finite numbers "
                 "(return None where this function has no reward for a completion)"
             )

@@ -262,9 +262,20 @@ class MainScreen(Screen):
         elif not self._shown_runs:
             self.query_one("#run-title", Static).update(Text("no runs yet: press n to start one", style="dim"))
 
+    def render_topbar(self) -> None:
+        """The top bar again (the app's store problem changed): from the last snapshot, if any."""
+        if self._snapshot is not None:
+            self._render_topbar(self._snapshot)
+        elif self.app.store_problem:
+            text = Text(" Cherry ", style="bold reverse red")
+            text.append(f"  {self.app.store_problem}", style="bold red")
+            self.query_one("#topbar", Static).update(text)
+
     def _render_topbar(self, snap: Snapshot) -> None:
         text = Text()
         text.append(" Cherry ", style="bold reverse red")
+        if self.app.store_problem:  # the runs below are the last ones read
+            text.append(f"  {self.app.store_problem} ·", style="bold red")
         busy, slots = snap.busy_slots
         workers = (
             f"{snap.live_workers} worker{'s' if snap.live_workers != 1 else ''} ({busy}/{slots} busy)"
