@@ -301,7 +301,7 @@ def test_a_rank_that_dies_ends_the_run_instead_of_leaving_it_waiting(tiny_model_
         while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert list((out / "checkpoints").glob("step-*")), "the run did not reach its first checkpoint"
-        found = subprocess.run(["pgrep", "-f", f"engine.distributed .*{out}"], capture_output=True, text=True)
+        found = subprocess.run(["pgrep", "-f", f"engine.rank .*{out}"], capture_output=True, text=True)
         os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
         output, _ = proc.communicate(timeout=60)
     finally:
