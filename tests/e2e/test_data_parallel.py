@@ -330,7 +330,7 @@ def test_every_method_runs_sharded_on_two_processes(preset, tmp_path, monkeypatc
 
     monkeypatch.setenv("CHERRY_DIST_TIMEOUT", "120")
     settings = ["num_samples=2", "kl_samples=2", "max_steps=2", "eval_steps=1", "sample_steps=1", "save_steps=1"]
-    settings += ["eval_max_examples=8", "batch_size=2", "num_processes=2", "parallelism=fsdp"]
+    settings += ["eval_max_examples=8", "batch_size=2", "num_processes=2", "parallelism=fsdp", "num_threads=1"]
     reporter = MemoryReporter()
     summary = train(resolve_spec(str(demo_dir() / f"{preset}.yaml"), settings), tmp_path / preset, reporter)
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["parallelism"] == "fsdp"
