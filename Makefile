@@ -23,7 +23,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/cherry demo --headless
 
 # Lint (ruff: pyflakes, import order, pycodestyle), then the whole suite, slow tests included
-# (plain `pytest` skips those for a quick loop).
+# (plain `pytest` skips those for a quick loop). pyproject's addopts run it on one pytest-xdist
+# worker per core (`-n auto`).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "slow or not slow"

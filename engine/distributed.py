@@ -1,7 +1,7 @@
 """Data-parallel runs: `num_processes: N` runs one process per rank, each on its share of every batch.
 
 How a run becomes N processes (`launch`): the process that `train()` was called in is rank 0 (it keeps
-the run's reporter and its stop check); it starts ranks 1..N-1 as `python -m engine.distributed`, each
+the run's reporter and its stop check); it starts ranks 1..N-1 as `python -m engine.rank`, each
 with its own log in `<run dir>/ranks/`, and all join one process group (gloo on the CPU, NCCL on GPUs,
 rank r on GPU r of those the run may see).
 
@@ -279,7 +279,7 @@ def start_ranks(spec, out_dir: Path, *, resume: bool, cache_dir) -> tuple[World,
     processes, logs = [], []
     for rank in range(1, size):
         log_path = folder / f"rank-{rank}.log"
-        command = [sys.executable, "-m", "engine.distributed", str(spec_file), str(out_dir), str(rank), str(size)]
+        command = [sys.executable, "-m", "engine.rank", str(spec_file), str(out_dir), str(rank), str(size)]
         command += [str(port), backend, "1" if resume else "0", str(cache_dir or "")]
         with open(log_path, "ab") as log_file:
             processes.append(
@@ -326,30 +326,3 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def _rank_main(argv: list[str]) -> None:
-    """Ranks 1..N-1: the same run, without a reporter (rank 0 reports) and without a stop check (rank 0's
-    is broadcast)."""
-    from engine.spec import load_spec_file
-    from engine.train import train_rank
-
-    spec_file, out_dir, rank, size, port, backend, resume, cache_dir = argv
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    spec = load_spec_file(Path(spec_file))
-    world = join(int(rank), int(size), "127.0.0.1", int(port), backend)
-    try:
-        train_rank(spec, Path(out_dir), world, resume=resume == "1", cache_dir=cache_dir or None)
-    except CherryError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
-    except torch.OutOfMemoryError as err:
-        print(f"out of memory on rank {rank}: {err}", file=sys.stderr, flush=True)
-        sys.exit(OOM_EXIT)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _rank_main(sys.argv[1:])

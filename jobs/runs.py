@@ -22,16 +22,16 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.data.checks import check_run_data
 from engine.errors import CherryError
-from engine.registry import ALGORITHMS
-from engine.spec import RunSpec, build_spec, resolve_paths
 from jobs.home import artifacts_root, cherry_home, new_run_id
-from jobs.queue import JobQueue
-from jobs.reporters import check_report_to
 from jobs.shared import RunIdTaken, open_store
 from jobs.store import Run, Store, files_host, this_host
+
+if TYPE_CHECKING:
+    from engine.spec import RunSpec
+    from jobs.queue import JobQueue
 
 RESUMABLE = ("failed", "cancelled", "interrupted", "pruned")
 
@@ -54,6 +54,8 @@ class Jobs:
     @property
     def queue(self) -> JobQueue:
         if self._queue is None:
+            from jobs.queue import JobQueue  # huey and redis: not for reads (`cherry ls`, `show`, `metrics`)
+
             self._queue = JobQueue(self.home)
         return self._queue
 
@@ -105,6 +107,12 @@ class Jobs:
     ) -> tuple[RunSpec, Run | None]:
         """Every check `submit` makes before it writes anything: the spec as it will be stored (a chained
         run's model is its source's output) and the run it waits for. Raises a CherryError naming the field."""
+        # The checks' imports (the data loaders, pyarrow) are paid by submissions, not by reads.
+        from engine.data.checks import check_run_data
+        from engine.registry import ALGORITHMS
+        from engine.spec import build_spec, resolve_paths
+        from jobs.reporters import check_report_to
+
         parent = self.resolve(after) if after else None
         if parent is not None:
             if parent.status in RESUMABLE:

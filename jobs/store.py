@@ -21,9 +21,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import sqlite_utils
-
 from jobs.home import HomeError, sqlite_file_error
+
+
+def _import_sqlite_utils() -> types.ModuleType:
+    """sqlite-utils imports pandas and numpy when they are installed, only to name column types for their
+    values: about 2.5 s of CPU, most of what `cherry ls` would cost. The store declares its columns and
+    writes plain Python values, so those two are hidden from that import unless something loaded them."""
+    import sys
+
+    hidden = [name for name in ("pandas", "numpy") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # importing it raises ImportError: sqlite-utils goes on without it
+    try:
+        import sqlite_utils
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+    return sqlite_utils
+
+
+sqlite_utils = _import_sqlite_utils()
 
 BUSY_TIMEOUT_S = 30.0
 # What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),

@@ -19,9 +19,23 @@ os.environ["CHERRY_HOME"] = tempfile.mkdtemp(prefix="cherry-home-")
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
+    """One torch thread per process: under pytest-xdist (`-n auto`) each worker is one process per core."""
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (slow ones, then end-to-end ones; each group in its usual order), so that
+    with several workers the short unit tests fill the gaps at the end instead of one long test running
+    alone after everything else is done."""
+
+    def expected_length(item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        return 1 if "e2e" in item.path.parts else 2
+
+    items.sort(key=expected_length)
 
 
 @pytest.fixture(scope="session")

@@ -215,13 +215,6 @@ def write_case(case: Case) -> None:
     Path(case.data_file).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def bench_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
-    """The reward of the online benchmarks, read by both sides (Cherry as `module:function`, TRL as a
-    reward function): cheap, deterministic and different from sample to sample, so advantages are not
-    all zero and every sample is trained on."""
-    return [(sum(ids) % 7) / 7.0 for ids in completion_ids]
-
-
 # --- measuring inside a child
 
 
@@ -332,7 +325,7 @@ def cherry_spec(case: Case):
             max_new_tokens=case.new_tokens,
             temperature=1.0,
             top_p=1.0,
-            rewards="engine.bench.against:bench_reward",
+            rewards="engine.bench.reward:bench_reward",
             beta=0.0,
             num_iterations=1,
         )

@@ -56,7 +56,7 @@ def _trainer(case, out_dir: str, model, tokenizer, dataset):
         SFTTrainer,
     )
 
-    from engine.bench.against import bench_reward
+    from engine.bench.reward import bench_reward
 
     args = _common_args(case, out_dir)
     if case.method in ("dpo", "kto"):

@@ -24,6 +24,9 @@ from engine.bench.against import (
 from engine.registry import is_online
 from tuiapp.cli import app as cli
 
+# One worker runs them all: `tiny_results` (both sides' child processes, all five methods) is then built once.
+pytestmark = pytest.mark.xdist_group("bench_trl")
+
 needs_trl = pytest.mark.skipif(
     find_spec("trl") is None, reason='TRL is not installed (pip install -e ".[bench]"): the comparison needs it'
 )

@@ -301,7 +301,7 @@ def test_a_rank_that_dies_ends_the_run_instead_of_leaving_it_waiting(tiny_model_
         while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert list((out / "checkpoints").glob("step-*")), "the run did not reach its first checkpoint"
-        found = subprocess.run(["pgrep", "-f", f"engine.distributed .*{out}"], capture_output=True, text=True)
+        found = subprocess.run(["pgrep", "-f", f"engine.rank .*{out}"], capture_output=True, text=True)
         os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -330,7 +330,7 @@ def test_every_method_runs_sharded_on_two_processes(preset, tmp_path, monkeypatc
 
     monkeypatch.setenv("CHERRY_DIST_TIMEOUT", "120")
     settings = ["num_samples=2", "kl_samples=2", "max_steps=2", "eval_steps=1", "sample_steps=1", "save_steps=1"]
-    settings += ["eval_max_examples=8", "batch_size=2", "num_processes=2", "parallelism=fsdp"]
+    settings += ["eval_max_examples=8", "batch_size=2", "num_processes=2", "parallelism=fsdp", "num_threads=1"]
     reporter = MemoryReporter()
     summary = train(resolve_spec(str(demo_dir() / f"{preset}.yaml"), settings), tmp_path / preset, reporter)
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["parallelism"] == "fsdp"
