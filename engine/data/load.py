@@ -83,7 +83,7 @@ def _load_dir(path: Path, split: str, max_rows: int | None) -> list[dict]:
     if len(files) == 1 and not hub_layout:
         return _load_file(files[0])
     # The Hub's repository layout (README configs, per-split files): read as its hub id would be.
-    from engine.data.sources import load_with_datasets
+    from engine.data.hub import load_with_datasets
 
     return _dataset_rows(load_with_datasets(str(path), None, split), max_rows)
 

@@ -15,12 +15,12 @@ import json
 import math
 import os
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.data.hub import load_with_datasets
 from engine.data.load import DATA_FILE_SUFFIXES, load_rows, plain
 from engine.errors import DataError, SpecError, first_line
 from engine.spec import looks_local
@@ -206,79 +206,6 @@ def is_hub_layout(path: Path) -> bool:
 
 def _is_saved(path: Path) -> bool:
     return any((path / name).exists() for name in ("dataset_dict.json", "state.json"))
-
-
-def _base_split(split: str) -> str:
-    return re.split(r"[\[+]", split, maxsplit=1)[0].strip()  # "train[:10%]" reads split "train"
-
-
-def _config_names(path: str) -> list[str]:
-    try:
-        import datasets
-
-        return list(datasets.get_dataset_config_names(path))
-    except Exception:  # noqa: BLE001 - only used to say what exists
-        return []
-
-
-def _builder(path: str, config: str | None, data_files: Any) -> Any:
-    import datasets
-
-    try:
-        return datasets.load_dataset_builder(path, name=config, data_files=data_files)
-    except Exception as exc:  # noqa: BLE001 - any builder failure is a user-facing data error
-        configs = _config_names(path)
-        if config is not None and configs and config not in configs:
-            raise DataError(
-                f"dataset {path} has no config '{config}'; its configs are: {', '.join(configs)} "
-                "(set dataset_config, or a mixture source's name, to one of them)"
-            ) from exc
-        if config is None and len(configs) > 1:
-            raise DataError(
-                f"dataset {path} has several configs ({', '.join(configs)}); choose one with dataset_config"
-            ) from exc
-        local = Path(path).expanduser().exists()
-        raise DataError(
-            f"could not load '{path}'{f' (config {config})' if config else ''} with datasets ({first_line(exc)}); "
-            + (
-                "check the directory's README.md configs and data files"
-                if local
-                else "check the id and that this machine can reach the hub, or download it and pass the local directory"
-            )
-        ) from exc
-
-
-def _splits_of(builder: Any) -> list[str]:
-    files = getattr(builder.config, "data_files", None)
-    if files:
-        return [str(s) for s in files]
-    splits = getattr(builder.info, "splits", None)
-    return [str(s) for s in splits] if splits else []
-
-
-def load_with_datasets(
-    path: str, config: str | None, split: str, data_files: Any = None, *, streaming: bool = False
-) -> Any:
-    """A hub dataset's (or a Hub-layout directory's) split as a `datasets.Dataset` (memory-mapped), or an
-    IterableDataset when `streaming` (the submit-time check reads only its first rows)."""
-    import datasets
-
-    builder = _builder(path, config, data_files)
-    splits = _splits_of(builder)
-    if splits and _base_split(split) not in splits:
-        raise DataError(
-            f"dataset {path}{f' (config {builder.config.name})' if config else ''} has no split '{split}'; "
-            f"its splits are: {', '.join(splits)} (set dataset_train_split / dataset_test_split to one of them)"
-        )
-    bars_were_on = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
-    try:
-        return datasets.load_dataset(path, name=config, split=split, data_files=data_files, streaming=streaming)
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"could not read split '{split}' of {path} ({first_line(exc)})") from exc
-    finally:
-        if bars_were_on:
-            datasets.utils.logging.enable_progress_bar()
 
 
 def _load_saved(path: Path, split: str) -> Any:
