@@ -47,15 +47,34 @@ def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
+def shard_options(world: World, device: torch.device, compute: torch.dtype) -> dict:
+    """`fully_shard`'s keyword arguments for a run on `device` computing in `compute`.
+
+    The mesh is on the run's own device type: FSDP's default mesh is on the machine's accelerator, so a
+    CPU run on a machine with a GPU would otherwise move its shards to GPU 0. Under mixed precision the
+    gathered weights are cast to `compute` once per unit (gradients are summed in fp32): left to autocast,
+    each unit's bf16 casts stay alive until the backward, a bf16 copy of the whole model on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    options: dict = {"mesh": init_device_mesh(device.type, (world.size,))}
+    if compute != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    return options
+
+
+def shard_model(
+    model: torch.nn.Module, world: World, device: torch.device, compute: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """Shard `model` in place over the world's ranks (every rank calls it with the same weights)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from engine.logprobs import use_model_forward
 
+    options = shard_options(world, device, compute)
     for unit in _units(model):
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             # Sum, not mean, across ranks; forced to a plain sum because gloo lacks the scaled-sum op.
