@@ -92,15 +92,17 @@ FAILED=0
 step() {
   local name="$1"; shift
   local started ended rc detail
-  started=$(date +%s.%N)
+  started=$(date +%s%N)
   "$@" > "$OUT/$name.log" 2>&1
   rc=$?
-  ended=$(date +%s.%N)
+  ended=$(date +%s%N)
+  local seconds
+  seconds="$(( (ended - started) / 1000000000 )).$(( (ended - started) / 100000000 % 10 ))"
   detail="$(grep -E '^\{' "$OUT/$name.log" | tail -1 | cut -c1-300)"
   if [ $rc = 0 ]; then
-    printf 'PASS %-18s %7.1fs %s\n' "$name" "$(echo "$ended - $started" | bc)" "$detail"
+    printf 'PASS %-18s %6ss %s\n' "$name" "$seconds" "$detail"
   else
-    printf 'FAIL %-18s %7.1fs see %s\n' "$name" "$(echo "$ended - $started" | bc)" "$OUT/$name.log"
+    printf 'FAIL %-18s %6ss see %s\n' "$name" "$seconds" "$OUT/$name.log"
     FAILED=1
   fi
   return $rc
