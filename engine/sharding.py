@@ -171,11 +171,19 @@ def clip_sharded_gradients(parameters: list[torch.nn.Parameter], max_norm: float
     """Clip by the global norm when some gradients are shards (summed squares over the ranks) and others are
     whole and equal on every rank (a value model's): returns the norm before clipping."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    shard_squares = sum(float(g.to_local().double().pow(2).sum()) for g in grads if is_shard(g))
-    whole_squares = sum(float(g.double().pow(2).sum()) for g in grads if not is_shard(g))
+    shard_squares = _sum_of_squares([g.to_local() for g in grads if is_shard(g)])
+    whole_squares = _sum_of_squares([g for g in grads if not is_shard(g)])
     norm = (world.sum([shard_squares])[0] + whole_squares) ** 0.5
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
         for g in grads:
             g.mul_(scale)
     return norm
+
+
+def _sum_of_squares(tensors: list[torch.Tensor]) -> float:
+    """The tensors' summed squares in float64, read back to the host once (not once per tensor: a GPU
+    would otherwise wait for hundreds of reads a step)."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack([t.double().pow(2).sum() for t in tensors]).sum())
