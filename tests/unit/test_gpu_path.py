@@ -95,9 +95,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_test_suite_hides_gpus_unless_it_selects_the_gpu_tests():
+def test_the_test_suite_hides_gpus_unless_it_selects_the_gpu_tests(request):
     # tests/conftest.py: recorded CPU numbers and 2-process runs would otherwise run on GPU 0 in bf16
+    if "gpu" in (request.config.getoption("markexpr") or "").replace("not gpu", ""):
+        pytest.skip("this session selected the CUDA tests: GPUs stay visible")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert not torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------- the worker
@@ -255,3 +258,24 @@ def test_prepare_scoring_and_precomputed_reference_are_split_over_ranks(tmp_path
     expected = [[float(i), i + 0.5] for i in range(10)]
     assert ranks[0]["train_table"] == ranks[1]["train_table"] == expected
     assert (tmp_path / "ref.safetensors").exists()  # rank 0 wrote the cache
+
+
+def test_a_sharded_bf16_run_trains_under_the_mixed_precision_policy(tiny_model_dir, tiny_pairs, tmp_path):
+    """fsdp in bf16 on 2 gloo processes (the policy casts each unit's gathered weights to bf16) follows the
+    one-process bf16 run with the global batch, to bf16's precision."""
+    from engine.reporting import MemoryReporter
+    from engine.train import train
+    from tests.e2e.test_train import dpo_spec
+
+    quiet = dict(
+        eval_steps=0, sample_steps=0, eval_split=0.0, warmup_ratio=0.0, save_steps=100, max_steps=3, dtype="bf16"
+    )
+    one, two = MemoryReporter(), MemoryReporter()
+    train(dpo_spec(tiny_model_dir, tiny_pairs, batch_size=8, **quiet), tmp_path / "one", one)
+    summary = train(
+        dpo_spec(tiny_model_dir, tiny_pairs, batch_size=4, num_processes=2, parallelism="fsdp", **quiet),
+        tmp_path / "two",
+        two,
+    )
+    assert summary["dtype"] == "bfloat16" and summary["world_size"] == 2
+    assert two.series("train/loss") == pytest.approx(one.series("train/loss"), abs=2e-2)
