@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench clean-venv wheelhouse gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,15 @@ bench: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels for a GPU machine without network (README "GPUs"): everything Cherry and the GPU check need
+# except torch, for CPython $(WHEEL_PYTHON) on manylinux x86_64. WHEELHOUSE_SKIP: distributions the
+# target already has (comma-separated), to stay small.
+WHEEL_PYTHON ?= 3.12
+WHEELHOUSE_SKIP ?=
+wheelhouse: $(VENV)/.installed
+	$(PY) scripts/wheelhouse.py --dest wheelhouse --python-version $(WHEEL_PYTHON) --skip "$(WHEELHOUSE_SKIP)"
+
+# On the GPU machine (CUDA torch, no network): scripts/gpu-check.sh; here, the plan and the wheelhouse check.
+gpu-check:
+	scripts/gpu-check.sh --dry-run

@@ -193,8 +193,14 @@ def merge_metric_sums(per_rank: list[tuple[dict, dict]]) -> tuple[dict, dict]:
 
 
 def rank_device(device: torch.device, world: World) -> torch.device:
-    """Rank r computes on GPU r of those the process may see; CPU ranks share the CPU."""
-    if device.type != "cuda" or not world.active:
+    """Rank r computes on GPU r of those the process may see; CPU ranks share the CPU. One process on
+    `cuda:N` makes GPU N its current device, so whatever uses the current device (PEFT loading an adapter,
+    a library's own allocations) lands there too, not on GPU 0."""
+    if device.type != "cuda":
+        return device
+    if not world.active:
+        if device.index is not None:
+            torch.cuda.set_device(device)
         return device
     if world.size > torch.cuda.device_count():
         raise CherryError(

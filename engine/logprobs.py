@@ -317,46 +317,66 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         device_type, enabled, dtype = ctx.autocast
-        for start in range(0, hidden.shape[0], ctx.step):
-            end = start + ctx.step
-            if start in ctx.kept:
-                h, chunk_logps = ctx.kept.pop(start)
-            elif ctx.head.plain_linear and not enabled:
-                # Backpropagate to the head's output only, then do the linear's backward by hand so the
-                # weight gradient accumulates in place (no [V, H] temporary per chunk).
-                h = hidden[start:end]
-                raw = torch.nn.functional.linear(h, ctx.head.module.weight, ctx.head.module.bias).requires_grad_()
-                with torch.enable_grad():
-                    logits = ctx.head.post_process(raw, ctx.temperature)
-                    chunk_logps = ctx.head.logps_of(logits, targets[start:end])[0]
-                (grad_raw,) = torch.autograd.grad(chunk_logps, raw, grad_logps[start:end])
-                del logits, chunk_logps, raw
+        # One autocast context for every chunk (the forward's, re-entered: backward runs where autocast is
+        # off): the head's weight is cast to the compute dtype once and cached, not once per chunk.
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            for start in range(0, hidden.shape[0], ctx.step):
+                end = start + ctx.step
+                if start in ctx.kept:
+                    h, chunk_logps = ctx.kept.pop(start)
+                elif ctx.head.plain_linear:
+                    _linear_chunk_backward(
+                        ctx,
+                        hidden[start:end],
+                        targets[start:end],
+                        grad_logps[start:end],
+                        grad_hidden[start:end] if need_hidden else None,
+                        params,
+                        need_params,
+                        grad_params,
+                    )
+                    continue
+                else:
+                    with torch.enable_grad():
+                        h = hidden[start:end].detach().requires_grad_(need_hidden)
+                        chunk_logps = ctx.head.token_logps(h, targets[start:end], ctx.temperature)[0]
+                wrt = ([h] if need_hidden else []) + [p for p, need in zip(params, need_params) if need]
+                grads = list(torch.autograd.grad(chunk_logps, wrt, grad_logps[start:end]))
+                del chunk_logps
                 if need_hidden:
-                    grad_hidden[start:end] = grad_raw @ ctx.head.module.weight
-                for i, (p, need) in enumerate(zip(params, need_params)):
-                    if not need:
-                        continue
-                    if grad_params[i] is None:
-                        grad_params[i] = torch.zeros_like(p)
-                    if i == 0:  # nn.Linear registers its weight first, then its bias
-                        grad_params[i].addmm_(grad_raw.t(), h)
-                    else:  # the bias
-                        grad_params[i].add_(grad_raw.sum(0))
-                continue
-            else:
-                with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                    h = hidden[start:end].detach().requires_grad_(need_hidden)
-                    chunk_logps = ctx.head.token_logps(h, targets[start:end], ctx.temperature)[0]
-            wrt = ([h] if need_hidden else []) + [p for p, need in zip(params, need_params) if need]
-            grads = list(torch.autograd.grad(chunk_logps, wrt, grad_logps[start:end]))
-            del chunk_logps
-            if need_hidden:
-                grad_hidden[start:end] = grads.pop(0)
-            for i, need in enumerate(need_params):
-                if need:
-                    g = grads.pop(0)
-                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+                    grad_hidden[start:end] = grads.pop(0)
+                for i, need in enumerate(need_params):
+                    if need:
+                        g = grads.pop(0)
+                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
         return (grad_hidden, None, None, None, None, None, *grad_params)
+
+
+def _linear_chunk_backward(ctx, h, targets, grad_logps, grad_hidden, params, need_params, grad_params) -> None:
+    """A plain linear head's backward for one chunk: autograd to the head's output only, then the linear's
+    backward by hand, so the weight gradient goes straight into one fp32 accumulator (no fp32 [V, H]
+    gradient per chunk). Under autocast (the caller's context) the product is computed in the compute
+    dtype from the cached cast weight and added in fp32: the same numbers autograd gives."""
+    weight, bias = ctx.head.module.weight, ctx.head.module.bias
+    raw = torch.nn.functional.linear(h, weight, bias).requires_grad_()
+    with torch.enable_grad():
+        logits = ctx.head.post_process(raw, ctx.temperature)
+        chunk_logps = ctx.head.logps_of(logits, targets)[0]
+    (grad_raw,) = torch.autograd.grad(chunk_logps, raw, grad_logps)
+    del logits, chunk_logps, raw
+    if grad_hidden is not None:
+        grad_hidden.copy_(grad_raw @ weight)
+    for i, (p, need) in enumerate(zip(params, need_params)):
+        if not need:
+            continue
+        if grad_params[i] is None:
+            grad_params[i] = torch.zeros_like(p)
+        if i > 0:  # the bias (nn.Linear registers its weight first)
+            grad_params[i].add_(grad_raw.sum(0))
+        elif grad_raw.dtype == grad_params[i].dtype:
+            grad_params[i].addmm_(grad_raw.t(), h)
+        else:
+            grad_params[i].add_(grad_raw.t() @ h)
 
 
 def chunked_head_logps(

@@ -43,16 +43,23 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the run's own GPU has bf16 tensor cores (compute capability 8.0, Ampere, and later). torch's
+    `is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4: slow, and attention falls
+    back to its quadratic-memory kernel), and asks about the current GPU rather than the run's."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The compute dtype a run asks for (its matmuls); trainable weights stay fp32 whatever this is (`Precision`)."""
     if requested == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and has_native_bf16(device):
             return torch.bfloat16
         return torch.float32
-    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and device.type == "cuda" and not has_native_bf16(device):
         raise ModelError(
-            "dtype bf16 is not supported on this GPU; use --set dtype=fp16 (mixed precision with loss scaling) "
-            "or --set dtype=fp32"
+            f"dtype bf16 has no tensor cores on this GPU ({torch.cuda.get_device_name(device)}); "
+            "use --set dtype=fp16 (mixed precision with loss scaling) or --set dtype=fp32"
         )
     if requested == "fp16" and device.type != "cuda":
         raise ModelError(

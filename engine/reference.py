@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from engine.distributed import World
 from engine.logprobs import completion_logps
 
 log = logging.getLogger("cherry.engine")
@@ -98,21 +99,27 @@ class PrecomputedReference:
         batch_size: int,
         device: torch.device,
         cache_file: Path | None,
+        world: World = World(),
     ) -> "PrecomputedReference":
-        cached = _read_cache(cache_file) if cache_file is not None else None
-        if cached is not None:
+        """Every rank calls it: rank 0 reads the cache (all ranks load it when it holds the table), or
+        each rank computes its share of the batches and the rows are gathered, so no rank waits alone on
+        the collective timeout while one computes the whole table. Rank 0 writes the cache."""
+        cached = _read_cache(cache_file) if cache_file is not None and world.is_main else None
+        if world.broadcast(cached is not None):
             log.info("reference log-probs: loaded from cache %s", cache_file)
-            return cls(cached)
+            return cls(cached if cached is not None else _read_cache(cache_file))
         tables = {}
         for split, examples in splits.items():
+            starts = list(range(0, len(examples), batch_size))
             rows = []
-            for start in range(0, len(examples), batch_size):
+            for start in world.shard(starts):
                 chunk = examples[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
                 sums = reference.logps(batch).float().cpu()
                 rows.append(sums.reshape(rows_per_example, len(chunk)).T)
+            rows = [table for share in world.gather(rows) for table in share]  # shards are contiguous, in order
             tables[split] = torch.cat(rows) if rows else torch.zeros(0, rows_per_example)
-        if cache_file is not None:
+        if cache_file is not None and world.is_main:
             from safetensors.torch import save_file
 
             cache_file.parent.mkdir(parents=True, exist_ok=True)

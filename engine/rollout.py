@@ -220,10 +220,20 @@ class _PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def cache_dtype(states: torch.Tensor) -> torch.dtype:
+    """The dtype the cache keeps: autocast's when it is on. Under autocast a full fine-tune's keys come out
+    fp32 (rotary embeddings multiply by fp32 tables) while values are bf16; attention casts both to bf16
+    anyway, so an fp32 key cache would only double its memory and be cast again at every step."""
+    device_type = states.device.type
+    if states.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return states.dtype
+
+
 def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
     """[batch, heads, seq, dim] -> a contiguous [batch, heads, seq + room, dim] buffer that starts with `states`."""
     batch, heads, seq, dim = states.shape
-    buffer = states.new_empty(batch, heads, seq + room, dim)
+    buffer = states.new_empty(batch, heads, seq + room, dim, dtype=cache_dtype(states))
     buffer[..., :seq, :] = states
     return buffer
 
@@ -346,7 +356,8 @@ def sample_rollout(
     started = time.time()
     completions: list[list[int]] = []
     truncated: list[bool] = []
-    per_chunk = max(1, batch_size // k)  # whole groups per generate call
+    longest = max((len(ex["prompt_ids"]) for ex in examples), default=0) + max_new_tokens
+    per_chunk = max(1, min(batch_size, decoding_rows(model, device, longest)) // k)  # whole groups per call
     try:
         for start in range(0, len(examples), per_chunk):
             prompts = [ex["prompt_ids"] for ex in examples[start : start + per_chunk]]
@@ -376,6 +387,26 @@ def sample_rollout(
         model.train(was_training)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
     return Rollout(rows, completions, texts, truncated, k, seconds=time.time() - started)
+
+
+KV_CACHE_SHARE = 0.5  # of the GPU memory free when a rollout starts, for one chunk's KV cache
+
+
+def decoding_rows(model, device: torch.device, tokens: int, free_bytes: int | None = None) -> int:
+    """How many rows' KV caches of `tokens` positions fit in a share of the GPU's free memory (rows of a
+    chunk decode together: 256 rows of 2k tokens of an 8B model would need about 100 GB). No bound off
+    the GPU, where memory is the host's and the 256-row default holds."""
+    if free_bytes is None:
+        if device.type != "cuda":
+            return 1 << 30
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    width = (dtype or next(model.parameters()).dtype).itemsize
+    per_row = 2 * config.num_hidden_layers * heads * head_dim * max(1, tokens) * width  # keys and values
+    return max(1, int(free_bytes * KV_CACHE_SHARE) // per_row)
 
 
 def score_rollout(rollout: Rollout, reward, missing_eos_penalty: float = 0.0) -> None:

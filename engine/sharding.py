@@ -47,15 +47,34 @@ def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
+def shard_options(world: World, device: torch.device, compute: torch.dtype) -> dict:
+    """`fully_shard`'s keyword arguments for a run on `device` computing in `compute`.
+
+    The mesh is on the run's own device type: FSDP's default mesh is on the machine's accelerator, so a
+    CPU run on a machine with a GPU would otherwise move its shards to GPU 0. Under mixed precision the
+    gathered weights are cast to `compute` once per unit (gradients are summed in fp32): left to autocast,
+    each unit's bf16 casts stay alive until the backward, a bf16 copy of the whole model on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    options: dict = {"mesh": init_device_mesh(device.type, (world.size,))}
+    if compute != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    return options
+
+
+def shard_model(
+    model: torch.nn.Module, world: World, device: torch.device, compute: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """Shard `model` in place over the world's ranks (every rank calls it with the same weights)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from engine.logprobs import use_model_forward
 
+    options = shard_options(world, device, compute)
     for unit in _units(model):
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             # Sum, not mean, across ranks; forced to a plain sum because gloo lacks the scaled-sum op.
@@ -152,11 +171,19 @@ def clip_sharded_gradients(parameters: list[torch.nn.Parameter], max_norm: float
     """Clip by the global norm when some gradients are shards (summed squares over the ranks) and others are
     whole and equal on every rank (a value model's): returns the norm before clipping."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    shard_squares = sum(float(g.to_local().double().pow(2).sum()) for g in grads if is_shard(g))
-    whole_squares = sum(float(g.double().pow(2).sum()) for g in grads if not is_shard(g))
+    shard_squares = _sum_of_squares([g.to_local() for g in grads if is_shard(g)])
+    whole_squares = _sum_of_squares([g for g in grads if not is_shard(g)])
     norm = (world.sum([shard_squares])[0] + whole_squares) ** 0.5
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
         for g in grads:
             g.mul_(scale)
     return norm
+
+
+def _sum_of_squares(tensors: list[torch.Tensor]) -> float:
+    """The tensors' summed squares in float64, read back to the host once (not once per tensor: a GPU
+    would otherwise wait for hundreds of reads a step)."""
+    if not tensors:
+        return 0.0
+    return float(torch.stack([t.double().pow(2).sum() for t in tensors]).sum())

@@ -17,6 +17,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["CHERRY_HOME"] = tempfile.mkdtemp(prefix="cherry-home-")
 
 
+def pytest_configure(config):
+    """The suite runs on the CPU wherever it runs: its exact comparisons were recorded in fp32 on the CPU,
+    and its 2-process runs need no GPU each. GPUs stay visible only when the marker expression selects the
+    CUDA tests (`-m gpu`); set before anything initialises CUDA, and inherited by the ranks tests start."""
+    selected = config.getoption("markexpr", "") or ""
+    if "gpu" not in selected.replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """One torch thread per process: under pytest-xdist (`-n auto`) each worker is one process per core."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from engine.distributed import World
 from engine.logprobs import CompletionLogps
 
 
@@ -34,6 +35,8 @@ class Models:
     reference: Any = None  # engine.reference.Reference, when the algorithm needs one
     value: torch.nn.Module | None = None  # PPO's value model (trained with the policy)
     judge: Any = None  # online DPO's LLM judge (engine.rewards)
+    world: World = field(default_factory=World)  # the run's processes: prepare splits its scoring over them
+    lockstep: bool = False  # a sharded policy: every rank runs the same passes (`World.micro_shards`)
 
 
 @dataclass

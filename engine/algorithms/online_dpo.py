@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from engine.algorithms.base import Algorithm, completion_metrics, metric_sums
-from engine.algorithms.online_rows import micro_batches, rollout_metrics
+from engine.algorithms.online_rows import across_ranks, micro_batches, rollout_metrics
 from engine.batching import collate_completions
 from engine.logprobs import completion_logps
 from engine.losses.dpo import dpo_loss
@@ -118,15 +118,17 @@ class OnlineDPO(Algorithm):
 
     @torch.no_grad()
     def _reference_logps(self, pairs, models):
-        for chunk in micro_batches(pairs, self.spec):
+        def score_pairs(chunk):
             batch = {k: v.to(models.device) for k, v in self.collate(chunk, models.tokenizer.pad_token_id).items()}
             with models.reference.model() as ref:
                 sums = completion_logps(
                     ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], self.spec.temperature
-                ).sums
+                ).sums.tolist()  # one host sync per micro-batch
             n = len(chunk)
-            for i, pair in enumerate(chunk):
-                pair["ref_chosen"], pair["ref_rejected"] = sums[i].item(), sums[n + i].item()
+            return [(sums[i], sums[n + i]) for i in range(n)]
+
+        for pair, (chosen, rejected) in zip(pairs, across_ranks(models, micro_batches(pairs, self.spec), score_pairs)):
+            pair["ref_chosen"], pair["ref_rejected"] = chosen, rejected
 
     def collate(self, rows, pad_id):
         prompts = [r["prompt_ids"] for r in rows]

@@ -14,6 +14,7 @@ import torch
 
 from engine.algorithms.base import Models
 from engine.batching import collate_completions, collate_shared_prompts
+from engine.distributed import World
 from engine.logprobs import CompletionLogps, completion_logps, shared_prompt_logps
 from engine.rollout import Rollout
 
@@ -53,17 +54,42 @@ def token_logps(
     return values, mask, out
 
 
+def across_ranks(models: Models, chunks: list[list], score_rows) -> list:
+    """`score_rows(rows) -> one result per row` over every row of `chunks` (the update's global
+    micro-batches), each rank scoring only its share of each chunk (the rows it will train on in the
+    update's first pass), the results gathered back in the rows' order. Every rank calls it with the same
+    chunks; a sharded policy's ranks run a filler where their share is empty, as the update does."""
+    world = models.world
+    mine: list = []
+    for chunk in chunks:
+        for rows, counts in world.micro_shards([chunk], models.lockstep):
+            results = score_rows(rows)
+            if counts:
+                mine.extend(results)
+    if not world.active:
+        return mine
+    per_rank, taken, out = world.gather(mine), [0] * world.size, []
+    for chunk in chunks:
+        for rank in range(world.size):
+            n = len(World(rank, world.size).shard(chunk))
+            out.extend(per_rank[rank][taken[rank] : taken[rank] + n])
+            taken[rank] += n
+    return out
+
+
 @torch.no_grad()
 def per_row(algo, rows: list[dict], models: Models, score) -> list[torch.Tensor]:
     """`score(batch) -> ([B, T] values, [B, T] mask)` for every row, as one 1-D tensor per row, computed
     in the micro-batches the update will use (so the first update step recomputes exactly the same
-    numbers: the PPO ratio starts at exactly 1)."""
-    out: list[torch.Tensor] = []
-    for chunk in micro_batches(rows, algo.spec):
+    numbers: the PPO ratio starts at exactly 1), each rank scoring its own share (`across_ranks`)."""
+
+    def score_rows(chunk: list[dict]) -> list[torch.Tensor]:
         batch = {k: v.to(models.device) for k, v in algo.collate(chunk, models.tokenizer.pad_token_id).items()}
         values, mask = score(batch)
-        out.extend(values[i, mask[i]].float().cpu() for i in range(values.shape[0]))
-    return out
+        values, mask = values.float().cpu(), mask.cpu()  # one copy to the host per micro-batch, not per row
+        return [values[i, mask[i]] for i in range(values.shape[0])]
+
+    return across_ranks(models, micro_batches(rows, algo.spec), score_rows)
 
 
 def sample_logps(algo, model_ctx, rows: list[dict], models: Models) -> list[torch.Tensor]:

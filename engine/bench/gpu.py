@@ -7,13 +7,17 @@ vocabulary); nothing is downloaded. The run uses the training engine's own piece
 
 - tokens/s of a DPO step (policy forward + backward, frozen bf16 reference forward, AdamW) and of a
   GRPO step's rollout and update;
-- model FLOPs utilisation, MFU = 6 x params x trained tokens/s / the GPU's peak dense bf16 FLOP/s
-  (6 = forward 2 + backward 4 FLOPs per parameter per token; attention FLOPs are not counted, so
-  this is a slight underestimate);
+- model FLOPs utilisation, MFU = the work that runs per second / the GPU's peak dense bf16 FLOP/s.
+  The work of a batch (`train_flops`; 6 = forward 2 + backward 4 FLOPs per weight per position):
+  6 x the body's weights at every position, 6 x the LM head's weights at completion positions only
+  (the chunked head runs nowhere else; embedding lookups cost nothing), and causal attention's
+  6 x layers x hidden x the positions each one attends to. The frozen reference's forward is not
+  counted;
 - peak GPU memory;
 - the weight-update check: the same DPO steps at lr 1e-6 from the same start in fp32 and in bf16
   mixed precision move the weights by about the same amount in about the same direction (cosine
-  of the two weight deltas, ratio of their norms).
+  of the two weight deltas, ratio of their norms); it passes within `UPDATE_CHECK` and the command
+  exits 1 when it does not.
 
 `tiny=True` (`--dry-run`) runs the same code on a tiny config, on the CPU when there is no GPU.
 """
@@ -26,15 +30,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.batching import collate_preference
+from engine.batching import collate_completions, collate_preference
 from engine.bench.dpo import dpo_step_loss
 from engine.bench.grpo import _Tokenizer, grpo_update
 from engine.logprobs import completion_logps
 from engine.models import Precision
 from engine.rollout import sample_rollout
 
-# Peak dense bf16 tensor FLOP/s (no sparsity) by a name the GPU reports; the first match wins.
+# Peak dense bf16 tensor FLOP/s (no sparsity) by a name the GPU reports; the first match wins, so a
+# variant comes before its family (an H100 PCIe or NVL is slower than the SXM part).
 PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H200", 989e12),
     ("H100", 989e12),
     ("H800", 989e12),
@@ -111,9 +118,34 @@ def peak_bf16_flops(gpu_name: str) -> float | None:
     return None
 
 
-def mfu(params: int, tokens_per_s: float, peak_flops: float | None) -> float | None:
-    """6 x params x tokens/s over the GPU's peak: the fraction of the GPU the training FLOPs use."""
-    return None if not peak_flops else 6 * params * tokens_per_s / peak_flops
+# The weight-update check passes when bf16 mixed precision moves the weights in about fp32's direction
+# (cosine of the two deltas at least this) by about as much (their norms' ratio within this range).
+UPDATE_CHECK = {"min_cosine": 0.9, "norm_ratio": (0.8, 1.25)}
+
+
+def update_check_passes(check: dict) -> bool:
+    low, high = UPDATE_CHECK["norm_ratio"]
+    return check["cosine"] >= UPDATE_CHECK["min_cosine"] and low <= check["norm_ratio"] <= high
+
+
+def train_flops(config, params: int, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> float:
+    """Model FLOPs of one forward and backward of a right-padded batch by a model of `params` weights: the
+    body's weights at every real position, the LM head's at completion positions, causal attention over
+    each position's prefix."""
+    vocab, hidden = config.vocab_size, config.hidden_size
+    head = vocab * hidden
+    body = params - head * (1 if config.tie_word_embeddings else 2)  # less the embedding and the head
+    lengths = attention_mask.sum(-1).double()
+    positions = float(lengths.sum())
+    attended = float((lengths * (lengths + 1) / 2).sum())  # position p attends to p + 1 positions
+    completions = float(completion_mask.sum())
+    # attention per layer per attended position: QK^T and AV, 2 x 2 x hidden forward, x 3 with backward
+    return 6 * body * positions + 6 * head * completions + 12 * config.num_hidden_layers * hidden * attended
+
+
+def mfu(flops_per_s: float, peak_flops: float | None) -> float | None:
+    """Model FLOP/s over the GPU's peak: the fraction of the GPU the training work uses."""
+    return None if not peak_flops else flops_per_s / peak_flops
 
 
 def build_model(cfg: GPUBenchConfig, device: torch.device):
@@ -219,8 +251,10 @@ def run(cfg: GPUBenchConfig) -> dict:
     dpo_seconds = _median(dpo_steps(policy, reference, batch, precision, cfg.steps + 1, 1e-6)[1:])  # 1 warm-up
     dpo_tokens = int(batch["attention_mask"].sum())
     dpo = {"step_seconds": dpo_seconds, "tokens_per_s": dpo_tokens / dpo_seconds}
-    # Trained tokens: the policy's forward and backward (6 N per token); the reference's forward is extra work.
-    dpo["mfu"] = mfu(params, dpo["tokens_per_s"], peak_flops)
+    # The policy's forward and backward; the reference's forward is extra work, not counted.
+    dpo_flops = train_flops(policy.config, params, batch["attention_mask"], batch["completion_mask"])
+    dpo["flops_per_token"] = dpo_flops / dpo_tokens
+    dpo["mfu"] = mfu(dpo_flops / dpo_seconds, peak_flops)
 
     generator = torch.Generator().manual_seed(cfg.seed)
     lengths = torch.randint(cfg.grpo_prompt_len // 2, cfg.grpo_prompt_len + 1, (cfg.prompts,), generator=generator)
@@ -248,13 +282,17 @@ def run(cfg: GPUBenchConfig) -> dict:
         seconds, trained = _timed(lambda: grpo_update(logps, policy, optimizer, rollout, cfg.k, device), device)
         update_times.append(seconds)
     rollout_s, update_s = _median(rollout_times[1:]), _median(update_times[1:])
+    update_batch = collate_completions(rollout.prompt_ids, rollout.completion_ids, 0)  # what grpo_update trains on
+    update_flops = train_flops(policy.config, params, update_batch["attention_mask"], update_batch["completion_mask"])
     grpo = {
         "rollout_seconds": rollout_s,
         "rollout_tokens_per_s": sampled / rollout_s,
         "update_seconds": update_s,
         "update_tokens_per_s": trained / update_s,
-        "update_mfu": mfu(params, trained / update_s, peak_flops),
+        "update_flops_per_token": update_flops / trained,
+        "update_mfu": mfu(update_flops / update_s, peak_flops),
     }
+    check["passed"] = update_check_passes(check)
     return {
         "config": asdict(cfg),
         "device": gpu_name,

@@ -114,11 +114,13 @@ def save_checkpoint(
 
 def read_checkpoint_state(checkpoint: Path, *, mmap: bool = False) -> dict:
     """state.pt as saved, read with weights_only=True (tensors and plain values; any other object in
-    the file is refused, never constructed). `mmap` maps tensors lazily onto the CPU: a cheap full check
-    of the file that allocates nothing on a GPU."""
+    the file is refused, never constructed), onto the CPU: a GPU run's state would otherwise come back
+    on the GPU that saved it (rank 0's, for every rank), and could not resume on a machine without it.
+    Loading into the optimizer moves each tensor to its parameter's device. `mmap` maps tensors lazily:
+    a cheap full check of the file."""
     path = Path(checkpoint) / "state.pt"
     try:
-        saved = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu" if mmap else None)
+        saved = torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {checkpoint} has no state.pt") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, a pickle naming code, bad bytes: all one answer
@@ -163,14 +165,10 @@ def resume_checkpoint(out_dir: Path, reporter: Reporter) -> Path | None:
     return None
 
 
-def load_extra_state(checkpoint: Path) -> dict:
-    """What `save_checkpoint(..., extra=...)` stored ({} for offline runs)."""
-    return read_checkpoint_state(checkpoint)["extra"]
-
-
-def load_training_state(checkpoint: Path, optimizer, scheduler, load_optimizer=None) -> TrainState:
-    """`load_optimizer(state)`: how this run loads the saved optimizer state (a sharded run keeps its shard)."""
-    saved = read_checkpoint_state(checkpoint)
+def load_training_state(checkpoint: Path, optimizer, scheduler, load_optimizer=None, saved=None) -> TrainState:
+    """`load_optimizer(state)`: how this run loads the saved optimizer state (a sharded run keeps its shard);
+    `saved`: the checkpoint's state.pt when the caller has read it already."""
+    saved = saved if saved is not None else read_checkpoint_state(checkpoint)
     try:
         (load_optimizer or optimizer.load_state_dict)(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -183,10 +181,12 @@ def load_training_state(checkpoint: Path, optimizer, scheduler, load_optimizer=N
         ) from None
 
 
-def restore(checkpoint: Path | None, resume: bool, optimizer, scheduler, reporter, load_optimizer=None) -> TrainState:
+def restore(
+    checkpoint: Path | None, resume: bool, optimizer, scheduler, reporter, load_optimizer=None, saved=None
+) -> TrainState:
     """The state to continue from: the checkpoint's (metrics after it are dropped), or a fresh start."""
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler, load_optimizer)
+        state = load_training_state(checkpoint, optimizer, scheduler, load_optimizer, saved)
         reporter.rewind(state.step)
         reporter.log_event("resume", f"resumed from {checkpoint.name}", step=state.step)
         return state

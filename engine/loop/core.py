@@ -41,7 +41,7 @@ from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
     TrainState,
-    load_extra_state,
+    read_checkpoint_state,
     restore,
     resume_checkpoint,
     rng_states,
@@ -167,11 +167,13 @@ class Run:
             if self.sharded
             else None
         )
+        # state.pt is read once: a second read would hold a second copy of the optimizer state
+        saved = read_checkpoint_state(self.checkpoint) if self.checkpoint is not None else None
         self.state = restore(
-            self.checkpoint, self.resume, self.optimizer, self.scheduler, self.reporter, load_optimizer
+            self.checkpoint, self.resume, self.optimizer, self.scheduler, self.reporter, load_optimizer, saved
         )
-        if self.checkpoint is not None:
-            extra = load_extra_state(self.checkpoint)
+        if saved is not None:
+            extra = saved["extra"]
             self.algo.load_state_dict(extra.get("algorithm", {}))
             if self.models.value is not None and "value" in extra:
                 self.models.value.load_state_dict(extra["value"])
@@ -321,8 +323,9 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
 
     if spec.num_threads:
         torch.set_num_threads(spec.num_threads)
-    elif world.active:  # CPU ranks share the machine's cores rather than each taking all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
+    elif world.active:  # CPU ranks share the run's cores (a worker slot's share, else the machine's)
+        cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // world.size))
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     device = rank_device(pick_device(spec.device), world)
@@ -337,11 +340,18 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code, spec.chat_template)
     policy, reference = build_models(spec, device, precision, checkpoint, algo)
     if spec.parallelism == "fsdp":
-        shard_model(policy, world)
+        shard_model(policy, world, device, precision.compute)
     save_dtype = (
         source_dtype(spec.model, spec.trust_remote_code) if spec.save_dtype == "auto" else DTYPE_NAMES[spec.save_dtype]
     )
-    models = Models(policy=policy, tokenizer=tokenizer, device=device, reference=reference)
+    models = Models(
+        policy=policy,
+        tokenizer=tokenizer,
+        device=device,
+        reference=reference,
+        world=world,
+        lockstep=spec.parallelism == "fsdp" and world.active,
+    )
     return Run(
         spec=spec,
         out_dir=out_dir,

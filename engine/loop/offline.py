@@ -73,19 +73,17 @@ def train_offline(
             ]
         )
         cache_file = Path(cache_dir) / "ref_logps" / f"{key}.safetensors" if cache_dir else None
-        if not world.is_main:
-            world.barrier()  # rank 0 fills the cache first; the other ranks then read it
-        ref_table = PrecomputedReference.build(
-            {"train": data.train, "eval": eval_split},
-            collate,
-            reference,
-            rows_per_example=algo.rows_per_example,
-            batch_size=spec.batch_size,
-            device=device,
-            cache_file=cache_file,
-        )
-        if world.is_main:
-            world.barrier()
+        with run.precision.autocast():  # as the per-batch reference computes them
+            ref_table = PrecomputedReference.build(
+                {"train": data.train, "eval": eval_split},
+                collate,
+                reference,
+                rows_per_example=algo.rows_per_example,
+                batch_size=spec.batch_size,
+                device=device,
+                cache_file=cache_file,
+                world=world,
+            )
 
     def reference_logps(batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         if ref_table is not None:

@@ -44,11 +44,37 @@ def test_dropout_is_switched_off(tiny_model_dir):
 def test_pick_dtype_refuses_what_the_device_cannot_do(monkeypatch):
     with pytest.raises(CherryError, match=r"fp16 needs a CUDA GPU.*--set dtype=bf16"):
         pick_dtype("fp16", torch.device("cpu"))  # device auto that ended up on the CPU
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(CherryError, match=r"bf16 is not supported on this GPU.*--set dtype=fp16"):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(CherryError, match=r"bf16 has no tensor cores on this GPU \(Tesla V100\).*--set dtype=fp16"):
         pick_dtype("bf16", torch.device("cuda"))
     assert pick_dtype("auto", torch.device("cuda")) == torch.float32
     assert pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 0), torch.float32), ((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_auto_dtype_is_bf16_only_where_the_runs_gpu_has_bf16_tensor_cores(monkeypatch, capability, expected):
+    # torch's is_bf16_supported() says yes on V100/T4 (emulated bf16): the choice must not follow it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert pick_dtype("auto", torch.device("cuda", 3)) == expected
+    assert asked == [torch.device("cuda", 3)]  # the run's GPU, not the current one
+
+
+def test_one_process_on_cuda_n_makes_gpu_n_current(monkeypatch):
+    from engine.distributed import World, rank_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(device))
+    assert rank_device(torch.device("cuda", 2), World()) == torch.device("cuda", 2)
+    assert current == [torch.device("cuda", 2)]
+    rank_device(torch.device("cuda"), World())  # no index: the current device is already the one used
+    rank_device(torch.device("cpu"), World())
+    assert current == [torch.device("cuda", 2)]
 
 
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_weights():

@@ -397,7 +397,15 @@ def bench_gpu(
     result = run(GPUBenchConfig.dry_run() if dry_run else GPUBenchConfig())
     if as_json:
         typer.echo(json.dumps(result, indent=2))
-        return
+    else:
+        _print_gpu_bench(result)
+    if not result["weight_update_check"]["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_gpu_bench(result: dict) -> None:
+    from engine.bench.gpu import UPDATE_CHECK
+
     cfg, dpo, grpo, check = result["config"], result["dpo"], result["grpo"], result["weight_update_check"]
     shape = "tiny dry-run model" if cfg["tiny"] else "Qwen2-0.5B shape"
     typer.echo(
@@ -405,7 +413,8 @@ def bench_gpu(
     )
     peak = result["peak_bf16_flops"]
     typer.echo(
-        "MFU = 6 x params x trained tokens/s / peak dense bf16 FLOP/s"
+        "MFU = model FLOPs/s (6 x body weights x positions + 6 x head weights x completion positions + attention) "
+        "/ peak dense bf16 FLOP/s"
         + (f" ({peak / 1e12:.0f} TFLOP/s)" if peak else " (peak unknown for this device: MFU not given)")
     )
 
@@ -425,5 +434,7 @@ def bench_gpu(
     typer.echo(f"peak GPU memory: {memory:.2f} GB" if memory is not None else "peak GPU memory: n/a (no GPU)")
     typer.echo(
         f"weight update, bf16 mixed vs fp32, {check['steps']} DPO steps at lr {check['lr']:g}: "
-        f"cosine {check['cosine']:.4f}, norm ratio {check['norm_ratio']:.4f} (1 and 1 = the same update)"
+        f"cosine {check['cosine']:.4f}, norm ratio {check['norm_ratio']:.4f} (1 and 1 = the same update): "
+        + ("PASS" if check["passed"] else "FAIL")
+        + f" (needs cosine >= {UPDATE_CHECK['min_cosine']} and a ratio in {list(UPDATE_CHECK['norm_ratio'])})"
     )
