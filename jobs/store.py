@@ -163,6 +163,11 @@ class Run:
     def ended(self) -> bool:
         return self.status in ENDED
 
+    @property
+    def waiting_for_parent(self) -> bool:
+        """Queued after another run (`--after`) that has not completed yet: it has no queue task until then."""
+        return bool(self.row.get("parent")) and self.status == "queued" and not self.row.get("task_id")
+
 
 class StoreError(HomeError):
     """The run store file cannot be used (damaged, from a newer Cherry, read-only, locked)."""

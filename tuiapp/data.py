@@ -107,7 +107,7 @@ class RunInfo:
             started_at=r.get("started_at"),
             finished_at=r.get("finished_at"),
             parent=r.get("parent"),
-            waiting=bool(r.get("parent") and run.status == "queued" and not r.get("task_id")),
+            waiting=run.waiting_for_parent,
             cancel_requested=bool(r.get("cancel_requested")),
             error=r.get("error"),
             out_dir=r.get("out_dir") or "",

@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
             _emit_json(_run_json(run))
             return
         typer.echo(run.id)
-        waiting = f" after {run.parent}" if run.parent and not run.task_id else ""
+        waiting = f" after {run.parent}" if run.waiting_for_parent else ""
         typer.echo(f"queued{waiting} in {jobs.home}; start a worker with `cherry worker` if none is running", err=True)
 
     @app.command("ls")
@@ -178,12 +178,12 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}  labels")
         for r in runs:
             progress = f"{r.step or 0}/{r.total_steps or '?'}"
-            status_text = r.status + ("*" if r.parent and r.status == "queued" and not r.task_id else "")
+            status_text = r.status + ("*" if r.waiting_for_parent else "")
             typer.echo(
                 f"{_fit(r.id, 44):44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
                 f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}  {_labels(r)}".rstrip()
             )
-        if any(r.parent and r.status == "queued" and not r.task_id for r in runs):
+        if any(r.waiting_for_parent for r in runs):
             typer.echo("* waiting for the run it was chained after (--after)")
 
     @app.command()

@@ -687,7 +687,7 @@ class NewRunScreen(Screen[str | None]):
             return
         finally:
             jobs.close()
-        self.app.call_from_thread(self._submitted_ok, run.id, bool(run.parent and not run.task_id))
+        self.app.call_from_thread(self._submitted_ok, run.id, run.waiting_for_parent)
 
     @work(thread=True, exclusive=True, group="submit")
     def _submit_sweep(self, sweep) -> None:
