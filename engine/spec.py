@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from engine.errors import SpecError
+from engine.limits import check_limits, load_yaml, load_yaml_file
 from engine.registry import ALGORITHM_NAMES, ALGORITHMS, is_online
 from engine.rewards.sources import JUDGE_PLACEHOLDERS, parse_reward_source  # torch-free: the grammar only
 
@@ -183,6 +184,8 @@ class RunSpec:
     # Also log to: tensorboard (event files in the run directory), wandb (when installed). Front ends
     # build these reporters; the engine only ever sees the Reporter interface.
     report_to: str | list[str] = default("report_to")
+    # --- bounds on user code (engine/limits.py)
+    reward_timeout: float = default("reward_timeout")  # seconds per reward-function call; 0 = no limit
     # Written by Cherry, not set by users: settings it chose to follow one you set (resolve_spec), e.g.
     # "max_prompt_length=64: ...". Kept in the spec so the run's start event can say so.
     defaults_followed: list[str] | None = None
@@ -300,7 +303,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if key in VERBATIM_FIELDS:
         return key, raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -504,6 +507,7 @@ def check_values(spec: RunSpec) -> None:
     ):
         need(getattr(spec, name) >= 0, f"{name} must be >= 0 (got {getattr(spec, name)})")
     check_online_values(spec, need)
+    check_limits(spec)
     for check in algorithm.checks:  # each method's own rules (engine/registry.py)
         message = check(spec)
         need(message is None, message or "")
@@ -609,7 +613,7 @@ def list_presets() -> list[tuple[str, str]]:
     for path in sorted(presets_dir().glob("*.yaml")):
         if path.name.startswith("_"):  # shared bases, not presets of their own
             continue
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_file(path) or {}
         out.append((path.stem, str(data.get("description", ""))))
     return out
 
@@ -632,7 +636,7 @@ def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset's values, merged over its `base` preset's (a variant lists only what it changes)."""
     path = preset_path(name)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_file(path, f"preset {path}") or {}
     except yaml.YAMLError as err:
         raise SpecError(f"preset {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -657,7 +661,7 @@ def preset_chain(name: str) -> list[Path]:
     """The preset file followed by the files it builds on (for `cherry presets NAME`)."""
     chain = [preset_path(name)]
     while True:
-        base = (yaml.safe_load(chain[-1].read_text()) or {}).get("base")
+        base = (load_yaml_file(chain[-1]) or {}).get("base")
         if not base or len(chain) > 8:
             return chain
         chain.append(preset_path(str(chain[-1].parent / f"{base}.yaml")))
@@ -928,5 +932,5 @@ def _resolve_reward_source(source: str) -> str:
 
 
 def load_spec_file(path: Path) -> RunSpec:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml_file(path) or {}
     return build_spec(data)

@@ -291,9 +291,11 @@ class Store:
         exact = self.get_run(text)
         if exact is not None:
             return [exact]
-        pattern = f"%{text}%"
+        literal = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")  # % and _ match themselves
+        pattern = f"%{literal}%"
         rows = self.db.query(
-            "SELECT * FROM runs WHERE id LIKE ? OR name LIKE ? ORDER BY created_at", [pattern, pattern]
+            "SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\' ORDER BY created_at",
+            [pattern, pattern],
         )
         return [_run(row) for row in rows]
 

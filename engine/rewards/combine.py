@@ -3,6 +3,7 @@ safety model, the `rm:` source's score becomes Llama 2's helpfulness + safety re
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import CherryError
+from engine.limits import TimeLimitExceeded, time_limit
 from engine.rewards.builtin import exact_match_reward, length_reward, regex_reward
 from engine.rewards.functions import call_reward_function, function_needs, load_reward_function
 from engine.rewards.reward_model import RewardModelScorer, helpful_safety_scores
@@ -22,6 +24,8 @@ class RewardResult:
     components: dict[str, list[float]]  # each source's (unweighted) score, keyed by Reward.names
     extras: dict[str, list[float]] = field(default_factory=dict)  # raw helpful/safety scores when combined
 
+
+log = logging.getLogger("cherry.rewards")
 
 ScoreFn = Callable[[list[str], list[str], list[list[int]], list[list[int]], dict[str, list]], list[float]]
 
@@ -36,11 +40,16 @@ class RewardSource:
     needs: set[str] = field(default_factory=set)
 
 
-def _function_source(entry: str, fn: Callable[..., Any]) -> ScoreFn:
+def _function_source(entry: str, fn: Callable[..., Any], timeout: float | None = None) -> ScoreFn:
     def score(prompts, completions, prompt_ids, completion_ids, columns):
         kwargs = {k: v for k, v in columns.items() if k not in ("prompts", "completions")}
         kwargs["completion_ids"] = completion_ids
-        return call_reward_function(entry, fn, prompts, completions, kwargs)
+        try:
+            with time_limit(timeout, f"reward '{entry}'"):
+                return call_reward_function(entry, fn, prompts, completions, kwargs)
+        except TimeLimitExceeded as err:  # a hung reward must not hold the run (and its worker slot) forever
+            log.warning("%s (reward_timeout); its %d completion(s) get no reward from it", err, len(completions))
+            return [0.0] * len(completions)
 
     return score
 
@@ -112,9 +121,11 @@ def build_reward(
     safety_model: str | None = None,
     safety_threshold: float = 0.15,
     batch_size: int = 16,
+    timeout: float | None = None,
 ) -> Reward:
     """Parse, load and check every source. `tokenizer` is the policy's (it decides whether a reward
-    model can read the policy's token ids directly); reward models go to `device`."""
+    model can read the policy's token ids directly); reward models go to `device`. Each call of a reward
+    function (and `regex:`) may take `timeout` seconds; past that its completions score 0.0 (logged)."""
     if isinstance(sources, str):
         sources = [sources]
     sources = list(sources)
@@ -170,7 +181,7 @@ def build_reward(
             else:
                 fn = load_reward_function(arg)
                 needs = function_needs(fn)
-            score = _function_source(entry, fn)
+            score = _function_source(entry, fn, timeout)
         built.append(RewardSource(entry=entry, kind=kind, name=name, weight=float(weight), score=score, needs=needs))
     safety = None
     if safety_model:
