@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from jobs import CherryError
-from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, echo, friendly
 from tuiapp.text import margin_stats
 
 
@@ -26,10 +26,10 @@ def _print_samples(samples: list[dict[str, Any]], limit: int) -> None:
 
     for row in samples[:limit]:
         prompt = row["prompt"].replace("\n", " ")
-        typer.echo(f"  prompt    {prompt}")
-        typer.echo(f"  reference {row['reference']!r}{mark(row.get('reference_score'))}")
-        typer.echo(f"  policy    {row['policy']!r}{mark(row.get('policy_score'))}   (answer {row.get('answer')!r})")
-        typer.echo("")
+        echo(f"  prompt    {prompt}")
+        echo(f"  reference {row['reference']!r}{mark(row.get('reference_score'))}")
+        echo(f"  policy    {row['policy']!r}{mark(row.get('policy_score'))}   (answer {row.get('answer')!r})")
+        echo("")
 
 
 def _pairs_line(samples: list[dict[str, Any]]) -> str | None:
@@ -67,7 +67,7 @@ def train(
         spec = resolve_spec(preset, set_, model=model, dataset=dataset)
     _configure_logging()
     run_dir, summary = _foreground(spec, out, resume=resume is not None)
-    typer.echo("")
+    echo("")
     _print_summary(run_dir, summary)
 
 
@@ -82,7 +82,7 @@ def _foreground(
     try:
         run_dir, summary = run_in_process(spec, out, _progress() if progress else None, resume=resume)
     except KeyboardInterrupt:
-        typer.echo(
+        echo(
             "\nquit at once (second Ctrl+C): the run is recorded as interrupted; `cherry resume RUN` continues "
             "from its last saved checkpoint",
             err=True,
@@ -91,7 +91,7 @@ def _foreground(
     if summary["status"] == "interrupted":
         _print_summary(run_dir, summary)
         run_id = local_run_id(run_dir, cherry_home())
-        typer.echo(
+        echo(
             f"interrupted at step {summary['step']}: checkpoint saved. Continue with `cherry resume {run_id}` "
             f"(needs `cherry worker`) or `cherry train --resume {run_dir}`",
             err=True,
@@ -107,16 +107,16 @@ def _configure_logging() -> None:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    typer.echo(
+    echo(
         f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps in {summary['wall_seconds']:.0f}s "
         f"({summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB)"
     )
     for name in sorted(summary["before"]):
         if name in summary["final"]:
-            typer.echo(f"  {name}: {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
-    typer.echo(f"run directory: {run_dir}")
+            echo(f"  {name}: {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
+    echo(f"run directory: {run_dir}")
     if summary.get("final_dir"):
-        typer.echo(f"final weights: {summary['final_dir']}")
+        echo(f"final weights: {summary['final_dir']}")
 
 
 @friendly
@@ -155,7 +155,7 @@ def score(
     scored, summary = score_dataset(data, reward_scorer(model, tokenizer, batch_size, safety, safety_threshold))
     if out is not None:
         out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
-    typer.echo(json.dumps(summary, indent=2))
+    echo(json.dumps(summary, indent=2))
 
 
 @friendly
@@ -167,7 +167,7 @@ def export(
     """Write a run's final weights as a model loadable with AutoModelForCausalLM.from_pretrained."""
     from engine.export import export_run
 
-    typer.echo(f"exported to {export_run(run_dir, out, merge=merge)}")
+    echo(f"exported to {export_run(run_dir, out, merge=merge)}")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -182,11 +182,11 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show this preset's 
         chain = preset_chain(name)
         for i, path in enumerate(chain):
             if i:
-                typer.echo(f"\n# ---- inherited from {path.stem} (values above take precedence) ----")
-            typer.echo(path.read_text().rstrip())
+                echo(f"\n# ---- inherited from {path.stem} (values above take precedence) ----")
+            echo(path.read_text().rstrip())
         return
     for preset_name, description in list_presets():
-        typer.echo(f"{preset_name:12s} {description}")
+        echo(f"{preset_name:12s} {description}")
 
 
 # ----------------------------------------------------------------------------- demo
