@@ -395,3 +395,28 @@ def test_control_characters_are_escaped_for_the_terminal():
     assert safe_text("a\x1b]52;c;ZXZpbA==\x07b\x9b2J\u202e") == "a\\x1b]52;c;ZXZpbA==\\x07b\\x9b2J\\u202e"
     assert safe_text("two\nlines\tand a tab") == "two\nlines\tand a tab"
     assert safe_data({"k\x1b": ["\x1b[31m"]}) == {"k\\x1b": ["\\x1b[31m"]}
+
+
+def test_cli_show_ls_and_logs_escape_what_runs_wrote(home):
+    from typer.testing import CliRunner
+
+    from jobs.shared import open_store
+    from tuiapp.cli import app
+
+    run_id = "20260101-000000-evil"
+    evil = "evil\x1b]0;pwned\x07\x1b[2J"
+    (home / run_id).mkdir()
+    (home / run_id / "log.txt").write_text(f"line one\n{evil}\n")
+    store = open_store(home)
+    try:
+        store.create_run(run_id, {"algorithm": "sft", "name": evil}, name=evil, out_dir=str(home / run_id))
+        store.add_event(run_id, "note", f"event {evil}")
+        store.set_status(run_id, "failed", error=f"error {evil}")
+    finally:
+        store.close()
+    runner = CliRunner()
+    for command in (["ls"], ["show", run_id], ["logs", run_id], ["logs", run_id, "--events"], ["show", evil]):
+        result = runner.invoke(app, command)
+        output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert "\x1b" not in output and "\x07" not in output, (command, output)
+    assert "evil\\x1b]0;pwned\\x07" in runner.invoke(app, ["show", run_id]).output

@@ -317,6 +317,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """The run's log (its process output) or its events; failures show the error first."""
+        from jobs.home import runs_root
+        from jobs.trust import RUN_ID_PATTERN
         from jobs.worker import log_tail
 
         jobs = _jobs()
@@ -329,7 +331,8 @@ def register(app: typer.Typer) -> None:
                 echo(f"{stamp} [{event['kind']}] {event['message']}")
             return
         streamed = "\n".join(jobs.store.log_text(r.id).splitlines()[-lines:])  # a run on another host
-        text = (r.out_dir and log_tail(Path(r.out_dir) / "log.txt", lines)) or streamed or r.log_tail
+        local = runs_root(jobs.home, jobs.store.shared) / r.id / "log.txt"  # derived from the id, not the row
+        text = (RUN_ID_PATTERN.fullmatch(r.id) and log_tail(local, lines)) or streamed or r.log_tail
         echo(text or f"(no log yet: {r.id} is {r.status})")
 
     @app.command()
