@@ -81,10 +81,15 @@ def load_yaml(text: str, where: str) -> Any:
         raise CherryError(
             f"{where} is {len(text):,} characters; YAML files Cherry reads are at most {YAML_MAX_BYTES:,}"
         )
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if node is not None:
+    loader = yaml.SafeLoader(text)
+    try:  # one parse: the node graph is measured, then built
+        node = loader.get_single_node()
+        if node is None:
+            return None
         _expanded_size(node, {}, set(), where)
-    return yaml.safe_load(text)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_yaml_file(path: str | Path, where: str | None = None) -> Any:
