@@ -223,6 +223,15 @@ def join(rank: int, size: int, address: str, port: int, backend: str) -> World:
     return World(rank=rank, size=size)
 
 
+def loopback_only() -> dict[str, str]:
+    """Environment that keeps a one-machine run's gloo and NCCL sockets on the loopback interface (the
+    rendezvous address is 127.0.0.1 already): nothing of the run listens for other machines. A value the
+    user set wins."""
+    if not Path("/sys/class/net/lo").exists():
+        return {}
+    return {name: os.environ.get(name) or "lo" for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -285,7 +294,7 @@ def start_ranks(spec, out_dir: Path, *, resume: bool, cache_dir) -> tuple[World,
     processes, logs = [], []
     for rank in range(1, size):
         log_path = folder / f"rank-{rank}.log"
-        command = [sys.executable, "-m", "engine.rank", str(spec_file), str(out_dir), str(rank), str(size)]
+        command = [sys.executable, "-P", "-m", "engine.rank", str(spec_file), str(out_dir), str(rank), str(size)]
         command += [str(port), backend, "1" if resume else "0", str(cache_dir or "")]
         with open(log_path, "ab") as log_file:
             processes.append(
@@ -294,12 +303,13 @@ def start_ranks(spec, out_dir: Path, *, resume: bool, cache_dir) -> tuple[World,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env={**os.environ, RANK_ENV: str(rank), "PYTHONUNBUFFERED": "1"},
+                    env={**os.environ, **loopback_only(), RANK_ENV: str(rank), "PYTHONUNBUFFERED": "1"},
                     preexec_fn=_die_with_parent,
                 )
             )
         logs.append(log_path)
     ranks = Ranks(processes, logs)
+    os.environ.update(loopback_only())  # rank 0 joins in this process
     threading.Thread(target=_watch_ranks, args=(ranks,), daemon=True).start()
     return join(0, size, "127.0.0.1", port, backend), ranks
 

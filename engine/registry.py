@@ -44,6 +44,7 @@ ROLLOUT = (  # sample -> score -> update
     "repetition_penalty",
     "rewards",
     "reward_weights",
+    "reward_timeout",
     "safety_reward_model",
     "safety_threshold",
     "missing_eos_penalty",

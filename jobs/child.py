@@ -28,11 +28,12 @@ import traceback
 from engine.errors import CherryError
 from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
-from jobs.home import cache_dir, cherry_home
+from jobs.home import cache_dir, cherry_home, runs_root
 from jobs.reporters import build_reporters, close_all
 from jobs.shared import open_store, ride_out_outages
 from jobs.store import Store, StoreReporter
 from jobs.sweep import prune_reason
+from jobs.trust import derived_run_dir, keep_files_private
 
 POLL_SECONDS = 0.5  # how often the stop check reads the store (it runs once per step)
 OOM_ADVICE = (
@@ -103,9 +104,10 @@ def run_child(run_id: str, parent_pid: int) -> int:
         from engine.train import train  # the heavy imports happen here, in the run's own process
 
         spec = build_spec(run.spec)
-        extra = build_reporters(spec, run.out_dir, run_id=run_id, group=run.row.get("experiment"))
+        out_dir = str(derived_run_dir(runs_root(cherry_home(), store.shared), run_id))  # never the row's path
+        extra = build_reporters(spec, out_dir, run_id=run_id, group=run.row.get("experiment"))
         reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout), *extra)
-        summary = train(spec, run.out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
+        summary = train(spec, out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
     except CherryError as err:
         _fail(store, run_id, str(err))  # first: the log below may be on the disk that is full
         with contextlib.suppress(OSError):
@@ -139,6 +141,7 @@ def main() -> None:
         print("usage: python -m jobs.child RUN_ID PARENT_PID", file=sys.stderr)
         sys.exit(2)
     run_id, parent_pid = sys.argv[1], int(sys.argv[2])
+    keep_files_private()
     _die_with_parent()
     if os.getppid() != parent_pid:  # the worker died before the death signal was armed
         sys.exit(1)

@@ -110,5 +110,14 @@ def artifacts_root() -> Path | None:
     return path.resolve()
 
 
+def runs_root(home: Path, shared: bool) -> Path:
+    """Where this host puts run directories: $CHERRY_ARTIFACTS for a shared store when set, else the home.
+
+    A run's directory is always `runs_root(...) / run_id` (jobs.trust.derived_run_dir): never a path read
+    from a store row, so whoever can write the store cannot choose where a worker writes or what
+    `cherry rm` deletes."""
+    return (artifacts_root() if shared else None) or Path(home)
+
+
 def cache_dir() -> Path:
     return cherry_home() / "cache"

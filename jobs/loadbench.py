@@ -175,7 +175,7 @@ def _worker_role(config: dict) -> None:
         """A real worker whose run process is the stub below; it notes the order it takes tasks in."""
 
         def child_command(self, run_id: str) -> list[str]:
-            return [sys.executable, "-m", "jobs.loadbench", "child", json.dumps({"run": run_id, **config})]
+            return [sys.executable, "-P", "-m", "jobs.loadbench", "child", json.dumps({"run": run_id, **config})]
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)

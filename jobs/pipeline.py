@@ -20,9 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from engine.errors import SpecError
+from engine.limits import load_yaml_file
 from engine.spec import closest, presets_dir, resolve_spec
 from jobs.runs import Jobs, run_dir
 from jobs.store import Run
@@ -47,16 +46,13 @@ def pipeline_path(name: str) -> Path:
 
 def list_pipelines() -> list[tuple[str, str]]:
     folder = presets_dir() / "pipelines"
-    return [
-        (p.stem, str((yaml.safe_load(p.read_text()) or {}).get("description", "")))
-        for p in sorted(folder.glob("*.yaml"))
-    ]
+    return [(p.stem, str((load_yaml_file(p) or {}).get("description", ""))) for p in sorted(folder.glob("*.yaml"))]
 
 
 def load_pipeline(name: str) -> dict[str, dict[str, Any]]:
     """The stages of a pipeline file, checked: known keys, presets given, references to earlier stages."""
     path = pipeline_path(name)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_file(path, f"pipeline {path}") or {}
     stages = data.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise SpecError(

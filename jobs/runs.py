@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import CherryError
-from jobs.home import artifacts_root, cherry_home, new_run_id
+from jobs.home import artifacts_root, cherry_home, new_run_id, runs_root
 from jobs.shared import RunIdTaken, open_store
 from jobs.store import Run, Store, files_host, this_host
+from jobs.trust import UntrustedValue, derived_run_dir
 
 if TYPE_CHECKING:
     from engine.spec import RunSpec
@@ -244,20 +245,22 @@ class Jobs:
         if run.status == "queued" and run.task_id:
             self.queue.revoke(run.task_id)
         self.store.delete_run(run.id)
-        out_dir = Path(run.out_dir or "")
         ours = files_host(run) in (None, this_host())  # another host's files are left to that host
-        roots = {self.home.resolve(), *([artifacts_root()] if artifacts_root() else [])}
-        if run.out_dir and ours and out_dir.is_dir() and out_dir.resolve().parent in roots:
+        try:  # the directory this home derives from the id, whatever the row says
+            out_dir = derived_run_dir(runs_root(self.home, self.store.shared), run.id)
+        except UntrustedValue:
+            return run
+        if ours and out_dir.is_dir() and not out_dir.is_symlink():
             shutil.rmtree(out_dir, ignore_errors=True)
         return run
 
     def place(self, run: Run, home: Path, host: str) -> dict:
-        """What a worker with `home` sets when it takes `run`: its directory, when the run has none yet
-        (under this worker's home), and the spec with the directories of the runs it was chained after
-        as they were placed (at submit they were only planned)."""
-        fields: dict = {}
-        if not run.out_dir:
-            fields.update(out_dir=str(Path(home) / run.id), files_host=host)
+        """What a worker with `home` sets when it takes `run`: its directory, derived from the id under this
+        worker's home (or $CHERRY_ARTIFACTS), whatever the row said, and the spec with the directories of the
+        runs it was chained after as they were placed (at submit they were only planned)."""
+        fields: dict = {"out_dir": str(derived_run_dir(runs_root(home, self.store.shared), run.id))}
+        if self.store.shared and artifacts_root() is None:
+            fields["files_host"] = host
         text = json.dumps(run.spec)
         ancestor = run
         while ancestor.parent:

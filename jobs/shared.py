@@ -31,12 +31,15 @@ from typing import Any, Iterable
 from engine.errors import CherryError
 from jobs.home import cherry_home, store_path
 from jobs.store import Run, Store, fresh_workers
+from jobs.trust import mask_secrets, mask_url
 
 log = logging.getLogger("cherry.worker")
 
 PREFIX = "cherry"
 STREAM_MAXLEN = int(os.environ.get("CHERRY_STREAM_MAXLEN", "20000"))  # entries kept per run in Redis
 PAGE = 2000  # stream entries per read
+
+log = logging.getLogger("cherry.shared")
 
 # Set `fields` (JSON: name -> string, or null to clear) on run hash KEYS[1] when it exists (or, with
 # ARGV[5] = "1", only when it does not: creation), its status is one of ARGV[3] (JSON list, "" = any)
@@ -139,8 +142,8 @@ def redis_unreachable(err: BaseException) -> bool:
 
 def _unreachable_error(url: str, err: BaseException) -> CherryError:
     return CherryError(
-        f"cannot reach Redis at {url} (CHERRY_REDIS_URL): {err}; start redis-server there, or unset "
-        "CHERRY_REDIS_URL to use this machine's own queue and store"
+        f"cannot reach Redis at {mask_url(url)} (CHERRY_REDIS_URL): {mask_secrets(str(err), url)}; start "
+        "redis-server there, or unset CHERRY_REDIS_URL to use this machine's own queue and store"
     )
 
 
@@ -497,7 +500,13 @@ class SharedStore(Store):
                 for entry_id, fields in entries[run_id]:
                     if last and _id_key(entry_id) <= _id_key(last):
                         continue
-                    number = int(fields["seq"])
+                    try:
+                        number = int(fields["seq"])
+                        self._check_entry(fields)
+                    except (KeyError, TypeError, ValueError) as err:  # not what a Cherry process writes
+                        log.warning("skipped malformed stream entry %s of run %s: %s", entry_id, run_id, err)
+                        last, applied = entry_id, True
+                        continue
                     if number > seq + 1:
                         self._insert_event(
                             run_id,
@@ -526,6 +535,23 @@ class SharedStore(Store):
         ).fetchall():
             rows[run_id] = (stream_id, seq or 0)
         return rows if with_seq else {run_id: last for run_id, (last, _) in rows.items()}
+
+    @staticmethod
+    def _check_entry(fields: dict[str, str]) -> None:
+        """Raise ValueError (or KeyError, TypeError) for an entry `_apply` could not apply."""
+        kind, data = fields["t"], fields["data"]
+        float(fields["time"])
+        int(fields["step"]) if fields.get("step") else 0
+        if kind in ("metrics", "event"):
+            body = json.loads(data)
+            if not isinstance(body, dict) or (kind == "event" and not {"kind", "message", "data"} <= body.keys()):
+                raise ValueError(f"a {kind} entry whose data is not the object Cherry writes")
+            if kind == "metrics" and not all(isinstance(v, (int, float)) for v in body.values()):
+                raise ValueError("a metrics entry with a value that is not a number")
+        elif kind == "samples":
+            rows = json.loads(data)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("a samples entry whose data is not a list of objects")
 
     def _apply(self, run_id: str, fields: dict[str, str]) -> None:
         kind, at, data = fields["t"], float(fields["time"]), fields["data"]

@@ -315,10 +315,9 @@ class Store:
         exact = self.get_run(text)
         if exact is not None:
             return [exact]
-        pattern = f"%{text}%"
-        rows = self.db.query(
-            "SELECT * FROM runs WHERE id LIKE ? OR name LIKE ? ORDER BY created_at", [pattern, pattern]
-        )
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"  # all literal
+        where = "id LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\'"
+        rows = self.db.query(f"SELECT * FROM runs WHERE {where} ORDER BY created_at", [pattern, pattern])
         return [_run(row) for row in rows]
 
     def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:

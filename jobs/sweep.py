@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from engine.errors import CherryError
+from engine.limits import load_yaml_file
 from jobs.store import Run, Store
 
 PRUNE_RULES = ("median", "halving")
@@ -149,7 +150,7 @@ def load_sweep_file(path: Path) -> Sweep:
     """A YAML sweep: preset, model, dataset, set (mapping or list), grid (key: list), random (count,
     seed, ranges: key: text), name, prune (rule, metric, after, mode; eta and rung for halving)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml_file(path, f"sweep file {path}")
     except (OSError, yaml.YAMLError) as err:
         raise SweepError(f"sweep file {path}: cannot read it ({err})") from None
     if not isinstance(data, dict):

@@ -37,10 +37,14 @@ from pathlib import Path
 
 from huey.consumer import Consumer
 
+from engine.errors import CherryError
+from engine.spec import build_spec
+from jobs.home import runs_root
 from jobs.queue import JobQueue, queue_backend
-from jobs.runs import Jobs, run_dir
+from jobs.runs import Jobs
 from jobs.shared import open_store, redis_unreachable, redis_url, ride_out_outages
 from jobs.store import Store, pid_alive, this_host
+from jobs.trust import UntrustedValue, check_run_id, derived_run_dir
 
 HEARTBEAT_SECONDS = 2.0
 STALE_SECONDS = 60.0  # default heartbeat timeout of a run on another host ($CHERRY_HEARTBEAT_TIMEOUT)
@@ -202,7 +206,7 @@ class Worker:
                     beat_before=beat_before,
                     error=f"its worker on {run.worker_host} stopped while it ran (killed, the machine restarted "
                     f"or was cut off); continue it with `cherry resume {run.id}`",
-                    log_tail=log_tail(Path(run_dir(run)) / "log.txt") or None,
+                    log_tail=self.log_tail(store, run.id) or None,
                 ):
                     store.add_event(run.id, "interrupted", "marked interrupted: its worker is gone")
                     marked.append(run.id)
@@ -213,8 +217,23 @@ class Worker:
 
     # ------------------------------------------------------------------ one run
 
+    def run_dir(self, store: Store, run_id: str) -> Path:
+        """The run's directory on this host: derived from its id, never taken from its row."""
+        return derived_run_dir(runs_root(self.home, store.shared), run_id)
+
+    def log_tail(self, store: Store, run_id: str) -> str:
+        try:
+            return log_tail(self.run_dir(store, run_id) / "log.txt")
+        except UntrustedValue:
+            return ""
+
     def execute(self, run_id: str) -> None:
         """The Huey task: run `run_id` to its end. Runs in a consumer thread."""
+        try:
+            check_run_id(run_id)
+        except UntrustedValue as err:
+            log.warning("dropped a task: %s", err)
+            return
         store = open_store(self.home)
         try:
             self._execute(store, run_id)
@@ -228,7 +247,13 @@ class Worker:
         run = store.get_run(run_id)
         if run is None or run.status != "queued" or self.shutting_down.is_set():
             return  # removed, cancelled while queued, or a duplicate task
-        wanted = int(run.spec.get("num_processes") or 1)
+        try:  # a row from a shared store is checked here again, as `cherry submit` checked it
+            wanted = build_spec(run.spec).num_processes
+        except (CherryError, TypeError, ValueError) as err:
+            message = f"the run's settings do not validate on the worker on {self.host}: {err}"
+            if store.set_status(run_id, "failed", only_if=["queued"], error=message):
+                store.add_event(run_id, "failed", message)
+            return
         if self.gpu_pool is not None and wanted > len(self.gpu_pool.gpus):
             message = (
                 f"num_processes={wanted} asks for {wanted} GPUs and the worker on {self.host} has "
@@ -272,7 +297,7 @@ class Worker:
                 **placed,
             ):
                 return  # another worker took it first
-            out_dir = Path(placed.get("out_dir") or run.out_dir)
+            out_dir = self.run_dir(store, run_id)
             out_dir.mkdir(parents=True, exist_ok=True)
             env = child_environment(os.environ, self.home, slot, self.concurrency)
             where = f"GPU {slot}" if slot is not None else "CPU" + (f", {wanted} processes" if wanted > 1 else "")
@@ -304,7 +329,8 @@ class Worker:
 
     def child_command(self, run_id: str) -> list[str]:
         """The process that runs `run_id` (jobs/child.py: the engine, for every real run)."""
-        return [sys.executable, "-m", "jobs.child", run_id, str(os.getpid())]
+        # -P: the worker's working directory is not on the child's sys.path (a planted module there never loads)
+        return [sys.executable, "-P", "-m", "jobs.child", run_id, str(os.getpid())]
 
     def _watch(self, store: Store, run_id: str, proc: subprocess.Popen, log_path: Path) -> None:
         kill_at = None
@@ -341,7 +367,7 @@ class Worker:
         run = store.get_run(run_id)
         if run is None:
             return
-        tail = log_tail(Path(run_dir(run)) / "log.txt")
+        tail = self.log_tail(store, run_id)
         if run.status == "running":  # the child could not record its ending: killed or crashed hard
             if run.cancel_requested:
                 status, error = "cancelled", None

@@ -20,6 +20,7 @@ from textual.worker import get_current_worker
 
 from jobs.home import cherry_home
 from tuiapp.data import Snapshot, StoreReader, Want
+from tuiapp.text import safe_text
 
 POLL_LIVE_S = 0.5  # while a run is queued or running
 POLL_IDLE_S = 2.0
@@ -55,6 +56,10 @@ class CherryApp(App):
         self.reads = 0  # snapshots applied (tests wait on this)
         self.store_problem: str | None = None  # "Redis unreachable" while the shared store cannot be read
         self._wake = threading.Event()
+
+    def notify(self, message: str, *, title: str = "", markup: bool = True, **kwargs) -> None:
+        """Every toast as plain, escaped text: messages name runs, paths and errors from the store."""
+        super().notify(safe_text(message), title=safe_text(title), markup=False, **kwargs)
 
     def get_default_screen(self) -> Screen:
         from tuiapp.screens.main import MainScreen

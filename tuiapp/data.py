@@ -8,6 +8,7 @@ plain data the UI renders without touching SQLite.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.home import runs_root
 from jobs.queue import queue_backend
 from jobs.shared import open_store
 from jobs.store import ENDED, Run, location, run_swept, run_tags, sample_kind, this_host
-from tuiapp.text import KEY_METRICS
+from jobs.trust import RUN_ID_PATTERN
+from tuiapp.text import KEY_METRICS, safe_data, safe_text
 
 LIVE = ("queued", "running")
 GLYPHS = {
@@ -356,16 +359,23 @@ class StoreReader:
             pct = max(0.0, (cpu - before[1]) / (now - before[0]) * 100)
         return ProcFigures(run.pid, rss / 2**30, pct, threads)
 
+    def _log(self, run_id: str) -> str:
+        """The run's log: this host's file (in the directory derived from the id), else the shared copy."""
+        local = log_tail(runs_root(self.home, self.store.shared) / run_id / "log.txt")
+        return local or self.store.log_text(run_id)[-64_000:]
+
     def read(self, want: Want) -> Snapshot:
-        runs = [RunInfo.from_run(r) for r in self.store.list_runs()]
+        # Everything shown is escaped here, once (tuiapp.text.safe_data); a row whose id is not a run id
+        # (a tampered shared store) is left out: its id would be looked up and shown everywhere.
+        runs = [safe_run(RunInfo.from_run(r)) for r in self.store.list_runs() if RUN_ID_PATTERN.fullmatch(r.id)]
         for run in runs:
-            run.key_metric = self._key_metric(run)
+            run.key_metric = safe_data(self._key_metric(run))
         workers = self.store.live_workers()
         by_id = {r.id: r for r in runs}
         detail = None
         if want.focus in by_id:
             run = by_id[want.focus]
-            series = {k: v.copy() for k, v in self.series(run.id, run.step).items()}
+            series = {safe_text(k): v.copy() for k, v in self.series(run.id, run.step).items()}
             steps = self.store.sample_steps(run.id)
             step = want.sample_step if want.sample_step in steps else (steps[-1] if steps else None)
             detail = RunDetail(
@@ -373,13 +383,13 @@ class StoreReader:
                 series=series,
                 sample_steps=steps,
                 sample_step=step,
-                samples=self.store.samples(run.id, step) if step is not None else [],
-                events=self.store.events(run.id)[-200:],
-                log=(run.out_dir and log_tail(Path(run.out_dir) / "log.txt")) or self.store.log_text(run.id)[-64_000:],
+                samples=safe_data(self.store.samples(run.id, step)) if step is not None else [],
+                events=safe_data(self.store.events(run.id)[-200:]),
+                log=safe_text(self._log(run.id)),
                 proc=self.proc_figures(run),
             )
         compare = {
-            rid: {k: v.copy() for k, v in self.series(rid, by_id[rid].step).items()}
+            rid: {safe_text(k): v.copy() for k, v in self.series(rid, by_id[rid].step).items()}
             for rid in want.compare
             if rid in by_id
         }
@@ -388,7 +398,7 @@ class StoreReader:
             if rid in by_id and rid not in compare_samples:
                 steps = self.store.sample_steps(rid)
                 step = wanted_step if wanted_step in steps else (steps[-1] if steps else None)
-                rows = self.store.samples(rid, step) if step is not None else []
+                rows = safe_data(self.store.samples(rid, step)) if step is not None else []
                 compare_samples[rid] = SampleSet(rid, steps, step, rows)
         return Snapshot(
             home=self.home,
@@ -396,12 +406,20 @@ class StoreReader:
             runs=runs,
             pending=sum(1 for r in runs if r.status == "queued" and not r.waiting),
             running=sum(1 for r in runs if r.status == "running"),
-            workers=workers,
+            workers=safe_data(workers),
             detail=detail,
             compare=compare,
             read_at=time.time(),
             compare_samples=compare_samples,
         )
+
+
+def safe_run(run: RunInfo) -> RunInfo:
+    """`run` with every string it shows escaped (its id is a checked run id already)."""
+    for f in dataclasses.fields(run):
+        if f.name != "id":
+            setattr(run, f.name, safe_data(getattr(run, f.name)))
+    return run
 
 
 def age(seconds: float | None, now: float | None = None) -> str:

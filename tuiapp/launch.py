@@ -65,7 +65,7 @@ def start_worker(home: Path) -> int:
     env = {**os.environ, "CHERRY_HOME": str(home)}
     with open(home / WORKER_LOG, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tuiapp.cli", "worker"],
+            [sys.executable, "-P", "-m", "tuiapp.cli", "worker"],  # -P: nothing planted in the cwd loads
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,

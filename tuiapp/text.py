@@ -3,6 +3,39 @@ it, so nothing heavy (the store, sqlite-utils, pandas) is imported at module lev
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+# Characters a terminal acts on instead of showing: C0 controls but newline and tab (ESC starts CSI/OSC
+# sequences: colours, the window title, the clipboard), DEL, C1 controls, and the bidi overrides that
+# make text read differently from what it holds.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(value: Any) -> str:
+    """`value` as text a terminal shows literally: every control character written as an escape (ESC as
+    `\\x1b`). Use it on every string that comes from data, models, runs or logs before it is printed;
+    in the app, show the result as plain `rich.text.Text` (never as markup)."""
+    text = value if isinstance(value, str) else str(value)
+    return _UNSAFE.sub(_escaped, text)
+
+
+def safe_data(value: Any) -> Any:
+    """`safe_text` applied to every string (keys included) inside lists, tuples and dicts."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_data(k): safe_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(safe_data(v) for v in value)
+    return value
+
+
 # The metric a run is summarised by in tables (the first one it has).
 KEY_METRICS = ("eval/exact_match", "eval/rewards/accuracy", "rewards/accuracy", "train/loss")
 

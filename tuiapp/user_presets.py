@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from engine.limits import load_yaml_file
 from jobs import CherryError
 
 DIR = "presets"
@@ -30,8 +31,8 @@ def list_user_presets(home: Path) -> list[tuple[str, Path]]:
     out = []
     for path in sorted(presets_home(home).glob("*.y*ml")):
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            data = load_yaml_file(path) or {}
+        except (OSError, yaml.YAMLError, CherryError):
             continue
         desc = str(data.get("description") or "") if isinstance(data, dict) else ""
         out.append((desc, path))

@@ -107,7 +107,7 @@ def save(path: Path, payload: dict[str, Any], splits: dict[str, Examples]) -> No
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache reads like the home's other files
+        # mkstemp makes it owner-only (0600), like every file Cherry writes: a cache holds the dataset's text
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

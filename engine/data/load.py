@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import DataError, first_line
+from engine.limits import JSONL_MAX_LINE_CHARS
 from engine.spec import looks_local
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -161,6 +162,11 @@ def _json_lines(path: Path, text: str) -> list[dict]:
     rows = []
     # Split on "\n" only: str.splitlines() would also split on U+2028 etc. inside JSON strings.
     for lineno, line in enumerate(text.split("\n"), 1):
+        if len(line) > JSONL_MAX_LINE_CHARS:
+            raise DataError(
+                f"{path} line {lineno} is {len(line):,} characters long; a JSON line (one example) may hold at most "
+                f"{JSONL_MAX_LINE_CHARS:,}: split or shorten that row"
+            )
         if not line.strip():
             continue
         try:

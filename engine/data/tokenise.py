@@ -8,6 +8,7 @@ from typing import Any
 
 from engine.data.normalise import Item
 from engine.errors import DataError, first_line
+from engine.limits import CHAT_TEMPLATE_SECONDS, time_limit
 
 _TOKENIZE_CHUNK = 4096
 
@@ -52,7 +53,10 @@ class TokenQueue:
 
 def _render_chat(tokenizer: Any, messages: list, generation_prompt: bool, i: int, where: str) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        # transformers renders templates in a sandboxed jinja environment; the time limit bounds a template
+        # whose loops never end (it would hang data preparation)
+        with time_limit(CHAT_TEMPLATE_SECONDS, "the chat template"):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # noqa: BLE001 - template errors (e.g. role order) are data errors
         raise DataError(
             f"{where} {i}: the tokenizer's chat template failed on this conversation ({first_line(exc)})"

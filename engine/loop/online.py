@@ -71,6 +71,7 @@ def train_online(
             device=str(device),
             safety_model=spec.safety_reward_model,
             safety_threshold=spec.safety_threshold,
+            timeout=spec.reward_timeout,
         )
     except CherryError as err:
         if judge_source is None:

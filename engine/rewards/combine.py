@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import numbers
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import CherryError
+from engine.limits import TimeLimitExceeded, time_limit
 from engine.rewards.builtin import exact_match_reward, length_reward, regex_reward
 from engine.rewards.functions import (
     call_async_reward_function,
@@ -31,6 +33,8 @@ class RewardResult:
     extras: dict[str, list[float]] = field(default_factory=dict)  # raw helpful/safety scores when combined
 
 
+log = logging.getLogger("cherry.rewards")
+
 ScoreFn = Callable[[list[str], list[str], list[list[int]], list[list[int]], dict[str, list]], list[float]]
 
 
@@ -49,11 +53,23 @@ def _conversational(columns: dict[str, list], n: int) -> bool:
     return bool(n) and messages is not None and all(isinstance(m, list) for m in messages)
 
 
-def _function_source(entry: str, fn: Callable[..., Any], *, as_trl: bool = False) -> ScoreFn:
+def _function_source(entry: str, fn: Callable[..., Any], *, as_trl: bool = False, timeout: float | None = None) -> ScoreFn:
     """A reward function as a source. `as_trl` (a function of yours): for conversational data the prompts
     are message lists and the completions [{"role": "assistant", "content": ...}], as TRL passes them;
-    an `async def` one returns an awaitable, which `Reward.reward` awaits with the others."""
+    an `async def` one returns an awaitable, which `Reward.reward` awaits with the others. A call that runs
+    past `timeout` seconds gives its completions no reward from this function (logged): a hung reward must
+    not hold the run, and its worker slot, forever."""
     asynchronous = is_async(fn)
+
+    def timed_out(n: int, err: Exception | str) -> list[None]:
+        log.warning("%s (reward_timeout); its %d completion(s) get no reward from it", err, n)
+        return [None] * n
+
+    async def bounded(awaitable: Awaitable, n: int):
+        try:
+            return await asyncio.wait_for(awaitable, timeout) if timeout else await awaitable
+        except asyncio.TimeoutError:
+            return timed_out(n, f"reward '{entry}' took longer than {timeout:g}s and was stopped")
 
     def score(prompts, completions, prompt_ids, completion_ids, columns):
         if as_trl and _conversational(columns, len(completions)):
@@ -62,8 +78,12 @@ def _function_source(entry: str, fn: Callable[..., Any], *, as_trl: bool = False
         available = {**columns, "prompts": list(prompts), "completions": list(completions)}
         available["completion_ids"] = completion_ids
         if asynchronous:
-            return call_async_reward_function(entry, fn, available)
-        return call_reward_function(entry, fn, available)
+            return bounded(call_async_reward_function(entry, fn, available), len(completions))
+        try:
+            with time_limit(timeout, f"reward '{entry}'"):
+                return call_reward_function(entry, fn, available)
+        except TimeLimitExceeded as err:
+            return timed_out(len(completions), err)
 
     return score
 
@@ -156,9 +176,11 @@ def build_reward(
     safety_model: str | None = None,
     safety_threshold: float = 0.15,
     batch_size: int = 16,
+    timeout: float | None = None,
 ) -> Reward:
     """Parse, load and check every source. `tokenizer` is the policy's (it decides whether a reward
-    model can read the policy's token ids directly); reward models go to `device`."""
+    model can read the policy's token ids directly); reward models go to `device`. Each call of a reward
+    function (and `regex:`) may take `timeout` seconds; past that its completions get no reward from it (logged)."""
     if isinstance(sources, str):
         sources = [sources]
     sources = list(sources)
@@ -214,7 +236,7 @@ def build_reward(
             else:
                 fn = load_reward_function(arg)
                 needs = function_needs(fn)
-            score = _function_source(entry, fn, as_trl=kind == "python")
+            score = _function_source(entry, fn, as_trl=kind == "python", timeout=timeout)
         built.append(RewardSource(entry=entry, kind=kind, name=name, weight=float(weight), score=score, needs=needs))
     safety = None
     if safety_model:

@@ -24,6 +24,7 @@ import importlib.util
 import inspect
 import math
 import numbers
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +33,40 @@ from typing import Any
 
 from engine.errors import CherryError
 from engine.nonfinite import NonFiniteError
+
+CODE_PATHS_ENV = "CHERRY_CODE_PATHS"
+
+
+def allowed_code_paths() -> list[Path] | None:
+    """The directories $CHERRY_CODE_PATHS allows reward code to be imported from (os.pathsep-separated);
+    None when it is unset: any file or importable module may be named (whoever queues runs is trusted)."""
+    value = os.environ.get(CODE_PATHS_ENV)
+    if value is None:
+        return None
+    return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip()]
+
+
+def check_code_path(entry: str, origin: str | Path | None) -> None:
+    """Refuse a reward whose code lies outside $CHERRY_CODE_PATHS (when set)."""
+    allowed = allowed_code_paths()
+    if allowed is None:
+        return
+    where = Path(origin).resolve() if origin else None
+    if where is None or not any(where.is_relative_to(root) for root in allowed):
+        shown = os.pathsep.join(map(str, allowed)) or "(empty)"
+        raise CherryError(
+            f"rewards entry '{entry}': its code ({where or 'not a file'}) is outside {CODE_PATHS_ENV}={shown}; "
+            f"move it under one of those directories or add its directory to {CODE_PATHS_ENV} on this machine"
+        )
+
+
+def _module_origin(target: str) -> str | None:
+    """Where `import target` would load from, without running it (None when it cannot be found)."""
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):  # a parent package missing, or an empty name
+        return None
+    return found.origin if found is not None and found.has_location else None
 
 
 def load_reward_function(entry: str) -> Callable[..., Any]:
@@ -43,6 +78,7 @@ def load_reward_function(entry: str) -> Callable[..., Any]:
             raise CherryError(
                 f"rewards entry '{entry}': no such file {path} (relative paths are taken from {Path.cwd()})"
             )
+        check_code_path(entry, path)
         name = "cherry_reward_" + re.sub(r"\W", "_", str(path.resolve()))
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
@@ -57,6 +93,9 @@ def load_reward_function(entry: str) -> Callable[..., Any]:
                 f"rewards entry '{entry}': running {path} failed ({type(err).__name__}: {err}); fix the file"
             ) from err
     else:
+        if allowed_code_paths() is not None:  # checked before any of the module's code runs
+            check_code_path(entry, _module_origin(target.split(".")[0]))  # finding `a.b` imports `a`
+            check_code_path(entry, _module_origin(target))
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as err:

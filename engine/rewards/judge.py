@@ -22,6 +22,7 @@ rollout already has (engine/algorithms/online_dpo.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ from engine.data.tokenise import appends_eos
 from engine.errors import CherryError
 from engine.models import freeze, load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from engine.rewards.sources import JUDGE_PLACEHOLDERS
+
+_PLACEHOLDER = re.compile(r"\{prompt\}|\{answer_1\}|\{answer_2\}")
 
 
 @dataclass
@@ -108,9 +111,9 @@ class LLMJudge:
         self.encode(["probe"], ["first"], ["second"])  # refuse a tokenizer without single-token digits now
 
     def render(self, question: str, answer_1: str, answer_2: str) -> str:
-        body = (
-            self.template.replace("{prompt}", question).replace("{answer_1}", answer_1).replace("{answer_2}", answer_2)
-        )
+        # One pass over the template: a question or answer that itself holds "{answer_2}" stays as written.
+        values = {"{prompt}": question, "{answer_1}": answer_1, "{answer_2}": answer_2}
+        body = _PLACEHOLDER.sub(lambda m: values[m.group(0)], self.template)
         if self.use_chat:
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True

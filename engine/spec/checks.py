@@ -11,6 +11,7 @@ import re
 from typing import Callable
 
 from engine.errors import SpecError
+from engine.limits import check_limits
 from engine.nonfinite import check_nonfinite_settings
 from engine.registry import ALGORITHM_NAMES, ALGORITHMS, is_online
 from engine.rewards.sources import JUDGE_PLACEHOLDERS, parse_reward_source
@@ -122,6 +123,7 @@ def _check_data_and_logging(spec: RunSpec) -> None:
         "stop",
     )
     check_nonfinite_settings(spec)
+    check_limits(spec)
     unknown = [r for r in report_targets(spec) if r not in REPORT_TARGETS]
     need(
         not unknown,

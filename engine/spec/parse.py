@@ -10,6 +10,7 @@ from typing import Any, get_args, get_origin
 import yaml
 
 from engine.errors import SpecError
+from engine.limits import load_yaml
 from engine.registry import ALGORITHMS
 from engine.spec.aliases import NO_EQUIVALENT, known_names, translate
 from engine.spec.schema import DEFAULT_EPSILON, VERBATIM_FIELDS, LoraSpec, RunSpec, spec_fields
@@ -108,7 +109,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if key in VERBATIM_FIELDS:
         return key, raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value

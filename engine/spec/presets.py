@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from engine.errors import SpecError
+from engine.limits import load_yaml_file
 from engine.registry import ALGORITHMS
 from engine.spec.aliases import translate
 from engine.spec.checks import check_values
@@ -35,7 +36,7 @@ def list_presets() -> list[tuple[str, str]]:
 def read_yaml(path: Path) -> dict[str, Any]:
     """A preset or config file's mapping; invalid YAML or another shape is a SpecError naming the file."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml_file(path) or {}  # bounded: size and aliases (a YAML bomb is refused)
     except yaml.YAMLError as err:
         raise SpecError(f"{path} is not valid YAML: {err}") from None
     except OSError as err:

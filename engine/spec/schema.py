@@ -121,6 +121,7 @@ class RunSpec:
     save_total_limit: int = default("save_total_limit")
     report_to: str | list[str] = default("report_to")
     skip_nonfinite_steps: int = default("skip_nonfinite_steps")
+    reward_timeout: float = default("reward_timeout")
     # --- method-specific: the registry row of each method names those it reads
     beta: float = default("beta")
     loss_type: str = default("loss_type")

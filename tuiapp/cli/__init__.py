@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import typer
 
+from jobs.trust import keep_files_private
 from tuiapp.cli import experiments, pipeline, runs, train
 from tuiapp.cli.bench import bench_app
 from tuiapp.cli.demo import demo_app
@@ -64,6 +65,7 @@ def _open_app(
     ),
 ) -> None:
     """With no command, open the Textual app."""
+    keep_files_private()  # the store, samples, logs and caches this command (and its workers) write: 0600
     if ctx.invoked_subcommand is None:
         from tuiapp.app import run_app
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, SET_OPTION, echo, friendly
 
 
 def _jobs():
@@ -85,27 +85,25 @@ def register(app: typer.Typer) -> None:
             from jobs.sweep import plan as check_points
 
             checked = check_points(plan, jobs)
-            typer.echo(f"experiment {plan.experiment}: {len(checked)} point(s), all valid; nothing queued (--dry-run)")
+            echo(f"experiment {plan.experiment}: {len(checked)} point(s), all valid; nothing queued (--dry-run)")
             for index, (point, _spec) in enumerate(checked, 1):
-                typer.echo(f"{index:3d}  " + "  ".join(f"{k}={v}" for k, v in point.items()))
+                echo(f"{index:3d}  " + "  ".join(f"{k}={v}" for k, v in point.items()))
             return
         runs = submit_sweep(plan, jobs)
-        typer.echo(f"experiment {runs[0].row['experiment']}: queued {len(runs)} run(s)", err=True)
+        echo(f"experiment {runs[0].row['experiment']}: queued {len(runs)} run(s)", err=True)
         for run in runs:
-            typer.echo(run.id)
+            echo(run.id)
         if worker:
             from tuiapp.launch import WORKER_LOG, ensure_worker
 
             pid = ensure_worker(jobs.home)
-            typer.echo(
+            echo(
                 f"started a worker in the background (pid {pid}, log {jobs.home / WORKER_LOG})"
                 if pid
                 else "a worker is already running: it takes them",
                 err=True,
             )
-        typer.echo(
-            f"follow them with `cherry ls --experiment {runs[0].row['experiment']}`, or `cherry` (the app)", err=True
-        )
+        echo(f"follow them with `cherry ls --experiment {runs[0].row['experiment']}`, or `cherry` (the app)", err=True)
 
     @app.command()
     @friendly
@@ -135,7 +133,7 @@ def register(app: typer.Typer) -> None:
         jobs = _jobs()
         r = jobs.resolve(run)
         jobs.store.update_run(r.id, note=text or None)
-        typer.echo(f"{r.id}: note " + ("saved" if text else "cleared"))
+        echo(f"{r.id}: note " + ("saved" if text else "cleared"))
 
 
 def _retag(run: str, tags: list[str], *, add: bool) -> None:
@@ -151,4 +149,4 @@ def _retag(run: str, tags: list[str], *, add: bool) -> None:
     now = set(run_tags(r))
     now = now | set(cleaned) if add else now - set(cleaned)
     jobs.store.set_tags(r.id, now)
-    typer.echo(f"{r.id}: tags " + (", ".join(sorted(now)) or "(none)"))
+    echo(f"{r.id}: tags " + (", ".join(sorted(now)) or "(none)"))

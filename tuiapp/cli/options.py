@@ -7,6 +7,16 @@ import functools
 import typer
 
 from jobs import CherryError
+from tuiapp.text import safe_text
+
+
+def echo(message: object = "", **kwargs) -> None:
+    """typer.echo with control characters escaped: run names, samples and logs can hold terminal escapes."""
+    typer.echo(safe_text(message), **kwargs)
+
+
+def secho(message: object = "", **kwargs) -> None:
+    typer.secho(safe_text(message), **kwargs)
 
 
 def friendly(fn):
@@ -17,7 +27,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except CherryError as err:
-            typer.secho(f"error: {err}", fg="red", err=True)
+            secho(f"error: {err}", fg="red", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

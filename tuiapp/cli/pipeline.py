@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import DATASET_OPTION, MODEL_OPTION, SET_OPTION, echo, friendly
 
 
 def register(app: typer.Typer) -> None:
@@ -27,14 +27,14 @@ def register(app: typer.Typer) -> None:
 
         if name is None:
             for pipeline_name, description in list_pipelines():
-                typer.echo(f"{pipeline_name:12s} {description}")
+                echo(f"{pipeline_name:12s} {description}")
             return
         jobs = Jobs()
         runs = submit_pipeline(jobs, name, set_, model=model, dataset=dataset)
         for run in runs:
             waiting = f"  (waits for {run.parent})" if run.parent else ""
-            typer.echo(f"{run.id}  {run.spec['algorithm']}{waiting}")
-        typer.echo(
+            echo(f"{run.id}  {run.spec['algorithm']}{waiting}")
+        echo(
             f"queued {len(runs)} chained runs in {jobs.home}; start a worker with `cherry worker` if none is running",
             err=True,
         )

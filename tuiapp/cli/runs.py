@@ -14,7 +14,16 @@ from typing import Any, Optional
 
 import typer
 
-from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import (
+    CONFIG_OPTION,
+    DATASET_OPTION,
+    MODEL_OPTION,
+    PRESET_OPTION,
+    SET_OPTION,
+    echo,
+    friendly,
+    secho,
+)
 from tuiapp.text import KEY_METRICS, sample_lines
 
 FOLLOW_COLUMNS = (
@@ -35,7 +44,7 @@ def _jobs():
 
 
 def _emit_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
+    echo(json.dumps(value, indent=2, default=str))
 
 
 def _age(seconds: float | None) -> str:
@@ -121,15 +130,15 @@ def register(app: typer.Typer) -> None:
 
         spec = resolve_spec(preset, set_, model=model, dataset=dataset, config=config, check_paths=False)
         for note in [*(spec.aliases_used or []), *(spec.defaults_followed or [])]:
-            typer.echo(f"note: {note}", err=True)
+            echo(f"note: {note}", err=True)
         jobs = _jobs()
         run = jobs.submit(spec, priority=priority, after=after, retries=retries)
         if as_json:
             _emit_json(_run_json(run))
             return
-        typer.echo(run.id)
+        echo(run.id)
         waiting = f" after {run.parent}" if run.waiting_for_parent else ""
-        typer.echo(f"queued{waiting} in {jobs.home}; start a worker with `cherry worker` if none is running", err=True)
+        echo(f"queued{waiting} in {jobs.home}; start a worker with `cherry worker` if none is running", err=True)
 
     @app.command("ls")
     @friendly
@@ -161,7 +170,7 @@ def register(app: typer.Typer) -> None:
             _emit_json([_run_json(r, latest[r.id]) for r in runs])
             return
         if not runs:
-            typer.echo(
+            echo(
                 f"no runs in {jobs.home}"
                 + (" with that filter" if wanted or text or experiment or tag else "; queue one with `cherry submit`")
             )
@@ -169,22 +178,20 @@ def register(app: typer.Typer) -> None:
         workers = jobs.live_workers()
         if workers:
             busy, slots = sum(w["busy"] for w in workers), sum(w["slots"] for w in workers)
-            typer.echo(f"home {jobs.home}  ·  {len(workers)} worker(s), {busy}/{slots} slots busy")
+            echo(f"home {jobs.home}  ·  {len(workers)} worker(s), {busy}/{slots} slots busy")
         else:
             waiting = any(r.status == "queued" and r.task_id for r in runs)
-            typer.echo(
-                f"home {jobs.home}  ·  no worker running" + ("; start one with `cherry worker`" if waiting else "")
-            )
-        typer.echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}  labels")
+            echo(f"home {jobs.home}  ·  no worker running" + ("; start one with `cherry worker`" if waiting else ""))
+        echo(f"{'run':44s} {'status':11s} {'algo':6s} {'step':>11s}  {'key metric':20s} {'age':>5s}  labels")
         for r in runs:
             progress = f"{r.step or 0}/{r.total_steps or '?'}"
             status_text = r.status + ("*" if r.waiting_for_parent else "")
-            typer.echo(
+            echo(
                 f"{_fit(r.id, 44):44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
                 f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}  {_labels(r)}".rstrip()
             )
         if any(r.waiting_for_parent for r in runs):
-            typer.echo("* waiting for the run it was chained after (--after)")
+            echo("* waiting for the run it was chained after (--after)")
 
     @app.command()
     @friendly
@@ -203,40 +210,38 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _emit_json({**_run_json(r, latest), "summary": summary, "log_tail": r.log_tail})
             return
-        typer.echo(f"run       {r.id}")
-        typer.echo(
-            f"status    {r.status}" + (" (cancel requested)" if r.cancel_requested and r.status == "running" else "")
-        )
-        typer.echo(f"algorithm {r.algorithm}    model {r.model}")
-        typer.echo(f"dataset   {r.dataset}")
+        echo(f"run       {r.id}")
+        echo(f"status    {r.status}" + (" (cancel requested)" if r.cancel_requested and r.status == "running" else ""))
+        echo(f"algorithm {r.algorithm}    model {r.model}")
+        echo(f"dataset   {r.dataset}")
         if r.parent:
-            typer.echo(f"after     {r.parent}")
+            echo(f"after     {r.parent}")
         if r.row.get("experiment"):
-            typer.echo(f"experiment {r.row['experiment']}    {_labels(r).partition(' ')[2] or '-'}")
+            echo(f"experiment {r.row['experiment']}    {_labels(r).partition(' ')[2] or '-'}")
         elif _labels(r):
-            typer.echo(f"tags      {_labels(r)}")
+            echo(f"tags      {_labels(r)}")
         if r.row.get("note"):
-            typer.echo(f"note      {r.row['note']}")
-        typer.echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
+            echo(f"note      {r.row['note']}")
+        echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
         started = r.started_at and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
-        typer.echo(
+        echo(
             f"created   {_age(r.created_at)} ago    started {started or '-'}    "
             f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.row['gpus']}" if r.row.get("gpus") else "")
         )
-        typer.echo(f"directory {location(r)}")
+        echo(f"directory {location(r)}")
         if r.error:
-            typer.secho(f"error     {r.error}", fg="red")
+            secho(f"error     {r.error}", fg="red")
         if latest:
-            typer.echo("latest metrics:")
+            echo("latest metrics:")
             for name in sorted(latest):
-                typer.echo(f"  {name:32s} {latest[name]:.6g}")
+                echo(f"  {name:32s} {latest[name]:.6g}")
         if summary and summary.get("before"):
-            typer.echo("before -> final:")
+            echo("before -> final:")
             for name in sorted(summary["before"]):
                 if name in summary.get("final", {}):
-                    typer.echo(f"  {name:32s} {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
+                    echo(f"  {name:32s} {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
         changed = {k: v for k, v in r.spec.items() if k not in ("model", "dataset", "algorithm")}
-        typer.echo("spec: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()) if v not in (None, "", [], {})))
+        echo("spec: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()) if v not in (None, "", [], {})))
 
     @app.command()
     @friendly
@@ -271,26 +276,26 @@ def register(app: typer.Typer) -> None:
                     logged.add(row["name"])
                 for step, values in by_step.items():
                     if as_json:
-                        typer.echo(json.dumps({"step": step, **values}))
+                        echo(json.dumps({"step": step, **values}))
                         continue
                     # The main metrics logged so far; the header is printed again when one appears.
                     now = wanted or [c for c in FOLLOW_COLUMNS if c in logged] or sorted(logged)[:6]
                     if now != columns:
                         columns = now
-                        typer.echo(f"{'step':>6s}  " + "  ".join(f"{c:>{max(12, len(c))}s}" for c in columns))
+                        echo(f"{'step':>6s}  " + "  ".join(f"{c:>{max(12, len(c))}s}" for c in columns))
                     cells = [
                         f"{values[c]:{max(12, len(c))}.6g}" if c in values else " " * max(12, len(c)) for c in columns
                     ]
-                    typer.echo(f"{step:6d}  " + "  ".join(cells))
+                    echo(f"{step:6d}  " + "  ".join(cells))
                 sys.stdout.flush()
             if not follow:
                 break
             if status in ENDED and not rows:
-                typer.echo(f"run {status}", err=True)
+                echo(f"run {status}", err=True)
                 break
             time.sleep(interval)
         if not last_id and not follow:
-            typer.echo(f"no metrics logged yet for {r.id} ({r.status})", err=True)
+            echo(f"no metrics logged yet for {r.id} ({r.status})", err=True)
 
     @app.command()
     @friendly
@@ -316,9 +321,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _emit_json(rows)
             return
-        typer.echo(f"{r.id} samples at step {chosen} (logged steps: {', '.join(map(str, steps))})\n")
+        echo(f"{r.id} samples at step {chosen} (logged steps: {', '.join(map(str, steps))})\n")
         for line in sample_lines(rows, limit):
-            typer.echo(line)
+            echo(line)
 
     @app.command()
     @friendly
@@ -330,33 +335,36 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """The run's log (its process output) or its events; failures show the error first."""
+        from jobs.home import runs_root
+        from jobs.trust import RUN_ID_PATTERN
         from jobs.worker import log_tail
 
         jobs = _jobs()
         r = jobs.resolve(run)
         if r.error:
-            typer.secho(f"{r.status}: {r.error}", fg="red")
+            secho(f"{r.status}: {r.error}", fg="red")
         if events:
             for event in jobs.store.events(r.id):
                 stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-                typer.echo(f"{stamp} [{event['kind']}] {event['message']}")
+                echo(f"{stamp} [{event['kind']}] {event['message']}")
             return
         streamed = "\n".join(jobs.store.log_text(r.id).splitlines()[-lines:])  # a run on another host
-        text = (r.out_dir and log_tail(Path(r.out_dir) / "log.txt", lines)) or streamed or r.log_tail
-        typer.echo(text or f"(no log yet: {r.id} is {r.status})")
+        local = runs_root(jobs.home, jobs.store.shared) / r.id / "log.txt"  # derived from the id, not the row
+        text = (RUN_ID_PATTERN.fullmatch(r.id) and log_tail(local, lines)) or streamed or r.log_tail
+        echo(text or f"(no log yet: {r.id} is {r.status})")
 
     @app.command()
     @friendly
     def cancel(run: str = typer.Argument(..., help="Run id (or a unique part of it).")) -> None:
         """Cancel a queued run, or stop a running one at its next step (it keeps metrics and checkpoint)."""
-        typer.echo(_jobs().cancel(run))
+        echo(_jobs().cancel(run))
 
     @app.command()
     @friendly
     def resume(run: str = typer.Argument(..., help="Run id (or a unique part of it).")) -> None:
         """Queue a failed, cancelled, interrupted or pruned run again; it continues from its last checkpoint."""
         r = _jobs().resume(run)
-        typer.echo(f"{r.id}: queued to resume from its last checkpoint")
+        echo(f"{r.id}: queued to resume from its last checkpoint")
 
     @app.command()
     @friendly
@@ -364,7 +372,7 @@ def register(app: typer.Typer) -> None:
         """Queue again the runs the store knows are queued but no queue holds (after a Redis restart
         without persistence; workers also do this by themselves every sweep)."""
         lost = _jobs().requeue_lost()
-        typer.echo(
+        echo(
             "\n".join(f"{run_id}: queued again" for run_id in lost) or "nothing lost: every queued run is on the queue"
         )
 
@@ -382,7 +390,7 @@ def register(app: typer.Typer) -> None:
         ):
             raise typer.Exit(1)
         jobs.remove(r.id)
-        typer.echo(f"removed {r.id}")
+        echo(f"removed {r.id}")
 
     @app.command()
     @friendly
@@ -411,7 +419,7 @@ def register(app: typer.Typer) -> None:
         logging.getLogger("huey").setLevel(logging.WARNING)
         home = cherry_home()
         w = Worker(home, gpus=gpu_list, concurrency=concurrency, grace=grace)
-        typer.echo(
+        echo(
             f"cherry worker: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
             + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""),
             err=True,

@@ -10,7 +10,15 @@ from typing import Any, Optional
 import typer
 
 from jobs import CherryError
-from tuiapp.cli.options import CONFIG_OPTION, DATASET_OPTION, MODEL_OPTION, PRESET_OPTION, SET_OPTION, friendly
+from tuiapp.cli.options import (
+    CONFIG_OPTION,
+    DATASET_OPTION,
+    MODEL_OPTION,
+    PRESET_OPTION,
+    SET_OPTION,
+    echo,
+    friendly,
+)
 from tuiapp.text import margin_stats
 
 
@@ -26,10 +34,10 @@ def _print_samples(samples: list[dict[str, Any]], limit: int) -> None:
 
     for row in samples[:limit]:
         prompt = row["prompt"].replace("\n", " ")
-        typer.echo(f"  prompt    {prompt}")
-        typer.echo(f"  reference {row['reference']!r}{mark(row.get('reference_score'))}")
-        typer.echo(f"  policy    {row['policy']!r}{mark(row.get('policy_score'))}   (answer {row.get('answer')!r})")
-        typer.echo("")
+        echo(f"  prompt    {prompt}")
+        echo(f"  reference {row['reference']!r}{mark(row.get('reference_score'))}")
+        echo(f"  policy    {row['policy']!r}{mark(row.get('policy_score'))}   (answer {row.get('answer')!r})")
+        echo("")
 
 
 def _pairs_line(samples: list[dict[str, Any]]) -> str | None:
@@ -73,7 +81,7 @@ def train(
             out = Path(launch["output_dir"])
     _configure_logging()
     run_dir, summary = _foreground(spec, out, resume=resume is not None)
-    typer.echo("")
+    echo("")
     _print_summary(run_dir, summary)
 
 
@@ -88,7 +96,7 @@ def _foreground(
     try:
         run_dir, summary = run_in_process(spec, out, _progress() if progress else None, resume=resume)
     except KeyboardInterrupt:
-        typer.echo(
+        echo(
             "\nquit at once (second Ctrl+C): the run is recorded as interrupted; `cherry resume RUN` continues "
             "from its last saved checkpoint",
             err=True,
@@ -97,7 +105,7 @@ def _foreground(
     if summary["status"] == "interrupted":
         _print_summary(run_dir, summary)
         run_id = local_run_id(run_dir, cherry_home())
-        typer.echo(
+        echo(
             f"interrupted at step {summary['step']}: checkpoint saved. Continue with `cherry resume {run_id}` "
             f"(needs `cherry worker`) or `cherry train --resume {run_dir}`",
             err=True,
@@ -113,16 +121,16 @@ def _configure_logging() -> None:
 
 
 def _print_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    typer.echo(
+    echo(
         f"{summary['status']}: {summary['step']}/{summary['total_steps']} steps in {summary['wall_seconds']:.0f}s "
         f"({summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_gb']:.2f} GB)"
     )
     for name in sorted(summary["before"]):
         if name in summary["final"]:
-            typer.echo(f"  {name}: {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
-    typer.echo(f"run directory: {run_dir}")
+            echo(f"  {name}: {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
+    echo(f"run directory: {run_dir}")
     if summary.get("final_dir"):
-        typer.echo(f"final weights: {summary['final_dir']}")
+        echo(f"final weights: {summary['final_dir']}")
 
 
 @friendly
@@ -161,7 +169,7 @@ def score(
     scored, summary = score_dataset(data, reward_scorer(model, tokenizer, batch_size, safety, safety_threshold))
     if out is not None:
         out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
-    typer.echo(json.dumps(summary, indent=2))
+    echo(json.dumps(summary, indent=2))
 
 
 @friendly
@@ -173,7 +181,7 @@ def export(
     """Write a run's final weights as a model loadable with AutoModelForCausalLM.from_pretrained."""
     from engine.export import export_run
 
-    typer.echo(f"exported to {export_run(run_dir, out, merge=merge)}")
+    echo(f"exported to {export_run(run_dir, out, merge=merge)}")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -190,13 +198,13 @@ def presets(
     if name and yaml_files:
         for i, path in enumerate(preset_chain(name)):
             if i:
-                typer.echo(f"\n# ---- inherited from {path.stem} (values above take precedence) ----")
-            typer.echo(path.read_text().rstrip())
+                echo(f"\n# ---- inherited from {path.stem} (values above take precedence) ----")
+            echo(path.read_text().rstrip())
     elif name:
         _print_settings(name)
     else:
         for preset_name, description in list_presets():
-            typer.echo(f"{preset_name:12s} {description}")
+            echo(f"{preset_name:12s} {description}")
 
 
 def _print_settings(preset: str) -> None:
@@ -211,9 +219,9 @@ def _print_settings(preset: str) -> None:
     for name, alias in ALIASES.items():  # the first (most used) of the field's names for each setting
         field_names.setdefault(alias.target, name)
     own = ALGORITHMS[spec.algorithm].settings
-    typer.echo(f"# {preset}: {ALGORITHMS[spec.algorithm].title}")
+    echo(f"# {preset}: {ALGORITHMS[spec.algorithm].title}")
     for title, keys in (("common settings", [k for k in values if k not in own]), (f"{spec.algorithm}'s own", own)):
-        typer.echo(f"# --- {title}")
+        echo(f"# --- {title}")
         for key in keys:
             if key in ("defaults_followed", "aliases_used"):
                 continue
@@ -221,7 +229,7 @@ def _print_settings(preset: str) -> None:
             for sub, value in items:
                 full = f"{key}.{sub}" if sub else key
                 also = f" (TRL: {field_names[full]})" if full in field_names else ""
-                typer.echo(f"{full}: {json.dumps(value)}".ljust(40) + f"# {helps.get(full, '')}{also}")
+                echo(f"{full}: {json.dumps(value)}".ljust(40) + f"# {helps.get(full, '')}{also}")
 
 
 # ----------------------------------------------------------------------------- demo

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from tuiapp.text import safe_text
+
 
 class ConfirmScreen(ModalScreen[bool]):
+    """The question and its detail name runs and directories: shown as plain, escaped text, never markup."""
+
     BINDINGS = [
         Binding("y", "answer(True)", "yes"),
         Binding("n,escape", "answer(False)", "no"),
@@ -22,9 +27,9 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm", classes="dialog"):
-            yield Static(self.question, classes="dialog-title")
+            yield Static(Text(safe_text(self.question)), classes="dialog-title")
             if self.detail:
-                yield Static(self.detail, classes="dim")
+                yield Static(Text(safe_text(self.detail)), classes="dim")
             with Horizontal(classes="buttons"):
                 yield Button("No [n]", id="no")
                 yield Button("Yes, delete [y]", id="yes", variant="error")

@@ -58,7 +58,7 @@ def results_table(rows: list[RunResult], keys: list[str], colours: dict[str, str
         table.add_row(
             str(i),
             name,
-            *(row.values.get(k, "-") for k in keys),
+            *(Text(str(row.values.get(k, "-"))) for k in keys),  # Text: a str cell would be read as markup
             Text(fmt_num(row.best) if row.best is not None else "-", style="bold" if i == 1 else ""),
             fmt_num(row.final) if row.final is not None else "-",
             fmt_num(row.kl) if row.kl is not None else "-",

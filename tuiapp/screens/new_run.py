@@ -99,11 +99,11 @@ def preset_description(preset: str) -> str:
     if preset.startswith("demo/"):
         return f"the demo's {preset.split('/')[-1]} run: demo model and data, tuned for a CPU"
     try:
-        import yaml
+        from engine.limits import load_yaml_file
 
-        data = yaml.safe_load(Path(preset).expanduser().read_text()) or {}
+        data = load_yaml_file(Path(preset).expanduser()) or {}
         return f"{Path(preset).name}: {data.get('description') or 'a preset file'}"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, CherryError):
         return preset
 
 

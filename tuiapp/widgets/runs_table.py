@@ -107,10 +107,10 @@ def cells(run: RunInfo, selected: bool, now: float, grouped: bool = False, share
         + run_label(run, grouped, shared_name),
         status_text(run),
         Text(progress, justify="right"),
-        metric,
+        Text(metric),  # Text, never a str: a str cell is parsed as markup
         Text(age(run.created_at, now), justify="right"),
-        run.algorithm,
-        eta,
+        Text(run.algorithm),
+        Text(eta),
     )
 
 
@@ -126,10 +126,12 @@ def group_cells(group: Group, now: float) -> tuple:
         Text(f"{'▸' if group.collapsed else '▾'} {group.name} ({len(group.runs)})", style="bold"),
         status,
         Text(""),
-        Text("best " + metric_cell(group.metric, best), style="bold") if best is not None and group.metric else "",
+        Text("best " + metric_cell(group.metric, best), style="bold")
+        if best is not None and group.metric
+        else Text(""),
         Text(age(newest, now), justify="right"),
-        group.runs[0].algorithm if group.runs else "",
-        "",
+        Text(group.runs[0].algorithm if group.runs else ""),
+        Text(""),
     )
 
 
