@@ -8,6 +8,8 @@ import logging
 import os
 import pickle
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -102,3 +104,16 @@ def test_malformed_stream_entries_are_skipped_and_logged(shared_home, caplog):
     done = subprocess.run(CLI + ["show", run_id], capture_output=True, text=True, timeout=120, env=os.environ)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_tls_to_a_plain_redis_port_fails_within_seconds(redis_url, tmp_path):
+    """`rediss://` pointed at a Redis that speaks no TLS: the handshake waits for bytes that never come; a front
+    end must still answer within seconds, naming the URL (the probe's socket timeout bounds the handshake)."""
+    tls_url = redis_url.replace("redis://", "rediss://", 1)
+    env = {**os.environ, "CHERRY_HOME": str(tmp_path), "CHERRY_REDIS_URL": tls_url}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "tuiapp.cli", "ls"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "cannot reach Redis at rediss://" in done.stderr
+    assert time.monotonic() - started < 15
