@@ -52,6 +52,10 @@ def _scheduler(value: Any) -> Any:
     return _SCHEDULERS[value]
 
 
+def _eval_strategy(value: Any) -> Any:  # YAML reads a bare `no` as false
+    return {False: "no", True: "steps"}.get(value, value) if isinstance(value, bool) else value
+
+
 def _scale_rewards(value: Any) -> Any:  # TRL took true/false before "group" | "batch" | "none"
     return {True: "group", False: "none", "true": "group", "false": "none"}.get(value, value)
 
@@ -81,6 +85,7 @@ ALIASES: dict[str, Alias] = {
     "max_steps": Alias("max_steps", _no_limit),
     "lr_scheduler_type": Alias("lr_scheduler", _scheduler),
     "report_to": Alias("report_to", _report_to),
+    "eval_strategy": Alias("eval_strategy", _eval_strategy),
     # TRL's method settings under their own names
     "precompute_ref_log_probs": Alias("precompute_ref_logps"),
     "center_rewards_coefficient": Alias("center_rewards_coef"),

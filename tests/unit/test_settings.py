@@ -33,6 +33,7 @@ def _a_value_for(setting: str):
         "max_steps": 7,
         "lr_scheduler": "cosine",
         "report_to": "tensorboard",
+        "eval_strategy": "no",
         "model": "demo",
         "name": "my-run",
         "dtype": "bf16",
@@ -87,6 +88,7 @@ def test_compound_names():
     assert (offline.max_prompt_length, offline.max_length) == (40, 64)
     assert resolve_spec("demo/dpo", ["max_steps=-1"]).max_steps == 0
     assert resolve_spec("demo/dpo", ["report_to=none"]).report_to == []
+    assert resolve_spec("demo/dpo", ["eval_strategy=no"]).eval_strategy == "no"  # YAML's false, as typed
     assert resolve_spec("demo/dpo", ["lr_scheduler_type=constant_with_warmup"]).lr_scheduler == "constant"
     with pytest.raises(SpecError, match="bf16 and fp16 are both true"):
         resolve_spec("demo/dpo", ["bf16=true", "fp16=true"])
