@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# Cherry against TRL (the bench extra installs it) on the tiny shape; README "Benchmark" has the others.
+# Cherry against TRL (the bench extra installs it) on the tiny shape; docs/benchmarks.md has the others.
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(VENV)/bin/cherry bench dpo --against trl --shape tiny
@@ -37,7 +37,7 @@ bench: $(VENV)/.installed
 clean-venv:
 	rm -rf $(VENV)
 
-# Wheels for a GPU machine without network (README "GPUs"): everything Cherry and the GPU check need
+# Wheels for a GPU machine without network (docs/gpu.md): everything Cherry and the GPU check need
 # except torch, for CPython $(WHEEL_PYTHON) on manylinux x86_64. WHEELHOUSE_SKIP: distributions the
 # target already has (comma-separated), to stay small.
 WHEEL_PYTHON ?= 3.12

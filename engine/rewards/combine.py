@@ -53,7 +53,9 @@ def _conversational(columns: dict[str, list], n: int) -> bool:
     return bool(n) and messages is not None and all(isinstance(m, list) for m in messages)
 
 
-def _function_source(entry: str, fn: Callable[..., Any], *, as_trl: bool = False, timeout: float | None = None) -> ScoreFn:
+def _function_source(
+    entry: str, fn: Callable[..., Any], *, as_trl: bool = False, timeout: float | None = None
+) -> ScoreFn:
     """A reward function as a source. `as_trl` (a function of yours): for conversational data the prompts
     are message lists and the completions [{"role": "assistant", "content": ...}], as TRL passes them;
     an `async def` one returns an awaitable, which `Reward.reward` awaits with the others. A call that runs

@@ -1,5 +1,5 @@
 """The online family (GRPO, RLOO, PPO, online DPO, best-of-K, ReST): rollouts, the first-ratio check,
-end-to-end runs on a tiny model, resume, and (slow) the demo gains the README reports."""
+end-to-end runs on a tiny model, resume, and (slow) the demo gains docs/demo.md reports."""
 
 from __future__ import annotations
 

@@ -191,7 +191,7 @@ def test_rm_eval_logs_score_spread_length_correlation_and_margin_buckets(tiny_mo
 def test_demo_reward_model_beats_chance_on_held_out_pairs(tmp_path):
     """presets/demo/rm.yaml (~40 CPU-seconds): pairwise accuracy on the 200 held-out demo pairs.
 
-    The bar is what a last-token scorer reaches on this demo, not 0.9: see the README's demo notes
+    The bar is what a last-token scorer reaches on this demo, not 0.9: see docs/demo.md's notes
     (right answers vs the demo model's own one-character near misses; longer runs on 9x the pairs
     reach ~80%).
     """

@@ -1,4 +1,4 @@
-"""`cherry demo`: the embedded demo, in the app or headless, and the README's demo table."""
+"""`cherry demo`: the embedded demo, in the app or headless, and the demo table in docs/demo.md."""
 
 from __future__ import annotations
 
