@@ -6,7 +6,8 @@ rather than failing, because several workers, the CLI and the app share the file
 
 A `Store` wraps one connection: open one per thread or process (sqlite3 connections are not
 shared across threads). The schema carries a version; `jobs.store_schema.MIGRATIONS[i]` takes version i
-to i + 1.
+to i + 1. That module also defines the statuses, the sample kinds and the `Run` record of a row; they are
+imported from here (the names imported `as` themselves below).
 """
 
 from __future__ import annotations
@@ -18,50 +19,21 @@ import socket
 import sqlite3
 import time
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from jobs.home import HomeError, sqlite_file_error
-from jobs.store_schema import MIGRATIONS, SCHEMA_VERSION, sqlite_utils
+from jobs.store_schema import ENDED as ENDED
+from jobs.store_schema import MIGRATIONS, SCHEMA_VERSION, Run, sqlite_utils, status_fields
+from jobs.store_schema import SAMPLE_KINDS as SAMPLE_KINDS
+from jobs.store_schema import STATUSES as STATUSES
+from jobs.store_schema import files_host as files_host
+from jobs.store_schema import location as location
+from jobs.store_schema import run_swept as run_swept
+from jobs.store_schema import run_tags as run_tags
+from jobs.store_schema import sample_kind as sample_kind
 
 BUSY_TIMEOUT_S = 30.0
-# What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),
-# a preference pair with the method's reward of each side, or an unpaired completion with its label.
-SAMPLE_KINDS = ("comparison", "preference", "unpaired")
-# pruned: stopped early by its sweep's rule (its eval metric stayed below the median of its experiment)
-STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "pruned")
-ENDED = ("completed", "failed", "cancelled", "interrupted", "pruned")
-
-
-def sample_kind(row: dict[str, Any]) -> str:
-    """comparison (reference vs policy), preference (chosen vs rejected with rewards) or unpaired."""
-    return row.get("kind") or "comparison"
-
-
-@dataclass
-class Run:
-    """One row of `runs`, with the spec decoded."""
-
-    id: str
-    status: str
-    spec: dict[str, Any]
-    row: dict[str, Any] = field(repr=False)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["row"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    @property
-    def ended(self) -> bool:
-        return self.status in ENDED
-
-    @property
-    def waiting_for_parent(self) -> bool:
-        """Queued after another run (`--after`) that has not completed yet: it has no queue task until then."""
-        return bool(self.row.get("parent")) and self.status == "queued" and not self.row.get("task_id")
 
 
 class StoreError(HomeError):
@@ -451,41 +423,6 @@ class _Transaction:
         if self.nested:
             return
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def run_tags(run: Run) -> list[str]:
-    return json.loads(run.row.get("tags") or "[]")
-
-
-def run_swept(run: Run) -> dict[str, Any]:
-    """The values the run's sweep point set ({} for a run not from a sweep)."""
-    return json.loads(run.row.get("swept") or "{}")
-
-
-def files_host(run: Run | None) -> str | None:
-    """The host whose disk holds the run's directory, when only that host has it (None: every host
-    sees it, on one machine or under $CHERRY_ARTIFACTS)."""
-    return run.row.get("files_host") if run is not None else None
-
-
-def location(run: Run) -> str:
-    """Where a run's files are, as a user on any host should read it: `host:path` for a directory on
-    one worker's disk, the plain path when every host sees it."""
-    if not run.out_dir:
-        return "(on the disk of the worker that takes it)"
-    host = files_host(run)
-    return f"{host}:{run.out_dir}" if host else run.out_dir
-
-
-def status_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields a move to `status` sets: the status itself and its start or finish time."""
-    assert status in STATUSES, status
-    fields = {**fields, "status": status}
-    if status in ENDED:
-        fields.setdefault("finished_at", time.time())
-    if status == "running":
-        fields.setdefault("started_at", time.time())
-    return fields
 
 
 def _run(row: dict[str, Any]) -> Run:

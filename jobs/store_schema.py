@@ -1,10 +1,14 @@
-"""The run store's SQLite schema: each version's tables and columns, as the migrations that take a store
-file from one version to the next (`MIGRATIONS[i]` takes version i to i + 1), and the sqlite-utils import."""
+"""What the run store holds: the SQLite schema, as the migrations that take a store file from one version to
+the next (`MIGRATIONS[i]` takes version i to i + 1); the statuses and sample kinds; the `Run` record of a
+`runs` row and what its columns mean. `jobs.store.Store` reads and writes it."""
 
 from __future__ import annotations
 
+import json
+import time
 import types
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 def _import_sqlite_utils() -> types.ModuleType:
@@ -112,3 +116,79 @@ def _v4(db: sqlite_utils.Database) -> None:
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# ---------------------------------------------------------------- what a row means
+
+
+# What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),
+# a preference pair with the method's reward of each side, or an unpaired completion with its label.
+SAMPLE_KINDS = ("comparison", "preference", "unpaired")
+# pruned: stopped early by its sweep's rule (its eval metric stayed below the median of its experiment)
+STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "pruned")
+ENDED = ("completed", "failed", "cancelled", "interrupted", "pruned")
+
+
+def sample_kind(row: dict[str, Any]) -> str:
+    """comparison (reference vs policy), preference (chosen vs rejected with rewards) or unpaired."""
+    return row.get("kind") or "comparison"
+
+
+@dataclass
+class Run:
+    """One row of `runs`, with the spec decoded."""
+
+    id: str
+    status: str
+    spec: dict[str, Any]
+    row: dict[str, Any] = field(repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["row"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def waiting_for_parent(self) -> bool:
+        """Queued after another run (`--after`) that has not completed yet: it has no queue task until then."""
+        return bool(self.row.get("parent")) and self.status == "queued" and not self.row.get("task_id")
+
+
+def run_tags(run: Run) -> list[str]:
+    return json.loads(run.row.get("tags") or "[]")
+
+
+def run_swept(run: Run) -> dict[str, Any]:
+    """The values the run's sweep point set ({} for a run not from a sweep)."""
+    return json.loads(run.row.get("swept") or "{}")
+
+
+def files_host(run: Run | None) -> str | None:
+    """The host whose disk holds the run's directory, when only that host has it (None: every host
+    sees it, on one machine or under $CHERRY_ARTIFACTS)."""
+    return run.row.get("files_host") if run is not None else None
+
+
+def location(run: Run) -> str:
+    """Where a run's files are, as a user on any host should read it: `host:path` for a directory on
+    one worker's disk, the plain path when every host sees it."""
+    if not run.out_dir:
+        return "(on the disk of the worker that takes it)"
+    host = files_host(run)
+    return f"{host}:{run.out_dir}" if host else run.out_dir
+
+
+def status_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields a move to `status` sets: the status itself and its start or finish time."""
+    assert status in STATUSES, status
+    fields = {**fields, "status": status}
+    if status in ENDED:
+        fields.setdefault("finished_at", time.time())
+    if status == "running":
+        fields.setdefault("started_at", time.time())
+    return fields
