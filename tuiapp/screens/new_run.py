@@ -28,10 +28,13 @@ from tuiapp.data import RunInfo
 from tuiapp.screens.new_run_fields import (
     EXTRA,
     FORM_FIELDS,
+    after_choices,
+    dataset_choices,
     dataset_preview,
     defaults_for,
     error_field,
     method_fields,
+    model_choices,
     preset_choices,
     preset_description,
     preset_help,
@@ -70,24 +73,6 @@ class NewRunScreen(Screen[str | None]):
 
     # ------------------------------------------------------------------ layout
 
-    def _model_choices(self) -> list[tuple[str, str]]:
-        out = [("demo (the embedded ~1M demo model)", "demo")]
-        for run in reversed(self.runs):
-            final = Path(run.out_dir) / "final"
-            if run.status == "completed" and run.algorithm != "rm" and final.is_dir():
-                out.append((f"{run.name} (final weights)", str(final)))
-        return out
-
-    def _dataset_choices(self) -> list[tuple[str, str]]:
-        return [(f"demo/{p.name}", f"demo/{p.name}") for p in sorted(spec_api().demo_dir().glob("*.jsonl"))]
-
-    def _after_choices(self) -> list[tuple[str, str]]:
-        return [
-            (f"{r.name} ({r.status})", r.id)
-            for r in reversed(self.runs)
-            if r.status in ("queued", "running", "completed") and r.algorithm != "rm"
-        ]
-
     def _row(self, key: str, label: str, widget, help_text: str = "") -> Horizontal:
         return Horizontal(
             Label(label, classes="field-label"),
@@ -98,8 +83,8 @@ class NewRunScreen(Screen[str | None]):
         )
 
     def compose(self) -> ComposeResult:
-        models = self._model_choices()
-        datasets = self._dataset_choices()
+        models = model_choices(self.runs)
+        datasets = dataset_choices()
         with VerticalScroll(id="new-run"):
             home = getattr(self.app, "home_label", None) or str(self.home)
             yield Static(Text("New run", style="bold") + Text(f"   home: {home}", style="dim"), id="new-run-title")
@@ -163,7 +148,7 @@ class NewRunScreen(Screen[str | None]):
             yield self._row(
                 "after",
                 "After run",
-                Select(self._after_choices(), prompt="none (start when a worker is free)", id="f-after"),
+                Select(after_choices(self.runs), prompt="none (start when a worker is free)", id="f-after"),
             )
             yield Static(id="form-error")
             yield Static(id="command")

@@ -11,6 +11,7 @@ from typing import Any
 from rich.text import Text
 
 from jobs import CherryError
+from tuiapp.data import RunInfo
 from tuiapp.user_presets import list_user_presets
 
 # The hyper-parameters the form shows; anything else goes in "more settings" as key=value.
@@ -74,6 +75,31 @@ def preset_choices(home: Path | None = None) -> list[tuple[str, str]]:
         for desc, path in list_user_presets(home):
             out.append((f"{path.stem}  (yours)", str(path)))
     return out
+
+
+def model_choices(runs: list[RunInfo]) -> list[tuple[str, str]]:
+    """(label, model) of the Model picker: the demo model, then each completed run's final weights, newest
+    first (a reward model's are not a policy to start from)."""
+    out = [("demo (the embedded ~1M demo model)", "demo")]
+    for run in reversed(runs):
+        final = Path(run.out_dir) / "final"
+        if run.status == "completed" and run.algorithm != "rm" and final.is_dir():
+            out.append((f"{run.name} (final weights)", str(final)))
+    return out
+
+
+def dataset_choices() -> list[tuple[str, str]]:
+    """(label, dataset) of the Dataset picker: the demo's datasets."""
+    return [(f"demo/{p.name}", f"demo/{p.name}") for p in sorted(spec_api().demo_dir().glob("*.jsonl"))]
+
+
+def after_choices(runs: list[RunInfo]) -> list[tuple[str, str]]:
+    """(label, run id) of the After run picker: runs queued, running or completed, newest first."""
+    return [
+        (f"{r.name} ({r.status})", r.id)
+        for r in reversed(runs)
+        if r.status in ("queued", "running", "completed") and r.algorithm != "rm"
+    ]
 
 
 def preset_description(preset: str) -> str:
