@@ -5,7 +5,9 @@ and readers never block that writer. Every connection waits up to `BUSY_TIMEOUT_
 rather than failing, because several workers, the CLI and the app share the file.
 
 A `Store` wraps one connection: open one per thread or process (sqlite3 connections are not
-shared across threads). The schema carries a version; `MIGRATIONS[i]` takes version i to i + 1.
+shared across threads). The schema carries a version; `jobs.store_schema.MIGRATIONS[i]` takes version i
+to i + 1. That module also defines the statuses, the sample kinds and the `Run` record of a row; they are
+imported from here (the names imported `as` themselves below).
 """
 
 from __future__ import annotations
@@ -17,156 +19,21 @@ import socket
 import sqlite3
 import time
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from jobs.home import HomeError, sqlite_file_error
-
-
-def _import_sqlite_utils() -> types.ModuleType:
-    """sqlite-utils imports pandas and numpy when they are installed, only to name column types for their
-    values: about 2.5 s of CPU, most of what `cherry ls` would cost. The store declares its columns and
-    writes plain Python values, so those two are hidden from that import unless something loaded them."""
-    import sys
-
-    hidden = [name for name in ("pandas", "numpy") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # importing it raises ImportError: sqlite-utils goes on without it
-    try:
-        import sqlite_utils
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
-    return sqlite_utils
-
-
-sqlite_utils = _import_sqlite_utils()
+from jobs.store_schema import ENDED as ENDED
+from jobs.store_schema import MIGRATIONS, SCHEMA_VERSION, Run, sqlite_utils, status_fields
+from jobs.store_schema import SAMPLE_KINDS as SAMPLE_KINDS
+from jobs.store_schema import STATUSES as STATUSES
+from jobs.store_schema import files_host as files_host
+from jobs.store_schema import location as location
+from jobs.store_schema import run_swept as run_swept
+from jobs.store_schema import run_tags as run_tags
+from jobs.store_schema import sample_kind as sample_kind
 
 BUSY_TIMEOUT_S = 30.0
-# What a sample row holds, by its `kind`: reference vs policy completions of one prompt (no kind),
-# a preference pair with the method's reward of each side, or an unpaired completion with its label.
-SAMPLE_KINDS = ("comparison", "preference", "unpaired")
-# pruned: stopped early by its sweep's rule (its eval metric stayed below the median of its experiment)
-STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted", "pruned")
-ENDED = ("completed", "failed", "cancelled", "interrupted", "pruned")
-
-
-def sample_kind(row: dict[str, Any]) -> str:
-    """comparison (reference vs policy), preference (chosen vs rejected with rewards) or unpaired."""
-    return row.get("kind") or "comparison"
-
-
-def _v1(db: sqlite_utils.Database) -> None:
-    db["runs"].create(
-        {
-            "id": str,
-            "name": str,
-            "status": str,
-            "algorithm": str,
-            "model": str,
-            "dataset": str,
-            "spec": str,  # the full, validated RunSpec as JSON
-            "parent": str,  # the run this one was chained after (`--after`), if any
-            "priority": int,  # higher runs first; FIFO within a priority
-            "created_at": float,
-            "started_at": float,
-            "finished_at": float,
-            "heartbeat_at": float,
-            "worker_host": str,
-            "worker_pid": int,
-            "pid": int,  # the worker and the run's own process
-            "task_id": str,  # the Huey task carrying this run (to revoke a queued run)
-            "cancel_requested": int,
-            "resume": int,
-            "attempts": int,
-            "retries": int,
-            "step": int,
-            "total_steps": int,
-            "error": str,
-            "log_tail": str,
-            "out_dir": str,
-        },
-        pk="id",
-    )
-    db["runs"].create_index(["status"])
-    db["metrics"].create({"run_id": str, "step": int, "name": str, "value": float, "time": float})
-    db["metrics"].create_index(["run_id", "step"])  # "since step N" reads while a run writes
-    db["samples"].create({"run_id": str, "step": int, "prompt": str, "reference": str, "policy": str, "scores": str})
-    db["samples"].create_index(["run_id", "step"])
-    db["events"].create({"run_id": str, "time": float, "kind": str, "message": str, "data": str})
-    db["events"].create_index(["run_id", "time"])
-
-
-def _v2(db: sqlite_utils.Database) -> None:
-    """Workers announce themselves, so front ends can tell whether anyone consumes the queue."""
-    db["workers"].create(
-        {
-            "id": str,
-            "host": str,
-            "pid": int,
-            "slots": int,
-            "busy": int,
-            "queue": str,
-            "started_at": float,
-            "heartbeat_at": float,
-        },
-        pk="id",
-    )
-
-
-def _v3(db: sqlite_utils.Database) -> None:
-    """Several machines: which GPUs a run holds, where its directory was planned at submit and which
-    host's disk holds it (a worker puts it under its own home), how far this store ingested each
-    shared run's stream, and log text streamed from other hosts."""
-    db["runs"].add_column("gpus", str)
-    db["runs"].add_column("planned_dir", str)
-    db["runs"].add_column("files_host", str)  # the host whose disk alone holds the run's directory
-    db["shared_runs"].create({"run_id": str, "rev": int, "stream_id": str, "seq": int}, pk="run_id")
-    # The run's process output, for hosts that do not have its log file (streamed by its worker).
-    db["logs"].create({"run_id": str, "time": float, "text": str})
-    db["logs"].create_index(["run_id"])
-
-
-def _v4(db: sqlite_utils.Database) -> None:
-    """Experiments: the group a run belongs to (a sweep's runs share one), the values its sweep point
-    set, the early-stopping rule it follows, and the user's tags and note."""
-    db["runs"].add_column("experiment", str)
-    db["runs"].add_column("swept", str)  # JSON {key: value} of the sweep point
-    db["runs"].add_column("prune", str)  # JSON {rule, metric, after} or null
-    db["runs"].add_column("tags", str)  # JSON list of tags
-    db["runs"].add_column("note", str)
-    db["runs"].create_index(["experiment"])
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclass
-class Run:
-    """One row of `runs`, with the spec decoded."""
-
-    id: str
-    status: str
-    spec: dict[str, Any]
-    row: dict[str, Any] = field(repr=False)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["row"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    @property
-    def ended(self) -> bool:
-        return self.status in ENDED
-
-    @property
-    def waiting_for_parent(self) -> bool:
-        """Queued after another run (`--after`) that has not completed yet: it has no queue task until then."""
-        return bool(self.row.get("parent")) and self.status == "queued" and not self.row.get("task_id")
 
 
 class StoreError(HomeError):
@@ -556,41 +423,6 @@ class _Transaction:
         if self.nested:
             return
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def run_tags(run: Run) -> list[str]:
-    return json.loads(run.row.get("tags") or "[]")
-
-
-def run_swept(run: Run) -> dict[str, Any]:
-    """The values the run's sweep point set ({} for a run not from a sweep)."""
-    return json.loads(run.row.get("swept") or "{}")
-
-
-def files_host(run: Run | None) -> str | None:
-    """The host whose disk holds the run's directory, when only that host has it (None: every host
-    sees it, on one machine or under $CHERRY_ARTIFACTS)."""
-    return run.row.get("files_host") if run is not None else None
-
-
-def location(run: Run) -> str:
-    """Where a run's files are, as a user on any host should read it: `host:path` for a directory on
-    one worker's disk, the plain path when every host sees it."""
-    if not run.out_dir:
-        return "(on the disk of the worker that takes it)"
-    host = files_host(run)
-    return f"{host}:{run.out_dir}" if host else run.out_dir
-
-
-def status_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """The fields a move to `status` sets: the status itself and its start or finish time."""
-    assert status in STATUSES, status
-    fields = {**fields, "status": status}
-    if status in ENDED:
-        fields.setdefault("finished_at", time.time())
-    if status == "running":
-        fields.setdefault("started_at", time.time())
-    return fields
 
 
 def _run(row: dict[str, Any]) -> Run:

@@ -32,15 +32,13 @@ import torch
 
 from engine.algorithms.base import Algorithm, Models
 from engine.algorithms.online_rows import collate_rows, pad_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
+from engine.losses.advantages import group_advantages, group_stats, token_kl
 from engine.losses.online import (
     GRPO_LOSS_AGGREGATION,
     aggregate_token_loss,
     cispo_policy_loss,
     clipped_policy_loss,
-    group_advantages,
-    group_stats,
     gspo_policy_loss,
-    token_kl,
 )
 
 

@@ -35,15 +35,8 @@ from engine.algorithms.online_rows import (
     sample_logps,
     token_logps,
 )
-from engine.losses.online import (
-    AdaptiveKLController,
-    clipped_policy_loss,
-    clipped_value_loss,
-    explained_variance,
-    gae,
-    ppo_token_rewards,
-    whiten,
-)
+from engine.losses.advantages import AdaptiveKLController, gae, ppo_token_rewards, whiten
+from engine.losses.online import clipped_policy_loss, clipped_value_loss, explained_variance
 from engine.models import load_reward_model
 from engine.rewards.reward_model import resolve_reward_model
 

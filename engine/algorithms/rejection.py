@@ -29,7 +29,7 @@ from engine.algorithms.base import Algorithm, Models, Phase
 from engine.algorithms.online_rows import collate_rows, rollout_metrics
 from engine.algorithms.sft import completion_tokens
 from engine.logprobs import completion_logps
-from engine.losses.online import best_of_k_indices, bon_kl, group_stats, quantile_threshold, rest_keep_mask
+from engine.losses.advantages import best_of_k_indices, bon_kl, group_stats, quantile_threshold, rest_keep_mask
 from engine.losses.sft import sft_loss
 
 

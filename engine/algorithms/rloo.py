@@ -21,7 +21,8 @@ import torch
 
 from engine.algorithms.base import Algorithm
 from engine.algorithms.online_rows import collate_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
-from engine.losses.online import group_stats, rloo_advantages, sequence_policy_loss
+from engine.losses.advantages import group_stats, rloo_advantages
+from engine.losses.online import sequence_policy_loss
 
 
 class RLOO(Algorithm):

@@ -22,7 +22,8 @@ import torch
 from engine.batching import collate_completions
 from engine.bench import bench_device
 from engine.logprobs import completion_logps, full_logits_logps
-from engine.losses.online import aggregate_token_loss, clipped_policy_loss, group_advantages
+from engine.losses.advantages import group_advantages
+from engine.losses.online import aggregate_token_loss, clipped_policy_loss
 from engine.rollout import sample_rollout
 
 

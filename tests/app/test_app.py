@@ -493,7 +493,7 @@ def test_match_samples_by_prompt_text():
 
 def test_system_figures_put_the_gpu_first_and_fall_back_on_rss_and_cpu():
     from tuiapp.data import ProcFigures, RunDetail, SeriesData
-    from tuiapp.screens.main import sys_text
+    from tuiapp.screens.run_text import sys_text
 
     def detail(series, proc=None):
         from tuiapp.data import RunInfo

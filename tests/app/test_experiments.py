@@ -102,7 +102,7 @@ def test_results_rank_runs_by_their_best_value_and_mark_the_front():
 
 
 def test_a_list_in_a_numeric_field_is_a_sweep():
-    from tuiapp.screens.new_run import submit_command, sweep_grid
+    from tuiapp.screens.new_run_fields import submit_command, sweep_grid
 
     defaults = {"lr": 3e-5, "beta": 0.1, "loss_type": "sigmoid", "max_steps": 0, "bf16": False, "seed": None}
     values = {"lr": "5e-7, 1e-6,2e-6", "beta": "0.1", "loss_type": "sigmoid,ipo", "bf16": "true,false", "seed": "1,2"}
@@ -273,7 +273,7 @@ async def test_new_run_form_queues_a_sweep_from_a_list(home):
 
 
 def test_the_spec_tab_says_which_host_and_gpus_a_run_holds():
-    from tuiapp.screens.main import spec_text
+    from tuiapp.screens.run_text import spec_text
 
     shown = spec_text(_run("r1", worker_host="gpu-box", gpus="0,1"), []).plain
     assert "ran on    gpu-box  GPU 0,1" in shown

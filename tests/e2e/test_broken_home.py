@@ -14,7 +14,8 @@ import pytest
 
 from jobs.home import store_path
 from jobs.queue import JobQueue
-from jobs.store import SCHEMA_VERSION, Store, StoreError
+from jobs.store import Store, StoreError
+from jobs.store_schema import SCHEMA_VERSION
 
 RUN_ID = "20261201-120000-dpo-demo"
 

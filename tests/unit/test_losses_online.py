@@ -1,30 +1,33 @@
-"""Online RL losses and helpers (engine/losses/online.py) against values computed by hand, in float64."""
+"""Online RL losses and helpers (engine/losses/online.py and advantages.py) against values computed by hand,
+in float64."""
 
 import math
 
 import pytest
 import torch
 
-from engine.losses.online import (
+from engine.losses.advantages import (
     AdaptiveKLController,
-    aggregate_token_loss,
     best_of_k_indices,
     bon_kl,
-    cispo_policy_loss,
-    clipped_policy_loss,
-    clipped_value_loss,
-    explained_variance,
     gae,
     group_advantages,
     group_stats,
-    gspo_policy_loss,
     ppo_token_rewards,
     quantile_threshold,
     rest_keep_mask,
     rloo_advantages,
-    sequence_policy_loss,
     token_kl,
     whiten,
+)
+from engine.losses.online import (
+    aggregate_token_loss,
+    cispo_policy_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gspo_policy_loss,
+    sequence_policy_loss,
 )
 
 

@@ -65,7 +65,7 @@ def test_the_submit_time_data_kinds_match_what_the_loops_prepare():
 
 def test_the_app_reads_charts_and_form_fields_from_the_registry():
     from tuiapp.data import default_metrics
-    from tuiapp.screens.new_run import method_fields
+    from tuiapp.screens.new_run_fields import method_fields
 
     assert default_metrics("grpo", ["train/loss", "reward/mean", "kl/mean"]) == ["reward/mean", "kl/mean"]
     assert default_metrics("dpo", ["train/loss", "rewards/margin", "x"]) == ["train/loss", "rewards/margin"]

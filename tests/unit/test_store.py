@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.store import SCHEMA_VERSION, Store, StoreError, StoreReporter
+from jobs.store import Store, StoreError, StoreReporter
+from jobs.store_schema import SCHEMA_VERSION
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_runs_are_found_by_any_unique_part_of_their_id_or_name(store):
 def test_an_older_store_is_migrated_in_place(tmp_path):
     import sqlite_utils
 
-    from jobs.store import MIGRATIONS
+    from jobs.store_schema import MIGRATIONS
 
     db = sqlite_utils.Database(tmp_path / "old.db")
     MIGRATIONS[0](db)  # a store written by the first schema, with a run in it
