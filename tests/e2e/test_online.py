@@ -498,8 +498,8 @@ def test_recomputed_logps_match_the_samplers_own_for_left_padded_prompts(tiny_mo
     drawn = []  # the sampler's log-prob of each token it drew, step by step
     real_sample = rollout_module.sample_next
 
-    def recording(logits, temperature, top_p=1.0, generator=None):
-        token = real_sample(logits, temperature, top_p, generator)
+    def recording(logits, temperature, top_p=1.0, generator=None, **truncation):
+        token = real_sample(logits, temperature, top_p, generator, **truncation)
         drawn.append((logits / temperature).log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
         return token
 
