@@ -23,11 +23,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/cherry demo --headless
 
 # Lint (ruff: pyflakes, import order, pycodestyle), then the whole suite, slow tests included
-# (plain `pytest` skips those for a quick loop). pyproject's addopts run it on one pytest-xdist
-# worker per core (`-n auto`).
+# (plain `pytest` skips those for a quick loop), the 25 slowest listed at the end. pyproject's addopts
+# run it on one pytest-xdist worker per core (`-n auto`).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "slow or not slow" --durations=25
 
 # Cherry against TRL (the bench extra installs it) on the tiny shape; docs/benchmarks.md has the others.
 bench: $(VENV)/.installed
