@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-from engine.limits import load_yaml_file
 from jobs import CherryError
 
 DIR = "presets"
@@ -28,6 +27,8 @@ def presets_home(home: Path) -> Path:
 
 def list_user_presets(home: Path) -> list[tuple[str, Path]]:
     """(description or name, path) of the presets saved under this home, by name."""
+    from engine.limits import load_yaml_file  # torch-free, but the app's start-up imports no engine module
+
     out = []
     for path in sorted(presets_home(home).glob("*.y*ml")):
         try:

@@ -85,3 +85,18 @@ def load_with_datasets(
     finally:
         if bars_were_on:
             datasets.utils.logging.enable_progress_bar()
+
+
+def load_saved(path: Path, split: str) -> Any:
+    """A directory written by `save_to_disk`: its `split` when it holds several (a DatasetDict)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"could not read saved dataset directory {path} ({first_line(exc)})") from exc
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"saved dataset {path} has no split '{split}'; its splits are: {', '.join(saved)}")
+        saved = saved[split]
+    return saved

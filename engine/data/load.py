@@ -65,17 +65,9 @@ def _dataset_rows(ds: Any, max_rows: int | None) -> list[dict]:
 
 def _load_dir(path: Path, split: str, max_rows: int | None) -> list[dict]:
     if any((path / name).exists() for name in ("dataset_dict.json", "state.json", "dataset_info.json")):
-        import datasets
+        from engine.data.hub import load_saved
 
-        try:
-            obj = datasets.load_from_disk(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"could not read saved dataset directory {path} ({first_line(exc)})") from exc
-        if isinstance(obj, datasets.DatasetDict):
-            if split not in obj:
-                raise DataError(f"saved dataset {path} has no split '{split}'; its splits are: {', '.join(obj)}")
-            obj = obj[split]
-        return _dataset_rows(obj, max_rows)
+        return _dataset_rows(load_saved(path, split), max_rows)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES)
     named = [p for p in files if p.stem == split]
     hub_layout = (path / "README.md").is_file() or (path / "data").is_dir()

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data.hub import load_with_datasets
+from engine.data.hub import load_saved, load_with_datasets
 from engine.data.load import DATA_FILE_SUFFIXES, load_rows, plain
-from engine.errors import DataError, SpecError, first_line
+from engine.errors import DataError, SpecError
 from engine.spec import looks_local
 
 _MIXTURE_KEYS = ("path", "name", "split", "test_split", "data_files", "columns", "column_map", "weight")
@@ -208,20 +208,6 @@ def _is_saved(path: Path) -> bool:
     return any((path / name).exists() for name in ("dataset_dict.json", "state.json"))
 
 
-def _load_saved(path: Path, split: str) -> Any:
-    import datasets
-
-    try:
-        obj = datasets.load_from_disk(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"could not read saved dataset directory {path} ({first_line(exc)})") from exc
-    if isinstance(obj, datasets.DatasetDict):
-        if split not in obj:
-            raise DataError(f"saved dataset {path} has no split '{split}'; its splits are: {', '.join(obj)}")
-        obj = obj[split]
-    return obj
-
-
 def _has_one_file_for(path: Path, split: str) -> bool:
     files = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_FILE_SUFFIXES]
     return len(files) == 1 or sum(p.stem == split for p in files) == 1
@@ -236,7 +222,7 @@ def load_split(source: DataSource, split: str, *, max_rows: int | None = None, s
     path = Path(text).expanduser()
     datasets_reads_it = source.config is not None or source.data_files is not None
     if path.is_dir() and _is_saved(path):
-        data = _load_saved(path, split)
+        data = load_saved(path, split)
     elif path.is_dir() and (datasets_reads_it or is_hub_layout(path) or not _has_one_file_for(path, split)):
         data = load_with_datasets(str(path), source.config, split, source.data_files, streaming=streaming)
     elif path.exists() or looks_local(text):
