@@ -40,13 +40,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.errors import CherryError
+from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
 
 log = logging.getLogger("cherry.engine")
 
 RANK_ENV = "CHERRY_RANK"  # set in ranks 1..N-1 (rank 0 is the process train() runs in)
 TIMEOUT_SECONDS = float(os.environ.get("CHERRY_DIST_TIMEOUT") or 1800)  # rank 0 evaluates while others wait
-USER_ERROR_EXIT, OOM_EXIT = 2, 3  # the exit codes a worker reads (as jobs/child.py uses them)
 GRADIENT_BUCKET = 2**24  # elements summed in one collective (64 MB of fp32)
 
 

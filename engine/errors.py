@@ -5,6 +5,12 @@ Anything a user can cause (a bad path, a misnamed column, an impossible value) i
 non-zero; they never show a traceback for these.
 """
 
+# The exit codes of a run's process (and of `cherry` itself), read by the worker: a user error (2) or running
+# out of memory (3) is the run's own and is not retried; Ctrl+C ends the foreground with 130, as shells do.
+USER_ERROR_EXIT = 2
+OOM_EXIT = 3
+INTERRUPTED_EXIT = 130
+
 
 class CherryError(Exception):
     """An error caused by the user's input, with a message that says how to fix it."""

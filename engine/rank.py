@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.distributed import OOM_EXIT, USER_ERROR_EXIT, join
-from engine.errors import CherryError
+from engine.distributed import join
+from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
 from engine.spec import load_spec_file
 from engine.train import train_rank
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from engine.diskspace import disk_full_error, is_disk_full
-from engine.distributed import OOM_EXIT, USER_ERROR_EXIT, World, start_ranks
-from engine.errors import CherryError
+from engine.distributed import World, start_ranks
+from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
 from engine.loop.core import StopCheck, start_run
 from engine.loop.offline import train_offline
 from engine.loop.online import train_online

@@ -1,5 +1,5 @@
 """Run store, queue, worker and run lifecycle. Front ends reach the engine through here."""
 
-from engine.errors import CherryError
+from engine.errors import INTERRUPTED_EXIT, OOM_EXIT, USER_ERROR_EXIT, CherryError
 
-__all__ = ["CherryError"]
+__all__ = ["INTERRUPTED_EXIT", "OOM_EXIT", "USER_ERROR_EXIT", "CherryError"]

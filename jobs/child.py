@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 
-from engine.errors import CherryError
+from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
 from engine.reporting import MultiReporter, ProgressReporter
 from engine.spec import build_spec
 from jobs.home import cache_dir, cherry_home, runs_root
@@ -87,14 +87,14 @@ def run_child(run_id: str, parent_pid: int) -> int:
         store = open_store(cherry_home())
     except CherryError as err:  # the worker records the failure from the exit code and this log line
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return USER_ERROR_EXIT
     run = store.get_run(run_id)
     if run is None:
         print(
             f"error: run {run_id} is not in the store {store.path}" + (" (or in Redis)" if store.shared else ""),
             file=sys.stderr,
         )
-        return 2
+        return USER_ERROR_EXIT
     stop = StopCheck(store, run_id, parent_pid)
     signal.signal(signal.SIGTERM, stop.on_signal)
     signal.signal(signal.SIGINT, stop.on_signal)
@@ -112,13 +112,13 @@ def run_child(run_id: str, parent_pid: int) -> int:
         _fail(store, run_id, str(err))  # first: the log below may be on the disk that is full
         with contextlib.suppress(OSError):
             print(f"error: {err}", flush=True)
-        return 2
+        return USER_ERROR_EXIT
     except Exception as err:  # a crash: the traceback goes to the run's log, the gist to the store
         traceback.print_exc()
         sys.stdout.flush()
         if "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError":
             _fail(store, run_id, OOM_ADVICE)
-            return 3
+            return OOM_EXIT
         _fail(store, run_id, f"{type(err).__name__}: {err}")
         return 1
     finally:
@@ -139,7 +139,7 @@ def _fail(store: Store, run_id: str, error: str) -> None:
 def main() -> None:
     if len(sys.argv) != 3:
         print("usage: python -m jobs.child RUN_ID PARENT_PID", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT)
     run_id, parent_pid = sys.argv[1], int(sys.argv[2])
     keep_files_private()
     _die_with_parent()

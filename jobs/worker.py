@@ -37,7 +37,7 @@ from pathlib import Path
 
 from huey.consumer import Consumer
 
-from engine.errors import CherryError
+from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
 from engine.spec import build_spec
 from jobs.home import runs_root
 from jobs.queue import JobQueue, queue_backend
@@ -51,8 +51,6 @@ STALE_SECONDS = 60.0  # default heartbeat timeout of a run on another host ($CHE
 SWEEP_SECONDS = 60.0
 LOG_CHUNK_BYTES = 64_000  # at most this much new log text is streamed per heartbeat
 LOG_TAIL_LINES = 40
-USER_ERROR_EXIT = 2  # the child's exit code for a user error: retrying cannot help
-OOM_EXIT = 3
 
 log = logging.getLogger("cherry.worker")
 

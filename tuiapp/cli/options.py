@@ -6,7 +6,7 @@ import functools
 
 import typer
 
-from jobs import CherryError
+from jobs import USER_ERROR_EXIT, CherryError
 from tuiapp.text import safe_text
 
 
@@ -28,7 +28,7 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except CherryError as err:
             secho(f"error: {err}", fg="red", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(USER_ERROR_EXIT) from None
 
     return wrapper
 

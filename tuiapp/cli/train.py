@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from jobs import CherryError
+from jobs import INTERRUPTED_EXIT, CherryError
 from tuiapp.cli.options import (
     CONFIG_OPTION,
     DATASET_OPTION,
@@ -101,7 +101,7 @@ def _foreground(
             "from its last saved checkpoint",
             err=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED_EXIT) from None
     if summary["status"] == "interrupted":
         _print_summary(run_dir, summary)
         run_id = local_run_id(run_dir, cherry_home())
@@ -110,7 +110,7 @@ def _foreground(
             f"(needs `cherry worker`) or `cherry train --resume {run_dir}`",
             err=True,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(INTERRUPTED_EXIT)
     return run_dir, summary
 
 
