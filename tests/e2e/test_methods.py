@@ -85,7 +85,8 @@ def test_rpo_with_ipo_is_refused():
 
 @pytest.mark.slow
 def test_sft_from_random_init_learns_the_demo_tasks(tmp_path):
-    """SFT raises exact match from a random-init model of the demo's shape (~1.5 CPU-minutes)."""
+    """SFT raises exact match from a random-init model of the demo's shape (~1.5 CPU-minutes). Measured on one
+    thread: 8 epochs reach 11.5%, 10 reach 32.5% (16 reached more, for 40% more time)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -94,7 +95,7 @@ def test_sft_from_random_init_learns_the_demo_tasks(tmp_path):
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_dir() / "model")).save_pretrained(init)
     AutoTokenizer.from_pretrained(demo_dir() / "model").save_pretrained(init)
     spec = demo_spec(
-        "sft", f"model={init}", "lr=2e-3", "batch_size=64", "epochs=16", "eval_steps=0", "warmup_ratio=0.05"
+        "sft", f"model={init}", "lr=2e-3", "batch_size=64", "epochs=10", "eval_steps=0", "warmup_ratio=0.05"
     )
     summary = train(spec, tmp_path / "sft", MemoryReporter())
     assert summary["before"]["eval/exact_match"] == 0.0
