@@ -107,22 +107,24 @@ ALIASES: dict[str, Alias] = {
 # Names that need more than a rename; `translate` handles them (listed here so the tables know them).
 COMPOUND = ("bf16", "fp16", "use_peft", "max_completion_length", "output_dir")
 
+# Any value of a knob that only tunes how fast or how quietly the same run goes: ignored, with a note.
+ANY = ("any value",)
 # TRL / TrainingArguments names with no Cherry equivalent: (values that change nothing, what to do instead).
 NO_EQUIVALENT: dict[str, tuple[tuple[Any, ...], str]] = {
     "push_to_hub": ((False, None), "Cherry does not upload; `cherry export RUN --out DIR` then `hf upload`"),
     "hub_model_id": ((None,), "Cherry does not upload; `cherry export RUN --out DIR` then `hf upload`"),
     "logging_dir": ((None,), "metrics go to the run store; report_to=tensorboard writes event files in the run dir"),
     "logging_strategy": (("steps",), "Cherry logs every logging_steps"),
-    "logging_first_step": ((False, True, None), "Cherry always logs the first step"),
+    "logging_first_step": (ANY, "Cherry always logs the first step"),
     "save_strategy": (("steps",), "Cherry saves every save_steps"),
-    "eval_on_start": ((True, False, None), "Cherry evaluates at the start whenever eval_strategy is steps"),
-    "do_train": ((True, False, None), "a run always trains"),
+    "eval_on_start": (ANY, "Cherry evaluates at the start whenever eval_strategy is steps"),
+    "do_train": (ANY, "a run always trains"),
     "do_eval": ((True, False, None), "set eval_strategy: no to switch evaluation off"),
-    "overwrite_output_dir": ((False, True, None), "each run gets its own directory"),
-    "remove_unused_columns": ((True, False, None), "Cherry keeps the columns reward functions read"),
-    "dataloader_num_workers": ((0, None), "Cherry tokenises once (cached) and batches in the training process"),
+    "overwrite_output_dir": (ANY, "each run gets its own directory"),
+    "remove_unused_columns": (ANY, "Cherry keeps the columns reward functions read"),
+    "dataloader_num_workers": (ANY, "Cherry tokenises once (cached) and batches in the training process"),
     "dataloader_drop_last": ((False, None), "Cherry keeps every row"),
-    "gradient_checkpointing_kwargs": ((None, {}), "gradient_checkpointing: true uses the model's default"),
+    "gradient_checkpointing_kwargs": (ANY, "gradient_checkpointing: true uses the model's default"),
     "model_init_kwargs": ((None, {}), "use dtype, trust_remote_code and device"),
     "ref_model_init_kwargs": ((None, {}), "use ref_model"),
     "model_revision": (("main", None), "download the revision and give its directory as model"),
@@ -135,12 +137,12 @@ NO_EQUIVALENT: dict[str, tuple[tuple[Any, ...], str]] = {
     "completion_only_loss": ((True, None), "Cherry always trains on completion tokens only"),
     "assistant_only_loss": ((False, None), "Cherry trains on the final assistant turn of each conversation"),
     "dataset_text_field": (("text",), "a `text` column is read as is; rename other columns in your data"),
-    "dataset_num_proc": ((None,), "Cherry tokenises in processes of its own choosing"),
+    "dataset_num_proc": (ANY, "Cherry tokenises in processes of its own choosing"),
     "disable_dropout": ((True, False, None), "Cherry's presets set dropout on the adapter only (lora.dropout)"),
     "deepspeed": ((None,), "use parallelism: fsdp (PyTorch's FSDP2) with num_processes"),
     "fsdp": ((None, "", []), "use parallelism: fsdp with num_processes"),
     "fsdp_config": ((None, {}), "use parallelism: fsdp with num_processes"),
-    "ddp_find_unused_parameters": ((None, False), "Cherry's data-parallel sync needs no setting"),
+    "ddp_find_unused_parameters": (ANY, "Cherry's data-parallel sync needs no setting"),
     "optim": (("adamw_torch", "adamw_torch_fused"), "Cherry trains with AdamW (fused on GPUs)"),
     "torch_compile": ((False, None), "not available"),
     "tf32": ((None,), "not available"),
@@ -151,8 +153,8 @@ NO_EQUIVALENT: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_dora": ((False, None), "not available"),
     "ds3_gather_for_generation": ((True, None), "not needed: parallelism fsdp gathers for generation"),
     "sync_ref_model": ((False, None), "the reference stays frozen in Cherry"),
-    "log_completions": ((False, True, None), "Cherry logs samples every sample_steps (num_samples of them)"),
-    "num_completions_to_print": ((None,), "Cherry logs num_samples samples"),
+    "log_completions": (ANY, "Cherry logs samples every sample_steps (num_samples of them)"),
+    "num_completions_to_print": (ANY, "Cherry logs num_samples samples"),
     "generation_batch_size": ((None,), "a rollout is batch_size prompts x num_generations"),
     "steps_per_generation": ((None,), "use num_mini_batches (optimizer steps per rollout pass)"),
     "shuffle_dataset": ((True, None), "Cherry shuffles with the seed"),
@@ -193,7 +195,7 @@ def translate(
             put(alias.target, alias.convert(value) if alias.convert else value, name)
         elif name in NO_EQUIVALENT:
             harmless, instead = NO_EQUIVALENT[name]
-            if value not in harmless:
+            if harmless is not ANY and value not in harmless:
                 raise SpecError(f"{name} has no equivalent in Cherry: {instead}; remove {name}")
             notes.append(f"{name} ignored")
         elif name not in COMPOUND:

@@ -116,6 +116,9 @@ def test_bad_names_get_one_message(override, message):
 def test_harmless_trl_defaults_are_accepted_and_noted():
     spec = resolve_spec("demo/dpo", ["push_to_hub=false", "logging_strategy=steps"])
     assert "push_to_hub ignored" in spec.aliases_used
+    # knobs that only tune speed take any value (TRL's examples set these)
+    knobs = resolve_spec("demo/dpo", ["gradient_checkpointing_kwargs={use_reentrant: false}", "dataset_num_proc=4"])
+    assert knobs.aliases_used == ["gradient_checkpointing_kwargs ignored", "dataset_num_proc ignored"]
 
 
 @pytest.mark.parametrize("method", ["kto", "cpo", "orpo", "sft", "rm"])
