@@ -21,29 +21,14 @@ from engine.reporting import MemoryReporter
 from engine.spec import build_spec
 from engine.train import train
 from tests.conftest import write_jsonl
+from tests.e2e.test_online import online_spec
+from tests.e2e.test_train import dpo_spec as train_dpo_spec
 
 
 def dpo_spec(model_dir, data, **overrides):
-    values = dict(
-        algorithm="dpo",
-        model=str(model_dir),
-        dataset=str(data),
-        lr=5e-3,
-        batch_size=8,
-        max_steps=8,
-        eval_split=0.0,
-        eval_steps=0,
-        sample_steps=0,
-        save_steps=4,
-        num_samples=0,
-        kl_samples=0,
-        max_length=64,
-        max_prompt_length=32,
-        warmup_ratio=0.0,
-        num_threads=1,
-    )
-    values.update(overrides)
-    return build_spec(values)
+    """test_train's DPO run, shorter and with no eval, samples or KL estimate: the faults need only the steps."""
+    quiet = dict(max_steps=8, eval_split=0.0, eval_steps=0, sample_steps=0, num_samples=0, kl_samples=0)
+    return train_dpo_spec(model_dir, data, **{**quiet, **overrides})
 
 
 def summary_of(run_dir):
@@ -102,28 +87,10 @@ def nan_reward(tmp_path):
 
 
 def grpo_spec(model_dir, reward_file, prompts, **overrides):
-    values = dict(
-        algorithm="grpo",
-        model=str(model_dir),
-        dataset=str(prompts),
-        rewards=f"{reward_file}:score",
-        batch_size=4,
-        num_generations=4,
-        max_new_tokens=6,
-        max_length=32,
-        max_prompt_length=16,
-        eval_split=0.25,
-        max_steps=3,
-        lr=1e-3,
-        eval_steps=0,
-        sample_steps=0,
-        num_samples=0,
-        kl_samples=0,
-        save_steps=100,
-        num_threads=1,
+    """The online tests' short GRPO run, scored by `reward_file`, with no samples or KL estimate to draw."""
+    return online_spec(
+        model_dir, prompts, "grpo", rewards=f"{reward_file}:score", num_samples=0, kl_samples=0, **overrides
     )
-    values.update(overrides)
-    return build_spec(values)
 
 
 def test_a_nan_reward_fails_the_run_at_its_step(tiny_model_dir, nan_reward, tmp_path):
