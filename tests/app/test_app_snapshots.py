@@ -40,9 +40,22 @@ async def settle(pilot, predicate, what: str, timeout: float = 10.0) -> None:
     while pilot.app.reads < reads + 2 and time.monotonic() < deadline:
         await pilot.pause(0.05)
     await pilot.pause(0.2)
+    # A DataTable measures its columns on an idle message; on a loaded machine the picture could be
+    # taken before that, with every column at its label's width (seen in CI).
+    while any(table_pending(t) for t in pilot.app.screen.query("DataTable")) and time.monotonic() < deadline:
+        await pilot.pause(0.05)
     for box in pilot.app.screen.query("Input"):
         box.cursor_blink = False  # a blinking cursor would make the picture depend on timing
     await pilot.pause()
+
+
+def table_pending(table) -> bool:
+    """Whether a DataTable still has rows or cells to measure (textual keeps that state private)."""
+    return bool(
+        getattr(table, "_require_update_dimensions", False)
+        or getattr(table, "_new_rows", None)
+        or getattr(table, "_updated_cells", None)
+    )
 
 
 def detail_of(app, run_id: str) -> bool:
