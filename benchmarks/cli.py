@@ -1,7 +1,8 @@
 """`cherry bench`: Cherry against TRL on the same model, rows and settings (`--against trl`, each side
-in a fresh process, engine/bench/against.py); ablations that switch one engine optimisation off
-(`--against ablation`); time to the first step, cold and warm (`start`, engine/bench/start.py); the
-several-machines queue under load (jobs/loadbench.py); a GPU check."""
+in a fresh process, benchmarks/training/against.py); ablations that switch one engine optimisation off
+(`--against ablation`); time to the first step, cold and warm (`start`, benchmarks/training/start.py); the
+several-machines queue under load (benchmarks/queue_load.py); a GPU check. `cherry bench ARGS` reaches
+this command line through the thin entry tuiapp/cli/bench.py, which hands it ARGS."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from jobs import CherryError
 from tuiapp.cli.options import friendly
 
 bench_app = typer.Typer(
-    help="Benchmarks: Cherry against TRL (same model, rows and settings), ablations, the queue under load."
+    help="Benchmarks: Cherry against TRL (same model, rows and settings), ablations, the queue under load.",
+    context_settings={"help_option_names": ["-h", "--help"]},  # as `cherry`'s own
+    add_completion=False,
 )
 
 SHAPE_OPTION = typer.Option(
@@ -39,8 +42,8 @@ def against_trl(
     new_tokens: int | None = None,
 ) -> None:
     """Run `method` on Cherry and on TRL at `shape` (online: at each completion length) and print the table."""
-    from engine.bench import bench_device
-    from engine.bench.against import SHAPES, compare, report_lines, trl_missing, versions
+    from benchmarks.training import bench_device
+    from benchmarks.training.against import SHAPES, compare, report_lines, trl_missing, versions
     from engine.registry import is_online
 
     if shape not in SHAPES:
@@ -111,7 +114,7 @@ def bench_dpo(
     if against == "trl":
         against_trl("dpo", shape, steps, warmup, threads, device, as_json)
         return
-    from engine.bench.dpo import BenchConfig, compare
+    from benchmarks.training.dpo import BenchConfig, compare
 
     if not 0 < prompt_len < seq_len:
         raise CherryError(f"--prompt-len must be between 1 and --seq-len - 1 (got {prompt_len} with seq-len {seq_len})")
@@ -211,7 +214,7 @@ def bench_grpo(
     if against == "trl":
         against_trl("grpo", shape, steps, warmup, threads, device, as_json, new_tokens)
         return
-    from engine.bench.grpo import GRPOBenchConfig, run
+    from benchmarks.training.grpo import GRPOBenchConfig, run
 
     max_new = new_tokens or 32
     for name, value in (("--prompts", prompts), ("--k", k), ("--prompt-len", prompt_len), ("--steps", steps)):
@@ -274,8 +277,8 @@ def bench_start(
 ) -> None:
     """Time from process start to the first DPO step on a large conversational preference file: Cherry
     with an empty tokenised-data cache (cold), with it filled (warm), and TRL's DPOTrainer (each a fresh process)."""
-    from engine.bench.against import trl_missing, versions
-    from engine.bench.start import compare_start, report_lines
+    from benchmarks.training.against import trl_missing, versions
+    from benchmarks.training.start import compare_start, report_lines
 
     if against not in ("trl", "none"):
         raise CherryError(f"--against must be trl or none (got {against!r})")
@@ -310,7 +313,7 @@ def bench_queue(
 ) -> None:
     """Several machines on one: a private redis-server, two workers, two front ends submitting a burst
     of runs at once (stub runs: no training), then the app's frame time while runs stream metrics."""
-    from jobs.loadbench import QueueBenchConfig, redis_server_missing, run_queue_bench
+    from benchmarks.queue_load import QueueBenchConfig, redis_server_missing, run_queue_bench
 
     missing = redis_server_missing()
     if missing:
@@ -386,7 +389,7 @@ def bench_gpu(
     precision: tokens/s, MFU, peak GPU memory and the bf16-vs-fp32 weight-update check (a few minutes)."""
     import torch
 
-    from engine.bench.gpu import GPUBenchConfig, run
+    from benchmarks.training.gpu import GPUBenchConfig, run
 
     if not dry_run and not torch.cuda.is_available():
         typer.echo(
@@ -404,7 +407,7 @@ def bench_gpu(
 
 
 def _print_gpu_bench(result: dict) -> None:
-    from engine.bench.gpu import UPDATE_CHECK
+    from benchmarks.training.gpu import UPDATE_CHECK
 
     cfg, dpo, grpo, check = result["config"], result["dpo"], result["grpo"], result["weight_update_check"]
     shape = "tiny dry-run model" if cfg["tiny"] else "Qwen2-0.5B shape"
