@@ -12,11 +12,14 @@ TORCH_INDEX ?=
 
 .PHONY: demo test bench clean-venv wheelhouse gpu-check
 
-$(VENV)/.installed: pyproject.toml
+# The benchmark harness (benchmarks/, `cherry bench`) is its own distribution, installed beside Cherry:
+# the test suite runs its tests, and its child processes import it from the install (docs/benchmarks.md).
+$(VENV)/.installed: pyproject.toml benchmarks/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ./benchmarks
 	touch $@
 
 demo: $(VENV)/.installed
@@ -29,7 +32,8 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "slow or not slow" --durations=25
 
-# Cherry against TRL (the bench extra installs it) on the tiny shape; docs/benchmarks.md has the others.
+# Cherry against TRL (the bench extra installs TRL; .venv/.installed the harness) on the tiny shape;
+# docs/benchmarks.md has the others.
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(VENV)/bin/cherry bench dpo --against trl --shape tiny

@@ -33,7 +33,7 @@ TARGET="${TARGET:-$OUT/site}"
 mkdir -p "$OUT"
 
 CHECKS=(
-  "install: Cherry and its wheels into $TARGET (pip --no-index --no-deps --target)"
+  "install: Cherry, its benchmarks and their wheels into $TARGET (pip --no-index --no-deps --target)"
   "cuda-torch: torch sees a CUDA GPU; its name, capability and the dtype 'auto' picks"
   "cuda-tests: pytest -m gpu (CUDA unit tests; 2-GPU tests where there are 2 GPUs: per-rank prepare work, FSDP mixed precision)"
   "bench-gpu: cherry bench gpu (tokens/s, MFU, peak memory, the bf16-vs-fp32 update check)"
@@ -56,6 +56,8 @@ check_wheelhouse() {
   size=$(du -sm "$WHEELHOUSE" | cut -f1)
   echo "wheelhouse: $(ls "$WHEELHOUSE"/*.whl | wc -l) wheels, ${size} MiB in $WHEELHOUSE"
   ls "$WHEELHOUSE"/cherry_rlhf-*.whl >/dev/null 2>&1 || { echo "wheelhouse: MISSING: Cherry's own wheel"; ok=0; }
+  ls "$WHEELHOUSE"/cherry_benchmarks-*.whl >/dev/null 2>&1 \
+    || { echo "wheelhouse: MISSING: the benchmarks' wheel (cherry bench gpu)"; ok=0; }
   if [ -f "$WHEELHOUSE/requirements.txt" ]; then
     # each pin against the wheels' file names (distribution-version-...; names compared as pip does)
     "$PYTHON" - "$WHEELHOUSE" <<'PY' || ok=0

@@ -1,10 +1,11 @@
 """Collect the wheels Cherry needs, except torch, for a machine without network (`make wheelhouse`).
 
-The list is the closure of Cherry's runtime requirements plus pytest (scripts/gpu-check.sh runs the
-CUDA tests), at the versions installed in this environment, leaving out torch and what only torch
-needs (the target has its own CUDA torch and torch's dependencies). Markers are judged for the target
-(CPython on Linux x86_64 at --python-version). Binary wheels come from the index for the target's
-Python and platform; a package published only as source is built here into a pure-Python wheel.
+The list is Cherry's own wheel, its benchmarks' (benchmarks/: the check runs `cherry bench gpu`) and the
+closure of Cherry's runtime requirements plus pytest (scripts/gpu-check.sh runs the CUDA tests), at the
+versions installed in this environment, leaving out torch and what only torch needs (the target has its
+own CUDA torch and torch's dependencies). Markers are judged for the target (CPython on Linux x86_64 at
+--python-version). Binary wheels come from the index for the target's Python and platform; a package
+published only as source is built here into a pure-Python wheel.
 
     python scripts/wheelhouse.py [--dest wheelhouse] [--python-version 3.12] [--skip pyarrow,pandas]
 
@@ -100,7 +101,8 @@ def main() -> None:
     pins = [f"{name}=={version}" for name, version in sorted(wanted.items()) if name not in skip]
     (dest / "requirements.txt").write_text("".join(p + "\n" for p in pins))
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(dest), str(root)], check=True)
+    for project in (root, root / "benchmarks"):  # cherry-rlhf, cherry-benchmarks (no requirements of its own)
+        subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(dest), str(project)], check=True)
     target = ["--python-version", args.python_version, "--implementation", "cp", "--only-binary=:all:"]
     target += [arg for platform in PLATFORMS for arg in ("--platform", platform)]
     for pin in pins:

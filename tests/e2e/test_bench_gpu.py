@@ -14,7 +14,7 @@ from tuiapp.cli import app as cli
 def test_mfu_counts_the_work_that_runs_and_the_peak_table_knows_the_variants():
     from transformers import Qwen2Config
 
-    from engine.bench.gpu import QWEN2_05B, mfu, peak_bf16_flops, train_flops
+    from benchmarks.training.gpu import QWEN2_05B, mfu, peak_bf16_flops, train_flops
 
     assert peak_bf16_flops("NVIDIA H200") == peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12 and peak_bf16_flops("NVIDIA H100 NVL") == 835e12
@@ -41,7 +41,7 @@ def test_mfu_counts_the_work_that_runs_and_the_peak_table_knows_the_variants():
 
 
 def test_the_weight_update_check_fails_outside_its_threshold(monkeypatch):
-    from engine.bench import gpu
+    from benchmarks.training import gpu
 
     assert gpu.update_check_passes({"cosine": 0.99, "norm_ratio": 1.02})
     assert not gpu.update_check_passes({"cosine": 0.5, "norm_ratio": 1.0})

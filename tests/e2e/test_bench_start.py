@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from engine.bench.start import ANSWER_WORDS, PROMPT_WORDS, StartCase, compare_start, report_lines, write_case
+from benchmarks.training.start import ANSWER_WORDS, PROMPT_WORDS, StartCase, compare_start, report_lines, write_case
 from tuiapp.cli import app as cli
 
 

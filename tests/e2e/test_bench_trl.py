@@ -11,7 +11,7 @@ from importlib.util import find_spec
 import pytest
 from typer.testing import CliRunner
 
-from engine.bench.against import (
+from benchmarks.training.against import (
     LOSS_TOLERANCE,
     METHODS,
     Case,
@@ -101,7 +101,9 @@ def test_report_names_a_disagreement():
 
 
 def test_without_trl_the_command_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr("engine.bench.against.trl_missing", lambda: 'TRL is not installed: pip install -e ".[bench]"')
+    monkeypatch.setattr(
+        "benchmarks.training.against.trl_missing", lambda: 'TRL is not installed: pip install -e ".[bench]"'
+    )
     result = CliRunner().invoke(cli, ["bench", "kto", "--shape", "tiny"])
     assert result.exit_code == 2
     assert "[bench]" in result.output and "nothing was measured" in result.output and "Traceback" not in result.output
@@ -121,7 +123,7 @@ def test_dpo_ablation_is_labelled_as_one(monkeypatch):
 
 
 def test_grpo_ablation_times_the_rollout_and_both_updates():
-    from engine.bench.grpo import GRPOBenchConfig, run
+    from benchmarks.training.grpo import GRPOBenchConfig, run
 
     cfg = replace(GRPOBenchConfig(), prompts=2, k=2, prompt_len=8, max_new_tokens=4, vocab=512, hidden=32, layers=1)
     result = run(replace(cfg, repeats=1, threads=1, device="cpu"))

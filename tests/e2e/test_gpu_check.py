@@ -40,6 +40,7 @@ def test_the_dry_run_checks_every_pinned_wheel(tmp_path):
     house = tmp_path / "wheelhouse"
     house.mkdir()
     (house / "cherry_rlhf-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (house / "cherry_benchmarks-0.1.0-py3-none-any.whl").write_bytes(b"")
     (house / "PyYAML-6.0.4-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"")
     (house / "requirements.txt").write_text("pyyaml==6.0.4\ntyping-extensions==4.16.0\n")
     out = _dry_run(house)

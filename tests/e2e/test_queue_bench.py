@@ -7,7 +7,7 @@ import json
 
 from typer.testing import CliRunner
 
-from jobs.loadbench import priority_inversions
+from benchmarks.queue_load import priority_inversions
 from tests.conftest import require_redis_server
 from tuiapp.cli import app
 

@@ -1,6 +1,7 @@
 """No import cycle among the project's modules, imports inside functions included: a cycle through a
 function-level import works only as long as nobody calls it at import time, and it ties the modules into
-one block that cannot be read, tested or moved apart."""
+one block that cannot be read, tested or moved apart. And the benchmark harness (benchmarks/, not one of
+the installed packages) imports Cherry, never the other way."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("engine", "jobs", "tuiapp")
+PACKAGES = ("engine", "jobs", "tuiapp", "benchmarks")
+INSTALLED = ("engine", "jobs", "tuiapp")  # what Cherry's wheel ships; benchmarks/ is its own distribution
 
 
 def project_modules(root: Path) -> dict[str, Path]:
@@ -38,7 +40,7 @@ def imported_modules(name: str, file: Path, modules: dict[str, Path]) -> set[str
                 target = node.module or ""
             for alias in node.names:
                 submodule = f"{target}.{alias.name}"
-                # `from engine.bench import dpo` imports the submodule; `from engine.spec import X` the module
+                # `from benchmarks.training import dpo` imports the submodule; `from engine.spec import X` the module
                 if submodule in modules:
                     found.add(submodule)
                 elif target in modules:
@@ -94,10 +96,25 @@ def test_the_cycle_finder_finds_function_level_and_relative_imports(tmp_path):
     assert find_cycles(import_graph(tmp_path)) == []
 
 
-def test_no_import_cycle_among_engine_jobs_and_tuiapp():
+def test_no_import_cycle_among_engine_jobs_tuiapp_and_benchmarks():
     graph = import_graph(ROOT)
-    assert "engine.train" in graph and "tuiapp.cli" in graph  # the scan found the packages
+    assert "engine.train" in graph and "tuiapp.cli" in graph and "benchmarks.cli" in graph  # the scan found them
     cycles = find_cycles(graph)
     assert not cycles, "import cycles (move the shared piece to a third module):\n" + "\n".join(
         " -> ".join(cycle) for cycle in cycles
     )
+
+
+def test_the_installed_packages_never_import_the_benchmarks():
+    """`pip install cherry-rlhf` has no benchmarks/: an import of it from engine, jobs or tuiapp would fail
+    there. `cherry bench` finds the harness by name at call time (tuiapp/cli/bench.py), not by an import."""
+    graph = import_graph(ROOT)
+    assert graph["benchmarks.training.against"] & {"engine.train", "engine.spec"}  # the scan sees its imports
+    wrong = sorted(
+        f"{name} imports {target}"
+        for name, targets in graph.items()
+        if name.split(".")[0] in INSTALLED
+        for target in targets
+        if target.split(".")[0] == "benchmarks"
+    )
+    assert not wrong, "the installed packages import the benchmark harness:\n" + "\n".join(wrong)

@@ -4,7 +4,7 @@
 - runs.py: `submit`, `ls`, `show`, `metrics`, `samples`, `logs`, `cancel`, `resume`, `rm`, `worker`, ...
   (runs through the queue and the store, jobs/);
 - experiments.py: `sweep`, `tag`, `untag`, `note` (runs grouped as experiments);
-- pipeline.py: `pipeline` (chained runs); demo.py: `demo`; bench.py: `bench`;
+- pipeline.py: `pipeline` (chained runs); demo.py: `demo`; bench.py: `bench` (a thin entry to benchmarks/);
 - options.py: the flags shared by commands and the one-line error handling.
 
 Only typer and torch-free modules are imported at start-up, so `cherry --help` answers at once; the
@@ -16,8 +16,7 @@ from __future__ import annotations
 import typer
 
 from jobs.trust import keep_files_private
-from tuiapp.cli import experiments, pipeline, runs, train
-from tuiapp.cli.bench import bench_app
+from tuiapp.cli import bench, experiments, pipeline, runs, train
 from tuiapp.cli.demo import demo_app
 from tuiapp.cli.options import friendly
 
@@ -42,7 +41,7 @@ app = typer.Typer(
 )
 train.register(app)
 app.add_typer(demo_app, name="demo")
-app.add_typer(bench_app, name="bench")
+bench.register(app)
 runs.register(app)
 experiments.register(app)
 pipeline.register(app)

@@ -9,7 +9,7 @@ from __future__ import annotations
 def bench_device(name: str):
     """`auto` is the GPU when there is one, else the CPU; any other name is taken as it is (a torch.device).
 
-    torch is imported here, not at the top: `python -m engine.bench.start` times its child from process
+    torch is imported here, not at the top: `python -m benchmarks.training.start` times its child from process
     start, and the package's import must not add torch's to the interpreter's start."""
     import torch
 

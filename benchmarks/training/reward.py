@@ -1,6 +1,6 @@
 """The reward of the online benchmarks (`cherry bench grpo|rloo --against trl`), read by both sides: Cherry
-as `engine.bench.reward:bench_reward`, TRL's trainer as a reward function. Its own module so that the TRL
-side and the harness (engine/bench/against.py) do not import each other."""
+as `benchmarks.training.reward:bench_reward`, TRL's trainer as a reward function. Its own module so that the TRL
+side and the harness (benchmarks/training/against.py) do not import each other."""
 
 
 def bench_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:

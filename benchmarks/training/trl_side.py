@@ -1,7 +1,7 @@
 """The TRL side of `cherry bench METHOD --against trl`, run in its own child process.
 
 Only this module imports TRL (installed by the `bench` extra); nothing in a training run imports it.
-It trains the case engine/bench/against.py wrote with TRL's own trainer for the method, set to what
+It trains the case benchmarks/training/against.py wrote with TRL's own trainer for the method, set to what
 the Cherry side computes: fp32 on the chosen device, the same batch, learning rate (constant),
 gradient clipping, beta and loss type, no label smoothing, a `max_length` every row fits, the same
 reference model, the reference scored per batch (TRL's default), no evaluation and no checkpoints.
@@ -56,7 +56,7 @@ def _trainer(case, out_dir: str, model, tokenizer, dataset):
         SFTTrainer,
     )
 
-    from engine.bench.reward import bench_reward
+    from benchmarks.training.reward import bench_reward
 
     args = _common_args(case, out_dir)
     if case.method in ("dpo", "kto"):

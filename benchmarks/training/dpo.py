@@ -6,7 +6,7 @@ on completion positions only) and with that optimisation removed (`full_logits_l
 log-softmax at every position, then masked). Each path runs in its own fresh process so that peak
 memory is measured without the other's allocations; the report gives tokens/s and peak memory of
 both and their ratios, and checks that the two losses agree. What the optimisation is worth against
-what users run instead is `cherry bench dpo --against trl` (engine/bench/against.py).
+what users run instead is `cherry bench dpo --against trl` (benchmarks/training/against.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.training import bench_device
 from engine.batching import collate_preference
-from engine.bench import bench_device
 from engine.logprobs import completion_logps, full_logits_logps
 from engine.losses.dpo import dpo_loss
 
@@ -142,7 +142,7 @@ def compare(cfg: BenchConfig) -> dict:
     results = {}
     for path in PATHS:
         proc = subprocess.run(
-            [sys.executable, "-m", "engine.bench.dpo", path, json.dumps(asdict(cfg))],
+            [sys.executable, "-m", "benchmarks.training.dpo", path, json.dumps(asdict(cfg))],
             capture_output=True,
             text=True,
             check=False,
@@ -162,5 +162,5 @@ def compare(cfg: BenchConfig) -> dict:
     }
 
 
-if __name__ == "__main__":  # child-process entry: python -m engine.bench.dpo PATH CONFIG_JSON
+if __name__ == "__main__":  # child-process entry: python -m benchmarks.training.dpo PATH CONFIG_JSON
     print(json.dumps(run_path(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))))

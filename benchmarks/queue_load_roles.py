@@ -1,4 +1,4 @@
-"""The processes `cherry bench queue` starts, each as `python -m jobs.loadbench ROLE CONFIG_JSON` with its own
+"""The processes `cherry bench queue` starts, each as `python -m benchmarks.queue_load ROLE CONFIG_JSON` with its own
 home and host name: a worker whose run process is a stub, that stub run, a front end submitting its burst, and a
 streamer of live runs. Each refuses any Redis but the bench's own (the key the bench writes at start)."""
 
@@ -25,7 +25,7 @@ def _bench_redis():
 
     client = redis.Redis.from_url(os.environ["CHERRY_REDIS_URL"], decode_responses=True)
     if client.get(OWNER_KEY) != os.environ.get("CHERRY_BENCH_OWNER"):
-        raise SystemExit("jobs.loadbench: this Redis is not the benchmark's own; refusing to touch its queue")
+        raise SystemExit("benchmarks.queue_load: this Redis is not the benchmark's own; refusing to touch its queue")
     return client
 
 
@@ -40,7 +40,7 @@ def _worker_role(config: dict) -> None:
         """A real worker whose run process is the stub below; it notes the order it takes tasks in."""
 
         def child_command(self, run_id: str) -> list[str]:
-            return [sys.executable, "-P", "-m", "jobs.loadbench", "child", json.dumps({"run": run_id, **config})]
+            return [sys.executable, "-P", "-m", "benchmarks.queue_load", "child", json.dumps({"run": run_id, **config})]
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)

@@ -13,9 +13,9 @@ host names (as separate machines would be):
 What is real: Redis, Huey's priority queue, the Lua status transitions, the per-run streams, each
 front end's SQLite ingest, the worker's supervision of one child process per run. What is not: the
 child process is a stub that logs a few metrics and completes instead of training (200 trainings
-do not fit on a laptop CPU). The stub is reachable only through `python -m jobs.loadbench`, and a
+do not fit on a laptop CPU). The stub is reachable only through `python -m benchmarks.queue_load`, and a
 bench worker refuses any Redis but the bench's own (it checks a key the bench writes at start), so
-it can never take a user's queued run. Those processes' code is in jobs/loadbench_roles.py.
+it can never take a user's queued run. Those processes' code is in benchmarks/queue_load_roles.py.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.queue_load_roles import EXECUTIONS_KEY, OWNER_KEY, ROLES, TAKEN_KEY
 from engine.errors import CherryError
-from jobs.loadbench_roles import EXECUTIONS_KEY, OWNER_KEY, ROLES, TAKEN_KEY
 
 
 @dataclass
@@ -147,13 +147,13 @@ def priority_inversions(taken: list[dict], queued: dict[str, dict]) -> dict[str,
     return out
 
 
-# ---------------------------------------------------------------------- the roles' entry point (jobs/loadbench_roles.py)
+# ---------------------------------------------------------------------- the roles' entry point (benchmarks/queue_load_roles.py)
 
 
 def main() -> None:
     if len(sys.argv) != 3 or sys.argv[1] not in ROLES:
         print(
-            "usage: python -m jobs.loadbench worker|child|submit|stream CONFIG_JSON (started by `cherry bench queue`)"
+            "usage: python -m benchmarks.queue_load worker|child|submit|stream CONFIG_JSON (started by `cherry bench queue`)"
         )
         sys.exit(2)
     ROLES[sys.argv[1]](json.loads(sys.argv[2]))
@@ -214,7 +214,7 @@ class _Procs:
         return env
 
     def start(self, role: str, host: str, config: dict, *, pipes: bool = False) -> subprocess.Popen:
-        args = [sys.executable, "-m", "jobs.loadbench", role, json.dumps({**self.base, **config})]
+        args = [sys.executable, "-m", "benchmarks.queue_load", role, json.dumps({**self.base, **config})]
         if pipes:
             proc = subprocess.Popen(args, env=self.env(host), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         else:

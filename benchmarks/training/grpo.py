@@ -9,7 +9,7 @@ that optimisation removed (`full_logits_logps`, logits and log-softmax at every 
 
 A random model seldom samples EOS, so every sample runs to max_new_tokens. Times are medians of
 `repeats`. What Cherry's online step is worth against what users run instead is
-`cherry bench grpo --against trl` (engine/bench/against.py).
+`cherry bench grpo --against trl` (benchmarks/training/against.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.training import bench_device
 from engine.batching import collate_completions
-from engine.bench import bench_device
 from engine.logprobs import completion_logps, full_logits_logps
 from engine.losses.advantages import group_advantages
 from engine.losses.online import aggregate_token_loss, clipped_policy_loss

@@ -1,6 +1,6 @@
 """Peak memory of one policy forward + backward through the completion log-probs, per LM-head path.
 
-`python -m engine.bench.memory --tokens 1024 4096` runs each (path, completion tokens) case in a
+`python -m benchmarks.training.memory --tokens 1024 4096` runs each (path, completion tokens) case in a
 fresh process on a head-heavy model (a 151,936-token vocabulary, as in the Qwen2 family, on a
 small 2-layer body) and prints the step's peak: on the CPU the rise of the process's peak resident
 set (VmHWM, reset just before the step) over its resident set before the step; on a GPU
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.training import bench_device
 from engine.batching import collate_completions
-from engine.bench import bench_device
 
 PATH_NAMES = ("chunked", "model-forward", "body")
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for tokens in args.tokens:
         for path in args.paths:
-            child = [sys.executable, "-m", "engine.bench.memory", "--case", f"{path}:{tokens}"]
+            child = [sys.executable, "-m", "benchmarks.training.memory", "--case", f"{path}:{tokens}"]
             child += ["--vocab", str(args.vocab), "--hidden", str(args.hidden), "--layers", str(args.layers)]
             child += ["--rows", str(args.rows), "--device", args.device]
             done = subprocess.run(child, capture_output=True, text=True, check=False)

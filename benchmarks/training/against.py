@@ -3,13 +3,13 @@
 The parent process builds one case in a temporary directory: a random-init model (and, for DPO and
 KTO, a second random-init model as the frozen reference) saved with `save_pretrained`, the demo's
 byte-level tokenizer saved beside it, and a JSONL data file. Each side then trains on it in a fresh
-child process (`python -m engine.bench.against SIDE CASES_JSON`), so neither side's imports or
+child process (`python -m benchmarks.training.against SIDE CASES_JSON`), so neither side's imports or
 allocations count against the other (`compare_in_one_process_per_side` runs several methods per child,
 importing the libraries once: the test suite's quick check):
 
 - cherry: `engine.train.train` with a spec that turns off evaluation, samples and the reference
   precompute (TRL computes the reference per batch by default too);
-- trl: TRL's own trainer for the method (engine/bench/trl_side.py; only that child imports TRL).
+- trl: TRL's own trainer for the method (benchmarks/training/trl_side.py; only that child imports TRL).
 
 Both sides: fp32, the same threads, batch, lengths, learning rate, constant schedule, gradient
 clipping at 1.0, beta, loss type, no label smoothing, no truncation (every row fits `max_length`).
@@ -325,7 +325,7 @@ def cherry_spec(case: Case):
             max_new_tokens=case.new_tokens,
             temperature=1.0,
             top_p=1.0,
-            rewards="engine.bench.reward:bench_reward",
+            rewards="benchmarks.training.reward:bench_reward",
             beta=0.0,
             num_iterations=1,
         )
@@ -374,7 +374,7 @@ def run_side(side: str, cases: list[Case]) -> list[dict]:
     threads = cases[0].threads
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("HF_HUB_OFFLINE", "1")
-    command = [sys.executable, "-m", "engine.bench.against", side, json.dumps([asdict(c) for c in cases])]
+    command = [sys.executable, "-m", "benchmarks.training.against", side, json.dumps([asdict(c) for c in cases])]
     proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         methods = ", ".join(c.method for c in cases)
@@ -538,11 +538,11 @@ def main(argv: list[str]) -> None:
         if side == "cherry":
             results.append(run_cherry(case))
         else:
-            from engine.bench.trl_side import run_trl
+            from benchmarks.training.trl_side import run_trl
 
             results.append(run_trl(case, StepClock))
     print(json.dumps(results))
 
 
-if __name__ == "__main__":  # child-process entry: python -m engine.bench.against SIDE CASES_JSON
+if __name__ == "__main__":  # child-process entry: python -m benchmarks.training.against SIDE CASES_JSON
     main(sys.argv[1:])

@@ -127,7 +127,7 @@ def train_tokenizer(texts, vocab_size: int = 4096):
 def write_case(case: StartCase) -> None:
     from transformers.utils import logging as hf_logging
 
-    from engine.bench.against import Shape, build_model
+    from benchmarks.training.against import Shape, build_model
 
     hf_logging.disable_progress_bar()  # save_pretrained's bar would land in `--json` output
 
@@ -261,7 +261,7 @@ def run_side(side: str, case: StartCase) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(case.threads), "HF_DATASETS_CACHE": case.datasets_cache}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
-    command = [sys.executable, "-m", "engine.bench.start", side.split("-")[0], json.dumps(asdict(case))]
+    command = [sys.executable, "-m", "benchmarks.training.start", side.split("-")[0], json.dumps(asdict(case))]
     spawned = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
@@ -340,5 +340,5 @@ def main(argv: list[str]) -> None:
     print(json.dumps(marks))
 
 
-if __name__ == "__main__":  # child-process entry: python -m engine.bench.start cherry|trl CASE_JSON
+if __name__ == "__main__":  # child-process entry: python -m benchmarks.training.start cherry|trl CASE_JSON
     main(sys.argv[1:])

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.training.dpo import dpo_step_loss
+from benchmarks.training.grpo import _Tokenizer, grpo_update
 from engine.batching import collate_completions, collate_preference
-from engine.bench.dpo import dpo_step_loss
-from engine.bench.grpo import _Tokenizer, grpo_update
 from engine.logprobs import completion_logps
 from engine.models import Precision
 from engine.rollout import sample_rollout
