@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -25,6 +25,9 @@ from tuiapp.cli.options import (
     secho,
 )
 from tuiapp.text import KEY_METRICS, sample_lines
+
+if TYPE_CHECKING:
+    from jobs.store import RunRow
 
 FOLLOW_COLUMNS = (
     "train/loss",
@@ -64,34 +67,29 @@ def _key_metric(latest: dict[str, float]) -> str:
     return "-"
 
 
-def _run_json(run, latest: dict[str, float] | None = None) -> dict[str, Any]:
-    from jobs.store import location, run_swept, run_tags
-
+def _run_json(run: RunRow, latest: dict[str, float] | None = None) -> dict[str, Any]:
+    """Every column of the run as stored, the JSON ones decoded, and where its files are."""
     row = {k: v for k, v in run.row.items() if k not in ("spec", "log_tail")}
     row["spec"] = run.spec
-    row["tags"] = run_tags(run)
-    row["swept"] = run_swept(run)
-    row["prune"] = json.loads(run.row.get("prune") or "null")
-    row["location"] = location(run)  # host:path when only that worker's disk holds the run's files
+    row["tags"] = run.tags
+    row["swept"] = run.swept
+    row["prune"] = run.prune
+    row["location"] = run.location  # host:path when only that worker's disk holds the run's files
     if latest is not None:
         row["latest_metrics"] = latest
     return row
 
 
-def _matches(run, experiment: str | None, tags: list[str]) -> bool:
-    from jobs.store import run_tags
-
-    return (experiment is None or run.row.get("experiment") == experiment) and set(tags) <= set(run_tags(run))
+def _matches(run: RunRow, experiment: str | None, tags: list[str]) -> bool:
+    return (experiment is None or run.experiment == experiment) and set(tags) <= set(run.tags)
 
 
-def _labels(run) -> str:
+def _labels(run: RunRow) -> str:
     """The run's GPUs, experiment, swept values and tags, for one table cell."""
-    from jobs.store import run_swept, run_tags
-
-    parts = [f"GPU {run.row['gpus']}"] if run.row.get("gpus") else []  # the GPUs it holds (held, once ended)
-    parts += [f"[{run.row['experiment']}]"] if run.row.get("experiment") else []
-    parts += [f"{k}={v}" for k, v in run_swept(run).items()]
-    parts += [f"#{t}" for t in run_tags(run)]
+    parts = [f"GPU {run.gpus}"] if run.gpus else []  # the GPUs it holds (held, once ended)
+    parts += [f"[{run.experiment}]"] if run.experiment else []
+    parts += [f"{k}={v}" for k, v in run.swept.items()]
+    parts += [f"#{t}" for t in run.tags]
     return " ".join(parts)
 
 
@@ -178,7 +176,7 @@ def _statuses(status: list[str]) -> list[str]:
     return wanted
 
 
-def _echo_run_table(jobs, runs: list, latest: dict[str, dict[str, float]]) -> None:
+def _echo_run_table(jobs, runs: list[RunRow], latest: dict[str, dict[str, float]]) -> None:
     """The workers line, then one line per run (`cherry ls`)."""
     workers = jobs.live_workers()
     if workers:
@@ -219,29 +217,27 @@ def show(
     echo("spec: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()) if v not in (None, "", [], {})))
 
 
-def _echo_run(r) -> None:
+def _echo_run(r: RunRow) -> None:
     """What a run is, where it stands and where its files are (`cherry show`)."""
-    from jobs.store import location
-
     echo(f"run       {r.id}")
     echo(f"status    {r.status}" + (" (cancel requested)" if r.cancel_requested and r.status == "running" else ""))
     echo(f"algorithm {r.algorithm}    model {r.model}")
     echo(f"dataset   {r.dataset}")
     if r.parent:
         echo(f"after     {r.parent}")
-    if r.row.get("experiment"):
-        echo(f"experiment {r.row['experiment']}    {_labels(r).partition(' ')[2] or '-'}")
+    if r.experiment:
+        echo(f"experiment {r.experiment}    {_labels(r).partition(' ')[2] or '-'}")
     elif _labels(r):
         echo(f"tags      {_labels(r)}")
-    if r.row.get("note"):
-        echo(f"note      {r.row['note']}")
+    if r.note:
+        echo(f"note      {r.note}")
     echo(f"progress  step {r.step or 0}/{r.total_steps or '?'}    attempts {r.attempts or 0}")
     started = r.started_at and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at))
     echo(
         f"created   {_age(r.created_at)} ago    started {started or '-'}    "
-        f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.row['gpus']}" if r.row.get("gpus") else "")
+        f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.gpus}" if r.gpus else "")
     )
-    echo(f"directory {location(r)}")
+    echo(f"directory {r.location}")
     if r.error:
         secho(f"error     {r.error}", fg="red")
 
