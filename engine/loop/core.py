@@ -304,6 +304,25 @@ class Run:
         return every > 0 and self.state.step % every == 0
 
 
+def run_reporter(spec, out_dir: Path, reporter: Reporter | None, world: World) -> Reporter:
+    """Rank 0 writes the run directory (spec.yaml, then metrics, samples and events) besides `reporter`;
+    the other ranks report nothing."""
+    if not world.is_main:
+        return NullReporter()
+    run_files = RunDirReporter(out_dir)
+    write_text(out_dir / "spec.yaml", spec.to_yaml())
+    return MultiReporter(run_files, reporter) if reporter is not None else run_files
+
+
+def set_threads(spec, world: World) -> None:
+    """torch's CPU threads: the spec's `num_threads`, else each CPU rank its share of the run's cores."""
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    elif world.active:  # CPU ranks share the run's cores (a worker slot's share, else the machine's)
+        cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // world.size))
+
+
 def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: bool, world: World = World()) -> Run:
     """Seed, device and precision, the algorithm, the tokenizer, the policy and its reference.
 
@@ -311,18 +330,8 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     head); rank 0 alone writes the run directory's files."""
     started = time.time()
     out_dir = Path(out_dir)
-    if world.is_main:
-        run_files = RunDirReporter(out_dir)
-        reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
-        write_text(out_dir / "spec.yaml", spec.to_yaml())
-    else:
-        reporter = NullReporter()
-
-    if spec.num_threads:
-        torch.set_num_threads(spec.num_threads)
-    elif world.active:  # CPU ranks share the run's cores (a worker slot's share, else the machine's)
-        cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // world.size))
+    reporter = run_reporter(spec, out_dir, reporter, world)
+    set_threads(spec, world)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     device = rank_device(pick_device(spec.device), world)
