@@ -213,14 +213,14 @@ class OnlineStep:
             for phase in run.algo.phases(rows):
                 metrics.update(phase.metrics)
                 for mini_batch in mini_batches(phase, run.spec):
-                    update.tokens += self.optimizer_step(mini_batch, update.sums)
+                    update.tokens += self.forward_backward(mini_batch, update.sums)
                     update.grad_norm = clip_and_step(run, update.sums)
                     update.optimizer_steps += 1
         update.tokens = int(run.world.sum([update.tokens])[0])
         update.sums = update.sums.merged(run.world)
         return update
 
-    def optimizer_step(self, mini_batch: list[dict], sums: MetricSums) -> int:
+    def forward_backward(self, mini_batch: list[dict], sums: MetricSums) -> int:
         """Forward and backward over one mini-batch, `grad_accum` micro-batches; returns the tokens seen."""
         run, algo = self.run, self.run.algo
         pad_id, device = run.models.tokenizer.pad_token_id, run.device
