@@ -66,7 +66,7 @@ class StopCheck:
             run = self.store.get_run(self.run_id)
             if run is None or run.cancel_requested:
                 self._verdict = "cancelled"
-            elif run.row.get("prune"):
+            elif run.prune:
                 self.prune_reason = prune_reason(self.store, run)
                 self._verdict = "pruned" if self.prune_reason else None
         return self._verdict
@@ -105,7 +105,7 @@ def run_child(run_id: str, parent_pid: int) -> int:
 
         spec = build_spec(run.spec)
         out_dir = str(derived_run_dir(runs_root(cherry_home(), store.shared), run_id))  # never the row's path
-        extra = build_reporters(spec, out_dir, run_id=run_id, group=run.row.get("experiment"))
+        extra = build_reporters(spec, out_dir, run_id=run_id, group=run.experiment)
         reporter = MultiReporter(StoreReporter(store, run_id), ProgressReporter(sys.stdout), *extra)
         summary = train(spec, out_dir, reporter, should_stop=stop, cache_dir=cache_dir(), resume=bool(run.resume))
     except CherryError as err:

@@ -24,7 +24,7 @@ from engine.errors import SpecError
 from engine.limits import load_yaml_file
 from engine.spec import closest, presets_dir, resolve_spec
 from jobs.runs import Jobs, run_dir
-from jobs.store import Run
+from jobs.store import RunRow
 
 STAGE_KEYS = ("preset", "after", "model_from", "set")
 
@@ -99,7 +99,7 @@ def _fill(value: Any, run_dirs: dict[str, str], stages: dict, where: str) -> Any
 
 def submit_pipeline(
     jobs: Jobs, name: str, overrides: list[str] | None = None, *, model: str | None = None, dataset: str | None = None
-) -> list[Run]:
+) -> list[RunRow]:
     """Queue every stage of a pipeline; `overrides` are `stage.key=value` (or `key=value` for all stages);
     `model` is the first stage's model, `dataset` goes to every stage that names none."""
     stages = load_pipeline(name)
@@ -126,7 +126,7 @@ def submit_pipeline(
         stage_spec(i, stage, placeholders)
         placeholders[stage] = str(jobs.home / f"<{stage}>")
 
-    runs: dict[str, Run] = {}
+    runs: dict[str, RunRow] = {}
     run_dirs: dict[str, str] = {}
     for i, (stage, body) in enumerate(stages.items()):
         spec = stage_spec(i, stage, run_dirs)

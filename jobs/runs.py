@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from engine.errors import CherryError
 from jobs.home import artifacts_root, cherry_home, new_run_id, runs_root
 from jobs.shared import RunIdTaken, open_store
-from jobs.store import Run, Store, files_host, this_host
+from jobs.store import RunRow, Store, this_host
 from jobs.trust import UntrustedValue, derived_run_dir
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class Jobs:
         experiment: str | None = None,
         swept: dict | None = None,
         prune: dict | None = None,
-    ) -> Run:
+    ) -> RunRow:
         """Validate `spec`, store it as a queued run and queue it (or park it after `after`).
 
         A chained run's model is the output of the run it follows, or of `model_from` (an earlier
@@ -105,7 +105,7 @@ class Jobs:
 
     def check(
         self, spec: RunSpec, *, after: str | None = None, model_from: str | None = None
-    ) -> tuple[RunSpec, Run | None]:
+    ) -> tuple[RunSpec, RunRow | None]:
         """Every check `submit` makes before it writes anything: the spec as it will be stored (a chained
         run's model is its source's output) and the run it waits for. Raises a CherryError naming the field."""
         # The checks' imports (the data loaders, pyarrow) are paid by submissions, not by reads.
@@ -133,7 +133,7 @@ class Jobs:
         self.queue  # a queue file that cannot be used is refused before a run row points at it
         return spec, parent
 
-    def _create(self, spec: RunSpec, **fields) -> Run:
+    def _create(self, spec: RunSpec, **fields) -> RunRow:
         """Store a new queued run under a fresh id (another host may take an id first: try the next)."""
         shared_dirs = artifacts_root() if self.store.shared else None
         root = shared_dirs or self.home
@@ -156,7 +156,7 @@ class Jobs:
                 (root / run_id).rmdir()
             return run
 
-    def _enqueue(self, run: Run, host: str | None = None) -> None:
+    def _enqueue(self, run: RunRow, host: str | None = None) -> None:
         task_id = self.queue.enqueue(run.id, priority=run.priority or 0, host=host)
         self.store.update_run(run.id, task_id=task_id)
         where = f", for a worker on {host} (its files are there)" if host else ""
@@ -164,7 +164,8 @@ class Jobs:
 
     def release_dependents(self, run_id: str) -> list[str]:
         """Queue the runs chained after `run_id` (which just completed), where its output is."""
-        host = files_host(self.store.get_run(run_id))
+        finished = self.store.get_run(run_id)
+        host = finished.files_host if finished is not None else None
         released = []
         for child in self.store.dependents(run_id):
             self._enqueue(child, host)
@@ -177,7 +178,7 @@ class Jobs:
         pending = set(self.queue.pending_run_ids())
         lost = [r for r in self.store.list_runs(["queued"]) if r.task_id and r.id not in pending]
         for run in lost:
-            self._enqueue(run, files_host(run))
+            self._enqueue(run, run.files_host)
         return [r.id for r in lost]
 
     def live_workers(self) -> list[dict]:
@@ -186,7 +187,7 @@ class Jobs:
 
     # ------------------------------------------------------------------ find
 
-    def resolve(self, text: str) -> Run:
+    def resolve(self, text: str) -> RunRow:
         """A run by id, or by a part of its id or name that matches exactly one run."""
         matches = self.store.find_runs(text)
         if not matches:
@@ -216,7 +217,7 @@ class Jobs:
             return f"{run.id}: stopping at its next step (status becomes cancelled; metrics and checkpoint are kept)"
         raise JobError(f"{run.id} already ended ({run.status}); nothing to cancel")
 
-    def resume(self, text: str) -> Run:
+    def resume(self, text: str) -> RunRow:
         """Queue a failed, cancelled, interrupted or pruned run again; it continues from its last checkpoint."""
         run = self.resolve(text)
         if run.status not in RESUMABLE:
@@ -234,10 +235,10 @@ class Jobs:
             )
         self.store.add_event(run.id, "resume", "re-queued; it continues from its last checkpoint")
         run = self.store.get_run(run.id)
-        self._enqueue(run, files_host(run))
+        self._enqueue(run, run.files_host)
         return self.store.get_run(run.id)
 
-    def remove(self, text: str) -> Run:
+    def remove(self, text: str) -> RunRow:
         """Delete a run that is not running: its store rows and its run directory."""
         run = self.resolve(text)
         if run.status == "running":
@@ -245,7 +246,7 @@ class Jobs:
         if run.status == "queued" and run.task_id:
             self.queue.revoke(run.task_id)
         self.store.delete_run(run.id)
-        ours = files_host(run) in (None, this_host())  # another host's files are left to that host
+        ours = run.files_host in (None, this_host())  # another host's files are left to that host
         try:  # the directory this home derives from the id, whatever the row says
             out_dir = derived_run_dir(runs_root(self.home, self.store.shared), run.id)
         except UntrustedValue:
@@ -254,7 +255,7 @@ class Jobs:
             shutil.rmtree(out_dir, ignore_errors=True)
         return run
 
-    def place(self, run: Run, home: Path, host: str) -> dict:
+    def place(self, run: RunRow, home: Path, host: str) -> dict:
         """What a worker with `home` sets when it takes `run`: its directory, derived from the id under this
         worker's home (or $CHERRY_ARTIFACTS), whatever the row said, and the spec with the directories of the
         runs it was chained after as they were placed (at submit they were only planned)."""
@@ -275,6 +276,6 @@ class Jobs:
         return fields
 
 
-def run_dir(run: Run) -> str:
+def run_dir(run: RunRow) -> str:
     """The run's directory, or where it is planned when no worker placed it yet."""
     return run.out_dir or run.planned_dir or ""

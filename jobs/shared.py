@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 from engine.errors import CherryError
 from jobs.home import cherry_home, store_path
-from jobs.store import Run, Store, fresh_workers
+from jobs.store import RunRow, Store, fresh_workers
 from jobs.trust import mask_secrets, mask_url
 
 log = logging.getLogger("cherry.worker")
@@ -326,12 +326,12 @@ class SharedStore(Store):
             row[name] = value
         return row
 
-    def get_run(self, run_id: str) -> Run | None:
+    def get_run(self, run_id: str) -> RunRow | None:
         (raw,) = self.state.get_many([run_id])
         if raw is None:
             return None
         row = self._decode(raw)
-        return Run(id=row["id"], status=row["status"], spec=json.loads(row["spec"] or "{}"), row=row)
+        return RunRow.from_row(row)
 
     def change_run(
         self,
@@ -343,15 +343,15 @@ class SharedStore(Store):
     ) -> bool:
         return self.state.change(run_id, fields, only_if=only_if, beat_before=beat_before)
 
-    def find_runs(self, text: str) -> list[Run]:
+    def find_runs(self, text: str) -> list[RunRow]:
         self.sync_runs()
         return super().find_runs(text)
 
-    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:
+    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[RunRow]:
         self.sync_runs()
         return super().list_runs(statuses, experiment)
 
-    def dependents(self, run_id: str) -> list[Run]:
+    def dependents(self, run_id: str) -> list[RunRow]:
         self.sync_runs()
         return super().dependents(run_id)
 

@@ -6,7 +6,7 @@ rather than failing, because several workers, the CLI and the app share the file
 
 A `Store` wraps one connection: open one per thread or process (sqlite3 connections are not
 shared across threads). The schema carries a version; `jobs.store_schema.MIGRATIONS[i]` takes version i
-to i + 1. That module also defines the statuses, the sample kinds and the `Run` record of a row; they are
+to i + 1. That module also defines the statuses, the sample kinds and the `RunRow` record of a row; they are
 imported from here (the names imported `as` themselves below).
 """
 
@@ -24,13 +24,10 @@ from typing import Any, Iterable
 
 from jobs.home import HomeError, sqlite_file_error
 from jobs.store_schema import ENDED as ENDED
-from jobs.store_schema import MIGRATIONS, SCHEMA_VERSION, Run, sqlite_utils, status_fields
+from jobs.store_schema import MIGRATIONS, SCHEMA_VERSION, sqlite_utils, status_fields
 from jobs.store_schema import SAMPLE_KINDS as SAMPLE_KINDS
 from jobs.store_schema import STATUSES as STATUSES
-from jobs.store_schema import files_host as files_host
-from jobs.store_schema import location as location
-from jobs.store_schema import run_swept as run_swept
-from jobs.store_schema import run_tags as run_tags
+from jobs.store_schema import RunRow as RunRow
 from jobs.store_schema import sample_kind as sample_kind
 
 BUSY_TIMEOUT_S = 30.0
@@ -140,7 +137,7 @@ class Store:
         experiment: str | None = None,
         swept: dict[str, Any] | None = None,
         prune: dict[str, Any] | None = None,
-    ) -> Run:
+    ) -> RunRow:
         """A queued run. Without `out_dir` the worker that takes it puts its directory under its own home
         (`planned_dir` then stands for it in the specs of runs chained after it, until it is placed)."""
         row = {
@@ -173,11 +170,11 @@ class Store:
         with self._write():
             self.db["runs"].insert(row)
 
-    def get_run(self, run_id: str) -> Run | None:
+    def get_run(self, run_id: str) -> RunRow | None:
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
-        return _run(rows[0]) if rows else None
+        return RunRow.from_row(rows[0]) if rows else None
 
-    def find_runs(self, text: str) -> list[Run]:
+    def find_runs(self, text: str) -> list[RunRow]:
         """Runs whose id equals `text`, else those whose id or name contains it."""
         exact = self.get_run(text)
         if exact is not None:
@@ -185,9 +182,9 @@ class Store:
         pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"  # all literal
         where = "id LIKE ? ESCAPE '\\' OR name LIKE ? ESCAPE '\\'"
         rows = self.db.query(f"SELECT * FROM runs WHERE {where} ORDER BY created_at", [pattern, pattern])
-        return [_run(row) for row in rows]
+        return [RunRow.from_row(row) for row in rows]
 
-    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[Run]:
+    def list_runs(self, statuses: Iterable[str] | None = None, experiment: str | None = None) -> list[RunRow]:
         statuses = list(statuses or [])
         clauses = [f"status IN ({', '.join('?' * len(statuses))})"] if statuses else []
         params: list[Any] = list(statuses)
@@ -196,7 +193,7 @@ class Store:
             params.append(experiment)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.db.query(f"SELECT * FROM runs {where} ORDER BY created_at, rowid", params)
-        return [_run(row) for row in rows]
+        return [RunRow.from_row(row) for row in rows]
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         if "spec" in fields and not isinstance(fields["spec"], str):
@@ -261,13 +258,13 @@ class Store:
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             self.db.execute("DELETE FROM runs WHERE id = ?", [run_id])
 
-    def dependents(self, run_id: str) -> list[Run]:
+    def dependents(self, run_id: str) -> list[RunRow]:
         """Runs chained after `run_id` that still wait for it (queued, not yet on the queue)."""
         rows = self.db.query(
             "SELECT * FROM runs WHERE parent = ? AND status = 'queued' AND task_id IS NULL ORDER BY created_at, rowid",
             [run_id],
         )
-        return [_run(row) for row in rows]
+        return [RunRow.from_row(row) for row in rows]
 
     # ------------------------------------------------------------------ workers
 
@@ -423,10 +420,6 @@ class _Transaction:
         if self.nested:
             return
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def _run(row: dict[str, Any]) -> Run:
-    return Run(id=row["id"], status=row["status"], spec=json.loads(row["spec"] or "{}"), row=dict(row))
 
 
 class StoreReporter:

@@ -1,5 +1,5 @@
 """What the run store holds: the SQLite schema, as the migrations that take a store file from one version to
-the next (`MIGRATIONS[i]` takes version i to i + 1); the statuses and sample kinds; the `Run` record of a
+the next (`MIGRATIONS[i]` takes version i to i + 1); the statuses and sample kinds; the `RunRow` record of a
 `runs` row and what its columns mean. `jobs.store.Store` reads and writes it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 
@@ -135,19 +135,61 @@ def sample_kind(row: dict[str, Any]) -> str:
 
 
 @dataclass
-class Run:
-    """One row of `runs`, with the spec decoded."""
+class RunRow:
+    """One row of `runs`, its columns as typed attributes (the JSON ones decoded); built by `from_row`.
+
+    A column is None where the row holds no value (a queued run has no worker, no start time).
+    `row` keeps the row exactly as stored, for what copies it whole (another host's store, `--json`)."""
 
     id: str
-    status: str
-    spec: dict[str, Any]
+    status: str  # one of STATUSES
+    spec: dict[str, Any]  # the full, validated RunSpec
+    name: str | None
+    algorithm: str | None
+    model: str | None
+    dataset: str | None
+    parent: str | None  # the run this one was chained after (`--after`), if any
+    priority: int | None  # higher runs first; FIFO within a priority
+    created_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    heartbeat_at: float | None
+    worker_host: str | None
+    worker_pid: int | None
+    pid: int | None  # the run's own process
+    task_id: str | None  # the queue task carrying a queued run
+    cancel_requested: int | None  # 1: stop at the next step
+    resume: int | None  # 1: continue from the last checkpoint
+    attempts: int | None
+    retries: int | None
+    step: int | None
+    total_steps: int | None
+    error: str | None
+    log_tail: str | None
+    out_dir: str | None
+    gpus: str | None  # the GPUs it holds (held, once ended), e.g. "0,1"
+    planned_dir: str | None  # its directory as planned at submit, until a worker places it
+    files_host: str | None  # the host whose disk alone holds its directory (None: every host sees it)
+    experiment: str | None
+    swept: dict[str, Any]  # the values its sweep point set ({} for a run not from a sweep)
+    prune: dict[str, Any] | None  # its sweep's early-stopping rule
+    tags: list[str]
+    note: str | None
     row: dict[str, Any] = field(repr=False)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["row"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> RunRow:
+        """The record of one `runs` row (a dict of its columns, as SQLite or the shared store gives it)."""
+        row = dict(row)
+        plain = {name: row.get(name) for name in _PLAIN_COLUMNS}
+        return cls(
+            **plain,
+            spec=json.loads(row.get("spec") or "{}"),
+            swept=json.loads(row.get("swept") or "{}"),
+            prune=json.loads(row.get("prune") or "null"),
+            tags=json.loads(row.get("tags") or "[]"),
+            row=row,
+        )
 
     @property
     def ended(self) -> bool:
@@ -156,31 +198,19 @@ class Run:
     @property
     def waiting_for_parent(self) -> bool:
         """Queued after another run (`--after`) that has not completed yet: it has no queue task until then."""
-        return bool(self.row.get("parent")) and self.status == "queued" and not self.row.get("task_id")
+        return bool(self.parent) and self.status == "queued" and not self.task_id
+
+    @property
+    def location(self) -> str:
+        """Where the run's files are, as a user on any host should read it: `host:path` for a directory on
+        one worker's disk, the plain path when every host sees it."""
+        if not self.out_dir:
+            return "(on the disk of the worker that takes it)"
+        return f"{self.files_host}:{self.out_dir}" if self.files_host else self.out_dir
 
 
-def run_tags(run: Run) -> list[str]:
-    return json.loads(run.row.get("tags") or "[]")
-
-
-def run_swept(run: Run) -> dict[str, Any]:
-    """The values the run's sweep point set ({} for a run not from a sweep)."""
-    return json.loads(run.row.get("swept") or "{}")
-
-
-def files_host(run: Run | None) -> str | None:
-    """The host whose disk holds the run's directory, when only that host has it (None: every host
-    sees it, on one machine or under $CHERRY_ARTIFACTS)."""
-    return run.row.get("files_host") if run is not None else None
-
-
-def location(run: Run) -> str:
-    """Where a run's files are, as a user on any host should read it: `host:path` for a directory on
-    one worker's disk, the plain path when every host sees it."""
-    if not run.out_dir:
-        return "(on the disk of the worker that takes it)"
-    host = files_host(run)
-    return f"{host}:{run.out_dir}" if host else run.out_dir
+_DECODED_COLUMNS = ("spec", "swept", "prune", "tags")
+_PLAIN_COLUMNS = tuple(f.name for f in fields(RunRow) if f.name not in (*_DECODED_COLUMNS, "row"))
 
 
 def status_fields(status: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import yaml
 
 from engine.errors import CherryError
 from engine.limits import load_yaml_file
-from jobs.store import Run, Store
+from jobs.store import RunRow, Store
 
 PRUNE_RULES = ("median", "halving")
 _RANGE = re.compile(r"^(log|uniform|int|choice)\((.*)\)$")
@@ -253,21 +253,21 @@ def plan(sweep: Sweep, jobs) -> list[tuple[dict[str, str], Any]]:
     return planned
 
 
-def submit_sweep(sweep: Sweep, jobs) -> list[Run]:
+def submit_sweep(sweep: Sweep, jobs) -> list[RunRow]:
     """Check every point, then queue one run per point, all in the sweep's experiment."""
     planned = plan(sweep, jobs)
     experiment = sweep.experiment
     return [jobs.submit(spec, experiment=experiment, swept=point, prune=sweep.prune) for point, spec in planned]
 
 
-def prune_reason(store: Store, run: Run) -> str | None:
+def prune_reason(store: Store, run: RunRow) -> str | None:
     """Why the run's rule prunes it now (one sentence), or None while it goes on.
 
     The run's eval points from the `after`-th on are compared, latest first, with the other runs of
     its experiment at the same step; the latest step some other run has reached decides (a run ahead
     of the rest is judged where they have caught up)."""
-    rule = json.loads(run.row.get("prune") or "null")
-    if not rule or not run.row.get("experiment"):
+    rule = run.prune
+    if not rule or not run.experiment:
         return None
     logged = store.metrics(run.id, names=[rule["metric"]])
     mine = {row["step"]: row["value"] for row in logged if row["step"] > 0}  # step 0: before any training
@@ -276,7 +276,7 @@ def prune_reason(store: Store, run: Run) -> str | None:
     steps = sorted(mine)
     if len(steps) < rule["after"]:
         return None
-    others = [r.id for r in store.list_runs(experiment=run.row["experiment"]) if r.id != run.id]
+    others = [r.id for r in store.list_runs(experiment=run.experiment) if r.id != run.id]
     for step in reversed(steps[rule["after"] - 1 :]):
         values = list(store.metric_at_step(others, rule["metric"], step).values())
         if not values:
@@ -288,14 +288,14 @@ def prune_reason(store: Store, run: Run) -> str | None:
         side = "below" if rule["mode"] == "max" else "above"
         return (
             f"{rule['metric']} {mine[step]:.4g} at step {step} is {side} the median {median:.4g} of "
-            f"{len(values)} other run(s) of experiment {run.row['experiment']}"
+            f"{len(values)} other run(s) of experiment {run.experiment}"
         )
     return None
 
 
-def _halving_reason(store: Store, run: Run, rule: dict[str, Any], mine: dict[int, float]) -> str | None:
+def _halving_reason(store: Store, run: RunRow, rule: dict[str, Any], mine: dict[int, float]) -> str | None:
     others = {}
-    for other in store.list_runs(experiment=run.row["experiment"]):
+    for other in store.list_runs(experiment=run.experiment):
         if other.id != run.id:
             rows = store.metrics(other.id, names=[rule["metric"]])
             others[other.id] = {row["step"]: row["value"] for row in rows if row["step"] > 0}
@@ -304,7 +304,7 @@ def _halving_reason(store: Store, run: Run, rule: dict[str, Any], mine: dict[int
         return None
     return (
         f"{rule['metric']} {verdict.value:.4g} at rung step {verdict.step} ranks {verdict.rank} of {verdict.reached} "
-        f"run(s) of experiment {run.row['experiment']} there; successive halving (eta {rule['eta']}) keeps the "
+        f"run(s) of experiment {run.experiment} there; successive halving (eta {rule['eta']}) keeps the "
         f"best {verdict.keep}"
     )
 

@@ -242,88 +242,120 @@ class Worker:
             store.close()
 
     def _execute(self, store: Store, run_id: str) -> None:
+        """Run one queued run: check it, wait for its GPUs (or a CPU slot), start its process, watch it
+        to its end, then record how it ended."""
         run = store.get_run(run_id)
         if run is None or run.status != "queued" or self.shutting_down.is_set():
             return  # removed, cancelled while queued, or a duplicate task
-        try:  # a row from a shared store is checked here again, as `cherry submit` checked it
-            wanted = build_spec(run.spec).num_processes
-        except (CherryError, TypeError, ValueError) as err:
-            message = f"the run's settings do not validate on the worker on {self.host}: {err}"
-            if store.set_status(run_id, "failed", only_if=["queued"], error=message):
-                store.add_event(run_id, "failed", message)
+        wanted = self._processes_wanted(store, run)
+        if wanted is None:
             return
-        if self.gpu_pool is not None and wanted > len(self.gpu_pool.gpus):
-            message = (
-                f"num_processes={wanted} asks for {wanted} GPUs and the worker on {self.host} has "
-                f"{len(self.gpu_pool.gpus)} (--gpus {','.join(self.gpu_pool.gpus)}); submit again with "
-                f"--set num_processes={len(self.gpu_pool.gpus)} or start a worker with more --gpus"
-            )
-            if store.set_status(run_id, "failed", only_if=["queued"], error=message):
-                store.add_event(run_id, "failed", message)
-            return
-        if self.gpu_pool is not None:
-            gpus = self.gpu_pool.acquire(wanted, self.shutting_down)
-            if gpus is None:
-                return  # the worker shut down while the run waited for GPUs: it stays queued
-            slot = ",".join(gpus)
-        else:
-            gpus, slot = [], self.slots.get()
+        taken = self._take_slot(wanted)
+        if taken is None:
+            return  # the worker shut down while the run waited for GPUs: it stays queued
+        gpus, slot = taken
         try:
-            run = store.get_run(run_id)
-            if run is None or run.status != "queued":
-                return  # cancelled or taken while it waited for GPUs
-            jobs = Jobs(self.home)
-            try:
-                placed = jobs.place(run, self.home, self.host)
-            finally:
-                jobs.close()
-            if not store.set_status(
-                run_id,
-                "running",
-                only_if=["queued"],
-                worker_host=self.host,
-                worker_pid=self.pid,
-                pid=None,
-                heartbeat_at=time.time(),
-                attempts=(run.attempts or 0) + 1,
-                cancel_requested=0,
-                error=None,
-                log_tail=None,
-                started_at=time.time(),
-                finished_at=None,
-                gpus=slot,
-                **placed,
-            ):
-                return  # another worker took it first
-            out_dir = self.run_dir(store, run_id)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            env = child_environment(os.environ, self.home, slot, self.concurrency)
-            where = f"GPU {slot}" if slot is not None else "CPU" + (f", {wanted} processes" if wanted > 1 else "")
-            store.add_event(run_id, "worker", f"started on {self.host} ({where}), attempt {(run.attempts or 0) + 1}")
-            log.info("run %s started (%s)", run_id, where)
-            with open(out_dir / "log.txt", "ab") as log_file:
-                proc = subprocess.Popen(
-                    self.child_command(run_id),
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    start_new_session=True,
-                )
-            store.update_run(run_id, pid=proc.pid)
+            run = self._claim(store, run_id, slot)
+            if run is None:
+                return
+            proc = self._start_child(store, run, slot, wanted)
             with self.children_lock:
                 self.children[run_id] = proc
             try:
-                self._watch(store, run_id, proc, out_dir / "log.txt")
+                self._watch(store, run_id, proc, self.run_dir(store, run_id) / "log.txt")
             finally:
                 with self.children_lock:
                     self.children.pop(run_id, None)
         finally:
-            if self.gpu_pool is not None:
-                self.gpu_pool.release(gpus)
-            else:
-                self.slots.put(slot)
+            self._release_slot(gpus, slot)
         self._record_end(store, run_id, proc.returncode)
+
+    def _processes_wanted(self, store: Store, run) -> int | None:
+        """How many processes (GPUs) the run asks for; None when this worker cannot run it, which then
+        fails the run with a message saying why."""
+        try:  # a row from a shared store is checked here again, as `cherry submit` checked it
+            wanted = build_spec(run.spec).num_processes
+        except (CherryError, TypeError, ValueError) as err:
+            self._refuse(store, run.id, f"the run's settings do not validate on the worker on {self.host}: {err}")
+            return None
+        if self.gpu_pool is not None and wanted > len(self.gpu_pool.gpus):
+            self._refuse(
+                store,
+                run.id,
+                f"num_processes={wanted} asks for {wanted} GPUs and the worker on {self.host} has "
+                f"{len(self.gpu_pool.gpus)} (--gpus {','.join(self.gpu_pool.gpus)}); submit again with "
+                f"--set num_processes={len(self.gpu_pool.gpus)} or start a worker with more --gpus",
+            )
+            return None
+        return wanted
+
+    def _refuse(self, store: Store, run_id: str, message: str) -> None:
+        if store.set_status(run_id, "failed", only_if=["queued"], error=message):
+            store.add_event(run_id, "failed", message)
+
+    def _take_slot(self, wanted: int) -> tuple[list[str], str | None] | None:
+        """(the GPUs taken, the slot: their ids joined, or None for a CPU slot), waiting until they are
+        free; None when the worker shuts down first."""
+        if self.gpu_pool is None:
+            return [], self.slots.get()
+        gpus = self.gpu_pool.acquire(wanted, self.shutting_down)
+        return (gpus, ",".join(gpus)) if gpus is not None else None
+
+    def _release_slot(self, gpus: list[str], slot: str | None) -> None:
+        if self.gpu_pool is not None:
+            self.gpu_pool.release(gpus)
+        else:
+            self.slots.put(slot)
+
+    def _claim(self, store: Store, run_id: str, slot: str | None):
+        """Move the run queued -> running on this worker (placing its directory); None when it was
+        cancelled or taken while it waited for its slot."""
+        run = store.get_run(run_id)
+        if run is None or run.status != "queued":
+            return None
+        jobs = Jobs(self.home)
+        try:
+            placed = jobs.place(run, self.home, self.host)
+        finally:
+            jobs.close()
+        moved = store.set_status(
+            run_id,
+            "running",
+            only_if=["queued"],
+            worker_host=self.host,
+            worker_pid=self.pid,
+            pid=None,
+            heartbeat_at=time.time(),
+            attempts=(run.attempts or 0) + 1,
+            cancel_requested=0,
+            error=None,
+            log_tail=None,
+            started_at=time.time(),
+            finished_at=None,
+            gpus=slot,
+            **placed,
+        )
+        return run if moved else None  # not moved: another worker took it first
+
+    def _start_child(self, store: Store, run, slot: str | None, wanted: int) -> subprocess.Popen:
+        """The run's process, in its own process group, its output appended to `runs/<id>/log.txt`."""
+        out_dir = self.run_dir(store, run.id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        env = child_environment(os.environ, self.home, slot, self.concurrency)
+        where = f"GPU {slot}" if slot is not None else "CPU" + (f", {wanted} processes" if wanted > 1 else "")
+        store.add_event(run.id, "worker", f"started on {self.host} ({where}), attempt {(run.attempts or 0) + 1}")
+        log.info("run %s started (%s)", run.id, where)
+        with open(out_dir / "log.txt", "ab") as log_file:
+            proc = subprocess.Popen(
+                self.child_command(run.id),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        store.update_run(run.id, pid=proc.pid)
+        return proc
 
     def child_command(self, run_id: str) -> list[str]:
         """The process that runs `run_id` (jobs/child.py: the engine, for every real run)."""

@@ -9,7 +9,6 @@ plain data the UI renders without touching SQLite.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 from jobs.home import runs_root
 from jobs.queue import queue_backend
 from jobs.shared import open_store
-from jobs.store import ENDED, Run, location, run_swept, run_tags, sample_kind, this_host
+from jobs.store import ENDED, RunRow, sample_kind, this_host
 from jobs.trust import RUN_ID_PATTERN
 from tuiapp.text import KEY_METRICS, safe_data, safe_text
 
@@ -95,35 +94,34 @@ class RunInfo:
         return max(0.0, elapsed / self.step * (self.total_steps - self.step))
 
     @classmethod
-    def from_run(cls, run: Run) -> "RunInfo":
-        r = run.row
+    def from_run(cls, run: RunRow) -> "RunInfo":
         return cls(
             id=run.id,
-            name=r.get("name") or run.id,
+            name=run.name or run.id,
             status=run.status,
-            algorithm=r.get("algorithm") or "-",
-            model=r.get("model") or "-",
-            dataset=r.get("dataset") or "-",
-            step=r.get("step") or 0,
-            total_steps=r.get("total_steps") or 0,
-            created_at=r.get("created_at"),
-            started_at=r.get("started_at"),
-            finished_at=r.get("finished_at"),
-            parent=r.get("parent"),
+            algorithm=run.algorithm or "-",
+            model=run.model or "-",
+            dataset=run.dataset or "-",
+            step=run.step or 0,
+            total_steps=run.total_steps or 0,
+            created_at=run.created_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            parent=run.parent,
             waiting=run.waiting_for_parent,
-            cancel_requested=bool(r.get("cancel_requested")),
-            error=r.get("error"),
-            out_dir=r.get("out_dir") or "",
+            cancel_requested=bool(run.cancel_requested),
+            error=run.error,
+            out_dir=run.out_dir or "",
             spec=run.spec,
-            pid=r.get("pid"),
-            worker_host=r.get("worker_host"),
-            gpus=r.get("gpus"),
-            location=location(run),
-            experiment=r.get("experiment"),
-            swept=run_swept(run),
-            tags=run_tags(run),
-            note=r.get("note"),
-            prune=json.loads(r.get("prune") or "null"),
+            pid=run.pid,
+            worker_host=run.worker_host,
+            gpus=run.gpus,
+            location=run.location,
+            experiment=run.experiment,
+            swept=run.swept,
+            tags=run.tags,
+            note=run.note,
+            prune=run.prune,
         )
 
 

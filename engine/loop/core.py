@@ -1,9 +1,9 @@
 """The loop core: what every run does, whatever its method.
 
 `start_run` sets a run up (run directory, seeds, device, models, the algorithm); `Run.set_up_optimisation`
-builds the optimizer and schedule and restores a checkpoint; `run_steps` is the step clock both loops
-share (stop checks, logging, evaluation, samples and checkpoints at their intervals, the end of the
-run and its summary). The offline loop (engine/loop/offline.py) and the online loop
+builds the optimizer and schedule and restores a checkpoint; `run_steps` (engine/loop/clock.py) is the
+step clock both loops share (stop checks, logging, evaluation, samples and checkpoints at their
+intervals, the end of the run and its summary). The offline loop (engine/loop/offline.py) and the online loop
 (engine/loop/online.py) only say what one step is and how they evaluate.
 
 A run directory holds: spec.yaml, metrics.jsonl, samples.jsonl, events.jsonl, summary.json,
@@ -19,14 +19,11 @@ micro-batches where its share is empty), and gathers the full weights around wha
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +33,7 @@ from engine.algorithms import build_algorithm
 from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
 from engine.data.sources import mixture_eval_split, spec_sources
-from engine.diskspace import tensor_bytes, write_folder, write_text
+from engine.diskspace import write_text
 from engine.distributed import World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
@@ -48,7 +45,7 @@ from engine.loop.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from engine.loop.metrics import CpuMeter, MetricLog, MetricSums, held_state_gb, peak_memory_gb, sys_metrics
+from engine.loop.metrics import CpuMeter, MetricLog, MetricSums
 from engine.loop.schedule import Schedule, build_optimizer
 from engine.models import (
     DTYPE_NAMES,
@@ -64,7 +61,7 @@ from engine.models import (
     upcast_trainable,
     wrap_lora,
 )
-from engine.nonfinite import NonFiniteError, first_nonfinite, skip_step
+from engine.nonfinite import NonFiniteError, first_nonfinite
 from engine.reference import Reference
 from engine.registry import algorithm_info
 from engine.reporting import MultiReporter, NullReporter, Reporter, RunDirReporter
@@ -307,6 +304,25 @@ class Run:
         return every > 0 and self.state.step % every == 0
 
 
+def run_reporter(spec, out_dir: Path, reporter: Reporter | None, world: World) -> Reporter:
+    """Rank 0 writes the run directory (spec.yaml, then metrics, samples and events) besides `reporter`;
+    the other ranks report nothing."""
+    if not world.is_main:
+        return NullReporter()
+    run_files = RunDirReporter(out_dir)
+    write_text(out_dir / "spec.yaml", spec.to_yaml())
+    return MultiReporter(run_files, reporter) if reporter is not None else run_files
+
+
+def set_threads(spec, world: World) -> None:
+    """torch's CPU threads: the spec's `num_threads`, else each CPU rank its share of the run's cores."""
+    if spec.num_threads:
+        torch.set_num_threads(spec.num_threads)
+    elif world.active:  # CPU ranks share the run's cores (a worker slot's share, else the machine's)
+        cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // world.size))
+
+
 def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: bool, world: World = World()) -> Run:
     """Seed, device and precision, the algorithm, the tokenizer, the policy and its reference.
 
@@ -314,18 +330,8 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     head); rank 0 alone writes the run directory's files."""
     started = time.time()
     out_dir = Path(out_dir)
-    if world.is_main:
-        run_files = RunDirReporter(out_dir)
-        reporter = MultiReporter(run_files, reporter) if reporter is not None else run_files
-        write_text(out_dir / "spec.yaml", spec.to_yaml())
-    else:
-        reporter = NullReporter()
-
-    if spec.num_threads:
-        torch.set_num_threads(spec.num_threads)
-    elif world.active:  # CPU ranks share the run's cores (a worker slot's share, else the machine's)
-        cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // world.size))
+    reporter = run_reporter(spec, out_dir, reporter, world)
+    set_threads(spec, world)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     device = rank_device(pick_device(spec.device), world)
@@ -418,172 +424,3 @@ def clip_gradients(run: Run) -> float:
     if run.sharded:
         return clip_sharded_gradients(run.trainable, max_norm, run.world)
     return float(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
-
-
-def run_steps(
-    run: Run,
-    step: Callable[[int], tuple[dict[str, float], int]],
-    evaluate: Callable[[int], None],
-    log_samples: Callable[[int], None],
-    should_stop: StopCheck | None,
-) -> dict[str, Any]:
-    """The step clock: `step(i)` does step i and returns (its metrics, tokens trained on).
-
-    Evaluates (unless eval_strategy is no) and logs samples at the start, every `eval_steps` / `sample_steps`
-    and at the end;
-    checkpoints every `save_steps` and when the run stops. `should_stop` is polled before each step
-    (cooperative cancel): a string names the ending ("interrupted" when a worker shuts down), True
-    means cancelled. Ctrl+C (KeyboardInterrupt) writes the summary and re-raises without a checkpoint:
-    it may land mid-step, so the last checkpoint saved stays the one to resume from (a polite stop,
-    such as the foreground's first Ctrl+C, goes through `should_stop`). A NaN/inf in a step
-    (engine.nonfinite) skips it while `skip_nonfinite_steps` allows, else ends the run as failed without
-    a checkpoint from that step; a full disk (engine.diskspace) ends it as failed too.
-    """
-    before: dict[str, float] = {}  # the eval metrics before training, filled by `_run_steps`
-    try:
-        return _run_steps(run, step, evaluate, log_samples, should_stop, before)
-    except CherryError as err:  # NaN/inf, a full disk, a reward function's error: the summary says so
-        if run.world.is_main:
-            with contextlib.suppress(OSError, CherryError):  # the disk may be the one that is full
-                write_summary(run, "failed", before, error=str(err))
-        raise
-
-
-def _run_steps(run: Run, step, evaluate, log_samples, should_stop: StopCheck | None, before: dict) -> dict[str, Any]:
-    spec, state, total, world = run.spec, run.state, run.schedule.total_steps, run.world
-    if spec.eval_strategy == "no":  # no eval/ metric at all, not even at the start and the end
-
-        def evaluate(step: int) -> None:
-            return None
-
-    if state.step == 0:
-        on_rank_zero(run, partial(evaluate, 0), partial(log_samples, 0))
-    before.update(run.metric_log.last)
-
-    status, failure = "completed", None
-    try:
-        while state.step < total:
-            stop = should_stop() if should_stop is not None and world.is_main else None
-            stop = world.broadcast(stop)  # every rank stops at the same step
-            if stop:
-                status = stop if isinstance(stop, str) else "cancelled"
-                break
-            step_started = time.time()
-            try:
-                metrics, tokens = step(state.step)
-            except NonFiniteError as err:  # raised on every rank alike, before the optimizer step
-                failure = skip_step(run, err)
-                if failure is not None:
-                    status = "failed"
-                    break
-                metrics, tokens = {}, 0
-                if world.is_main:  # the skipped step's one row, whatever logging_steps is
-                    run.metric_log.emit(state.step + 1, {"train/skipped_nonfinite_steps": len(state.skipped_nonfinite)})
-            state.step += 1
-            state.tokens += tokens
-            step_seconds = time.time() - step_started
-            state.train_seconds += step_seconds
-
-            last = state.step == total
-            if world.is_main and metrics and (run.due(spec.logging_steps) or last):
-                metrics.setdefault("train/tokens_per_s", tokens / max(step_seconds, 1e-9))
-                metrics["train/epoch"] = run.schedule.epoch(state.step)
-                metrics.update(sys_metrics(run.device, run.cpu_meter))
-                run.metric_log.emit(state.step, metrics)
-            work = [partial(evaluate, state.step)] if run.due(spec.eval_steps) and not last else []
-            if run.due(spec.sample_steps) and not last:
-                work.append(partial(log_samples, state.step))
-            on_rank_zero(run, *work)
-            if run.due(spec.save_steps) and not last:
-                run.save_checkpoint()
-    except KeyboardInterrupt:
-        if world.is_main:
-            write_summary(run, "interrupted", before)
-        raise
-    if failure is not None:  # a NaN/inf: the last checkpoint saved stays the one to resume from
-        if world.is_main:
-            run.reporter.log_event("end", f"failed: {failure}", status="failed", step=state.step)
-        raise NonFiniteError(failure)
-
-    final_state = run.save_checkpoint()  # a sharded policy's full weights, gathered once for both
-    if status == "completed":
-        on_rank_zero(run, partial(evaluate, state.step), partial(log_samples, state.step))
-    if not world.is_main:  # its log (<run dir>/ranks/rank-N.log) says what this rank's process held at most
-        log.info(
-            "rank %d: %s at step %d, peak memory %.3f GB, weights and optimizer state held %.3f GB",
-            world.rank,
-            status,
-            state.step,
-            peak_memory_gb(run.device),
-            held_state_gb(run.trainable, run.optimizer),
-        )
-        return {"status": status, "step": state.step}
-    if status == "completed":
-        save_final(run, final_state)
-    run.reporter.log_event("end", f"{status} at step {state.step}", status=status, step=state.step)
-    return write_summary(run, status, before)
-
-
-def save_final(run: Run, final_state: dict | None) -> None:
-    """final/ (and final_value/), each written whole to a .tmp folder and renamed (engine.diskspace)."""
-    if final_state is not None:  # the gathered weights, in the model's own dtype
-        final_state = {k: v.to(run.save_dtype) if v.is_floating_point() else v for k, v in final_state.items()}
-    elif run.spec.lora.r == 0:  # training is over: the fp32 weights go back to the model's own dtype
-        run.models.policy.to(run.save_dtype)
-
-    def write(folder: Path) -> None:
-        run.models.policy.save_pretrained(folder, state_dict=final_state)
-        run.models.tokenizer.save_pretrained(folder)
-
-    policy = run.models.policy
-    needed = tensor_bytes(final_state or [p for p in policy.parameters() if p.requires_grad or run.spec.lora.r == 0])
-    write_folder(run.out_dir / "final", write, "the final model", needed)
-    if run.models.value is not None:
-        write_folder(run.out_dir / "final_value", run.models.value.save_pretrained, "the final value model")
-
-
-def on_rank_zero(run: Run, *work: Callable[[], None]) -> None:
-    """Rank 0 runs `work` (evaluation, samples) alone, under the run's autocast, while the other ranks wait.
-    Every rank calls it: with a sharded policy every rank first gathers the full weights, which rank 0's
-    lone forwards need."""
-    if not work:
-        return
-    with run.full_weights():
-        if run.world.is_main:
-            with run.precision.autocast():
-                for job in work:
-                    job()
-
-
-def write_summary(run: Run, status: str, before: dict[str, float], error: str | None = None) -> dict:
-    spec, state = run.spec, run.state
-    summary = {
-        "status": status,
-        "algorithm": spec.algorithm,
-        "model": spec.model,
-        "dataset": spec.dataset,
-        "step": state.step,
-        "total_steps": run.schedule.total_steps,
-        "wall_seconds": round(time.time() - run.started, 2),
-        "train_seconds": round(state.train_seconds, 2),
-        "tokens": state.tokens,
-        "tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
-        "peak_memory_gb": round(peak_memory_gb(run.device), 3),
-        "held_state_gb": round(held_state_gb(run.trainable, run.optimizer), 6),  # weights + optimizer state, per rank
-        "device": str(run.device),
-        "world_size": run.world.size,
-        "parallelism": spec.parallelism,
-        "dtype": str(run.dtype).removeprefix("torch."),
-        "save_dtype": str(run.save_dtype).removeprefix("torch."),
-        "before": {k: v for k, v in before.items() if k.startswith("eval/")},
-        "final": run.metric_log.last,
-        "best": run.metric_log.best,
-        "data": run.data_stats,
-        "final_dir": str(run.out_dir / "final") if status == "completed" else None,
-        "adapter_base": spec.model if spec.lora.r > 0 else None,
-        "skipped_nonfinite_steps": state.skipped_nonfinite,  # steps skipped for a NaN/inf (skip_nonfinite_steps)
-        "error": error,
-        **run.algo.summary(),  # an algorithm's own run-level figures (online DPO's judge block)
-    }
-    write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2))
-    return summary

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from engine.batching import example_length
-from engine.loop.core import Run, StopCheck, accumulate, clip_gradients, run_steps
+from engine.loop.clock import run_steps
+from engine.loop.core import Run, StopCheck, accumulate, clip_gradients
 from engine.loop.evaluation import estimate_kl, exact_match_accuracy, reference_completions, sample_comparisons
 from engine.loop.metrics import MetricSums
 from engine.nonfinite import check_step

@@ -508,8 +508,8 @@ def test_a_gpu_worker_gives_each_run_its_gpus_and_refuses_more_than_it_has(
     error = jobs.store.get_run(too_many.id).error
     assert "num_processes=3" in error and "has 2" in error and "--set num_processes=2" in error
     wait_for(lambda: status(jobs, pair.id) == "completed" and status(jobs, single.id) == "completed", 240, "both runs")
-    assert jobs.store.get_run(pair.id).row["gpus"] == "0,1"
-    assert jobs.store.get_run(single.id).row["gpus"] == "0"
+    assert jobs.store.get_run(pair.id).gpus == "0,1"
+    assert jobs.store.get_run(single.id).gpus == "0"
     summary = json.loads((Path(jobs.store.get_run(pair.id).out_dir) / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 4
     shown = subprocess.run(CLI + ["ls"], env={**os.environ, "CHERRY_HOME": str(home)}, capture_output=True, text=True)

@@ -99,7 +99,6 @@ def test_fields_round_trip_with_their_types_and_none_clears(hosts):
 
 
 def test_experiments_tags_and_the_prune_rule_are_shared_by_every_host(hosts):
-    from jobs.store import run_swept, run_tags
     from jobs.sweep import prune_reason, prune_rule
 
     a, b = hosts("a"), hosts("b")
@@ -111,7 +110,7 @@ def test_experiments_tags_and_the_prune_rule_are_shared_by_every_host(hosts):
     b.update_run("r1", note="best")
     assert [r.id for r in b.list_runs(experiment="scan")] == ["r1", "r2"]
     shared = b.get_run("r1")
-    assert run_tags(shared) == ["good"] and shared.note == "best" and run_swept(shared) == {"lr": "1e-3"}
+    assert shared.tags == ["good"] and shared.note == "best" and shared.swept == {"lr": "1e-3"}
     a.add_metrics("r1", 2, {"eval/loss": 0.4})
     a.add_metrics("r2", 2, {"eval/loss": 0.69})
     assert "above the median 0.4" in prune_reason(b, b.get_run("r2"))  # metrics streamed through Redis

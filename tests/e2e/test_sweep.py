@@ -10,7 +10,6 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from jobs.runs import Jobs
-from jobs.store import run_swept
 from tests.e2e.test_jobs import start_worker, wait_for  # noqa: F401 (start_worker is a fixture)
 from tuiapp.cli import app
 
@@ -59,7 +58,7 @@ def test_a_random_sweep_file_queues_its_points_in_one_experiment(home, tiny_mode
     jobs = Jobs(home)
     runs = jobs.store.list_runs()
     assert len(runs) == 3 and {r.experiment for r in runs} == {"drawn"}
-    assert [float(r.spec["lr"]) for r in runs] == [float(run_swept(r)["lr"]) for r in runs]
+    assert [float(r.spec["lr"]) for r in runs] == [float(r.swept["lr"]) for r in runs]
     assert jobs.queue.pending_run_ids() == [r.id for r in runs]
     code, out = cli("ls", "--experiment", "drawn", "--json")
     assert len(json.loads(out)) == 3
@@ -75,7 +74,7 @@ def test_a_bad_learning_rate_is_pruned_early_and_can_resume(home, start_worker, 
     assert code == 0, out
     jobs = Jobs(home)
     good, bad = jobs.store.list_runs()
-    assert run_swept(good) == {"lr": "1e-3"} and run_swept(bad) == {"lr": "1e-9"}
+    assert good.swept == {"lr": "1e-3"} and bad.swept == {"lr": "1e-9"}
     start_worker()  # one slot: the good run first, then the bad one is compared with it at each eval
     wait_for(lambda: jobs.store.get_run(bad.id).status in ("pruned", "completed", "failed"), 240, "the sweep to end")
     good, bad = jobs.store.get_run(good.id), jobs.store.get_run(bad.id)
@@ -105,7 +104,7 @@ def test_successive_halving_prunes_the_bad_learning_rate_at_its_first_rung(
     assert code == 0, out
     jobs = Jobs(home)
     good, bad = jobs.store.list_runs()
-    assert json.loads(bad.row["prune"]) == {
+    assert bad.prune == {
         "rule": "halving", "metric": "eval/loss", "after": 1, "mode": "min", "eta": 2, "rung": 3,
     }  # fmt: skip
     start_worker()  # one slot: the good run reaches every rung first; the bad one ranks last of 2 at rung 3

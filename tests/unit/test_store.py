@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from jobs.store import Store, StoreError, StoreReporter
-from jobs.store_schema import SCHEMA_VERSION
+from jobs.store_schema import SCHEMA_VERSION, RunRow
 
 
 @pytest.fixture
@@ -33,6 +35,18 @@ def test_status_moves_only_from_the_states_allowed(store):
     assert run.status == "running" and run.started_at and not run.ended
     assert store.set_status("a", "cancelled", only_if=["running"])
     assert store.get_run("a").finished_at and store.get_run("a").ended
+
+
+def test_a_run_row_has_a_typed_attribute_for_every_column(store):
+    columns = set(store.db["runs"].columns_dict)
+    attributes = {f.name for f in dataclasses.fields(RunRow)} - {"row"}
+    assert attributes == columns  # a migration's new column gets its attribute in RunRow
+    store.create_run("a", {"algorithm": "dpo"}, name="a", out_dir="/x/a", swept={"lr": "1e-5"}, experiment="e")
+    store.set_tags("a", ["good"])
+    run = store.get_run("a")
+    assert (run.spec, run.swept, run.tags, run.prune) == ({"algorithm": "dpo"}, {"lr": "1e-5"}, ["good"], None)
+    assert (run.experiment, run.name, run.step, run.worker_host) == ("e", "a", 0, None)
+    assert run.location == "/x/a" and run.row["swept"] == '{"lr": "1e-5"}'  # `row`: the columns as stored
 
 
 def test_the_reporter_rewinds_to_a_checkpoint(store):

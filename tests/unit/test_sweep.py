@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from jobs.store import Store, run_swept, run_tags
+from jobs.store import Store
 from jobs.sweep import (
     Sweep,
     SweepError,
@@ -166,10 +166,10 @@ def test_tags_notes_and_sweep_values_are_stored_with_the_run(store):
     store.set_tags("r", {"good", "baseline"})
     store.update_run("r", note="best so far")
     run = store.get_run("r")
-    assert run_tags(run) == ["baseline", "good"] and run_swept(run) == {"lr": "1e-6"}
+    assert run.tags == ["baseline", "good"] and run.swept == {"lr": "1e-6"}
     assert run.experiment == "e" and run.note == "best so far"
     store.set_tags("r", [])
-    assert run_tags(store.get_run("r")) == []
+    assert store.get_run("r").tags == []
 
 
 def test_every_status_pruned_included_has_a_glyph_and_a_place_in_the_runs_table():

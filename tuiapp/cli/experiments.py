@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
                 echo(f"{index:3d}  " + "  ".join(f"{k}={v}" for k, v in point.items()))
             return
         runs = submit_sweep(plan, jobs)
-        echo(f"experiment {runs[0].row['experiment']}: queued {len(runs)} run(s)", err=True)
+        echo(f"experiment {runs[0].experiment}: queued {len(runs)} run(s)", err=True)
         for run in runs:
             echo(run.id)
         if worker:
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                 else "a worker is already running: it takes them",
                 err=True,
             )
-        echo(f"follow them with `cherry ls --experiment {runs[0].row['experiment']}`, or `cherry` (the app)", err=True)
+        echo(f"follow them with `cherry ls --experiment {runs[0].experiment}`, or `cherry` (the app)", err=True)
 
     @app.command()
     @friendly
@@ -138,7 +138,6 @@ def register(app: typer.Typer) -> None:
 
 def _retag(run: str, tags: list[str], *, add: bool) -> None:
     from jobs.runs import JobError
-    from jobs.store import run_tags
 
     cleaned = [t.strip() for t in tags if t.strip()]
     bad = [t for t in cleaned if any(c.isspace() or c == "," for c in t)]
@@ -146,7 +145,7 @@ def _retag(run: str, tags: list[str], *, add: bool) -> None:
         raise JobError(f"tag {bad[0] if bad else ''!r}: a tag is one word (no spaces or commas), e.g. good baseline")
     jobs = _jobs()
     r = jobs.resolve(run)
-    now = set(run_tags(r))
+    now = set(r.tags)
     now = now | set(cleaned) if add else now - set(cleaned)
     jobs.store.set_tags(r.id, now)
     echo(f"{r.id}: tags " + (", ".join(sorted(now)) or "(none)"))
