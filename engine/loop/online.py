@@ -33,6 +33,7 @@ from engine.nonfinite import check_rollout, check_step
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
 from engine.rollout import merge_rollouts, reward_columns, sample_rollout, score_rollout
+from engine.rollout_store import keep_rollout
 
 
 def reward_sources(spec) -> list[str]:
@@ -143,6 +144,8 @@ def train_online(
             update_started = time.time()
             rows, metrics = algo.prepare(rollout, models)
         check_rollout(rollout.rewards, metrics)  # host values: no sync of its own
+        if world.is_main:  # the rollout store: every sample, scored and prepared (engine/rollout_store.py)
+            keep_rollout(reporter, index + 1, rollout, spec.log_rollouts)
 
         # update: each phase's rows, `passes` passes of mini-batches (this rank's shard of each), one
         # optimizer step per mini-batch
