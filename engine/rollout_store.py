@@ -258,8 +258,11 @@ EXPORTS = {"pairs": preference_pairs, "sft": best_completions}
 
 
 def export_rows(records: list[dict], kind: str, out: str | Path) -> int:
-    """Write `EXPORTS[kind]` of the records as JSONL to `out` (written whole, then renamed); the row count."""
+    """Write `EXPORTS[kind]` of the records as JSONL to `out` (written whole, then renamed); the row count.
+    No rows: nothing is written."""
     rows = EXPORTS[kind](records)
+    if not rows:
+        return 0
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
