@@ -1,5 +1,6 @@
 """The rollout store end to end: a 3-step GRPO demo run of 2 prompts x 4 samples keeps its 24 rollouts,
-`datasets` loads them, `cherry rollouts` lists and exports them, and the exported pairs train a DPO run."""
+`datasets` loads them, `cherry rollouts` lists and exports them, and the exported pairs train a DPO run;
+both runs' manifests, in `cherry show` and `cherry compare`."""
 
 from __future__ import annotations
 
@@ -7,25 +8,24 @@ import json
 
 from typer.testing import CliRunner
 
-from engine.spec import demo_dir, resolve_spec
-from engine.train import train
 from tuiapp.cli import app
 
 QUICK = ["max_length=32", "max_prompt_length=24", "eval_strategy=no", "sample_steps=0", "num_threads=1"]
 
 
+def settings(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def test_a_grpo_demo_runs_rollouts_are_listed_exported_and_train_dpo(tmp_path, home):
     # exact match rarely separates the demo model's 4 samples in 3 steps: a regex on the first letter does
-    overrides = [
-        "batch_size=2",
-        "num_generations=4",
-        "max_steps=3",
-        "max_rows=16",
-        "rewards=exact_match,regex:[a-m].*",
-        *QUICK,
-    ]
+    overrides = settings(
+        "batch_size=2", "num_generations=4", "max_steps=3", "max_rows=16", "rewards=exact_match,regex:[a-m].*", *QUICK
+    )
     run_dir = tmp_path / "grpo"
-    train(resolve_spec(str(demo_dir() / "grpo.yaml"), overrides), run_dir)
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", "--preset", "demo/grpo", "--out", str(run_dir), *overrides])
+    assert trained.exit_code == 0, trained.output
 
     from datasets import load_dataset
 
@@ -33,7 +33,6 @@ def test_a_grpo_demo_runs_rollouts_are_listed_exported_and_train_dpo(tmp_path, h
     assert stored.num_rows == 24 and sorted(set(stored["step"])) == [1, 2, 3]
     assert set(stored["group"]) == {0, 1} and set(stored["sample"]) == {0, 1, 2, 3}
 
-    runner = CliRunner()
     listed = runner.invoke(app, ["rollouts", str(run_dir), "--json"])
     assert listed.exit_code == 0, listed.output
     records = json.loads(listed.output)
@@ -52,9 +51,24 @@ def test_a_grpo_demo_runs_rollouts_are_listed_exported_and_train_dpo(tmp_path, h
     trained = runner.invoke(
         app,
         ["train", "--preset", "dpo", "--model", "demo", "--dataset", str(pairs), "--out", str(dpo_dir),
-         "--set", "max_steps=2", "--set", "batch_size=2", "--set", "eval_split=0", *[a for o in QUICK for a in ("--set", o)]],
+         *settings("max_steps=2", "batch_size=2", "eval_split=0", *QUICK)],
     )  # fmt: skip
     assert trained.exit_code == 0, trained.output
     summary = json.loads((dpo_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == 2
     assert summary["data"]["train"] == len(rows)
+
+    # what produced each run: in its directory, `cherry show` and `cherry compare`
+    manifest = json.loads((dpo_dir / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] and manifest["packages"]["transformers"]
+    assert manifest["data"]["sources"][0]["fingerprint"] and manifest["data"]["rows"]["train"] == len(rows)
+    assert (
+        manifest["seed"] == 0 and manifest["device"]["device"] == "cpu" and manifest["precision"]["dtype"] == "float32"
+    )
+    shown = runner.invoke(app, ["show", "dpo"])
+    assert shown.exit_code == 0 and f"({len(rows)} rows -> {len(rows)} train / 0 eval)" in shown.output, shown.output
+    compared = runner.invoke(app, ["compare", "grpo", "dpo", "--json"])
+    assert compared.exit_code == 0, compared.output
+    differ = json.loads(compared.output)
+    assert differ["settings"]["algorithm"] == ["grpo", "dpo"]
+    assert "data.fingerprint" in differ["manifest"] and "packages.torch" not in differ["manifest"]

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from tuiapp.cli.manifest import show_manifest
 from tuiapp.cli.options import (
     CONFIG_OPTION,
     DATASET_OPTION,
@@ -240,6 +241,7 @@ def register(app: typer.Typer) -> None:
             for name in sorted(summary["before"]):
                 if name in summary.get("final", {}):
                     echo(f"  {name:32s} {summary['before'][name]:.4f} -> {summary['final'][name]:.4f}")
+        show_manifest(jobs.store, r)  # tuiapp/cli/manifest.py: versions, commit, data fingerprint, device
         changed = {k: v for k, v in r.spec.items() if k not in ("model", "dataset", "algorithm")}
         echo("spec: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()) if v not in (None, "", [], {})))
 
