@@ -72,3 +72,31 @@ def test_a_grpo_demo_runs_rollouts_are_listed_exported_and_train_dpo(tmp_path, h
     differ = json.loads(compared.output)
     assert differ["settings"]["algorithm"] == ["grpo", "dpo"]
     assert "data.fingerprint" in differ["manifest"] and "packages.torch" not in differ["manifest"]
+
+
+def test_rollouts_of_a_run_on_another_host_come_from_the_store_and_mistakes_get_one_line(home, tmp_path):
+    from jobs.shared import open_store
+
+    store = open_store(home)
+    store.create_run("r1-abc", {"algorithm": "grpo", "model": "m", "dataset": "d"}, name="r1", out_dir=None)
+    records = [
+        {"step": 1, "group": g, "sample": i, "prompt": f"p{g}", "completion": f"c{i}", "reward": float(g * i),
+         "advantage": None, "kl": None, "length": 2, "finish": "eos"}
+        for g in (0, 1) for i in (0, 1)
+    ]  # fmt: skip
+    store._insert_rollouts("r1-abc", 1, json.dumps(records))  # what ingesting a streamed step leaves
+    store.close()
+    runner = CliRunner()
+    listed = runner.invoke(app, ["rollouts", "r1", "--json", "--group", "1"])
+    assert listed.exit_code == 0 and [r["reward"] for r in json.loads(listed.output)] == [0.0, 1.0], listed.output
+    shown = runner.invoke(app, ["rollouts", "r1"])
+    assert "step 1 group 0: 2 samples, reward 0.000..0.000 (zero variance: teaches nothing)" in shown.output
+    assert "step 1 group 1: 2 samples, reward 0.000..1.000\n" in shown.output
+    for args, message in (
+        (["--export", "dpo", "--out", "x.jsonl"], "choose one of: pairs, sft"),
+        (["--export", "pairs"], "--export needs --out FILE"),
+        (["--export", "pairs", "--group", "0", "--out", str(tmp_path / "p.jsonl")], "no pairs rows in the 2 rollouts"),
+    ):
+        failed = runner.invoke(app, ["rollouts", "r1", *args])
+        assert failed.exit_code == 2 and message in failed.output, failed.output
+    assert not (tmp_path / "p.jsonl").exists()
