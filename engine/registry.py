@@ -50,6 +50,7 @@ ROLLOUT = (  # sample -> score -> update
     "missing_eos_penalty",
     "num_iterations",
     "num_mini_batches",
+    "log_rollouts",
 )
 POLICY_GRADIENT = ROLLOUT + REFERENCE + ("beta", "epsilon", "mask_truncated")
 

@@ -2,7 +2,8 @@
 
 The engine never imports the job store or the UI. It calls a `Reporter`: `jobs` implements one
 that writes to the run store, tests collect in memory, and `RunDirReporter` keeps every run
-directory self-contained (`metrics.jsonl`, `samples.jsonl`, `events.jsonl`).
+directory self-contained (`metrics.jsonl`, `samples.jsonl`, `events.jsonl`, the online methods'
+rollout store `rollouts/`, engine/rollout_store.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from engine.rollout_store import remove_shards_after, shard_path, write_shard
 
 
 class Reporter(Protocol):
@@ -22,6 +25,10 @@ class Reporter(Protocol):
 
     def rewind(self, step: int) -> None:
         """On resume: forget metrics and samples logged after `step` (the last checkpoint)."""
+
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        """Optional: one step's rollout records (engine/rollout_store.py); `MultiReporter` skips a reporter
+        without it (TensorBoard, W&B and hooks have no place for them)."""
 
 
 class NullReporter:
@@ -39,6 +46,9 @@ class NullReporter:
     def rewind(self, step: int) -> None:
         pass
 
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        pass
+
 
 class MemoryReporter:
     """Collects everything in lists (tests, notebooks)."""
@@ -47,6 +57,7 @@ class MemoryReporter:
         self.metrics: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self.rollouts: list[dict[str, Any]] = []
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.append({"step": step, **metrics})
@@ -57,9 +68,13 @@ class MemoryReporter:
     def log_event(self, kind: str, message: str, **data: Any) -> None:
         self.events.append({"kind": kind, "message": message, **data})
 
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        self.rollouts.extend(records)
+
     def rewind(self, step: int) -> None:
         self.metrics = [row for row in self.metrics if row["step"] <= step]
         self.samples = [row for row in self.samples if row["step"] <= step]
+        self.rollouts = [row for row in self.rollouts if row["step"] <= step]
 
     def series(self, name: str) -> list[float]:
         return [row[name] for row in self.metrics if name in row]
@@ -93,7 +108,14 @@ class RunDirReporter:
     def log_event(self, kind: str, message: str, **data: Any) -> None:
         self._append("events.jsonl", {"time": round(time.time(), 3), "kind": kind, "message": message, **data})
 
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        try:
+            write_shard(self.run_dir, step, records)
+        except OSError as err:
+            raise _write_error(shard_path(self.run_dir, step), err) from None
+
     def rewind(self, step: int) -> None:
+        remove_shards_after(self.run_dir, step)
         for name in ("metrics.jsonl", "samples.jsonl"):
             path = self.run_dir / name
             if not path.exists():
@@ -140,6 +162,11 @@ class MultiReporter:
     def rewind(self, step: int) -> None:
         for r in self.reporters:
             r.rewind(step)
+
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        for r in self.reporters:
+            if hasattr(r, "log_rollouts"):  # optional (see Reporter)
+                r.log_rollouts(step, records)
 
 
 class ProgressReporter:

@@ -35,6 +35,9 @@ class Rollout:
     seconds: float = 0.0
     rewards: torch.Tensor | None = None  # [N] total reward after penalties (set by `score_rollout`)
     components: dict[str, list[float]] = field(default_factory=dict)  # each reward source's raw scores
+    # What the algorithm's `prepare` computed per sample, one value per row (None where it has none), for
+    # the rollout store (engine/rollout_store.py): "advantage", "kl", "logp_mean", "judge"
+    sample_stats: dict[str, list] = field(default_factory=dict)
 
     @property
     def prompt_ids(self) -> list[list[int]]:

@@ -7,7 +7,7 @@ methods, but
 - each run's row is a Redis hash (`cherry:run:<id>`). Every change goes through one Lua script that
   checks the run's status (and, for the dead-worker sweep, its heartbeat age) and writes in the same
   step, so two hosts never both take, end or cancel one run: no read-modify-write race;
-- each run's metrics, samples, events and log chunks are entries of its Redis stream
+- each run's metrics, samples, rollouts (one entry per step), events and log chunks are entries of its Redis stream
   (`cherry:stream:<id>`), appended by the run's own process with an approximate MAXLEN, so Redis
   memory stays bounded however long a run logs;
 - reads first ingest what changed into this host's SQLite store, which stays the query engine (the
@@ -435,6 +435,10 @@ class SharedStore(Store):
     def add_samples(self, run_id: str, step: int, samples: list[dict[str, Any]]) -> None:
         self.state.append(run_id, "samples", step, time.time(), json.dumps(samples, ensure_ascii=False, default=str))
 
+    def add_rollouts(self, run_id: str, step: int, records: list[dict[str, Any]]) -> None:
+        """One stream entry per step (`log_rollouts: N` bounds its size); its run directory keeps the shard."""
+        self.state.append(run_id, "rollouts", step, time.time(), json.dumps(records, ensure_ascii=False, default=str))
+
     def add_event(self, run_id: str, kind: str, message: str, **data: Any) -> None:
         body = {"kind": kind, "message": message, "data": data}
         self.state.append(run_id, "event", None, time.time(), json.dumps(body, ensure_ascii=False, default=str))
@@ -479,6 +483,10 @@ class SharedStore(Store):
     def events(self, run_id: str) -> list[dict[str, Any]]:
         self.ingest([run_id])
         return super().events(run_id)
+
+    def rollouts(self, run_id: str) -> list[dict[str, Any]]:
+        self.ingest([run_id])
+        return super().rollouts(run_id)
 
     def log_text(self, run_id: str) -> str:
         self.ingest([run_id])
@@ -548,10 +556,10 @@ class SharedStore(Store):
                 raise ValueError(f"a {kind} entry whose data is not the object Cherry writes")
             if kind == "metrics" and not all(isinstance(v, (int, float)) for v in body.values()):
                 raise ValueError("a metrics entry with a value that is not a number")
-        elif kind == "samples":
+        elif kind in ("samples", "rollouts"):
             rows = json.loads(data)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise ValueError("a samples entry whose data is not a list of objects")
+                raise ValueError(f"a {kind} entry whose data is not a list of objects")
 
     def _apply(self, run_id: str, fields: dict[str, str]) -> None:
         kind, at, data = fields["t"], float(fields["time"]), fields["data"]
@@ -560,6 +568,8 @@ class SharedStore(Store):
             Store.add_metrics(self, run_id, step, json.loads(data), wall_time=at)
         elif kind == "samples":
             Store.add_samples(self, run_id, step, json.loads(data))
+        elif kind == "rollouts":
+            self._insert_rollouts(run_id, step, data)
         elif kind == "event":
             body = json.loads(data)
             self._insert_event(run_id, at, body["kind"], body["message"], json.dumps(body["data"], ensure_ascii=False))

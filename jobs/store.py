@@ -254,7 +254,7 @@ class Store:
 
     def delete_run(self, run_id: str) -> None:
         with self._write():
-            for table in ("metrics", "samples", "events", "logs"):
+            for table in ("metrics", "samples", "events", "logs", "rollouts"):
                 self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             self.db.execute("DELETE FROM runs WHERE id = ?", [run_id])
 
@@ -370,6 +370,20 @@ class Store:
             r[0] for r in self.db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])
         ]
 
+    def add_rollouts(self, run_id: str, step: int, records: list[dict[str, Any]]) -> None:
+        """Nothing on one machine: the run directory's rollouts/ holds them (`cherry rollouts` reads it there).
+        A SharedStore streams them, and `_insert_rollouts` keeps them in each reading host's store."""
+
+    def _insert_rollouts(self, run_id: str, step: int, records: str) -> None:
+        with self._write():  # a step logged again (a resume replays it) replaces its earlier records
+            self.db.execute("DELETE FROM rollouts WHERE run_id = ? AND step = ?", [run_id, step])
+            self.db["rollouts"].insert({"run_id": run_id, "step": step, "records": records})
+
+    def rollouts(self, run_id: str) -> list[dict[str, Any]]:
+        """The rollout records this store holds for the run (streamed from another host), by step."""
+        rows = self.db.execute("SELECT records FROM rollouts WHERE run_id = ? ORDER BY step, rowid", [run_id])
+        return [record for (text,) in rows.fetchall() for record in json.loads(text)]
+
     def add_event(self, run_id: str, kind: str, message: str, **data: Any) -> None:
         self._insert_event(run_id, time.time(), kind, message, json.dumps(data, ensure_ascii=False, default=str))
 
@@ -390,10 +404,11 @@ class Store:
         return [{**row, "data": json.loads(row["data"] or "{}")} for row in rows]
 
     def rewind(self, run_id: str, step: int) -> None:
-        """Forget metrics and samples after `step` (a resumed run replays from its checkpoint)."""
+        """Forget metrics, samples and rollouts after `step` (a resumed run replays from its checkpoint)."""
         with self._write():
             self.db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step])
             self.db.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
+            self.db.execute("DELETE FROM rollouts WHERE run_id = ? AND step > ?", [run_id, step])
             self.db.execute("UPDATE runs SET step = ? WHERE id = ?", [max(step, 0), run_id])
 
 
@@ -437,6 +452,9 @@ class StoreReporter:
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
         self.store.add_samples(self.run_id, step, samples)
+
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        self.store.add_rollouts(self.run_id, step, records)
 
     def log_event(self, kind: str, message: str, **data: Any) -> None:
         self.store.add_event(self.run_id, kind, message, **data)

@@ -114,7 +114,14 @@ def _v4(db: sqlite_utils.Database) -> None:
     db["runs"].create_index(["experiment"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Online runs' training rollouts streamed from other hosts (Redis mode), one row per step: the step's
+    records as a JSON list (engine/rollout_store.py). On one machine the run directory holds them."""
+    db["rollouts"].create({"run_id": str, "step": int, "records": str})
+    db["rollouts"].create_index(["run_id", "step"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -148,3 +148,26 @@ def setting_text(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return str(value)
+
+
+def manifest_facts(manifest: dict | None) -> dict:
+    """A run manifest (engine/manifest.py) as the flat facts runs are compared on: package versions, the
+    commit (with `+changes` when files differed from it), the data's fingerprint and counts, seed, device,
+    precision and determinism; {} for a run that has none. When it was written is no fact about the run."""
+    if not manifest:
+        return {}
+    commit = manifest.get("commit")
+    data = manifest.get("data") or {}
+    facts = {f"packages.{k}": v for k, v in (manifest.get("packages") or {}).items()}
+    facts["commit"] = (commit["sha"][:12] + ("+changes" if commit.get("dirty") else "")) if commit else None
+    facts["data.fingerprint"] = (data.get("fingerprint") or "")[:12] or None
+    facts.update({f"data.{k}": v for k, v in (data.get("rows") or {}).items() if k in ("rows", "train", "eval")})
+    facts["seed"] = manifest.get("seed")
+    for part in ("device", "precision", "determinism"):
+        facts.update({f"{part}.{k}": v for k, v in (manifest.get(part) or {}).items()})
+    return facts
+
+
+def manifest_diff(manifests: list[dict | None]) -> list[tuple[str, list]]:
+    """What differs between runs' manifests, as `spec_diff` gives settings: (fact, each run's value)."""
+    return spec_diff([manifest_facts(m) for m in manifests], ignore=())

@@ -31,7 +31,15 @@ from __future__ import annotations
 import torch
 
 from engine.algorithms.base import Algorithm, Models
-from engine.algorithms.online_rows import collate_rows, pad_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
+from engine.algorithms.online_rows import (
+    collate_rows,
+    keep_sample_stats,
+    pad_rows,
+    policy_ctx,
+    rollout_metrics,
+    sample_logps,
+    token_logps,
+)
 from engine.losses.advantages import group_advantages, group_stats, token_kl
 from engine.losses.online import (
     GRPO_LOSS_AGGREGATION,
@@ -58,19 +66,26 @@ class GRPO(Algorithm):
         metrics.update(
             {"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()}
         )
+        kept = [i for i, cut in enumerate(rollout.truncated) if not (spec.mask_truncated and cut)]
         rows = [
-            {"prompt_ids": p, "completion_ids": c, "advantage": float(a)}
-            for p, c, a, cut in zip(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(), rollout.truncated)
-            if not (spec.mask_truncated and cut)
+            {
+                "prompt_ids": rollout.prompt_ids[i],
+                "completion_ids": rollout.completion_ids[i],
+                "advantage": float(advantages[i]),
+            }
+            for i in kept
         ]
-        if not rows:
-            return rows, metrics
-        if spec.num_iterations > 1:  # later passes need the rollout policy's log-probs for the ratio
-            for row, old in zip(rows, sample_logps(self, policy_ctx(models), rows, models)):
+        olds = refs = None
+        if rows and spec.num_iterations > 1:  # later passes need the rollout policy's log-probs for the ratio
+            olds = sample_logps(self, policy_ctx(models), rows, models)
+            for row, old in zip(rows, olds):
                 row["old_logps"] = old
-        if self.needs_reference:
-            for row, ref in zip(rows, sample_logps(self, models.reference.model, rows, models)):
+        if rows and self.needs_reference:
+            refs = sample_logps(self, models.reference.model, rows, models)
+            for row, ref in zip(rows, refs):
                 row["ref_logps"] = ref
+        advantage = [row["advantage"] for row in rows]
+        keep_sample_stats(rollout, kept, advantage=advantage, old_logps=olds, ref_logps=refs)
         return rows, metrics
 
     @property

@@ -31,6 +31,16 @@ from engine.losses.dpo import dpo_loss
 from engine.rewards.judge import judge_pairs, judge_tallies
 
 
+def both_orders(a_first: list[float], b_first: list[float]) -> list[list[dict]]:
+    """Per sample (rows 2g and 2g + 1 are pair g's A and B), the LLM judge's verdict in each presentation
+    order: the position it was shown at (1 or 2) and the judge's probability that it is the better one."""
+    out = []
+    for p_a_first, p_b_first in zip(a_first, b_first):
+        out.append([{"shown": 1, "p_better": p_a_first}, {"shown": 2, "p_better": 1.0 - p_b_first}])
+        out.append([{"shown": 1, "p_better": p_b_first}, {"shown": 2, "p_better": 1.0 - p_a_first}])
+    return out
+
+
 class OnlineDPO(Algorithm):
     needs_reference = True  # DPO's implicit reward is a log-ratio to the reference
     rows_per_example = 2
@@ -62,6 +72,8 @@ class OnlineDPO(Algorithm):
                 columns,
             )
             prob_a, consistent = verdict.prob_a, verdict.consistent
+            if verdict.a_first is not None and verdict.b_first is not None:
+                rollout.sample_stats["judge"] = both_orders(verdict.a_first, verdict.b_first)
             if spec.missing_eos_penalty > 0:  # a sample that never ended loses to one that did, whatever the judge says
                 cut_a, cut_b = rollout.truncated[a], rollout.truncated[b]
                 prob_a = [
@@ -87,10 +99,12 @@ class OnlineDPO(Algorithm):
             if out_of and name != "decided_frac":  # judge/skip_frac already says how many were decided
                 metrics[f"judge/{name}"] = count / out_of
         pairs = []
+        chosen: list[bool | None] = [None] * len(rollout.completion_ids)  # for the rollout store
         for g, (winner, skipped) in enumerate(zip(winners, skip)):
             if skipped:
                 continue
             rows = (2 * g, 2 * g + 1) if winner == 0 else (2 * g + 1, 2 * g)
+            chosen[rows[0]], chosen[rows[1]] = True, False
             pairs.append(
                 {
                     "prompt_ids": rollout.prompt_ids[2 * g],
@@ -98,6 +112,7 @@ class OnlineDPO(Algorithm):
                     "rejected_ids": rollout.completion_ids[rows[1]],
                 }
             )
+        rollout.sample_stats["chosen"] = chosen
         if pairs:
             self._reference_logps(pairs, models)
         return pairs, metrics

@@ -162,3 +162,31 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         if scored:
             metrics[f"reward/{name}/mean"] = sum(scored) / len(scored)
     return metrics
+
+
+def keep_sample_stats(
+    rollout: Rollout,
+    indices: list[int],
+    *,
+    advantage: list[float] | None = None,
+    old_logps: list[torch.Tensor] | None = None,
+    ref_logps: list[torch.Tensor] | None = None,
+) -> None:
+    """Leave on the rollout what `prepare` computed per sample, for the rollout store: the values of rows
+    `indices` (in the order of the lists given), None for the others and where a list holds None. `old_logps` / `ref_logps` are
+    per-row completion-token log-probs under the rollout policy and the reference: their token mean is
+    `logp_mean`, the sum of their difference the sample's k1 KL (what RLOO and PPO penalise)."""
+    n = len(rollout.completion_ids)
+
+    def spread(values: list) -> list:
+        out: list = [None] * n
+        for i, value in zip(indices, values):
+            out[i] = value
+        return out
+
+    if advantage is not None:
+        rollout.sample_stats["advantage"] = spread([None if a is None else float(a) for a in advantage])
+    if old_logps is not None:
+        rollout.sample_stats["logp_mean"] = spread([float(o.mean()) if o.numel() else None for o in old_logps])
+        if ref_logps is not None:
+            rollout.sample_stats["kl"] = spread([float((o - r).sum()) for o, r in zip(old_logps, ref_logps)])

@@ -27,6 +27,7 @@ import torch
 from engine.algorithms.base import Algorithm
 from engine.algorithms.online_rows import (
     collate_rows,
+    keep_sample_stats,
     pad_rows,
     padded,
     per_row,
@@ -105,6 +106,16 @@ class PPO(Algorithm):
                 "returns/mean": (returns * mask).sum().item() / max(mask.sum().item(), 1),
                 "value/explained_variance_before": explained_variance(values_p, returns, mask),
             }
+        )
+        # a sample's advantage in the store: the mean of its tokens' (whitened) advantages, over the tokens trained on
+        trained = mask.sum(-1)
+        sample_advantage = ((advantages * mask).sum(-1) / trained.clamp(min=1)).tolist()
+        keep_sample_stats(
+            rollout,
+            list(range(len(rows))),
+            advantage=[a if t > 0 else None for a, t in zip(sample_advantage, trained.tolist())],
+            old_logps=old,
+            ref_logps=ref if self.needs_reference else None,
         )
         for i, row in enumerate(rows):
             n = len(row["completion_ids"])

@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 
 from engine.algorithms.base import Algorithm
-from engine.algorithms.online_rows import collate_rows, policy_ctx, rollout_metrics, sample_logps, token_logps
+from engine.algorithms.online_rows import (
+    collate_rows,
+    keep_sample_stats,
+    policy_ctx,
+    rollout_metrics,
+    sample_logps,
+    token_logps,
+)
 from engine.losses.advantages import group_stats, rloo_advantages
 from engine.losses.online import sequence_policy_loss
 
@@ -42,10 +49,13 @@ class RLOO(Algorithm):
         # passes (num_iterations > 1). Otherwise the loss is -A log pi, whose ratio against the rollout
         # policy is exactly 1 in the one pass (as in GRPO): no extra forward pass over the samples.
         needs_old = self.needs_reference or spec.num_iterations > 1
+        olds = refs = None
         if needs_old:
-            old_sums = torch.stack([o.sum() for o in sample_logps(self, policy_ctx(models), rows, models)])
+            olds = sample_logps(self, policy_ctx(models), rows, models)
+            old_sums = torch.stack([o.sum() for o in olds])
         if self.needs_reference:
-            ref_sums = torch.stack([r.sum() for r in sample_logps(self, models.reference.model, rows, models)])
+            refs = sample_logps(self, models.reference.model, rows, models)
+            ref_sums = torch.stack([r.sum() for r in refs])
             kl = old_sums - ref_sums
             rewards = rewards - spec.beta * kl
             metrics.update({"kl/mean": kl.mean().item(), "reward/non_score": (-spec.beta * kl).mean().item()})
@@ -56,8 +66,15 @@ class RLOO(Algorithm):
         )
         for i, (row, a) in enumerate(zip(rows, advantages.tolist())):
             row.update(advantage=a, **({"old_logp": float(old_sums[i])} if needs_old else {}))
-        rows = [r for r, cut in zip(rows, rollout.truncated) if not (spec.mask_truncated and cut)]
-        return rows, metrics
+        trained = [not (spec.mask_truncated and cut) for cut in rollout.truncated]
+        keep_sample_stats(
+            rollout,
+            list(range(len(rows))),
+            advantage=[row["advantage"] if train else None for row, train in zip(rows, trained)],
+            old_logps=olds,
+            ref_logps=refs,
+        )
+        return [row for row, train in zip(rows, trained) if train], metrics
 
     def loss(self, models, batch, rows):
         logps, mask, out = token_logps(models.policy, batch, self.spec.temperature, stats=True)

@@ -47,6 +47,7 @@ from engine.loop.checkpoint import (
 )
 from engine.loop.metrics import CpuMeter, MetricLog, MetricSums
 from engine.loop.schedule import Schedule, build_optimizer
+from engine.manifest import write_manifest
 from engine.models import (
     DTYPE_NAMES,
     Precision,
@@ -227,6 +228,7 @@ class Run:
             cache_dir=cache_dir,
         )
         self.data_stats = data.stats
+        write_manifest(self, data)  # RUN_DIR/manifest.json: versions, commit, data fingerprint (rank 0)
         self.reporter.log_event("data", data.summary(), **data.stats)
         if len(data.sources) > 1 or any(s["column_map"] or s["weight"] < 1 for s in data.sources):
             for line in data.source_lines():

@@ -36,6 +36,7 @@ from engine.nonfinite import check_rollout, check_step
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
 from engine.rollout import Rollout, merge_rollouts, reward_columns, sample_rollout, score_rollout
+from engine.rollout_store import keep_rollout
 
 
 def reward_sources(spec) -> list[str]:
@@ -165,7 +166,7 @@ class OnlineStep:
             rollout = merge_rollouts(world.gather(rollout))
 
         update_started = time.time()
-        rows, metrics = self.prepare(rollout)
+        rows, metrics = self.prepare(rollout, index)
         update = self.update(rows, metrics)
         seconds = {"rollout": rollout.seconds, "score": score_seconds, "update": time.time() - update_started}
         lr = self.advance_schedule()
@@ -196,13 +197,15 @@ class OnlineStep:
         if rollout.texts:
             score_rollout(rollout, self.reward, self.run.spec.missing_eos_penalty)
 
-    def prepare(self, rollout: Rollout) -> tuple[list[dict], dict[str, float]]:
+    def prepare(self, rollout: Rollout, index: int) -> tuple[list[dict], dict[str, float]]:
         """The algorithm's training rows (advantages, pairs or kept samples) and its rollout metrics, with
         what they need computed once without gradients; the same random numbers on every rank."""
         run = self.run
         with run.world.shared_random(), run.precision.autocast():
             rows, metrics = run.algo.prepare(rollout, run.models)
         check_rollout(rollout.rewards, metrics)  # host values: no sync of its own
+        if run.world.is_main:  # the rollout store: every sample, scored and prepared (engine/rollout_store.py)
+            keep_rollout(run.reporter, index + 1, rollout, run.spec.log_rollouts)
         return rows, metrics
 
     def update(self, rows: list[dict], metrics: dict[str, float]) -> Update:

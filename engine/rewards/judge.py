@@ -41,6 +41,9 @@ _PLACEHOLDER = re.compile(r"\{prompt\}|\{answer_1\}|\{answer_2\}")
 class JudgeResult:
     prob_a: list[float]  # probability that completion A is better than B
     consistent: list[bool] | None  # both presentation orders chose the same winner; None for order-free judges
+    # P(the answer shown first is better) in each order: A shown first, then B shown first (LLM judge only)
+    a_first: list[float] | None = None
+    b_first: list[float] | None = None
 
 
 DEFAULT_JUDGE_TEMPLATE = (
@@ -187,12 +190,12 @@ class LLMJudge:
         columns: dict[str, list] | None = None,
     ) -> JudgeResult:
         if not completions_a:
-            return JudgeResult([], [])
+            return JudgeResult([], [], [], [])
         a_first = self.choice_probs(prompts, completions_a, completions_b, columns)  # P("1") = A better
         b_first = self.choice_probs(prompts, completions_b, completions_a, columns)  # P("1") = B better
         prob_a = [0.5 * (p + (1.0 - q)) for p, q in zip(a_first, b_first)]
         consistent = [(p > 0.5) == (q < 0.5) for p, q in zip(a_first, b_first)]
-        return JudgeResult(prob_a, consistent)
+        return JudgeResult(prob_a, consistent, a_first, b_first)
 
 
 def judge_tallies(

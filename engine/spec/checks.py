@@ -15,6 +15,7 @@ from engine.limits import check_limits
 from engine.nonfinite import check_nonfinite_settings
 from engine.registry import ALGORITHM_NAMES, ALGORITHMS, is_online
 from engine.rewards.sources import JUDGE_PLACEHOLDERS, parse_reward_source
+from engine.rollout_store import rollout_limit
 from engine.spec.schema import (
     DTYPES,
     EVAL_STRATEGIES,
@@ -317,6 +318,14 @@ def _scale_rewards(spec: RunSpec) -> str | None:
     return None
 
 
+def _log_rollouts(spec: RunSpec) -> str | None:
+    try:
+        rollout_limit(spec.log_rollouts)
+    except ValueError as err:
+        return f"{err}; e.g. --set log_rollouts=16 keeps the first 16 samples of each step"
+    return None
+
+
 def _gae(spec: RunSpec) -> str | None:
     ok = 0 < spec.gamma <= 1 and 0 <= spec.lam <= 1
     return None if ok else f"gamma must be in (0, 1] and lam in [0, 1] (got {spec.gamma}, {spec.lam})"
@@ -370,4 +379,5 @@ SETTING_CHECKS: dict[str, Check] = {
     "cliprange_value": _at_least("cliprange_value", 0, strict=True),
     "rest_keep_fractions": _rest_fractions,
     "rest_improve_epochs": _at_least("rest_improve_epochs", 0, strict=True),
+    "log_rollouts": _log_rollouts,
 }

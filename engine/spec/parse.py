@@ -60,6 +60,10 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in args:
             return None
         raise SpecError(f"{key} cannot be empty: give a value of type {_type_name(hint)}", key)
+    if set(args) == {str, int}:  # a word or a count (log_rollouts: all | off | N)
+        if isinstance(value, bool):  # YAML 1.1 reads off / no as false, on / yes as true
+            return "off" if not value else "on"
+        return int(value) if isinstance(value, str) and re.fullmatch(r"\d+", value.strip()) else value
     target = next((a for a in args if a is not type(None)), hint) if args else hint
     return _scalar(key, value, target)
 

@@ -171,6 +171,7 @@ class RunSpec:
     whiten_rewards: bool = default("whiten_rewards")
     rest_keep_fractions: list[float] | None = default("rest_keep_fractions")
     rest_improve_epochs: float = default("rest_improve_epochs")
+    log_rollouts: str | int = default("log_rollouts")
     # --- written by Cherry, not set by users: settings it chose to follow one you set (follow_explicit), and the
     # field's names it translated (`learning_rate -> lr`); kept so the run's start line can say so.
     defaults_followed: list[str] | None = None

@@ -140,7 +140,7 @@ def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tm
     prompts = write_jsonl(
         tmp_path / "prompts.jsonl", [{"prompt": f"say {c}{i}:", "answer": c * 2} for i, c in enumerate("abcdefghijkl")]
     )
-    names, rows = {}, {}
+    names, rows, kept = {}, {}, {}
     for processes in (1, 2):
         reporter = MemoryReporter()
         spec = online_spec(
@@ -157,10 +157,11 @@ def test_grpo_on_two_processes_runs_and_logs_the_same_metrics(tiny_model_dir, tm
         # depends on the tokens each run's seed draws, not on the number of processes
         names[processes] = {name for row in reporter.metrics for name in row} - {"gen/length_terminated_mean"}
         rows[processes] = reporter.series("train/rows")
+        kept[processes] = [sum(r["step"] == step for r in reporter.rollouts) for step in (1, 2, 3)]
     assert names[1] == names[2]
     # every step trains on all the step's samples (9 train prompts: 4 + 4 + 1, x 4 samples), gathered
-    # from both ranks, including the last step, where one rank had no prompt at all
-    assert rows[1] == rows[2] == [16, 16, 4]
+    # from both ranks, including the last step, where one rank had no prompt at all; rank 0 keeps them all
+    assert rows[1] == rows[2] == kept[1] == kept[2] == [16, 16, 4]
 
 
 @PARALLELISM

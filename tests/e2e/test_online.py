@@ -18,6 +18,7 @@ from engine.reference import Reference
 from engine.registry import ONLINE_ALGORITHMS
 from engine.rewards import build_reward
 from engine.rollout import sample_rollout, score_rollout
+from engine.rollout_store import read_rollouts
 from engine.spec import build_spec, demo_dir, resolve_spec
 from engine.train import train
 from tests.conftest import write_jsonl
@@ -228,6 +229,26 @@ def test_each_online_method_trains_end_to_end(tiny_model_dir, tiny_prompts, tmp_
     assert len(loads) == (2 if beta > 0 else 1)
     for m in metrics:
         assert all(math.isfinite(v) for k, v in m.items() if isinstance(v, float)), m
+    # every sample is in the rollout store, with what its method computed for it (engine/rollout_store.py)
+    records = read_rollouts(tmp_path / "run")
+    assert len(records) == 3 * spec.batch_size * spec.num_generations
+    assert all(r["reward"] is not None and r["judge"] is None for r in records)
+    filled = {key for key in ("advantage", "kl", "logp_mean", "chosen") if all(r[key] is not None for r in records)}
+    empty = {key for key in ("advantage", "kl", "logp_mean", "chosen") if all(r[key] is None for r in records)}
+    assert (filled, empty) == {
+        "grpo": ({"advantage"}, {"kl", "logp_mean", "chosen"}),  # beta 0, one pass: no log-probs computed
+        "rloo": ({"advantage", "kl", "logp_mean"}, {"chosen"}),
+        "ppo": ({"advantage", "kl", "logp_mean"}, {"chosen"}),
+        "online_dpo": (set(), {"advantage", "kl", "logp_mean"}),  # chosen: null where the rewards tie
+        "best_of_k": (set(), {"advantage", "kl", "logp_mean", "chosen"}),
+        "rest": (set(), {"advantage", "kl", "logp_mean", "chosen"}),
+    }[algorithm]
+    if algorithm == "online_dpo":
+        for a, b in zip(records[::2], records[1::2]):
+            tie = a["reward"] == b["reward"]
+            assert (a["chosen"], b["chosen"]) == (
+                (None, None) if tie else (a["reward"] > b["reward"], b["reward"] > a["reward"])
+            )
 
 
 @pytest.mark.parametrize("loss_type", ["gspo", "cispo"])
@@ -314,6 +335,8 @@ def test_online_resume_repeats_the_uninterrupted_run(tiny_model_dir, tiny_prompt
         return {m["step"]: tuple(m.get(k) for k in keys) for m in read_metrics(tmp_path / run) if "train/loss" in m}
 
     assert by_step("stopped") == by_step("straight")
+    # the rollout store of the resumed run: the replayed steps' shards, as in the uninterrupted run
+    assert read_rollouts(tmp_path / "stopped") == read_rollouts(tmp_path / "straight")
 
 
 def test_exact_match_without_answers_names_the_column(tiny_model_dir, tmp_path):
@@ -448,6 +471,13 @@ def test_online_dpo_with_an_llm_judge_logs_position_consistency(tiny_model_dir, 
     assert judged["judge"] == str(tiny_model_dir) and judged["judge_template"] is None and judged["pairs"] == 3 * 4
     assert judged["position_consistency"] == pytest.approx(sum(consistency) / 3)
     assert {"decided_frac", "shorter_preferred_frac", "reward_agreement"} <= judged.keys()
+    # the store keeps the verdicts of both orders: each order's probability for A and for B add up to 1
+    records = read_rollouts(tmp_path / "run")
+    assert len(records) == 3 * 4 * 2
+    for a, b in zip(records[::2], records[1::2]):
+        assert [v["shown"] for v in a["judge"]] == [1, 2] == [v["shown"] for v in b["judge"]]
+        assert a["judge"][0]["p_better"] + b["judge"][1]["p_better"] == pytest.approx(1.0)
+        assert b["judge"][0]["p_better"] + a["judge"][1]["p_better"] == pytest.approx(1.0)
 
 
 def test_judge_template_changes_the_llm_judges_preferences_on_the_same_pairs(tmp_path, monkeypatch):

@@ -161,6 +161,24 @@ def test_a_front_end_ingests_every_event_once_and_resumes_where_it_stopped(hosts
     assert [r.id for r in late.list_runs()] == ["r1"]
 
 
+def test_rollouts_stream_to_other_hosts_a_step_logged_again_replaces_its_records_and_a_rewind_drops_later_ones(
+    hosts,
+):
+    from jobs.store import StoreReporter
+
+    submitter, worker = hosts("laptop"), hosts("gpu0")
+    new_run(submitter)
+    reporter = StoreReporter(worker, "r1")  # what a run's process on the worker's host reports through
+    for step in (1, 2, 3):
+        reporter.log_rollouts(step, [{"step": step, "group": 0, "sample": i, "reward": float(i)} for i in range(2)])
+    assert [(r["step"], r["sample"]) for r in submitter.rollouts("r1")] == [(s, i) for s in (1, 2, 3) for i in (0, 1)]
+    reporter.rewind(1)  # a resume from the step-1 checkpoint replays steps 2 and 3
+    reporter.log_rollouts(2, [{"step": 2, "group": 0, "sample": 0, "reward": 9.0}])
+    assert [(r["step"], r["reward"]) for r in submitter.rollouts("r1")] == [(1, 0.0), (1, 1.0), (2, 9.0)]
+    submitter.delete_run("r1")
+    assert Store(submitter.path).rollouts("r1") == []
+
+
 def test_streams_stay_bounded_and_a_reader_that_fell_behind_is_told(hosts, monkeypatch):
     monkeypatch.setattr(shared, "STREAM_MAXLEN", 100)
     store = hosts("a")

@@ -3,6 +3,8 @@
 - train.py: `train`, `score`, `export`, `presets` (runs in this terminal);
 - runs.py: `submit`, `ls`, `show`, `metrics`, `samples`, `logs`, `cancel`, `resume`, `rm`, `worker`, ...
   (runs through the queue and the store, jobs/);
+- manifest.py: `compare` (settings and manifest facts that differ), the manifest `show` prints;
+- rollouts.py: `rollouts` (an online run's training rollouts: list, filter, export);
 - experiments.py: `sweep`, `tag`, `untag`, `note` (runs grouped as experiments);
 - pipeline.py: `pipeline` (chained runs); demo.py: `demo`; bench.py: `bench` (a thin entry to benchmarks/);
 - options.py: the flags shared by commands and the one-line error handling.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import typer
 
 from jobs.trust import keep_files_private
-from tuiapp.cli import bench, experiments, pipeline, runs, train
+from tuiapp.cli import bench, experiments, manifest, pipeline, rollouts, runs, train
 from tuiapp.cli.demo import demo_app
 from tuiapp.cli.options import friendly
 
@@ -43,6 +45,8 @@ train.register(app)
 app.add_typer(demo_app, name="demo")
 bench.register(app)
 runs.register(app)
+rollouts.register(app)
+manifest.register(app)
 experiments.register(app)
 pipeline.register(app)
 

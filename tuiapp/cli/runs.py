@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from tuiapp.cli.manifest import show_manifest
 from tuiapp.cli.options import (
     CONFIG_OPTION,
     DATASET_OPTION,
@@ -213,6 +214,7 @@ def show(
         return
     _echo_run(r)
     _echo_results(latest, summary)
+    show_manifest(jobs.store, r)  # tuiapp/cli/manifest.py: versions, commit, data fingerprint, device
     changed = {k: v for k, v in r.spec.items() if k not in ("model", "dataset", "algorithm")}
     echo("spec: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()) if v not in (None, "", [], {})))
 
