@@ -273,13 +273,12 @@ def rollout_records(step: int) -> list[dict]:
     return records
 
 
-def add_online_run(home: Path, now: float = NOW) -> str:
-    """A completed GRPO run (the newest run) with the rollouts above in its store; returns its id."""
+def add_online_run(home: Path, name: str = "grpo-math", index: int = 0, now: float = NOW) -> str:
+    """A completed GRPO run (newer than the fixture's runs) with the rollouts above in its store; returns its id."""
     from engine.rollout_store import write_shard
 
     store = Store(store_path(home))
-    name = "grpo-math"
-    run_id = f"20260103-000000-{name}"
+    run_id = f"20260103-00000{index}-{name}"
     spec = {**DEMO_SPEC, "algorithm": "grpo", "name": name, "dataset": "demo/prompts.jsonl"}
     store.create_run(run_id, spec, name=name, out_dir=str(home / run_id))
     rep = StoreReporter(store, run_id)
@@ -289,7 +288,7 @@ def add_online_run(home: Path, now: float = NOW) -> str:
         write_shard(home / run_id, step, records)
         rep.log_metrics(step, {"reward/mean": sum(r["reward"] for r in records) / len(records)})
     store.set_status(run_id, "completed")
-    store.update_run(run_id, created_at=now - 120, started_at=now - 110, finished_at=now - 60)
+    store.update_run(run_id, created_at=now - 120 + index, started_at=now - 110, finished_at=now - 60)
     store.db.execute("UPDATE metrics SET time = ? + step * 10 WHERE run_id = ?", [now - 110, run_id])
     store.db.execute("UPDATE events SET time = ? WHERE run_id = ?", [now - 110, run_id])
     store.close()

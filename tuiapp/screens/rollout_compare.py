@@ -145,7 +145,7 @@ class RolloutCompareScreen(Screen):
             text.append("  no rollouts stored", style="dim")
         else:
             text.append(f"  step {page.step}")
-            text.append(f" ({page.steps.index(page.step) + 1} of {len(page.steps)}, {keys})", style="dim")
+            text.append(f" ({page.steps.index(page.step) + 1}/{len(page.steps)}, {keys})", style="dim")
         return text
 
     def _draw(self) -> None:
@@ -159,6 +159,11 @@ class RolloutCompareScreen(Screen):
         a, b = self.pages
         if a is None or b is None:
             body.update("")
+            return
+        if a.step is None or b.step is None:
+            body.update(
+                Text("both sides need stored rollouts (the Rollouts tab, 5, says why a run has none)", style="dim")
+            )
             return
         shared = shared_prompts(a, b)
         if not shared:

@@ -32,22 +32,42 @@ from tuiapp.widgets.samples import fmt_reward, one_line, plain_prompt
 SIDE_BY_SIDE_MIN = 22  # columns a completion needs to be read beside its neighbours; narrower panes stack them
 
 
-def sample_stats(sample: dict[str, Any], best: float | None, worst: float | None) -> Text:
-    """reward (green when the group's best, red when its worst) · advantage · length, then each component."""
+def reward_text(sample: dict[str, Any], best: float | None, worst: float | None) -> Text:
+    """The total reward, green when the group's best and red when its worst (when they differ)."""
     reward = sample.get("reward")
-    style = "green" if reward is not None and reward == best and best != worst else ""
-    style = "red" if reward is not None and reward == worst and best != worst else style
-    text = Text("r ", style="dim")
-    text.append(fmt_reward(reward), style=style or "bold")
-    text.append("  adv ", style="dim")
-    text.append(fmt_reward(sample.get("advantage")))
-    text.append(f"  {sample.get('length', '-')} tok", style="dim")
+    style = "bold"
+    if reward is not None and best != worst:
+        style = "green" if reward == best else "red" if reward == worst else style
+    return Text(fmt_reward(reward), style=style)
+
+
+def components_text(sample: dict[str, Any]) -> Text:
+    """Each reward source's score, where there are several (one source alone is the total)."""
+    components = sample.get("rewards") or {}
+    if len(components) < 2 and sample.get("reward") is not None:
+        return Text("")
+    return Text("  ".join(f"{name} {fmt_reward(value)}" for name, value in components.items()), style="dim")
+
+
+def length_text(sample: dict[str, Any]) -> Text:
+    text = Text(f"{sample.get('length', '-')} tok", style="dim")
     if sample.get("truncated"):
         text.append(" ✂", style="yellow")  # hit max_new_tokens without EOS
-    components = sample.get("rewards") or {}
-    if len(components) > 1 or (components and reward is None):
+    return text
+
+
+def sample_stats(sample: dict[str, Any], best: float | None, worst: float | None) -> Text:
+    """reward · advantage · length, then each reward component: under a completion shown side by side."""
+    text = Text("r ", style="dim")
+    text.append_text(reward_text(sample, best, worst))
+    text.append("  adv ", style="dim")
+    text.append(fmt_reward(sample.get("advantage")))
+    text.append("  ")
+    text.append_text(length_text(sample))
+    components = components_text(sample)
+    if components.plain:
         text.append("\n")
-        text.append("  ".join(f"{name} {fmt_reward(value)}" for name, value in components.items()), style="dim")
+        text.append_text(components)
     return text
 
 
@@ -73,14 +93,21 @@ def group_table(group: Group, sort: str, side_by_side: bool) -> Table:
         table.add_row(*(Text(one_line(s.get("completion"))) for s in samples))
         table.add_row(*(sample_stats(s, best, worst) for s in samples))
         return table
-    table.show_header = False  # stacked: each row names its sample
-    table.add_column("#", no_wrap=True, width=3)
+    table.add_column("#", no_wrap=True)
     table.add_column("completion", ratio=1, overflow="fold")
+    table.add_column("reward", no_wrap=True, justify="right")
+    table.add_column("adv", no_wrap=True, justify="right")
+    table.add_column("len", no_wrap=True, justify="right")
+    table.add_column("components", ratio=1, overflow="fold")
     for sample in samples:
-        cell = Text(one_line(sample.get("completion")))
-        cell.append("\n")
-        cell.append_text(sample_stats(sample, best, worst))
-        table.add_row(Text(f"#{sample.get('sample', '?')}", style="dim"), cell)
+        table.add_row(
+            Text(f"#{sample.get('sample', '?')}", style="dim"),
+            Text(one_line(sample.get("completion"))),
+            reward_text(sample, best, worst),
+            Text(fmt_reward(sample.get("advantage"))),
+            length_text(sample),
+            components_text(sample),
+        )
     return table
 
 
@@ -239,12 +266,12 @@ class RolloutsView(VerticalScroll, can_focus=True):
             return
         pos = page.steps.index(page.step) + 1
         header = Text(f"step {page.step}", style="bold")
-        header.append(f" ({pos} of {len(page.steps)} stored, ←/→)", style="dim")
+        header.append(f" ({pos}/{len(page.steps)}, ←/→)", style="dim")
         header.append(f"   {len(page.groups)} prompts")
-        if page.mean_reward is not None:
-            header.append(f"   mean reward {fmt_reward(page.mean_reward)}")
         if page.zero_variance:
             header.append(f"   {page.zero_variance} zero-variance", style="yellow")
+        if page.mean_reward is not None:
+            header.append(f"   mean reward {fmt_reward(page.mean_reward)}")
         header.append(f"\nsort: {self.sort} (o)   moved most (j)", style="dim")
         if self.moves:
             header.append(": " + ", ".join(f"{s} {fmt_reward(d)}" for s, d in self.moves), style="dim")
