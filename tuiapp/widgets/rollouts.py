@@ -176,6 +176,8 @@ class RolloutsView(VerticalScroll, can_focus=True):
     def _got(self, page: StepRollouts, wanted: int | None) -> None:
         if self.run_info is None or page.run_id != self.run_info.id or wanted != self.wanted:
             return  # read for another run or step than the one now wanted
+        if self.page is not None and len(page.steps) != len(self.page.steps):
+            self.moves, self._jump = [], 0  # a live run stored another step: j ranks the moves again
         self.page = page
         self._draw()
 
