@@ -191,8 +191,11 @@ class CherryApp(App):
             "n new run · enter open/close (on a group row: fold) · g fold experiment · e experiment view · "
             "/ filter (#tag, lr=1e-6) · f status filter · o sort · space select · v compare · "
             "c cancel · r resume · d delete · m metrics · s smoothing · y log-y · x step/time · "
-            "[ ] sample steps · p preference pairs first · 1-4 tabs · ctrl+p all commands · q quit.  "
-            "In compare: 2 samples side by side · a/b pick runs A/B · [ ] A's step · { } B's step · f frontier.  "
+            "[ ] sample steps · p preference pairs first · 1-5 tabs · L label · ctrl+p all commands · q quit.  "
+            "In Rollouts (5): ←/→ steps · o sort · j steps where the mean reward moved most · w vs another step.  "
+            "Labelling: a A better · b B better · t tie · s skip · D train DPO · R train a reward model.  "
+            "In compare: 2 samples side by side · a/b pick runs A/B · [ ] A's step · { } B's step · f frontier · "
+            "r rollouts side by side · L label A vs B.  "
             "In an experiment: m metric · c colour by · f frontier.  "
             "In the new-run form: a list (1e-6,2e-6) sweeps a field · ctrl+s submit · ctrl+o command · "
             "f2 save preset · f3 load preset",
@@ -226,6 +229,16 @@ class CherryApp(App):
                 screen.action_samples,
             )
             yield SystemCommand("Frontier", "Reward vs KL at each eval point of each run (f)", screen.action_frontier)
+            yield SystemCommand(
+                "Rollouts side by side",
+                "Runs A's and B's training rollouts on the same prompts, best first (r)",
+                screen.action_rollouts,
+            )
+            yield SystemCommand(
+                "Label A vs B",
+                "Judge A's answer against B's on shared prompts, saved as preference pairs (L)",
+                screen.action_label,
+            )
         if hasattr(screen, "action_save_preset"):  # the new-run form
             yield SystemCommand(
                 "Save preset", "Save the form's settings as a YAML preset of your own (f2)", screen.action_save_preset
@@ -263,6 +276,16 @@ class CherryApp(App):
                 "Preference pairs first",
                 "Samples: chosen vs rejected above the reference vs policy rows, or below (p)",
                 "pairs_first",
+            ),
+            (
+                "Show rollouts",
+                "An online run's training rollouts: each prompt's group side by side with rewards and advantages (5)",
+                "tab('tab-rollouts')",
+            ),
+            (
+                "Label preferences",
+                "Judge two completions at a time (the shown rollouts or samples); labels train DPO or a reward model (L)",
+                "label",
             ),
             ("Show log", "The run's log tail (3 / l)", "tab('tab-log')"),
             ("Show spec and events", "The run's full spec and its events (4)", "tab('tab-spec')"),

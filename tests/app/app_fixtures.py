@@ -229,3 +229,67 @@ def add_experiment(home: Path, name: str = "lr-beta", now: float = NOW) -> list[
     store.update_run(ids[5], note="best so far: try 2e-4")
     store.close()
     return ids
+
+
+# A GRPO run's stored rollouts: 3 steps x 2 prompts x 4 samples. The reward (correct answer 1, else 0,
+# plus a small format bonus) rises from step 1 to 2 and falls a little at 3; "2+2=" is solved by every
+# sample at step 3 (a zero-variance group).
+ROLLOUT_COMPLETIONS = {
+    1: {"12+9=": ["21", "12", "22", "19"], "2+2=": ["4", "5", "22", "4"]},
+    2: {"12+9=": ["21", "21", "22", "21"], "2+2=": ["4", "4", "4", "5"]},
+    3: {"12+9=": ["21", "12", "31", "31"], "2+2=": ["4", "4", "4", "4"]},
+}
+ROLLOUT_ANSWERS = {"12+9=": "21", "2+2=": "4"}
+
+
+def rollout_records(step: int) -> list[dict]:
+    """One step's records in the rollout store's schema (engine/rollout_store.py), advantages group-relative."""
+    records = []
+    for group, (prompt, completions) in enumerate(ROLLOUT_COMPLETIONS[step].items()):
+        rewards = [1.0 if c == ROLLOUT_ANSWERS[prompt] else 0.0 for c in completions]
+        mean = sum(rewards) / len(rewards)
+        std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
+        for sample, (completion, reward) in enumerate(zip(completions, rewards)):
+            fmt = 0.1 if len(completion) <= 2 else 0.0
+            records.append(
+                {
+                    "step": step,
+                    "group": group,
+                    "sample": sample,
+                    "prompt": f"<|user|>{prompt}<|assistant|>",
+                    "messages": None,
+                    "completion": completion,
+                    "rewards": {"accuracy": reward, "format": fmt},
+                    "reward": reward,
+                    "advantage": round((reward - mean) / (std + 1e-4), 4),
+                    "kl": 0.01 * step,
+                    "logp_mean": -0.5,
+                    "length": len(completion) + 1,
+                    "truncated": False,
+                    "finish": "eos",
+                    "judge": None,
+                }
+            )
+    return records
+
+
+def add_online_run(home: Path, name: str = "grpo-math", index: int = 0, now: float = NOW) -> str:
+    """A completed GRPO run (newer than the fixture's runs) with the rollouts above in its store; returns its id."""
+    from engine.rollout_store import write_shard
+
+    store = Store(store_path(home))
+    run_id = f"20260103-00000{index}-{name}"
+    spec = {**DEMO_SPEC, "algorithm": "grpo", "name": name, "dataset": "demo/prompts.jsonl"}
+    store.create_run(run_id, spec, name=name, out_dir=str(home / run_id))
+    rep = StoreReporter(store, run_id)
+    rep.log_event("start", "grpo: 3 steps", total_steps=3)
+    for step in ROLLOUT_COMPLETIONS:
+        records = rollout_records(step)
+        write_shard(home / run_id, step, records)
+        rep.log_metrics(step, {"reward/mean": sum(r["reward"] for r in records) / len(records)})
+    store.set_status(run_id, "completed")
+    store.update_run(run_id, created_at=now - 120 + index, started_at=now - 110, finished_at=now - 60)
+    store.db.execute("UPDATE metrics SET time = ? + step * 10 WHERE run_id = ?", [now - 110, run_id])
+    store.db.execute("UPDATE events SET time = ? WHERE run_id = ?", [now - 110, run_id])
+    store.close()
+    return run_id

@@ -67,7 +67,7 @@ def test_plot_flat_and_empty_series_do_not_crash():
 def test_importing_the_app_does_not_import_torch():
     code = (
         "import tuiapp.app, tuiapp.screens.main, tuiapp.screens.new_run, tuiapp.screens.compare, sys, "
-        "tuiapp.screens.experiment; "
+        "tuiapp.screens.experiment, tuiapp.screens.label, tuiapp.screens.rollout_compare; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

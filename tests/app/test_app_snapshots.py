@@ -237,3 +237,42 @@ def test_runs_grouped_by_experiment(snap_compare, home, runs, size):
         await settle(pilot, lambda: detail_of(pilot.app, pilot.app.screen._rows[1].best.id), "the best run")
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_rollouts_tab(snap_compare, home, runs, size):
+    """A GRPO run's newest stored step full screen (enter, 5): each prompt's 4 completions side by side at
+    120x40 (stacked at 80x24) with reward, advantage, length and reward components; the all-solved group
+    flagged as zero variance."""
+    from tests.app.app_fixtures import add_online_run
+
+    run_id = add_online_run(home)
+    app = make_app(home, focus=run_id)
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: detail_of(pilot.app, run_id), "the GRPO run")
+        await pilot.press("enter", "5")
+        await settle(pilot, lambda: "step 3 (3/3," in screen_text(pilot.app), "the newest stored step")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_label_screen(snap_compare, home, runs, size):
+    """Labelling step 1's rollouts (L): the first pair of completions side by side, what differs highlighted,
+    the label file named with its count so far."""
+    from tests.app.app_fixtures import add_online_run
+
+    run_id = add_online_run(home)
+    app = make_app(home, focus=run_id)
+
+    async def run_before(pilot):
+        await settle(pilot, lambda: detail_of(pilot.app, run_id), "the GRPO run")
+        await pilot.press("5")
+        await settle(pilot, lambda: "step 3 (3/3," in screen_text(pilot.app), "the rollouts")
+        await pilot.press("left", "left")
+        await settle(pilot, lambda: "step 1 (1/3," in screen_text(pilot.app), "step 1")
+        await pilot.press("L")
+        await settle(pilot, lambda: "0 pairs, 0 ties so far" in screen_text(pilot.app), "the labelling screen")
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)

@@ -44,6 +44,8 @@ class CompareScreen(Screen):
         Binding("s", "smoothing", "smooth"),
         Binding("y", "log_y", "log-y"),
         Binding("x", "x_axis", "step/time"),
+        Binding("r", "rollouts", "rollouts A|B", show=False),
+        Binding("L", "label", "label A vs B", show=False),
         Binding("a", "next_run('a')", "run A", show=False),
         Binding("b", "next_run('b')", "run B", show=False),
         Binding("left_square_bracket", "sample_step('a', -1)", "A older", show=False, key_display="["),
@@ -225,6 +227,29 @@ class CompareScreen(Screen):
         if self.samples:
             self._redraw_samples()
             self._redraw()
+
+    def action_rollouts(self) -> None:
+        """Runs A's and B's training rollouts on the same prompts, at their newest stored steps."""
+        if self.run_a is None or self.run_b is None:
+            self.notify("select two runs or more (space in the runs list), then v and r", severity="warning")
+            return
+        from tuiapp.screens.rollout_compare import RolloutCompareScreen
+
+        self.app.push_screen(RolloutCompareScreen([(self.run_a, None), (self.run_b, None)]))
+
+    def action_label(self) -> None:
+        """Label A's answer against B's on the prompts both logged samples of (the steps shown in 2)."""
+        a, b = self.run_a, self.run_b
+        got_a, got_b = (self._sample_set(a), self._sample_set(b)) if a and b else (None, None)
+        run = next((r for r in self._snapshot.runs if r.id == a), None) if self._snapshot else None
+        if got_a is None or got_b is None or run is None:
+            self.notify("open two runs' samples side by side first (2)", severity="warning")
+            return
+        from tuiapp.labels import run_candidates
+        from tuiapp.screens.label import LabelScreen
+
+        candidates = run_candidates(match_samples(got_a.rows, got_b.rows), a, got_a.step, b, got_b.step)
+        self.app.push_screen(LabelScreen(candidates, run, f"A vs B samples (steps {got_a.step}, {got_b.step})"))
 
     def action_samples(self) -> None:
         self.samples = not self.samples

@@ -1,4 +1,4 @@
-"""The main screen: runs on the left, the focused run's curves, samples, log and spec on the right."""
+"""The main screen: runs on the left, the focused run's curves, samples, rollouts, log and spec on the right."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tuiapp.data import RunDetail, RunInfo, Snapshot, default_metrics, move_step
 from tuiapp.experiment import Group, group_name, grouped
 from tuiapp.screens.run_text import latest_text, matches, run_title, short_home, spec_text, sys_text
 from tuiapp.widgets.chart import Chart
+from tuiapp.widgets.rollouts import RolloutsView
 from tuiapp.widgets.runs_table import SORTS, RunsTable, sort_runs
 from tuiapp.widgets.samples import SamplesView
 
@@ -55,6 +56,8 @@ class MainScreen(Screen):
         Binding("3", "tab('tab-log')", "log", show=False),
         Binding("l", "tab('tab-log')", "log", show=False),
         Binding("4", "tab('tab-spec')", "spec", show=False),
+        Binding("5", "tab('tab-rollouts')", "rollouts", show=False),
+        Binding("L", "label", "label", show=False),
         Binding("escape", "back", "back", show=False),
     ]
 
@@ -95,6 +98,8 @@ class MainScreen(Screen):
                         yield Static(id="sys")
                     with TabPane("Samples", id="tab-samples"):
                         yield SamplesView(id="samples")
+                    with TabPane("Rollouts", id="tab-rollouts"):
+                        yield RolloutsView(id="rollouts")
                     with TabPane("Log", id="tab-log"):
                         with VerticalScroll(id="log-scroll"):
                             yield Static(id="log")
@@ -195,6 +200,7 @@ class MainScreen(Screen):
         title.update(run_title(run, self.app.now(), title.size.width or 80))
         self._render_charts(detail)
         self.query_one(SamplesView).show(detail.sample_steps, detail.sample_step, detail.samples)
+        self.query_one(RolloutsView).show_run(run, self._rollouts_active)
         log_widget = self.query_one("#log", Static)
         log_text = detail.log or (run.error or f"(no log yet: the run is {run.status})")
         log_widget.update(Text(log_text))
@@ -346,6 +352,19 @@ class MainScreen(Screen):
     def _filter_done(self, event: Input.Submitted) -> None:
         self.query_one(RunsTable).focus()
         self.query_one("#filter").display = bool(self.filter_text)
+
+    @property
+    def _rollouts_active(self) -> bool:
+        return self.query_one(TabbedContent).active == "tab-rollouts"
+
+    @on(TabbedContent.TabActivated, "#tabs")
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
+        if self._rollouts_active:  # read now: the tab reads only while it is shown
+            snap = self._snapshot
+            run = snap.detail.run if snap and snap.detail and snap.detail.run.id == self.app.want.focus else None
+            view = self.query_one(RolloutsView)
+            view.show_run(run, True)
+            view.focus()  # its keys: ←/→ steps, o sort, j moved most, w vs step
 
     @on(SamplesView.StepRequested)
     def _sample_step(self, event: SamplesView.StepRequested) -> None:
@@ -519,7 +538,26 @@ class MainScreen(Screen):
         view.pairs_first = not view.pairs_first
         self.query_one(TabbedContent).active = "tab-samples"
 
+    def action_label(self) -> None:
+        """Label two completions at a time: the shown step's rollouts, or its eval samples (reference vs policy)."""
+        if self._rollouts_active:
+            self.query_one(RolloutsView).action_label()
+            return
+        snap = self._snapshot
+        if snap is None or snap.detail is None or snap.detail.sample_step is None:
+            self.notify("no samples to label: open a run's Samples (2) or Rollouts (5) tab", severity="warning")
+            return
+        from tuiapp.labels import sample_candidates
+        from tuiapp.screens.label import LabelScreen
+
+        detail = snap.detail
+        candidates = sample_candidates(detail.run.id, detail.sample_step, detail.samples)
+        self.app.push_screen(LabelScreen(candidates, detail.run, f"eval samples of step {detail.sample_step}"))
+
     def action_sample_step(self, delta: int) -> None:
+        if self._rollouts_active:  # [ ] move through the tab that is shown
+            self.query_one(RolloutsView).action_step(delta)
+            return
         snap = self._snapshot
         if snap is None or snap.detail is None or not snap.detail.sample_steps:
             return

@@ -305,3 +305,16 @@ class SamplesView(VerticalScroll, can_focus=True):
             header.append(f"   {pairs} pairs {'above' if self.pairs_first else 'below'} (p)", style="dim")
         title.update(header)
         body.update(samples_body(samples, self.pairs_first))
+
+
+def pair_table(a: str, b: str, colour_a: str, colour_b: str, head_a: Text, head_b: Text) -> Table:
+    """Two completions in two columns, the characters where they differ on each side's own colour (as the
+    compare screen marks two runs' answers); the full texts, line breaks kept."""
+    table = Table(expand=True, box=None, show_edge=False, pad_edge=False, header_style="bold", padding=(0, 1))
+    table.add_column(head_a, ratio=1, overflow="fold")
+    table.add_column(head_b, ratio=1, overflow="fold")
+    if a == b:
+        table.add_row(Text(a), Text(b))
+    else:
+        table.add_row(*char_diff(a, b, f"bold black on {colour_a}", f"bold black on {colour_b}"))
+    return table
