@@ -196,24 +196,25 @@ def shared_prompt_logps(
         return None
     rows = completion_ids.shape[0]
     split = rows if no_grad_from is None else max(0, min(no_grad_from, rows))
-    parts = []
-    for start, end in ((0, split), (split, rows)):
+    parts = []  # (log-probs, argmax == target, entropy, mean logit) of the rows with gradient, then without
+    for start, end, with_grad in ((0, split, True), (split, rows, False)):
         if start == end:
             continue
         index, ids, mask = prompt_index[start:end], completion_ids[start:end], completion_mask[start:end].bool()
-        grad = start == 0
-        with contextlib.nullcontext() if grad else torch.no_grad():
-            states = prompts if grad else _detached(prompts)
+        with contextlib.nullcontext() if with_grad else torch.no_grad():
+            states = prompts if with_grad else _detached(prompts)
             hidden = _predicting_hidden(head.decoder, states, index, ids, mask)
             parts.append(chunked_head_logps(head, hidden[mask], ids[mask], temperature, stats))
-    token_logps, correct, entropy, logit_mean = (
-        None if any(p[i] is None for p in parts) else torch.cat([p[i] for p in parts]) for i in range(4)
-    )
+    token_logps, correct, entropy, logit_mean = (_cat([part[i] for part in parts]) for i in range(4))
     targets = completion_mask.bool()
     row_of = torch.arange(rows, device=completion_ids.device)[:, None].expand_as(targets)[targets]
     out = reduce_tokens(token_logps, row_of, rows, correct)
     out.token_entropy, out.token_logit_mean = entropy, logit_mean
     return out
+
+
+def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
 
 
 def _detached(prompts: PromptStates) -> PromptStates:
@@ -259,15 +260,12 @@ def _full_rows(batch: dict[str, torch.Tensor], start: int, end: int) -> tuple[to
 def concat_rows(first: CompletionLogps, second: CompletionLogps) -> CompletionLogps:
     """The rows of `first`, then those of `second`, as one result."""
 
-    def cat(a, b):
-        return None if a is None or b is None else torch.cat([a, b])
-
     return CompletionLogps(
         sums=torch.cat([first.sums, second.sums]),
         counts=torch.cat([first.counts, second.counts]),
         token_logps=torch.cat([first.token_logps, second.token_logps]),
         token_rows=torch.cat([first.token_rows, second.token_rows + first.sums.shape[0]]),
         token_correct=torch.cat([first.token_correct, second.token_correct]),
-        token_entropy=cat(first.token_entropy, second.token_entropy),
-        token_logit_mean=cat(first.token_logit_mean, second.token_logit_mean),
+        token_entropy=_cat([first.token_entropy, second.token_entropy]),
+        token_logit_mean=_cat([first.token_logit_mean, second.token_logit_mean]),
     )
