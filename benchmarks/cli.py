@@ -22,7 +22,8 @@ bench_app = typer.Typer(
 SHAPE_OPTION = typer.Option(
     "tiny",
     "--shape",
-    help="tiny (seconds) | head-heavy (151,936 vocabulary, small body) | body-heavy (32k vocabulary, 8 layers x 512).",
+    help="tiny (seconds) | head-heavy (151,936 vocabulary, small body) | body-heavy (32k vocabulary, 8 layers x 512)"
+    " | prompt-heavy (8k vocabulary, 4 layers x 256, prompts 3x the completions).",
 )
 STEPS_OPTION = typer.Option(3, "--steps", help="Timed steps per side (median reported), after the warm-up.")
 WARMUP_OPTION = typer.Option(1, "--warmup", help="Untimed warm-up steps per side.")

@@ -34,7 +34,7 @@ def collate_shared_prompts(
     prompts: list[list[int]], completions: list[list[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:
     """`collate_completions` plus each distinct prompt once, for scoring the rows of a group (samples of
-    one prompt) with one pass over their prompt (`engine.logprobs.shared_prompt_logps`):
+    one prompt) with one pass over their prompt (`engine.shared_prompts.batch_logps`):
 
     - `prompt_ids`, `prompt_mask` [G, Lp]: the distinct prompts, left-padded, in order of first use;
     - `prompt_index` [B]: each row's prompt;
@@ -55,9 +55,10 @@ def collate_shared_prompts(
 
 
 def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows, padded together so one forward pass scores both."""
+    """Chosen rows first, then rejected rows, padded together so one forward pass scores both; each pair's
+    prompt once as well (`collate_shared_prompts`), so the body runs over it once for both rows."""
     prompts = [ex["prompt_ids"] for ex in examples]
-    batch = collate_completions(
+    batch = collate_shared_prompts(
         prompts + prompts,
         [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples],
         pad_id,

@@ -110,7 +110,7 @@ def _gather_completion(
     return target_mask, targets, rows
 
 
-def _reduce(
+def reduce_tokens(
     token_logps: torch.Tensor,
     rows: torch.Tensor,
     batch_size: int,
@@ -422,123 +422,7 @@ def completion_logps(
     token_logps, correct, entropy, logit_mean = chunked_head_logps(
         head, hidden[:, :-1][target_mask], targets, temperature, stats
     )
-    out = _reduce(token_logps, rows, input_ids.shape[0], correct)
-    out.token_entropy, out.token_logit_mean = entropy, logit_mean
-    return out
-
-
-# model -> whether `shared_prompt_logps` reproduces `completion_logps` on it (checked once per model).
-_SHARES_PROMPTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-SHARED_PROMPT_KEYS = ("prompt_ids", "prompt_mask", "prompt_index", "completion_ids", "completion_ids_mask")
-
-
-def _prefix_then_completions(
-    head: _Head,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    prompt_index: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-) -> torch.Tensor | None:
-    """[B, Lc, H] hidden states that predict each completion token: the distinct prompts through the body
-    once, their KV cache (and last hidden state) gathered to each row, then the completions on top.
-    None when the body did not fill the cache (a model that ignores it, activation checkpointing)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    config = getattr(head.decoder, "config", None)
-    cache = DynamicCache(config=config) if config is not None else DynamicCache()
-    positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
-    prefix = head.decoder(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache, use_cache=True
-    ).last_hidden_state
-    if cache.get_seq_length() != prompt_ids.shape[1] or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        return None
-    # Gathering is differentiable: each row's gradient flows back into its prompt's one computation.
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.index_select(0, prompt_index), layer.values.index_select(0, prompt_index)
-    mask = torch.cat([prompt_mask.index_select(0, prompt_index), completion_mask.to(prompt_mask.dtype)], dim=1)
-    steps = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-    after = positions[:, -1:].index_select(0, prompt_index) + 1 + steps[None]
-    hidden = head.decoder(
-        input_ids=completion_ids, attention_mask=mask, position_ids=after, cache=cache, use_cache=True
-    ).last_hidden_state
-    # The prompt's last position predicts the first completion token; completion position t the token t + 1.
-    return torch.cat([prefix[:, -1:].index_select(0, prompt_index), hidden[:, :-1]], dim=1)
-
-
-def _shared_prompt_head(model: torch.nn.Module) -> _Head | None:
-    """The chunked head when the shared-prompt path reproduces `completion_logps` on `model` (a short probe,
-    once per model), else None: the caller scores full rows instead."""
-    head = chunked_head(model)
-    if head is None or getattr(head.decoder, "gradient_checkpointing", False):
-        return None
-    if model not in _SHARES_PROMPTS:
-        _SHARES_PROMPTS[model] = _shares_prompts_exactly(model, head)
-    return head if _SHARES_PROMPTS[model] else None
-
-
-@torch.no_grad()
-def _shares_prompts_exactly(model: torch.nn.Module, head: _Head) -> bool:
-    from engine.batching import collate_shared_prompts
-
-    vocab = max(2, head.vocab)
-    prompts = [[1, 2, 3, 4], [1, 2, 3, 4], [5, 6], [5, 6]]  # two groups; the second is left-padded
-    completions = [[7, 8, 9], [9, 8], [3], [4, 5, 6, 7]]
-    batch = collate_shared_prompts(
-        [[t % vocab for t in p] for p in prompts], [[t % vocab for t in c] for c in completions], 0
-    )
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.autocast(device.type, enabled=False):  # the comparison in full precision, whatever the run's
-            hidden = _prefix_then_completions(head, *(batch[k] for k in SHARED_PROMPT_KEYS))
-            if hidden is None:
-                return False
-            mask = batch["completion_ids_mask"].bool()
-            ours = chunked_head_logps(head, hidden[mask], batch["completion_ids"][mask])[0]
-            plain = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    except Exception:  # noqa: BLE001 - a body that does not take a cache this way scores full rows
-        return False
-    finally:
-        model.train(was_training)
-    plain = plain.token_logps
-    # A structurally wrong path is off by whole nats; low-precision weights round by up to ~1e-2.
-    atol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    return ours.shape == plain.shape and bool(torch.allclose(ours, plain, rtol=1e-3, atol=atol))
-
-
-def shared_prompt_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, stats: bool = False
-) -> CompletionLogps | None:
-    """`completion_logps` of a `collate_shared_prompts` batch, each distinct prompt through the body once.
-
-    The k samples of a group share their prompt, and a causal model's prompt positions do not depend on
-    what follows them, so the prompt's hidden states, keys and values are computed once per group and
-    gathered to its rows; the completions then attend to them through the KV cache. The gradient is
-    the same (each row's gradient flows back through the gather into the one prompt computation; the
-    copies' gradients were summed before) and so are the log-probs, up to float rounding; the body's
-    work on prompts drops by the group size. None when the batch has no shared prompt or the model
-    does not take this path (no chunked head, activation checkpointing, a body that ignores the cache):
-    the caller then runs `completion_logps` on the full rows.
-    """
-    if any(key not in batch for key in SHARED_PROMPT_KEYS):
-        return None
-    head = _shared_prompt_head(model)
-    if head is None:
-        return None
-    prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask = (batch[k] for k in SHARED_PROMPT_KEYS)
-    hidden = _prefix_then_completions(head, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask)
-    if hidden is None:
-        return None
-    targets_mask = completion_mask.bool()
-    rows = torch.arange(completion_ids.shape[0], device=completion_ids.device)[:, None].expand_as(targets_mask)
-    token_logps, correct, entropy, logit_mean = chunked_head_logps(
-        head, hidden[targets_mask], completion_ids[targets_mask], temperature, stats
-    )
-    out = _reduce(token_logps, rows[targets_mask], completion_ids.shape[0], correct)
+    out = reduce_tokens(token_logps, rows, input_ids.shape[0], correct)
     out.token_entropy, out.token_logit_mean = entropy, logit_mean
     return out
 
@@ -565,8 +449,8 @@ def model_forward_logps(
     token_logps = all_logps.gather(-1, targets[:, None]).squeeze(-1)
     correct = logits.detach().argmax(-1) == targets
     if not stats:
-        return _reduce(token_logps, rows, input_ids.shape[0], correct)
-    return _reduce(token_logps, rows, input_ids.shape[0], correct, all_logps, logits)
+        return reduce_tokens(token_logps, rows, input_ids.shape[0], correct)
+    return reduce_tokens(token_logps, rows, input_ids.shape[0], correct, all_logps, logits)
 
 
 def full_logits_logps(
@@ -584,8 +468,8 @@ def full_logits_logps(
     target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
     correct = logits.detach().argmax(-1)[target_mask] == targets
     if not stats:
-        return _reduce(token_logps[target_mask], rows, input_ids.shape[0], correct)
-    return _reduce(
+        return reduce_tokens(token_logps[target_mask], rows, input_ids.shape[0], correct)
+    return reduce_tokens(
         token_logps[target_mask],
         rows,
         input_ids.shape[0],

@@ -18,6 +18,7 @@ import torch
 from engine.errors import ModelError
 from engine.nonfinite import check_weights
 from engine.sharding import is_sharded
+from engine.shared_prompts import SHARED_PROMPT_KEYS, run_completions, run_prompts, shares_prompts_exactly
 
 if TYPE_CHECKING:  # wrap_lora reads a RunSpec but needs nothing of engine.spec at run time
     from engine.spec import RunSpec
@@ -275,3 +276,40 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     body = getattr(inner, inner.base_model_prefix)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return head(hidden[rows, last]).squeeze(-1).float()
+
+
+def batch_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`sequence_rewards` of a batch's rows; a `collate_shared_prompts` batch has each distinct prompt
+    (a pair's, for the reward model's chosen and rejected) through the body once where the model allows it."""
+    shared = _shared_prompt_rewards(model, batch)
+    if shared is not None:
+        return shared
+    return sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+
+
+def _shared_prompt_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The rewards read at each row's last completion token, the prompts through the body once; None where
+    the model cannot take that path (a sharded model, no `score` head, activation checkpointing) or where it
+    does not give `sequence_rewards`' numbers on the probe (engine/shared_prompts.py)."""
+    if any(key not in batch for key in SHARED_PROMPT_KEYS) or is_sharded(model):
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "score", None)
+    body = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if head is None or not isinstance(body, torch.nn.Module) or getattr(body, "gradient_checkpointing", False):
+        return None
+
+    def shared(b: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        prompts = run_prompts(body, b["prompt_ids"], b["prompt_mask"])
+        if prompts is None:
+            return None
+        hidden, _ = run_completions(body, prompts, b["prompt_index"], b["completion_ids"], b["completion_ids_mask"])
+        last = b["completion_ids_mask"].sum(-1) - 1
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return head(hidden[rows, last]).squeeze(-1).float()
+
+    def full(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sequence_rewards(model, b["input_ids"], b["attention_mask"])
+
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    return shared(batch) if shares_prompts_exactly(model, vocab, shared, full) else None

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from engine.distributed import World
-from engine.logprobs import completion_logps
+from engine.shared_prompts import batch_logps
 
 log = logging.getLogger("cherry.engine")
 
@@ -42,9 +42,7 @@ class Reference:
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
         with self.model() as ref:
-            return completion_logps(
-                ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature
-            ).sums
+            return batch_logps(ref, batch, temperature).sums
 
 
 def fingerprint_model(source: str, dtype: torch.dtype) -> str:

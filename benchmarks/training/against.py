@@ -81,6 +81,10 @@ SHAPES = {
     "body-heavy": Shape(
         "llama", 32000, 512, 8, 8, 8, 1376, False, 4, 64, 128, 8, (8, 64), "32,000 vocabulary, hidden 512 x 8 layers"
     ),
+    # Prompts three times the completions under a small head: the body's work on prompts dominates.
+    "prompt-heavy": Shape(
+        "llama", 8192, 256, 4, 4, 4, 688, False, 8, 192, 64, 4, (8,), "8,192 vocabulary, hidden 256 x 4 layers"
+    ),
 }
 
 

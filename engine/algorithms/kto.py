@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from engine.algorithms.base import Algorithm, completion_metrics, example_metrics
-from engine.batching import collate_completions
-from engine.logprobs import completion_logps
+from engine.batching import collate_shared_prompts
 from engine.losses.kto import kto_loss, kto_weight_ratio_warning
+from engine.shared_prompts import batch_logps
 
 
 class KTO(Algorithm):
@@ -46,8 +46,9 @@ class KTO(Algorithm):
         return [message] if message else []
 
     def collate(self, examples, pad_id):
+        # The example and its KL row share the prompt: where the model allows, it goes through the body once.
         prompts = [ex["prompt_ids"] for ex in examples]
-        batch = collate_completions(
+        batch = collate_shared_prompts(
             prompts + prompts,
             [ex["completion_ids"] for ex in examples] + [ex["kl_completion_ids"] for ex in examples],
             pad_id,
@@ -57,10 +58,9 @@ class KTO(Algorithm):
         return batch
 
     def loss(self, models, batch, rows):
-        out = completion_logps(
-            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
-        )
         n, ref_logps = self.units(batch), batch["ref_logps"]
+        # z0 is detached: the KL rows are scored without gradient, so none of their activations are kept.
+        out = batch_logps(models.policy, batch, stats=True, no_grad_from=n)
         losses, metrics = kto_loss(
             out.sums[:n],
             ref_logps[:n],

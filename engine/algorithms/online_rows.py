@@ -15,8 +15,9 @@ import torch
 from engine.algorithms.base import Models
 from engine.batching import collate_completions, collate_shared_prompts
 from engine.distributed import World
-from engine.logprobs import CompletionLogps, completion_logps, shared_prompt_logps
+from engine.logprobs import CompletionLogps
 from engine.rollout import Rollout
+from engine.shared_prompts import batch_logps
 
 
 def padded(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,13 +44,9 @@ def token_logps(
     """Completion-token log-probs of `logits / temperature` as ([B, T], mask [B, T], the flat result).
 
     A batch whose rows share prompts (`collate_rows(..., share_prompts=True)`) runs each prompt through
-    the model once (`shared_prompt_logps`); prepare and the update both come here with the same
+    the model once (`engine.shared_prompts.batch_logps`); prepare and the update both come here with the same
     micro-batches, so they still compute exactly the same numbers."""
-    out = shared_prompt_logps(model, batch, temperature, stats=stats)
-    if out is None:
-        out = completion_logps(
-            model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats=stats
-        )
+    out = batch_logps(model, batch, temperature, stats=stats)
     values, mask = padded(out.token_logps, out.counts)
     return values, mask, out
 

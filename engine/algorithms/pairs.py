@@ -1,9 +1,10 @@
-"""What every pair method shares: chosen and rejected in one padded batch, one forward pass, a pair loss.
+"""What every pair method shares: chosen and rejected in one batch scored together, a pair loss.
 
 DPO (and its loss types), SimPO, CPO and ORPO differ only in the function of the pair's log-probs
 they minimise; each subclass gives that as `pair_loss`, and this class does the rest: collate,
-the policy's completion log-probs (with the statistics every preference method logs), the split into
-chosen and rejected halves, and the metrics.
+the policy's completion log-probs with the statistics every preference method logs (each pair's
+prompt through the body once for both its rows where the model allows it: engine/shared_prompts.py),
+the split into chosen and rejected halves, and the metrics.
 """
 
 from __future__ import annotations
@@ -12,19 +13,18 @@ import torch
 
 from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
 from engine.batching import collate_preference
-from engine.logprobs import CompletionLogps, completion_logps
+from engine.logprobs import CompletionLogps
+from engine.shared_prompts import batch_logps
 
 
 class PairMethod(Algorithm):
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
+    rows_per_example = 2  # chosen and rejected share one batch (and, where the model allows, one prompt pass)
 
     def collate(self, rows, pad_id):
         return collate_preference(rows, pad_id)
 
     def loss(self, models, batch, rows):
-        out = completion_logps(
-            models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
-        )
+        out = batch_logps(models.policy, batch, stats=True)
         pairs = self.units(batch)
         losses, metrics = self.pair_loss(out, pairs, batch)
         return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}

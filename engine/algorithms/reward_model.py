@@ -19,11 +19,11 @@ import torch
 from engine.algorithms.base import Algorithm, metric_sums, pair_samples
 from engine.batching import collate_preference
 from engine.losses.reward import reward_eval_metrics, reward_model_loss
-from engine.models import sequence_rewards
+from engine.models import batch_rewards
 
 
 class RewardModel(Algorithm):
-    rows_per_example = 2  # chosen and rejected share one padded batch: one forward pass
+    rows_per_example = 2  # chosen and rejected share one batch (and, where the model allows, one prompt pass)
 
     def collate(self, examples, pad_id):
         batch = collate_preference(examples, pad_id)
@@ -32,7 +32,7 @@ class RewardModel(Algorithm):
         return batch
 
     def loss(self, models, batch, rows):
-        rewards = sequence_rewards(models.policy, batch["input_ids"], batch["attention_mask"])
+        rewards = batch_rewards(models.policy, batch)  # each pair's prompt through the body once, where it can
         pairs = self.units(batch)
         losses, metrics = reward_model_loss(
             rewards[:pairs], rewards[pairs:], margin=batch["margin"], center_coef=self.spec.center_rewards_coef
@@ -49,9 +49,7 @@ class RewardModel(Algorithm):
         rewards, lengths, margins = [], [], []
         for start in range(0, len(examples), self.spec.eval_rows):
             batch = collate(examples[start : start + self.spec.eval_rows])
-            rewards.append(
-                sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
-            )
+            rewards.append(batch_rewards(model, {k: v.to(device) for k, v in batch.items()}).cpu())
             lengths.append(batch["completion_mask"].sum(-1))
             margins.append(batch["margin"])
         pairs = [len(r) // 2 for r in rewards]  # each batch holds its chosen rows, then its rejected rows

@@ -2,7 +2,11 @@
 run as one process with batch 2B (per-step loss and final weights), for a pair-mean loss (DPO) and a
 token-mean loss whose ranks hold different token counts (SFT); online methods run sharded end to end;
 cancel and resume work, across world sizes when the global batch is kept. Each runs with every rank holding
-the whole model (`parallelism: ddp`) and with each holding a shard of it (`fsdp`)."""
+the whole model (`parallelism: ddp`) and with each holding a shard of it (`fsdp`).
+
+One process scores each pair's prompt once (engine/shared_prompts.py), and so does each `ddp` rank; a sharded
+model scores full rows (its head is gathered only inside its own forward): the `fsdp` runs also check that the
+shared-prompt path trains exactly as the full rows do."""
 
 from __future__ import annotations
 
@@ -68,6 +72,29 @@ def test_dpo_on_two_processes_equals_one_process_with_the_global_batch(
     assert one[0][-1] < one[0][0] - 0.01  # it trained: the equality is not between two runs that did nothing
     assert (tmp_path / "two" / "ranks" / "rank-1.log").exists()
     assert not (tmp_path / "two" / "ranks" / "metrics.jsonl").exists()  # rank 1 writes no run files
+
+
+def test_kto_on_two_sharded_processes_equals_one_process(tiny_model_dir, tiny_pairs, tmp_path):
+    """One process: each example and its KL row on one prompt pass, the KL rows without gradient; sharded:
+    full rows, the KL rows in a second forward under no_grad. The same run either way."""
+    one = _run(
+        dpo_spec(tiny_model_dir, tiny_pairs, algorithm="kto", batch_size=8, max_steps=4, **QUIET), tmp_path / "1"
+    )
+    sharded = _run(
+        dpo_spec(
+            tiny_model_dir,
+            tiny_pairs,
+            algorithm="kto",
+            batch_size=4,
+            num_processes=2,
+            parallelism="fsdp",
+            max_steps=4,
+            **QUIET,
+        ),
+        tmp_path / "2",
+    )
+    _assert_same_run(one[:2], sharded[:2])
+    assert one[0][-1] < one[0][0]
 
 
 def test_a_sharded_reward_model_equals_one_process(tiny_model_dir, tiny_pairs, tmp_path):

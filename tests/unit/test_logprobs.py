@@ -405,7 +405,7 @@ def _group_rows():
 @pytest.mark.parametrize("family", ["Llama", "Qwen2"])
 def test_shared_prompts_give_the_full_rows_logps_and_gradients(family):
     from engine.batching import collate_shared_prompts
-    from engine.logprobs import shared_prompt_logps
+    from engine.shared_prompts import shared_prompt_logps
 
     model = _tiny(family).train()
     prompts, completions = _group_rows()
@@ -430,7 +430,7 @@ def test_shared_prompts_give_the_full_rows_logps_and_gradients(family):
 
 def test_rows_without_a_shared_prompt_take_the_full_rows_path(model):
     from engine.batching import collate_shared_prompts
-    from engine.logprobs import shared_prompt_logps
+    from engine.shared_prompts import shared_prompt_logps
 
     b = collate_shared_prompts([[5, 6], [7, 8]], [[9], [10]], pad_id=0)
     assert "prompt_index" not in b and shared_prompt_logps(model, b) is None
@@ -439,7 +439,7 @@ def test_rows_without_a_shared_prompt_take_the_full_rows_path(model):
 def test_a_body_that_ignores_the_cache_is_not_given_shared_prompts(model, monkeypatch):
     """Activation checkpointing switches the cache off in training: the full rows are scored instead."""
     from engine.batching import collate_shared_prompts
-    from engine.logprobs import shared_prompt_logps
+    from engine.shared_prompts import shared_prompt_logps
 
     b = collate_shared_prompts(*_group_rows(), pad_id=0)
     monkeypatch.setattr(model.model, "gradient_checkpointing", True, raising=False)
