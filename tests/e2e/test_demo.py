@@ -71,3 +71,15 @@ def test_chain_of_hindsight_is_judged_against_the_demo_model_on_plain_prompts():
     assert before == 0.475 and after == 0.58 and "plain prompts" in label
     summary["algorithm"] = "dpo"
     assert _headline(summary)[1:] == (0.0, 0.58)
+
+
+def test_a_demo_run_without_evaluation_has_no_headline_instead_of_a_traceback():
+    from tuiapp.cli.demo import _headline
+
+    # `--set eval_strategy=no`: the summary holds no before/after metrics
+    assert _headline({"algorithm": "dpo", "before": {}, "final": {}, "wall_seconds": 3.0}) is None
+    assert _headline({"algorithm": "dpo", "before": {"eval/exact_match": 0.4}, "final": {"eval/exact_match": 0.6}}) == (
+        "held-out exact match",
+        0.4,
+        0.6,
+    )

@@ -50,12 +50,16 @@ def demo(
     _configure_logging()
     typer.echo(f"demo: {spec.algorithm} on {Path(spec.dataset).name} from the demo model (headless)")
     run_dir, summary = _foreground(spec, out)
-    name, before, after = _headline(summary)
+    headline = _headline(summary)
     typer.echo("")
-    typer.echo(
-        f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
-        f"in {summary['wall_seconds']:.0f}s"
-    )
+    if headline is None:
+        typer.echo(f"no before/after figure: the run was not evaluated (eval_strategy: {spec.eval_strategy})")
+    else:
+        name, before, after = headline
+        typer.echo(
+            f"{name}: {before:.1%} before -> {after:.1%} after ({(after - before) * 100:+.1f} points) "
+            f"in {summary['wall_seconds']:.0f}s"
+        )
     samples_file = run_dir / "samples.jsonl"
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()] if samples_file.exists() else []
     if samples:
@@ -101,21 +105,25 @@ def _demo_in_app(method: str, overrides: list[str], out: Optional[Path]) -> None
     typer.echo(f"the app closed; {run.id} keeps going in the worker (`cherry ls`, `cherry` to look again)", err=True)
 
 
-def _headline(summary: dict[str, Any]) -> tuple[str, float, float]:
-    """The metric a demo run is judged by: exact match for generators, pairwise accuracy for an RM.
+def _headline(summary: dict[str, Any]) -> tuple[str, float, float] | None:
+    """The metric a demo run is judged by: exact match for generators, pairwise accuracy for an RM; None
+    when the run was not evaluated before and after (`eval_strategy: no`).
 
     Chain of Hindsight is judged against the demo model on plain prompts: before training the model
     has never seen the feedback phrase, so its score after the phrase (about 0) is no baseline.
     """
-    key = "eval/exact_match" if "eval/exact_match" in summary["before"] else "eval/rewards/accuracy"
+    before_metrics, final_metrics = summary.get("before") or {}, summary.get("final") or {}
+    key = "eval/exact_match" if "eval/exact_match" in before_metrics else "eval/rewards/accuracy"
+    if key not in before_metrics or key not in final_metrics:
+        return None
     label = "held-out exact match" if key == "eval/exact_match" else "held-out pairwise accuracy"
-    before = summary["before"][key]
+    before = before_metrics[key]
     if summary.get("algorithm") == "coh":
         from engine.spec import demo_dir
 
         before = json.loads((demo_dir() / "info.json").read_text())["held_out_accuracy"]
         label += " (before = the demo model on plain prompts)"
-    return label, before, summary["final"][key]
+    return label, before, final_metrics[key]
 
 
 @demo_app.command("table")
@@ -135,7 +143,14 @@ def demo_table(
         spec = resolve_spec(str(demo_dir() / f"{method}.yaml"), overrides)
         typer.echo(f"running {method} ...", err=True)
         _, summary = _foreground(spec, progress=False)
-        name, before, after = _headline(summary)
+        headline = _headline(summary)
+        if headline is None:
+            rows.append(
+                f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | not evaluated | | | | "
+                f"{summary['wall_seconds']:.0f} s |"
+            )
+            continue
+        name, before, after = headline
         rows.append(
             f"| {method} | {spec.algorithm} | {Path(spec.dataset).name} | {name.replace('held-out ', '')} | "
             f"{before:.1%} | {after:.1%} | {(after - before) * 100:+.1f} | {summary['wall_seconds']:.0f} s |"
