@@ -27,6 +27,7 @@ Either way rank 0 alone writes the run directory (and, through its reporter, the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -116,9 +117,18 @@ def _number(env, name: str, fallback: str | None = None) -> int:
         raise CherryError(f"the launcher variable {name} is {value!r}; it must be a whole number") from None
 
 
-def fit_spec(spec, found: Launched):
+def fit_spec(spec, found: Launched, env: dict[str, str] | None = None):
     """The spec as the launcher runs it: `num_processes` is the launcher's processes per machine. A spec that
-    asks for another count (other than 1, which follows the launcher) is refused, naming both."""
+    asks for another count (other than 1, which follows the launcher), or a dtype other than the mixed
+    precision an accelerate config asks for, is refused, naming both."""
+    env = os.environ if env is None else env
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's "no" is its default, not a request
+    if precision in ("fp16", "bf16") and spec.dtype not in ("auto", precision):
+        raise SpecError(
+            f"dtype is {spec.dtype} but the accelerate config asks for mixed_precision {precision} "
+            f"(ACCELERATE_MIXED_PRECISION); set --set dtype={precision}, or change the config's mixed_precision",
+            "dtype",
+        )
     if spec.num_processes == found.local_size:
         return spec
     if spec.num_processes != 1:
@@ -239,8 +249,6 @@ def launch(
 
 
 def _log_level() -> int:
-    import logging
-
     return logging.getLogger("cherry.engine").getEffectiveLevel()
 
 
@@ -262,10 +270,22 @@ def _launch_config(processes: int, folder: Path, endpoint: str, machines: int, m
     )
 
 
+class _ThreadedAgent(logging.Filter):
+    """The agent runs in a thread, where it cannot install its signal handlers, and warns that its workers
+    could be orphaned. Cherry's ranks end with the train() process by their parent-death signal
+    (`die_with_parent`) instead, so the warning is left out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to register signal handlers" not in record.getMessage()
+
+
 def _run_agent(config, job_file: Path, outcome: dict) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    if not any(isinstance(f, _ThreadedAgent) for f in agent_log.filters):
+        agent_log.addFilter(_ThreadedAgent())
     try:
         elastic_launch(config, sys.executable)("-P", "-m", "engine.rank", str(job_file))
     except ChildFailedError as err:

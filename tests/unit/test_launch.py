@@ -45,6 +45,10 @@ def test_the_spec_follows_the_launcher_or_is_refused_naming_both():
     with pytest.raises(SpecError, match=r"num_processes is 4 .* WORLD_SIZE=4, LOCAL_WORLD_SIZE=2") as caught:
         fit_spec(RunSpec(num_processes=4), place)
     assert caught.value.field == "num_processes" and "--set num_processes=2" in str(caught.value)
+    bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16"}  # an accelerate config's mixed_precision
+    assert fit_spec(RunSpec(dtype="auto"), place, bf16).dtype == "auto"
+    with pytest.raises(SpecError, match="dtype is fp16 but the accelerate config asks for mixed_precision bf16"):
+        fit_spec(RunSpec(dtype="fp16"), place, bf16)
 
 
 def test_a_rendezvous_that_cannot_be_reached_times_out_naming_its_address(monkeypatch):
