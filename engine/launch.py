@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import secrets
 import signal
@@ -349,6 +350,9 @@ def _serve(
                 method, args, kwargs = conn.recv()
             except (EOFError, OSError):  # rank 0 ended (after its result, or killed)
                 return
+            except Exception as err:  # what rank 0 sent does not unpickle here
+                rank_zero.error = RuntimeError(f"rank 0 sent what the train() process cannot read: {first_line(err)}")
+                return
             _answer(conn, method, args, kwargs, reporter, should_stop, rank_zero)
     finally:
         if conn is not None:
@@ -376,11 +380,8 @@ def _answer(conn: Connection, method: str, args, kwargs, reporter, should_stop, 
             raise ValueError(f"rank 0 called {method!r}, which the link does not answer")
         reply = (True, value)
     except Exception as err:  # raised in rank 0, where the call was made
-        reply = (False, err)
-    try:
-        conn.send(reply)
-    except (TypeError, AttributeError, ValueError):  # an exception that does not pickle: its words do
-        conn.send((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+        reply = (False, portable(err))
+    conn.send(reply)
 
 
 class ParentLink:
@@ -391,8 +392,13 @@ class ParentLink:
         self.conn = Client(tuple(address), authkey=key)
 
     def _call(self, method: str, *args, **kwargs):
-        self.conn.send((method, args, kwargs))
-        ok, value = self.conn.recv()
+        try:
+            self.conn.send((method, args, kwargs))
+            ok, value = self.conn.recv()
+        except (EOFError, OSError):
+            # the train() process is gone or gave up (a second Ctrl+C, a killed worker): quit at once, as
+            # Ctrl+C does in a one-process run (its summary says interrupted; no new checkpoint)
+            raise KeyboardInterrupt("the run's train() process hung up") from None
         if not ok:
             raise value
         return value
@@ -417,11 +423,23 @@ class ParentLink:
 
     def error(self, err: BaseException) -> None:
         """Hand rank 0's exception to the parent (which raises it); a parent already gone is no matter."""
-        with suppress(Exception):
-            try:
-                self._call("error", err)
-            except (TypeError, AttributeError, ValueError):  # it does not pickle
-                self._call("error", RuntimeError(f"{type(err).__name__}: {err}"))
+        with suppress(Exception, KeyboardInterrupt):
+            self._call("error", portable(err))
+
+
+def portable(err: BaseException) -> BaseException:
+    """`err` if it crosses a process boundary intact (pickles and unpickles), else one of its kind with its
+    words: a CherryError stays a user error, out of memory stays out of memory."""
+    import torch
+
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        words = f"{type(err).__name__}: {err}"
+        if isinstance(err, CherryError):
+            return CherryError(str(err))
+        return torch.OutOfMemoryError(words) if isinstance(err, torch.OutOfMemoryError) else RuntimeError(words)
 
 
 def _outcome(outcome: dict, rank_zero: _RankZero, folder: Path, endpoint: str, machine_rank: int):

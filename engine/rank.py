@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from engine.distributed import backend_for
-from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
+from engine.errors import INTERRUPTED_EXIT, OOM_EXIT, USER_ERROR_EXIT, CherryError
 from engine.launch import ParentLink, die_with_parent, join, launched
 from engine.spec import load_spec_file
 from engine.train import train_rank
@@ -49,6 +49,8 @@ def main(argv: list[str]) -> None:
         )
         if link is not None:
             link.result(summary)
+    except KeyboardInterrupt:  # the train() process hung up: nobody is left to tell
+        sys.exit(INTERRUPTED_EXIT)
     except BaseException as err:
         if link is not None:  # the train() process raises it
             link.error(err)

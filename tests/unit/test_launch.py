@@ -106,3 +106,50 @@ def test_overlapped_bucket_sums_equal_the_plain_sum_even_when_a_rank_ran_no_back
     for a, b in zip(results[0][2], results[1][2]):
         assert torch.equal(a, b)
     assert not torch.allclose(results[0][2][0], results[0][0][0])
+
+
+# ---------------------------------------------------------------------------------------- rank 0's link
+
+
+class _NeedsTwo(Exception):
+    def __init__(self, message, extra):  # does not unpickle: pickle calls it with the message alone
+        super().__init__(message)
+
+
+def test_rank_zero_reports_and_asks_the_stop_check_through_the_link():
+    """Rank 0's calls reach the train() process's reporter and stop check in their order; a reporter error
+    goes back to rank 0 (which raises it there); rank 0's result and error come back to the parent."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    from engine.launch import ParentLink, _RankZero, _serve
+    from engine.reporting import MemoryReporter
+
+    class FullDisk(MemoryReporter):
+        def log_samples(self, step, samples):
+            raise CherryError("the disk is full")
+
+    key = b"k" * 32
+    listener = Listener(("127.0.0.1", 0), authkey=key)
+    reporter, rank_zero, seen = FullDisk(), _RankZero(), {}
+
+    def rank_0():
+        link = ParentLink(listener.address, key)
+        link.log_event("start", "go", total_steps=2)
+        link.log_metrics(1, {"train/loss": 0.5})
+        seen["stop"] = link.should_stop()
+        with pytest.raises(CherryError, match="the disk is full"):
+            link.log_samples(1, [{"prompt": "p"}])
+        link.error(_NeedsTwo("a bug", 1))
+        link.result({"status": "cancelled"})
+        link.conn.close()
+
+    client = threading.Thread(target=rank_0)
+    client.start()
+    _serve(listener, key, client, reporter, lambda: "cancelled", rank_zero)
+    client.join()
+    listener.close()
+    assert reporter.events == [{"kind": "start", "message": "go", "total_steps": 2}]
+    assert reporter.series("train/loss") == [0.5] and seen["stop"] == "cancelled"
+    assert rank_zero.summary == {"status": "cancelled"}
+    assert isinstance(rank_zero.error, RuntimeError) and "_NeedsTwo: a bug" in str(rank_zero.error)
