@@ -1,6 +1,7 @@
 """`cherry bench`: Cherry against TRL on the same model, rows and settings (`--against trl`, each side
 in a fresh process, benchmarks/training/against.py); ablations that switch one engine optimisation off
 (`--against ablation`); time to the first step, cold and warm (`start`, benchmarks/training/start.py); the
+overlapped gradient sum on 2 CPU processes (`gradsync`, benchmarks/training/gradient_sync.py); the
 several-machines queue under load (benchmarks/queue_load.py); a GPU check. `cherry bench ARGS` reaches
 this command line through the thin entry tuiapp/cli/bench.py, which hands it ARGS."""
 
@@ -299,6 +300,28 @@ def bench_start(
     for line in report_lines(result):
         typer.echo(line)
     typer.echo(", ".join(f"{name} {version}" for name, version in versions().items()))
+
+
+@bench_app.command("gradsync")
+@friendly
+def bench_gradsync(
+    steps: int = typer.Option(10, "--steps", help="Timed steps of each kind (median reported), after 2 warm-up steps."),
+    threads: int = THREADS_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """The gradient sum overlapped with backward against the sum after backward: 2 CPU processes (gloo),
+    the same model and buckets, steps of the two kinds in turn, one run."""
+    from benchmarks.training.gradient_sync import compare_gradient_sync, report_lines
+
+    for name, value in (("--steps", steps), ("--threads", threads)):
+        if value < 1:
+            raise CherryError(f"{name} must be >= 1 (got {value})")
+    result = compare_gradient_sync(steps=steps, threads=threads)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    for line in report_lines(result):
+        typer.echo(line)
 
 
 @bench_app.command("queue")

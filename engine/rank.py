@@ -1,39 +1,69 @@
-"""Entry point of ranks 1..N-1 of a data-parallel run: `python -m engine.rank SPEC OUT RANK SIZE PORT BACKEND
-RESUME CACHE_DIR`, started by rank 0 (engine/distributed.py `start_ranks`).
+"""Entry point of each rank of a run Cherry starts itself: `python -m engine.rank LAUNCH_JSON`, started by
+PyTorch's elastic agent in the run's train() process (engine/launch.py `launch`), which set this process's
+RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/MASTER_PORT.
 
-Its own module so that engine.distributed (imported by the training loop) never imports engine.train: the
-import graph stays free of cycles."""
+Rank 0 reports and asks the stop check through the link to the train() process; the other ranks report
+nothing (rank 0 reports for all) and write their output to <run dir>/ranks/rank-N.log.
+
+Its own module so that engine.launch and engine.distributed (imported by the training loop) never import
+engine.train: the import graph stays free of cycles."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from engine.distributed import join
-from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
+from engine.distributed import backend_for
+from engine.errors import INTERRUPTED_EXIT, OOM_EXIT, USER_ERROR_EXIT, CherryError
+from engine.launch import ParentLink, die_with_parent, join, launched
 from engine.spec import load_spec_file
 from engine.train import train_rank
 
 
 def main(argv: list[str]) -> None:
-    """Ranks 1..N-1: the same run, without a reporter (rank 0 reports) and without a stop check (rank 0's
-    is broadcast)."""
-    spec_file, out_dir, rank, size, port, backend, resume, cache_dir = argv
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    spec = load_spec_file(Path(spec_file))
-    world = join(int(rank), int(size), "127.0.0.1", int(port), backend)
+    job = json.loads(Path(argv[0]).read_text())
+    die_with_parent(job["parent_pid"])
+    place = launched()
+    if place.rank > 0:
+        os.dup2(2, 1)  # stdout joins stderr in the rank's log
+    logging.basicConfig(level=job["log_level"], format=f"[rank {place.rank}] %(message)s")
+    link = ParentLink(job["link"], bytes.fromhex(job["key"])) if place.rank == 0 and job["link"] else None
+    spec = load_spec_file(Path(job["spec"]))
     try:
-        train_rank(spec, Path(out_dir), world, resume=resume == "1", cache_dir=cache_dir or None)
-    except CherryError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT)
-    except torch.OutOfMemoryError as err:
-        print(f"out of memory on rank {rank}: {err}", file=sys.stderr, flush=True)
-        sys.exit(OOM_EXIT)
+        world = join(place, backend_for(spec))
+        summary = train_rank(
+            spec,
+            Path(job["out_dir"]),
+            world,
+            link,
+            should_stop=link.should_stop if link is not None else None,
+            cache_dir=job["cache_dir"],
+            resume=job["resume"],
+        )
+        if link is not None:
+            link.result(summary)
+    except KeyboardInterrupt:  # the train() process hung up: nobody is left to tell
+        sys.exit(INTERRUPTED_EXIT)
+    except BaseException as err:
+        if link is not None:  # the train() process raises it
+            link.error(err)
+        if isinstance(err, CherryError):
+            if link is None:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(USER_ERROR_EXIT)
+        if isinstance(err, torch.OutOfMemoryError):
+            if link is None:
+                print(f"out of memory on rank {place.rank}: {err}", file=sys.stderr, flush=True)
+            sys.exit(OOM_EXIT)
+        traceback.print_exc()
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

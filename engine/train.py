@@ -3,7 +3,9 @@
 The method's registry row (engine/registry.py) says whether it trains on a fixed dataset (the
 offline loop, engine/loop/offline.py) or on its own samples (the online loop,
 engine/loop/online.py); both stand on one loop core (engine/loop/core.py). With `num_processes: N`
-the run is N data-parallel processes (engine/distributed.py); this process is rank 0.
+the run is N data-parallel processes (engine/distributed.py) that PyTorch's elastic agent starts from
+this process (engine/launch.py); a process that torchrun, `accelerate launch` or srun started is one
+rank of the run they started.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 
 from engine.diskspace import disk_full_error, is_disk_full
-from engine.distributed import World, start_ranks
-from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
+from engine.distributed import World, backend_for
+from engine.launch import fit_spec, join, launch, launched
 from engine.loop.core import StopCheck, start_run
 from engine.loop.offline import train_offline
 from engine.loop.online import train_online
@@ -48,24 +50,29 @@ def train(
 
 
 def _train(spec, out_dir, reporter, *, should_stop, cache_dir, resume) -> dict[str, Any]:
+    place = launched()
+    if place is not None:  # torchrun, accelerate launch or srun started this process: one rank of their run
+        return _train_launched(
+            spec, out_dir, reporter, place, should_stop=should_stop, cache_dir=cache_dir, resume=resume
+        )
     if spec.num_processes <= 1:
         return train_rank(spec, out_dir, World(), reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
-    world, ranks = start_ranks(spec, Path(out_dir), resume=resume, cache_dir=cache_dir)
+    return launch(spec, out_dir, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
+
+
+def _train_launched(spec, out_dir, reporter, place, *, should_stop, cache_dir, resume) -> dict[str, Any]:
+    spec = fit_spec(spec, place)
+    world = join(place, backend_for(spec))
     try:
+        # rank 0's run is the run: its spec, its run directory (another rank may have drawn another new run
+        # id) and whether it resumes
+        spec, out_dir, resume = world.broadcast((spec, str(out_dir), resume))
+        if not world.is_main:
+            reporter, should_stop = None, None
         return train_rank(spec, out_dir, world, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
-    except RuntimeError as err:
-        # another rank died (gloo and NCCL fail the collective rank 0 waits in): say which and why
-        failure = ranks.failure()
-        if failure is None:
-            raise
-        code = ranks.exit_code()
-        if code == OOM_EXIT:
-            raise torch.OutOfMemoryError(failure) from err
-        if code == USER_ERROR_EXIT:
-            raise CherryError(failure) from err
-        raise RuntimeError(failure) from err
     finally:
-        ranks.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train_rank(

@@ -115,6 +115,15 @@ def run_in_process(
             store.close()
 
 
+def run_launched_rank(spec: RunSpec, *, resume: bool = False) -> None:
+    """A rank other than 0 of a run another launcher started (torchrun, accelerate launch, srun): it trains
+    its share and records nothing. Rank 0's `cherry train` records the run in the store and writes its
+    directory (the engine gives every rank rank 0's spec and run directory)."""
+    from engine.train import train
+
+    train(spec, Path("."), None, cache_dir=cache_dir(), resume=resume)
+
+
 class CtrlC:
     """SIGINT in the foreground, while a run trains: the first asks for a stop at the next step (the
     engine's `should_stop` answers "interrupted"), the second raises KeyboardInterrupt at once.

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from engine.distributed import World
+from engine.distributed import GradientSync, World
 from engine.logprobs import CompletionLogps
 
 
@@ -37,6 +37,7 @@ class Models:
     judge: Any = None  # online DPO's LLM judge (engine.rewards)
     world: World = field(default_factory=World)  # the run's processes: prepare splits its scoring over them
     lockstep: bool = False  # a sharded policy: every rank runs the same passes (`World.micro_shards`)
+    gradient_sync: GradientSync | None = None  # sums what trains over the ranks, overlapped with backward
 
 
 @dataclass

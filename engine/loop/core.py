@@ -34,7 +34,7 @@ from engine.algorithms.base import Algorithm, Models
 from engine.data import prepare
 from engine.data.sources import mixture_eval_split, spec_sources
 from engine.diskspace import write_text
-from engine.distributed import World, rank_device
+from engine.distributed import GradientSync, World, rank_device
 from engine.errors import CherryError
 from engine.loop.checkpoint import (
     TrainState,
@@ -160,6 +160,7 @@ class Run:
         if self.models.value is not None:
             self.trainable += [p for p in self.models.value.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(spec, self.trainable, self.schedule.total_steps)
+        self.models.gradient_sync = GradientSync(self.trainable, world)
         load_optimizer = (
             (lambda state: load_full_optimizer_state(self.trained_models, self.optimizer, state))
             if self.sharded
@@ -402,7 +403,9 @@ def accumulate(
     precision = precision or Precision(torch.float32, models.device)
     total_units = world.sum([sum(algo.units(batch) for batch, _, counts in micro_batches if counts)])[0]
     tokens = 0
-    for batch, rows, counts in micro_batches:
+    for index, (batch, rows, counts) in enumerate(micro_batches):
+        if index == len(micro_batches) - 1 and models.gradient_sync is not None:
+            models.gradient_sync.arm()  # the step's last backward: its gradients are summed as they become final
         with precision.autocast():
             if reference_logps is not None:
                 batch["ref_logps"] = reference_logps(batch)
@@ -420,7 +423,7 @@ def clip_gradients(run: Run) -> float:
     """Sum the gradients over the ranks (each rank's loss was already divided by the global units), then
     clip; returns the norm before clipping, the same on every rank. A sharded policy's gradients were
     summed and scattered in backward; the norm then adds every rank's shard."""
-    run.world.reduce_gradients(run.trainable)
+    run.models.gradient_sync.finish()
     run.precision.unscale(run.optimizer)
     max_norm = run.spec.max_grad_norm or float("inf")
     if run.sharded:

@@ -10,6 +10,8 @@ shared-prompt path trains exactly as the full rows do."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -330,7 +332,11 @@ def test_a_rank_that_dies_ends_the_run_instead_of_leaving_it_waiting(tiny_model_
             time.sleep(0.5)
         assert list((out / "checkpoints").glob("step-*")), "the run did not reach its first checkpoint"
         found = subprocess.run(["pgrep", "-f", f"engine.rank .*{out}"], capture_output=True, text=True)
-        os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
+        # the agent gave each rank its RANK; kill rank 1
+        rank_1 = [
+            pid for pid in found.stdout.split() if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ]
+        os.kill(int(rank_1[0]), signal.SIGKILL)
         output, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

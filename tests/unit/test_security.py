@@ -380,7 +380,7 @@ def test_the_judge_template_is_filled_in_one_pass():
 
 
 def test_run_processes_keep_a_one_machine_rendezvous_on_loopback(monkeypatch):
-    from engine.distributed import loopback_only
+    from engine.launch import loopback_only
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth9")

@@ -66,8 +66,11 @@ def train(
         "batch_size and grad_accum when their product stays the same).",
     ),
 ) -> None:
-    """Train in this process with a live progress line. Outputs land in runs/<run-id>/."""
+    """Train in this process with a live progress line. Outputs land in runs/<run-id>/. Started by torchrun,
+    `accelerate launch` or srun, each process is one rank of one run (docs/multi-machine.md)."""
+    from engine.launch import fit_spec, launched
     from engine.spec import load_spec_file, resolve_paths, resolve_spec, with_resume_settings
+    from jobs.local import run_launched_rank
 
     if resume is not None:
         if not (resume / "spec.yaml").exists():
@@ -80,6 +83,12 @@ def train(
         if out is None and launch.get("output_dir"):
             out = Path(launch["output_dir"])
     _configure_logging()
+    place = launched()
+    if place is not None:  # torchrun, accelerate launch or srun started this command: one rank of their run
+        spec = fit_spec(spec, place)  # before anything is recorded: num_processes is the launcher's
+        if place.rank > 0:
+            run_launched_rank(spec, resume=resume is not None)  # rank 0 records the run and prints
+            return
     run_dir, summary = _foreground(spec, out, resume=resume is not None)
     echo("")
     _print_summary(run_dir, summary)
