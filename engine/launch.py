@@ -50,7 +50,7 @@ TIMEOUT_SECONDS = float(os.environ.get("CHERRY_DIST_TIMEOUT") or 1800)  # a coll
 RENDEZVOUS_SECONDS = float(os.environ.get("CHERRY_RENDEZVOUS_TIMEOUT") or 300)  # every rank reaching MASTER_ADDR
 TORCH_VARIABLES = "RANK/WORLD_SIZE"
 SLURM_VARIABLES = "SLURM_PROCID/SLURM_NTASKS"
-REPORTER_CALLS = ("log_metrics", "log_samples", "log_event", "rewind")
+REPORTER_CALLS = ("log_metrics", "log_samples", "log_event", "rewind", "log_rollouts")
 
 
 @dataclass(frozen=True)
@@ -375,7 +375,9 @@ def _answer(conn: Connection, method: str, args, kwargs, reporter, should_stop, 
         elif method == "error":
             rank_zero.error, value = args[0], None
         elif method in REPORTER_CALLS:
-            value = getattr(reporter, method)(*args, **kwargs) if reporter is not None else None
+            # log_rollouts is optional on a reporter (engine/reporting.py): one without it keeps none
+            call = getattr(reporter, method, None) if reporter is not None else None
+            value = call(*args, **kwargs) if call is not None else None
         else:
             raise ValueError(f"rank 0 called {method!r}, which the link does not answer")
         reply = (True, value)
@@ -414,6 +416,9 @@ class ParentLink:
 
     def rewind(self, step: int) -> None:
         self._call("rewind", step)
+
+    def log_rollouts(self, step: int, records: list[dict[str, Any]]) -> None:
+        self._call("log_rollouts", step, records)
 
     def should_stop(self):
         return self._call("should_stop")
