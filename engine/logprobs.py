@@ -534,6 +534,8 @@ def shared_prompt_logps(
     if hidden is None:
         return None
     targets_mask = completion_mask.bool()
+    if "completion_loss_mask" in batch:  # an episode's environment tokens: context, not scored
+        targets_mask = targets_mask & batch["completion_loss_mask"].bool()
     rows = torch.arange(completion_ids.shape[0], device=completion_ids.device)[:, None].expand_as(targets_mask)
     token_logps, correct, entropy, logit_mean = chunked_head_logps(
         head, hidden[targets_mask], completion_ids[targets_mask], temperature, stats
