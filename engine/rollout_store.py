@@ -205,6 +205,16 @@ def keep_rollout(reporter, step: int, rollout, setting: Any) -> None:
         reporter.log_rollouts(step, rollout_records(rollout, step, limit))
 
 
+def turn_label(turn: dict) -> str:
+    """How a reader names an episode's turn: its role, the tools an assistant turn calls, a tool's name, an error."""
+    label = turn.get("role", "?")
+    if turn.get("tool_calls"):
+        label += " calls " + ", ".join(str(call.get("name")) for call in turn["tool_calls"])
+    if label == "tool" and turn.get("name"):
+        label += f" {turn['name']}"
+    return label + (" (error)" if turn.get("error") else "")
+
+
 # ----------------------------------------------------------------------------- reading: filters and exports
 
 

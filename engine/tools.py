@@ -136,6 +136,8 @@ def parse_tool_calls(text: str) -> list[dict | str]:
 class ToolEnvironment:
     """One episode with tools: each assistant turn's calls run, their results are the next observation."""
 
+    times_its_calls = True  # each tool call has its own time limit; the step as a whole has none
+
     def __init__(self, tools: dict[str, Callable[..., Any]], max_tool_calls: int, timeout: float | None):
         self.tools, self.max_tool_calls, self.timeout = tools, max_tool_calls, timeout
         self.tool_schemas = [tool_schema(fn) for fn in tools.values()]
