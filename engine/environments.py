@@ -96,24 +96,6 @@ def load_environment(entry: str) -> Callable[[], Any]:
     return factory
 
 
-def episode_factory(spec) -> Callable[[], Any] | None:
-    """What makes each episode's environment: the `environment` class, a tool environment of `tools`, or None
-    (single-turn sampling)."""
-    from engine.tools import load_tools, tool_environment  # noqa: PLC0415 - tools only when a run names some
-
-    if spec.environment:
-        return load_environment(spec.environment)
-    if spec.tools:
-        return tool_environment(load_tools(spec.tools), spec.max_tool_calls, spec.tool_timeout)
-    return None
-
-
-def check_episode_code(spec) -> None:
-    """At submit: the environment class and every tool load and have the right signatures (SpecError naming the field)."""
-    if getattr(spec, "environment", None) or getattr(spec, "tools", None):
-        episode_factory(spec)
-
-
 # ----------------------------------------------------------------------------- calling, guarded
 
 

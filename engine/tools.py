@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from engine.environments import EnvironmentFailure, EpisodeTruncated, guarded
+from engine.environments import EnvironmentFailure, EpisodeTruncated, guarded, load_environment
 from engine.errors import CherryError, SpecError
 from engine.rewards.functions import load_code
 
@@ -183,3 +183,19 @@ class ToolEnvironment:
 def tool_environment(tools: dict[str, Callable[..., Any]], max_tool_calls: int, timeout: float | None):
     """A factory of fresh tool environments (one per episode)."""
     return lambda: ToolEnvironment(tools, max_tool_calls, timeout)
+
+
+def episode_factory(spec) -> Callable[[], Any] | None:
+    """What makes each episode's environment: the `environment` class, a tool environment of `tools`, or None
+    (single-turn sampling)."""
+    if spec.environment:
+        return load_environment(spec.environment)
+    if spec.tools:
+        return tool_environment(load_tools(spec.tools), spec.max_tool_calls, spec.tool_timeout)
+    return None
+
+
+def check_episode_code(spec) -> None:
+    """At submit: the environment class and every tool load and have the right signatures (SpecError naming the field)."""
+    if getattr(spec, "environment", None) or getattr(spec, "tools", None):
+        episode_factory(spec)

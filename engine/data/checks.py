@@ -16,10 +16,10 @@ from typing import Any
 from engine.data.formats import check_kind, detect_format
 from engine.data.prepare import check_dataset
 from engine.data.sources import column_names, first_rows, load_split, shape_columns, spec_sources
-from engine.environments import check_episode_code
 from engine.registry import is_online
 from engine.rewards.functions import STANDARD_KWARGS, check_call, load_reward_function
 from engine.rewards.sources import parse_reward_source
+from engine.tools import check_episode_code
 
 SAMPLE_ROWS = 100
 

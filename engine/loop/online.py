@@ -27,7 +27,6 @@ import torch
 
 from engine.algorithms.base import Phase
 from engine.algorithms.online_rows import split
-from engine.environments import episode_factory
 from engine.episodes import sample_episodes
 from engine.errors import CherryError
 from engine.loop.clock import run_steps
@@ -39,6 +38,7 @@ from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
 from engine.rollout import Rollout, Sampling, merge_rollouts, reward_columns, sample_rollout, score_rollout
 from engine.rollout_store import keep_rollout
+from engine.tools import episode_factory
 
 
 def reward_sources(spec) -> list[str]:
