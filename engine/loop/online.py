@@ -115,7 +115,10 @@ def pick_eval_prompts(run: Run, data, reward) -> tuple[list[dict], bool]:
     except CherryError:
         eval_reward = False  # no eval/reward without the columns; exact match still runs where answers exist
     lacking = sorted(reward.needs_columns - set(reward_columns(eval_prompts))) if reward and eval_prompts else []
-    if eval_reward and lacking:  # eval prompts from another file may lack a column a reward function reads
+    if eval_reward and "environment_reward" in lacking:  # eval answers in one greedy turn (docs/tools.md)
+        eval_reward = False
+        run.reporter.log_event("warning", "no eval/reward: evaluation answers in one turn, without the environment")
+    elif eval_reward and lacking:  # eval prompts from another file may lack a column a reward function reads
         eval_reward = False
         run.reporter.log_event("warning", f"no eval/reward: the eval prompts have no {', '.join(lacking)} column")
     return eval_prompts, eval_reward
