@@ -30,8 +30,23 @@ def collate_completions(prompts: list[list[int]], completions: list[list[int]], 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def mask_completions(
+    batch: dict[str, torch.Tensor], prompts: list[list[int]], loss_masks: list[list[int] | None]
+) -> dict[str, torch.Tensor]:
+    """`completion_mask` set to each row's loss mask over its completion tokens (None: all scored), in place:
+    an episode's environment tokens, or a conversation's non-assistant turns, stay context but are not scored."""
+    for row, (prompt, mask) in enumerate(zip(prompts, loss_masks)):
+        if mask is not None:
+            start = len(prompt)
+            batch["completion_mask"][row, start : start + len(mask)] = torch.as_tensor(mask, dtype=torch.long)
+    return batch
+
+
 def collate_shared_prompts(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    loss_masks: list[list[int] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`collate_completions` plus each distinct prompt once, for scoring the rows of a group (samples of
     one prompt) with one pass over their prompt (`engine.shared_prompts.batch_logps`):
@@ -40,9 +55,13 @@ def collate_shared_prompts(
     - `prompt_index` [B]: each row's prompt;
     - `completion_ids`, `completion_ids_mask` [B, Lc]: each row's completion, right-padded.
 
-    Without a prompt that two rows share, only `collate_completions`' keys.
+    Without a prompt that two rows share, only `collate_completions`' keys. With `loss_masks`, the tokens
+    they mark 0 leave `completion_mask` (`mask_completions`) and, with shared prompts, `completion_loss_mask`
+    [B, Lc] marks those scored (`completion_ids_mask` stays the completions' attention).
     """
     batch = collate_completions(prompts, completions, pad_id)
+    if loss_masks is not None:
+        mask_completions(batch, prompts, loss_masks)
     distinct: dict[tuple[int, ...], int] = {}
     index = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     if len(distinct) == len(prompts) or any(len(p) == 0 for p in prompts) or any(len(c) == 0 for c in completions):
@@ -51,6 +70,9 @@ def collate_shared_prompts(
     batch["prompt_index"] = torch.tensor(index, dtype=torch.long)
     batch["completion_ids"] = pad_right(completions, pad_id)
     batch["completion_ids_mask"] = pad_right([[1] * len(c) for c in completions], 0)
+    if loss_masks is not None:
+        scored = [m if m is not None else [1] * len(c) for m, c in zip(loss_masks, completions)]
+        batch["completion_loss_mask"] = pad_right(scored, 0)
     return batch
 
 

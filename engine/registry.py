@@ -51,6 +51,12 @@ ROLLOUT = (  # sample -> score -> update
     "num_iterations",
     "num_mini_batches",
     "log_rollouts",
+    # multi-turn episodes with an environment or tools (engine/episodes.py)
+    "environment",
+    "tools",
+    "max_turns",
+    "max_tool_calls",
+    "tool_timeout",
 )
 POLICY_GRADIENT = ROLLOUT + REFERENCE + ("beta", "epsilon", "mask_truncated")
 

@@ -38,6 +38,14 @@ class Rollout:
     # What the algorithm's `prepare` computed per sample, one value per row (None where it has none), for
     # the rollout store (engine/rollout_store.py): "advantage", "kl", "logp_mean", "judge"
     sample_stats: dict[str, list] = field(default_factory=dict)
+    # Multi-turn episodes (an environment or tools: engine/episodes.py), else None. `completion_ids` then
+    # holds the whole episode after the prompt: the policy's turns and the environment's in between.
+    episodes: list[Episode] | None = None
+
+    @property
+    def policy_masks(self) -> list[list[int]] | None:
+        """Per row, 1 on each completion token the policy sampled, 0 on the environment's (None: all the policy's)."""
+        return None if self.episodes is None else [e.policy_mask for e in self.episodes]
 
     @property
     def prompt_ids(self) -> list[list[int]]:
@@ -52,7 +60,25 @@ class Rollout:
         return [len(c) for c in self.completion_ids]
 
     def columns(self) -> dict[str, list]:
-        return reward_columns(self.examples)
+        """What reward functions get besides prompts and completions: the data's columns and, for episodes,
+        `turns` (each episode's messages after the prompt) and `environment_reward` (its summed turn rewards)."""
+        columns = reward_columns(self.examples)
+        if self.episodes is not None:
+            columns["turns"] = [e.turns for e in self.episodes]
+            columns["environment_reward"] = [e.reward for e in self.episodes]
+        return columns
+
+
+@dataclass
+class Episode:
+    """One multi-turn episode: its turns as messages, which completion tokens are the policy's, and how it went."""
+
+    turns: list[dict]  # messages after the prompt: assistant turns and the environment's (tool results marked)
+    policy_mask: list[int]  # per completion token: 1 sampled by the policy, 0 written by the environment
+    reward: float = 0.0  # the environment's per-turn rewards, summed
+    finish: str = "eos"  # eos (done) | length (a turn hit max_new_tokens) | max_turns | error
+    error: str | None = None  # what the environment or a tool did wrong, when the episode ended on it
+    tool_calls: int = 0
 
 
 def merge_rollouts(parts: list[Rollout]) -> Rollout:
@@ -72,6 +98,7 @@ def merge_rollouts(parts: list[Rollout]) -> Rollout:
         seconds=max(part.seconds for part in parts),
         rewards=torch.cat(rewards) if rewards and all(r is not None for r in rewards) else None,
         components={name: [v for part in filled for v in part.components[name]] for name in names},
+        episodes=[e for part in filled for e in part.episodes] if filled and filled[0].episodes is not None else None,
     )
 
 
@@ -326,6 +353,82 @@ def decode_groups(
     return torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros(input_ids.shape[0] * k, 0)
 
 
+@dataclass
+class Sampling:
+    """How the policy samples: the online settings `sample_rollout` and `sample_episodes` share."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | None = None
+    batch_size: int = 256  # rows decoded together, at most (fewer when their KV caches would not fit)
+
+    @classmethod
+    def of(cls, spec) -> Sampling:
+        return cls(
+            max_new_tokens=spec.max_new_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            min_p=spec.min_p,
+            repetition_penalty=spec.repetition_penalty,
+            stop=spec.stop,
+        )
+
+
+class Decoder:
+    """Samples continuations of token-id prompts from a model, in chunks of rows that fit: `sample_rollout`'s
+    (one turn) and `sample_episodes`' (a turn of every episode still running) way to call `decode_groups`."""
+
+    def __init__(self, model, tokenizer, sampling: Sampling):
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.eos = _eos_ids(model, tokenizer)
+        if not self.eos:
+            raise ValueError("sampling needs an EOS token: neither the tokenizer nor the generation config names one")
+        if sampling.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0 (got {sampling.temperature})")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.stops = StopStrings(tokenizer, sampling.stop) if sampling.stop else None
+        self.device = next(model.parameters()).device
+
+    def __call__(self, prompts: list[list[int]], k: int = 1) -> list[tuple[list[int], bool]]:
+        """(tokens, truncated) of k samples of each prompt, rows g*k .. g*k+k-1 for prompt g. A sample ends at
+        EOS (kept) or a stop string (kept in its text); one that reaches `max_new_tokens` is truncated."""
+        sampling, eos_set = self.sampling, set(self.eos)
+        longest = max((len(p) for p in prompts), default=0) + sampling.max_new_tokens
+        per_chunk = max(1, min(sampling.batch_size, decoding_rows(self.model, self.device, longest)) // k)
+        out = []
+        for start in range(0, len(prompts), per_chunk):  # whole groups per call
+            input_ids, attention_mask = left_pad(prompts[start : start + per_chunk], self.pad_id)
+            new_tokens = decode_groups(
+                self.model,
+                input_ids.to(self.device),
+                attention_mask.to(self.device),
+                k,
+                max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                eos_ids=self.eos,
+                pad_id=self.pad_id,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty,
+                stops=self.stops,
+            )
+            for new in new_tokens.tolist():
+                ids, cut = _split_at_eos(new, eos_set)
+                if cut and self.stops is not None:
+                    ids, cut = self.stops.cut(ids)
+                out.append((ids, cut))
+        return out
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
 @torch.no_grad()
 def sample_rollout(
     model,
@@ -344,51 +447,19 @@ def sample_rollout(
 ) -> Rollout:
     """k samples per example (`prompt_ids`), drawn from the global torch RNG in chunks of about `batch_size` rows.
     A sample ends at EOS or at a stop string (kept in its text); one that reaches `max_new_tokens` is truncated."""
-    eos = _eos_ids(model, tokenizer)
-    if not eos:
-        raise ValueError("sampling needs an EOS token: neither the tokenizer nor the generation config names one")
-    if temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0 (got {temperature})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    eos_set = set(eos)
-    stops = StopStrings(tokenizer, stop) if stop else None
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop, batch_size)
+    decode = Decoder(model, tokenizer, sampling)
     rows = [ex for ex in examples for _ in range(k)]
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     started = time.time()
-    completions: list[list[int]] = []
-    truncated: list[bool] = []
-    longest = max((len(ex["prompt_ids"]) for ex in examples), default=0) + max_new_tokens
-    per_chunk = max(1, min(batch_size, decoding_rows(model, device, longest)) // k)  # whole groups per call
     try:
-        for start in range(0, len(examples), per_chunk):
-            prompts = [ex["prompt_ids"] for ex in examples[start : start + per_chunk]]
-            input_ids, attention_mask = left_pad(prompts, pad_id)
-            new_tokens = decode_groups(
-                model,
-                input_ids.to(device),
-                attention_mask.to(device),
-                k,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                eos_ids=eos,
-                pad_id=pad_id,
-                top_k=top_k,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                stops=stops,
-            )
-            for new in new_tokens.tolist():
-                ids, cut = _split_at_eos(new, eos_set)
-                if cut and stops is not None:
-                    ids, cut = stops.cut(ids)
-                completions.append(ids)
-                truncated.append(cut)
+        samples = decode([ex["prompt_ids"] for ex in examples], k)
     finally:
         model.train(was_training)
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    completions = [ids for ids, _ in samples]
+    truncated = [cut for _, cut in samples]
+    texts = [decode.text(ids) for ids in completions]
     return Rollout(rows, completions, texts, truncated, k, seconds=time.time() - started)
 
 
@@ -413,12 +484,15 @@ def decoding_rows(model, device: torch.device, tokens: int, free_bytes: int | No
 
 
 def score_rollout(rollout: Rollout, reward, missing_eos_penalty: float = 0.0) -> None:
-    """Fill `rollout.rewards` (total, minus `missing_eos_penalty` on truncated samples) and its components."""
+    """Fill `rollout.rewards` (total, minus `missing_eos_penalty` on truncated samples; 0 for an episode that
+    ended on an environment's error) and its components."""
     result = reward.reward(
         rollout.prompts, rollout.texts, rollout.prompt_ids, rollout.completion_ids, rollout.columns()
     )
     total = torch.tensor(result.total, dtype=torch.float32)
     if missing_eos_penalty:
         total = total - missing_eos_penalty * torch.tensor(rollout.truncated, dtype=torch.float32)
+    if rollout.episodes is not None:  # an episode whose environment failed gets no reward at all
+        total = total.masked_fill(torch.tensor([e.finish == "error" for e in rollout.episodes]), 0.0)
     rollout.rewards = total
     rollout.components = result.components

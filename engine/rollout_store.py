@@ -27,6 +27,18 @@ One record (the field names are the store's schema; readers must accept extra fi
     chosen       bool | null    online DPO: the update took it as the pair's chosen (true) or rejected
                         (false); null: the pair was skipped as a tie, or another method
 
+A multi-turn episode (a run with an `environment` or `tools`: engine/episodes.py) also has:
+
+    turns        list   its messages after the prompt, in order: assistant turns (with "tool_calls":
+                        [{"name", "arguments"}] where the turn called tools) and the environment's
+                        messages (tool results are role "tool"; one that reports an error has "error": true)
+    error        str | null     what the environment did wrong, when the episode ended on it (reward 0)
+    tool_calls   int    tool calls the episode made
+    env_reward   float  the environment's per-turn rewards, summed
+and `messages` is the prompt's messages followed by the turns, `completion` the last assistant turn,
+`length` the whole episode's tokens (the environment's included), `finish` one of eos (done), length (a
+turn hit max_new_tokens), max_turns, max_tool_calls or error.
+
 Which method fills what: GRPO and RLOO record each sample's advantage (null for a sample left out of
 the loss by mask_truncated); PPO the mean of its tokens' whitened advantages. `logp_mean` and `kl`
 come from the log-probs a method computes anyway, never from an extra forward pass: PPO always, RLOO
@@ -143,30 +155,47 @@ def rollout_records(rollout, step: int, limit: int | None = None) -> list[dict]:
         example = rollout.examples[i]
         text = rollout.texts[i]
         conversation = example.get("messages")
-        records.append(
-            {
-                "step": step,
-                "group": i // rollout.group_size,
-                "sample": i % rollout.group_size,
-                "prompt": example["prompt"],
-                "messages": [*conversation, {"role": "assistant", "content": text}]
-                if isinstance(conversation, list)
-                else None,
-                "completion": text,
-                "rewards": {name: _number(values[i]) for name, values in rollout.components.items()},
-                "reward": _number(rewards[i]) if rewards is not None else None,
-                "advantage": _number(stats["advantage"][i]) if "advantage" in stats else None,
-                "kl": _number(stats["kl"][i]) if "kl" in stats else None,
-                "logp_mean": _number(stats["logp_mean"][i]) if "logp_mean" in stats else None,
-                "length": len(rollout.completion_ids[i]),
-                "truncated": bool(rollout.truncated[i]),
-                "finish": "length" if rollout.truncated[i] else "eos",
-                "judge": stats["judge"][i] if "judge" in stats else None,
-                "answer": example.get("answer"),
-                "chosen": stats["chosen"][i] if "chosen" in stats else None,
-            }
-        )
+        record = {
+            "step": step,
+            "group": i // rollout.group_size,
+            "sample": i % rollout.group_size,
+            "prompt": example["prompt"],
+            "messages": [*conversation, {"role": "assistant", "content": text}]
+            if isinstance(conversation, list)
+            else None,
+            "completion": text,
+            "rewards": {name: _number(values[i]) for name, values in rollout.components.items()},
+            "reward": _number(rewards[i]) if rewards is not None else None,
+            "advantage": _number(stats["advantage"][i]) if "advantage" in stats else None,
+            "kl": _number(stats["kl"][i]) if "kl" in stats else None,
+            "logp_mean": _number(stats["logp_mean"][i]) if "logp_mean" in stats else None,
+            "length": len(rollout.completion_ids[i]),
+            "truncated": bool(rollout.truncated[i]),
+            "finish": "length" if rollout.truncated[i] else "eos",
+            "judge": stats["judge"][i] if "judge" in stats else None,
+            "answer": example.get("answer"),
+            "chosen": stats["chosen"][i] if "chosen" in stats else None,
+        }
+        if rollout.episodes is not None:
+            record.update(episode_fields(rollout.episodes[i], conversation))
+        records.append(record)
     return records
+
+
+def episode_fields(episode, conversation: list | None) -> dict:
+    """A multi-turn episode's part of its record: its turns, how it ended, the environment's reward."""
+    turns = [dict(turn) for turn in episode.turns]
+    for turn in turns:  # a tool result that reports a failure is marked, so a reader can find it
+        if turn["role"] == "tool" and turn["content"].startswith("error:"):
+            turn["error"] = True
+    return {
+        "messages": [*conversation, *turns] if isinstance(conversation, list) else None,
+        "turns": turns,
+        "finish": episode.finish,
+        "error": episode.error,
+        "tool_calls": episode.tool_calls,
+        "env_reward": _number(episode.reward),
+    }
 
 
 def keep_rollout(reporter, step: int, rollout, setting: Any) -> None:
@@ -174,6 +203,16 @@ def keep_rollout(reporter, step: int, rollout, setting: Any) -> None:
     limit = rollout_limit(setting)
     if limit != 0 and rollout.completion_ids:
         reporter.log_rollouts(step, rollout_records(rollout, step, limit))
+
+
+def turn_label(turn: dict) -> str:
+    """How a reader names an episode's turn: its role, the tools an assistant turn calls, a tool's name, an error."""
+    label = turn.get("role", "?")
+    if turn.get("tool_calls"):
+        label += " calls " + ", ".join(str(call.get("name")) for call in turn["tool_calls"])
+    if label == "tool" and turn.get("name"):
+        label += f" {turn['name']}"
+    return label + (" (error)" if turn.get("error") else "")
 
 
 # ----------------------------------------------------------------------------- reading: filters and exports

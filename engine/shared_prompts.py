@@ -194,6 +194,9 @@ def shared_prompt_logps(
     prompts = run_prompts(head.decoder, prompt_ids, prompt_mask)
     if prompts is None:
         return None
+    scored = completion_mask.bool()
+    if "completion_loss_mask" in batch:  # an episode's environment tokens: attended to as context, not scored
+        scored = scored & batch["completion_loss_mask"].bool()
     rows = completion_ids.shape[0]
     split = rows if no_grad_from is None else max(0, min(no_grad_from, rows))
     parts = []  # (log-probs, argmax == target, entropy, mean logit) of the rows with gradient, then without
@@ -204,10 +207,10 @@ def shared_prompt_logps(
         with contextlib.nullcontext() if with_grad else torch.no_grad():
             states = prompts if with_grad else _detached(prompts)
             hidden = _predicting_hidden(head.decoder, states, index, ids, mask)
-            parts.append(chunked_head_logps(head, hidden[mask], ids[mask], temperature, stats))
+            keep = scored[start:end]
+            parts.append(chunked_head_logps(head, hidden[keep], ids[keep], temperature, stats))
     token_logps, correct, entropy, logit_mean = (_cat([part[i] for part in parts]) for i in range(4))
-    targets = completion_mask.bool()
-    row_of = torch.arange(rows, device=completion_ids.device)[:, None].expand_as(targets)[targets]
+    row_of = torch.arange(rows, device=completion_ids.device)[:, None].expand_as(scored)[scored]
     out = reduce_tokens(token_logps, row_of, rows, correct)
     out.token_entropy, out.token_logit_mean = entropy, logit_mean
     return out

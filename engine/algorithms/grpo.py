@@ -38,6 +38,7 @@ from engine.algorithms.online_rows import (
     policy_ctx,
     rollout_metrics,
     sample_logps,
+    sample_row,
     token_logps,
 )
 from engine.losses.advantages import group_advantages, group_stats, token_kl
@@ -67,14 +68,7 @@ class GRPO(Algorithm):
             {"advantage/mean": advantages.mean().item(), "advantage/std": advantages.std(unbiased=False).item()}
         )
         kept = [i for i, cut in enumerate(rollout.truncated) if not (spec.mask_truncated and cut)]
-        rows = [
-            {
-                "prompt_ids": rollout.prompt_ids[i],
-                "completion_ids": rollout.completion_ids[i],
-                "advantage": float(advantages[i]),
-            }
-            for i in kept
-        ]
+        rows = [sample_row(rollout, i, advantage=float(advantages[i])) for i in kept]
         olds = refs = None
         if rows and spec.num_iterations > 1:  # later passes need the rollout policy's log-probs for the ratio
             olds = sample_logps(self, policy_ctx(models), rows, models)

@@ -25,7 +25,7 @@ import torch
 
 from engine.algorithms.base import Algorithm, completion_metrics, metric_sums
 from engine.algorithms.online_rows import across_ranks, micro_batches, rollout_metrics
-from engine.batching import collate_completions
+from engine.batching import collate_completions, mask_completions
 from engine.logprobs import completion_logps
 from engine.losses.dpo import dpo_loss
 from engine.rewards.judge import judge_pairs, judge_tallies
@@ -105,13 +105,15 @@ class OnlineDPO(Algorithm):
                 continue
             rows = (2 * g, 2 * g + 1) if winner == 0 else (2 * g + 1, 2 * g)
             chosen[rows[0]], chosen[rows[1]] = True, False
-            pairs.append(
-                {
-                    "prompt_ids": rollout.prompt_ids[2 * g],
-                    "chosen_ids": rollout.completion_ids[rows[0]],
-                    "rejected_ids": rollout.completion_ids[rows[1]],
-                }
-            )
+            pair = {
+                "prompt_ids": rollout.prompt_ids[2 * g],
+                "chosen_ids": rollout.completion_ids[rows[0]],
+                "rejected_ids": rollout.completion_ids[rows[1]],
+            }
+            if rollout.episodes is not None:  # whole episodes: their policy tokens are scored, the environment's not
+                pair["chosen_mask"] = rollout.episodes[rows[0]].policy_mask
+                pair["rejected_mask"] = rollout.episodes[rows[1]].policy_mask
+            pairs.append(pair)
         rollout.sample_stats["chosen"] = chosen
         if pairs:
             self._reference_logps(pairs, models)
@@ -147,9 +149,11 @@ class OnlineDPO(Algorithm):
 
     def collate(self, rows, pad_id):
         prompts = [r["prompt_ids"] for r in rows]
-        return collate_completions(
+        batch = collate_completions(
             prompts + prompts, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_id
         )
+        masks = [r.get("chosen_mask") for r in rows] + [r.get("rejected_mask") for r in rows]
+        return mask_completions(batch, prompts + prompts, masks)
 
     def loss(self, models, batch, rows):
         spec = self.spec

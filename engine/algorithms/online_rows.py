@@ -13,8 +13,9 @@ import contextlib
 import torch
 
 from engine.algorithms.base import Models
-from engine.batching import collate_completions, collate_shared_prompts
+from engine.batching import collate_completions, collate_shared_prompts, mask_completions
 from engine.distributed import World
+from engine.episodes import episode_metrics
 from engine.logprobs import CompletionLogps
 from engine.rollout import Rollout
 from engine.shared_prompts import batch_logps
@@ -100,15 +101,35 @@ def sample_logps(algo, model_ctx, rows: list[dict], models: Models) -> list[torc
     return per_row(algo, rows, models, score)
 
 
+def sample_row(rollout: Rollout, i: int, **values) -> dict:
+    """Sample i of a rollout as a training row: its prompt and completion, and for an episode the mask of the
+    completion tokens the policy sampled (`policy_mask`), plus `values`."""
+    row = {"prompt_ids": rollout.prompt_ids[i], "completion_ids": rollout.completion_ids[i], **values}
+    if rollout.episodes is not None:
+        row["policy_mask"] = rollout.episodes[i].policy_mask
+    return row
+
+
+def scored_tokens(row: dict) -> int:
+    """How many of a row's completion tokens the update scores: the policy's (all of them outside episodes)."""
+    mask = row.get("policy_mask")
+    return len(row["completion_ids"]) if mask is None else int(sum(mask))
+
+
 def policy_ctx(models: Models):
     return lambda: contextlib.nullcontext(models.policy)
 
 
 def collate_rows(rows: list[dict], pad_id: int, share_prompts: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded prompt + completion rows (the completion includes its EOS when it has one); with
-    `share_prompts`, each distinct prompt once as well (`collate_shared_prompts`), for `token_logps`."""
-    collate = collate_shared_prompts if share_prompts else collate_completions
-    return collate([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+    `share_prompts`, each distinct prompt once as well (`collate_shared_prompts`), for `token_logps`. A row
+    of an episode carries its `policy_mask`: only the policy's tokens are scored (every per-token value the
+    algorithms compute, log-probs, values, advantages, lists the policy's tokens only)."""
+    prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
+    loss_masks = [r.get("policy_mask") for r in rows]
+    if share_prompts:
+        return collate_shared_prompts(prompts, completions, pad_id, loss_masks)
+    return mask_completions(collate_completions(prompts, completions, pad_id), prompts, loss_masks)
 
 
 def micro_batches(rows: list[dict], spec) -> list[list[dict]]:
@@ -158,6 +179,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         scored = [v for v in values if v is not None]  # None: the function gave that sample no reward
         if scored:
             metrics[f"reward/{name}/mean"] = sum(scored) / len(scored)
+    metrics.update(episode_metrics(rollout))  # multi-turn: turns, tool calls, tokens/env_fraction
     return metrics
 
 

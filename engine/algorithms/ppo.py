@@ -34,6 +34,8 @@ from engine.algorithms.online_rows import (
     policy_ctx,
     rollout_metrics,
     sample_logps,
+    sample_row,
+    scored_tokens,
     token_logps,
 )
 from engine.losses.advantages import AdaptiveKLController, gae, ppo_token_rewards, whiten
@@ -79,13 +81,15 @@ class PPO(Algorithm):
     def prepare(self, rollout, models):
         spec = self.spec
         metrics = rollout_metrics(rollout)
-        rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+        rows = [sample_row(rollout, i) for i in range(len(rollout.completion_ids))]
         old = sample_logps(self, policy_ctx(models), rows, models)
         ref = sample_logps(self, models.reference.model, rows, models) if self.needs_reference else old
         values = per_row(self, rows, models, models.value)
-        width = max(len(r["completion_ids"]) for r in rows)
+        # per-token values list the policy's tokens only: an episode's GAE runs over its policy tokens, as one
+        # sequence (the environment's tokens in between are not actions, and take no discount step)
+        lengths = torch.tensor([scored_tokens(r) for r in rows])
+        width = int(lengths.max())
         old_p, ref_p, values_p = (pad_rows([{"v": v} for v in vs], "v", width, "cpu") for vs in (old, ref, values))
-        lengths = torch.tensor([len(r["completion_ids"]) for r in rows])
         mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
         if spec.mask_truncated:
             mask = mask * (~torch.tensor(rollout.truncated))[:, None].float()
@@ -118,7 +122,7 @@ class PPO(Algorithm):
             ref_logps=ref if self.needs_reference else None,
         )
         for i, row in enumerate(rows):
-            n = len(row["completion_ids"])
+            n = scored_tokens(row)
             row.update(
                 old_logps=old[i],
                 old_values=values[i],

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from engine.algorithms.base import Algorithm, Models, Phase
-from engine.algorithms.online_rows import collate_rows, rollout_metrics
+from engine.algorithms.online_rows import collate_rows, rollout_metrics, sample_row
 from engine.algorithms.sft import completion_tokens
 from engine.logprobs import completion_logps
 from engine.losses.advantages import best_of_k_indices, bon_kl, group_stats, quantile_threshold, rest_keep_mask
@@ -63,15 +63,7 @@ class BestOfK(Algorithm):
         groups = rewards.view(-1, k)
         informative = (groups.max(-1).values > groups.min(-1).values).tolist()
         best = best_of_k_indices(rewards, k).tolist()
-        rows = [
-            {
-                "prompt_ids": rollout.prompt_ids[i],
-                "completion_ids": rollout.completion_ids[i],
-                "reward": rewards[i].item(),
-            }
-            for i, keep in zip(best, informative)
-            if keep
-        ]
+        rows = [sample_row(rollout, i, reward=rewards[i].item()) for i, keep in zip(best, informative) if keep]
         metrics["bon/selected_frac"] = len(rows) / len(best)
         if rows:
             metrics["gen/selected_length"] = sum(len(r["completion_ids"]) for r in rows) / len(rows)
@@ -91,10 +83,7 @@ class ReST(Algorithm):
 
     def prepare(self, rollout, models):
         metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, self.spec.num_generations)}
-        rows = [
-            {"prompt_ids": p, "completion_ids": c, "reward": r}
-            for p, c, r in zip(rollout.prompt_ids, rollout.completion_ids, rollout.rewards.tolist())
-        ]
+        rows = [sample_row(rollout, i, reward=r) for i, r in enumerate(rollout.rewards.tolist())]
         return rows, metrics
 
     def phases(self, rows):

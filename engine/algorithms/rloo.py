@@ -26,6 +26,7 @@ from engine.algorithms.online_rows import (
     policy_ctx,
     rollout_metrics,
     sample_logps,
+    sample_row,
     token_logps,
 )
 from engine.losses.advantages import group_stats, rloo_advantages
@@ -43,7 +44,7 @@ class RLOO(Algorithm):
     def prepare(self, rollout, models):
         spec = self.spec
         metrics = {**rollout_metrics(rollout), **group_stats(rollout.rewards, spec.num_generations)}
-        rows = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+        rows = [sample_row(rollout, i) for i in range(len(rollout.completion_ids))]
         rewards = rollout.rewards.clone()
         # The rollout policy's log-probs enter the KL penalty (beta > 0) and the clipped ratio of later
         # passes (num_iterations > 1). Otherwise the loss is -A log pi, whose ratio against the rollout

@@ -13,7 +13,7 @@ import math
 import torch
 
 from engine.algorithms.base import Algorithm
-from engine.batching import collate_completions
+from engine.batching import collate_completions, mask_completions
 from engine.logprobs import completion_logps
 from engine.losses.sft import sft_loss
 
@@ -40,10 +40,8 @@ def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate_completions(
         [ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id
     )
-    for row, ex in enumerate(examples):
-        if "loss_mask" in ex:  # a multi-turn conversation: only its assistant turns are taught
-            start = len(ex["prompt_ids"])
-            batch["completion_mask"][row, start : start + len(ex["loss_mask"])] = torch.tensor(ex["loss_mask"])
+    # a multi-turn conversation: only its assistant turns are taught
+    mask_completions(batch, [ex["prompt_ids"] for ex in examples], [ex.get("loss_mask") for ex in examples])
     batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
     return batch
 

@@ -19,6 +19,7 @@ from engine.data.sources import column_names, first_rows, load_split, shape_colu
 from engine.registry import is_online
 from engine.rewards.functions import STANDARD_KWARGS, check_call, load_reward_function
 from engine.rewards.sources import parse_reward_source
+from engine.tools import check_episode_code
 
 SAMPLE_ROWS = 100
 
@@ -48,6 +49,7 @@ def check_run_data(spec: Any, kind: str) -> None:
         check_dataset(spec.eval_dataset, kind, "eval dataset")
     if is_online(spec.algorithm):
         check_reward_functions(spec, columns)
+        check_episode_code(spec)  # the environment class and the tools load, with the right signatures
 
 
 def check_reward_functions(spec: Any, columns: set[str] | None) -> None:

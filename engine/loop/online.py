@@ -27,6 +27,7 @@ import torch
 
 from engine.algorithms.base import Phase
 from engine.algorithms.online_rows import split
+from engine.episodes import sample_episodes
 from engine.errors import CherryError
 from engine.loop.clock import run_steps
 from engine.loop.core import Run, StopCheck, accumulate, clip_gradients
@@ -35,8 +36,9 @@ from engine.loop.metrics import MetricSums
 from engine.nonfinite import check_rollout, check_step
 from engine.rewards import build_reward, required_columns
 from engine.rewards.judge import LLMJudge
-from engine.rollout import Rollout, merge_rollouts, reward_columns, sample_rollout, score_rollout
+from engine.rollout import Rollout, Sampling, merge_rollouts, reward_columns, sample_rollout, score_rollout
 from engine.rollout_store import keep_rollout
+from engine.tools import episode_factory
 
 
 def reward_sources(spec) -> list[str]:
@@ -113,7 +115,10 @@ def pick_eval_prompts(run: Run, data, reward) -> tuple[list[dict], bool]:
     except CherryError:
         eval_reward = False  # no eval/reward without the columns; exact match still runs where answers exist
     lacking = sorted(reward.needs_columns - set(reward_columns(eval_prompts))) if reward and eval_prompts else []
-    if eval_reward and lacking:  # eval prompts from another file may lack a column a reward function reads
+    if eval_reward and "environment_reward" in lacking:  # eval answers in one greedy turn (docs/tools.md)
+        eval_reward = False
+        run.reporter.log_event("warning", "no eval/reward: evaluation answers in one turn, without the environment")
+    elif eval_reward and lacking:  # eval prompts from another file may lack a column a reward function reads
         eval_reward = False
         run.reporter.log_event("warning", f"no eval/reward: the eval prompts have no {', '.join(lacking)} column")
     return eval_prompts, eval_reward
@@ -150,6 +155,7 @@ class OnlineStep:
 
     def __init__(self, run: Run, prompts: list[dict], reward) -> None:
         self.run, self.prompts, self.reward = run, prompts, reward
+        self.make_env = episode_factory(run.spec)  # None: one completion per sample, no environment
 
     def __call__(self, index: int) -> tuple[dict[str, float], int]:
         run, world = self.run, self.run.world
@@ -173,8 +179,20 @@ class OnlineStep:
         return self.step_metrics(metrics, update, lr, len(rows), seconds, started), update.tokens
 
     def sample(self, examples: list[dict]) -> Rollout:
-        """`num_generations` completions of each prompt from the current policy."""
+        """`num_generations` completions of each prompt from the current policy; with an environment or
+        tools, `num_generations` multi-turn episodes (engine/episodes.py)."""
         spec, models = self.run.spec, self.run.models
+        if self.make_env is not None:
+            return sample_episodes(
+                models.policy,
+                models.tokenizer,
+                examples,
+                self.make_env,
+                k=spec.num_generations,
+                sampling=Sampling.of(spec),
+                max_turns=spec.max_turns,
+                timeout=spec.tool_timeout,
+            )
         return sample_rollout(
             models.policy,
             models.tokenizer,

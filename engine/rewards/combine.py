@@ -90,6 +90,16 @@ def _function_source(
     return score
 
 
+def _environment_reward(prompts, completions, prompt_ids, completion_ids, columns) -> list[float]:
+    """The `environment` source: each episode's summed per-turn rewards (engine/episodes.py)."""
+    if "environment_reward" not in columns:
+        raise CherryError(
+            "rewards entry 'environment' is the reward of an environment, but these samples come from none; "
+            "set environment (or tools), or remove 'environment' from rewards"
+        )
+    return list(columns["environment_reward"])
+
+
 async def _gather(pending: dict[str, Awaitable]) -> dict[str, Any]:
     results = await asyncio.gather(*pending.values())
     return dict(zip(pending, results))
@@ -223,10 +233,11 @@ def build_reward(
             seen[base] += 1
             name = f"{base}_{seen[base]}"
         needs: set[str] = set()
-        if kind == "rm":
-            score: ScoreFn = RewardModelScorer(
-                f"rewards entry '{entry}'", arg, tokenizer, device=device, batch_size=batch_size
-            )
+        if kind == "environment":
+            score: ScoreFn = _environment_reward
+            needs = {"environment_reward"}
+        elif kind == "rm":
+            score = RewardModelScorer(f"rewards entry '{entry}'", arg, tokenizer, device=device, batch_size=batch_size)
         else:
             if kind == "exact_match":
                 fn = exact_match_reward

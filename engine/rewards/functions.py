@@ -46,8 +46,8 @@ def allowed_code_paths() -> list[Path] | None:
     return [Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip()]
 
 
-def check_code_path(entry: str, origin: str | Path | None) -> None:
-    """Refuse a reward whose code lies outside $CHERRY_CODE_PATHS (when set)."""
+def check_code_path(entry: str, origin: str | Path | None, what: str = "rewards entry") -> None:
+    """Refuse code (a reward, an environment, a tool) that lies outside $CHERRY_CODE_PATHS (when set)."""
     allowed = allowed_code_paths()
     if allowed is None:
         return
@@ -55,7 +55,7 @@ def check_code_path(entry: str, origin: str | Path | None) -> None:
     if where is None or not any(where.is_relative_to(root) for root in allowed):
         shown = os.pathsep.join(map(str, allowed)) or "(empty)"
         raise CherryError(
-            f"rewards entry '{entry}': its code ({where or 'not a file'}) is outside {CODE_PATHS_ENV}={shown}; "
+            f"{what} '{entry}': its code ({where or 'not a file'}) is outside {CODE_PATHS_ENV}={shown}; "
             f"move it under one of those directories or add its directory to {CODE_PATHS_ENV} on this machine"
         )
 
@@ -69,20 +69,19 @@ def _module_origin(target: str) -> str | None:
     return found.origin if found is not None and found.has_location else None
 
 
-def load_reward_function(entry: str) -> Callable[..., Any]:
-    """The callable named by a `module:function` or `path/to/file.py:function` entry."""
+def load_code(entry: str, what: str = "rewards entry") -> Any:
+    """The object a `module:name` or `path/to/file.py:name` entry names (a reward function, an environment
+    class, a tool); a CherryError naming `what` and the entry when it cannot be found or imported."""
     target, _, attr = entry.rpartition(":")
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
-            raise CherryError(
-                f"rewards entry '{entry}': no such file {path} (relative paths are taken from {Path.cwd()})"
-            )
-        check_code_path(entry, path)
+            raise CherryError(f"{what} '{entry}': no such file {path} (relative paths are taken from {Path.cwd()})")
+        check_code_path(entry, path, what)
         name = "cherry_reward_" + re.sub(r"\W", "_", str(path.resolve()))
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
-            raise CherryError(f"rewards entry '{entry}': {path} cannot be loaded as a Python module")
+            raise CherryError(f"{what} '{entry}': {path} cannot be loaded as a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses and pickling look the module up by name
         try:
@@ -90,37 +89,39 @@ def load_reward_function(entry: str) -> Callable[..., Any]:
         except Exception as err:
             del sys.modules[name]
             raise CherryError(
-                f"rewards entry '{entry}': running {path} failed ({type(err).__name__}: {err}); fix the file"
+                f"{what} '{entry}': running {path} failed ({type(err).__name__}: {err}); fix the file"
             ) from err
     else:
         if allowed_code_paths() is not None:  # checked before any of the module's code runs
-            check_code_path(entry, _module_origin(target.split(".")[0]))  # finding `a.b` imports `a`
-            check_code_path(entry, _module_origin(target))
+            check_code_path(entry, _module_origin(target.split(".")[0]), what)  # finding `a.b` imports `a`
+            check_code_path(entry, _module_origin(target), what)
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as err:
             if err.name and (target == err.name or target.startswith(err.name + ".")):
                 raise CherryError(
-                    f"rewards entry '{entry}': no module named '{target}'; put its folder on PYTHONPATH, "
+                    f"{what} '{entry}': no module named '{target}'; put its folder on PYTHONPATH, "
                     f"or give the file: path/to/{target.replace('.', '/')}.py:{attr}"
                 ) from None
-            raise CherryError(
-                f"rewards entry '{entry}': importing '{target}' failed ({err}); install what it needs"
-            ) from err
+            raise CherryError(f"{what} '{entry}': importing '{target}' failed ({err}); install what it needs") from err
         except Exception as err:
-            raise CherryError(
-                f"rewards entry '{entry}': importing '{target}' failed ({type(err).__name__}: {err})"
-            ) from err
+            raise CherryError(f"{what} '{entry}': importing '{target}' failed ({type(err).__name__}: {err})") from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:10]
             hint = f" (it defines: {', '.join(defined)})" if defined else ""
-            raise CherryError(f"rewards entry '{entry}': '{target}' has no attribute '{attr}'{hint}")
+            raise CherryError(f"{what} '{entry}': '{target}' has no attribute '{attr}'{hint}")
         obj = getattr(obj, part)
+    return obj
+
+
+def load_reward_function(entry: str) -> Callable[..., Any]:
+    """The callable named by a `module:function` or `path/to/file.py:function` entry."""
+    obj = load_code(entry)
     if not callable(obj):
         raise CherryError(
-            f"rewards entry '{entry}': '{attr}' is a {type(obj).__name__}, not a function; it must be "
+            f"rewards entry '{entry}': '{entry.rpartition(':')[2]}' is a {type(obj).__name__}, not a function; it must be "
             "fn(prompts, completions, **kwargs) -> list[float]"
         )
     _signature_check(entry, obj)

@@ -19,12 +19,14 @@ the weighted sum of its sources; each source is also logged on its own.
                          model's tokenizer (with its own chat template when the columns carry the
                          conversation as `messages`), and its EOS is appended when the policy's
                          completion ended with the policy's EOS.
+    environment          the episode's per-turn rewards from its environment, summed (runs with an
+                         `environment` or `tools`: docs/tools.md).
     module:function      a Python function of yours: a module importable from PYTHONPATH, or a file
     path/to/file.py:fn   (relative paths are taken from the working directory); `function` may be a
                          dotted attribute (`module:Class.method`). A module named exact_match,
                          regex, length or rm must be given as a file path.
 
-The component names (metric keys, `Reward.names`) are `exact_match`, `regex`, `length`, `rm` and
+The component names (metric keys, `Reward.names`) are `exact_match`, `regex`, `length`, `rm`, `environment` and
 the Python function's name; a repeated name gets a suffix (`regex`, `regex_2`).
 """
 
@@ -34,13 +36,13 @@ import re
 
 from engine.errors import SpecError
 
-KINDS = ("exact_match", "regex", "length", "rm", "python")
+KINDS = ("exact_match", "regex", "length", "rm", "environment", "python")
 # What an LLM judge template (the `judge_template` setting) must contain: the question and the two answers.
 JUDGE_PLACEHOLDERS = ("{prompt}", "{answer_1}", "{answer_2}")
 _BUILTIN_PREFIXES = ("regex", "length", "rm")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 GRAMMAR = (
-    "a reward source is exact_match, regex:PATTERN, length:TARGET, rm:PATH_OR_ID, "
+    "a reward source is exact_match, regex:PATTERN, length:TARGET, rm:PATH_OR_ID, environment, "
     "module:function or path/to/file.py:function"
 )
 
@@ -63,6 +65,12 @@ def parse_reward_source(text: str) -> tuple[str, str]:
                 f"rewards entry '{text}': exact_match takes no argument (it compares with the `answer` column); write exact_match"
             )
         return "exact_match", ""
+    if head == "environment":
+        if sep:
+            raise SpecError(
+                f"rewards entry '{text}': environment takes no argument (it is the environment's own reward); write environment"
+            )
+        return "environment", ""
     if head in _BUILTIN_PREFIXES and not sep:
         example = {"regex": "regex:^\\d+$", "length": "length:200", "rm": "rm:runs/<run-id>"}[head]
         raise SpecError(f"rewards entry '{text}': {head} needs an argument after a colon, e.g. {example}")

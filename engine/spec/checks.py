@@ -280,6 +280,8 @@ def _rewards(spec: RunSpec) -> str | None:
             f"reward_weights has {len(spec.reward_weights)} values for {len(sources)} reward source(s) "
             f"({', '.join(sources)}): give one weight per source"
         )
+    if "environment" in [s.strip() for s in sources] and not (spec.environment or spec.tools):
+        return "rewards entry 'environment' is an environment's own reward: set environment (or tools), or remove it"
     if spec.safety_reward_model and not any(s.startswith("rm:") for s in sources):
         return "safety_reward_model combines with a helpfulness reward model: add an rm:PATH entry to rewards"
     return None
@@ -323,6 +325,29 @@ def _log_rollouts(spec: RunSpec) -> str | None:
         rollout_limit(spec.log_rollouts)
     except ValueError as err:
         return f"{err}; e.g. --set log_rollouts=16 keeps the first 16 samples of each step"
+    return None
+
+
+_CODE_ENTRY = re.compile(r"^(?:.+\.py|[A-Za-z_][\w.]*):[A-Za-z_][\w.]*$")
+
+
+def _environment(spec: RunSpec) -> str | None:
+    if spec.environment is None:
+        return None
+    if not isinstance(spec.environment, str) or not _CODE_ENTRY.match(spec.environment.strip()):
+        return f"environment must be path/to/env.py:ClassName or module:ClassName (got {spec.environment!r})"
+    if spec.tools:
+        return "set environment or tools, not both: an environment can call your tools itself"
+    return None
+
+
+def _tools(spec: RunSpec) -> str | None:
+    if spec.tools is None:
+        return None
+    entries = [spec.tools] if isinstance(spec.tools, str) else spec.tools
+    bad = [e for e in entries if not isinstance(e, str) or not _CODE_ENTRY.match(e.strip())]
+    if bad or not entries:
+        return f"tools is a list of path/to/tools.py:function or module:function entries (got {spec.tools!r})"
     return None
 
 
@@ -380,4 +405,9 @@ SETTING_CHECKS: dict[str, Check] = {
     "rest_keep_fractions": _rest_fractions,
     "rest_improve_epochs": _at_least("rest_improve_epochs", 0, strict=True),
     "log_rollouts": _log_rollouts,
+    "environment": _environment,
+    "tools": _tools,
+    "max_turns": _at_least("max_turns", 1),
+    "max_tool_calls": _at_least("max_tool_calls", 1),
+    "tool_timeout": _at_least("tool_timeout", 0, hint="; 0 = no limit"),
 }

@@ -75,6 +75,10 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
         spec.eval_prompts = resolve_path(spec.eval_prompts, "eval_prompts", kind="data")
     if is_online(spec.algorithm):
         spec.rewards = [_resolve_reward_source(source) for source in _as_list(spec.rewards)]
+        if spec.environment:
+            spec.environment = _resolve_code_entry(spec.environment, "environment")
+        if spec.tools:
+            spec.tools = [_resolve_code_entry(entry, "tools") for entry in _as_list(spec.tools)]
     if spec.value_model:
         spec.value_model = resolve_path(spec.value_model, "value_model", kind="model")
     if spec.safety_reward_model:
@@ -90,6 +94,21 @@ def resolve_paths(spec: RunSpec, *, check_model: bool = True) -> RunSpec:
 
 def _as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
+
+
+def _resolve_code_entry(entry: str, field_name: str) -> str:
+    """A path/to/file.py:name entry with its file made absolute (a module:name entry as it is)."""
+    module, _, name = entry.strip().rpartition(":")
+    if not module.endswith(".py"):
+        return entry.strip()
+    path = Path(module).expanduser()
+    if not path.is_file():
+        raise SpecError(
+            f"{field_name}: {module} does not exist; give path/to/file.py:{name} (relative to where you run cherry) "
+            f"or an importable module:{name}",
+            field_name,
+        )
+    return f"{path.resolve()}:{name}"
 
 
 def _resolve_reward_source(source: str) -> str:

@@ -172,6 +172,11 @@ class RunSpec:
     rest_keep_fractions: list[float] | None = default("rest_keep_fractions")
     rest_improve_epochs: float = default("rest_improve_epochs")
     log_rollouts: str | int = default("log_rollouts")
+    environment: str | None = default("environment")
+    tools: list[str] | None = default("tools")
+    max_turns: int = default("max_turns")
+    max_tool_calls: int = default("max_tool_calls")
+    tool_timeout: float = default("tool_timeout")
     # --- written by Cherry, not set by users: settings it chose to follow one you set (follow_explicit), and the
     # field's names it translated (`learning_rate -> lr`); kept so the run's start line can say so.
     defaults_followed: list[str] | None = None

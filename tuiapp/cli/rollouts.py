@@ -53,6 +53,21 @@ def group_lines(samples: list[dict], width: int = 100) -> list[str]:
             f"  {s['sample']:3d} {_cell(s.get('reward'))} {_cell(s.get('advantage'))} {_cell(s.get('kl'))} "
             f"{s['length']:4d} {s['finish']:6s} {text[: max(20, width - 44)]}"
         )
+        lines += turn_lines(s, width)
+    return lines
+
+
+def turn_lines(sample: dict, width: int = 100) -> list[str]:
+    """A multi-turn episode's turns, one line each under its sample's line (none for a single completion)."""
+    from engine.rollout_store import turn_label
+
+    lines = []
+    for turn in sample.get("turns") or []:
+        label = turn_label(turn)
+        text = json.dumps(turn.get("content", ""), ensure_ascii=False)
+        lines.append(f"        {label:>18s}: {text[: max(20, width - 30)]}")
+    if sample.get("error"):
+        lines.append(f"        {'ended on':>18s}: {sample['error'][: max(20, width - 30)]}")
     return lines
 
 

@@ -16,6 +16,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
+from engine.rollout_store import turn_label
 from tuiapp.data import LIVE, RunInfo, move_step
 from tuiapp.rollouts import (
     SORTS,
@@ -71,6 +72,21 @@ def sample_stats(sample: dict[str, Any], best: float | None, worst: float | None
     return text
 
 
+def completion_text(sample: dict[str, Any]) -> Text:
+    """The completion, or a multi-turn episode turn by turn: each turn's role (tool calls and errors marked)."""
+    turns = sample.get("turns")
+    if not turns:
+        return Text(one_line(sample.get("completion")))
+    text = Text()
+    for i, turn in enumerate(turns):
+        label = turn_label(turn)
+        text.append(("\n" if i else "") + label + ": ", style="red" if turn.get("error") else "dim")
+        text.append(one_line(turn.get("content"), 200))
+    if sample.get("error"):
+        text.append(f"\nended on: {sample['error']}", style="red")
+    return text
+
+
 def group_heading(group: Group, of: int) -> Text:
     text = Text(f"prompt {group.index + 1}/{of} ", style="bold")
     text.append(one_line(plain_prompt(group.prompt), 200), style="italic")
@@ -90,7 +106,7 @@ def group_table(group: Group, sort: str, side_by_side: bool) -> Table:
     if side_by_side:
         for sample in samples:
             table.add_column(f"#{sample.get('sample', '?')}", ratio=1, overflow="fold")
-        table.add_row(*(Text(one_line(s.get("completion"))) for s in samples))
+        table.add_row(*(completion_text(s) for s in samples))
         table.add_row(*(sample_stats(s, best, worst) for s in samples))
         return table
     table.add_column("#", no_wrap=True)
@@ -102,7 +118,7 @@ def group_table(group: Group, sort: str, side_by_side: bool) -> Table:
     for sample in samples:
         table.add_row(
             Text(f"#{sample.get('sample', '?')}", style="dim"),
-            Text(one_line(sample.get("completion"))),
+            completion_text(sample),
             reward_text(sample, best, worst),
             Text(fmt_reward(sample.get("advantage"))),
             length_text(sample),
