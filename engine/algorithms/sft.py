@@ -4,6 +4,8 @@ The loss is a token mean over the whole optimizer step: `units` counts completio
 gradient accumulation gives the same update as one large batch (docs/algorithms.md, SFT).
 Defaults (presets/sft.yaml): lr 2e-5 (TRL, Llama 2), 1-2 epochs; prompt tokens carry no loss.
 Logged: token_accuracy, policy/entropy, lengths/completion; eval/perplexity from the token-mean NLL.
+Rows of different lengths are packed end to end where the model allows it (engine/packing.py): the
+same loss and gradients with no padding in the body, and `batch/pad_fraction` 0.
 """
 
 from __future__ import annotations
