@@ -140,3 +140,21 @@ def test_rows_without_padding_or_alone_are_not_packed():
     even = collate_completions([[5, 6], [7, 8]], [[9], [10]], 0)
     single = collate_completions([[5, 6]], [[9]], 0)
     assert packed_logps(model, **even) is None and packed_logps(model, **single) is None
+
+
+def test_a_pair_method_with_activation_checkpointing_packs_its_full_rows(monkeypatch):
+    """Activation checkpointing turns shared prompts off; the full rows it falls back to are packed."""
+    from engine.shared_prompts import shares_prompts
+
+    algo = build_algorithm(build_spec({"algorithm": "simpo"}))
+    rows = _pairs()
+    batch = algo.collate(rows, 0)
+    model = _tiny("Qwen2")
+    model.gradient_checkpointing_enable()
+    assert not shares_prompts(model, batch)
+    assert packed_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]) is not None
+    seen = _decoder_inputs(model)
+    packed = _loss_and_grads(algo, model, batch, rows)
+    assert all(shape[0] == 1 for shape in seen) and sum(shape[1] for shape in seen) == batch["attention_mask"].sum()
+    monkeypatch.setattr(packing, "packed_logps", lambda *args, **kwargs: None)
+    _assert_same(packed, _loss_and_grads(algo, model, batch, rows))
