@@ -24,7 +24,8 @@ SHAPE_OPTION = typer.Option(
     "tiny",
     "--shape",
     help="tiny (seconds) | head-heavy (151,936 vocabulary, small body) | body-heavy (32k vocabulary, 8 layers x 512)"
-    " | prompt-heavy (8k vocabulary, 4 layers x 256, prompts 3x the completions).",
+    " | prompt-heavy (8k vocabulary, 4 layers x 256, prompts 3x the completions)"
+    " | varied-lengths (prompt-heavy's model, row lengths varying tenfold; Cherry padded as well).",
 )
 STEPS_OPTION = typer.Option(3, "--steps", help="Timed steps per side (median reported), after the warm-up.")
 WARMUP_OPTION = typer.Option(1, "--warmup", help="Untimed warm-up steps per side.")

@@ -11,8 +11,9 @@ gradients were summed before); the body's work on prompts drops by the rows per 
 Whether this reproduces the full rows is checked once per model on a short probe
 (`shares_prompts_exactly`); a model that fails it, or that cannot take the path at all (no chunked
 head, activation checkpointing, a sharded model, a body that ignores the cache), is scored on full
-rows: `batch_logps` is the one entry point that picks. Batches come from
-`engine.batching.collate_shared_prompts`, which also keeps the full rows for that fallback.
+rows, packed where the model allows it (engine/packing.py): `batch_logps` is the one entry point that
+picks. Batches come from `engine.batching.collate_shared_prompts`, which also keeps the full rows for
+that fallback.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.logprobs import CompletionLogps, chunked_head, chunked_head_logps, completion_logps, reduce_tokens
+from engine.packing import full_rows_logps, full_rows_positions
 
 SHARED_PROMPT_KEYS = ("prompt_ids", "prompt_mask", "prompt_index", "completion_ids", "completion_ids_mask")
 
@@ -238,20 +240,34 @@ def batch_logps(
     no_grad_from: int | None = None,
 ) -> CompletionLogps:
     """Completion log-probs of a batch's rows: each shared prompt once where the model allows it
-    (`shared_prompt_logps`), else the full rows (`completion_logps`). Rows from `no_grad_from` on are
+    (`shared_prompt_logps`), else the full rows, packed where the model allows it (`full_rows_logps`). Rows from `no_grad_from` on are
     scored without gradient either way (they keep nothing for backward)."""
     out = shared_prompt_logps(model, batch, temperature, stats, no_grad_from)
     if out is not None:
         return out
     rows = batch["input_ids"].shape[0]
     if no_grad_from is None or no_grad_from >= rows:
-        return completion_logps(
+        return full_rows_logps(
             model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature, stats
         )
-    with_grad = completion_logps(model, *_full_rows(batch, 0, no_grad_from), temperature, stats)
+    with_grad = full_rows_logps(model, *_full_rows(batch, 0, no_grad_from), temperature, stats)
     with torch.no_grad():
-        without = completion_logps(model, *_full_rows(batch, no_grad_from, rows), temperature, stats)
+        without = full_rows_logps(model, *_full_rows(batch, no_grad_from, rows), temperature, stats)
     return concat_rows(with_grad, without)
+
+
+def shares_prompts(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether `batch_logps` scores this batch through its shared prompts."""
+    return all(key in batch for key in SHARED_PROMPT_KEYS) and _shared_prompt_head(model) is not None
+
+
+def batch_positions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """The positions of its rows the body runs over when `batch_logps` scores `batch` (the denominator of
+    `batch/pad_fraction`): the full rows' tokens alone where they are packed, every padded position
+    otherwise (the shared-prompt path is counted on the full rows it stands for)."""
+    if shares_prompts(model, batch):
+        return batch["attention_mask"].numel()
+    return full_rows_positions(model, batch["attention_mask"])
 
 
 def _full_rows(batch: dict[str, torch.Tensor], start: int, end: int) -> tuple[torch.Tensor, ...]:

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from engine.registry import is_online
@@ -68,6 +68,8 @@ class Shape:
     group: int  # online: samples per prompt
     new_tokens: tuple[int, ...]  # online: completion lengths measured
     about: str
+    # offline: row i's prompt and completion are its share of the full lengths, evenly from 1/spread to 1
+    length_spread: int = 1
 
 
 SHAPES = {
@@ -84,6 +86,24 @@ SHAPES = {
     # Prompts three times the completions under a small head: the body's work on prompts dominates.
     "prompt-heavy": Shape(
         "llama", 8192, 256, 4, 4, 4, 688, False, 8, 192, 64, 4, (8,), "8,192 vocabulary, hidden 256 x 4 layers"
+    ),
+    # prompt-heavy's model with rows whose lengths vary tenfold: about half a padded batch is padding.
+    "varied-lengths": Shape(
+        "llama",
+        8192,
+        256,
+        4,
+        4,
+        4,
+        688,
+        False,
+        8,
+        192,
+        64,
+        4,
+        (8,),
+        "8,192 vocabulary, hidden 256 x 4 layers, row lengths varying tenfold",
+        length_spread=10,
     ),
 }
 
@@ -170,19 +190,35 @@ def _text(generator, n: int) -> str:
     return "".join(ALPHABET[i] for i in picks).strip(" ").ljust(n, "a")
 
 
+def row_lengths(shape: Shape) -> list[tuple[int, int]]:
+    """(prompt, completion) tokens of each offline row: the full lengths, or with a length spread, shares
+    of them evenly from 1/spread (the shortest row) to 1 (the longest), in a shuffled order."""
+    import torch
+
+    if shape.length_spread <= 1:
+        return [(shape.prompt_len, shape.completion_len)] * shape.batch
+    shares = torch.linspace(1.0 / shape.length_spread, 1.0, shape.batch)
+    order = torch.randperm(shape.batch, generator=torch.Generator().manual_seed(0)).tolist()
+    return [
+        (max(1, round(shape.prompt_len * float(shares[i]))), max(1, round(shape.completion_len * float(shares[i]))))
+        for i in order
+    ]
+
+
 def build_rows(case: Case) -> list[dict]:
     """Rows in the plain-text format both Cherry and TRL read (no chat template: one byte = one token)."""
     import torch
 
     shape, generator = case.geometry, torch.Generator().manual_seed(case.seed)
+    lengths = row_lengths(shape)
     if case.method == "dpo":
         return [
             {
-                "prompt": _text(generator, shape.prompt_len),
-                "chosen": _text(generator, shape.completion_len),
-                "rejected": _text(generator, shape.completion_len),
+                "prompt": _text(generator, prompt),
+                "chosen": _text(generator, completion),
+                "rejected": _text(generator, completion),
             }
-            for _ in range(shape.batch)
+            for prompt, completion in lengths
         ]
     if case.method == "kto":
         # One prompt for every row: the KL estimate then scores the prompt with every completion of the
@@ -190,13 +226,13 @@ def build_rows(case: Case) -> list[dict]:
         # through a seeded permutation), so the two first-step losses are comparable.
         prompt = _text(generator, shape.prompt_len)
         return [
-            {"prompt": prompt, "completion": _text(generator, shape.completion_len), "label": i % 2 == 0}
-            for i in range(shape.batch)
+            {"prompt": prompt, "completion": _text(generator, completion), "label": i % 2 == 0}
+            for i, (_, completion) in enumerate(lengths)
         ]
     if case.method == "sft":
         return [
-            {"prompt": _text(generator, shape.prompt_len), "completion": _text(generator, shape.completion_len)}
-            for _ in range(shape.batch)
+            {"prompt": _text(generator, prompt), "completion": _text(generator, completion)}
+            for prompt, completion in lengths
         ]
     # Online: prompts of different lengths (half to the full length), so left padding is exercised.
     lengths = torch.randint(shape.prompt_len // 2, shape.prompt_len + 1, (shape.batch,), generator=generator).tolist()
@@ -341,6 +377,12 @@ def cherry_spec(case: Case):
 def run_cherry(case: Case) -> dict:
     from engine.train import train
 
+    if case.extra.get("padded"):
+        # Packing off: every batch takes the padded path, the fallback of a batch that cannot be packed.
+        import engine.packing
+
+        engine.packing.packed_logps = lambda *args, **kwargs: None
+
     clock = StepClock(case.device)  # after the imports: their memory is not the run's
 
     class Hook:
@@ -472,7 +514,15 @@ def compare_in_one_process_per_side(
             cases.append(make_case(method, shape, str(Path(tmp) / method), **settings))
             write_case(cases[-1])
         cherry, trl = run_side("cherry", cases), run_side("trl", cases)
-    return [pair(case, c, t) for case, c, t in zip(cases, cherry, trl)]
+        results = [pair(case, c, t) for case, c, t in zip(cases, cherry, trl)]
+        # Rows of different lengths: Cherry with its rows padded too (packing off), in the same invocation.
+        varied = [i for i, case in enumerate(cases) if case.geometry.length_spread > 1 and not is_online(case.method)]
+        if varied:
+            padded = [replace(cases[i], extra={**cases[i].extra, "padded": True}) for i in varied]
+            for i, row in zip(varied, run_side("cherry", padded)):
+                results[i]["cherry_padded"] = row
+                results[i]["packing_ratio"] = results[i]["cherry"]["tokens_per_s"] / row["tokens_per_s"]
+    return results
 
 
 def versions() -> dict[str, str]:
@@ -495,20 +545,27 @@ def report_lines(result: dict) -> list[str]:
     shape = SHAPES[result["shape"]]
     if online:
         what = f"{shape.batch} prompts x {shape.group} samples x {case['new_tokens']} new tokens"
+    elif shape.length_spread > 1:
+        what = (
+            f"{shape.batch} rows of up to {shape.prompt_len} prompt + {shape.completion_len} completion tokens,"
+            f" the shortest 1/{shape.length_spread} of the longest"
+        )
     else:
         what = f"{shape.batch} rows of {shape.prompt_len} prompt + {shape.completion_len} completion tokens"
     lines = [
         f"{result['method'].upper()} vs TRL, shape {result['shape']} ({result['about']}): {what}; "
         f"{case['device']}, fp32, {case['threads']} thread(s), median of {case['steps']} steps after {case['warmup']} warm-up",
-        f"{'side':8s} {unit:>14s} {'step s':>8s} {'rollout s':>10s} {'update s':>9s} {'peak GB':>8s} {'first loss':>12s}",
+        f"{'side':13s} {unit:>14s} {'step s':>8s} {'rollout s':>10s} {'update s':>9s} {'peak GB':>8s} {'first loss':>12s}",
     ]
-    for side in ("cherry", "trl"):
+    for side in ("cherry", "cherry_padded", "trl"):
+        if side not in result:
+            continue
         row = result[side]
         loss = f"{row['first_loss']:.6f}" if row["first_loss"] is not None else "-"
         roll = f"{row['rollout_seconds']:10.3f}" if "rollout_seconds" in row else f"{'-':>10s}"
         upd = f"{row['update_seconds']:9.3f}" if "update_seconds" in row else f"{'-':>9s}"
         lines.append(
-            f"{side:8s} {row[rate]:14.1f} {row['step_seconds']:8.3f} {roll} {upd} {row['peak_mem_gb']:8.3f} {loss:>12s}"
+            f"{side:13s} {row[rate]:14.1f} {row['step_seconds']:8.3f} {roll} {upd} {row['peak_mem_gb']:8.3f} {loss:>12s}"
         )
     tail = (
         f"Cherry/TRL: {result['speed_ratio']:.2f}x the {unit}, {result['memory_ratio']:.2f}x the peak memory "
@@ -518,6 +575,11 @@ def report_lines(result: dict) -> list[str]:
         verdict = "agree" if result["losses_agree"] else f"DISAGREE (tolerance {LOSS_TOLERANCE:g})"
         tail += f"; first-step losses {verdict}: |difference| {result['loss_abs_diff']:.2e}"
     lines.append(tail)
+    if "packing_ratio" in result:
+        lines.append(
+            f"Cherry packed/padded: {result['packing_ratio']:.2f}x the {unit}"
+            f" (first-step losses {result['cherry']['first_loss']:.6f}, {result['cherry_padded']['first_loss']:.6f})"
+        )
     return lines
 
 

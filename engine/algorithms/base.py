@@ -73,6 +73,11 @@ class Algorithm:
         """(sum of per-unit losses as a tensor, {metric: sum or (sum, count)}) for one micro-batch."""
         raise NotImplementedError
 
+    def body_positions(self, models: Models, batch: dict[str, torch.Tensor]) -> int:
+        """Positions the policy's body runs over for `batch` (the denominator of `batch/pad_fraction`).
+        Default: every position of its padded rows; methods that pack rows say how many remain."""
+        return batch["attention_mask"].numel()
+
     # ------------------------------------------------------------------ online methods
 
     def prepare(self, rollout, models: Models) -> tuple[list[dict], dict[str, float]]:

@@ -21,7 +21,7 @@ import torch
 from engine.algorithms.base import Algorithm, completion_metrics, example_metrics
 from engine.batching import collate_shared_prompts
 from engine.losses.kto import kto_loss, kto_weight_ratio_warning
-from engine.shared_prompts import batch_logps
+from engine.shared_prompts import batch_logps, batch_positions
 
 
 class KTO(Algorithm):
@@ -56,6 +56,9 @@ class KTO(Algorithm):
         batch["index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
         batch["desirable"] = torch.tensor([bool(ex["label"]) for ex in examples])
         return batch
+
+    def body_positions(self, models, batch):
+        return batch_positions(models.policy, batch)
 
     def loss(self, models, batch, rows):
         n, ref_logps = self.units(batch), batch["ref_logps"]

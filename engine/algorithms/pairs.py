@@ -14,7 +14,7 @@ import torch
 from engine.algorithms.base import Algorithm, metric_sums, pair_completion_metrics, pair_samples
 from engine.batching import collate_preference
 from engine.logprobs import CompletionLogps
-from engine.shared_prompts import batch_logps
+from engine.shared_prompts import batch_logps, batch_positions
 
 
 class PairMethod(Algorithm):
@@ -28,6 +28,9 @@ class PairMethod(Algorithm):
         pairs = self.units(batch)
         losses, metrics = self.pair_loss(out, pairs, batch)
         return losses.sum(), {**metric_sums(metrics), **pair_completion_metrics(out, pairs)}
+
+    def body_positions(self, models, batch):
+        return batch_positions(models.policy, batch)
 
     def pair_loss(
         self, out: CompletionLogps, pairs: int, batch: dict[str, torch.Tensor]

@@ -4,6 +4,8 @@ The loss is a token mean over the whole optimizer step: `units` counts completio
 gradient accumulation gives the same update as one large batch (docs/algorithms.md, SFT).
 Defaults (presets/sft.yaml): lr 2e-5 (TRL, Llama 2), 1-2 epochs; prompt tokens carry no loss.
 Logged: token_accuracy, policy/entropy, lengths/completion; eval/perplexity from the token-mean NLL.
+Rows of different lengths are packed end to end where the model allows it (engine/packing.py): the
+same loss and gradients with no padding in the body, and `batch/pad_fraction` 0.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 
 from engine.algorithms.base import Algorithm
 from engine.batching import collate_completions, mask_completions
-from engine.logprobs import completion_logps
 from engine.losses.sft import sft_loss
+from engine.packing import full_rows_logps, full_rows_positions
 
 
 class SFT(Algorithm):
@@ -26,10 +28,14 @@ class SFT(Algorithm):
         return completion_tokens(batch)
 
     def loss(self, models, batch, rows):
-        out = completion_logps(
+        # Rows of different lengths are packed where the model allows it (no padding in the body).
+        out = full_rows_logps(
             models.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], stats=True
         )
         return sft_loss(out.token_logps), token_metrics(out)
+
+    def body_positions(self, models, batch):
+        return full_rows_positions(models.policy, batch["attention_mask"])
 
     def derived_metrics(self, means):
         return perplexity(means)
@@ -53,7 +59,7 @@ def completion_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def token_metrics(out) -> dict[str, float | tuple[float, float]]:
     """token_accuracy (per scored token), policy/entropy (nats per token, detached) and
-    lengths/completion (scored tokens per row), from `completion_logps(..., stats=True)`."""
+    lengths/completion (scored tokens per row), from `full_rows_logps(..., stats=True)`."""
     tokens = float(out.counts.sum())
     return {
         "token_accuracy": out.token_correct.sum().item(),

@@ -120,7 +120,7 @@ def train_offline(
         means.update(algo.derived_metrics(means))
         metrics = {f"train/{name}" if name == "loss" else name: value for name, value in means.items()}
         metrics.update({"train/grad_norm": grad_norm, "train/lr": lr})
-        positions = sum(batch["attention_mask"].numel() for batch, _, counts in micro if counts)
+        positions = sum(algo.body_positions(models, batch) for batch, _, counts in micro if counts)
         tokens, positions = world.sum([tokens, positions])  # over every rank's shard
         metrics["batch/pad_fraction"] = 1.0 - tokens / positions if positions else 0.0  # tokens: the real positions
         return metrics, int(tokens)

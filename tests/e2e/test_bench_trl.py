@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 from benchmarks.training.against import (
     LOSS_TOLERANCE,
     METHODS,
+    SHAPES,
     Case,
     build_rows,
     compare_in_one_process_per_side,
     report_lines,
+    row_lengths,
     run_side,
     write_case,
 )
@@ -98,6 +100,32 @@ def test_report_names_a_disagreement():
     }
     assert "DISAGREE" in report_lines(result)[-1]
     assert "agree:" in report_lines({**result, "loss_abs_diff": 0.0, "losses_agree": True})[-1]
+
+
+def test_varied_lengths_rows_vary_tenfold_and_the_report_gives_packed_over_padded(tmp_path):
+    lengths = row_lengths(SHAPES["varied-lengths"])
+    totals = sorted(p + c for p, c in lengths)
+    assert len(lengths) == 8 and totals[-1] == 256 and totals[0] <= 26 and len(set(totals)) == 8
+    rows = build_rows(Case(method="sft", shape="varied-lengths", dir=str(tmp_path)))
+    assert [(len(r["prompt"]), len(r["completion"])) for r in rows] == lengths
+    side = {"tokens_per_s": 200.0, "step_seconds": 1.0, "peak_mem_gb": 1.0, "first_loss": 0.5, "memory": "RSS"}
+    result = {
+        "method": "sft",
+        "shape": "varied-lengths",
+        "about": "x",
+        "case": {"new_tokens": 0, "device": "cpu", "threads": 1, "steps": 2, "warmup": 1},
+        "cherry": side,
+        "cherry_padded": {**side, "tokens_per_s": 100.0},
+        "trl": side,
+        "rate": "tokens_per_s",
+        "speed_ratio": 1.0,
+        "memory_ratio": 1.0,
+        "loss_abs_diff": 0.0,
+        "losses_agree": True,
+        "packing_ratio": 2.0,
+    }
+    text = report_lines(result)
+    assert any(line.startswith("cherry_padded") for line in text) and "packed/padded: 2.00x" in text[-1]
 
 
 def test_without_trl_the_command_says_how_to_install_it(monkeypatch):

@@ -6,7 +6,8 @@ the whole model (`parallelism: ddp`) and with each holding a shard of it (`fsdp`
 
 One process scores each pair's prompt once (engine/shared_prompts.py), and so does each `ddp` rank; a sharded
 model scores full rows (its head is gathered only inside its own forward): the `fsdp` runs also check that the
-shared-prompt path trains exactly as the full rows do."""
+shared-prompt path trains exactly as the full rows do, and that SFT's packed rows (engine/packing.py) train
+exactly as padded ones do."""
 
 from __future__ import annotations
 
@@ -138,6 +139,11 @@ def test_sft_token_mean_is_global_across_processes(tiny_model_dir, uneven_sft, t
     one = _run(spec(batch_size=8), tmp_path / "one")
     two = _run(spec(batch_size=4, num_processes=2, parallelism=parallelism), tmp_path / "two")
     _assert_same_run(one[:2], two[:2])
+    # one process and each ddp rank pack their rows (no padding in the body); a sharded model runs them
+    # padded: the fsdp run also checks that packed rows train exactly as padded ones do
+    assert one[2].series("batch/pad_fraction") == [0.0] * 4
+    padding = two[2].series("batch/pad_fraction")
+    assert padding == [0.0] * 4 if parallelism == "ddp" else all(value > 0.1 for value in padding)
     # and with gradient accumulation on top: 2 processes x 2 micro-batches x 2 rows = 1 process x 8 rows
     accumulated = _run(
         spec(batch_size=2, grad_accum=2, num_processes=2, parallelism=parallelism), tmp_path / "accumulated"
