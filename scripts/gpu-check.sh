@@ -72,6 +72,22 @@ for pin in missing:
 sys.exit(1 if missing else 0)
 PY
   fi
+  if [ -s "$WHEELHOUSE/skipped.txt" ]; then
+    # left out of the wheelhouse (WHEELHOUSE_SKIP): the target's own copies must be there
+    "$PYTHON" - "$WHEELHOUSE/skipped.txt" <<'PY' || ok=0
+import sys
+from importlib.metadata import PackageNotFoundError, version
+lacking = []
+for pin in open(sys.argv[1]).read().split():
+    name = pin.split("==")[0]
+    try:
+        print(f"wheelhouse: {name} {version(name)} from the target (the wheelhouse leaves it out)")
+    except PackageNotFoundError:
+        lacking.append(name)
+        print(f"wheelhouse: MISSING: {name}, left out of the wheelhouse and not installed here; rebuild with `make wheelhouse WHEELHOUSE_SKIP=`")
+sys.exit(1 if lacking else 0)
+PY
+  fi
   if ls "$WHEELHOUSE"/torch-*.whl >/dev/null 2>&1; then
     echo "wheelhouse: note: it holds a torch wheel; the target's own CUDA torch is meant to be used"
   fi

@@ -100,6 +100,9 @@ def main() -> None:
     wanted = closure(cherry_requirements(root) + EXTRA_FOR_CHECK, args.python_version)
     pins = [f"{name}=={version}" for name, version in sorted(wanted.items()) if name not in skip]
     (dest / "requirements.txt").write_text("".join(p + "\n" for p in pins))
+    # what the target must already have: gpu-check.sh --dry-run checks each there
+    skipped = [f"{name}=={version}" for name, version in sorted(wanted.items()) if name in skip]
+    (dest / "skipped.txt").write_text("".join(p + "\n" for p in skipped))
     pip = [sys.executable, "-m", "pip"]
     for project in (root, root / "benchmarks"):  # cherry-rlhf, cherry-benchmarks (no requirements of its own)
         subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(dest), str(project)], check=True)
@@ -116,7 +119,7 @@ def main() -> None:
         largest = ", ".join(f"{w.name.split('-')[0]} {w.stat().st_size / 2**20:.0f}" for w in wheels[:4])
         print(
             f"wheelhouse: over {CAP_MIB} MiB (largest, MiB: {largest}); for a target that already has some of "
-            "them: make wheelhouse WHEELHOUSE_SKIP=pyarrow,pandas"
+            "them: make wheelhouse WHEELHOUSE_SKIP=pyarrow,pandas,numpy (the default)"
         )
 
 

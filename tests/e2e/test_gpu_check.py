@@ -49,3 +49,17 @@ def test_the_dry_run_checks_every_pinned_wheel(tmp_path):
     (house / "typing_extensions-4.16.0-py3-none-any.whl").write_bytes(b"")
     out = _dry_run(house)
     assert "wheelhouse READY" in out.stdout and "MISSING" not in out.stdout, out.stdout
+
+
+def test_the_dry_run_checks_that_the_target_has_what_the_wheelhouse_leaves_out(tmp_path):
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    (house / "cherry_rlhf-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (house / "cherry_benchmarks-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (house / "requirements.txt").write_text("")
+    (house / "skipped.txt").write_text("numpy==2.0.0\n")  # installed here (torch's test stack has it)
+    out = _dry_run(house)
+    assert "numpy" in out.stdout and "from the target" in out.stdout and "wheelhouse READY" in out.stdout, out.stdout
+    (house / "skipped.txt").write_text("numpy==2.0.0\nno-such-distribution==1.0\n")
+    out = _dry_run(house)
+    assert "MISSING: no-such-distribution" in out.stdout and "NOT READY" in out.stdout, out.stdout
