@@ -444,7 +444,7 @@ def worker(
     home = cherry_home()
     w = Worker(home, gpus=gpu_list, concurrency=concurrency, grace=grace, name=name)
     echo(
-        f"cherry worker {w.host}: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
+        f"cherry worker: home {home}, name {w.host}, queue {queue_backend()}, {w.concurrency} slot(s)"
         + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""),
         err=True,
     )
