@@ -99,10 +99,10 @@ class GangDuty:
                 order = machine_order(entry.members, entry.host)
                 if order[0]["worker"] == w.worker_id:
                     self._lead(store, board, entry, order)
-        self._join(board, gathering, decision.take)
+        joined = self._join(board, gathering, decision.take)
         by_id = {e.run_id: e for e in entries}
-        with self.lock:
-            waiting = [run_id for run_id in self.held if run_id not in self.running]
+        with self.lock:  # (the entries were read before this tick's join)
+            waiting = [run_id for run_id in self.held if run_id not in self.running and run_id != joined]
         for run_id in waiting:
             entry = by_id.get(run_id)
             rank = entry.rank_of(w.worker_id) if entry is not None else None
@@ -117,25 +117,25 @@ class GangDuty:
                 store.change_run(run_id, {"waiting": reason}, only_if=["queued"])
         self.reasons = dict(waiting)
 
-    def _join(self, board: Board, gathering, take: dict[str, list[str]]) -> None:
+    def _join(self, board: Board, gathering, take: dict[str, list[str]]) -> str | None:
+        """Join the run the plan gives this worker, taking its slot; returns its id when it joined."""
         w = self.worker
         with self.lock:
             if any(e.run_id in self.held for e in gathering):
-                return  # one gathering run at a time
+                return None  # one gathering run at a time
         target = next(
             (e for e in gathering if w.worker_id in take.get(e.run_id, []) and e.rank_of(w.worker_id) is None), None
         )
-        if target is None:
-            return
-        taken = w.slots.try_take(target.processes)
+        taken = w.slots.try_take(target.processes) if target is not None else None
         if taken is None:
-            return
-        if board.join(target.run_id, w.worker_id, w.host, taken[1]):
-            with self.lock:
-                self.held[target.run_id] = taken
-            log.info("joined run %s (needs %d machines)", target.run_id, target.machines)
-        else:
+            return None
+        if not board.join(target.run_id, w.worker_id, w.host, taken[1]):
             w.slots.release(*taken)
+            return None
+        with self.lock:
+            self.held[target.run_id] = taken
+        log.info("joined run %s (needs %d machines)", target.run_id, target.machines)
+        return target.run_id
 
     def _release(self, run_id: str) -> None:
         with self.lock:
@@ -157,11 +157,11 @@ class GangDuty:
     def _lead(self, store: Store, board: Board, entry, order: list[dict]) -> None:
         """Machine 0: publish the rendezvous, move the run to running, start its processes."""
         w = self.worker
+        if entry.run_id not in self.held:
+            return
         address = f"{rendezvous_host()}:{free_port()}"
         if not board.start(entry.run_id, order, address):
             return  # a member left meanwhile: it gathers again
-        if entry.run_id not in self.held:
-            return
         gpus, slot = self.held[entry.run_id]
         run = w._claim(store, entry.run_id, slot, machines=machines_field(order), waiting=None)
         if run is None:  # cancelled meanwhile
