@@ -3,6 +3,8 @@ which run on the board, and why a run waits."""
 
 from __future__ import annotations
 
+import pytest
+
 from jobs.gang import Entry, Gang, Room, lost_machine, machine_order, plan
 
 
@@ -78,3 +80,23 @@ def test_a_machine_is_lost_when_marked_or_when_its_worker_stops_beating():
     entry.lost = "machine 1 (gpu-b) was lost: its run process got SIGTERM"
     assert lost_machine(entry, {"a:1", "b:2"}) == entry.lost
     assert lost_machine(None, set()) is None  # the run ended: its entry is gone
+
+
+def test_without_a_shared_queue_num_machines_is_refused_naming_the_field_and_the_fix(home, tmp_path):
+    from engine.errors import SpecError
+    from engine.spec import demo_dir, resolve_spec
+    from engine.train import train
+    from jobs.runs import Jobs
+
+    spec = resolve_spec(str(demo_dir() / "dpo.yaml"), ["num_machines=2"])
+    jobs = Jobs(home)
+    try:
+        with pytest.raises(SpecError, match="num_machines is 2.*set CHERRY_REDIS_URL") as refused:
+            jobs.submit(spec)
+        assert refused.value.field == "num_machines" and jobs.store.list_runs() == []
+    finally:
+        jobs.close()
+    with pytest.raises(SpecError, match="num_machines is 2: a run over several machines starts from the queue"):
+        train(spec, tmp_path / "run")  # `cherry train` runs on this machine alone
+    with pytest.raises(SpecError, match="num_machines must be >= 1"):
+        resolve_spec(str(demo_dir() / "dpo.yaml"), ["num_machines=0"])
