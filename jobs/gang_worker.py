@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from engine.launch import free_port
 from jobs.gang import Board, Room, board_order, lost_machine, machine_order, machines_field, plan, rendezvous_host
@@ -18,17 +17,17 @@ from jobs.home import artifacts_root
 from jobs.shared import open_store, redis_unreachable
 from jobs.store import ENDED, Store
 
-if TYPE_CHECKING:
-    from jobs.worker import Worker
-
 TICK_SECONDS = 1.0
 
 log = logging.getLogger("cherry.worker")
 
 
 class GangDuty:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    """The runs over several machines a worker takes part in: those it joined and holds a slot for until
+    they start (`held`), and those whose machine it runs (`running`, each watched in its own thread)."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker  # the jobs.worker.Worker it is part of (its slots, children, claims and watches)
         self.lock = threading.Lock()
         self.held: dict[str, tuple[list[str], str | None]] = {}  # run id -> the slot it holds (gpus, slot id)
         self.running: set[str] = set()  # runs whose machine this worker runs now
@@ -89,6 +88,8 @@ class GangDuty:
         decision = plan([e.gang() for e in gathering], rooms)
         if w.worker_id == min(live_ids | {w.worker_id}):  # one worker says why runs wait
             self._say_why(store, decision.waiting)
+        else:
+            self.reasons = {}
         for entry in gathering:
             if entry.rank_of(w.worker_id) is None:
                 continue
