@@ -153,6 +153,17 @@ def fit_spec(spec, found: Launched, env: dict[str, str] | None = None):
     return replace(spec, num_processes=found.local_size)
 
 
+def check_one_machine(spec) -> None:
+    """Refuse `num_machines` > 1 where nothing starts the other machines (`cherry train` without a launcher)."""
+    if spec.num_machines > 1:
+        raise SpecError(
+            f"num_machines is {spec.num_machines}: a run over several machines starts from the queue (`cherry submit` "
+            "with CHERRY_REDIS_URL set, on that many `cherry worker`s) or under torchrun/srun on each machine; "
+            "here it runs on this machine alone: set --set num_machines=1",
+            "num_machines",
+        )
+
+
 def join(found: Launched, backend: str):
     """Join the process group `found` names; returns this process's `World`. A rendezvous not reached within
     CHERRY_RENDEZVOUS_TIMEOUT seconds (300) is an error naming its address."""

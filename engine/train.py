@@ -17,8 +17,7 @@ import torch.distributed as dist
 
 from engine.diskspace import disk_full_error, is_disk_full
 from engine.distributed import World, backend_for
-from engine.errors import SpecError
-from engine.launch import fit_spec, join, launch, launched
+from engine.launch import check_one_machine, fit_spec, join, launch, launched
 from engine.loop.core import StopCheck, start_run
 from engine.loop.offline import train_offline
 from engine.loop.online import train_online
@@ -56,13 +55,7 @@ def _train(spec, out_dir, reporter, *, should_stop, cache_dir, resume) -> dict[s
         return _train_launched(
             spec, out_dir, reporter, place, should_stop=should_stop, cache_dir=cache_dir, resume=resume
         )
-    if spec.num_machines > 1:
-        raise SpecError(
-            f"num_machines is {spec.num_machines}: a run over several machines starts from the queue (`cherry submit` "
-            "with CHERRY_REDIS_URL set, on that many `cherry worker`s) or under torchrun/srun on each machine; "
-            "here it runs on this machine alone: set --set num_machines=1",
-            "num_machines",
-        )
+    check_one_machine(spec)
     if spec.num_processes <= 1:
         return train_rank(spec, out_dir, World(), reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
     return launch(spec, out_dir, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)

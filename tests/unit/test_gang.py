@@ -4,6 +4,7 @@ which run on the board, and why a run waits."""
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
 
 from jobs.gang import Entry, Gang, Room, lost_machine, machine_order, plan
 
@@ -87,6 +88,8 @@ def test_without_a_shared_queue_num_machines_is_refused_naming_the_field_and_the
     from engine.spec import demo_dir, resolve_spec
     from engine.train import train
     from jobs.runs import Jobs
+    from jobs.shared import open_store
+    from tuiapp.cli import app
 
     spec = resolve_spec(str(demo_dir() / "dpo.yaml"), ["num_machines=2"])
     jobs = Jobs(home)
@@ -98,5 +101,8 @@ def test_without_a_shared_queue_num_machines_is_refused_naming_the_field_and_the
         jobs.close()
     with pytest.raises(SpecError, match="num_machines is 2: a run over several machines starts from the queue"):
         train(spec, tmp_path / "run")  # `cherry train` runs on this machine alone
+    refused = CliRunner().invoke(app, ["train", "--preset", "demo/dpo", "--set", "num_machines=2"])
+    assert refused.exit_code == 2 and "set --set num_machines=1" in refused.output
+    assert open_store(home).list_runs() == []  # refused before anything was recorded
     with pytest.raises(SpecError, match="num_machines must be >= 1"):
         resolve_spec(str(demo_dir() / "dpo.yaml"), ["num_machines=0"])
