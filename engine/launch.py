@@ -119,9 +119,9 @@ def _number(env, name: str, fallback: str | None = None) -> int:
 
 
 def fit_spec(spec, found: Launched, env: dict[str, str] | None = None):
-    """The spec as the launcher runs it: `num_processes` is the launcher's processes per machine. A spec that
-    asks for another count (other than 1, which follows the launcher), or a dtype other than the mixed
-    precision an accelerate config asks for, is refused, naming both."""
+    """The spec as the launcher runs it: `num_processes` is the launcher's processes per machine and
+    `num_machines` its machines. A spec that asks for another count (other than 1, which follows the
+    launcher), or a dtype other than the mixed precision an accelerate config asks for, is refused, naming both."""
     env = os.environ if env is None else env
     precision = env.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's "no" is its default, not a request
     if precision in ("fp16", "bf16") and spec.dtype not in ("auto", precision):
@@ -130,6 +130,15 @@ def fit_spec(spec, found: Launched, env: dict[str, str] | None = None):
             f"(ACCELERATE_MIXED_PRECISION); set --set dtype={precision}, or change the config's mixed_precision",
             "dtype",
         )
+    machines = max(1, found.size // max(1, found.local_size))
+    if spec.num_machines not in (1, machines):
+        raise SpecError(
+            f"num_machines is {spec.num_machines} but the launcher started {machines} machine(s) of "
+            f"{found.local_size} process(es) ({found.variables}: WORLD_SIZE={found.size}); start it on "
+            f"{spec.num_machines} machines, or set --set num_machines={machines} (or leave it out: 1 follows the launcher)",
+            "num_machines",
+        )
+    spec = replace(spec, num_machines=machines)
     if spec.num_processes == found.local_size:
         return spec
     if spec.num_processes != 1:
@@ -142,6 +151,17 @@ def fit_spec(spec, found: Launched, env: dict[str, str] | None = None):
             "num_processes",
         )
     return replace(spec, num_processes=found.local_size)
+
+
+def check_one_machine(spec) -> None:
+    """Refuse `num_machines` > 1 where nothing starts the other machines (`cherry train` without a launcher)."""
+    if spec.num_machines > 1:
+        raise SpecError(
+            f"num_machines is {spec.num_machines}: a run over several machines starts from the queue (`cherry submit` "
+            "with CHERRY_REDIS_URL set, on that many `cherry worker`s) or under torchrun/srun on each machine; "
+            "here it runs on this machine alone: set --set num_machines=1",
+            "num_machines",
+        )
 
 
 def join(found: Launched, backend: str):
@@ -213,7 +233,9 @@ def launch(
     out_dir = Path(out_dir)
     folder = out_dir / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
-    spec_file = folder / "spec.yaml"
+    # each machine's own job files: several machines may share one run directory (CHERRY_ARTIFACTS)
+    own = "" if machine_rank == 0 else f"-machine-{machine_rank}"
+    spec_file = folder / f"spec{own}.yaml"
     spec_file.write_text(spec.to_yaml())
     key = secrets.token_bytes(32)
     listener = Listener(("127.0.0.1", 0), authkey=key) if machine_rank == 0 else None
@@ -228,7 +250,7 @@ def launch(
         "parent_pid": os.getpid(),
         "log_level": _log_level(),
     }
-    job_file = folder / "launch.json"
+    job_file = folder / f"launch{own}.json"
     with open(os.open(job_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:  # the link's key
         json.dump(job, f)
     config = _launch_config(spec.num_processes, folder, endpoint, machines, machine_rank, out_dir.name)

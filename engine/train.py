@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from engine.diskspace import disk_full_error, is_disk_full
 from engine.distributed import World, backend_for
-from engine.launch import fit_spec, join, launch, launched
+from engine.launch import check_one_machine, fit_spec, join, launch, launched
 from engine.loop.core import StopCheck, start_run
 from engine.loop.offline import train_offline
 from engine.loop.online import train_online
@@ -55,6 +55,7 @@ def _train(spec, out_dir, reporter, *, should_stop, cache_dir, resume) -> dict[s
         return _train_launched(
             spec, out_dir, reporter, place, should_stop=should_stop, cache_dir=cache_dir, resume=resume
         )
+    check_one_machine(spec)
     if spec.num_processes <= 1:
         return train_rank(spec, out_dir, World(), reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)
     return launch(spec, out_dir, reporter, should_stop=should_stop, cache_dir=cache_dir, resume=resume)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.errors import CherryError
+from engine.errors import CherryError, SpecError
+from jobs.gang import Board
 from jobs.home import artifacts_root, cherry_home, new_run_id, runs_root
 from jobs.shared import RunIdTaken, open_store
 from jobs.store import RunRow, Store, this_host
@@ -130,6 +131,13 @@ class Jobs:
         check_run_data(spec, ALGORITHMS[spec.algorithm].data_kind)  # and the reward functions
         build_spec(spec.to_dict())  # the stored spec must load back exactly as the worker will load it
         check_report_to(spec)
+        if spec.num_machines > 1 and not self.store.shared:
+            raise SpecError(
+                f"num_machines is {spec.num_machines}, and a run over several machines needs workers that share a "
+                "queue: set CHERRY_REDIS_URL here and on every machine, start a `cherry worker` on each "
+                "(docs/multi-machine.md), or set --set num_machines=1",
+                "num_machines",
+            )
         self.queue  # a queue file that cannot be used is refused before a run row points at it
         return spec, parent
 
@@ -176,7 +184,12 @@ class Jobs:
         """Queue again every run the store knows is queued but no queue holds (a Redis restart without
         persistence). A run a worker took meanwhile is skipped by that worker: never run twice."""
         pending = set(self.queue.pending_run_ids())
-        lost = [r for r in self.store.list_runs(["queued"]) if r.task_id and r.id not in pending]
+        board = Board(self.store.state) if self.store.shared else None  # runs over several machines wait there
+        lost = [
+            r
+            for r in self.store.list_runs(["queued"])
+            if r.task_id and r.id not in pending and not (board is not None and board.has(r.id))
+        ]
         for run in lost:
             self._enqueue(run, run.files_host)
         return [r.id for r in lost]

@@ -401,7 +401,18 @@ class SharedStore(Store):
 
     # ------------------------------------------------------------------ workers
 
-    def worker_beat(self, worker_id: str, *, host: str, pid: int, slots: int, busy: int, queue: str) -> None:
+    def worker_beat(
+        self,
+        worker_id: str,
+        *,
+        host: str,
+        pid: int,
+        slots: int,
+        busy: int,
+        queue: str,
+        free: int = 0,
+        gpus: bool = False,
+    ) -> None:
         now = time.time()
         known = next((w for w in self.state.workers() if w["id"] == worker_id), None)
         self.state.worker_beat(
@@ -413,6 +424,8 @@ class SharedStore(Store):
                 "slots": slots,
                 "busy": busy,
                 "queue": queue,
+                "free": free,
+                "gpus": gpus,
                 "started_at": known["started_at"] if known else now,
                 "heartbeat_at": now,
             },

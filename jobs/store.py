@@ -268,7 +268,20 @@ class Store:
 
     # ------------------------------------------------------------------ workers
 
-    def worker_beat(self, worker_id: str, *, host: str, pid: int, slots: int, busy: int, queue: str) -> None:
+    def worker_beat(
+        self,
+        worker_id: str,
+        *,
+        host: str,
+        pid: int,
+        slots: int,
+        busy: int,
+        queue: str,
+        free: int = 0,
+        gpus: bool = False,
+    ) -> None:
+        """Announce a live worker. `free` and `gpus` (what it has free now, and whether its slots are GPUs) are
+        for the gang decision of runs over several machines, which needs Redis: this store keeps neither."""
         now = time.time()
         with self._write():
             self.db.execute(

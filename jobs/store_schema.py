@@ -121,7 +121,14 @@ def _v5(db: sqlite_utils.Database) -> None:
     db["rollouts"].create_index(["run_id", "step"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    """Runs over several machines (`num_machines`): every machine of a run (its worker's host and GPUs), and
+    why a queued run still waits (e.g. for more workers)."""
+    db["runs"].add_column("machines", str)  # JSON list of {host, worker, gpus}, machine rank order
+    db["runs"].add_column("waiting", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -182,6 +189,8 @@ class RunRow:
     prune: dict[str, Any] | None  # its sweep's early-stopping rule
     tags: list[str]
     note: str | None
+    machines: list[dict[str, Any]]  # a run over several machines: each one's {host, worker, gpus}, by machine rank
+    waiting: str | None  # why a queued run has not started (a gang waiting for workers)
     row: dict[str, Any] = field(repr=False)
 
     @classmethod
@@ -195,6 +204,7 @@ class RunRow:
             swept=json.loads(row.get("swept") or "{}"),
             prune=json.loads(row.get("prune") or "null"),
             tags=json.loads(row.get("tags") or "[]"),
+            machines=json.loads(row.get("machines") or "[]"),
             row=row,
         )
 
@@ -208,6 +218,13 @@ class RunRow:
         return bool(self.parent) and self.status == "queued" and not self.task_id
 
     @property
+    def hosts(self) -> str:
+        """Where it runs (ran): its worker's host and GPUs, or every machine's for a run over several."""
+        if self.machines:
+            return " + ".join(m["host"] + (f" GPU {m['gpus']}" if m.get("gpus") else "") for m in self.machines)
+        return (self.worker_host or "") + (f" GPU {self.gpus}" if self.gpus else "")
+
+    @property
     def location(self) -> str:
         """Where the run's files are, as a user on any host should read it: `host:path` for a directory on
         one worker's disk, the plain path when every host sees it."""
@@ -216,7 +233,7 @@ class RunRow:
         return f"{self.files_host}:{self.out_dir}" if self.files_host else self.out_dir
 
 
-_DECODED_COLUMNS = ("spec", "swept", "prune", "tags")
+_DECODED_COLUMNS = ("spec", "swept", "prune", "tags", "machines")
 _PLAIN_COLUMNS = tuple(f.name for f in fields(RunRow) if f.name not in (*_DECODED_COLUMNS, "row"))
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue as stdlib_queue
 import signal
 import subprocess
 import sys
@@ -39,10 +38,13 @@ from huey.consumer import Consumer
 
 from engine.errors import OOM_EXIT, USER_ERROR_EXIT, CherryError
 from engine.spec import build_spec
+from jobs.gang import Room
+from jobs.gang_worker import GangDuty
 from jobs.home import runs_root
 from jobs.queue import JobQueue, queue_backend
 from jobs.runs import Jobs
 from jobs.shared import open_store, redis_unreachable, redis_url, ride_out_outages
+from jobs.slots import Slots
 from jobs.store import Store, pid_alive, this_host
 from jobs.trust import UntrustedValue, check_run_id, derived_run_dir
 
@@ -53,34 +55,6 @@ LOG_CHUNK_BYTES = 64_000  # at most this much new log text is streamed per heart
 LOG_TAIL_LINES = 40
 
 log = logging.getLogger("cherry.worker")
-
-
-class GpuPool:
-    """Which of a worker's GPUs are free. `acquire(n)` waits until n are free and takes the lowest-numbered
-    ones (so single-GPU runs pack together and leave whole blocks free); `release` gives them back."""
-
-    def __init__(self, gpus: list[str]) -> None:
-        self.gpus = list(gpus)
-        self.free = list(gpus)
-        self.changed = threading.Condition()
-
-    def acquire(self, count: int, give_up: threading.Event) -> list[str] | None:
-        """`count` free GPUs, or None when `give_up` is set first (the worker shuts down)."""
-        if count > len(self.gpus):
-            raise ValueError(f"{count} GPUs asked of a pool of {len(self.gpus)}")
-        with self.changed:
-            while len(self.free) < count:
-                if give_up.is_set():
-                    return None
-                self.changed.wait(timeout=0.5)
-            taken = sorted(self.free, key=self.gpus.index)[:count]
-            self.free = [g for g in self.free if g not in taken]
-            return taken
-
-    def release(self, gpus: list[str]) -> None:
-        with self.changed:
-            self.free += gpus
-            self.changed.notify_all()
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -143,6 +117,7 @@ class Worker:
         gpus: list[str] | None = None,
         concurrency: int | None = None,
         grace: float = 30.0,
+        name: str | None = None,
     ) -> None:
         self.home = Path(home).resolve()
         ride_out_outages()  # an unreachable Redis is waited for (with backoff, in the log), not an error
@@ -151,12 +126,10 @@ class Worker:
         self.grace = grace
         if gpus and concurrency and concurrency != len(gpus):
             raise ValueError("--concurrency must equal the number of --gpus (a GPU runs one job at a time)")
-        self.gpu_pool = GpuPool(gpus) if gpus else None
-        self.slots: stdlib_queue.Queue[None] = stdlib_queue.Queue()  # CPU slots (a worker without GPUs)
-        for _ in range(0 if gpus else concurrency or 1):
-            self.slots.put(None)
-        self.concurrency = len(gpus) if gpus else concurrency or 1
-        self.host = this_host()
+        self.slots = Slots(gpus, concurrency)
+        self.gpu_pool = self.slots.gpu_pool
+        self.concurrency = self.slots.count
+        self.host = name or this_host()  # `--name`: tells apart workers (hosts) that share one Redis
         self.pid = os.getpid()
         self.shutting_down = threading.Event()
         self.children: dict[str, subprocess.Popen] = {}
@@ -164,6 +137,7 @@ class Worker:
         self.stale_seconds = float(os.environ.get("CHERRY_HEARTBEAT_TIMEOUT") or STALE_SECONDS)
         self.queue = JobQueue(self.home, handler=self.execute, host=self.host)
         self.queue.huey.dequeue = self._patient_dequeue(self.queue.huey.dequeue)
+        self.gangs = GangDuty(self) if redis_url() else None  # runs over several machines (num_machines)
 
     def _patient_dequeue(self, dequeue):
         """Huey's dequeue, waiting out an unreachable Redis with backoff (one log line each try, no traceback)."""
@@ -219,9 +193,9 @@ class Worker:
         """The run's directory on this host: derived from its id, never taken from its row."""
         return derived_run_dir(runs_root(self.home, store.shared), run_id)
 
-    def log_tail(self, store: Store, run_id: str) -> str:
+    def log_tail(self, store: Store, run_id: str, name: str = "log.txt") -> str:
         try:
-            return log_tail(self.run_dir(store, run_id) / "log.txt")
+            return log_tail(self.run_dir(store, run_id) / name)
         except UntrustedValue:
             return ""
 
@@ -250,7 +224,7 @@ class Worker:
         wanted = self._processes_wanted(store, run)
         if wanted is None:
             return
-        taken = self._take_slot(wanted)
+        taken = self.slots.take(wanted, self.shutting_down)
         if taken is None:
             return  # the worker shut down while the run waited for GPUs: it stays queued
         gpus, slot = taken
@@ -267,16 +241,24 @@ class Worker:
                 with self.children_lock:
                     self.children.pop(run_id, None)
         finally:
-            self._release_slot(gpus, slot)
+            self.slots.release(gpus, slot)
         self._record_end(store, run_id, proc.returncode)
 
     def _processes_wanted(self, store: Store, run) -> int | None:
-        """How many processes (GPUs) the run asks for; None when this worker cannot run it, which then
-        fails the run with a message saying why."""
+        """How many processes (GPUs) the run asks for; None when this worker does not start it here: it
+        cannot run it (the run then fails with a message saying why), or the run needs several machines
+        (it goes on the board, jobs/gang.py)."""
         try:  # a row from a shared store is checked here again, as `cherry submit` checked it
-            wanted = build_spec(run.spec).num_processes
+            spec = build_spec(run.spec)
         except (CherryError, TypeError, ValueError) as err:
             self._refuse(store, run.id, f"the run's settings do not validate on the worker on {self.host}: {err}")
+            return None
+        wanted = spec.num_processes
+        if spec.num_machines > 1:
+            if self.gangs is None:
+                self._refuse(store, run.id, f"num_machines={spec.num_machines} needs a queue in Redis: {NO_REDIS}")
+            else:
+                self.gangs.post(store, run, spec)
             return None
         if self.gpu_pool is not None and wanted > len(self.gpu_pool.gpus):
             self._refuse(
@@ -293,23 +275,13 @@ class Worker:
         if store.set_status(run_id, "failed", only_if=["queued"], error=message):
             store.add_event(run_id, "failed", message)
 
-    def _take_slot(self, wanted: int) -> tuple[list[str], str | None] | None:
-        """(the GPUs taken, the slot: their ids joined, or None for a CPU slot), waiting until they are
-        free; None when the worker shuts down first."""
-        if self.gpu_pool is None:
-            return [], self.slots.get()
-        gpus = self.gpu_pool.acquire(wanted, self.shutting_down)
-        return (gpus, ",".join(gpus)) if gpus is not None else None
+    def room(self) -> Room:
+        """This worker as the gang decision sees it (jobs/gang.py)."""
+        return Room(self.worker_id, self.host, self.slots.gpus, self.slots.count, self.slots.free())
 
-    def _release_slot(self, gpus: list[str], slot: str | None) -> None:
-        if self.gpu_pool is not None:
-            self.gpu_pool.release(gpus)
-        else:
-            self.slots.put(slot)
-
-    def _claim(self, store: Store, run_id: str, slot: str | None):
-        """Move the run queued -> running on this worker (placing its directory); None when it was
-        cancelled or taken while it waited for its slot."""
+    def _claim(self, store: Store, run_id: str, slot: str | None, **more):
+        """Move the run queued -> running on this worker (placing its directory, setting `more` too); None
+        when it was cancelled or taken while it waited for its slot."""
         run = store.get_run(run_id)
         if run is None or run.status != "queued":
             return None
@@ -334,27 +306,38 @@ class Worker:
             finished_at=None,
             gpus=slot,
             **placed,
+            **more,
         )
         return run if moved else None  # not moved: another worker took it first
 
-    def _start_child(self, store: Store, run, slot: str | None, wanted: int) -> subprocess.Popen:
-        """The run's process, in its own process group, its output appended to `runs/<id>/log.txt`."""
+    def _start_child(
+        self, store: Store, run, slot: str | None, wanted: int, machine: tuple[int, int, str] | None = None
+    ) -> subprocess.Popen:
+        """The run's process, in its own process group, its output appended to `runs/<id>/log.txt`.
+        `machine`: (its rank, the machines, the rendezvous) for one machine of a run over several; a machine
+        other than 0 writes `log-machine-K.txt` and leaves the run's row to machine 0."""
         out_dir = self.run_dir(store, run.id)
         out_dir.mkdir(parents=True, exist_ok=True)
-        env = child_environment(os.environ, self.home, slot, self.concurrency)
+        env = {**child_environment(os.environ, self.home, slot, self.concurrency), "CHERRY_HOST": self.host}
         where = f"GPU {slot}" if slot is not None else "CPU" + (f", {wanted} processes" if wanted > 1 else "")
-        store.add_event(run.id, "worker", f"started on {self.host} ({where}), attempt {(run.attempts or 0) + 1}")
+        rank, machines, rendezvous = machine or (0, 1, "")
+        if machines > 1:
+            where = f"machine {rank} of {machines}, {where}, rendezvous {rendezvous}"
+        attempt = run.attempts or 1 if machine else (run.attempts or 0) + 1  # a machine's row is read after the claim
+        store.add_event(run.id, "worker", f"started on {self.host} ({where}), attempt {attempt}")
         log.info("run %s started (%s)", run.id, where)
-        with open(out_dir / "log.txt", "ab") as log_file:
+        extra = ["--machine", str(rank), "--machines", str(machines), "--rendezvous", rendezvous] if machine else []
+        with open(out_dir / ("log.txt" if rank == 0 else f"log-machine-{rank}.txt"), "ab") as log_file:
             proc = subprocess.Popen(
-                self.child_command(run.id),
+                self.child_command(run.id) + extra,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
             )
-        store.update_run(run.id, pid=proc.pid)
+        if rank == 0:
+            store.update_run(run.id, pid=proc.pid)
         return proc
 
     def child_command(self, run_id: str) -> list[str]:
@@ -362,7 +345,9 @@ class Worker:
         # -P: the worker's working directory is not on the child's sys.path (a planted module there never loads)
         return [sys.executable, "-P", "-m", "jobs.child", run_id, str(os.getpid())]
 
-    def _watch(self, store: Store, run_id: str, proc: subprocess.Popen, log_path: Path) -> None:
+    def _watch(self, store: Store, run_id: str, proc: subprocess.Popen, log_path: Path, lost=None) -> None:
+        """Beat for the run while its process lives; a cancel, a shutdown or (`lost()`, machine 0 of a run over
+        several machines) a lost machine gives it --grace seconds to stop before its process group is killed."""
         kill_at = None
         beat_at = 0.0
         log_offset = log_path.stat().st_size if log_path.exists() else 0
@@ -381,7 +366,7 @@ class Worker:
                         raise
                     self.redis.failed(err)
                     run = RUN_UNKNOWN
-                stop_asked = run is None or bool(run.cancel_requested)
+                stop_asked = run is None or bool(run.cancel_requested) or bool(lost and lost())
                 if kill_at is None and (stop_asked or self.shutting_down.is_set()):
                     kill_at = now + self.grace
             if kill_at is not None and now >= kill_at:
@@ -393,7 +378,9 @@ class Worker:
         while store.shared and log_offset != (log_offset := _stream_log(store, run_id, log_path, log_offset)):
             pass  # the rest of the log, written as the process ended
 
-    def _record_end(self, store: Store, run_id: str, returncode: int | None) -> None:
+    def _record_end(self, store: Store, run_id: str, returncode: int | None, lost: str | None = None) -> None:
+        """How the run ended, when its process could not say (`lost`: why a run over several machines lost
+        one: it ends interrupted); then the runs chained after it, or its retry."""
         run = store.get_run(run_id)
         if run is None:
             return
@@ -401,6 +388,8 @@ class Worker:
         if run.status == "running":  # the child could not record its ending: killed or crashed hard
             if run.cancel_requested:
                 status, error = "cancelled", None
+            elif lost:
+                status, error = "interrupted", f"{lost}; continue with `cherry resume {run_id}`"
             elif self.shutting_down.is_set():
                 status, error = "interrupted", f"the worker shut down; continue with `cherry resume {run_id}`"
             else:
@@ -464,6 +453,7 @@ class Worker:
             while True:
                 with self.children_lock:
                     busy = len(self.children)
+                room = self.room()
                 try:
                     store.worker_beat(
                         self.worker_id,
@@ -472,6 +462,8 @@ class Worker:
                         slots=self.concurrency,
                         busy=busy,
                         queue=queue_backend(),
+                        free=room.free,
+                        gpus=room.gpus,
                     )
                 except Exception as err:  # Redis restarting, a locked store: beat again next time
                     if redis_unreachable(err):
@@ -486,6 +478,8 @@ class Worker:
     def run(self) -> None:
         self.sweep_orphans()
         threading.Thread(target=self._beat_loop, daemon=True, name="worker-heartbeat").start()
+        if self.gangs is not None:
+            threading.Thread(target=self.gangs.loop, daemon=True, name="gang-scheduling").start()
         try:
             self._consume()
         finally:
@@ -596,6 +590,12 @@ def _stream_log(store: Store, run_id: str, path: Path, offset: int) -> int:
     if data:
         store.add_log(run_id, data.decode("utf-8", errors="replace"))
     return offset + len(data)
+
+
+NO_REDIS = (
+    "set CHERRY_REDIS_URL on every machine and start a `cherry worker` on each (docs/multi-machine.md), "
+    "or resubmit with --set num_machines=1"
+)
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

@@ -71,6 +71,8 @@ class RunInfo:
     pid: int | None = None  # the run's own process (while it runs)
     worker_host: str | None = None
     gpus: str | None = None  # the GPUs the worker gave the run ("0,1"), while it runs and after
+    hosts: str = ""  # a run over several machines (num_machines > 1): every machine's host and GPUs
+    waiting_reason: str | None = None  # why a queued run over several machines has not started
     location: str = ""  # host:path when only that worker's disk holds the run's files
     experiment: str | None = None  # the sweep (or group) the run belongs to
     swept: dict[str, Any] = field(default_factory=dict)  # the values its sweep point set
@@ -116,6 +118,8 @@ class RunInfo:
             pid=run.pid,
             worker_host=run.worker_host,
             gpus=run.gpus,
+            hosts=run.hosts if run.machines else "",
+            waiting_reason=run.waiting if run.status == "queued" else None,
             location=run.location,
             experiment=run.experiment,
             swept=run.swept,

@@ -158,6 +158,12 @@ def _check_hardware(spec: RunSpec) -> None:
         "num_processes",
     )
     need(
+        spec.num_machines >= 1,
+        f"num_machines must be >= 1 (got {spec.num_machines}); 1 = this machine, M = one run over M queue workers "
+        "(num_processes on each)",
+        "num_machines",
+    )
+    need(
         spec.num_processes == 1 or spec.device in ("auto", "cpu", "cuda"),
         f"num_processes={spec.num_processes} needs device auto, cpu or cuda (got '{spec.device}'): rank r uses "
         "GPU r of those the run sees (CUDA_VISIBLE_DEVICES picks them); mps runs one process",

@@ -162,7 +162,7 @@ def refuse_unread(algorithm: str, values: dict[str, Any]) -> None:
 
 # What a resumed run may change: the split of its global batch over processes and micro-batches, and how many
 # non-finite steps it may skip.
-RESUME_SETTINGS = ("num_processes", "batch_size", "grad_accum", "parallelism", "skip_nonfinite_steps")
+RESUME_SETTINGS = ("num_processes", "num_machines", "batch_size", "grad_accum", "parallelism", "skip_nonfinite_steps")
 
 
 def with_resume_settings(spec: RunSpec, overrides: list[str]) -> RunSpec:

@@ -106,6 +106,7 @@ class RunSpec:
     seed: int = default("seed")
     num_threads: int = default("num_threads")
     num_processes: int = default("num_processes")
+    num_machines: int = default("num_machines")
     parallelism: str = default("parallelism")
     # --- logging, eval, samples, checkpoints
     logging_steps: int = default("logging_steps")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from jobs.worker import GpuPool
+from jobs.slots import GpuPool
 
 
 def test_single_gpu_runs_pack_onto_the_lowest_free_gpus():

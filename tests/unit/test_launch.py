@@ -4,6 +4,8 @@ be reached, and bucketed sums that equal the plain sum whatever each rank's back
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,7 +13,7 @@ import torch.multiprocessing as mp
 
 from engine.distributed import GradientSync, World
 from engine.errors import CherryError, SpecError
-from engine.launch import SLURM_VARIABLES, TORCH_VARIABLES, fit_spec, free_port, join, launched
+from engine.launch import SLURM_VARIABLES, TORCH_VARIABLES, fit_spec, free_port, join, launch, launched
 from engine.spec import RunSpec
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "n1"}
@@ -45,6 +47,10 @@ def test_the_spec_follows_the_launcher_or_is_refused_naming_both():
     with pytest.raises(SpecError, match=r"num_processes is 4 .* WORLD_SIZE=4, LOCAL_WORLD_SIZE=2") as caught:
         fit_spec(RunSpec(num_processes=4), place)
     assert caught.value.field == "num_processes" and "--set num_processes=2" in str(caught.value)
+    assert fit_spec(RunSpec(num_machines=1), place).num_machines == 2  # 4 processes, 2 per machine
+    with pytest.raises(SpecError, match=r"num_machines is 3 but the launcher started 2 machine\(s\)") as caught:
+        fit_spec(RunSpec(num_machines=3), place)
+    assert caught.value.field == "num_machines"
     bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16"}  # an accelerate config's mixed_precision
     assert fit_spec(RunSpec(dtype="auto"), place, bf16).dtype == "auto"
     with pytest.raises(SpecError, match="dtype is fp16 but the accelerate config asks for mixed_precision bf16"):
@@ -153,3 +159,13 @@ def test_rank_zero_reports_and_asks_the_stop_check_through_the_link():
     assert reporter.series("train/loss") == [0.5] and seen["stop"] == "cancelled"
     assert rank_zero.summary == {"status": "cancelled"}
     assert isinstance(rank_zero.error, RuntimeError) and "_NeedsTwo: a bug" in str(rank_zero.error)
+
+
+def test_a_machine_that_cannot_reach_machine_zero_times_out_naming_the_rendezvous(tmp_path, monkeypatch):
+    port = free_port()  # nothing listens there: machine 0 never started
+    monkeypatch.setattr("engine.launch.RENDEZVOUS_SECONDS", 2.0)
+    started = time.monotonic()
+    with pytest.raises(CherryError, match=f"meet at the rendezvous 127.0.0.1:{port} \\(machine 1\\)"):
+        launch(RunSpec(), tmp_path, machines=2, machine_rank=1, rendezvous=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 30
+    assert (tmp_path / "ranks" / "spec-machine-1.yaml").exists()  # its own job files: a shared run dir is safe

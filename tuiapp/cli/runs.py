@@ -75,6 +75,7 @@ def _run_json(run: RunRow, latest: dict[str, float] | None = None) -> dict[str, 
     row["tags"] = run.tags
     row["swept"] = run.swept
     row["prune"] = run.prune
+    row["machines"] = run.machines  # a run over several machines: each one's host, worker and GPUs
     row["location"] = run.location  # host:path when only that worker's disk holds the run's files
     if latest is not None:
         row["latest_metrics"] = latest
@@ -87,7 +88,10 @@ def _matches(run: RunRow, experiment: str | None, tags: list[str]) -> bool:
 
 def _labels(run: RunRow) -> str:
     """The run's GPUs, experiment, swept values and tags, for one table cell."""
-    parts = [f"GPU {run.gpus}"] if run.gpus else []  # the GPUs it holds (held, once ended)
+    if run.machines:  # a run over several machines: every host and its GPUs
+        parts = [f"on {run.hosts}"]
+    else:
+        parts = [f"GPU {run.gpus}"] if run.gpus else []  # the GPUs it holds (held, once ended)
     parts += [f"[{run.experiment}]"] if run.experiment else []
     parts += [f"{k}={v}" for k, v in run.swept.items()]
     parts += [f"#{t}" for t in run.tags]
@@ -194,6 +198,8 @@ def _echo_run_table(jobs, runs: list[RunRow], latest: dict[str, dict[str, float]
             f"{_fit(r.id, 44):44s} {status_text:11s} {(r.algorithm or '-'):6s} {progress:>11s}  "
             f"{_key_metric(latest[r.id]):20s} {_age(r.created_at):>5s}  {_labels(r)}".rstrip()
         )
+        if r.status == "queued" and r.waiting:  # a run over several machines that has not gathered them
+            echo(f"  └ {r.waiting}")
     if any(r.waiting_for_parent for r in runs):
         echo("* waiting for the run it was chained after (--after)")
 
@@ -239,6 +245,10 @@ def _echo_run(r: RunRow) -> None:
         f"created   {_age(r.created_at)} ago    started {started or '-'}    "
         f"worker {r.worker_host or '-'} pid {r.pid or '-'}" + (f" GPU {r.gpus}" if r.gpus else "")
     )
+    if r.machines:
+        echo(f"machines  {r.hosts}")
+    if r.status == "queued" and r.waiting:
+        echo(f"waiting   {r.waiting}")
     echo(f"directory {r.location}")
     if r.error:
         secho(f"error     {r.error}", fg="red")
@@ -411,6 +421,9 @@ def worker(
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs to use, e.g. 0,1: one run per GPU at a time."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Runs at once (default: one per GPU, or 1)."),
     grace: float = typer.Option(30.0, help="Seconds a stopping run gets to checkpoint before it is killed."),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="This worker's host name in the store (default: $CHERRY_HOST, else the hostname)."
+    ),
 ) -> None:
     """Execute queued runs (Ctrl+C / SIGTERM stops them at their next step, then exits)."""
     import logging
@@ -429,9 +442,9 @@ def worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("huey").setLevel(logging.WARNING)
     home = cherry_home()
-    w = Worker(home, gpus=gpu_list, concurrency=concurrency, grace=grace)
+    w = Worker(home, gpus=gpu_list, concurrency=concurrency, grace=grace, name=name)
     echo(
-        f"cherry worker: home {home}, queue {queue_backend()}, {w.concurrency} slot(s)"
+        f"cherry worker: home {home}, name {w.host}, queue {queue_backend()}, {w.concurrency} slot(s)"
         + (f" on GPUs {','.join(gpu_list)}" if gpu_list else ""),
         err=True,
     )

@@ -68,7 +68,7 @@ def train(
 ) -> None:
     """Train in this process with a live progress line. Outputs land in runs/<run-id>/. Started by torchrun,
     `accelerate launch` or srun, each process is one rank of one run (docs/multi-machine.md)."""
-    from engine.launch import fit_spec, launched
+    from engine.launch import check_one_machine, fit_spec, launched
     from engine.spec import load_spec_file, resolve_paths, resolve_spec, with_resume_settings
     from jobs.local import run_launched_rank
 
@@ -89,6 +89,8 @@ def train(
         if place.rank > 0:
             run_launched_rank(spec, resume=resume is not None)  # rank 0 records the run and prints
             return
+    else:
+        check_one_machine(spec)  # before anything is recorded
     run_dir, summary = _foreground(spec, out, resume=resume is not None)
     echo("")
     _print_summary(run_dir, summary)

@@ -125,9 +125,11 @@ def sys_text(detail: RunDetail) -> Text:
 def spec_text(run: RunInfo, events: list[dict]) -> Text:
     text = Text()
     text.append(f"id        {run.id}\ndirectory {run.location or run.out_dir}\n", style="dim")
-    if run.worker_host or run.gpus:
-        where = (run.worker_host or "") + (f"  GPU {run.gpus}" if run.gpus else "")
+    if run.hosts or run.worker_host or run.gpus:
+        where = run.hosts or (run.worker_host or "") + (f"  GPU {run.gpus}" if run.gpus else "")
         text.append(f"ran on    {where.strip()}\n", style="dim")
+    if run.waiting_reason:
+        text.append(f"waiting   {run.waiting_reason}\n", style="yellow")
     if run.parent:
         text.append(f"after     {run.parent}\n", style="dim")
     if run.experiment:
