@@ -121,9 +121,12 @@ def load_sharded(
 
     model = load(source, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code, weights=False)
     full: dict[str, torch.Tensor] = {}
-    if world.is_main:  # (a random head that the checkpoint lacks, a reward model's, is drawn once: here)
+    if world.is_main:
         cpu = torch.device("cpu")
         full = load(source, dtype=torch.float32, device=cpu, trust_remote_code=trust_remote_code).state_dict()
+    # What the checkpoint lacks (a reward model's fresh head) was drawn on rank 0 alone: every rank goes on
+    # from its random state, as each would from its own whole load (a value head is drawn next, the same).
+    torch.set_rng_state(world.broadcast(torch.get_rng_state()))
     _shard(model, world, device, compute)
     # Buffers are no weights (rotary frequencies, computed when the modules were built): kept as they are.
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}

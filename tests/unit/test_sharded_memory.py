@@ -114,18 +114,19 @@ def _load_rank_main(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     def recording(load):
         def wrapped(*args, weights: bool = True, **kwargs):
             loads.append(weights)
-            if weights:  # the draw of a reward model's fresh head, as the whole load's
-                torch.manual_seed(0)
             return load(*args, weights=weights, **kwargs)
 
         return wrapped
 
     summary: dict = {}
     for kind, load in (("policy", load_causal_lm), ("reward", load_reward_model)):
-        torch.manual_seed(0)  # as every rank seeds before loading: a reward model's fresh head is the same
-        whole = shard_model(load(model_dir, dtype=torch.float32, device=cpu), world, cpu)
-        torch.manual_seed(1 + rank)  # what the other ranks would draw does not count: rank 0 sends its weights
+        torch.manual_seed(0)  # as every rank seeds before loading (a reward model's fresh head is drawn)
+        whole = load(model_dir, dtype=torch.float32, device=cpu)
+        after_whole = torch.get_rng_state()
+        shard_model(whole, world, cpu)
+        torch.manual_seed(0)
         sharded = load_sharded(recording(load), model_dir, world, cpu)
+        same_rng = torch.equal(torch.get_rng_state(), after_whole)  # rank 1 drew nothing, and goes on as rank 0
         batch = _batch(sharded.config.vocab_size)
         if kind == "policy":
             score = lambda model: completion_logps(model, **batch).sums  # noqa: E731
@@ -135,6 +136,7 @@ def _load_rank_main(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         summary[kind] = {
             "params": [len(list(m.parameters())) for m in (whole, sharded)],
             "all_shards": all(isinstance(p, DTensor) for p in sharded.parameters()),
+            "same_rng": same_rng,
             "names": sorted(expected) == sorted(got),
             "weights_error": max((float((expected[n] - got[n]).abs().max()) for n in expected), default=0.0),
             "scores_error": float((score(whole) - score(sharded)).detach().abs().max()),
@@ -156,7 +158,7 @@ def test_a_sharded_load_reads_the_weights_on_rank_0_only_and_equals_a_whole_load
             # rank 1 builds the modules only; rank 0 too, then reads the weights once
             assert got["loads"] == ([False, True] if rank == 0 else [False]), kind
             assert got["params"][0] == got["params"][1], kind  # the tied head stays tied to the embedding
-            assert got["all_shards"], kind
+            assert got["all_shards"] and got["same_rng"], kind
             assert got["scores_error"] < 1e-6, kind
     for kind in ("policy", "reward"):  # the gathered state (rank 0's): every weight as a whole load's
         assert ranks[0][kind]["names"] and ranks[0][kind]["weights_error"] == 0.0, kind
