@@ -195,6 +195,7 @@ def _without_weights(auto_class, source: str, dtype: torch.dtype, trust_remote_c
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
+    model.eval()  # as from_pretrained leaves it
     if model.can_generate():
         with contextlib.suppress(OSError):  # a source without generation_config.json keeps the config's
             model.generation_config = GenerationConfig.from_pretrained(source)

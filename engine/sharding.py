@@ -122,8 +122,12 @@ def load_sharded(
     model = load(source, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code, weights=False)
     full: dict[str, torch.Tensor] = {}
     if world.is_main:
-        cpu = torch.device("cpu")
-        full = load(source, dtype=torch.float32, device=cpu, trust_remote_code=trust_remote_code).state_dict()
+        loaded = load(source, dtype=torch.float32, device=torch.device("cpu"), trust_remote_code=trust_remote_code)
+        full = loaded.state_dict()
+        # How from_pretrained renamed or converted the checkpoint's weights, which save_pretrained reverts when
+        # rank 0 writes checkpoints (without it, transformers also empties the state dict it is given).
+        model._weight_conversions = getattr(loaded, "_weight_conversions", None)
+        del loaded
     # What the checkpoint lacks (a reward model's fresh head) was drawn on rank 0 alone: every rank goes on
     # from its random state, as each would from its own whole load (a value head is drawn next, the same).
     torch.set_rng_state(world.broadcast(torch.get_rng_state()))

@@ -133,6 +133,16 @@ def _load_rank_main(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         else:
             score = lambda model: sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # noqa: E731
         expected, got = full_model_state(whole), full_model_state(sharded)
+        saved_twice = None
+        if rank == 0 and kind == "policy":  # as a run writes its last checkpoint, then final/ from the same state
+            from safetensors.torch import load_file
+
+            for folder in ("a", "b"):
+                sharded.save_pretrained(Path(out_dir, folder), state_dict=got)
+            written = [load_file(str(Path(out_dir, folder, "model.safetensors"))) for folder in ("a", "b")]
+            saved_twice = all(
+                w.keys() == written[0].keys() and all(torch.equal(w[n], got[n]) for n in w) for w in written
+            )
         summary[kind] = {
             "params": [len(list(m.parameters())) for m in (whole, sharded)],
             "all_shards": all(isinstance(p, DTensor) for p in sharded.parameters()),
@@ -141,6 +151,7 @@ def _load_rank_main(rank: int, port: int, model_dir: str, out_dir: str) -> None:
             "weights_error": max((float((expected[n] - got[n]).abs().max()) for n in expected), default=0.0),
             "scores_error": float((score(whole) - score(sharded)).detach().abs().max()),
             "loads": loads[:],
+            "saved_twice": saved_twice,
         }
         loads.clear()
     Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(summary))
@@ -162,3 +173,6 @@ def test_a_sharded_load_reads_the_weights_on_rank_0_only_and_equals_a_whole_load
             assert got["scores_error"] < 1e-6, kind
     for kind in ("policy", "reward"):  # the gathered state (rank 0's): every weight as a whole load's
         assert ranks[0][kind]["names"] and ranks[0][kind]["weights_error"] == 0.0, kind
+    # save_pretrained reverts the renamings from_pretrained made, which rank 0 keeps from its own load;
+    # without them transformers empties the state dict it writes, and a second write has no weights
+    assert ranks[0]["policy"]["saved_twice"]
