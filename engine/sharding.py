@@ -115,8 +115,8 @@ def load_sharded(
     Every rank builds the model's modules with their weights on the meta device (no memory) and shards
     them, then gives each its shard's memory on `device`; rank 0 alone reads the weights, onto its CPU,
     and sends them tensor by tensor, each rank keeping its shard. Rank 0's host holds the full weights
-    once for the time of the loading (the others' never do); no GPU ever holds more than its shards and
-    one tensor. Every rank calls it."""
+    once for the time of the loading (the others' never do); a GPU holds its shards and, while it is
+    sent, one whole tensor. Every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     model = load(source, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code, weights=False)
