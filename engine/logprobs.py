@@ -17,7 +17,9 @@ short probe; a model whose forward does something else (an unknown family, remot
 without a decoder) takes `model_forward_logps` instead: the model's own forward with a boolean
 `logits_to_keep`, which is exact for any model but holds `[tokens, vocab]` logits and their
 log-softmax for backward. `full_logits_logps` (logits at every position) is kept for the
-benchmark and for tests that check the paths agree.
+benchmark and for tests that check the paths agree. A sharded model (engine.sharding) runs its body
+and the chunked head inside its own forward call (`_Head.run`), where FSDP gathers its root unit's
+weights (embeddings, final norm, head) and gathers them again for the backward.
 
 With `stats=True` every path also returns, per completion token and detached, the entropy of the
 policy's next-token distribution and the mean logit over the vocabulary (the `policy/entropy`
@@ -159,6 +161,10 @@ def _post_processing(config: object) -> list[Callable[[torch.Tensor], torch.Tens
     return steps
 
 
+def _call_here(fn: Callable[[], object]) -> object:
+    return fn()
+
+
 @dataclass
 class _Head:
     """The model's body and head, split so the head can run in chunks."""
@@ -167,6 +173,15 @@ class _Head:
     module: torch.nn.Module
     post: list[Callable[[torch.Tensor], torch.Tensor]]
     vocab: int = 0  # logits per row, from the probe; sets the chunk's rows
+    # Runs a function that calls the body and the head apart, where their weights are there: here, or for
+    # a sharded model inside its own forward call (engine.sharding.in_own_forward).
+    run: Callable[[Callable[[], object]], object] = _call_here
+
+    @property
+    def callable_apart(self) -> bool:
+        """Whether the body can be called on its own (not a sharded model's: its root unit's weights are
+        gathered only inside its own forward). Shared prompts and packing call the body apart."""
+        return self.run is _call_here
 
     @property
     def chunk_rows(self) -> int:
@@ -199,8 +214,10 @@ class _Head:
     @staticmethod
     def logps_of(logits: torch.Tensor, targets: torch.Tensor):
         # log_softmax + gather is bitwise what cross_entropy computes, and leaves the log-probs for the entropy.
+        # (A new tensor, not a squeezed view: a sharded model's forward output must not be a view, FSDP's
+        # backward hook on it would be lost by an in-place op.)
         all_logps = logits.log_softmax(-1)
-        return all_logps.gather(-1, targets[:, None]).squeeze(-1), logits, all_logps
+        return all_logps.gather(-1, targets[:, None]).sum(-1), logits, all_logps
 
 
 # model -> its _Head, or None when the chunked head does not reproduce the model's own logits.
@@ -230,10 +247,9 @@ def _reproduces_own_logits(model: torch.nn.Module, head: _Head) -> bool:
     model.eval()  # dropout off for the comparison
     try:
         own = model(input_ids=probe, use_cache=False).logits
-        hidden = getattr(head.decoder(input_ids=probe, use_cache=False), "last_hidden_state", None)
-        if hidden is None or not torch.is_tensor(own):
+        ours = head.run(lambda: _body_then_head_logits(head, probe))
+        if ours is None or not torch.is_tensor(own):
             return False
-        ours = head.logits(hidden, 1.0)
     except Exception:  # noqa: BLE001 - anything unusual: use the model's own forward
         return False
     finally:
@@ -246,21 +262,32 @@ def _reproduces_own_logits(model: torch.nn.Module, head: _Head) -> bool:
     return bool(torch.allclose(ours, own, rtol=1e-3, atol=1e-4 * scale))
 
 
-def use_model_forward(model: torch.nn.Module) -> None:
-    """From now on `completion_logps(model, ...)` takes the model's own forward (a sharded model: its
-    root unit gathers the head's weights only inside that forward)."""
-    _HEADS[model] = None
+def _body_then_head_logits(head: _Head, input_ids: torch.Tensor) -> torch.Tensor | None:
+    hidden = getattr(head.decoder(input_ids=input_ids, use_cache=False), "last_hidden_state", None)
+    return None if hidden is None else head.logits(hidden, 1.0)
+
+
+def use_head_inside(model: torch.nn.Module, run: Callable[[Callable[[], object]], object]) -> None:
+    """From now on `completion_logps(model, ...)` calls the body and the chunked head inside `run(fn)`
+    (a sharded model: inside its own forward, where its root unit gathers the head's weights). The
+    probe runs now, on every rank at once: left to the first call, it would run where one rank scores
+    alone, and its gathers would then be missing from that rank's later passes."""
+    _HEADS[model] = _checked_head(model, run)
+
+
+def _checked_head(model: torch.nn.Module, run: Callable[[Callable[[], object]], object]) -> _Head | None:
+    head = _split_head(model)
+    if head is None:
+        return None
+    head.run = run
+    return head if _reproduces_own_logits(model, head) else None
 
 
 def chunked_head(model: torch.nn.Module) -> _Head | None:
     """The model's body/head split when the chunked head reproduces its logits, else None (cached per model)."""
-    if model in _HEADS:
-        return _HEADS[model]
-    head = _split_head(model)
-    if head is not None and not _reproduces_own_logits(model, head):
-        head = None
-    _HEADS[model] = head
-    return head
+    if model not in _HEADS:
+        _HEADS[model] = _checked_head(model, _call_here)
+    return _HEADS[model]
 
 
 def _chunk_stats(logits: torch.Tensor, all_logps: torch.Tensor, targets: torch.Tensor, stats: bool):
@@ -417,6 +444,19 @@ def completion_logps(
     head = chunked_head(model)
     if head is None:
         return model_forward_logps(model, input_ids, attention_mask, completion_mask, temperature, stats)
+    return head.run(
+        lambda: _chunked_completion_logps(head, input_ids, attention_mask, completion_mask, temperature, stats)
+    )
+
+
+def _chunked_completion_logps(
+    head: _Head,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float,
+    stats: bool,
+) -> CompletionLogps:
     target_mask, targets, rows = _gather_completion(input_ids, completion_mask)
     hidden = head.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     token_logps, correct, entropy, logit_mean = chunked_head_logps(

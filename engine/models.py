@@ -184,16 +184,43 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def load_causal_lm(source: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+def _without_weights(auto_class, source: str, dtype: torch.dtype, trust_remote_code: bool, **config_overrides):
+    """`auto_class`'s model of `source` with no weights read: its parameters on the meta device (no memory),
+    its buffers computed as at construction (rotary frequencies, which no checkpoint holds), tied as
+    `from_pretrained` ties them, and the source's generation config. For a rank that receives its shard of
+    the weights from rank 0 (engine.sharding.load_sharded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **config_overrides)
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    model.eval()  # as from_pretrained leaves it
+    if model.can_generate():
+        with contextlib.suppress(OSError):  # a source without generation_config.json keeps the config's
+            model.generation_config = GenerationConfig.from_pretrained(source)
+    return model
+
+
+def load_causal_lm(
+    source: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, weights: bool = True
+):
+    """The causal LM of `source` on `device`; weights=False: its modules only, weights on the meta device."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        if not weights:
+            model = _without_weights(AutoModelForCausalLM, source, dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise load_error("a causal LM", source, err) from None
-    check_weights(model, source)  # a NaN here would surface later as a traceback from the first forward
     disable_dropout(model)
+    if not weights:
+        return model
+    check_weights(model, source)  # a NaN here would surface later as a traceback from the first forward
     return model.to(device)
 
 
@@ -231,19 +258,27 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def load_reward_model(source: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
-    """A scalar-head sequence classifier; a causal LM checkpoint gets a fresh `score` head."""
+def load_reward_model(
+    source: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, weights: bool = True
+):
+    """A scalar-head sequence classifier; a causal LM checkpoint gets a fresh `score` head. weights=False:
+    its modules only, weights on the meta device."""
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        if not weights:
+            model = _without_weights(AutoModelForSequenceClassification, source, dtype, trust_remote_code, num_labels=1)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     except Exception as err:
         raise load_error("a reward model", source, err) from None
-    check_weights(model, source)
     disable_dropout(model)
+    if not weights:
+        return model
+    check_weights(model, source)
     return model.to(device)
 
 

@@ -113,7 +113,7 @@ def packs_exactly(model: torch.nn.Module) -> bool:
     from engine.batching import collate_completions
 
     head = chunked_head(model)
-    if head is None or head.vocab < 2:
+    if head is None or head.vocab < 2 or not head.callable_apart:  # a sharded model is scored padded
         _PACKS[model] = False
         return False
     parameter = next(model.parameters())

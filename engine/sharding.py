@@ -23,11 +23,14 @@ model's gradients are summed as in the ddp mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
 from engine.distributed import World, is_shard
+
+T = TypeVar("T")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -67,9 +70,25 @@ def shard_model(
     model: torch.nn.Module, world: World, device: torch.device, compute: torch.dtype = torch.float32
 ) -> torch.nn.Module:
     """Shard `model` in place over the world's ranks (every rank calls it with the same weights)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    _shard(model, world, device, compute)
+    _use_chunked_head(model)
+    return model
 
-    from engine.logprobs import use_model_forward
+
+def _use_chunked_head(model: torch.nn.Module) -> None:
+    """The chunked LM head calls the body and the head apart: on a sharded model it runs inside the model's
+    own forward call, where the root unit's weights (embeddings, final norm, head) are gathered."""
+    from engine.logprobs import use_head_inside
+
+    use_head_inside(model, lambda fn: in_own_forward(model, fn))  # its probe is a forward, on every rank
+    # FSDP keeps the root unit's weights gathered after a forward (its backward needs them next): shard
+    # them again, or the model's parameters, which the optimizer takes, would be the gathered copies.
+    for unit in _fsdp_units(model):
+        unit.reshard()
+
+
+def _shard(model: torch.nn.Module, world: World, device: torch.device, compute: torch.dtype) -> None:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     options = shard_options(world, device, compute)
     for unit in _units(model):
@@ -80,10 +99,66 @@ def shard_model(
             # Sum, not mean, across ranks; forced to a plain sum because gloo lacks the scaled-sum op.
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
-    # The chunked LM head calls the body and the head apart, around the root unit's gather: sharded
-    # models take their own forward (logits at completion positions only).
-    use_model_forward(model)
+
+
+def load_sharded(
+    load: Callable[..., torch.nn.Module],
+    source: str,
+    world: World,
+    device: torch.device,
+    compute: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """The fp32 model `load` (engine.models.load_causal_lm or load_reward_model) makes of `source`, sharded
+    over the world's ranks as `shard_model` shards it, with no rank but 0 ever holding all of its weights.
+
+    Every rank builds the model's modules with their weights on the meta device (no memory) and shards
+    them, then gives each its shard's memory on `device`; rank 0 alone reads the weights, onto its CPU,
+    and sends them tensor by tensor, each rank keeping its shard. Rank 0's host holds the full weights
+    once for the time of the loading (the others' never do); a GPU holds its shards and, while it is
+    sent, one whole tensor. Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model = load(source, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code, weights=False)
+    full: dict[str, torch.Tensor] = {}
+    if world.is_main:
+        loaded = load(source, dtype=torch.float32, device=torch.device("cpu"), trust_remote_code=trust_remote_code)
+        full = loaded.state_dict()
+        # How from_pretrained renamed or converted the checkpoint's weights, which save_pretrained reverts when
+        # rank 0 writes checkpoints (without it, transformers also empties the state dict it is given).
+        model._weight_conversions = getattr(loaded, "_weight_conversions", None)
+        del loaded
+    # What the checkpoint lacks (a reward model's fresh head) was drawn on rank 0 alone: every rank goes on
+    # from its random state, as each would from its own whole load (a value head is drawn next, the same).
+    torch.set_rng_state(world.broadcast(torch.get_rng_state()))
+    _shard(model, world, device, compute)
+    # Buffers are no weights (rotary frequencies, computed when the modules were built): kept as they are.
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)  # each rank's shards, uninitialised until the weights arrive
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    _use_chunked_head(model)  # as `shard_model` does, now that the weights are in
     return model
+
+
+def in_own_forward(model: torch.nn.Module, fn: Callable[[], T]) -> T:
+    """`fn()` run as the sharded `model`'s forward, for code that calls its parts apart (the body, then
+    the head in chunks). FSDP's hooks on the root unit gather its weights before `fn` and free them
+    after, and on what `fn` returns register the gather again for the backward, as for the model's own
+    outputs. Every rank must call it (the gathers are collectives), as it calls the model."""
+
+    def forward():
+        del model.forward  # this call only: a call of the model inside `fn` takes its own forward
+        return fn()
+
+    model.forward = forward
+    try:
+        return model()
+    finally:
+        model.__dict__.pop("forward", None)
 
 
 def _fsdp_units(model: torch.nn.Module) -> list:

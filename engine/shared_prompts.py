@@ -152,8 +152,8 @@ def shares_prompts_exactly(
 def _shared_prompt_head(model: torch.nn.Module):
     """The chunked head when the shared-prompt path reproduces `completion_logps` on `model`, else None."""
     head = chunked_head(model)
-    if head is None or getattr(head.decoder, "gradient_checkpointing", False):
-        return None
+    if head is None or not head.callable_apart or getattr(head.decoder, "gradient_checkpointing", False):
+        return None  # a sharded model scores full rows (its body runs inside its own forward)
 
     def shared(batch):
         prompts = run_prompts(head.decoder, batch["prompt_ids"], batch["prompt_mask"])

@@ -73,6 +73,7 @@ from engine.sharding import (
     full_weights,
     is_sharded,
     load_full_optimizer_state,
+    load_sharded,
     shard_model,
 )
 
@@ -80,11 +81,19 @@ log = logging.getLogger("cherry.engine")
 StopCheck = Callable[[], "bool | str | None"]
 
 
-def build_models(spec, device: torch.device, precision: Precision, checkpoint: Path | None, algo: Algorithm):
+def build_models(
+    spec,
+    device: torch.device,
+    precision: Precision,
+    checkpoint: Path | None,
+    algo: Algorithm,
+    world: World = World(),
+):
     """(policy, reference or None). A checkpoint replaces the starting weights of the policy.
 
     What trains is in fp32 (a full fine-tune's weights, LoRA adapters); what is frozen (the LoRA base,
-    the reference) is in `precision.frozen_dtype`.
+    the reference) is in `precision.frozen_dtype`. Under `parallelism: fsdp` the policy comes sharded,
+    its weights read by rank 0 alone (engine.sharding.load_sharded).
     """
     use_lora = spec.lora.r > 0
     reward = algorithm_info(spec.algorithm).model_kind == "reward"
@@ -100,7 +109,10 @@ def build_models(spec, device: torch.device, precision: Precision, checkpoint: P
             policy = wrap_lora(policy, spec, reward_head=reward)
     else:
         source = str(checkpoint / "model") if checkpoint is not None else spec.model
-        policy = load(source, dtype=torch.float32, device=device, trust_remote_code=spec.trust_remote_code)
+        if spec.parallelism == "fsdp":
+            policy = load_sharded(load, source, world, device, precision.compute, spec.trust_remote_code)
+        else:
+            policy = load(source, dtype=torch.float32, device=device, trust_remote_code=spec.trust_remote_code)
     upcast_trainable(policy)
     if spec.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -347,8 +359,8 @@ def start_run(spec, out_dir: str | Path, reporter: Reporter | None, *, resume: b
     cpu_meter = CpuMeter()  # this run's CPU use between two logged steps
 
     tokenizer = load_tokenizer(spec.model, spec.trust_remote_code, spec.chat_template)
-    policy, reference = build_models(spec, device, precision, checkpoint, algo)
-    if spec.parallelism == "fsdp":
+    policy, reference = build_models(spec, device, precision, checkpoint, algo, world)
+    if spec.parallelism == "fsdp" and not is_sharded(policy):
         shard_model(policy, world, device, precision.compute)
     save_dtype = (
         source_dtype(spec.model, spec.trust_remote_code) if spec.save_dtype == "auto" else DTYPE_NAMES[spec.save_dtype]
