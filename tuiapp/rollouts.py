@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.rollout_store import groups, read_rollouts, stored_steps
 from jobs.home import runs_root
 from jobs.trust import derived_run_dir
 from tuiapp.text import safe_data
@@ -77,6 +76,8 @@ class StepRollouts:
 
 def step_groups(records: list[dict[str, Any]]) -> list[Group]:
     """Records of a step as groups, in group order (the prompt taken from the group's first sample)."""
+    from engine.rollout_store import groups  # the app imports no engine module at start-up
+
     out = []
     for (step, index), samples in sorted(groups(records).items()):
         out.append(Group(step, index, str(samples[0].get("prompt") or ""), samples))
@@ -141,6 +142,8 @@ class RolloutReader:
         self._means: dict[tuple[str, int], float | None] = {}
 
     def read(self, run_id: str, wanted: int | None) -> StepRollouts:
+        from engine.rollout_store import read_rollouts, stored_steps  # read in a worker, not at start-up
+
         folder = run_dir(self.home, run_id)
         steps = stored_steps(folder)
         step = wanted if wanted in steps else (steps[-1] if steps else None)
@@ -151,6 +154,8 @@ class RolloutReader:
 
     def step_means(self, run_id: str) -> dict[int, float]:
         """The mean reward of every stored step that has rewards (each shard read once)."""
+        from engine.rollout_store import read_rollouts, stored_steps
+
         folder = run_dir(self.home, run_id)
         out = {}
         for step in stored_steps(folder):

@@ -16,7 +16,6 @@ from textual.reactive import reactive
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
-from engine.rollout_store import turn_label
 from tuiapp.data import LIVE, RunInfo, move_step
 from tuiapp.rollouts import (
     SORTS,
@@ -77,6 +76,8 @@ def completion_text(sample: dict[str, Any]) -> Text:
     turns = sample.get("turns")
     if not turns:
         return Text(one_line(sample.get("completion")))
+    from engine.rollout_store import turn_label  # the app imports no engine module at start-up
+
     text = Text()
     for i, turn in enumerate(turns):
         label = turn_label(turn)
