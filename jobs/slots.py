@@ -1,10 +1,13 @@
 """What a worker hands out to runs: its GPUs (a run takes `num_processes` of them) or, on a worker without
-GPUs, its `--concurrency` CPU slots (a run takes one, however many processes it has)."""
+GPUs, its `--concurrency` CPU slots (a run takes one, however many processes it has), and the environment
+a run's process gets in its slot (`child_environment`)."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+from pathlib import Path
 
 
 class GpuPool:
@@ -85,3 +88,33 @@ class Slots:
     def free(self) -> int:
         """GPUs (or CPU slots) free now."""
         return len(self.gpu_pool.free) if self.gpu_pool is not None else self.cpu.qsize()
+
+
+def machine_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this worker may use (a container's or taskset's share)
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def child_environment(parent: dict, home: Path, slot: str | None, concurrency: int) -> dict[str, str]:
+    """The environment of a run's process in `slot` (its GPU ids, or None for a CPU slot).
+
+    - Threads: each of the `concurrency` slots gets its share of the cores (OMP_NUM_THREADS, which torch
+      reads at start; a spec's `num_threads` still wins), so concurrent runs do not oversubscribe the cores.
+    - GPUs: `--gpus` ids count among the GPUs the worker itself may see (its own CUDA_VISIBLE_DEVICES,
+      as a scheduler sets it), in nvidia-smi's order (PCI bus). CPU slots of a worker with several slots
+      see no GPU: each would otherwise pick GPU 0, all of them the same one. One CPU slot keeps them
+      visible, so `cherry worker` alone on a GPU machine still trains on its GPUs."""
+    env = {**parent, "CHERRY_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env["OMP_NUM_THREADS"] = str(max(1, machine_cores() // max(1, concurrency)))
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    visible = [g.strip() for g in (parent.get("CUDA_VISIBLE_DEVICES") or "").split(",") if g.strip()]
+    if slot is not None:
+        ids = slot.split(",")
+        if visible:
+            ids = [visible[int(g)] if g.isdigit() and int(g) < len(visible) else g for g in ids]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    elif concurrency > 1:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env

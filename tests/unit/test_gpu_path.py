@@ -107,7 +107,7 @@ def test_the_test_suite_hides_gpus_unless_it_selects_the_gpu_tests(request):
 
 
 def test_worker_slots_split_the_cores_and_keep_runs_off_each_others_gpus(monkeypatch, tmp_path):
-    import jobs.worker as worker
+    import jobs.slots as worker
 
     monkeypatch.setattr(worker, "machine_cores", lambda: 16)
     cpu = worker.child_environment({"PATH": "/bin"}, tmp_path, None, 4)
